@@ -1,0 +1,116 @@
+"""Build pipeline: issue file → rendered issue → files for one sample message.
+
+Input: the paths and values in :class:`BuildInputs`. Output: a
+:class:`BuildResult` with everything that goes into ``build/<id>/`` held in
+memory, and the checks' verdict. It runs the stages in order (load, template,
+MJML, inline, check, compose) and writes nothing: writing is
+:mod:`newsletter.output`'s job, and happens only once every stage passed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+from newsletter import placeholders
+from newsletter.checks import CheckReport, check_message
+from newsletter.compose import MessageTemplate, Sender, recipient_values
+from newsletter.errors import BuildCheckFailed, ValidationFailed
+from newsletter.inliner import inline_css
+from newsletter.loading import Loaded, load_issue, load_society
+from newsletter.mjml_compile import compile_mjml
+from newsletter.models import Issue, Links, Recipient, RenderedIssue, Society
+from newsletter.templating import HTML_TEMPLATE, Templates, context, load_templates, render
+
+INLINE_CSS = "inline.css"
+
+
+@dataclass(frozen=True, slots=True)
+class BuildInputs:
+    issue_file: Path
+    society_file: Path
+    templates_dir: Path
+    sender: Sender
+    preview_recipient: Recipient
+    strict: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BuildResult:
+    rendered: RenderedIssue
+    html: str  # the preview recipient's HTML (placeholders filled)
+    text: str
+    eml: bytes
+    report: CheckReport
+
+    @property
+    def issue_id(self) -> str:
+        return self.rendered.issue_id
+
+
+def preview_date(issue: Issue) -> dt.datetime:
+    """The Date of the preview message: the issue's day at 09:00 UTC, so builds repeat exactly."""
+    return dt.datetime.combine(issue.date, dt.time(9, 0), tzinfo=dt.UTC)
+
+
+def issue_links(issue: Issue, society: Society, public_url: str) -> Links:
+    return Links(view_in_browser=f"{public_url}/issues/{issue.id}", website=society.website)
+
+
+def render_issue(
+    issue: Issue, society: Society, templates: Templates, public_url: str
+) -> RenderedIssue:
+    """Run the once-per-issue stages: Jinja → MJML → inlined HTML, and the text part."""
+    ctx = context(issue, society, issue_links(issue, society, public_url))
+    mjml_source, text = render(templates, ctx)
+    compiled = compile_mjml(mjml_source, template=str(templates.folder / HTML_TEMPLATE))
+    css_file = templates.folder / INLINE_CSS
+    css = css_file.read_text(encoding="utf-8") if css_file.is_file() else ""
+    return RenderedIssue(
+        issue_id=issue.id,
+        subject=issue.subject,
+        preheader=issue.preheader,
+        language=society.language,
+        html=inline_css(compiled, css),
+        text=text,
+        mjml=mjml_source,
+    )
+
+
+def _load_both(inputs: BuildInputs) -> tuple[Loaded[Society], Loaded[Issue]]:
+    """Load the society and the issue, reporting the problems of both files at once."""
+    problems = []
+    try:
+        society = load_society(inputs.society_file)
+    except ValidationFailed as exc:
+        problems += exc.problems
+    try:
+        issue = load_issue(inputs.issue_file)
+    except ValidationFailed as exc:
+        problems += exc.problems
+    if problems:
+        raise ValidationFailed(problems)
+    return society, issue
+
+
+def build(inputs: BuildInputs, *, templates: Templates | None = None) -> BuildResult:
+    """Everything up to, not including, writing files. Raises on invalid input or failed checks."""
+    loaded_society, loaded_issue = _load_both(inputs)
+    issue, society = loaded_issue.value, loaded_society.value
+    templates = templates or load_templates(inputs.templates_dir)
+    rendered = render_issue(issue, society, templates, inputs.sender.public_url)
+
+    values = recipient_values(inputs.sender, inputs.preview_recipient)
+    html = placeholders.fill(rendered.html, values, is_html=True)
+    text = placeholders.fill(rendered.text, values, is_html=False)
+    report = check_message(html, text, unsubscribe_url=values[placeholders.UNSUBSCRIBE_URL])
+    report.warnings[:0] = [str(w) for w in loaded_society.warnings + loaded_issue.warnings]
+    if report.failures or (inputs.strict and report.warnings):
+        extra = [f"(--strict) {w}" for w in report.warnings] if inputs.strict else []
+        raise BuildCheckFailed(report.failures + extra)
+
+    eml = MessageTemplate(rendered, inputs.sender).personalise(
+        inputs.preview_recipient, date=preview_date(issue)
+    )
+    return BuildResult(rendered=rendered, html=html, text=text, eml=eml, report=report)

@@ -1,0 +1,108 @@
+"""Checking stage: the rendered email → the rules it breaks, as failures and warnings.
+
+Input: the final HTML and text of one message. Output: a :class:`CheckReport`.
+Failures stop the build; warnings are printed (and stop it under
+``--strict``). The rules are the ones a careful email engineer checks by
+hand: size under Gmail's clipping point, nothing remote but links and
+images (no web fonts, stylesheets, scripts or tracking pixels), a language
+on ``<html>``, alt text on every image, https links only, no template syntax
+or placeholder left over, an unsubscribe link in both parts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from html import unescape
+from urllib.parse import urlsplit
+
+from newsletter import placeholders
+
+SIZE_FAIL = 100_000  # Gmail clips the HTML at about 102 KB and hides the rest
+SIZE_WARN = 90_000
+
+_REMOTE_CSS = re.compile(r"@import|@font-face|url\(\s*['\"]?https?:", re.I)
+_FORBIDDEN = {"script", "iframe", "object", "embed", "form"}
+_LEFTOVER = re.compile(r"\{\{|\{%|<mj-|</mj-")
+
+
+@dataclass(slots=True)
+class CheckReport:
+    failures: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    html_bytes: int = 0
+
+
+_TAG = re.compile(r"<(html|img|a|link|script|iframe|object|embed|form)\b([^>]*)>", re.I)
+_ATTR = re.compile(r"""([^\s=/>]+)(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s>]+)))?""")
+
+
+def _tags(html: str) -> list[tuple[str, dict[str, str | None]]]:
+    """Every tag the checks care about, with its attributes.
+
+    A regular expression rather than a parser, for speed (a pure-Python
+    parser costs ~10 ms on a 90 KB email) and for rigour: it also sees the
+    tags inside Outlook's conditional comments, which Outlook does render.
+    """
+    found: list[tuple[str, dict[str, str | None]]] = []
+    for match in _TAG.finditer(html):
+        attrs: dict[str, str | None] = {}
+        for attr in _ATTR.finditer(match.group(2)):
+            name = attr.group(1).lower()
+            raw = next((g for g in attr.group(2, 3, 4) if g is not None), None)
+            attrs.setdefault(name, None if raw is None else unescape(raw))
+        found.append((match.group(1).lower(), attrs))
+    return found
+
+
+def check_message(html: str, text: str, *, unsubscribe_url: str) -> CheckReport:
+    """Check one personalised message (HTML and text) against every rule."""
+    report = CheckReport(html_bytes=len(html.encode("utf-8")))
+    fail, warn = report.failures.append, report.warnings.append
+
+    kb = report.html_bytes / 1000
+    if report.html_bytes > SIZE_FAIL:
+        fail(
+            f"the HTML is {kb:.1f} KB; Gmail clips messages above about 102 KB and hides the "
+            f"footer with the unsubscribe link. Keep it under {SIZE_FAIL // 1000} KB: "
+            "shorten summaries or move articles to next week"
+        )
+    elif report.html_bytes > SIZE_WARN:
+        warn(f"the HTML is {kb:.1f} KB, close to Gmail's clipping point (about 102 KB)")
+
+    tags = _tags(html)
+    html_tags = [a for t, a in tags if t == "html"]
+    if not html_tags or not html_tags[0].get("lang"):
+        fail("<html> has no lang attribute; set `language` in the society file")
+    for tag in sorted({t for t, _ in tags if t in _FORBIDDEN}):
+        fail(f"the HTML contains <{tag}>, which mail clients block or strip")
+    links = [a.get("href") or "" for t, a in tags if t == "a" and "href" in a]
+    for href in (a.get("href") or "" for t, a in tags if t == "link"):
+        fail(f"the HTML links to a stylesheet ({href}); put the CSS in the template instead")
+    if _REMOTE_CSS.search(html):
+        fail(
+            "the CSS loads something remote (@import, @font-face or url(http...)); use system fonts"
+        )
+    for img in (a for t, a in tags if t == "img"):
+        src = img.get("src") or ""
+        if img.get("alt") is None:
+            fail(f"the image {src} has no alt text")
+        if urlsplit(src).scheme not in ("https", "cid"):
+            fail(f"the image {src!r} is not an https URL")
+        if img.get("width") in ("0", "1") or img.get("height") in ("0", "1"):
+            fail(f"the image {src} looks like a tracking pixel; the newsletter never tracks opens")
+    for href in links:
+        if urlsplit(href).scheme not in ("https", "mailto"):
+            fail(f"the link {href!r} is not an https:// or mailto: URL")
+    if unsubscribe_url not in links:
+        fail("the HTML has no unsubscribe link; the footer template must use unsubscribe_url")
+    if unsubscribe_url not in text:
+        fail("the plain text has no unsubscribe link; the text template must use unsubscribe_url")
+
+    for part, body in (("HTML", html), ("plain text", text)):
+        match = _LEFTOVER.search(body)
+        if match:
+            fail(f"the {part} still contains {match.group(0)!r}: a template tag was not rendered")
+        for name in placeholders.leftovers(body):
+            fail(f"the {part} contains the unknown placeholder {name}")
+    return report

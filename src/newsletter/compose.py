@@ -1,0 +1,223 @@
+"""Composing stage: a rendered issue + one recipient → the MIME message, as bytes.
+
+Input: a :class:`RenderedIssue`, the :class:`Sender` (who sends, to which
+list, where the unsubscribe pages live) and a :class:`Recipient`. Output: a
+complete multipart/alternative message (text/plain first, then text/html;
+RFC 2046 puts the preferred part last), CRLF line ends, ready for SMTP.
+
+The expensive part, quoted-printable encoding of ~60 KB of HTML, is done once
+per issue in :class:`MessageTemplate`: the bodies are split at the
+placeholders, each fixed piece is encoded once and ends in a soft line break,
+and per recipient only the short values are encoded and spliced in. The
+result is byte-for-byte a valid QP body (soft breaks may sit anywhere), and
+no encoded line starts with ``.`` or ``From `` so SMTP dot-stuffing and mbox
+quoting never have anything to do.
+"""
+
+from __future__ import annotations
+
+import binascii
+import datetime as dt
+import hashlib
+import html
+import re
+from dataclasses import dataclass
+from email import policy
+from email.headerregistry import Address
+from email.utils import format_datetime
+from urllib.parse import quote
+
+from newsletter import placeholders, tokens
+from newsletter.models import Recipient, RenderedIssue
+
+_POLICY = policy.SMTP  # CRLF, RFC 2047 for non-ASCII, folding at 78
+_SLOT = re.compile("(" + "|".join(re.escape(p) for p in placeholders.ALL) + ")")
+_SOFT_BREAK = b"=\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """Who sends, to which list, and where the per-recipient links point."""
+
+    name: str
+    address: str
+    list_name: str
+    public_url: str  # base of the web pages (unsubscribe, preferences, archive), no trailing /
+    token_key: bytes
+    unsubscribe_mailto: str
+    reply_to: str | None = None
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2].lower()
+
+
+def recipient_values(sender: Sender, recipient: Recipient) -> dict[str, str]:
+    """The value of every placeholder for one recipient."""
+    token = tokens.sign(sender.token_key, sender.list_name, recipient.email)
+    return {
+        placeholders.UNSUBSCRIBE_URL: f"{sender.public_url}/unsubscribe/{token}",
+        placeholders.PREFERENCES_URL: f"{sender.public_url}/preferences/{token}",
+        placeholders.EMAIL: recipient.email,
+    }
+
+
+def qp_encode(text: str) -> bytes:
+    """Quoted-printable (RFC 2045 6.7) with CRLF line ends and no line starting with '.'."""
+    # Text parts are lines: a lone CR means nothing in them, and RFC 5322
+    # forbids it on the wire, so every line end becomes CRLF.
+    data = text.replace("\r\n", "\n").replace("\r", "\n").encode("utf-8")
+    out = binascii.b2a_qp(data, quotetabs=False, istext=True, header=False)
+    # '.' at a line start would need SMTP dot-stuffing (RFC 5321 4.5.2), and
+    # 'From ' gets mangled by mbox tools: encode both, so the body is final.
+    out = re.sub(rb"(?m)^\.", b"=2E", out)
+    out = re.sub(rb"(?m)^From ", b"=46rom ", out)
+    return out.replace(b"\n", b"\r\n")
+
+
+def _encode_piece(text: str) -> bytes:
+    """Encode a piece of a body so that the next piece can start on a fresh line."""
+    encoded = qp_encode(text)
+    if not encoded or encoded.endswith(b"\r\n"):
+        return encoded
+    start = encoded.rfind(b"\r\n") + 2 if b"\r\n" in encoded else 0
+    last = encoded[start:]
+    if len(last) < 76:
+        return encoded + _SOFT_BREAK
+    # The last line is already 76 octets, the most RFC 2045 allows: break it
+    # once more, never inside an =XX escape.
+    cut = 73
+    if last[cut - 1 : cut] == b"=":
+        cut -= 1
+    elif last[cut - 2 : cut - 1] == b"=":
+        cut -= 2
+    rest = last[cut:]
+    if rest.startswith(b"."):
+        rest = b"=2E" + rest[1:]
+    elif rest.startswith(b"From "):
+        rest = b"=46" + rest[1:]
+    return encoded[:start] + last[:cut] + _SOFT_BREAK + rest + _SOFT_BREAK
+
+
+@dataclass(frozen=True, slots=True)
+class _Body:
+    pieces: tuple[bytes | str, ...]  # encoded fixed bytes, or a placeholder name to fill
+    is_html: bool
+
+    @classmethod
+    def split(cls, text: str, *, is_html: bool) -> _Body:
+        parts = _SLOT.split(text)
+        pieces: list[bytes | str] = []
+        for i, part in enumerate(parts):
+            if i % 2:
+                pieces.append(part)
+            elif part:
+                pieces.append(_encode_piece(part))
+        return cls(tuple(pieces), is_html)
+
+    def fill(self, values: dict[str, str]) -> bytes:
+        out: list[bytes] = []
+        for piece in self.pieces:
+            if isinstance(piece, bytes):
+                out.append(piece)
+            else:
+                value = values[piece]
+                out.append(_encode_piece(html.escape(value) if self.is_html else value))
+        return b"".join(out)
+
+
+class MessageTemplate:
+    """One issue's message with slots for what differs per recipient. Build once, fill often."""
+
+    def __init__(self, rendered: RenderedIssue, sender: Sender) -> None:
+        self.rendered = rendered
+        self.sender = sender
+        self._text = _Body.split(_ensure_final_newline(rendered.text), is_html=False)
+        self._html = _Body.split(_ensure_final_newline(rendered.html), is_html=True)
+        # A boundary made of '=_' can never occur in a QP body, where '=' is
+        # always followed by two hex digits or a line end.
+        digest = hashlib.sha256(rendered.html.encode() + rendered.text.encode()).hexdigest()
+        self.boundary = f"=_nl_{digest[:32]}"
+        # Header order as readers expect it; the per-recipient ones are spliced
+        # between these fixed runs in personalise().
+        self._from = _header("From", _mailbox(sender.name, sender.address))
+        self._subject = _header("Subject", rendered.subject)
+        self._list_id = _header("MIME-Version", "1.0") + _header(
+            "List-Id", f"{sender.name} <{sender.list_name}.{sender.domain}>"
+        )
+        tail = [_header("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")]
+        if sender.reply_to:
+            tail.append(_header("Reply-To", sender.reply_to))
+        tail.append(_header("Content-Type", f'multipart/alternative; boundary="{self.boundary}"'))
+        self._tail = b"".join(tail)
+        b = self.boundary.encode("ascii")
+        self._open_text = (
+            b"\r\n--" + b + b'\r\nContent-Type: text/plain; charset="utf-8"\r\n'
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+        )
+        self._open_html = (
+            b"--" + b + b'\r\nContent-Type: text/html; charset="utf-8"\r\n'
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+        )
+        self._close = b"--" + b + b"--\r\n"
+
+    def message_id(self, recipient: Recipient) -> str:
+        """Stable per issue, list and recipient: a resend carries the same id, so
+        receivers that deduplicate on Message-ID drop the second copy."""
+        key = f"{self.rendered.issue_id}\0{self.sender.list_name}\0{recipient.email.lower()}"
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:24]
+        return f"<{self.rendered.issue_id}.{digest}@{self.sender.domain}>"
+
+    def personalise(self, recipient: Recipient, *, date: dt.datetime) -> bytes:
+        values = recipient_values(self.sender, recipient)
+        unsub = values[placeholders.UNSUBSCRIBE_URL]
+        mailto = f"mailto:{self.sender.unsubscribe_mailto}?subject={quote('unsubscribe')}"
+        return b"".join(
+            [
+                self._from,
+                _header("To", _mailbox(recipient.display_name, recipient.email)),
+                self._subject,
+                _header("Date", format_datetime(date)),
+                _header("Message-ID", self.message_id(recipient)),
+                self._list_id,
+                # Written raw, never RFC 2047-encoded: providers ignore an
+                # encoded List-Unsubscribe (RFC 2369, RFC 8058).
+                _raw_header("List-Unsubscribe", f"<{unsub}>, <{mailto}>"),
+                self._tail,
+                b"\r\nThis is a multipart message in MIME format.\r\n",
+                self._open_text,
+                self._text.fill(values),
+                b"\r\n",
+                self._open_html,
+                self._html.fill(values),
+                b"\r\n",
+                self._close,
+            ]
+        )
+
+
+def _ensure_final_newline(text: str) -> str:
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _mailbox(name: str, address: str) -> str:
+    # Address quotes a display name with commas or quotes in it; formataddr's
+    # RFC 2047 form loses that quoting once the header is refolded.
+    return str(Address(display_name=name, addr_spec=address))
+
+
+def _header(name: str, value: str) -> bytes:
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"{name} header value contains a line break")  # models refuse these
+    # Parsing through the header factory gives RFC 2047 encoded words for
+    # non-ASCII text and proper quoting of display names.
+    header = _POLICY.header_factory(name, value)
+    folded: str = header.fold(policy=_POLICY)
+    return folded.encode("ascii")
+
+
+def _raw_header(name: str, value: str) -> bytes:
+    line = f"{name}: {value}"
+    if "\r" in value or "\n" in value or not line.isascii() or len(line) > 998:
+        raise ValueError(f"{name} header must be one ASCII line of at most 998 octets")
+    return line.encode("ascii") + b"\r\n"

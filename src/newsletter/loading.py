@@ -1,0 +1,223 @@
+"""Loading stage: an issue file or the society file → a validated, frozen model.
+
+Input: a path to YAML. Output: :class:`Loaded` holding an :class:`Issue` or a
+:class:`Society` and the warnings worth showing. Every problem in the file is
+collected (YAML syntax, duplicate keys, unknown or missing fields, bad URLs,
+unsafe Markdown) and raised together as one :class:`ValidationFailed`, each
+naming file, line and field, so an editor fixes them in one pass.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from newsletter import markdown
+from newsletter.errors import ConfigError, Problem, ValidationFailed
+from newsletter.models import Issue, Society
+from newsletter.yaml_input import PathKey, YamlDocument, format_path, read_yaml
+
+M = TypeVar("M", bound=BaseModel)
+
+SUBJECT_WARN = 78  # most inboxes cut a subject off well before this on a phone
+PREHEADER_WARN = 140
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded(Generic[M]):
+    value: M
+    warnings: list[Problem] = field(default_factory=list)
+
+
+def load_issue(path: Path) -> Loaded[Issue]:
+    """Read and validate one issue; the id defaults to the file name without ``.yaml``."""
+    doc = read_yaml(path)
+    if isinstance(doc.data, dict) and "id" not in doc.data:
+        doc.data["id"] = path.stem
+    problems = _check(doc, Issue)
+    problems += _lint_markdown(doc, _issue_markdown_paths(doc.data))
+    if problems:
+        raise ValidationFailed(_sorted(problems))
+    issue = Issue.model_validate(doc.data)
+    return Loaded(issue, _issue_warnings(issue, doc))
+
+
+def load_society(path: Path) -> Loaded[Society]:
+    """Read and validate the society file that the footer is made from."""
+    if not path.is_file():
+        raise ConfigError(
+            f"the society file {path} was not found; run the command from the project folder "
+            "(the one with society.yaml, templates/ and issues/) or set NEWSLETTER_SOCIETY_FILE"
+        )
+    doc = read_yaml(path)
+    problems = _check(doc, Society)
+    problems += _lint_markdown(doc, [("about",)])
+    if problems:
+        raise ValidationFailed(_sorted(problems))
+    return Loaded(Society.model_validate(doc.data))
+
+
+def _check(doc: YamlDocument, model: type[BaseModel]) -> list[Problem]:
+    problems = list(doc.problems)
+    if doc.data is None:
+        return problems
+    if not isinstance(doc.data, dict):
+        problems.append(
+            Problem(doc.file, 1, "", "must be a set of `key: value` fields at the top level")
+        )
+        return problems
+    try:
+        model.model_validate(doc.data)
+    except ValidationError as exc:
+        problems.extend(_translate(exc, doc, model))
+    return problems
+
+
+def _translate(exc: ValidationError, doc: YamlDocument, model: type[BaseModel]) -> list[Problem]:
+    out: list[Problem] = []
+    for err in exc.errors(include_url=False):
+        loc: PathKey = tuple(err["loc"])
+        kind = err["type"]
+        is_key = kind == "extra_forbidden"
+        line = doc.line_of(loc, key=is_key)
+        message = _message(err, model, loc)
+        if loc == ("id",) and ("id",) not in doc.locations:
+            message = (
+                f"the file name gives the id {err['input']!r}, which {message}; "
+                "rename the file or add an `id:` field"
+            )
+        out.append(Problem(doc.file, line, format_path(loc), message))
+    return out
+
+
+def _message(err: Any, model: type[BaseModel], loc: PathKey) -> str:
+    kind: str = err["type"]
+    ctx: dict[str, Any] = err.get("ctx") or {}
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        known = _field_names(model, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else f"; known fields: {', '.join(known)}"
+        return "is not a known field" + hint
+    if kind == "string_type":
+        return "must be text; put the value in quotes"
+    if kind in ("string_too_long", "too_long") and isinstance(err["input"], str):
+        return f"is {len(err['input'])} characters; the limit is {ctx.get('max_length')}"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind == "too_short":
+        n = ctx.get("min_length")
+        return f"needs at least {n} {'entry' if n == 1 else 'entries'}"
+    if kind == "too_long":
+        return f"has more than the {ctx.get('max_length')} entries allowed"
+    if kind.startswith("date_"):
+        return "must be a date written as YYYY-MM-DD, for example 2020-12-23"
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return "must be a set of `key: value` fields"
+    if kind == "list_type":
+        return "must be a list (each entry on its own line starting with `- `)"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    return str(err["msg"])
+
+
+def _field_names(model: type[BaseModel], loc: PathKey) -> list[str]:
+    """Names of the fields of the model found at ``loc`` inside ``model``."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        info = current.model_fields.get(part)
+        if info is None:
+            return []
+        current = _inner_model(info.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _inner_model(annotation: Any) -> Any:
+    """Unwrap ``X | None`` and ``list[X]`` down to X."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list):
+        for arg in typing.get_args(annotation):
+            if arg is not type(None):
+                return _inner_model(arg)
+    return annotation
+
+
+def _issue_markdown_paths(data: Any) -> list[PathKey]:
+    paths: list[PathKey] = [("intro",)]
+    if isinstance(data, dict) and isinstance(data.get("articles"), list):
+        paths += [("articles", i, "summary") for i in range(len(data["articles"]))]
+    return paths
+
+
+def _lint_markdown(doc: YamlDocument, paths: Iterable[PathKey]) -> list[Problem]:
+    out: list[Problem] = []
+    for path in paths:
+        value = _get(doc.data, path)
+        if not isinstance(value, str):
+            continue
+        loc = doc.locations.get(path)
+        for issue in markdown.lint(value):
+            line = None
+            if loc is not None:
+                line = loc.value_line + (1 + issue.line if loc.block_scalar else 0)
+            out.append(Problem(doc.file, line, format_path(path), issue.message))
+    return out
+
+
+def _get(data: Any, path: PathKey) -> Any:
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _issue_warnings(issue: Issue, doc: YamlDocument) -> list[Problem]:
+    warn: list[Problem] = []
+    if len(issue.subject) > SUBJECT_WARN:
+        warn.append(
+            Problem(
+                doc.file,
+                doc.line_of(("subject",)),
+                "subject",
+                f"is {len(issue.subject)} characters; phones show about {SUBJECT_WARN} at most",
+            )
+        )
+    if issue.preheader is None:
+        warn.append(
+            Problem(
+                doc.file,
+                None,
+                "preheader",
+                "is not set; inboxes will preview the first words of the email instead",
+            )
+        )
+    elif len(issue.preheader) > PREHEADER_WARN:
+        warn.append(
+            Problem(
+                doc.file,
+                doc.line_of(("preheader",)),
+                "preheader",
+                f"is {len(issue.preheader)} characters; inboxes show about {PREHEADER_WARN}",
+            )
+        )
+    return warn
+
+
+def _sorted(problems: list[Problem]) -> list[Problem]:
+    return sorted(problems, key=lambda p: (p.file, p.line or 0))

@@ -1,0 +1,169 @@
+"""Typed models that cross the boundaries between stages.
+
+What people write (an issue file, the society file) is parsed into frozen
+pydantic models that forbid unknown keys, so a typo is an error rather than a
+silently ignored field. What the pipeline produces (a rendered issue, a
+recipient) is a frozen dataclass: it is built by our code, not typed by a
+person, and must be cheap to create.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+SUBJECT_MAX = 150
+PREHEADER_MAX = 200
+TITLE_MAX = 250
+
+
+def _no_control_chars(value: str) -> str:
+    # CR/LF in a header value would let text inject headers (RFC 5322 2.2);
+    # other control characters have no business in a one-line field either.
+    for ch in value:
+        if ch in "\r\n":
+            raise ValueError("must be a single line (no line breaks)")
+        if unicodedata.category(ch) == "Cc":
+            raise ValueError(f"contains the control character U+{ord(ch):04X}; remove it")
+    return value
+
+
+def https_url(value: str) -> str:
+    if any(ch.isspace() or unicodedata.category(ch) == "Cc" for ch in value):
+        raise ValueError("must be a URL without spaces or control characters")
+    parts = urlsplit(value)
+    if parts.scheme.lower() != "https":
+        shown = parts.scheme + ":" if parts.scheme else "no scheme"
+        raise ValueError(f"must be an https:// URL (got {shown})")
+    if not parts.hostname or "." not in parts.hostname:
+        raise ValueError("must be an https:// URL with a full host name")
+    if len(value) > 2000:
+        raise ValueError("is longer than 2000 characters; shorten the URL")
+    return value
+
+
+_LANG_RE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _language_tag(value: str) -> str:
+    if not _LANG_RE.fullmatch(value):
+        raise ValueError("must be a language tag such as 'en' or 'en-GB'")
+    return value
+
+
+def _issue_id(value: str) -> str:
+    if not _ID_RE.fullmatch(value):
+        raise ValueError(
+            "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return value
+
+
+Line = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1), AfterValidator(_no_control_chars)
+]
+HttpsUrl = Annotated[str, StringConstraints(strip_whitespace=True), AfterValidator(https_url)]
+Markdown = Annotated[str, StringConstraints(min_length=1)]
+LanguageTag = Annotated[str, AfterValidator(_language_tag)]
+IssueId = Annotated[str, AfterValidator(_issue_id)]
+
+
+class _Input(BaseModel):
+    """Base for what people write: strict about unknown keys, immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+
+class Image(_Input):
+    src: HttpsUrl
+    alt: Line = Field(max_length=300)
+    width: int | None = Field(default=None, ge=16, le=600)
+
+
+class Article(_Input):
+    title: Line = Field(max_length=TITLE_MAX)
+    url: HttpsUrl
+    summary: Markdown
+    image: Image | None = None
+    published: dt.date | None = None
+    source: Line | None = Field(default=None, max_length=200)
+    category: Line | None = Field(default=None, max_length=60)
+
+
+class Issue(_Input):
+    """One weekly issue, as the editor wrote it in ``issues/<id>.yaml``."""
+
+    id: IssueId
+    subject: Line = Field(max_length=SUBJECT_MAX)
+    date: dt.date
+    preheader: Line | None = Field(default=None, max_length=PREHEADER_MAX)
+    intro: Markdown | None = None
+    articles: list[Article] = Field(min_length=1, max_length=50)
+
+
+class SocialLink(_Input):
+    """A "follow us" link to the society's own page on a network (never a share link)."""
+
+    name: Line = Field(max_length=40)
+    url: HttpsUrl
+
+
+class Society(_Input):
+    """Who sends the newsletter: the data behind the footer, kept in ``society.yaml``."""
+
+    name: Line = Field(max_length=120)
+    newsletter_name: Line = Field(max_length=80)
+    language: LanguageTag = "en"
+    website: HttpsUrl
+    about: Markdown
+    address: list[Line] = Field(min_length=1, max_length=8)
+    registration: Line = Field(max_length=200)
+    logo: Image | None = None
+    social: list[SocialLink] = Field(default_factory=list, max_length=8)
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """One person a message is addressed to."""
+
+    email: str
+    first_name: str = ""
+    last_name: str = ""
+
+    @property
+    def display_name(self) -> str:
+        return " ".join(p for p in (self.first_name, self.last_name) if p)
+
+
+@dataclass(frozen=True, slots=True)
+class Links:
+    """The issue-wide URLs every message carries (per-recipient ones are placeholders)."""
+
+    view_in_browser: str
+    website: str
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedIssue:
+    """An issue rendered once: HTML and text with per-recipient placeholders left in.
+
+    The placeholders are the closed set in :mod:`newsletter.placeholders`;
+    filling them is string substitution, never a second run of MJML or the
+    inliner.
+    """
+
+    issue_id: str
+    subject: str
+    preheader: str | None
+    language: str
+    html: str
+    text: str
+    mjml: str
+    warnings: tuple[str, ...] = field(default=())

@@ -1,0 +1,131 @@
+"""Settings: the deployment's configuration, from the environment and ``.env``.
+
+Input: ``NEWSLETTER_*`` environment variables and an optional ``.env`` file in
+the current folder (the environment wins). Output: a frozen :class:`Settings`.
+Only the CLI reads settings; stages get plain values. Secrets are
+``SecretStr`` and never printed. An unknown ``NEWSLETTER_*`` variable is an
+error: a misspelt setting must not be silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from email.utils import parseaddr
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from newsletter.errors import ConfigError
+from newsletter.models import https_url
+
+PREFIX = "NEWSLETTER_"
+# Used when no secret is configured: good enough to show what a link looks
+# like in a preview, refused by anything that sends.
+PREVIEW_KEY = b"newsletter-preview-only"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="forbid",
+        frozen=True,
+    )
+
+    society_file: Path = Path("society.yaml")
+    templates_dir: Path = Path("templates")
+    issues_dir: Path = Path("issues")
+    out_dir: Path = Path("build")
+    public_url: str = "https://news.example.org"
+    from_: str = Field(
+        default="MS Research News <news@example.org>",
+        validation_alias=AliasChoices("NEWSLETTER_FROM", "from_"),
+    )
+    reply_to: str | None = None
+    unsubscribe_mailto: str | None = None
+    list_name: str = "research-news"
+    secret_key: SecretStr | None = None
+    preview_to: str = "Sam Sample <sam.sample@example.org>"
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        return https_url(value).rstrip("/")
+
+    @field_validator("from_", "preview_to", "reply_to", "unsubscribe_mailto")
+    @classmethod
+    def _mailbox(cls, value: str | None) -> str | None:
+        if value is not None:
+            _split_mailbox(value)
+        return value
+
+    @property
+    def sender_name(self) -> str:
+        return _split_mailbox(self.from_)[0]
+
+    @property
+    def sender_address(self) -> str:
+        return _split_mailbox(self.from_)[1]
+
+    @property
+    def preview_mailbox(self) -> tuple[str, str]:
+        return _split_mailbox(self.preview_to)
+
+    @property
+    def unsubscribe_address(self) -> str:
+        """Where mailto: unsubscribes go; defaults to unsubscribe@ the sender's domain."""
+        if self.unsubscribe_mailto:
+            return _split_mailbox(self.unsubscribe_mailto)[1]
+        return "unsubscribe@" + self.sender_address.rpartition("@")[2]
+
+    @property
+    def token_key(self) -> bytes:
+        if self.secret_key is None:
+            return PREVIEW_KEY
+        return self.secret_key.get_secret_value().encode("utf-8")
+
+
+def _split_mailbox(value: str) -> tuple[str, str]:
+    if "\r" in value or "\n" in value:
+        raise ValueError("must be one line")
+    name, addr = parseaddr(value)
+    local, _, domain = addr.rpartition("@")
+    if not local or "." not in domain:
+        raise ValueError(f"{value!r} is not an address like 'Name <news@example.org>'")
+    return name, addr
+
+
+def env_name(field: str) -> str:
+    return PREFIX + field.rstrip("_").upper()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, turning every problem into one ConfigError that names the variables."""
+    known = {env_name(f) for f in Settings.model_fields}
+    unknown = sorted(k for k in os.environ if k.startswith(PREFIX) and k not in known)
+    problems = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        problems.append(f"  {key}: not a known setting{hint}")
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            loc = str(err["loc"][0]) if err["loc"] else ""
+            name = loc.upper() if loc.upper().startswith(PREFIX) else env_name(loc)
+            msg = str((err.get("ctx") or {}).get("error", err["msg"]))
+            if err["type"] == "extra_forbidden":
+                msg = "not a known setting (in .env)"
+            problems.append(f"  {name}: {msg}")
+        settings = None
+    if problems or settings is None:
+        raise ConfigError(
+            "the settings are not valid (see .env.example for every setting):\n"
+            + "\n".join(problems)
+        )
+    return settings

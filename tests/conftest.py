@@ -1,0 +1,123 @@
+"""Shared fixtures: a temporary project folder and helpers to build issues in it.
+
+Tests run against a copy of the repository's own templates, society file and
+example issue, so what they check is what users get.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from newsletter.build import BuildInputs, BuildResult, build
+from newsletter.compose import Sender
+from newsletter.models import Recipient
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "issues" / "2020-12-23.yaml"
+TEN_ARTICLES = REPO / "tests" / "data" / "ten-articles.yaml"
+TEST_KEY = b"test-secret-key"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        help="rewrite tests/golden/ from the current output instead of comparing",
+    )
+
+
+@pytest.fixture
+def update_golden(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--update-golden"))
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A project folder like the repository: templates/, issues/, society.yaml."""
+    shutil.copytree(REPO / "templates", tmp_path / "templates")
+    shutil.copytree(REPO / "issues", tmp_path / "issues")
+    shutil.copy(REPO / "society.yaml", tmp_path / "society.yaml")
+    return tmp_path
+
+
+def sender() -> Sender:
+    return Sender(
+        name="MS Research News",
+        address="news@example.org",
+        list_name="research-news",
+        public_url="https://news.example.org",
+        token_key=TEST_KEY,
+        unsubscribe_mailto="unsubscribe@example.org",
+    )
+
+
+def preview_recipient() -> Recipient:
+    return Recipient("sam.sample@example.org", "Sam", "Sample")
+
+
+def build_file(issue_file: Path, project: Path, **kw: Any) -> BuildResult:
+    return build(
+        BuildInputs(
+            issue_file=issue_file,
+            society_file=project / "society.yaml",
+            templates_dir=project / "templates",
+            sender=sender(),
+            preview_recipient=preview_recipient(),
+            **kw,
+        )
+    )
+
+
+def example_data() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    data["date"] = str(data["date"])
+    for art in data["articles"]:
+        if "published" in art:
+            art["published"] = str(art["published"])
+    return data
+
+
+def ten_article_data() -> dict[str, Any]:
+    """A heavy but realistic week: ten articles, each with an image and a long summary."""
+    data: dict[str, Any] = yaml.safe_load(TEN_ARTICLES.read_text(encoding="utf-8"))
+    return data
+
+
+@pytest.fixture
+def write_issue(project: Path) -> Callable[..., Path]:
+    """Write an issue file (from data or raw text) into the project's issues/ folder."""
+
+    def _write(content: dict[str, Any] | str, name: str = "test-issue.yaml") -> Path:
+        path = project / "issues" / name
+        text = content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return _write
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The real command, in a subprocess, in a project folder."""
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "newsletter", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
