@@ -9,15 +9,27 @@ its traceback.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import click
 
 from newsletter import __version__
 
+if TYPE_CHECKING:
+    import sqlite3
 
-def _fail(exc: Exception) -> NoReturn:
+    from newsletter.build import BuildResult
+    from newsletter.campaign import Progress as CampaignProgress
+    from newsletter.compose import MessageTemplate, Sender
+    from newsletter.sending import Prepared, SendReport
+    from newsletter.settings import Settings
+    from newsletter.subscribers import SubscriberStore
+    from newsletter.transports import SmtpTransport, Transport
+
+
+def _fail(exc: Exception | str) -> NoReturn:
     click.secho(f"error: {exc}", fg="red", err=True)
     sys.exit(getattr(exc, "exit_code", 1))
 
@@ -32,6 +44,49 @@ def main() -> None:
     """
 
 
+def _settings() -> Settings:
+    from newsletter.settings import load_settings
+
+    return load_settings()
+
+
+def _sender(settings: Settings, list_name: str | None = None) -> Sender:
+    from newsletter.compose import Sender
+
+    return Sender(
+        name=settings.sender_name,
+        address=settings.sender_address,
+        list_name=list_name or settings.list_name,
+        public_url=settings.public_url,
+        token_key=settings.token_key,
+        unsubscribe_mailto=settings.unsubscribe_address,
+        reply_to=settings.reply_to,
+    )
+
+
+def _build(
+    settings: Settings, issue_file: Path, strict: bool, list_name: str | None = None
+) -> BuildResult:
+    from newsletter.build import BuildInputs, build
+    from newsletter.models import Recipient
+
+    preview_name, preview_addr = settings.preview_mailbox
+    first, _, last = preview_name.partition(" ")
+    result = build(
+        BuildInputs(
+            issue_file=issue_file,
+            society_file=settings.society_file,
+            templates_dir=settings.templates_dir,
+            sender=_sender(settings, list_name),
+            preview_recipient=Recipient(preview_addr, first, last),
+            strict=strict,
+        )
+    )
+    for warning in result.report.warnings:
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
+    return result
+
+
 @main.command()
 @click.argument("issue_file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
@@ -44,43 +99,473 @@ def main() -> None:
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
 def build(issue_file: Path, out_dir: Path | None, strict: bool) -> None:
     """Build ISSUE_FILE into OUT/<issue-id>/: index.html, index.txt, issue.mjml, preview.eml."""
-    from newsletter.build import BuildInputs
-    from newsletter.build import build as run_build
-    from newsletter.compose import Sender
     from newsletter.errors import NewsletterError
-    from newsletter.models import Recipient
     from newsletter.output import write_build
-    from newsletter.settings import load_settings
 
     try:
-        settings = load_settings()
-        preview_name, preview_addr = settings.preview_mailbox
-        first, _, last = preview_name.partition(" ")
-        inputs = BuildInputs(
-            issue_file=issue_file,
-            society_file=settings.society_file,
-            templates_dir=settings.templates_dir,
-            sender=Sender(
-                name=settings.sender_name,
-                address=settings.sender_address,
-                list_name=settings.list_name,
-                public_url=settings.public_url,
-                token_key=settings.token_key,
-                unsubscribe_mailto=settings.unsubscribe_address,
-                reply_to=settings.reply_to,
-            ),
-            preview_recipient=Recipient(preview_addr, first, last),
-            strict=strict,
-        )
-        result = run_build(inputs)
+        settings = _settings()
+        result = _build(settings, issue_file, strict)
         target = write_build(result, out_dir or settings.out_dir)
     except NewsletterError as exc:
         _fail(exc)
-
-    for warning in result.report.warnings:
-        click.secho(f"warning: {warning}", fg="yellow", err=True)
     kb = result.report.html_bytes / 1000
     click.echo(f"built {result.issue_id} into {target}/")
     for name in ("index.html", "index.txt", "issue.mjml", "preview.eml"):
         click.echo(f"  {target / name}  ({(target / name).stat().st_size:,} bytes)")
     click.echo(f"HTML {kb:.1f} KB of Gmail's ~102 KB; {len(result.report.warnings)} warning(s)")
+
+
+# ------------------------------------------------------------------ subscribers
+
+
+@main.group()
+def subscribers() -> None:
+    """Manage subscriber lists and the suppression list (in NEWSLETTER_DATABASE)."""
+
+
+def _store() -> tuple[Settings, SubscriberStore]:
+    from newsletter.database import connect
+    from newsletter.subscribers import SubscriberStore
+
+    settings = _settings()
+    return settings, SubscriberStore(connect(settings.database))
+
+
+LIST_OPTION = click.option("--list", "list_name", required=True, help="The list's name.")
+
+
+@subscribers.command("import")
+@click.argument("csv_file", type=click.Path(path_type=Path, dir_okay=False))
+@LIST_OPTION
+@click.option("--skip-invalid", is_flag=True, help="Import the good rows even if some are bad.")
+def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool) -> None:
+    """Import CSV_FILE (columns: email, first_name, last_name, any others) into a list."""
+    from newsletter.csv_import import read_csv
+    from newsletter.errors import NewsletterError
+
+    try:
+        _, store = _store()
+        report = store.import_rows(list_name, read_csv(csv_file), skip_invalid=skip_invalid)
+    except NewsletterError as exc:
+        _fail(exc)
+    for problem in report.problems:
+        click.secho(
+            f"{'skipped' if skip_invalid else 'error'}: {problem}",
+            err=True,
+            fg="yellow" if skip_invalid else "red",
+        )
+    if not report.committed:
+        click.secho(
+            f"{len(report.problems)} bad row(s); nothing was imported. Fix them, or run again "
+            "with --skip-invalid to import the good rows only.",
+            fg="red",
+            err=True,
+        )
+        sys.exit(1)
+    click.echo(
+        f"{list_name}: {report.added} added, {report.updated} already on the list (updated), "
+        f"{report.duplicates} duplicate row(s) in the file, {len(report.problems)} skipped"
+    )
+    if report.suppressed:
+        click.echo(
+            f"{report.suppressed} of them are on the suppression list (unsubscribed, bounced or "
+            "complained) and will not be mailed."
+        )
+
+
+@subscribers.command("count")
+@click.option("--list", "list_name", default=None, help="One list (default: every list).")
+def subscribers_count(list_name: str | None) -> None:
+    """How many subscribers each list has, and how many of them are suppressed."""
+    _, store = _store()
+    names = [list_name] if list_name else [name for name, _ in store.lists()]
+    for name in names:
+        members, suppressed = store.count(name)
+        click.echo(
+            f"{name}: {members} subscriber(s), {suppressed} suppressed, "
+            f"{members - suppressed} mailable"
+        )
+
+
+@subscribers.command("list")
+@LIST_OPTION
+def subscribers_list(list_name: str) -> None:
+    """Print the addresses on a list (suppressed ones are marked)."""
+    _, store = _store()
+    for m in store.members(list_name):
+        name = " ".join(p for p in (m.first_name, m.last_name) if p)
+        flag = f"  [{m.suppressed}]" if m.suppressed else ""
+        click.echo(f"{m.email}{'  ' + name if name else ''}{flag}")
+
+
+@subscribers.command("export")
+@LIST_OPTION
+@click.argument("out", type=click.File("w", encoding="utf-8"), default="-")
+def subscribers_export(list_name: str, out: TextIO) -> None:
+    """Write a list as CSV (to OUT, or standard output)."""
+    import csv
+
+    _, store = _store()
+    members = store.members(list_name)
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["email", "first_name", "last_name", "suppressed"])
+    for m in members:
+        writer.writerow([m.email, m.first_name, m.last_name, m.suppressed or ""])
+
+
+@subscribers.command("remove")
+@LIST_OPTION
+@click.argument("emails", nargs=-1, required=True)
+def subscribers_remove(list_name: str, emails: tuple[str, ...]) -> None:
+    """Take EMAILS off a list (they stay on other lists)."""
+    from newsletter.csv_import import normalise_address
+
+    _, store = _store()
+    removed = store.remove(list_name, [_address(e, normalise_address) for e in emails])
+    click.echo(f"{list_name}: {removed} of {len(emails)} removed")
+
+
+@subscribers.command("unsubscribe")
+@click.argument("email")
+@click.option(
+    "--reason",
+    type=click.Choice(["unsubscribed", "bounced", "complained"]),
+    default="unsubscribed",
+    show_default=True,
+)
+def subscribers_unsubscribe(email: str, reason: str) -> None:
+    """Never mail EMAIL again, on any list, even if it is imported again."""
+    from newsletter.csv_import import normalise_address
+
+    _, store = _store()
+    address = _address(email, normalise_address)
+    if store.suppress(address, reason):
+        click.echo(f"{address} is suppressed ({reason}); no send will reach it")
+    else:
+        click.echo(f"{address} was already suppressed ({store.suppression(address)})")
+
+
+def _address(raw: str, normalise: Callable[[str], str]) -> str:
+    try:
+        return normalise(raw)
+    except ValueError as exc:
+        click.secho(f"error: {raw!r} is not a valid address: {exc}", fg="red", err=True)
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------------ send
+
+
+def _smtp_transport(settings: Settings) -> SmtpTransport:
+    import ssl
+
+    from newsletter.transports import SmtpConfig, SmtpTransport
+
+    context = ssl.create_default_context(
+        cafile=str(settings.smtp_ca_file) if settings.smtp_ca_file else None
+    )
+    return SmtpTransport(
+        SmtpConfig(
+            host=settings.smtp_host,
+            port=settings.smtp_port_or_default,
+            security=settings.smtp_security,
+            username=settings.smtp_username,
+            password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
+            helo_name=settings.smtp_helo_name or settings.sender_address.rpartition("@")[2],
+            timeout=settings.smtp_timeout,
+            message_timeout=settings.send_message_timeout,
+            tls_context=context if settings.smtp_security != "none" else None,
+        )
+    )
+
+
+@main.command()
+@click.argument("issue_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--list", "list_name", default=None, help="The list (default: NEWSLETTER_LIST_NAME).")
+@click.option("--dry-run", is_flag=True, help="Connect to nothing, record nothing; write samples.")
+@click.option(
+    "--outbox",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Where --dry-run writes sample messages (default: OUT/<issue-id>/outbox).",
+)
+@click.option("--to", "test_to", multiple=True, help="Send a test copy to this address only.")
+@click.option("--resend-unknown", is_flag=True, help="Resend to those whose fate is unknown.")
+@click.option("--retry-rejected", is_flag=True, help="Queue this send's rejected ones again.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def send(
+    issue_file: Path,
+    list_name: str | None,
+    dry_run: bool,
+    outbox: Path | None,
+    test_to: tuple[str, ...],
+    resend_unknown: bool,
+    retry_rejected: bool,
+    yes: bool,
+) -> None:
+    """Send ISSUE_FILE to a subscriber list; run it again to resume."""
+    import tempfile
+
+    from newsletter.compose import MessageTemplate
+    from newsletter.database import connect
+    from newsletter.errors import ConfigError, NewsletterError
+    from newsletter.sending import dry_run_copy, prepare
+    from newsletter.transports import OutboxTransport
+
+    try:
+        settings = _settings()
+        name = list_name or settings.list_name
+        if settings.secret_key is None and not dry_run:
+            raise ConfigError(
+                "NEWSLETTER_SECRET_KEY is not set: unsubscribe links would not be secure. "
+                'Make one with: python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
+            )
+        result = _build(settings, issue_file, strict=False, list_name=name)
+        template = MessageTemplate(result.rendered, _sender(settings, name))
+        transport: Transport
+        if test_to:
+            _send_test_copies(settings, template, test_to, dry_run)
+            return
+        real = connect(settings.database)
+        if dry_run:
+            box = outbox or settings.out_dir / result.issue_id / "outbox"
+            transport = OutboxTransport(box, keep=5)
+            scratch_dir = tempfile.TemporaryDirectory(prefix="newsletter-dry-run-")
+            conn = connect(Path(scratch_dir.name) / "dry-run.sqlite3")
+            dry_run_copy(real, conn, result.issue_id, name)
+        else:
+            transport = _smtp_transport(settings)
+            conn = real
+        prepared = prepare(
+            conn,
+            result.issue_id,
+            name,
+            resend_unknown=resend_unknown,
+            retry_rejected=retry_rejected,
+        )
+        record = prepared.record
+        if record.audience == 0:
+            raise ConfigError(
+                f"the list {name!r} has nobody to send to; import subscribers with "
+                f"`newsletter subscribers import FILE.csv --list {name}`"
+            )
+        _describe_send(prepared, conn, transport.description, len(result.eml))
+        if not (yes or dry_run):
+            click.confirm(
+                f"Send {result.issue_id} to the list {name!r} through {transport.description}?",
+                abort=True,
+            )
+        report = _run_campaign(conn, prepared, template, transport, settings)
+    except NewsletterError as exc:
+        _fail(f"{exc}\nRun the same command again to resume; nobody is sent twice.")
+    _summarise(report, dry_run, transport)
+    sys.exit(report.exit_code)
+
+
+def _run_campaign(
+    conn: sqlite3.Connection,
+    prepared: Prepared,
+    template: MessageTemplate,
+    transport: Transport,
+    settings: Settings,
+) -> SendReport:
+    import asyncio
+    import signal
+
+    from newsletter.campaign import Campaign, SendOptions
+    from newsletter.sending import run_send
+
+    options = SendOptions(
+        connections=settings.send_connections,
+        rate=settings.send_rate,
+        per_hour=settings.send_per_hour,
+        max_consecutive_errors=settings.send_max_errors,
+        max_wait=settings.send_max_wait,
+    )
+    bar = _ProgressBar(enabled=sys.stderr.isatty())
+
+    def on_start(campaign: Campaign) -> None:
+        # Ctrl-C and SIGTERM finish the messages in flight, record them, then stop.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, campaign.stop, f"stopped by {sig.name}")
+        bar.start(campaign.progress.total)
+
+    async def go() -> SendReport:
+        try:
+            return await run_send(
+                conn,
+                prepared,
+                template,
+                transport,
+                options,
+                envelope_sender=settings.envelope_sender,
+                on_start=on_start,
+                on_progress=bar.update,
+            )
+        finally:
+            bar.stop()
+
+    return asyncio.run(go())
+
+
+def _describe_send(prepared: Prepared, conn: sqlite3.Connection, via: str, size: int) -> None:
+    from newsletter.send_log import SendLog
+
+    record = prepared.record
+    counts = SendLog(conn).counts(record.id)
+    verb = "resuming" if prepared.resumed else "starting"
+    click.echo(
+        f"{verb} {record.issue_id} to {record.list_name}: {record.audience} recipient(s), "
+        f"{record.suppressed} suppressed and left out; message about {size / 1000:.1f} kB; "
+        f"via {via}"
+    )
+    click.echo(
+        "  to send now: "
+        f"{counts['pending']} pending, {counts['deferred']} deferred; already: "
+        f"{counts['sent']} sent, {counts['rejected']} rejected, {counts['unknown']} unknown"
+    )
+    first = SendLog(conn).in_state(record.id, "pending", limit=5)
+    if first:
+        click.echo("  first: " + ", ".join(email for email, _ in first))
+    if counts["unknown"]:
+        click.secho(
+            f"  {counts['unknown']} recipient(s) were in flight when an earlier run stopped; "
+            "they may have the message already. They are listed at the end; add "
+            "--resend-unknown to send to them again.",
+            fg="yellow",
+        )
+
+
+def _summarise(report: SendReport, dry_run: bool, transport: Transport) -> None:
+    r = report.result
+    c = r.counts
+    click.echo(
+        f"{'dry run: ' if dry_run else ''}sent {c['sent']}, rejected {c['rejected']}, "
+        f"deferred {c['deferred']}, unknown {c['unknown']}, pending {c['pending']}, "
+        f"suppressed since start {c['suppressed']}; this run {r.attempted} message(s) "
+        f"in {r.elapsed:.1f} s ({r.rate:.0f}/s)"
+    )
+    if r.stopped:
+        click.secho(f"stopped early: {r.stopped}. Run the same command to resume.", fg="yellow")
+    for email, detail in report.unknown:
+        click.secho(f"unknown: {email}: {detail}", fg="yellow")
+    if dry_run:
+        from newsletter.transports import OutboxTransport
+
+        if isinstance(transport, OutboxTransport):
+            click.echo(f"sample messages written to {transport.folder}/")
+
+
+def _send_test_copies(
+    settings: Settings, template: MessageTemplate, addresses: tuple[str, ...], dry_run: bool
+) -> None:
+    import asyncio
+    import datetime as dt
+
+    from newsletter.csv_import import normalise_address
+    from newsletter.models import Recipient
+    from newsletter.transports import Envelope, OutboxTransport
+
+    recipients = [Recipient(_address(a, normalise_address)) for a in addresses]
+    transport: Transport = (
+        OutboxTransport(settings.out_dir / template.rendered.issue_id / "test-copies")
+        if dry_run
+        else _smtp_transport(settings)
+    )
+
+    async def go() -> list[tuple[str, str]]:
+        session = await transport.open()
+        out = []
+        try:
+            for r in recipients:
+                data = template.personalise(r, date=dt.datetime.now(dt.UTC))
+                outcome = await session.send(Envelope(settings.envelope_sender, r.email, data))
+                out.append((r.email, f"{outcome.state} {outcome.code or ''} {outcome.detail}"))
+        finally:
+            await session.close()
+        return out
+
+    from newsletter.transports import ConnectFailed
+
+    try:
+        results = asyncio.run(go())
+    except ConnectFailed as exc:
+        _fail(exc)
+    for email, what in results:
+        click.echo(f"test copy to {email}: {what}")
+    if any(" sent " not in f" {w} " for _, w in results):
+        sys.exit(3)
+
+
+@main.command()
+@click.argument("issue_id")
+@click.option("--list", "list_name", default=None, help="The list (default: NEWSLETTER_LIST_NAME).")
+def status(issue_id: str, list_name: str | None) -> None:
+    """Counts by state and the last errors of the send of ISSUE_ID (id or file) to a list."""
+    from newsletter.database import connect
+    from newsletter.send_log import SendLog
+
+    settings = _settings()
+    name = list_name or settings.list_name
+    issue_id = Path(issue_id).stem if issue_id.endswith((".yaml", ".yml")) else issue_id
+    log = SendLog(connect(settings.database))
+    record = log.find(issue_id, name)
+    if record is None:
+        click.echo(f"{issue_id} has not been sent to {name}")
+        sys.exit(1)
+    counts = log.counts(record.id)
+    click.echo(
+        f"{issue_id} to {name}: started {record.created_at}, audience {record.audience}, "
+        f"{record.suppressed} suppressed at the start"
+    )
+    for state, n in counts.items():
+        click.echo(f"  {state:10} {n}")
+    errors = log.last_errors(record.id)
+    if errors:
+        click.echo("last errors:")
+        for when, email, state, detail in errors:
+            click.echo(f"  {when}  {state:8} {email}: {detail}")
+
+
+class _ProgressBar:
+    """A rich progress bar on a terminal; silence otherwise."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress: Any = None
+        self._task: Any = None
+
+    def start(self, total: int) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("sending"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}/s"),
+            TimeRemainingColumn(),
+            transient=True,
+        )
+        self._task = self._progress.add_task("send", total=total, rate="0")
+        self._progress.start()
+
+    def update(self, progress: CampaignProgress) -> None:
+        if self._progress is None:
+            return
+        speed = self._progress.tasks[0].speed or 0
+        self._progress.update(self._task, completed=progress.done, rate=f"{speed:.0f}")
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()

@@ -13,7 +13,7 @@ import difflib
 import os
 from email.utils import parseaddr
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,13 +50,32 @@ class Settings(BaseSettings):
     list_name: str = "research-news"
     secret_key: SecretStr | None = None
     preview_to: str = "Sam Sample <sam.sample@example.org>"
+    bounce_address: str | None = None
+
+    database: Path = Path("newsletter.sqlite3")
+
+    smtp_host: str = "localhost"
+    smtp_port: int | None = Field(default=None, ge=1, le=65535)
+    smtp_security: Literal["starttls", "tls", "none"] = "starttls"
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_timeout: float = Field(default=30.0, gt=0)
+    smtp_helo_name: str | None = None
+    smtp_ca_file: Path | None = None
+
+    send_connections: int = Field(default=8, ge=1, le=64)
+    send_rate: float | None = Field(default=None, gt=0)
+    send_per_hour: int | None = Field(default=None, gt=0)
+    send_message_timeout: float = Field(default=120.0, gt=0)
+    send_max_errors: int = Field(default=25, ge=1)
+    send_max_wait: float = Field(default=900.0, ge=0)
 
     @field_validator("public_url")
     @classmethod
     def _public_url(cls, value: str) -> str:
         return https_url(value).rstrip("/")
 
-    @field_validator("from_", "preview_to", "reply_to", "unsubscribe_mailto")
+    @field_validator("from_", "preview_to", "reply_to", "unsubscribe_mailto", "bounce_address")
     @classmethod
     def _mailbox(cls, value: str | None) -> str | None:
         if value is not None:
@@ -70,6 +89,17 @@ class Settings(BaseSettings):
     @property
     def sender_address(self) -> str:
         return _split_mailbox(self.from_)[1]
+
+    @property
+    def envelope_sender(self) -> str:
+        """MAIL FROM: where bounces go; the From address unless NEWSLETTER_BOUNCE_ADDRESS."""
+        return (
+            _split_mailbox(self.bounce_address)[1] if self.bounce_address else self.sender_address
+        )
+
+    @property
+    def smtp_port_or_default(self) -> int:
+        return self.smtp_port or {"starttls": 587, "tls": 465, "none": 25}[self.smtp_security]
 
     @property
     def preview_mailbox(self) -> tuple[str, str]:

@@ -1,0 +1,271 @@
+"""Campaign runner: a frozen audience → every recipient sent, rejected, deferred or unknown.
+
+Input: the send log and the send's id, the issue's :class:`MessageTemplate`,
+a :class:`Transport` and :class:`SendOptions`. Output: a :class:`RunResult`.
+
+How it keeps "never twice, never skipped":
+
+- recipients are claimed from the log in small batches and committed as
+  ``sending`` before any of them is handed to a connection;
+- outcomes are committed in batches of at most ``flush_every`` (and at least
+  every ``flush_interval`` seconds), so after a crash the rows still in
+  ``sending`` are at most the queue, the connections and one batch
+  (8 + 8 + 64 = 80 with the defaults) and are reported as unknown;
+- a connection that fails before the message body went out gives
+  ``deferred`` (retried, no doubt); one that fails after gives ``unknown``;
+- a stop (Ctrl-C, SIGTERM, too many errors) lets the messages in flight
+  finish, puts the claimed-but-unstarted back to ``pending`` and commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from newsletter.compose import MessageTemplate
+from newsletter.ratelimit import Pacer
+from newsletter.send_log import Delivery, Outcome, SendLog
+from newsletter.transports import CampaignAborted, ConnectFailed, Envelope, Session, Transport
+
+
+@dataclass(frozen=True, slots=True)
+class SendOptions:
+    connections: int = 8
+    rate: float | None = None  # messages per second over all connections
+    per_hour: int | None = None
+    retry_delays: tuple[float, ...] = (30.0, 120.0, 600.0)  # before the 2nd, 3rd, 4th attempt
+    max_wait: float = 900.0  # how long a run waits for deferred retries before it stops
+    max_consecutive_errors: int = 25
+    flush_every: int = 64
+    flush_interval: float = 0.25
+
+
+@dataclass(slots=True)
+class Progress:
+    """Counts of this run, updated as outcomes arrive (for progress bars)."""
+
+    total: int
+    done: int = 0
+    by_state: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RunResult:
+    counts: dict[str, int]  # the whole send, from the log, after this run
+    attempted: int  # transactions in this run
+    elapsed: float
+    stopped: str | None = None  # why the run ended early, if it did
+
+    @property
+    def rate(self) -> float:
+        return self.attempted / self.elapsed if self.elapsed > 0 else 0.0
+
+
+class Campaign:
+    def __init__(
+        self,
+        log: SendLog,
+        send_id: int,
+        template: MessageTemplate,
+        transport: Transport,
+        options: SendOptions,
+        *,
+        envelope_sender: str,
+        clock: Callable[[], float] = time.time,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.log = log
+        self.send_id = send_id
+        self.template = template
+        self.transport = transport
+        self.options = options
+        self.envelope_sender = envelope_sender
+        self.clock = clock
+        self.on_progress = on_progress
+        self.pacer = Pacer(options.rate, per_hour=options.per_hour)
+        self._queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=options.connections)
+        self._room = asyncio.Event()
+        self._abort: CampaignAborted | None = None
+        self._results: list[tuple[int, Outcome]] = []
+        self._errors_in_a_row = 0
+        self._stop_reason: str | None = None
+        self._stopping = asyncio.Event()
+        self._attempted = 0
+        counts = log.counts(send_id)
+        self.progress = Progress(total=counts["pending"] + counts["deferred"])
+
+    def stop(self, reason: str) -> None:
+        """Finish what is in flight, then end the run (safe from a signal handler)."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        self._stopping.set()
+
+    async def run(self) -> RunResult:
+        started = time.monotonic()
+        workers = [asyncio.create_task(self._worker()) for _ in range(self.options.connections)]
+        flusher = asyncio.create_task(self._flusher())
+        try:
+            await self._feed()
+            # Let the workers finish what was queued; a worker only ends early on a bug.
+            joined = asyncio.create_task(self._queue.join())
+            done, _ = await asyncio.wait([joined, *workers], return_when=asyncio.FIRST_COMPLETED)
+            if joined not in done:
+                joined.cancel()
+                for task in done:
+                    task.result()  # re-raises the bug
+        finally:
+            for task in (*workers, flusher):
+                task.cancel()
+            await asyncio.gather(*workers, flusher, return_exceptions=True)
+            self._flush()
+            self._release_queued()
+        if self._abort is not None:
+            raise self._abort
+        return RunResult(
+            counts=self.log.counts(self.send_id),
+            attempted=self._attempted,
+            elapsed=time.monotonic() - started,
+            stopped=self._stop_reason,
+        )
+
+    # -- feeding the queue ----------------------------------------------------
+    async def _feed(self) -> None:
+        while not self._stopping.is_set():
+            free = self._queue.maxsize - self._queue.qsize()
+            if free <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            claimed = self.log.claim(self.send_id, free, self.clock())
+            if claimed:
+                for delivery in claimed:
+                    self._queue.put_nowait(delivery)
+                continue
+            # Nothing is due now: let the work in flight finish, then wait for
+            # deferred retries that come due soon, or end the run.
+            await self._queue.join()
+            self._flush()
+            retry_at = self.log.next_retry(self.send_id)
+            if retry_at is None:
+                return
+            wait = retry_at - self.clock()
+            if wait > self.options.max_wait:
+                self.stop(
+                    f"deferred recipients are due for another try in {wait:.0f} s, "
+                    f"more than --max-wait ({self.options.max_wait:.0f} s)"
+                )
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), max(0.01, wait))
+
+    def _release_queued(self) -> None:
+        left: list[int] = []
+        while not self._queue.empty():
+            left.append(self._queue.get_nowait().seq)
+        if left:
+            self.log.release(self.send_id, left)
+
+    # -- workers --------------------------------------------------------------
+    async def _worker(self) -> None:
+        session: Session | None = None
+        try:
+            while True:
+                delivery = await self._queue.get()
+                self._room.set()
+                try:
+                    if self._stopping.is_set():
+                        self.log.release(self.send_id, [delivery.seq])
+                        continue
+                    session = await self._ensure_session(session)
+                    if session is None:
+                        self.log.release(self.send_id, [delivery.seq])
+                        continue
+                    await self.pacer.acquire()
+                    outcome = await self._send(session, delivery)
+                    if outcome is None:
+                        self.log.release(self.send_id, [delivery.seq])
+                    else:
+                        self._settle(delivery, outcome)
+                    if not session.usable:
+                        await session.close()
+                        session = None
+                finally:
+                    self._queue.task_done()
+        finally:
+            if session is not None:
+                await session.close()
+
+    async def _ensure_session(self, session: Session | None) -> Session | None:
+        delay = 0.5
+        while session is None and not self._stopping.is_set():
+            try:
+                return await self.transport.open()
+            except ConnectFailed as exc:
+                if self._error(f"cannot connect: {exc}"):
+                    return None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            except CampaignAborted as exc:
+                self._abort = exc
+                self.stop(str(exc))
+                return None
+        return session
+
+    async def _send(self, session: Session, delivery: Delivery) -> Outcome | None:
+        """The outcome, or None when the relay refused the campaign before this message."""
+        data = self.template.personalise(
+            delivery.recipient, date=dt.datetime.fromtimestamp(self.clock(), dt.UTC)
+        )
+        self._attempted += 1
+        try:
+            return await session.send(
+                Envelope(self.envelope_sender, delivery.recipient.email, data)
+            )
+        except CampaignAborted as exc:
+            # The relay refused the sender: nothing was sent to this recipient.
+            self._abort = exc
+            self.stop(str(exc))
+            return None
+
+    def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
+        if outcome.state == "deferred":
+            delays = self.options.retry_delays
+            n = delivery.attempts - 1
+            retry_at = self.clock() + delays[n] if n < len(delays) else None
+            outcome = Outcome("deferred", outcome.code, outcome.detail, retry_at)
+            self.pacer.slow_down()
+        if outcome.state == "sent":
+            self._errors_in_a_row = 0
+            self.pacer.went_well()
+        elif outcome.state in ("deferred", "unknown"):
+            self._error(f"{delivery.recipient.email}: {outcome.code or ''} {outcome.detail}")
+        self._results.append((delivery.seq, outcome))
+        self.progress.done += 1
+        self.progress.by_state[outcome.state] = self.progress.by_state.get(outcome.state, 0) + 1
+        if self.on_progress is not None:
+            self.on_progress(self.progress)
+        if len(self._results) >= self.options.flush_every:
+            self._flush()
+
+    def _error(self, what: str) -> bool:
+        """Count an error; True when there have been too many in a row (the run stops)."""
+        self._errors_in_a_row += 1
+        if self._errors_in_a_row >= self.options.max_consecutive_errors:
+            self.stop(f"{self._errors_in_a_row} errors in a row, the last: {what.strip()}")
+            return True
+        return False
+
+    # -- committing outcomes --------------------------------------------------
+    async def _flusher(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.flush_interval)
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._results:
+            batch, self._results = self._results, []
+            self.log.record(self.send_id, batch)

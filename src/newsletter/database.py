@@ -1,0 +1,96 @@
+"""Storage: the SQLite database that holds subscribers, suppressions and send logs.
+
+Input: a path. Output: an open :class:`sqlite3.Connection` with the schema in
+place. The database runs in WAL mode with ``synchronous=FULL``: a committed
+send-log row survives a crash of the process or of the machine, which is what
+"never send twice" rests on. Every other module reaches the database through
+the store classes in :mod:`newsletter.subscribers` and
+:mod:`newsletter.send_log`; a PostgreSQL backend would implement the same
+methods.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from newsletter.errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS subscribers (
+    id          INTEGER PRIMARY KEY,
+    email       TEXT NOT NULL UNIQUE,          -- normalised: domain in ASCII, compared lower-case
+    first_name  TEXT NOT NULL DEFAULT '',
+    last_name   TEXT NOT NULL DEFAULT '',
+    attributes  TEXT NOT NULL DEFAULT '{}',    -- JSON object of the other CSV columns
+    created_at  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS list_members (
+    list_name      TEXT NOT NULL,
+    subscriber_id  INTEGER NOT NULL REFERENCES subscribers(id) ON DELETE CASCADE,
+    added_at       TEXT NOT NULL,
+    PRIMARY KEY (list_name, subscriber_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS list_members_by_subscriber ON list_members(subscriber_id);
+CREATE TABLE IF NOT EXISTS suppressions (
+    email       TEXT PRIMARY KEY,              -- same normalisation as subscribers.email
+    reason      TEXT NOT NULL CHECK (reason IN ('unsubscribed', 'bounced', 'complained')),
+    list_name   TEXT,                          -- where the request came from, for the record
+    created_at  TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sends (
+    id          INTEGER PRIMARY KEY,
+    issue_id    TEXT NOT NULL,
+    list_name   TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    audience    INTEGER NOT NULL,
+    suppressed  INTEGER NOT NULL,
+    UNIQUE (issue_id, list_name)
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    send_id     INTEGER NOT NULL REFERENCES sends(id),
+    seq         INTEGER NOT NULL,              -- order in the frozen audience
+    email       TEXT NOT NULL,
+    first_name  TEXT NOT NULL,
+    last_name   TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN
+                  ('pending', 'sending', 'sent', 'rejected', 'deferred', 'unknown', 'suppressed')),
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    retry_at    REAL,                          -- unix time a deferred one may go again
+    code        INTEGER,                       -- last SMTP reply code
+    detail      TEXT,                          -- last SMTP reply or error
+    updated_at  TEXT,
+    PRIMARY KEY (send_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_by_state ON deliveries(send_id, state, seq);
+"""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) the database at ``path``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(
+            f"cannot open the database {path}: {exc}; check NEWSLETTER_DATABASE"
+        ) from None
+    conn.row_factory = sqlite3.Row
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"the database {path} was made by a newer version of newsletter "
+                f"(schema {version}); upgrade newsletter"
+            )
+        conn.executescript(_SCHEMA)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise ConfigError(f"{path} is not a usable newsletter database: {exc}") from None
+    return conn

@@ -1,0 +1,81 @@
+"""Pacing: how fast messages may leave, as a token bucket that backs off.
+
+Input: a rate in messages per second (None for no limit), an optional
+per-hour cap, and a clock. Output: :meth:`Pacer.acquire` returns when the
+next message may go. When the relay says "slow down" (421, 451, 454 or
+timeouts) the rate halves, down to one message every two seconds, and grows
+back by a tenth of the configured rate per second of good replies (additive
+increase, multiplicative decrease: providers throttle senders that keep
+pushing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+MIN_RATE = 0.5
+
+
+class Pacer:
+    def __init__(
+        self,
+        rate: float | None,
+        *,
+        per_hour: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.limit = rate
+        self.rate = rate
+        self.per_hour = per_hour
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = 1.0
+        self._last = clock()
+        self._hour: deque[float] = deque()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:  # first come, first served
+            if self.per_hour:
+                await self._hourly()
+            if self.rate is None:
+                return
+            while True:
+                now = self._clock()
+                burst = max(1.0, self.rate)
+                self._tokens = min(burst, self._tokens + (now - self._last) * self.rate)
+                self._last = now
+                if self._tokens >= 1.0:
+                    self._tokens -= 1.0
+                    return
+                await self._sleep((1.0 - self._tokens) / self.rate)
+
+    async def _hourly(self) -> None:
+        assert self.per_hour is not None
+        while True:
+            now = self._clock()
+            while self._hour and self._hour[0] <= now - 3600:
+                self._hour.popleft()
+            if len(self._hour) < self.per_hour:
+                self._hour.append(now)
+                return
+            await self._sleep(self._hour[0] + 3600 - now)
+
+    def slow_down(self) -> None:
+        """The relay asked us to back off."""
+        base = self.rate if self.rate is not None else 50.0
+        self.rate = max(MIN_RATE, base / 2)
+
+    def went_well(self) -> None:
+        """A message was accepted: creep back up towards the configured rate."""
+        if self.rate is None or self.rate == self.limit:
+            return
+        step = (self.limit or 50.0) / 10 / max(self.rate, 1.0)
+        ceiling = self.limit if self.limit is not None else float("inf")
+        self.rate = min(ceiling, self.rate + step)
+        if self.limit is None and self.rate >= 50.0:
+            self.rate = None

@@ -1,0 +1,244 @@
+"""Send log: the durable record of every recipient's fate in one send.
+
+Input: an open database connection, the send's issue and list, and outcomes.
+Output: claimed recipients and counts. The first send of an issue to a list
+freezes its audience into ``deliveries`` (one transaction). From then on each
+recipient moves ``pending → sending → sent | rejected | deferred`` and every
+move is committed: a recipient is marked ``sending`` *before* its SMTP
+transaction starts and gets its outcome *after* it ends, so after a crash the
+rows still in ``sending`` are exactly the ones whose fate is unknown. They are
+reported by address and only resent when the user asks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from newsletter.models import Recipient
+
+STATES = ("pending", "sending", "sent", "rejected", "deferred", "unknown", "suppressed")
+_SELECT = (
+    "SELECT seq, email, first_name, last_name, attempts, "
+    "EXISTS (SELECT 1 FROM suppressions s WHERE s.email = d.email) FROM deliveries d "
+)
+FREEZE_BATCH = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class SendRecord:
+    id: int
+    issue_id: str
+    list_name: str
+    created_at: str
+    audience: int
+    suppressed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    seq: int
+    recipient: Recipient
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one recipient in one SMTP transaction."""
+
+    state: str  # sent | rejected | deferred | unknown
+    code: int | None = None
+    detail: str = ""
+    retry_at: float | None = None  # for deferred: when it may go again (unix time)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+class SendLog:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def find(self, issue_id: str, list_name: str) -> SendRecord | None:
+        row = self.conn.execute(
+            "SELECT id, issue_id, list_name, created_at, audience, suppressed FROM sends "
+            "WHERE issue_id = ? AND list_name = ?",
+            (issue_id, list_name),
+        ).fetchone()
+        return None if row is None else SendRecord(*row)
+
+    def freeze(
+        self, issue_id: str, list_name: str, audience: Iterable[Recipient], suppressed: int
+    ) -> SendRecord:
+        """Record who this send goes to, once. All rows or none (one transaction)."""
+        cur = self.conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            send_id = cur.execute(
+                "INSERT INTO sends (issue_id, list_name, created_at, audience, suppressed) "
+                "VALUES (?, ?, ?, 0, ?) RETURNING id",
+                (issue_id, list_name, _now(), suppressed),
+            ).fetchone()[0]
+            total = 0
+            for batch in _batches(audience, FREEZE_BATCH):
+                cur.executemany(
+                    "INSERT INTO deliveries (send_id, seq, email, first_name, last_name, state) "
+                    "VALUES (?, ?, ?, ?, ?, 'pending')",
+                    (
+                        (send_id, total + i, r.email, r.first_name, r.last_name)
+                        for i, r in enumerate(batch)
+                    ),
+                )
+                total += len(batch)
+            cur.execute("UPDATE sends SET audience = ? WHERE id = ?", (total, send_id))
+            cur.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                cur.execute("ROLLBACK")
+            raise
+        record = self.find(issue_id, list_name)
+        assert record is not None
+        return record
+
+    def mark_interrupted(self, send_id: int) -> int:
+        """Rows left in ``sending`` by a run that died: their fate is unknown."""
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            return self.conn.execute(
+                "UPDATE deliveries SET state = 'unknown', updated_at = ?, "
+                "detail = 'the run stopped during this transaction; it may have been delivered' "
+                "WHERE send_id = ? AND state = 'sending'",
+                (_now(), send_id),
+            ).rowcount
+
+    def make_deferred_due(self, send_id: int) -> None:
+        """A new run retries every deferred recipient straight away."""
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute(
+                "UPDATE deliveries SET retry_at = 0 WHERE send_id = ? AND state = 'deferred'",
+                (send_id,),
+            )
+
+    def requeue(self, send_id: int, state: str) -> int:
+        """Put every recipient in ``state`` (unknown or rejected) back in the queue."""
+        assert state in ("unknown", "rejected")
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            return self.conn.execute(
+                "UPDATE deliveries SET state = 'pending', retry_at = NULL, updated_at = ? "
+                "WHERE send_id = ? AND state = ?",
+                (_now(), send_id, state),
+            ).rowcount
+
+    def claim(self, send_id: int, limit: int, now: float) -> list[Delivery]:
+        """Mark up to ``limit`` due recipients ``sending`` (committed) and return them.
+
+        An empty list means nothing is due: claims that found only suppressed
+        recipients try again."""
+        while True:
+            found, good = self._claim_once(send_id, limit, now)
+            if good or not found:
+                return good
+
+    def _claim_once(self, send_id: int, limit: int, now: float) -> tuple[bool, list[Delivery]]:
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            # Two index range scans (send_id, state, seq), never a sort of the queue.
+            rows = self.conn.execute(
+                _SELECT + "WHERE send_id = ? AND state = 'pending' ORDER BY seq LIMIT ?",
+                (send_id, limit),
+            ).fetchall()
+            if len(rows) < limit:
+                rows += self.conn.execute(
+                    _SELECT + "WHERE send_id = ? AND state = 'deferred' AND retry_at <= ? "
+                    "ORDER BY seq LIMIT ?",
+                    (send_id, now, limit - len(rows)),
+                ).fetchall()
+            stamp = _now()
+            # Someone who unsubscribed after the audience was frozen is not mailed.
+            self.conn.executemany(
+                "UPDATE deliveries SET state = ?, updated_at = ?, "
+                "attempts = attempts + (? = 'sending'), "
+                "detail = CASE WHEN ? = 'suppressed' THEN 'unsubscribed or suppressed after the "
+                "send started' ELSE detail END WHERE send_id = ? AND seq = ?",
+                (
+                    (state, stamp, state, state, send_id, r[0])
+                    for r in rows
+                    for state in ("suppressed" if r[5] else "sending",)
+                ),
+            )
+        good = [Delivery(r[0], Recipient(r[1], r[2], r[3]), r[4] + 1) for r in rows if not r[5]]
+        return bool(rows), good
+
+    def record(self, send_id: int, outcomes: Iterable[tuple[int, Outcome]]) -> None:
+        """Commit the outcomes of finished transactions, as one batch."""
+        stamp = _now()
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany(
+                "UPDATE deliveries SET state = ?, code = ?, detail = ?, retry_at = ?, "
+                "updated_at = ? WHERE send_id = ? AND seq = ? AND state = 'sending'",
+                (
+                    (o.state, o.code, o.detail[:500], o.retry_at, stamp, send_id, seq)
+                    for seq, o in outcomes
+                ),
+            )
+
+    def release(self, send_id: int, seqs: Iterable[int]) -> None:
+        """Claimed but never attempted (the run is stopping): back to pending, no doubt."""
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany(
+                "UPDATE deliveries SET state = 'pending', attempts = attempts - 1 "
+                "WHERE send_id = ? AND seq = ? AND state = 'sending'",
+                ((send_id, s) for s in seqs),
+            )
+
+    def counts(self, send_id: int) -> dict[str, int]:
+        found = dict.fromkeys(STATES, 0)
+        for state, n in self.conn.execute(
+            "SELECT state, count(*) FROM deliveries WHERE send_id = ? GROUP BY state", (send_id,)
+        ):
+            found[state] = n
+        return found
+
+    def in_state(self, send_id: int, state: str, limit: int = 1000) -> list[tuple[str, str]]:
+        """(address, detail) of recipients in ``state``, in audience order."""
+        rows = self.conn.execute(
+            "SELECT email, coalesce(detail, '') FROM deliveries WHERE send_id = ? AND state = ? "
+            "ORDER BY seq LIMIT ?",
+            (send_id, state, limit),
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    def last_errors(self, send_id: int, limit: int = 10) -> list[tuple[str, str, str, str]]:
+        """(time, address, state, detail) of the latest failures."""
+        rows = self.conn.execute(
+            "SELECT updated_at, email, state, coalesce(code || ' ', '') || coalesce(detail, '') "
+            "FROM deliveries WHERE send_id = ? AND state IN ('rejected', 'deferred', 'unknown') "
+            "ORDER BY updated_at DESC LIMIT ?",
+            (send_id, limit),
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def next_retry(self, send_id: int) -> float | None:
+        row = self.conn.execute(
+            "SELECT min(retry_at) FROM deliveries WHERE send_id = ? AND state = 'deferred'",
+            (send_id,),
+        ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+
+def _batches(items: Iterable[Recipient], size: int) -> Iterator[list[Recipient]]:
+    batch: list[Recipient] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,144 @@
+"""Send pipeline: an issue and a list → a started or resumed send, run to its end.
+
+Input: the rendered issue, the database, the list name, a transport and the
+options. Output: a :class:`SendReport`. This is the one code path of every
+send: a real one (SMTP transport, the project database), a dry run (an
+outbox transport and a throw-away database, so the real send log is not
+touched), and tests (a memory transport).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from newsletter.campaign import Campaign, Progress, RunResult, SendOptions
+from newsletter.compose import MessageTemplate
+from newsletter.send_log import SendLog, SendRecord
+from newsletter.subscribers import SubscriberStore
+from newsletter.transports import Transport
+
+
+@dataclass(slots=True)
+class SendReport:
+    record: SendRecord
+    resumed: bool
+    result: RunResult
+    unknown: list[tuple[str, str]] = field(default_factory=list)  # left in doubt, by address
+    requeued_unknown: int = 0
+    requeued_rejected: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        c = self.result.counts
+        if c["pending"] or c["deferred"] or c["unknown"] or c["rejected"] or c["sending"]:
+            return 3
+        return 0
+
+
+@dataclass(slots=True)
+class Prepared:
+    record: SendRecord
+    resumed: bool
+    requeued_unknown: int
+    requeued_rejected: int
+
+
+def prepare(
+    conn: sqlite3.Connection,
+    issue_id: str,
+    list_name: str,
+    *,
+    resend_unknown: bool = False,
+    retry_rejected: bool = False,
+) -> Prepared:
+    """Freeze the audience on the first run; on later runs, sort out what the last one left."""
+    log = SendLog(conn)
+    store = SubscriberStore(conn)
+    record = log.find(issue_id, list_name)
+    resumed = record is not None
+    if record is None:
+        _members, suppressed = store.count(list_name)
+        record = log.freeze(issue_id, list_name, store.audience(list_name), suppressed)
+    log.mark_interrupted(record.id)
+    unknown = log.requeue(record.id, "unknown") if resend_unknown else 0
+    rejected = log.requeue(record.id, "rejected") if retry_rejected else 0
+    log.make_deferred_due(record.id)
+    return Prepared(record, resumed, unknown, rejected)
+
+
+async def run_send(
+    conn: sqlite3.Connection,
+    prepared: Prepared,
+    template: MessageTemplate,
+    transport: Transport,
+    options: SendOptions,
+    *,
+    envelope_sender: str,
+    on_start: Callable[[Campaign], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> SendReport:
+    log = SendLog(conn)
+    campaign = Campaign(
+        log,
+        prepared.record.id,
+        template,
+        transport,
+        options,
+        envelope_sender=envelope_sender,
+        on_progress=on_progress,
+    )
+    if on_start is not None:
+        on_start(campaign)
+    result = await campaign.run()
+    return SendReport(
+        record=prepared.record,
+        resumed=prepared.resumed,
+        result=result,
+        unknown=log.in_state(prepared.record.id, "unknown"),
+        requeued_unknown=prepared.requeued_unknown,
+        requeued_rejected=prepared.requeued_rejected,
+    )
+
+
+def dry_run_copy(
+    real: sqlite3.Connection, scratch: sqlite3.Connection, issue_id: str, list_name: str
+) -> None:
+    """Fill a throw-away database with what a send of ``issue_id`` to ``list_name`` reads.
+
+    The dry run then takes the same path as a real send, on the copy: the real
+    send log gets no rows, and a send already under way is previewed as its
+    resume would go. Copying is done by SQLite on disk, so memory stays flat
+    for any list size.
+    """
+    path = real.execute("PRAGMA database_list").fetchone()[2]
+    scratch.execute("ATTACH DATABASE ? AS src", (path,))
+    try:
+        with scratch:
+            scratch.execute("BEGIN")
+            scratch.execute("INSERT INTO suppressions SELECT * FROM src.suppressions")
+            send = scratch.execute(
+                "SELECT id FROM src.sends WHERE issue_id = ? AND list_name = ?",
+                (issue_id, list_name),
+            ).fetchone()
+            if send is not None:
+                scratch.execute(
+                    "INSERT INTO sends SELECT * FROM src.sends WHERE id = ?", (send[0],)
+                )
+                scratch.execute(
+                    "INSERT INTO deliveries SELECT * FROM src.deliveries WHERE send_id = ?",
+                    (send[0],),
+                )
+            else:
+                scratch.execute(
+                    "INSERT INTO subscribers SELECT u.* FROM src.subscribers u "
+                    "JOIN src.list_members m ON m.subscriber_id = u.id WHERE m.list_name = ?",
+                    (list_name,),
+                )
+                scratch.execute(
+                    "INSERT INTO list_members SELECT * FROM src.list_members WHERE list_name = ?",
+                    (list_name,),
+                )
+    finally:
+        scratch.execute("DETACH DATABASE src")

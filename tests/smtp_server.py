@@ -1,0 +1,151 @@
+"""A real SMTP server for the tests: aiosmtpd on 127.0.0.1, port chosen by the OS.
+
+The handler keeps every message it accepts and can misbehave on purpose:
+refuse chosen recipients (550, 451), answer 421 and close, drop the
+connection in the middle of DATA, answer slowly, require STARTTLS and AUTH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import ssl
+import threading
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+
+    @property
+    def message(self) -> EmailMessage:
+        msg = email.message_from_bytes(self.data, policy=email.policy.default)
+        assert isinstance(msg, EmailMessage)
+        return msg
+
+
+@dataclass
+class Behaviour:
+    reject: dict[str, tuple[int, str]] = field(default_factory=dict)  # at RCPT, by address
+    reject_data: dict[str, tuple[int, str]] = field(default_factory=dict)  # after the body
+    close_421_after: int | None = None  # after N accepted messages, answer 421 and close
+    drop_in_data: set[str] = field(default_factory=set)  # close after the body, no reply
+    delay: float = 0.0  # seconds before answering DATA
+    pipelining: bool = False  # advertise PIPELINING (RFC 2920)
+
+
+class Handler:
+    def __init__(self) -> None:
+        self.received: list[Received] = []
+        self.behaviour = Behaviour()
+        self.connections = 0
+        self.lock = threading.Lock()
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.behaviour.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if address in self.behaviour.reject:
+            code, text = self.behaviour.reject[address]
+            return f"{code} {text}"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
+        b = self.behaviour
+        if b.delay:
+            await asyncio.sleep(b.delay)
+        rcpt = envelope.rcpt_tos[0]
+        if rcpt in b.drop_in_data:
+            server.transport.close()
+            return "250 never seen"
+        if rcpt in b.reject_data:
+            code, text = b.reject_data[rcpt]
+            return f"{code} {text}"
+        if b.close_421_after is not None and len(self.received) >= b.close_421_after:
+            # RFC 5321 4.2.2: 421 means the message was not accepted; the server
+            # replies, then closes.
+            b.close_421_after = None
+            asyncio.get_running_loop().call_later(0.05, server.transport.close)
+            return "421 4.3.2 service shutting down"
+        with self.lock:
+            self.received.append(
+                Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.content)
+            )
+        return "250 OK queued"
+
+    def to(self, address: str) -> list[Received]:
+        return [r for r in self.received if address in r.rcpt_tos]
+
+
+class CountingSMTP(SMTP):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.event_handler.connections += 1
+        super().connection_made(transport)
+
+
+class Server:
+    """Start with ``Server().start()``; ``port`` is known once started."""
+
+    def __init__(
+        self, *, tls_context: ssl.SSLContext | None = None, auth: tuple[str, str] | None = None
+    ) -> None:
+        self.handler = Handler()
+        self.tls_context = tls_context
+        self.auth = auth
+        self.controller: Controller | None = None
+        self.port = 0
+
+    def _authenticator(
+        self, server: SMTP, session: Any, envelope: Any, mechanism: str, data: Any
+    ) -> AuthResult:
+        ok = (
+            isinstance(data, LoginPassword)
+            and self.auth is not None
+            and (data.login.decode(), data.password.decode()) == self.auth
+        )
+        return AuthResult(success=ok, handled=False)
+
+    def start(self) -> Server:
+        kwargs: dict[str, Any] = {}
+        if self.tls_context is not None:
+            kwargs.update(tls_context=self.tls_context, require_starttls=True)
+        if self.auth is not None:
+            kwargs.update(authenticator=self._authenticator, auth_required=True)
+
+        server = self
+
+        class _Controller(Controller):
+            def factory(self) -> SMTP:
+                return CountingSMTP(self.handler, hostname="test.example", **kwargs)
+
+            def _trigger_server(self) -> None:
+                # The base class connects to self.port to check the server is up;
+                # with port 0 we learn the real port first.
+                self.port = self.server.sockets[0].getsockname()[1]
+                server.port = self.port
+                super()._trigger_server()
+
+        self.controller = _Controller(self.handler, hostname="127.0.0.1", port=0)
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()

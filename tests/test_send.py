@@ -1,0 +1,323 @@
+"""Sending over real SMTP (aiosmtpd on 127.0.0.1) with a real SQLite send log."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLE, build_file, sender
+from newsletter.campaign import SendOptions
+from newsletter.compose import MessageTemplate
+from newsletter.csv_import import ParsedRow
+from newsletter.database import connect
+from newsletter.send_log import SendLog
+from newsletter.sending import SendReport, prepare, run_send
+from newsletter.subscribers import SubscriberStore
+from newsletter.transports import CampaignAborted, SmtpConfig, SmtpTransport
+from smtp_server import Server
+
+FAST = SendOptions(connections=3, retry_delays=(0.05, 0.05), max_wait=5, flush_interval=0.01)
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    s = Server().start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def template(project: Path) -> MessageTemplate:
+    return MessageTemplate(
+        build_file(project / "issues" / EXAMPLE.name, project).rendered, sender()
+    )
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> sqlite3.Connection:
+    return connect(tmp_path / "test.sqlite3")
+
+
+def addresses(n: int) -> list[str]:
+    return [f"reader{i:04d}@example.org" for i in range(n)]
+
+
+def subscribe(db: sqlite3.Connection, emails: list[str], list_name: str = "research-news") -> None:
+    rows = [ParsedRow(i + 2, e, f"Reader{i}", "Test") for i, e in enumerate(emails)]
+    report = SubscriberStore(db).import_rows(list_name, rows, skip_invalid=False)
+    assert report.committed
+
+
+def smtp(server: Server, **kw: object) -> SmtpTransport:
+    config = SmtpConfig(host="127.0.0.1", port=server.port, security="none", timeout=5, **kw)  # type: ignore[arg-type]
+    return SmtpTransport(config)
+
+
+def run(
+    db: sqlite3.Connection,
+    template: MessageTemplate,
+    server: Server,
+    options: SendOptions = FAST,
+    **prep: bool,
+) -> SendReport:
+    prepared = prepare(db, "2020-12-23", "research-news", **prep)
+    return asyncio.run(
+        run_send(
+            db, prepared, template, smtp(server), options, envelope_sender="bounces@example.org"
+        )
+    )
+
+
+def test_every_recipient_gets_exactly_one_message(
+    db: sqlite3.Connection, template: MessageTemplate, server: Server
+) -> None:
+    emails = addresses(40)
+    subscribe(db, emails)
+    report = run(db, template, server)
+    assert report.result.counts["sent"] == 40 and report.exit_code == 0
+    got = sorted(r.rcpt_tos[0] for r in server.handler.received)
+    assert got == emails  # each once, nobody skipped
+    first = server.handler.to(emails[0])[0]
+    assert first.mail_from == "bounces@example.org"
+    assert first.rcpt_tos == [emails[0]]
+    msg = first.message
+    assert msg["To"] == f"Reader0 Test <{emails[0]}>"
+    assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert "Bcc" not in msg and "Cc" not in msg
+    html = msg.get_body(("html",))
+    assert html is not None and f"This email was sent to {emails[0]}." in html.get_content()
+    # connections are reused: far fewer connections than messages
+    assert server.handler.connections <= FAST.connections + 1
+    # running again sends nothing more
+    again = run(db, template, server)
+    assert again.result.attempted == 0 and len(server.handler.received) == 40
+
+
+def test_pipelined_transactions(
+    db: sqlite3.Connection, template: MessageTemplate, server: Server
+) -> None:
+    server.handler.behaviour.pipelining = True
+    server.handler.behaviour.reject = {"reader0003@example.org": (550, "no such user")}
+    subscribe(db, addresses(10))
+    report = run(db, template, server)
+    assert report.result.counts["sent"] == 9 and report.result.counts["rejected"] == 1
+    assert len(server.handler.received) == 9
+
+
+def test_550_is_final_and_451_is_retried(
+    db: sqlite3.Connection, template: MessageTemplate, server: Server
+) -> None:
+    emails = addresses(10)
+    subscribe(db, emails)
+    b = server.handler.behaviour
+    b.reject = {emails[2]: (550, "5.1.1 no such user"), emails[5]: (451, "4.7.1 try later")}
+    report = run(
+        db, template, server, SendOptions(connections=2, retry_delays=(), flush_interval=0.01)
+    )
+    c = report.result.counts
+    assert (c["sent"], c["rejected"], c["deferred"]) == (8, 1, 1)
+    assert report.exit_code == 3
+    log = SendLog(db)
+    assert log.in_state(report.record.id, "rejected")[0][0] == emails[2]
+    # the relay recovers: a new run retries only the deferred one
+    b.reject = {emails[2]: (550, "5.1.1 no such user")}
+    again = run(db, template, server)
+    assert again.result.attempted == 1
+    assert again.result.counts["sent"] == 9 and again.result.counts["rejected"] == 1
+    assert len(server.handler.to(emails[5])) == 1
+    # --retry-rejected puts the rejected one back (after a relay misconfiguration)
+    b.reject = {}
+    fixed = run(db, template, server, retry_rejected=True)
+    assert fixed.result.counts["sent"] == 10 and fixed.exit_code == 0
+    assert sorted(r.rcpt_tos[0] for r in server.handler.received) == emails
+
+
+def test_deferred_recipient_is_retried_within_the_run(
+    db: sqlite3.Connection, template: MessageTemplate, server: Server
+) -> None:
+    emails = addresses(5)
+    subscribe(db, emails)
+    server.handler.behaviour.reject_data = {emails[1]: (451, "busy")}
+
+    async def relent() -> SendReport:
+        async def clear_soon() -> None:
+            await asyncio.sleep(0.3)
+            server.handler.behaviour.reject_data = {}
+
+        prepared = prepare(db, "2020-12-23", "research-news")
+        task = asyncio.create_task(clear_soon())
+        report = await run_send(
+            db,
+            prepared,
+            template,
+            smtp(server),
+            SendOptions(connections=2, retry_delays=(0.2, 0.2, 0.2), flush_interval=0.01),
+            envelope_sender="bounces@example.org",
+        )
+        await task
+        return report
+
+    report = asyncio.run(relent())
+    assert report.result.counts["sent"] == 5
+    assert len(server.handler.to(emails[1])) == 1
+
+
+def test_421_closes_the_connection_and_the_send_carries_on(
+    db: sqlite3.Connection, template: MessageTemplate, server: Server
+) -> None:
+    emails = addresses(12)
+    subscribe(db, emails)
+    server.handler.behaviour.close_421_after = 4
+    report = run(
+        db, template, server, SendOptions(connections=1, retry_delays=(0.05,), flush_interval=0.01)
+    )
+    # the 5th was answered 421: deferred, retried on a new connection
+    assert report.result.counts["sent"] == 12
+    assert sorted(r.rcpt_tos[0] for r in server.handler.received) == emails
+    assert server.handler.connections >= 3  # the check connection, the first, the second
+
+
+def test_connection_dropped_after_the_body_is_unknown_and_reported(
+    db: sqlite3.Connection, template: MessageTemplate, server: Server
+) -> None:
+    emails = addresses(6)
+    subscribe(db, emails)
+    server.handler.behaviour.drop_in_data = {emails[3]}
+    report = run(db, template, server)
+    assert report.result.counts["unknown"] == 1
+    assert report.unknown[0][0] == emails[3]
+    assert "after the message was sent" in report.unknown[0][1]
+    assert report.exit_code == 3
+    # a plain resume leaves it alone; --resend-unknown sends it again
+    server.handler.behaviour.drop_in_data = set()
+    plain = run(db, template, server)
+    assert plain.result.attempted == 0 and plain.unknown[0][0] == emails[3]
+    again = run(db, template, server, resend_unknown=True)
+    assert again.result.counts["sent"] == 6 and again.exit_code == 0
+    assert len(server.handler.to(emails[3])) == 1
+
+
+def test_slow_server_times_out_as_unknown(
+    db: sqlite3.Connection, template: MessageTemplate, server: Server
+) -> None:
+    subscribe(db, addresses(1))
+    server.handler.behaviour.delay = 2.0
+    prepared = prepare(db, "2020-12-23", "research-news")
+    transport = SmtpTransport(
+        SmtpConfig(
+            host="127.0.0.1", port=server.port, security="none", timeout=5, message_timeout=0.5
+        )
+    )
+    report = asyncio.run(
+        run_send(db, prepared, template, transport, FAST, envelope_sender="b@example.org")
+    )
+    assert report.result.counts["unknown"] == 1
+    assert "no reply in time after the message was sent" in report.unknown[0][1]
+
+
+def test_suppressed_addresses_are_never_mailed(
+    db: sqlite3.Connection, template: MessageTemplate, server: Server
+) -> None:
+    emails = addresses(4)
+    store = SubscriberStore(db)
+    store.suppress(emails[0], "unsubscribed")
+    subscribe(db, emails)  # re-imported after unsubscribing: still suppressed
+    report = run(db, template, server, SendOptions(connections=1, flush_interval=0.01))
+    assert report.record.suppressed == 1 and report.record.audience == 3
+    assert server.handler.to(emails[0]) == []
+    # unsubscribing while a send is under way takes effect for the rest of it
+    store.suppress(emails[3], "complained")
+    db.execute("UPDATE deliveries SET state = 'pending' WHERE seq = 2")  # as if not yet sent
+    server.handler.received.clear()
+    again = run(db, template, server)
+    assert again.result.counts["suppressed"] == 1
+    assert server.handler.to(emails[3]) == []
+
+
+def test_tls_and_auth(db: sqlite3.Connection, template: MessageTemplate) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    server_ctx = ssl_server_context(cert)
+    client_ctx = ssl_client_context(ca)
+    s = Server(tls_context=server_ctx, auth=("mailer", "s3cret")).start()
+    try:
+        subscribe(db, addresses(3))
+        prepared = prepare(db, "2020-12-23", "research-news")
+
+        def transport(password: str, security: str = "starttls") -> SmtpTransport:
+            return SmtpTransport(
+                SmtpConfig(
+                    host="127.0.0.1",
+                    port=s.port,
+                    security=security,
+                    username="mailer",
+                    password=password,
+                    tls_context=client_ctx,
+                    timeout=5,
+                )
+            )
+
+        with pytest.raises(CampaignAborted) as info:
+            asyncio.run(
+                run_send(
+                    db,
+                    prepared,
+                    template,
+                    transport("wrong"),
+                    FAST,
+                    envelope_sender="b@example.org",
+                )
+            )
+        assert "refused the login" in str(info.value)
+        assert "s3cret" not in str(info.value) and "wrong" not in str(info.value)
+        assert SendLog(db).counts(prepared.record.id)["pending"] == 3  # nothing lost
+        report = asyncio.run(
+            run_send(
+                db,
+                prepare(db, "2020-12-23", "research-news"),
+                template,
+                transport("s3cret"),
+                FAST,
+                envelope_sender="b@example.org",
+            )
+        )
+        assert report.result.counts["sent"] == 3
+    finally:
+        s.stop()
+
+
+def test_plain_server_without_starttls_is_refused(
+    db: sqlite3.Connection, template: MessageTemplate, server: Server
+) -> None:
+    subscribe(db, addresses(2))
+    prepared = prepare(db, "2020-12-23", "research-news")
+    transport = SmtpTransport(
+        SmtpConfig(host="127.0.0.1", port=server.port, security="starttls", timeout=5)
+    )
+    with pytest.raises(CampaignAborted) as info:
+        asyncio.run(
+            run_send(db, prepared, template, transport, FAST, envelope_sender="b@example.org")
+        )
+    assert "does not offer STARTTLS" in str(info.value)
+    assert server.handler.received == []
+    assert SendLog(db).counts(prepared.record.id)["pending"] == 2
+
+
+def ssl_server_context(cert: object) -> ssl.SSLContext:
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)  # type: ignore[attr-defined]
+    return ctx
+
+
+def ssl_client_context(ca: object) -> ssl.SSLContext:
+
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)  # type: ignore[attr-defined]
+    return ctx

@@ -1,0 +1,186 @@
+"""`newsletter subscribers ...`, `send` and `status` as a user runs them, in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLE, run_cli
+from smtp_server import Server
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    s = Server().start()
+    yield s
+    s.stop()
+
+
+def env_for(server: Server | None, project: Path, **extra: str) -> dict[str, str]:
+    env = {
+        "NEWSLETTER_DATABASE": str(project / "newsletter.sqlite3"),
+        "NEWSLETTER_SECRET_KEY": "test-secret-for-the-suite",
+        "NEWSLETTER_SMTP_HOST": "127.0.0.1",
+        "NEWSLETTER_SMTP_PORT": str(server.port if server else 9),
+        "NEWSLETTER_SMTP_SECURITY": "none",
+        "NEWSLETTER_SMTP_PASSWORD": "do-not-print-me",
+        "NEWSLETTER_SMTP_USERNAME": "",
+        "NEWSLETTER_SEND_CONNECTIONS": "4",
+    }
+    env.update(extra)
+    return env
+
+
+def write_csv(project: Path, n: int, name: str = "subs.csv") -> list[str]:
+    emails = [f"reader{i:05d}@example.org" for i in range(n)]
+    lines = ["email,first_name,last_name"] + [f"{e},Reader,{i}" for i, e in enumerate(emails)]
+    (project / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return emails
+
+
+def test_import_send_status(project: Path, server: Server) -> None:
+    env = env_for(server, project)
+    emails = write_csv(project, 25)
+    imported = run_cli(
+        "subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env
+    )
+    assert imported.returncode == 0, imported.stderr
+    assert "25 added" in imported.stdout
+    unsub = run_cli("subscribers", "unsubscribe", emails[0].upper(), cwd=project, env=env)
+    assert unsub.returncode == 0 and f"{emails[0]} is suppressed" in unsub.stdout
+
+    sent = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    assert sent.returncode == 0, sent.stderr
+    assert "24 recipient(s), 1 suppressed" in sent.stdout
+    assert re.search(r"sent 24, rejected 0, deferred 0, unknown 0", sent.stdout)
+    assert "do-not-print-me" not in sent.stdout + sent.stderr
+    assert sorted(r.rcpt_tos[0] for r in server.handler.received) == emails[1:]
+
+    status = run_cli("status", "2020-12-23", "--list", "research-news", cwd=project, env=env)
+    assert status.returncode == 0 and re.search(r"sent\s+24", status.stdout)
+    again = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    assert (
+        again.returncode == 0
+        and "resuming" in again.stdout
+        and "this run 0 message" in again.stdout
+    )
+    assert len(server.handler.received) == 24
+
+
+def test_rejections_exit_3_and_are_reported(project: Path, server: Server) -> None:
+    env = env_for(server, project)
+    emails = write_csv(project, 5)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    server.handler.behaviour.reject = {emails[1]: (550, "5.1.1 unknown user")}
+    result = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    assert result.returncode == 3
+    assert "sent 4, rejected 1" in result.stdout
+    status = run_cli("status", f"issues/{EXAMPLE.name}", cwd=project, env=env)
+    assert f"rejected {emails[1]}: 550 RCPT TO: 5.1.1 unknown user" in status.stdout
+
+
+def test_dry_run_opens_no_connection_and_writes_no_log(project: Path, server: Server) -> None:
+    env = env_for(server, project)
+    write_csv(project, 12)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    before = server.handler.connections
+    result = run_cli("send", f"issues/{EXAMPLE.name}", "--dry-run", cwd=project, env=env)
+    assert result.returncode == 0, result.stderr
+    assert server.handler.connections == before and server.handler.received == []
+    assert "12 recipient(s), 0 suppressed" in result.stdout
+    assert "first: reader00000@example.org" in result.stdout
+    outbox = project / "build" / "2020-12-23" / "outbox"
+    samples = sorted(outbox.iterdir())
+    assert len(samples) == 5 and samples[0].name == "001-reader00000@example.org.eml"
+    assert b"List-Unsubscribe: <https://news.example.org/unsubscribe/" in samples[0].read_bytes()
+    status = run_cli("status", "2020-12-23", cwd=project, env=env)
+    assert status.returncode == 1 and "has not been sent" in status.stdout
+
+
+def test_test_copy_goes_only_to_the_given_address(project: Path, server: Server) -> None:
+    env = env_for(server, project)
+    write_csv(project, 3)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    result = run_cli(
+        "send", f"issues/{EXAMPLE.name}", "--to", "editor@example.org", cwd=project, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert [r.rcpt_tos for r in server.handler.received] == [["editor@example.org"]]
+    status = run_cli("status", "2020-12-23", cwd=project, env=env)
+    assert "has not been sent" in status.stdout
+
+
+def test_real_send_asks_first_and_needs_a_secret(project: Path, server: Server) -> None:
+    env = env_for(server, project)
+    write_csv(project, 2)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    declined = subprocess.run(
+        [sys.executable, "-m", "newsletter", "send", f"issues/{EXAMPLE.name}"],
+        cwd=project,
+        env={**os.environ, **env},
+        input="n\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (
+        declined.returncode == 1
+        and "Send 2020-12-23 to the list 'research-news'" in declined.stdout
+    )
+    assert server.handler.received == []
+    no_secret = {k: v for k, v in env.items() if k != "NEWSLETTER_SECRET_KEY"}
+    result = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=no_secret)
+    assert result.returncode == 1 and "NEWSLETTER_SECRET_KEY is not set" in result.stderr
+
+
+def test_kill_9_mid_send_then_resume(project: Path, server: Server) -> None:
+    """The crash test: kill -9 during a send, run it again, count what everyone got."""
+    env = env_for(server, project, NEWSLETTER_SEND_CONNECTIONS="4")
+    emails = write_csv(project, 400)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    server.handler.behaviour.delay = 0.004  # slow enough to be killed in the middle
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "newsletter", "send", f"issues/{EXAMPLE.name}", "--yes"],
+        cwd=project,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while len(server.handler.received) < 120 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    got_before = len(server.handler.received)
+    assert 120 <= got_before < 400, "the kill must land in the middle of the send"
+
+    server.handler.behaviour.delay = 0
+    resumed = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    unknown = re.findall(r"^unknown: (\S+): ", resumed.stdout, re.M)
+    assert resumed.returncode == (3 if unknown else 0), resumed.stderr
+    assert len(unknown) <= 4 + 4 + 64  # connections + queue + one commit batch
+    counts = {e: len(server.handler.to(e)) for e in emails}
+    for e in emails:
+        if e in unknown:
+            assert counts[e] in (0, 1)
+        else:
+            assert counts[e] == 1, f"{e} got {counts[e]} messages"
+    # the user decides: resend to those in doubt
+    if unknown:
+        final = run_cli(
+            "send", f"issues/{EXAMPLE.name}", "--yes", "--resend-unknown", cwd=project, env=env
+        )
+        assert final.returncode == 0, final.stdout + final.stderr
+        for e in unknown:
+            assert len(server.handler.to(e)) in (1, 2)
+            assert len(server.handler.to(e)) == counts[e] + 1
