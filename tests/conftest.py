@@ -91,13 +91,24 @@ def ten_article_data() -> dict[str, Any]:
     return data
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Write repeated objects out in full: issue files refuse YAML aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 @pytest.fixture
 def write_issue(project: Path) -> Callable[..., Path]:
     """Write an issue file (from data or raw text) into the project's issues/ folder."""
 
     def _write(content: dict[str, Any] | str, name: str = "test-issue.yaml") -> Path:
         path = project / "issues" / name
-        text = content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False)
+        text = (
+            content
+            if isinstance(content, str)
+            else yaml.dump(content, Dumper=_NoAliasDumper, sort_keys=False, allow_unicode=True)
+        )
         path.write_text(text, encoding="utf-8")
         return path
 

@@ -221,3 +221,26 @@ def test_strict_turns_warnings_into_errors(project: Path, write_issue: Callable[
     with pytest.raises(BuildCheckFailed) as info:
         build_file(path, project, strict=True)
     assert "(--strict)" in str(info.value) and "preheader" in str(info.value)
+
+
+def test_checks_catch_scripts_and_remote_fetches_in_attributes(example: BuildResult) -> None:
+    unsub = re.search(r"https://news\.example\.org/unsubscribe/[^\s]+", example.text)
+    assert unsub
+    broken = example.html.replace(
+        "</body>",
+        '<div onclick="x()">a</div><img src="https://www.example.org/a.png" alt="a" '
+        'srcset="http://t.example.com/a.png 2x"><div style="background:url(//t.example.com/p)">'
+        '</div><img src="https://t.example.com/p.gif" width="1px" alt="">'
+        '<meta http-equiv="refresh" content="0;url=https://x.org"><svg></svg></body>',
+    )
+    report = check_message(broken, example.text, unsubscribe_url=unsub.group(0))
+    joined = "\n".join(report.failures)
+    for expected in (
+        "event handler (onclick)",
+        "srcset entry",
+        "loads something remote",
+        "tracking pixel",
+        "meta http-equiv=refresh",
+        "contains <svg>",
+    ):
+        assert expected in joined

@@ -167,3 +167,35 @@ def test_spliced_body_decodes_to_the_filled_text(
 def test_qp_encode_escapes_leading_dots_and_from() -> None:
     encoded = qp_encode(".hidden\nFrom here\n..\n")
     assert encoded == b"=2Ehidden\r\n=46rom here\r\n=2E.\r\n"
+
+
+def test_encoded_words_in_text_cannot_inject_headers(example: BuildResult) -> None:
+    sneaky = "MS Research News =?utf-8?q?=0D=0ABcc:_everyone@evil.example?="
+    rendered = RenderedIssue("x", sneaky, None, "en", example.rendered.html, "text\n", "")
+    raw = MessageTemplate(rendered, sender()).personalise(
+        Recipient("ann@example.org", "=?utf-8?q?=0D=0ACc:_x@evil.example?=", "Lee"),
+        date=dt.datetime(2020, 12, 23, 9, tzinfo=dt.UTC),
+    )
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert b"\r\nBcc:" not in head and b"\r\nCc:" not in head
+    msg = parse(raw)
+    assert msg["Subject"] == sneaky  # shown literally, not decoded into a header
+    assert "Bcc" not in msg and "Cc" not in msg
+    assert msg["To"].addresses[0].addr_spec == "ann@example.org"
+    assert len(msg["To"].addresses) == 1
+
+
+def test_a_leading_dot_never_makes_a_line_too_long() -> None:
+    for n in range(60, 80):
+        text = "x" * n + "." + "y" * 200 + "\n" + "From here on\n"
+        encoded = qp_encode(text)
+        for line in encoded.split(b"\r\n"):
+            assert len(line) <= 76 and not line.startswith((b".", b"From "))
+        assert (
+            encoded.decode("ascii")
+            .replace("=\r\n", "")
+            .replace("=2E", ".")
+            .replace("=46", "F")
+            .replace("\r\n", "\n")
+            == text
+        )

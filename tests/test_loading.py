@@ -156,7 +156,7 @@ def test_every_problem_is_reported_at_once_with_exact_lines(
         "[text](url))",
         f"{f}:8: articles[0].url: must be an https:// URL (got http:)",
         f"{f}:10: articles[0].image.alt: is required",
-        f"{f}:14: articles[1].summary: link 'javascript:x' must be an https:// or mailto: URL",
+        f"{f}:15: articles[1].summary: link 'javascript:x' must be an https:// or mailto: URL",
         f"{f}:16: articles[1].title: appears twice (first on line 11); keep only one",
     ]
 
@@ -209,3 +209,39 @@ def test_warnings_for_long_subject_and_missing_preheader(write_issue: Callable[.
     assert n > 78
     assert any(f"subject: is {n} characters" in w for w in warnings)
     assert any("preheader: is not set" in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("subject: &a [*a]\ndate: 2020-12-23\n", ":1: anchors and aliases"),
+        ("a: &x [1, 2]\nb: [*x, *x]\n", ":1: anchors and aliases"),
+        ("subject: x\ndate: 0\narticles: []\n", "date: must be a date written as YYYY-MM-DD"),
+    ],
+)
+def test_yaml_tricks_are_refused(
+    write_issue: Callable[..., Path], text: str, expected: str
+) -> None:
+    assert any(expected in p for p in problems_of(write_issue(text)))
+
+
+def test_control_characters_and_template_syntax_are_refused(
+    write_issue: Callable[..., Path],
+) -> None:
+    data = example_data()
+    data["articles"][0]["summary"] = "Pasted from a word processor\x0bwith a vertical tab"
+    data["articles"][1]["title"] = "Dear {{ name }}"
+    data["articles"][2]["title"] = "Win [[UNSUBSCRIBE_URL]]"
+    data["articles"][3]["source"] = "Line\u2028separator"
+    found = "\n".join(problems_of(write_issue(data)))
+    assert "articles[0].summary: contains the control character U+000B" in found
+    assert "articles[1].title: contains '{{', which is template syntax" in found
+    assert "articles[2].title: contains '[[UNSUBSCRIBE_URL]]'" in found
+    assert "articles[3].source: must be a single line" in found
+
+
+def test_out_of_range_numbers_are_explained(write_issue: Callable[..., Path]) -> None:
+    data = example_data()
+    data["articles"][0]["image"]["width"] = 8
+    (problem,) = problems_of(write_issue(data))
+    assert "articles[0].image.width: must be at least 16" in problem

@@ -27,7 +27,7 @@ def server() -> Iterator[Server]:
 def env_for(server: Server | None, project: Path, **extra: str) -> dict[str, str]:
     env = {
         "NEWSLETTER_DATABASE": str(project / "newsletter.sqlite3"),
-        "NEWSLETTER_SECRET_KEY": "test-secret-for-the-suite",
+        "NEWSLETTER_SECRET_KEY": "test-secret-for-the-suite-0123456789",
         "NEWSLETTER_SMTP_HOST": "127.0.0.1",
         "NEWSLETTER_SMTP_PORT": str(server.port if server else 9),
         "NEWSLETTER_SMTP_SECURITY": "none",

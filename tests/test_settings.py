@@ -31,7 +31,7 @@ def test_defaults_work_without_any_configuration() -> None:
 def test_environment_and_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / ".env").write_text(
         "NEWSLETTER_FROM=Research News <news@ms.example.net>\n"
-        "NEWSLETTER_SECRET_KEY=s3cret-value\n"
+        "NEWSLETTER_SECRET_KEY=s3cret-value-that-is-long-enough-0123\n"
         "NEWSLETTER_PUBLIC_URL=https://news.ms.example.net/\n",
         encoding="utf-8",
     )
@@ -40,8 +40,10 @@ def test_environment_and_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert s.sender_address == "news@ms.example.net"
     assert s.public_url == "https://news.ms.example.net"
     assert s.list_name == "weekly"
-    assert s.token_key == b"s3cret-value"
-    assert "s3cret-value" not in repr(s) and "s3cret-value" not in str(s.model_dump())
+    assert s.token_key == b"s3cret-value-that-is-long-enough-0123"
+    assert "s3cret-value-that-is-long-enough-0123" not in repr(
+        s
+    ) and "s3cret-value-that-is-long-enough-0123" not in str(s.model_dump())
 
 
 def test_misspelt_variable_is_an_error_with_a_suggestion(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,3 +70,22 @@ def test_unknown_key_in_dotenv_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings()
     assert "NEWSLETTER_SMTP_HOTS" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("NEWSLETTER_SECRET_KEY", "short", "at least 32 characters"),
+        ("NEWSLETTER_PUBLIC_URL", "https://nouvelles.exämple.org", "ASCII URL"),
+        ("NEWSLETTER_PUBLIC_URL", "https://news.example.org/a>b", "ASCII URL"),
+        ("NEWSLETTER_LIST_NAME", "Research News", "lower-case letters"),
+        ("NEWSLETTER_FROM", "News <news@exämple.org>", "must be ASCII"),
+    ],
+)
+def test_values_that_would_break_headers_are_refused(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert name in str(info.value) and expected in str(info.value)

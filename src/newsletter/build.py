@@ -16,7 +16,7 @@ from pathlib import Path
 from newsletter import placeholders
 from newsletter.checks import CheckReport, check_message
 from newsletter.compose import MessageTemplate, Sender, recipient_values
-from newsletter.errors import BuildCheckFailed, ValidationFailed
+from newsletter.errors import BuildCheckFailed, TemplateError, ValidationFailed
 from newsletter.inliner import inline_css
 from newsletter.loading import Loaded, load_issue, load_society
 from newsletter.mjml_compile import compile_mjml
@@ -66,7 +66,10 @@ def render_issue(
     mjml_source, text = render(templates, ctx)
     compiled = compile_mjml(mjml_source, template=str(templates.folder / HTML_TEMPLATE))
     css_file = templates.folder / INLINE_CSS
-    css = css_file.read_text(encoding="utf-8") if css_file.is_file() else ""
+    try:
+        css = css_file.read_text(encoding="utf-8") if css_file.is_file() else ""
+    except UnicodeDecodeError:
+        raise TemplateError(f"{css_file} is not UTF-8 text; save it as UTF-8") from None
     return RenderedIssue(
         issue_id=issue.id,
         subject=issue.subject,

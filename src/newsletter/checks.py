@@ -21,8 +21,23 @@ from newsletter import placeholders
 SIZE_FAIL = 100_000  # Gmail clips the HTML at about 102 KB and hides the rest
 SIZE_WARN = 90_000
 
-_REMOTE_CSS = re.compile(r"@import|@font-face|url\(\s*['\"]?https?:", re.I)
-_FORBIDDEN = {"script", "iframe", "object", "embed", "form"}
+_REMOTE_CSS = re.compile(r"@import|@font-face|url\(\s*['\"]?(https?:)?//", re.I)
+_FORBIDDEN = {
+    "script",
+    "iframe",
+    "frame",
+    "object",
+    "embed",
+    "applet",
+    "form",
+    "input",
+    "button",
+    "textarea",
+    "select",
+    "base",
+    "svg",
+    "math",
+}
 _LEFTOVER = re.compile(r"\{\{|\{%|<mj-|</mj-")
 
 
@@ -33,7 +48,23 @@ class CheckReport:
     html_bytes: int = 0
 
 
-_TAG = re.compile(r"<(html|img|a|link|script|iframe|object|embed|form)\b([^>]*)>", re.I)
+_TAG = re.compile(r"<([a-zA-Z][\w:-]*)\b([^>]*)>")
+# Attributes whose value is fetched or followed by a client.
+_URL_ATTRS = {
+    "href",
+    "src",
+    "srcset",
+    "background",
+    "action",
+    "formaction",
+    "poster",
+    "xlink:href",
+    "data",
+    "lowsrc",
+    "dynsrc",
+    "cite",
+    "longdesc",
+}
 _ATTR = re.compile(r"""([^\s=/>]+)(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s>]+)))?""")
 
 
@@ -53,6 +84,11 @@ def _tags(html: str) -> list[tuple[str, dict[str, str | None]]]:
             attrs.setdefault(name, None if raw is None else unescape(raw))
         found.append((match.group(1).lower(), attrs))
     return found
+
+
+def _tiny(size: str | None) -> bool:
+    match = re.match(r"\s*(\d+)", size or "")
+    return match is not None and int(match.group(1)) <= 2
 
 
 def check_message(html: str, text: str, *, unsubscribe_url: str) -> CheckReport:
@@ -76,6 +112,21 @@ def check_message(html: str, text: str, *, unsubscribe_url: str) -> CheckReport:
         fail("<html> has no lang attribute; set `language` in the society file")
     for tag in sorted({t for t, _ in tags if t in _FORBIDDEN}):
         fail(f"the HTML contains <{tag}>, which mail clients block or strip")
+    for tag, attrs in tags:
+        for name, value in attrs.items():
+            if name.startswith("on"):
+                fail(f"<{tag}> has an event handler ({name}); emails carry no scripts")
+            elif name in _URL_ATTRS and value and tag not in ("a", "img"):
+                urls = (
+                    [u.split()[0] for u in value.split(",") if u.strip()]
+                    if name == "srcset"
+                    else [value]
+                )
+                for url in urls:
+                    if urlsplit(url).scheme not in ("https", "mailto", "cid"):
+                        fail(f"<{tag} {name}> points to {url!r}, which is not https")
+        if tag == "meta" and (attrs.get("http-equiv") or "").lower() == "refresh":
+            fail("the HTML has a <meta http-equiv=refresh>")
     links = [a.get("href") or "" for t, a in tags if t == "a" and "href" in a]
     for href in (a.get("href") or "" for t, a in tags if t == "link"):
         fail(f"the HTML links to a stylesheet ({href}); put the CSS in the template instead")
@@ -89,7 +140,10 @@ def check_message(html: str, text: str, *, unsubscribe_url: str) -> CheckReport:
             fail(f"the image {src} has no alt text")
         if urlsplit(src).scheme not in ("https", "cid"):
             fail(f"the image {src!r} is not an https URL")
-        if img.get("width") in ("0", "1") or img.get("height") in ("0", "1"):
+        for candidate in (img.get("srcset") or "").split(","):
+            if candidate.strip() and urlsplit(candidate.split()[0]).scheme != "https":
+                fail(f"the image srcset entry {candidate.strip()!r} is not an https URL")
+        if _tiny(img.get("width")) or _tiny(img.get("height")):
             fail(f"the image {src} looks like a tracking pixel; the newsletter never tracks opens")
     for href in links:
         if urlsplit(href).scheme not in ("https", "mailto"):

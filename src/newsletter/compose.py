@@ -22,15 +22,12 @@ import hashlib
 import html
 import re
 from dataclasses import dataclass
-from email import policy
-from email.headerregistry import Address
 from email.utils import format_datetime
 from urllib.parse import quote
 
 from newsletter import placeholders, tokens
 from newsletter.models import Recipient, RenderedIssue
 
-_POLICY = policy.SMTP  # CRLF, RFC 2047 for non-ASCII, folding at 78
 _SLOT = re.compile("(" + "|".join(re.escape(p) for p in placeholders.ALL) + ")")
 _SOFT_BREAK = b"=\r\n"
 
@@ -68,11 +65,24 @@ def qp_encode(text: str) -> bytes:
     # forbids it on the wire, so every line end becomes CRLF.
     data = text.replace("\r\n", "\n").replace("\r", "\n").encode("utf-8")
     out = binascii.b2a_qp(data, quotetabs=False, istext=True, header=False)
-    # '.' at a line start would need SMTP dot-stuffing (RFC 5321 4.5.2), and
-    # 'From ' gets mangled by mbox tools: encode both, so the body is final.
-    out = re.sub(rb"(?m)^\.", b"=2E", out)
-    out = re.sub(rb"(?m)^From ", b"=46rom ", out)
-    return out.replace(b"\n", b"\r\n")
+    return b"\r\n".join(_safe_lines(line) for line in out.split(b"\n"))
+
+
+def _safe_lines(line: bytes, limit: int = 76) -> bytes:
+    """Escape a leading '.' (it would need SMTP dot-stuffing, RFC 5321 4.5.2) and a
+    leading 'From ' (mbox tools mangle it), then re-break anything over ``limit``."""
+    if line.startswith(b"."):
+        line = b"=2E" + line[1:]
+    elif line.startswith(b"From "):
+        line = b"=46" + line[1:]
+    if len(line) <= limit:
+        return line
+    cut = limit - 1  # room for the soft break's '='
+    if line[cut - 1 : cut] == b"=":
+        cut -= 1
+    elif line[cut - 2 : cut - 1] == b"=":
+        cut -= 2
+    return line[:cut] + _SOFT_BREAK + _safe_lines(line[cut:], limit)
 
 
 def _encode_piece(text: str) -> bytes:
@@ -81,22 +91,8 @@ def _encode_piece(text: str) -> bytes:
     if not encoded or encoded.endswith(b"\r\n"):
         return encoded
     start = encoded.rfind(b"\r\n") + 2 if b"\r\n" in encoded else 0
-    last = encoded[start:]
-    if len(last) < 76:
-        return encoded + _SOFT_BREAK
-    # The last line is already 76 octets, the most RFC 2045 allows: break it
-    # once more, never inside an =XX escape.
-    cut = 73
-    if last[cut - 1 : cut] == b"=":
-        cut -= 1
-    elif last[cut - 2 : cut - 1] == b"=":
-        cut -= 2
-    rest = last[cut:]
-    if rest.startswith(b"."):
-        rest = b"=2E" + rest[1:]
-    elif rest.startswith(b"From "):
-        rest = b"=46" + rest[1:]
-    return encoded[:start] + last[:cut] + _SOFT_BREAK + rest + _SOFT_BREAK
+    # The last line gets a soft break, so it may hold 75 octets at most.
+    return encoded[:start] + _safe_lines(encoded[start:], limit=75) + _SOFT_BREAK
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,12 +139,14 @@ class MessageTemplate:
         self._from = _header("From", _mailbox(sender.name, sender.address))
         self._subject = _header("Subject", rendered.subject)
         self._list_id = _header("MIME-Version", "1.0") + _header(
-            "List-Id", f"{sender.name} <{sender.list_name}.{sender.domain}>"
+            "List-Id", f"{_phrase(sender.name)} <{sender.list_name}.{sender.domain}>"
         )
         tail = [_header("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")]
         if sender.reply_to:
             tail.append(_header("Reply-To", sender.reply_to))
-        tail.append(_header("Content-Type", f'multipart/alternative; boundary="{self.boundary}"'))
+        tail.append(
+            _header("Content-Type", f'multipart/alternative;\r\n boundary="{self.boundary}"')
+        )
         self._tail = b"".join(tail)
         b = self.boundary.encode("ascii")
         self._open_text = (
@@ -200,20 +198,47 @@ def _ensure_final_newline(text: str) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
+_FOLDED = re.compile(rb"[^\r\n]*(?:\r\n[ \t][^\r\n]*)*\r\n")
+_ATOM_OK = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]*")
+
+
+def _needs_encoding(text: str) -> bool:
+    # '=?' must be encoded too: a parser would decode it as an encoded word
+    # and could turn a harmless-looking subject into header lines.
+    return not text.isascii() or "=?" in text or any(ord(c) < 32 or c == "\x7f" for c in text)
+
+
+def _encode_words(text: str, name: str) -> str:
+    from email.header import Header
+
+    charset = "utf-8" if _needs_encoding(text) else "us-ascii"
+    return Header(text, charset, maxlinelen=76, header_name=name).encode(linesep="\r\n")
+
+
 def _mailbox(name: str, address: str) -> str:
-    # Address quotes a display name with commas or quotes in it; formataddr's
-    # RFC 2047 form loses that quoting once the header is refolded.
-    return str(Address(display_name=name, addr_spec=address))
+    """A mailbox written by hand, never re-parsed (see _needs_encoding)."""
+    if not address.isascii() or any(c in address for c in ' <>"\r\n,;'):
+        raise ValueError(f"{address!r} is not a plain ASCII address")
+    return f"{_phrase(name)} <{address}>" if name else address
+
+
+def _phrase(name: str) -> str:
+    """A display name: as is, quoted, or RFC 2047-encoded."""
+    if _needs_encoding(name):
+        return _encode_words(name, "To")
+    if _ATOM_OK.fullmatch(name) and "=" not in name:
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _header(name: str, value: str) -> bytes:
-    if "\r" in value or "\n" in value:
-        raise ValueError(f"{name} header value contains a line break")  # models refuse these
-    # Parsing through the header factory gives RFC 2047 encoded words for
-    # non-ASCII text and proper quoting of display names.
-    header = _POLICY.header_factory(name, value)
-    folded: str = header.fold(policy=_POLICY)
-    return folded.encode("ascii")
+    """One header, folded with CRLF; unstructured text is RFC 2047-encoded when it must be."""
+    if name == "Subject":
+        value = _encode_words(value, name)
+    line = f"{name}: {value}\r\n".encode("ascii")
+    if not _FOLDED.fullmatch(line):
+        raise ValueError(f"{name} header would contain a bare line break")
+    return line
 
 
 def _raw_header(name: str, value: str) -> bytes:

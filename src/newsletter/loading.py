@@ -118,6 +118,12 @@ def _message(err: Any, model: type[BaseModel], loc: PathKey) -> str:
         return f"needs at least {n} {'entry' if n == 1 else 'entries'}"
     if kind == "too_long":
         return f"has more than the {ctx.get('max_length')} entries allowed"
+    if kind in ("greater_than_equal", "greater_than"):
+        return f"must be at least {ctx.get('ge', ctx.get('gt'))}"
+    if kind in ("less_than_equal", "less_than"):
+        return f"must be at most {ctx.get('le', ctx.get('lt'))}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return "must be a whole number"
     if kind.startswith("date_"):
         return "must be a date written as YYYY-MM-DD, for example 2020-12-23"
     if kind in ("model_type", "dict_type", "model_attributes_type"):
@@ -170,10 +176,19 @@ def _lint_markdown(doc: YamlDocument, paths: Iterable[PathKey]) -> list[Problem]
         if not isinstance(value, str):
             continue
         loc = doc.locations.get(path)
+        lines = value.split("\n")
         for issue in markdown.lint(value):
             line = None
             if loc is not None:
-                line = loc.value_line + (1 + issue.line if loc.block_scalar else 0)
+                line = loc.value_line
+                if loc.style == "|":  # literal: lines map one to one
+                    at = issue.line
+                    if issue.needle:
+                        at = next(
+                            (i for i in range(issue.line, len(lines)) if issue.needle in lines[i]),
+                            issue.line,
+                        )
+                    line += 1 + at
             out.append(Problem(doc.file, line, format_path(path), issue.message))
     return out
 

@@ -38,6 +38,7 @@ class MarkdownIssue:
 
     line: int
     message: str
+    needle: str = ""  # text to look for from ``line`` on, to find the exact line
 
 
 def lint(source: str) -> list[MarkdownIssue]:
@@ -64,7 +65,9 @@ def lint(source: str) -> list[MarkdownIssue]:
         elif tok.type == "hr":
             found.append(MarkdownIssue(line, "horizontal rules (---) are not supported here"))
         elif tok.type == "inline":
-            found.extend(MarkdownIssue(line, msg) for msg in _lint_inline(tok.children or []))
+            found.extend(
+                MarkdownIssue(line, msg, needle) for msg, needle in _lint_inline(tok.children or [])
+            )
     return found
 
 
@@ -75,21 +78,24 @@ def _html_message(content: str) -> str:
     return f"contains raw HTML ({snippet!r}); write Markdown instead (*em*, **bold**, [text](url))"
 
 
-def _lint_inline(children: list[Token]) -> list[str]:
-    out: list[str] = []
+def _lint_inline(children: list[Token]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
     for child in children:
         if child.type == "html_inline":
             if child.content.startswith("</"):
                 continue  # the opening tag has been reported already
-            out.append(_html_message(child.content))
+            out.append((_html_message(child.content), child.content))
         elif child.type == "image":
-            out.append("images inside text are not supported; use the article's `image` field")
+            src = str(child.attrs.get("src", ""))
+            out.append(
+                ("images inside text are not supported; use the article's `image` field", src)
+            )
         elif child.type == "link_open":
             href = str(child.attrs.get("href", ""))
             scheme = urlsplit(href).scheme.lower()
             if scheme not in ALLOWED_SCHEMES:
                 shown = href if len(href) <= 60 else href[:57] + "..."
-                out.append(f"link {shown!r} must be an https:// or mailto: URL")
+                out.append((f"link {shown!r} must be an https:// or mailto: URL", href))
     return out
 
 

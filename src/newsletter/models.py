@@ -16,21 +16,58 @@ from dataclasses import dataclass, field
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
 
 SUBJECT_MAX = 150
 PREHEADER_MAX = 200
 TITLE_MAX = 250
 
 
+_TEMPLATE_SYNTAX = re.compile(r"\{\{|\{%|\[\[[A-Z][A-Z0-9_]*\]\]")
+
+
 def _no_control_chars(value: str) -> str:
     # CR/LF in a header value would let text inject headers (RFC 5322 2.2);
     # other control characters have no business in a one-line field either.
     for ch in value:
-        if ch in "\r\n":
+        if ch in "\r\n\u2028\u2029\x85":
             raise ValueError("must be a single line (no line breaks)")
-        if unicodedata.category(ch) == "Cc":
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
             raise ValueError(f"contains the control character U+{ord(ch):04X}; remove it")
+    return _no_template_syntax(value)
+
+
+def _text_block(value: str) -> str:
+    # Line breaks are fine in Markdown; other control characters (a vertical
+    # tab pasted from a word processor, ESC, DEL, C1 codes) break MJML or
+    # reach readers as garbage.
+    for ch in value:
+        if ch not in "\n\t" and unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            raise ValueError(f"contains the control character U+{ord(ch):04X}; remove it")
+    return _no_template_syntax(value)
+
+
+def _no_template_syntax(value: str) -> str:
+    match = _TEMPLATE_SYNTAX.search(value)
+    if match:
+        raise ValueError(
+            f"contains {match.group(0)!r}, which is template syntax or a placeholder; remove it"
+        )
+    return value
+
+
+def _plain_date(value: object) -> object:
+    # YAML hands dates over as text (see yaml_input); a bare number such as 0
+    # would otherwise be read as a Unix timestamp.
+    if not isinstance(value, str | dt.date):
+        raise ValueError("must be a date written as YYYY-MM-DD, for example 2020-12-23")
     return value
 
 
@@ -70,7 +107,8 @@ Line = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1), AfterValidator(_no_control_chars)
 ]
 HttpsUrl = Annotated[str, StringConstraints(strip_whitespace=True), AfterValidator(https_url)]
-Markdown = Annotated[str, StringConstraints(min_length=1)]
+Markdown = Annotated[str, StringConstraints(min_length=1), AfterValidator(_text_block)]
+Date = Annotated[dt.date, BeforeValidator(_plain_date)]
 LanguageTag = Annotated[str, AfterValidator(_language_tag)]
 IssueId = Annotated[str, AfterValidator(_issue_id)]
 
@@ -92,7 +130,7 @@ class Article(_Input):
     url: HttpsUrl
     summary: Markdown
     image: Image | None = None
-    published: dt.date | None = None
+    published: Date | None = None
     source: Line | None = Field(default=None, max_length=200)
     category: Line | None = Field(default=None, max_length=60)
 
@@ -102,7 +140,7 @@ class Issue(_Input):
 
     id: IssueId
     subject: Line = Field(max_length=SUBJECT_MAX)
-    date: dt.date
+    date: Date
     preheader: Line | None = Field(default=None, max_length=PREHEADER_MAX)
     intro: Markdown | None = None
     articles: list[Article] = Field(min_length=1, max_length=50)

@@ -43,7 +43,12 @@ def write_build(result: BuildResult, out_dir: Path) -> Path:
             old = out_dir / f".{result.issue_id}.old"
             shutil.rmtree(old, ignore_errors=True)
             target.rename(old)
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:
+            if old is not None:
+                old.rename(target)  # put the previous build back
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from newsletter.errors import ConfigError
 from newsletter.models import https_url
 
 PREFIX = "NEWSLETTER_"
+_LIST_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 # Used when no secret is configured: good enough to show what a link looks
 # like in a preview, refused by anything that sends.
 PREVIEW_KEY = b"newsletter-preview-only"
@@ -73,7 +75,34 @@ class Settings(BaseSettings):
     @field_validator("public_url")
     @classmethod
     def _public_url(cls, value: str) -> str:
+        # It goes into List-Unsubscribe raw: ASCII only, nothing that ends a <URI>.
+        if not value.isascii() or any(c in value for c in "<>\"' "):
+            raise ValueError(
+                "must be an ASCII URL without spaces, quotes or < >; "
+                "write an international domain in its xn-- form"
+            )
+        if len(value) > 200:
+            raise ValueError(
+                "must be at most 200 characters (it is part of every unsubscribe link)"
+            )
         return https_url(value).rstrip("/")
+
+    @field_validator("list_name")
+    @classmethod
+    def _list_name(cls, value: str) -> str:
+        if not _LIST_NAME.fullmatch(value):
+            raise ValueError("must be 1-64 lower-case letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError(
+                "must be at least 32 characters; make one with "
+                'python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
+            )
+        return value
 
     @field_validator("from_", "preview_to", "reply_to", "unsubscribe_mailto", "bounce_address")
     @classmethod
@@ -126,6 +155,8 @@ def _split_mailbox(value: str) -> tuple[str, str]:
     local, _, domain = addr.rpartition("@")
     if not local or "." not in domain:
         raise ValueError(f"{value!r} is not an address like 'Name <news@example.org>'")
+    if not addr.isascii():
+        raise ValueError(f"{addr!r} must be ASCII; write an international domain in its xn-- form")
     return name, addr
 
 
@@ -144,6 +175,8 @@ def load_settings(**overrides: Any) -> Settings:
         problems.append(f"  {key}: not a known setting{hint}")
     try:
         settings = Settings(**overrides)
+    except UnicodeDecodeError:
+        raise ConfigError("the .env file is not UTF-8 text; save it as UTF-8") from None
     except ValidationError as exc:
         for err in exc.errors(include_url=False):
             loc = str(err["loc"][0]) if err["loc"] else ""

@@ -39,7 +39,7 @@ class Location:
 
     key_line: int
     value_line: int
-    block_scalar: bool  # ``|`` or ``>``: the text starts on the line after the indicator
+    style: str | None  # "|" or ">" for block scalars: the text starts on the next line
 
 
 @dataclass(slots=True)
@@ -73,6 +73,19 @@ def read_yaml(path: Path, *, shown_as: str | None = None) -> YamlDocument:
             name, None, problems=[Problem(name, None, "", exc.strerror or str(exc))]
         )
     doc = YamlDocument(name, None)
+    alias = _first_alias(text)
+    if alias is not None:
+        # Editors have no need for anchors, and aliases allow files that
+        # expand exponentially ("billion laughs") or refer to themselves.
+        doc.problems.append(
+            Problem(
+                name,
+                alias,
+                "",
+                "anchors and aliases (& and *) are not supported; write the value out in full",
+            )
+        )
+        return doc
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
@@ -103,9 +116,20 @@ def read_yaml(path: Path, *, shown_as: str | None = None) -> YamlDocument:
     return doc
 
 
+def _first_alias(text: str) -> int | None:
+    """The line of the first anchor or alias, if any (syntax errors are left to the parser)."""
+    try:
+        for token in yaml.scan(text, Loader=_Loader):
+            if isinstance(token, yaml.AliasToken | yaml.AnchorToken):
+                return int(token.start_mark.line) + 1
+    except yaml.YAMLError:
+        return None
+    return None
+
+
 def _index(node: yaml.Node, path: PathKey, doc: YamlDocument, *, key_line: int) -> None:
     style = getattr(node, "style", None)
-    doc.locations[path] = Location(key_line, node.start_mark.line + 1, style in ("|", ">"))
+    doc.locations[path] = Location(key_line, node.start_mark.line + 1, style)
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
         for key_node, value_node in node.value:
