@@ -184,3 +184,27 @@ def test_kill_9_mid_send_then_resume(project: Path, server: Server) -> None:
         for e in unknown:
             assert len(server.handler.to(e)) in (1, 2)
             assert len(server.handler.to(e)) == counts[e] + 1
+
+
+def test_subscribers_commands(project: Path) -> None:
+    env = env_for(None, project)
+    emails = write_csv(project, 3)
+    bad = project / "bad.csv"
+    bad.write_text("email\nok@example.org\nnope\n", encoding="utf-8")
+    refused = run_cli("subscribers", "import", "bad.csv", "--list", "news", cwd=project, env=env)
+    assert refused.returncode == 1 and "bad.csv:3: email" in refused.stderr
+    assert "nothing was imported" in refused.stderr
+    run_cli("subscribers", "import", "subs.csv", "--list", "news", cwd=project, env=env)
+    run_cli("subscribers", "unsubscribe", emails[2], "--reason", "complained", cwd=project, env=env)
+    count = run_cli("subscribers", "count", cwd=project, env=env)
+    assert count.stdout.strip() == "news: 3 subscriber(s), 1 suppressed, 2 mailable"
+    listed = run_cli("subscribers", "list", "--list", "news", cwd=project, env=env)
+    assert f"{emails[2]}  Reader 2  [complained]" in listed.stdout
+    removed = run_cli("subscribers", "remove", emails[0], "--list", "news", cwd=project, env=env)
+    assert "1 of 1 removed" in removed.stdout
+    exported = run_cli("subscribers", "export", "--list", "news", cwd=project, env=env)
+    assert exported.stdout.splitlines() == [
+        "email,first_name,last_name,suppressed",
+        f"{emails[1]},Reader,1,",
+        f"{emails[2]},Reader,2,complained",
+    ]
