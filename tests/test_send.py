@@ -321,3 +321,29 @@ def ssl_client_context(ca: object) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)  # type: ignore[attr-defined]
     return ctx
+
+
+def test_day_cap_stops_the_run_and_counts_earlier_sends(
+    db: sqlite3.Connection, template: MessageTemplate, server: Server
+) -> None:
+    subscribe(db, addresses(10))
+    capped = SendOptions(connections=2, per_day=4, flush_interval=0.01)
+    first = run(db, template, server, capped)
+    assert first.result.counts["sent"] == 4 and first.result.counts["pending"] == 6
+    assert first.result.stopped is not None and "a day is reached" in first.result.stopped
+    again = run(db, template, server, capped)  # the same day: nothing more goes out
+    assert again.result.attempted == 0 and len(server.handler.received) == 4
+    uncapped = run(db, template, server)
+    assert uncapped.result.counts["sent"] == 10 and len(server.handler.received) == 10
+
+
+def test_pacing_spaces_messages_out(
+    db: sqlite3.Connection, template: MessageTemplate, server: Server
+) -> None:
+    import time
+
+    subscribe(db, addresses(6))
+    started = time.monotonic()
+    report = run(db, template, server, SendOptions(connections=3, rate=10.0, flush_interval=0.01))
+    assert report.result.counts["sent"] == 6
+    assert time.monotonic() - started >= 0.45  # 6 messages at 10/s, one token to start

@@ -208,3 +208,37 @@ def test_subscribers_commands(project: Path) -> None:
         f"{emails[1]},Reader,1,",
         f"{emails[2]},Reader,2,complained",
     ]
+
+
+def test_dkim_signed_send(project: Path, server: Server, tmp_path: Path) -> None:
+    import base64
+
+    import dkim
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = tmp_path / "dkim.pem"
+    pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    env = env_for(
+        server, project, NEWSLETTER_DKIM_KEY_FILE=str(pem), NEWSLETTER_DKIM_SELECTOR="weekly"
+    )
+    write_csv(project, 2)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    result = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    assert result.returncode == 0, result.stderr
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+    for received in server.handler.received:
+        assert dkim.verify(received.data, dnsfunc=lambda name, timeout=5: record)
+    half = env_for(server, project, NEWSLETTER_DKIM_SELECTOR="weekly")
+    refused = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=half)
+    assert refused.returncode == 1 and "go together" in refused.stderr

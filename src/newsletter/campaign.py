@@ -37,6 +37,7 @@ class SendOptions:
     connections: int = 8
     rate: float | None = None  # messages per second over all connections
     per_hour: int | None = None
+    per_day: int | None = None  # counted over every send in the database
     retry_delays: tuple[float, ...] = (30.0, 120.0, 600.0)  # before the 2nd, 3rd, 4th attempt
     max_wait: float = 900.0  # how long a run waits for deferred retries before it stops
     max_consecutive_errors: int = 25
@@ -86,7 +87,12 @@ class Campaign:
         self.envelope_sender = envelope_sender
         self.clock = clock
         self.on_progress = on_progress
-        self.pacer = Pacer(options.rate, per_hour=options.per_hour)
+        now = clock()
+        last_hour = len(log.sent_since(now - 3600)) if options.per_hour else 0
+        self.pacer = Pacer(options.rate, per_hour=options.per_hour, sent_last_hour=last_hour)
+        self._day_left: int | None = None
+        if options.per_day:
+            self._day_left = options.per_day - len(log.sent_since(now - 86400))
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=options.connections)
         self._room = asyncio.Event()
         self._abort: CampaignAborted | None = None
@@ -180,6 +186,15 @@ class Campaign:
                     if self._stopping.is_set():
                         self.log.release(self.send_id, [delivery.seq])
                         continue
+                    if self._day_left is not None:
+                        if self._day_left <= 0:
+                            self.log.release(self.send_id, [delivery.seq])
+                            self.stop(
+                                f"the cap of {self.options.per_day} messages a day is reached; "
+                                "run the same command again tomorrow to continue"
+                            )
+                            continue
+                        self._day_left -= 1
                     session = await self._ensure_session(session)
                     if session is None:
                         self.log.release(self.send_id, [delivery.seq])

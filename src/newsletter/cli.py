@@ -321,7 +321,9 @@ def send(
                 'Make one with: python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
             )
         result = _build(settings, issue_file, strict=False, list_name=name)
-        template = MessageTemplate(result.rendered, _sender(settings, name))
+        template = MessageTemplate(
+            result.rendered, _sender(settings, name), signer=_signer(settings)
+        )
         transport: Transport
         if test_to:
             _send_test_copies(settings, template, test_to, dry_run)
@@ -379,6 +381,7 @@ def _run_campaign(
         connections=settings.send_connections,
         rate=settings.send_rate,
         per_hour=settings.send_per_hour,
+        per_day=settings.send_per_day,
         max_consecutive_errors=settings.send_max_errors,
         max_wait=settings.send_max_wait,
     )
@@ -407,6 +410,22 @@ def _run_campaign(
             bar.stop()
 
     return asyncio.run(go())
+
+
+def _signer(settings: Settings) -> Callable[[bytes], bytes] | None:
+    """DKIM signing when a key is configured (the preview in build/ is never signed)."""
+    if settings.dkim_key_file is None or settings.dkim_selector is None:
+        return None
+    import functools
+
+    from newsletter import dkim_sign
+
+    key = dkim_sign.load_key(
+        settings.dkim_key_file,
+        settings.dkim_selector,
+        settings.dkim_domain or settings.sender_address.rpartition("@")[2],
+    )
+    return functools.partial(dkim_sign.sign, key=key)
 
 
 def _describe_send(prepared: Prepared, conn: sqlite3.Connection, via: str, size: int) -> None:

@@ -21,6 +21,7 @@ import datetime as dt
 import hashlib
 import html
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import format_datetime
 from urllib.parse import quote
@@ -125,9 +126,16 @@ class _Body:
 class MessageTemplate:
     """One issue's message with slots for what differs per recipient. Build once, fill often."""
 
-    def __init__(self, rendered: RenderedIssue, sender: Sender) -> None:
+    def __init__(
+        self,
+        rendered: RenderedIssue,
+        sender: Sender,
+        *,
+        signer: Callable[[bytes], bytes] | None = None,
+    ) -> None:
         self.rendered = rendered
         self.sender = sender
+        self.signer = signer
         self._text = _Body.split(_ensure_final_newline(rendered.text), is_html=False)
         self._html = _Body.split(_ensure_final_newline(rendered.html), is_html=True)
         # A boundary made of '=_' can never occur in a QP body, where '=' is
@@ -170,7 +178,7 @@ class MessageTemplate:
         values = recipient_values(self.sender, recipient)
         unsub = values[placeholders.UNSUBSCRIBE_URL]
         mailto = f"mailto:{self.sender.unsubscribe_mailto}?subject={quote('unsubscribe')}"
-        return b"".join(
+        message = b"".join(
             [
                 self._from,
                 _header("To", _mailbox(recipient.display_name, recipient.email)),
@@ -192,6 +200,7 @@ class MessageTemplate:
                 self._close,
             ]
         )
+        return self.signer(message) if self.signer is not None else message
 
 
 def _ensure_final_newline(text: str) -> str:

@@ -25,6 +25,7 @@ class Pacer:
         rate: float | None,
         *,
         per_hour: int | None = None,
+        sent_last_hour: int = 0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -35,7 +36,12 @@ class Pacer:
         self._sleep = sleep
         self._tokens = 1.0
         self._last = clock()
-        self._hour: deque[float] = deque()
+        # Messages sent in the last hour by earlier runs count against the cap:
+        # a restart must not reset the window. Spread them over the past hour.
+        now = clock()
+        self._hour: deque[float] = deque(
+            now - 3600 + 3600 * (i + 1) / (sent_last_hour + 1) for i in range(sent_last_hour)
+        )
         self._lock = asyncio.Lock()
 
     async def acquire(self) -> None:

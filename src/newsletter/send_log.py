@@ -225,6 +225,14 @@ class SendLog:
         )
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
+    def sent_since(self, since: float) -> list[float]:
+        """Unix times of every message sent (by any send) since ``since``: for hour and day caps."""
+        stamp = dt.datetime.fromtimestamp(since, dt.UTC).isoformat(timespec="milliseconds")
+        rows = self.conn.execute(
+            "SELECT updated_at FROM deliveries WHERE state = 'sent' AND updated_at >= ?", (stamp,)
+        )
+        return sorted(dt.datetime.fromisoformat(r[0]).timestamp() for r in rows)
+
     def next_retry(self, send_id: int) -> float | None:
         row = self.conn.execute(
             "SELECT min(retry_at) FROM deliveries WHERE send_id = ? AND state = 'deferred'",

@@ -16,7 +16,14 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from newsletter.errors import ConfigError
@@ -65,9 +72,14 @@ class Settings(BaseSettings):
     smtp_helo_name: str | None = None
     smtp_ca_file: Path | None = None
 
+    dkim_key_file: Path | None = None
+    dkim_selector: str | None = None
+    dkim_domain: str | None = None
+
     send_connections: int = Field(default=8, ge=1, le=64)
     send_rate: float | None = Field(default=None, gt=0)
     send_per_hour: int | None = Field(default=None, gt=0)
+    send_per_day: int | None = Field(default=None, gt=0)
     send_message_timeout: float = Field(default=120.0, gt=0)
     send_max_errors: int = Field(default=25, ge=1)
     send_max_wait: float = Field(default=900.0, ge=0)
@@ -118,6 +130,15 @@ class Settings(BaseSettings):
     @property
     def sender_address(self) -> str:
         return _split_mailbox(self.from_)[1]
+
+    @model_validator(mode="after")
+    def _dkim_complete(self) -> Settings:
+        if (self.dkim_key_file is None) != (self.dkim_selector is None):
+            raise ValueError(
+                "NEWSLETTER_DKIM_KEY_FILE and NEWSLETTER_DKIM_SELECTOR go together: "
+                "set both or neither"
+            )
+        return self
 
     @property
     def envelope_sender(self) -> str:
@@ -184,7 +205,7 @@ def load_settings(**overrides: Any) -> Settings:
             msg = str((err.get("ctx") or {}).get("error", err["msg"]))
             if err["type"] == "extra_forbidden":
                 msg = "not a known setting (in .env)"
-            problems.append(f"  {name}: {msg}")
+            problems.append(f"  {name}: {msg}" if loc else f"  {msg.removeprefix('Value error, ')}")
         settings = None
     if problems or settings is None:
         raise ConfigError(

@@ -1,0 +1,472 @@
+"""Send benchmark: how fast a real send goes over SMTP, and how much memory a dry run needs.
+
+Run from the repository root, as root on Debian (postfix is installed if missing):
+
+    python benchmarks/bench_send.py [--subscribers 20000] [--connections 16]
+                                    [--dry-run-sizes 10000,1000000]
+
+Needs Postfix's test tools smtp-sink (a fast SMTP server that accepts and
+discards mail, advertising PIPELINING) and smtp-source (a C SMTP client); when
+they are missing and this runs as root, `apt-get install postfix` with
+"No configuration" puts them in /usr/sbin (the postfix daemon is not started).
+
+1. Real send: builds issues/2020-12-23.yaml, imports N generated subscribers
+   into a fresh database, then times the code path of `newsletter send`:
+   sending.prepare (freezes the audience) and sending.run_send with the SMTP
+   transport and C connections, against smtp-sink on 127.0.0.1. Prints
+   messages per second end to end (prepare included) and the run's own rate,
+   and checks that the send log has all N sent and smtp-sink counted N.
+2. Reference: smtp-source sends as many messages of the same mean size over
+   as many connections (each kept open, -d) to a fresh smtp-sink. Target: our
+   end-to-end rate at least 0.5 of smtp-source's.
+3. Profile: where the time of a 3,000-message send goes (cProfile, top 15).
+4. Memory: for each --dry-run-sizes, a child process runs the dry-run path of
+   `newsletter send --dry-run` (dry_run_copy to a scratch database, prepare,
+   run_send with the outbox transport) over a database of that many
+   subscribers and reports its peak RSS. Targets: under 150 MB for 1,000,000,
+   and no more than 20 MB above the smallest size. The 1M run takes minutes.
+
+Everything is written to a temporary directory (honours TMPDIR) that is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import datetime as dt
+import io
+import json
+import os
+import pstats
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+from newsletter.build import BuildInputs, build  # noqa: E402
+from newsletter.campaign import Progress, SendOptions  # noqa: E402
+from newsletter.compose import MessageTemplate, Sender  # noqa: E402
+from newsletter.csv_import import ParsedRow  # noqa: E402
+from newsletter.database import connect  # noqa: E402
+from newsletter.models import Recipient  # noqa: E402
+from newsletter.send_log import SendLog  # noqa: E402
+from newsletter.sending import dry_run_copy, prepare, run_send  # noqa: E402
+from newsletter.subscribers import SubscriberStore  # noqa: E402
+from newsletter.transports import OutboxTransport, SmtpConfig, SmtpTransport  # noqa: E402
+
+ISSUE = REPO / "issues" / "2020-12-23.yaml"
+LIST = "research-news"
+ENVELOPE_SENDER = "bounces@example.org"
+TOOLS = ("smtp-sink", "smtp-source")
+RATIO_TARGET = 0.5
+RSS_LARGEST_TARGET_MB = 150.0
+RSS_GROWTH_TARGET_MB = 20.0
+PROFILE_MESSAGES = 3000
+INSERT_BATCH = 10_000
+FIRST = ("Sam", "Ann", "Zoë", "José", "Li", "Fatima", "Ola", "Émile", "Kim", "Ravi")
+LAST = ("Sample", "Müller", "O'Brien", "Nguyen", "Smith", "Kowalski", "Ito", "Dubois")
+
+
+# ---------------------------------------------------------------------- postfix tools
+
+
+def tool_path(name: str) -> Path | None:
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+    return Path(found) if found else None
+
+
+def ensure_tools() -> str | None:
+    """None once smtp-sink and smtp-source are there, else why they cannot be."""
+    if all(tool_path(t) for t in TOOLS):
+        return None
+    if os.geteuid() != 0:
+        return "smtp-sink/smtp-source are missing and this is not root: apt-get install postfix"
+    if not (shutil.which("apt-get") and shutil.which("debconf-set-selections")):
+        return "smtp-sink/smtp-source are missing and there is no apt-get to install postfix"
+    print("installing postfix for smtp-sink and smtp-source (the daemon is not configured) ...")
+    subprocess.run(
+        ["debconf-set-selections"],
+        input=b"postfix postfix/main_mailer_type select No configuration\n",
+        check=True,
+    )
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "postfix"]
+    done = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:  # perhaps no package lists yet
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=False)
+        done = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return f"apt-get install postfix failed ({done.returncode}): {done.stderr.strip()[-500:]}"
+    missing = [t for t in TOOLS if tool_path(t) is None]
+    return f"postfix is installed but {', '.join(missing)} not found" if missing else None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Sink:
+    """smtp-sink on a free port of 127.0.0.1; stop() says how many messages it received."""
+
+    def __init__(self, folder: Path) -> None:
+        tool = tool_path("smtp-sink")
+        assert tool is not None
+        self.port = free_port()
+        self.out = folder / f"smtp-sink-{self.port}.out"
+        # -c: count messages on stdout; -u: smtp-sink refuses to run as root without it.
+        command = [str(tool), "-c"]
+        if os.geteuid() == 0:
+            command += ["-u", "nobody"]
+        command += [f"127.0.0.1:{self.port}", "1000"]
+        with self.out.open("wb") as out:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"smtp-sink did not start: {self.out.read_text()}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        # -c writes "sess=N quit=N mesg=N" and a carriage return after each change.
+        found = re.findall(rb"mesg=(\d+)", self.out.read_bytes())
+        return int(found[-1]) if found else 0
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------------- the issue
+
+
+def make_template() -> MessageTemplate:
+    sender = Sender(
+        name="MS Research News",
+        address="news@example.org",
+        list_name=LIST,
+        public_url="https://news.example.org",
+        token_key=b"bench_send.py token key: 32 bytes or more",
+        unsubscribe_mailto="unsubscribe@example.org",
+    )
+    inputs = BuildInputs(
+        issue_file=ISSUE,
+        society_file=REPO / "society.yaml",
+        templates_dir=REPO / "templates",
+        sender=sender,
+        preview_recipient=Recipient("sam.sample@example.org", "Sam", "Sample"),
+    )
+    return MessageTemplate(build(inputs).rendered, sender)
+
+
+def subscriber(i: int) -> tuple[str, str, str]:
+    return f"reader{i:06d}@example.org", FIRST[i % len(FIRST)], LAST[i % len(LAST)]
+
+
+def parsed_rows(n: int) -> Iterator[ParsedRow]:
+    for i in range(1, n + 1):
+        email, first, last = subscriber(i)
+        yield ParsedRow(i + 1, email, first, last, {})
+
+
+def mean_size(template: MessageTemplate, n: int) -> int:
+    when = dt.datetime.now(dt.UTC)
+    sample = [subscriber(i) for i in range(1, min(n, 1000) + 1)]
+    sizes = [len(template.personalise(Recipient(*s), date=when)) for s in sample]
+    return round(sum(sizes) / len(sizes))
+
+
+def imported_db(folder: Path, n: int) -> Any:
+    conn = connect(folder / "newsletter.sqlite3")
+    report = SubscriberStore(conn).import_rows(LIST, parsed_rows(n), skip_invalid=False)
+    assert report.committed and report.added == n, report
+    return conn
+
+
+# ---------------------------------------------------------------------- real send
+
+
+def smtp_send(conn: Any, template: MessageTemplate, port: int, connections: int) -> Any:
+    transport = SmtpTransport(SmtpConfig(host="127.0.0.1", port=port, security="none", timeout=30))
+    prepared = prepare(conn, template.rendered.issue_id, LIST)
+    return asyncio.run(
+        run_send(
+            conn,
+            prepared,
+            template,
+            transport,
+            SendOptions(connections=connections),
+            envelope_sender=ENVELOPE_SENDER,
+        )
+    )
+
+
+def bench_our_send(root: Path, template: MessageTemplate, n: int, connections: int) -> float:
+    folder = root / "send"
+    folder.mkdir()
+    start = time.perf_counter()
+    conn = imported_db(folder, n)
+    imported = time.perf_counter() - start
+    print(f"  import of {n:,} subscribers (SubscriberStore.import_rows): {imported:.2f} s")
+    with Sink(root) as sink:
+        start = time.perf_counter()
+        report = smtp_send(conn, template, sink.port, connections)
+        elapsed = time.perf_counter() - start
+        received = sink.stop()
+    counts = SendLog(conn).counts(report.record.id)
+    conn.close()
+    assert counts["sent"] == n, f"the send log does not say all {n:,} were sent: {counts}"
+    assert received == n, f"smtp-sink counted {received:,} messages, not {n:,}"
+    run = report.result
+    print(
+        f"  newsletter send  {n:,} messages, {connections} connections: {elapsed:.2f} s "
+        f"end to end = {n / elapsed:,.0f} msg/s   (the run alone: {run.elapsed:.2f} s = "
+        f"{run.rate:,.0f} msg/s; prepare/freeze {elapsed - run.elapsed:.2f} s)"
+    )
+    print(f"  send log: {counts['sent']:,} sent, smtp-sink received {received:,}")
+    return n / elapsed
+
+
+def bench_smtp_source(root: Path, n: int, connections: int, size: int) -> float:
+    tool = tool_path("smtp-source")
+    assert tool is not None
+    with Sink(root) as sink:
+        command = [str(tool), "-d", "-s", str(connections), "-l", str(size), "-m", str(n)]
+        command += ["-f", ENVELOPE_SENDER, "-t", "reader@example.org", f"127.0.0.1:{sink.port}"]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        elapsed = time.perf_counter() - start
+        received = sink.stop()
+    assert received == n, f"smtp-sink counted {received:,} messages from smtp-source, not {n:,}"
+    print(
+        f"  smtp-source      {n:,} messages, {connections} connections, -l {size:,}: "
+        f"{elapsed:.2f} s = {n / elapsed:,.0f} msg/s"
+    )
+    return n / elapsed
+
+
+# ---------------------------------------------------------------------- profile
+
+
+def profile_send(root: Path, template: MessageTemplate, connections: int) -> None:
+    folder = root / "profile"
+    folder.mkdir()
+    conn = imported_db(folder, PROFILE_MESSAGES)
+    profiler = cProfile.Profile()
+    with Sink(root) as sink:
+        start = time.perf_counter()
+        profiler.enable()
+        report = smtp_send(conn, template, sink.port, connections)
+        profiler.disable()
+        elapsed = time.perf_counter() - start
+    conn.close()
+    assert report.result.counts["sent"] == PROFILE_MESSAGES, report.result.counts
+    print(f"profile of a send of {PROFILE_MESSAGES:,} messages ({elapsed:.2f} s under cProfile)")
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    table: dict[tuple[str, int, str], tuple[int, int, float, float, Any]]
+    table = stats.stats  # type: ignore[attr-defined]
+    for key, title in ((3, "cumulative"), (2, "own (total) time")):
+        print(f"  top 15 by {title}:  ncalls    own s    cum s  function")
+        ranked = sorted(table.items(), key=lambda kv: kv[1][key], reverse=True)[:15]
+        for (file, line, func), (_cc, nc, tt, ct, _callers) in ranked:
+            where = func if file == "~" else f"{func} ({short(file)}:{line})"
+            print(f"  {nc:>33,} {tt:8.3f} {ct:8.3f}  {where}")
+
+
+def short(file: str) -> str:
+    path = Path(file)
+    for base in (REPO / "src", Path(sys.prefix), Path(sys.base_prefix)):
+        if path.is_relative_to(base):
+            return str(path.relative_to(base))
+    return path.name
+
+
+# ---------------------------------------------------------------------- memory
+
+
+def rss_mb(field: str = "VmHWM") -> float:
+    """Peak (VmHWM) or current (VmRSS) resident memory of this process, in MB.
+
+    Not getrusage's ru_maxrss: on Linux it survives fork and exec, so in a child
+    it is at least the parent's peak (a parent of 300 MB gives a child of 300 MB).
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_make_db(folder: Path, n: int) -> None:
+    """Fill a new database with n members of LIST, fast (no validation, one transaction)."""
+    conn = connect(folder / "newsletter.sqlite3")
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    cur = conn.cursor()
+    cur.execute("BEGIN IMMEDIATE")
+    for low in range(1, n + 1, INSERT_BATCH):
+        ids = range(low, min(low + INSERT_BATCH, n + 1))
+        cur.executemany(
+            "INSERT INTO subscribers (id, email, first_name, last_name, attributes, created_at) "
+            "VALUES (?, ?, ?, ?, '{}', ?)",
+            ((i, *subscriber(i), now) for i in ids),
+        )
+        cur.executemany(
+            "INSERT INTO list_members (list_name, subscriber_id, added_at) VALUES (?, ?, ?)",
+            ((LIST, i, now) for i in ids),
+        )
+    cur.execute("COMMIT")
+    conn.close()
+    print(json.dumps({"peak_rss_mb": rss_mb()}))
+
+
+def child_dry_run(folder: Path, n: int) -> None:
+    """What `newsletter send --dry-run` does, on the database made by child_make_db."""
+    template = make_template()
+    after_build = rss_mb("VmRSS")
+    real = connect(folder / "newsletter.sqlite3")
+    scratch_dir = folder / "dry-run"
+    scratch = connect(scratch_dir / "dry-run.sqlite3")
+    started = time.perf_counter()
+    dry_run_copy(real, scratch, template.rendered.issue_id, LIST)
+    prepared = prepare(scratch, template.rendered.issue_id, LIST)
+    prepared_at = time.perf_counter()
+    outbox = OutboxTransport(scratch_dir / "outbox", keep=5)
+    step = max(n // 10, 1)
+
+    def progress(p: Progress) -> None:
+        if p.done % step == 0:
+            took = time.perf_counter() - started
+            print(f"    {p.done:>9,} / {n:,}  {took:6.1f} s", file=sys.stderr, flush=True)
+
+    report = asyncio.run(
+        run_send(
+            scratch,
+            prepared,
+            template,
+            outbox,
+            SendOptions(),
+            envelope_sender=ENVELOPE_SENDER,
+            on_progress=progress,
+        )
+    )
+    done = {
+        "sent": report.result.counts["sent"],
+        "written": outbox.count,
+        "copy_prepare_s": prepared_at - started,
+        "run_s": report.result.elapsed,
+        "rss_after_build_mb": after_build,
+        "peak_rss_mb": rss_mb(),
+    }
+    print(json.dumps(done))
+
+
+def run_child(mode: str, folder: Path, n: int) -> dict[str, Any]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", mode, str(folder), str(n)]
+    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
+    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return result
+
+
+def bench_memory(root: Path, sizes: list[int]) -> None:
+    print("dry-run memory (peak RSS of a child process doing what `send --dry-run` does)")
+    peaks: dict[int, float] = {}
+    for n in sizes:
+        folder = root / f"dry-run-{n}"
+        folder.mkdir()
+        start = time.perf_counter()
+        made = run_child("make-db", folder, n)
+        made_s = time.perf_counter() - start
+        print(
+            f"  {n:>9,} subscribers: database made in {made_s:.1f} s "
+            f"(peak RSS {made['peak_rss_mb']:.1f} MB); dry run ...",
+            flush=True,
+        )
+        start = time.perf_counter()
+        done = run_child("dry-run", folder, n)
+        took = time.perf_counter() - start
+        assert done["sent"] == n, f"the dry run of {n:,} sent {done['sent']:,}"
+        peaks[n] = done["peak_rss_mb"]
+        print(
+            f"  {n:>9,} subscribers: peak RSS {done['peak_rss_mb']:6.1f} MB "
+            f"(after the build {done['rss_after_build_mb']:.1f} MB)   child {took:.1f} s: "
+            f"copy + prepare {done['copy_prepare_s']:.1f} s, run {done['run_s']:.1f} s = "
+            f"{n / done['run_s']:,.0f} msg/s"
+        )
+        shutil.rmtree(folder)
+    small, large = min(peaks), max(peaks)
+    growth = peaks[large] - peaks[small]
+    print(
+        f"  {large:,}: {peaks[large]:.1f} MB   target < {RSS_LARGEST_TARGET_MB:.0f} MB   "
+        f"ratio {peaks[large] / RSS_LARGEST_TARGET_MB:.2f}"
+    )
+    print(
+        f"  {large:,} minus {small:,}: {growth:+.1f} MB   target <= {RSS_GROWTH_TARGET_MB:.0f} MB"
+        f"   ratio {growth / RSS_GROWTH_TARGET_MB:.2f}"
+    )
+
+
+# ---------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--subscribers", type=int, default=20_000)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--dry-run-sizes", default="10000,1000000")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        mode, folder, n = args.child
+        (child_make_db if mode == "make-db" else child_dry_run)(Path(folder), int(n))
+        return
+    sizes = sorted({int(s) for s in args.dry_run_sizes.split(",") if s.strip()})
+
+    began = time.perf_counter()
+    why = ensure_tools()
+    if why is not None:
+        print(f"cannot run: {why}", file=sys.stderr)
+        sys.exit(2)
+    import aiosmtplib  # noqa: F401  (imported by the first connection; not part of the timing)
+
+    template = make_template()
+    n, connections = args.subscribers, args.connections
+    size = mean_size(template, n)
+    print(f"send of {ISSUE.relative_to(REPO)} ({size:,} bytes per message on average)")
+    with tempfile.TemporaryDirectory(prefix="bench-send-") as tmp:
+        root = Path(tmp)
+        ours = bench_our_send(root, template, n, connections)
+        theirs = bench_smtp_source(root, max(n, 20_000), connections, size)
+        print(
+            f"  ours / smtp-source: {ours / theirs:.2f}   target >= {RATIO_TARGET}   "
+            f"ratio {ours / theirs / RATIO_TARGET:.2f}"
+        )
+        profile_send(root, template, connections)
+        if sizes:
+            bench_memory(root, sizes)
+    print(f"whole benchmark: {time.perf_counter() - began:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
