@@ -41,11 +41,10 @@ def load_issue(path: Path) -> Loaded[Issue]:
     doc = read_yaml(path)
     if isinstance(doc.data, dict) and "id" not in doc.data:
         doc.data["id"] = path.stem
-    problems = _check(doc, Issue)
+    issue, problems = _check(doc, Issue)
     problems += _lint_markdown(doc, _issue_markdown_paths(doc.data))
-    if problems:
+    if problems or issue is None:
         raise ValidationFailed(_sorted(problems))
-    issue = Issue.model_validate(doc.data)
     return Loaded(issue, _issue_warnings(issue, doc))
 
 
@@ -57,27 +56,29 @@ def load_society(path: Path) -> Loaded[Society]:
             "(the one with society.yaml, templates/ and issues/) or set NEWSLETTER_SOCIETY_FILE"
         )
     doc = read_yaml(path)
-    problems = _check(doc, Society)
+    society, problems = _check(doc, Society)
     problems += _lint_markdown(doc, [("about",)])
-    if problems:
+    if problems or society is None:
         raise ValidationFailed(_sorted(problems))
-    return Loaded(Society.model_validate(doc.data))
+    return Loaded(society)
 
 
-def _check(doc: YamlDocument, model: type[BaseModel]) -> list[Problem]:
+def _check(doc: YamlDocument, model: type[M]) -> tuple[M | None, list[Problem]]:
+    """The validated model (None if invalid) and every problem found."""
     problems = list(doc.problems)
     if doc.data is None:
-        return problems
+        return None, problems
     if not isinstance(doc.data, dict):
         problems.append(
             Problem(doc.file, 1, "", "must be a set of `key: value` fields at the top level")
         )
-        return problems
+        return None, problems
     try:
-        model.model_validate(doc.data)
+        value = model.model_validate(doc.data)
     except ValidationError as exc:
         problems.extend(_translate(exc, doc, model))
-    return problems
+        return None, problems
+    return (None if problems else value), problems
 
 
 def _translate(exc: ValidationError, doc: YamlDocument, model: type[BaseModel]) -> list[Problem]:

@@ -11,16 +11,14 @@ and lines indented so far that Markdown would show them as code.
 
 from __future__ import annotations
 
+import functools
 import textwrap
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import nh3
 from markdown_it import MarkdownIt
-
-if TYPE_CHECKING:
-    from markdown_it.token import Token
+from markdown_it.token import Token
 
 # Two parsers: one that keeps raw HTML and every link so that lint can point
 # at them, and the one that renders, which never passes HTML through.
@@ -99,9 +97,16 @@ def _lint_inline(children: list[Token]) -> list[tuple[str, str]]:
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _tokens(source: str) -> tuple[Token, ...]:
+    # Each text is rendered twice (HTML and plain text); parse it once. The
+    # renderers only read the tokens.
+    return tuple(_render_md.parse(source))
+
+
 def to_html(source: str) -> str:
     """Render and sanitise; the result is safe to mark as such in a template."""
-    raw = _render_md.render(source)
+    raw = _render_md.renderer.render(list(_tokens(source)), _render_md.options, {})
     return nh3.clean(
         raw,
         tags=ALLOWED_TAGS,
@@ -119,7 +124,7 @@ def to_text(source: str, *, width: int = 72, indent: str = "") -> str:
     lists: list[list[int]] = []  # one [counter] per open list; -1 marks a bullet list
     quote = 0
     marker: str | None = None
-    for tok in _render_md.parse(source):
+    for tok in _tokens(source):
         if tok.type == "bullet_list_open":
             lists.append([-1])
             new_list = True
