@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from newsletter.build import BuildInputs, build  # noqa: E402
-from newsletter.campaign import Progress, SendOptions  # noqa: E402
+from newsletter.campaign import Campaign, Progress, SendOptions  # noqa: E402
 from newsletter.compose import MessageTemplate, Sender  # noqa: E402
 from newsletter.csv_import import ParsedRow  # noqa: E402
 from newsletter.database import connect  # noqa: E402
@@ -74,6 +74,7 @@ RATIO_TARGET = 0.5
 RSS_LARGEST_TARGET_MB = 150.0
 RSS_GROWTH_TARGET_MB = 20.0
 PROFILE_MESSAGES = 3000
+DRY_RUN_BUDGET_S = 600.0
 INSERT_BATCH = 10_000
 FIRST = ("Sam", "Ann", "Zoë", "José", "Li", "Fatima", "Ola", "Émile", "Kim", "Ravi")
 LAST = ("Sample", "Müller", "O'Brien", "Nguyen", "Smith", "Kowalski", "Ito", "Dubois")
@@ -341,8 +342,11 @@ def child_make_db(folder: Path, n: int) -> None:
     print(json.dumps({"peak_rss_mb": rss_mb()}))
 
 
-def child_dry_run(folder: Path, n: int) -> None:
-    """What `newsletter send --dry-run` does, on the database made by child_make_db."""
+def child_dry_run(folder: Path, n: int, budget: float) -> None:
+    """What `newsletter send --dry-run` does, on the database made by child_make_db.
+
+    The run is stopped (Campaign.stop, as Ctrl-C does) once it has taken ``budget`` seconds.
+    """
     template = make_template()
     after_build = rss_mb("VmRSS")
     real = connect(folder / "newsletter.sqlite3")
@@ -351,14 +355,27 @@ def child_dry_run(folder: Path, n: int) -> None:
     started = time.perf_counter()
     dry_run_copy(real, scratch, template.rendered.issue_id, LIST)
     prepared = prepare(scratch, template.rendered.issue_id, LIST)
-    prepared_at = time.perf_counter()
+    run_started = time.perf_counter()
     outbox = OutboxTransport(scratch_dir / "outbox", keep=5)
-    step = max(n // 10, 1)
+    campaigns: list[Campaign] = []
+    samples: list[tuple[int, float]] = []  # (messages done, seconds into the run)
+    last = [run_started, 0.0]  # time and count of the last progress line
 
     def progress(p: Progress) -> None:
-        if p.done % step == 0:
-            took = time.perf_counter() - started
-            print(f"    {p.done:>9,} / {n:,}  {took:6.1f} s", file=sys.stderr, flush=True)
+        now = time.perf_counter()
+        if now - run_started > budget and campaigns:
+            campaigns[0].stop("time budget")
+        if p.done % max(n // 10, 1) and now - last[0] < 30 and p.done != n:
+            return
+        samples.append((p.done, now - run_started))
+        rate = (p.done - last[1]) / (now - last[0]) if now > last[0] else 0.0
+        print(
+            f"    {p.done:>9,} / {n:,}  {now - started:6.1f} s   {rate:7,.0f} msg/s since the "
+            f"last line   RSS {rss_mb('VmRSS'):.1f} MB",
+            file=sys.stderr,
+            flush=True,
+        )
+        last[:] = [now, p.done]
 
     report = asyncio.run(
         run_send(
@@ -368,62 +385,100 @@ def child_dry_run(folder: Path, n: int) -> None:
             outbox,
             SendOptions(),
             envelope_sender=ENVELOPE_SENDER,
+            on_start=campaigns.append,
             on_progress=progress,
         )
     )
+    run_s = time.perf_counter() - run_started
     done = {
         "sent": report.result.counts["sent"],
-        "written": outbox.count,
-        "copy_prepare_s": prepared_at - started,
-        "run_s": report.result.elapsed,
+        "stopped": report.result.stopped,
+        "copy_prepare_s": run_started - started,
+        "run_s": run_s,
         "rss_after_build_mb": after_build,
         "peak_rss_mb": rss_mb(),
+        "samples": samples,
     }
     print(json.dumps(done))
 
 
-def run_child(mode: str, folder: Path, n: int) -> dict[str, Any]:
+def run_child(mode: str, folder: Path, n: int, budget: float = 0.0) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", mode, str(folder), str(n)]
+    command += ["--dry-run-budget", str(budget)]
     done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
     result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
     return result
 
 
-def bench_memory(root: Path, sizes: list[int]) -> None:
-    print("dry-run memory (peak RSS of a child process doing what `send --dry-run` does)")
+def dry_run_one(root: Path, n: int, budget: float) -> dict[str, Any]:
+    folder = root / f"dry-run-{n}"
+    folder.mkdir()
+    start = time.perf_counter()
+    made = run_child("make-db", folder, n)
+    print(
+        f"  {n:>9,} subscribers: database made in {time.perf_counter() - start:.1f} s "
+        f"(peak RSS {made['peak_rss_mb']:.1f} MB); dry run ...",
+        flush=True,
+    )
+    start = time.perf_counter()
+    done = run_child("dry-run", folder, n, budget)
+    took = time.perf_counter() - start
+    shutil.rmtree(folder)
+    sent = done["sent"]
+    print(
+        f"  {n:>9,} subscribers: peak RSS {done['peak_rss_mb']:6.1f} MB "
+        f"(after the build {done['rss_after_build_mb']:.1f} MB)   child {took:.1f} s: "
+        f"copy + prepare {done['copy_prepare_s']:.1f} s, run {done['run_s']:.1f} s for "
+        f"{sent:,} = {sent / done['run_s']:,.0f} msg/s"
+    )
+    if sent != n:
+        assert done["stopped"] == "time budget", done
+        print(
+            f"  {n:>9,} subscribers: INCOMPLETE, stopped by --dry-run-budget {budget:.0f} s "
+            f"after {sent:,} of {n:,} ({sent / n:.0%}); the peak RSS above is of that part"
+        )
+        a, b = fit_time(done["samples"])
+        print(
+            f"  {n:>9,} subscribers: the run's progress fits t = {a * 1e3:.3f} ms x k + "
+            f"{b * 1e9:.2f} ns x k^2, which puts the whole run at ~{a * n + b * n * n:,.0f} s"
+        )
+    return done
+
+
+def fit_time(samples: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least squares fit of t = a*k + b*k^2 (k messages done, t seconds) to progress samples."""
+    s2 = sum(k**2 for k, _ in samples)
+    s3 = sum(k**3 for k, _ in samples)
+    s4 = sum(k**4 for k, _ in samples)
+    t1 = sum(k * t for k, t in samples)
+    t2 = sum(k * k * t for k, t in samples)
+    det = s2 * s4 - s3 * s3
+    if not det:
+        return (t1 / s2 if s2 else 0.0), 0.0
+    return (t1 * s4 - t2 * s3) / det, (s2 * t2 - s3 * t1) / det
+
+
+def bench_memory(root: Path, sizes: list[int], budget: float) -> None:
+    print(
+        "dry-run memory (peak RSS, VmHWM, of a child process doing what `send --dry-run` does; "
+        f"each run stopped after {budget:.0f} s)"
+    )
     peaks: dict[int, float] = {}
+    complete = True
     for n in sizes:
-        folder = root / f"dry-run-{n}"
-        folder.mkdir()
-        start = time.perf_counter()
-        made = run_child("make-db", folder, n)
-        made_s = time.perf_counter() - start
-        print(
-            f"  {n:>9,} subscribers: database made in {made_s:.1f} s "
-            f"(peak RSS {made['peak_rss_mb']:.1f} MB); dry run ...",
-            flush=True,
-        )
-        start = time.perf_counter()
-        done = run_child("dry-run", folder, n)
-        took = time.perf_counter() - start
-        assert done["sent"] == n, f"the dry run of {n:,} sent {done['sent']:,}"
+        done = dry_run_one(root, n, budget)
         peaks[n] = done["peak_rss_mb"]
-        print(
-            f"  {n:>9,} subscribers: peak RSS {done['peak_rss_mb']:6.1f} MB "
-            f"(after the build {done['rss_after_build_mb']:.1f} MB)   child {took:.1f} s: "
-            f"copy + prepare {done['copy_prepare_s']:.1f} s, run {done['run_s']:.1f} s = "
-            f"{n / done['run_s']:,.0f} msg/s"
-        )
-        shutil.rmtree(folder)
+        complete = complete and done["sent"] == n
     small, large = min(peaks), max(peaks)
     growth = peaks[large] - peaks[small]
+    partial = "" if complete else "   (NOT a complete run, see above)"
     print(
         f"  {large:,}: {peaks[large]:.1f} MB   target < {RSS_LARGEST_TARGET_MB:.0f} MB   "
-        f"ratio {peaks[large] / RSS_LARGEST_TARGET_MB:.2f}"
+        f"ratio {peaks[large] / RSS_LARGEST_TARGET_MB:.2f}{partial}"
     )
     print(
         f"  {large:,} minus {small:,}: {growth:+.1f} MB   target <= {RSS_GROWTH_TARGET_MB:.0f} MB"
-        f"   ratio {growth / RSS_GROWTH_TARGET_MB:.2f}"
+        f"   ratio {growth / RSS_GROWTH_TARGET_MB:.2f}{partial}"
     )
 
 
@@ -435,11 +490,20 @@ def main() -> None:
     parser.add_argument("--subscribers", type=int, default=20_000)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--dry-run-sizes", default="10000,1000000")
+    parser.add_argument(
+        "--dry-run-budget",
+        type=float,
+        default=DRY_RUN_BUDGET_S,
+        help="stop each dry run after this many seconds (default: %(default).0f)",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         mode, folder, n = args.child
-        (child_make_db if mode == "make-db" else child_dry_run)(Path(folder), int(n))
+        if mode == "make-db":
+            child_make_db(Path(folder), int(n))
+        else:
+            child_dry_run(Path(folder), int(n), args.dry_run_budget)
         return
     sizes = sorted({int(s) for s in args.dry_run_sizes.split(",") if s.strip()})
 
@@ -464,7 +528,7 @@ def main() -> None:
         )
         profile_send(root, template, connections)
         if sizes:
-            bench_memory(root, sizes)
+            bench_memory(root, sizes, args.dry_run_budget)
     print(f"whole benchmark: {time.perf_counter() - began:.0f} s")
 
 

@@ -242,3 +242,37 @@ def test_dkim_signed_send(project: Path, server: Server, tmp_path: Path) -> None
     half = env_for(server, project, NEWSLETTER_DKIM_SELECTOR="weekly")
     refused = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=half)
     assert refused.returncode == 1 and "go together" in refused.stderr
+
+
+def test_progress_bar_on_a_terminal(project: Path, server: Server) -> None:
+    import pty
+
+    env = env_for(server, project)
+    write_csv(project, 60)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    server.handler.behaviour.delay = 0.02
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "newsletter", "send", f"issues/{EXAMPLE.name}", "--yes"],
+        cwd=project,
+        env={**os.environ, **env, "COLUMNS": "120", "TERM": "xterm"},
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        text=True,
+    )
+    os.close(slave)
+    out, _ = proc.communicate(timeout=60)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    os.close(master)
+    assert proc.returncode == 0
+    screen = terminal.decode("utf-8", "replace")
+    assert "sending" in screen and "/60" in screen and "/s" in screen
+    assert "sent 60" in out  # the summary goes to standard output, the bar does not

@@ -459,8 +459,15 @@ def _describe_send(prepared: Prepared, conn: sqlite3.Connection, via: str, size:
 def _summarise(report: SendReport, dry_run: bool, transport: Transport) -> None:
     r = report.result
     c = r.counts
+    if dry_run:
+        click.echo(
+            f"dry run: {r.attempted} message(s) would be sent now, "
+            f"{report.record.audience} in the whole send; nothing was sent or recorded"
+        )
+        click.echo(f"sample messages written to {getattr(transport, 'folder', '?')}/")
+        return
     click.echo(
-        f"{'dry run: ' if dry_run else ''}sent {c['sent']}, rejected {c['rejected']}, "
+        f"sent {c['sent']}, rejected {c['rejected']}, "
         f"deferred {c['deferred']}, unknown {c['unknown']}, pending {c['pending']}, "
         f"suppressed since start {c['suppressed']}; this run {r.attempted} message(s) "
         f"in {r.elapsed:.1f} s ({r.rate:.0f}/s)"
@@ -469,11 +476,6 @@ def _summarise(report: SendReport, dry_run: bool, transport: Transport) -> None:
         click.secho(f"stopped early: {r.stopped}. Run the same command to resume.", fg="yellow")
     for email, detail in report.unknown:
         click.secho(f"unknown: {email}: {detail}", fg="yellow")
-    if dry_run:
-        from newsletter.transports import OutboxTransport
-
-        if isinstance(transport, OutboxTransport):
-            click.echo(f"sample messages written to {transport.folder}/")
 
 
 def _send_test_copies(
@@ -558,6 +560,7 @@ class _ProgressBar:
     def start(self, total: int) -> None:
         if not self.enabled:
             return
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -574,6 +577,7 @@ class _ProgressBar:
             TaskProgressColumn(),
             TextColumn("{task.fields[rate]}/s"),
             TimeRemainingColumn(),
+            console=Console(stderr=True),
             transient=True,
         )
         self._task = self._progress.add_task("send", total=total, rate="0")
