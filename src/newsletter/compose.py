@@ -113,13 +113,18 @@ class _Body:
         return cls(tuple(pieces), is_html)
 
     def fill(self, values: dict[str, str]) -> bytes:
+        encoded: dict[str, bytes] = {}  # a placeholder often occurs more than once
         out: list[bytes] = []
         for piece in self.pieces:
             if isinstance(piece, bytes):
                 out.append(piece)
-            else:
+                continue
+            chunk = encoded.get(piece)
+            if chunk is None:
                 value = values[piece]
-                out.append(_encode_piece(html.escape(value) if self.is_html else value))
+                chunk = _encode_piece(html.escape(value) if self.is_html else value)
+                encoded[piece] = chunk
+            out.append(chunk)
         return b"".join(out)
 
 

@@ -207,7 +207,8 @@ class _Wire(asyncio.Protocol):
                 raise _Disconnected
             self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(self._waiter, self.timeout)
+                async with asyncio.timeout(self.timeout):  # lighter than wait_for
+                    await self._waiter
             finally:
                 self._waiter = None
         return self._replies.popleft()
