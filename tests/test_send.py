@@ -347,3 +347,13 @@ def test_pacing_spaces_messages_out(
     report = run(db, template, server, SendOptions(connections=3, rate=10.0, flush_interval=0.01))
     assert report.result.counts["sent"] == 6
     assert time.monotonic() - started >= 0.45  # 6 messages at 10/s, one token to start
+
+
+def test_claims_use_the_state_index_not_a_walk_over_the_send(db: sqlite3.Connection) -> None:
+    """A claim must not pass every recipient already sent (it made 1M sends quadratic)."""
+    from newsletter import send_log
+
+    query = send_log._SELECT + "WHERE send_id = ? AND state = 'pending' ORDER BY seq LIMIT ?"
+    plan = " ".join(str(tuple(r)) for r in db.execute("EXPLAIN QUERY PLAN " + query, (1, 5)))
+    assert "USING INDEX deliveries_by_state (send_id=? AND state=?)" in plan
+    assert "TEMP B-TREE" not in plan  # and no sort

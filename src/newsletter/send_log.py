@@ -20,9 +20,14 @@ from dataclasses import dataclass
 from newsletter.models import Recipient
 
 STATES = ("pending", "sending", "sent", "rejected", "deferred", "unknown", "suppressed")
+# INDEXED BY: without statistics SQLite prefers the primary key (send_id, seq)
+# for "ORDER BY seq" and filters on state, which walks past every recipient
+# already sent on every claim: a 1,000,000-recipient send slowed from 3,400 to
+# 200 messages a second before this. The state index finds the next ones directly.
 _SELECT = (
     "SELECT seq, email, first_name, last_name, attempts, "
-    "EXISTS (SELECT 1 FROM suppressions s WHERE s.email = d.email) FROM deliveries d "
+    "EXISTS (SELECT 1 FROM suppressions s WHERE s.email = d.email) "
+    "FROM deliveries AS d INDEXED BY deliveries_by_state "
 )
 FREEZE_BATCH = 5000
 
@@ -108,7 +113,8 @@ class SendLog:
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             return self.conn.execute(
-                "UPDATE deliveries SET state = 'unknown', updated_at = ?, "
+                "UPDATE deliveries INDEXED BY deliveries_by_state "
+                "SET state = 'unknown', updated_at = ?, "
                 "detail = 'the run stopped during this transaction; it may have been delivered' "
                 "WHERE send_id = ? AND state = 'sending'",
                 (_now(), send_id),
@@ -119,7 +125,8 @@ class SendLog:
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.execute(
-                "UPDATE deliveries SET retry_at = 0 WHERE send_id = ? AND state = 'deferred'",
+                "UPDATE deliveries INDEXED BY deliveries_by_state SET retry_at = 0 "
+                "WHERE send_id = ? AND state = 'deferred'",
                 (send_id,),
             )
 
@@ -129,7 +136,8 @@ class SendLog:
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             return self.conn.execute(
-                "UPDATE deliveries SET state = 'pending', retry_at = NULL, updated_at = ? "
+                "UPDATE deliveries INDEXED BY deliveries_by_state "
+                "SET state = 'pending', retry_at = NULL, updated_at = ? "
                 "WHERE send_id = ? AND state = ?",
                 (_now(), send_id, state),
             ).rowcount
@@ -209,7 +217,8 @@ class SendLog:
     def in_state(self, send_id: int, state: str, limit: int = 1000) -> list[tuple[str, str]]:
         """(address, detail) of recipients in ``state``, in audience order."""
         rows = self.conn.execute(
-            "SELECT email, coalesce(detail, '') FROM deliveries WHERE send_id = ? AND state = ? "
+            "SELECT email, coalesce(detail, '') FROM deliveries INDEXED BY deliveries_by_state "
+            "WHERE send_id = ? AND state = ? "
             "ORDER BY seq LIMIT ?",
             (send_id, state, limit),
         )
@@ -235,7 +244,8 @@ class SendLog:
 
     def next_retry(self, send_id: int) -> float | None:
         row = self.conn.execute(
-            "SELECT min(retry_at) FROM deliveries WHERE send_id = ? AND state = 'deferred'",
+            "SELECT min(retry_at) FROM deliveries INDEXED BY deliveries_by_state "
+            "WHERE send_id = ? AND state = 'deferred'",
             (send_id,),
         ).fetchone()
         return None if row[0] is None else float(row[0])
