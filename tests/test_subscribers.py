@@ -121,3 +121,15 @@ def test_audience_streams_in_batches(tmp_path: Path) -> None:
     audience = store.audience("news")
     assert next(audience).email == "r00000@example.org"
     assert sum(1 for _ in audience) == 2499
+
+
+@pytest.mark.parametrize("name", ["AUDIENCE_SQL", "MEMBERS_SQL"])
+def test_batches_follow_the_primary_key_without_sorting(store: SubscriberStore, name: str) -> None:
+    from newsletter import subscribers
+
+    query = getattr(subscribers, name)
+    plan = " ".join(
+        str(tuple(r)) for r in store.conn.execute("EXPLAIN QUERY PLAN " + query, ("x", 0, 5))
+    )
+    assert "TEMP B-TREE" not in plan, plan
+    assert "list_name=? AND subscriber_id>?" in plan
