@@ -86,8 +86,18 @@ def _safe_lines(line: bytes, limit: int = 76) -> bytes:
     return line[:cut] + _SOFT_BREAK + _safe_lines(line[cut:], limit)
 
 
+_PLAIN = re.compile(rb"[!-<>-~]+")  # printable ASCII but '=' and space: QP keeps it as is
+
+
 def _encode_piece(text: str) -> bytes:
     """Encode a piece of a body so that the next piece can start on a fresh line."""
+    raw = text.encode("utf-8")
+    if _PLAIN.fullmatch(raw):
+        # The per-recipient values (links, addresses) take this path: QP only
+        # has to break them into lines of 75 plus the soft break's '='.
+        chunks = [raw[i : i + 75] for i in range(0, len(raw), 75)]
+        if not any(c.startswith(b".") for c in chunks):
+            return _SOFT_BREAK.join(chunks) + _SOFT_BREAK
     encoded = qp_encode(text)
     if not encoded or encoded.endswith(b"\r\n"):
         return encoded
