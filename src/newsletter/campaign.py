@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 from newsletter.compose import MessageTemplate
 from newsletter.ratelimit import Pacer
-from newsletter.send_log import Delivery, Outcome, SendLog
+from newsletter.send_log import Delivery, Outcome
+from newsletter.storage import SendLogStore
 from newsletter.transports import CampaignAborted, ConnectFailed, Envelope, Session, Transport
 
 
@@ -69,7 +70,7 @@ class RunResult:
 class Campaign:
     def __init__(
         self,
-        log: SendLog,
+        log: SendLogStore,
         send_id: int,
         template: MessageTemplate,
         transport: Transport,

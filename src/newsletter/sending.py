@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from newsletter.campaign import Campaign, Progress, RunResult, SendOptions
 from newsletter.compose import MessageTemplate
 from newsletter.send_log import SendLog, SendRecord
+from newsletter.storage import SendLogStore, Subscribers
 from newsletter.subscribers import SubscriberStore
 from newsletter.transports import Transport
 
@@ -54,8 +55,8 @@ def prepare(
     retry_rejected: bool = False,
 ) -> Prepared:
     """Freeze the audience on the first run; on later runs, sort out what the last one left."""
-    log = SendLog(conn)
-    store = SubscriberStore(conn)
+    log: SendLogStore = SendLog(conn)
+    store: Subscribers = SubscriberStore(conn)
     record = log.find(issue_id, list_name)
     resumed = record is not None
     if record is None:
