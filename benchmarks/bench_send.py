@@ -26,9 +26,10 @@ Exit status 2 when they cannot be had.
    run_send with the outbox transport) over a database of that many
    subscribers, and reports its peak RSS (VmHWM). Targets: under 150 MB for
    the largest size, and no more than 20 MB above the smallest. A run that
-   takes longer than --dry-run-budget seconds is stopped as Ctrl-C would stop
-   it; it is then reported as incomplete, with its peak RSS so far and the
-   time the whole run would take, extrapolated from its progress.
+   takes longer than --dry-run-budget seconds (0: no limit) is stopped as
+   Ctrl-C would stop it; it is then reported as incomplete, with its peak RSS
+   so far and the time the whole run would take, extrapolated from its
+   progress.
 
 Everything is written to a temporary directory (honours TMPDIR), removed at the end.
 """
@@ -358,7 +359,8 @@ def child_make_db(folder: Path, n: int) -> None:
 def child_dry_run(folder: Path, n: int, budget: float) -> None:
     """What `newsletter send --dry-run` does, on the database made by child_make_db.
 
-    The run is stopped (Campaign.stop, as Ctrl-C does) once it has taken ``budget`` seconds.
+    The run is stopped (Campaign.stop, as Ctrl-C does) once it has taken ``budget`` seconds
+    (0: never).
     """
     template = make_template()
     after_build = rss_mb("VmRSS")
@@ -376,7 +378,7 @@ def child_dry_run(folder: Path, n: int, budget: float) -> None:
 
     def progress(p: Progress) -> None:
         now = time.perf_counter()
-        if now - run_started > budget and campaigns:
+        if budget and now - run_started > budget and campaigns:
             campaigns[0].stop("time budget")
         if p.done % max(n // 10, 1) and now - last[0] < 30 and p.done != n:
             return
@@ -447,7 +449,7 @@ def dry_run_one(root: Path, n: int, budget: float) -> dict[str, Any]:
     if sent != n:
         assert done["stopped"] == "time budget", done
         print(
-            f"  {n:>9,} subscribers: INCOMPLETE, stopped by --dry-run-budget {budget:.0f} s "
+            f"  {n:>9,} subscribers: INCOMPLETE, stopped by --dry-run-budget {budget:g} s "
             f"after {sent:,} of {n:,} ({sent / n:.0%}); the peak RSS above is of that part"
         )
         a, b = fit_time(done["samples"])
@@ -474,7 +476,7 @@ def fit_time(samples: list[tuple[int, float]]) -> tuple[float, float]:
 def bench_memory(root: Path, sizes: list[int], budget: float) -> None:
     print(
         "dry-run memory (peak RSS, VmHWM, of a child process doing what `send --dry-run` does; "
-        f"each run stopped after {budget:.0f} s)"
+        + (f"each run stopped after {budget:g} s)" if budget else "no time limit)")
     )
     peaks: dict[int, float] = {}
     complete = True
@@ -487,15 +489,21 @@ def bench_memory(root: Path, sizes: list[int], budget: float) -> None:
     partial = "" if complete else "   (NOT a complete run, see above)"
     print(
         f"  {large:,}: {peaks[large]:.1f} MB   target < {RSS_LARGEST_TARGET_MB:.0f} MB   "
-        f"ratio {peaks[large] / RSS_LARGEST_TARGET_MB:.2f}{partial}"
+        f"ratio {peaks[large] / RSS_LARGEST_TARGET_MB:.2f}   "
+        f"{verdict(peaks[large] < RSS_LARGEST_TARGET_MB)}{partial}"
     )
     print(
         f"  {large:,} minus {small:,}: {growth:+.1f} MB   target <= {RSS_GROWTH_TARGET_MB:.0f} MB"
-        f"   ratio {growth / RSS_GROWTH_TARGET_MB:.2f}{partial}"
+        f"   ratio {growth / RSS_GROWTH_TARGET_MB:.2f}   "
+        f"{verdict(growth <= RSS_GROWTH_TARGET_MB)}{partial}"
     )
 
 
 # ---------------------------------------------------------------------- main
+
+
+def verdict(met: bool) -> str:
+    return "meets the target" if met else "MISSES the target"
 
 
 def main() -> None:
@@ -507,7 +515,7 @@ def main() -> None:
         "--dry-run-budget",
         type=float,
         default=DRY_RUN_BUDGET_S,
-        help="stop each dry run after this many seconds (default: %(default).0f)",
+        help="stop each dry run after this many seconds, 0 for never (default: %(default).0f)",
     )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -519,6 +527,8 @@ def main() -> None:
             child_dry_run(Path(folder), int(n), args.dry_run_budget)
         return
     sizes = sorted({int(s) for s in args.dry_run_sizes.split(",") if s.strip()})
+    # Line by line, so that what the children write to stderr comes in order.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
     began = time.perf_counter()
     why = ensure_tools()
@@ -537,7 +547,7 @@ def main() -> None:
         theirs = bench_smtp_source(root, max(n, 20_000), connections, size)
         print(
             f"  ours / smtp-source: {ours / theirs:.2f}   target >= {RATIO_TARGET}   "
-            f"ratio {ours / theirs / RATIO_TARGET:.2f}"
+            f"ratio {ours / theirs / RATIO_TARGET:.2f}   {verdict(ours / theirs >= RATIO_TARGET)}"
         )
         profile_send(root, template, connections)
         if sizes:
