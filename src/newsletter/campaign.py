@@ -166,8 +166,8 @@ class Campaign:
             wait = retry_at - self.clock()
             if wait > self.options.max_wait:
                 self.stop(
-                    f"deferred recipients are due for another try in {wait:.0f} s, "
-                    f"more than --max-wait ({self.options.max_wait:.0f} s)"
+                    f"deferred recipients are due for another try in {wait:.0f} s, later than "
+                    f"a run waits (NEWSLETTER_SEND_MAX_WAIT, {self.options.max_wait:.0f} s)"
                 )
                 return
             with contextlib.suppress(TimeoutError):
