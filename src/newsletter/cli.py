@@ -18,11 +18,13 @@ import click
 from newsletter import __version__
 
 if TYPE_CHECKING:
+    import datetime as dt
     import sqlite3
 
     from newsletter.build import BuildResult
     from newsletter.campaign import Progress as CampaignProgress
     from newsletter.compose import MessageTemplate, Sender
+    from newsletter.scheduler import DueResult
     from newsletter.sending import Prepared, SendReport
     from newsletter.settings import Settings
     from newsletter.subscribers import SubscriberStore
@@ -280,7 +282,7 @@ def _smtp_transport(settings: Settings) -> SmtpTransport:
 
 
 @main.command()
-@click.argument("issue_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("issue_file", type=click.Path(path_type=Path, dir_okay=False), required=False)
 @click.option("--list", "list_name", default=None, help="The list (default: NEWSLETTER_LIST_NAME).")
 @click.option("--dry-run", is_flag=True, help="Connect to nothing, record nothing; write samples.")
 @click.option(
@@ -293,8 +295,13 @@ def _smtp_transport(settings: Settings) -> SmtpTransport:
 @click.option("--resend-unknown", is_flag=True, help="Resend to those whose fate is unknown.")
 @click.option("--retry-rejected", is_flag=True, help="Queue this send's rejected ones again.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--due",
+    is_flag=True,
+    help="Send the issue the schedule says is due now, if any (for cron or a systemd timer).",
+)
 def send(
-    issue_file: Path,
+    issue_file: Path | None,
     list_name: str | None,
     dry_run: bool,
     outbox: Path | None,
@@ -302,66 +309,100 @@ def send(
     resend_unknown: bool,
     retry_rejected: bool,
     yes: bool,
+    due: bool,
 ) -> None:
     """Send ISSUE_FILE to a subscriber list; run it again to resume."""
-    import tempfile
+    from newsletter.errors import NewsletterError
 
-    from newsletter.compose import MessageTemplate
-    from newsletter.database import connect
-    from newsletter.errors import ConfigError, NewsletterError
-    from newsletter.sending import dry_run_copy, prepare
-    from newsletter.transports import OutboxTransport
-
+    if due:
+        if issue_file is not None or dry_run or test_to:
+            raise click.UsageError(
+                "--due picks the issue itself; give no ISSUE_FILE, --dry-run or --to"
+            )
+        _run_due_once()
+        return
+    if issue_file is None:
+        raise click.UsageError("give the ISSUE_FILE to send, or --due")
     try:
         settings = _settings()
-        name = list_name or settings.list_name
-        if settings.secret_key is None and not dry_run:
-            raise ConfigError(
-                "NEWSLETTER_SECRET_KEY is not set: unsubscribe links would not be secure. "
-                'Make one with: python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
-            )
-        result = _build(settings, issue_file, strict=False, list_name=name)
-        template = MessageTemplate(
-            result.rendered, _sender(settings, name), signer=_signer(settings)
-        )
-        transport: Transport
         if test_to:
-            _send_test_copies(settings, template, test_to, dry_run)
+            result = _build(settings, issue_file, strict=False, list_name=list_name)
+            _send_test_copies(settings, _template(settings, result, list_name), test_to, dry_run)
             return
-        real = connect(settings.database)
-        if dry_run:
-            box = outbox or settings.out_dir / result.issue_id / "outbox"
-            transport = OutboxTransport(box, keep=5)
-            scratch_dir = tempfile.TemporaryDirectory(prefix="newsletter-dry-run-")
-            conn = connect(Path(scratch_dir.name) / "dry-run.sqlite3")
-            dry_run_copy(real, conn, result.issue_id, name)
-        else:
-            transport = _smtp_transport(settings)
-            conn = real
-        prepared = prepare(
-            conn,
-            result.issue_id,
-            name,
+        report, transport = _send_one(
+            settings,
+            issue_file,
+            list_name or settings.list_name,
+            dry_run=dry_run,
+            outbox=outbox,
             resend_unknown=resend_unknown,
             retry_rejected=retry_rejected,
+            confirm=not (yes or dry_run),
         )
-        record = prepared.record
-        if record.audience == 0:
-            raise ConfigError(
-                f"the list {name!r} has nobody to send to; import subscribers with "
-                f"`newsletter subscribers import FILE.csv --list {name}`"
-            )
-        _describe_send(prepared, conn, transport.description, len(result.eml))
-        if not (yes or dry_run):
-            click.confirm(
-                f"Send {result.issue_id} to the list {name!r} through {transport.description}?",
-                abort=True,
-            )
-        report = _run_campaign(conn, prepared, template, transport, settings)
     except NewsletterError as exc:
         _fail(f"{exc}\nRun the same command again to resume; nobody is sent twice.")
     _summarise(report, dry_run, transport)
     sys.exit(report.exit_code)
+
+
+def _template(settings: Settings, result: BuildResult, list_name: str | None) -> MessageTemplate:
+    from newsletter.compose import MessageTemplate
+
+    return MessageTemplate(result.rendered, _sender(settings, list_name), signer=_signer(settings))
+
+
+def _send_one(
+    settings: Settings,
+    issue_file: Path,
+    name: str,
+    *,
+    dry_run: bool = False,
+    outbox: Path | None = None,
+    resend_unknown: bool = False,
+    retry_rejected: bool = False,
+    confirm: bool = False,
+) -> tuple[SendReport, Transport]:
+    """Build, start or resume, and run one send: the path of `send` and of scheduled sends."""
+    import tempfile
+
+    from newsletter.database import connect
+    from newsletter.errors import ConfigError
+    from newsletter.sending import dry_run_copy, prepare
+    from newsletter.transports import OutboxTransport
+
+    if settings.secret_key is None and not dry_run:
+        raise ConfigError(
+            "NEWSLETTER_SECRET_KEY is not set: unsubscribe links would not be secure. "
+            'Make one with: python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
+        )
+    result = _build(settings, issue_file, strict=False, list_name=name)
+    template = _template(settings, result, name)
+    transport: Transport
+    real = connect(settings.database)
+    if dry_run:
+        box = outbox or settings.out_dir / result.issue_id / "outbox"
+        transport = OutboxTransport(box, keep=5)
+        scratch_dir = tempfile.TemporaryDirectory(prefix="newsletter-dry-run-")
+        conn = connect(Path(scratch_dir.name) / "dry-run.sqlite3")
+        dry_run_copy(real, conn, result.issue_id, name)
+    else:
+        transport = _smtp_transport(settings)
+        conn = real
+    prepared = prepare(
+        conn, result.issue_id, name, resend_unknown=resend_unknown, retry_rejected=retry_rejected
+    )
+    if prepared.record.audience == 0:
+        raise ConfigError(
+            f"the list {name!r} has nobody to send to; import subscribers with "
+            f"`newsletter subscribers import FILE.csv --list {name}`"
+        )
+    _describe_send(prepared, conn, transport.description, len(result.eml))
+    if confirm:
+        click.confirm(
+            f"Send {result.issue_id} to the list {name!r} through {transport.description}?",
+            abort=True,
+        )
+    return _run_campaign(conn, prepared, template, transport, settings), transport
 
 
 def _run_campaign(
@@ -592,3 +633,122 @@ class _ProgressBar:
     def stop(self) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+# -------------------------------------------------------------------- schedule
+
+
+def _check_due(settings: Settings, now: dt.datetime | None = None) -> DueResult:
+    """One look at the schedule, and the send it calls for: shared by --due and the loop."""
+    import datetime as dt
+
+    from newsletter.database import connect
+    from newsletter.scheduler import check_and_send
+
+    def send_issue(path: Path, list_name: str) -> SendReport:
+        report, transport = _send_one(settings, path, list_name)
+        _summarise(report, False, transport)
+        return report
+
+    return check_and_send(
+        schedule=settings.parsed_schedule,
+        lists=settings.scheduled_lists,
+        issues_dir=settings.issues_dir,
+        conn=connect(settings.database),
+        db_path=settings.database,
+        now=now or dt.datetime.now(dt.UTC),
+        send_issue=send_issue,
+    )
+
+
+def _now_override() -> dt.datetime | None:
+    """NEWSLETTER_TEST_NOW lets tests and rehearsals pretend it is another time."""
+    import datetime as dt
+    import os
+
+    raw = os.environ.get("NEWSLETTER_TEST_NOW")
+    return dt.datetime.fromisoformat(raw).astimezone(dt.UTC) if raw else None
+
+
+def _run_due_once() -> None:
+    from newsletter.errors import NewsletterError
+
+    try:
+        result = _check_due(_settings(), _now_override())
+    except NewsletterError as exc:
+        _fail(f"{exc}\nNothing was sent for this slot.")
+    click.echo(f"schedule: {result.message}")
+    sys.exit(result.exit_code)
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def schedule(ctx: click.Context) -> None:
+    """Show the next scheduled sends (NEWSLETTER_SCHEDULE, NEWSLETTER_TIMEZONE)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import datetime as dt
+
+    from newsletter.database import connect
+    from newsletter.errors import NewsletterError
+    from newsletter.schedule import upcoming
+    from newsletter.scheduler import Slots, find_issue
+
+    try:
+        settings = _settings()
+        plan = settings.parsed_schedule
+        now = _now_override() or dt.datetime.now(dt.UTC)
+        click.echo(
+            f"schedule: {plan.describe()}, catch-up {plan.catch_up}, "
+            f"lists: {', '.join(settings.scheduled_lists)}"
+        )
+        for slot in upcoming(plan, now, 5):
+            path = find_issue(settings.issues_dir, slot.local_day)
+            local = slot.at.astimezone(plan.zone).strftime("%a %Y-%m-%d %H:%M %Z")
+            click.echo(f"  {local}  ({slot.key})  {path or 'no issue file yet'}")
+        recent = Slots(connect(settings.database)).recent(5)
+        if recent:
+            click.echo("recent slots:")
+            for key, day, issue_id, state, detail in recent:
+                click.echo(f"  {key}  {day}  {issue_id or '-'}  {state}  {detail}")
+    except NewsletterError as exc:
+        _fail(exc)
+
+
+@schedule.command("run")
+@click.option("--poll", default=60.0, show_default=True, help="Seconds between looks.")
+def schedule_run(poll: float) -> None:
+    """Run the scheduler: send each issue when it is due, until SIGTERM or Ctrl-C."""
+    import datetime as dt
+    import signal
+    import threading
+
+    from newsletter.errors import NewsletterError
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    try:
+        settings = _settings()
+        click.echo(f"scheduler: {settings.parsed_schedule.describe()}; Ctrl-C or SIGTERM to stop")
+    except NewsletterError as exc:
+        _fail(exc)
+    while not stop.is_set():
+        # (Re)installed each time: a send's event loop takes the signals over
+        # (to finish the messages in flight) and resets them when it ends.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        try:
+            result = _check_due(settings)
+            if result.state != "nothing-due":
+                click.echo(f"{stamp} {result.message}")
+            if any((r.result.stopped or "").startswith("stopped by SIG") for r in result.reports):
+                stop.set()  # the signal arrived during the send, which has stopped cleanly
+        except NewsletterError as exc:
+            # A failed send is logged; the scheduler keeps going for the next slot.
+            click.secho(f"{stamp} error: {exc}", fg="red", err=True)
+        stop.wait(poll)
+    click.echo("scheduler: stopped")

@@ -65,6 +65,20 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (send_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_by_state ON deliveries(send_id, state, seq);
+CREATE TABLE IF NOT EXISTS slots (
+    key         TEXT PRIMARY KEY,              -- the slot's instant, UTC, e.g. 2026-12-03T14:00Z
+    local_day   TEXT NOT NULL,
+    issue_id    TEXT,
+    state       TEXT NOT NULL CHECK (state IN
+                  ('sending', 'done', 'incomplete', 'missed', 'no-issue', 'failed')),
+    detail      TEXT NOT NULL DEFAULT '',
+    updated_at  TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS locks (
+    name        TEXT PRIMARY KEY,
+    owner       TEXT NOT NULL,
+    expires     REAL NOT NULL                  -- unix time; a crashed owner's lease runs out
+) WITHOUT ROWID;
 """
 
 

@@ -14,7 +14,7 @@ import os
 import re
 from email.utils import parseaddr
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     AliasChoices,
@@ -27,6 +27,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from newsletter.errors import ConfigError
+
+if TYPE_CHECKING:
+    from newsletter.schedule import Schedule
 from newsletter.models import https_url
 
 PREFIX = "NEWSLETTER_"
@@ -71,6 +74,11 @@ class Settings(BaseSettings):
     smtp_timeout: float = Field(default=30.0, gt=0)
     smtp_helo_name: str | None = None
     smtp_ca_file: Path | None = None
+
+    schedule: str | None = None
+    timezone: str = "UTC"
+    schedule_lists: str | None = None
+    catch_up_hours: float = Field(default=6.0, ge=0, le=72)
 
     dkim_key_file: Path | None = None
     dkim_selector: str | None = None
@@ -140,6 +148,31 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _schedule_valid(self) -> Settings:
+        if self.schedule is not None:
+            from newsletter.schedule import parse_schedule
+
+            parse_schedule(self.schedule, self.timezone, self.catch_up_hours)
+        return self
+
+    @property
+    def parsed_schedule(self) -> Schedule:
+        from newsletter.schedule import parse_schedule
+
+        if self.schedule is None:
+            raise ConfigError(
+                "no schedule is set: set NEWSLETTER_SCHEDULE (for example 'Thu 09:00') and "
+                "NEWSLETTER_TIMEZONE (for example 'America/New_York')"
+            )
+        return parse_schedule(self.schedule, self.timezone, self.catch_up_hours)
+
+    @property
+    def scheduled_lists(self) -> list[str]:
+        if not self.schedule_lists:
+            return [self.list_name]
+        return [name.strip() for name in self.schedule_lists.split(",") if name.strip()]
+
     @property
     def envelope_sender(self) -> str:
         """MAIL FROM: where bounces go; the From address unless NEWSLETTER_BOUNCE_ADDRESS."""
@@ -187,7 +220,11 @@ def env_name(field: str) -> str:
 
 def load_settings(**overrides: Any) -> Settings:
     """Read the settings, turning every problem into one ConfigError that names the variables."""
-    known = {env_name(f) for f in Settings.model_fields}
+    # Not settings: switches for tests and rehearsals, read where they are used.
+    known = {env_name(f) for f in Settings.model_fields} | {
+        "NEWSLETTER_TEST_NOW",
+        "NEWSLETTER_TEST_CHROMIUM",
+    }
     unknown = sorted(k for k in os.environ if k.startswith(PREFIX) and k not in known)
     problems = []
     for key in unknown:

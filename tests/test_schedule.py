@@ -1,0 +1,245 @@
+"""Scheduled sends: slots across DST, the catch-up window, the lock, and issue lookup."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import example_data, run_cli
+from newsletter.campaign import RunResult
+from newsletter.database import connect
+from newsletter.errors import ValidationFailed
+from newsletter.schedule import instant, latest, parse_schedule, upcoming
+from newsletter.scheduler import Lease, Slots, check_and_send
+from newsletter.send_log import SendRecord
+from newsletter.sending import SendReport
+
+NY = "America/New_York"
+UTC = dt.UTC
+
+
+def utc(*args: int) -> dt.datetime:
+    return dt.datetime(*args, tzinfo=UTC)
+
+
+def test_local_time_holds_across_daylight_saving() -> None:
+    plan = parse_schedule("Thu 09:00", NY, 6)
+    slots = upcoming(plan, utc(2026, 10, 20), 4)
+    assert [s.local_day.isoformat() for s in slots] == [
+        "2026-10-22", "2026-10-29", "2026-11-05", "2026-11-12",
+    ]  # fmt: skip
+    assert [s.at.astimezone(plan.zone).strftime("%H:%M") for s in slots] == ["09:00"] * 4
+    # EDT (UTC-4) before 1 November, EST (UTC-5) after
+    assert [s.at.hour for s in slots] == [13, 13, 14, 14]
+
+
+def test_skipped_hour_is_sent_once_just_after_the_change() -> None:
+    plan = parse_schedule("Sun 02:30", NY, 6)
+    at = instant(plan, dt.date(2026, 3, 8))  # 02:00-03:00 does not exist that night
+    assert at == utc(2026, 3, 8, 7, 30)
+    assert at.astimezone(plan.zone).strftime("%H:%M %Z") == "03:30 EDT"
+    assert len([s for s in upcoming(plan, utc(2026, 3, 7), 2) if s.local_day.day == 8]) == 1
+
+
+def test_repeated_hour_is_sent_once_at_its_first_occurrence() -> None:
+    plan = parse_schedule("Sun 01:30", NY, 6)
+    at = instant(plan, dt.date(2026, 11, 1))  # 01:00-02:00 happens twice that night
+    assert at == utc(2026, 11, 1, 5, 30)  # 01:30 EDT, not 01:30 EST an hour later
+    assert at.astimezone(plan.zone).strftime("%H:%M %Z") == "01:30 EDT"
+    assert len([s for s in upcoming(plan, utc(2026, 10, 31), 2) if s.local_day.day == 1]) == 1
+
+
+@pytest.mark.parametrize(
+    ("spec", "zone", "message"),
+    [
+        ("Thursday at nine", NY, "not a schedule"),
+        ("Thu 25:00", NY, "not a time of day"),
+        ("Funday 09:00", NY, "not a day of the week"),
+        ("Thu 09:00", "Mars/Olympus", "not a time zone"),
+    ],
+)
+def test_bad_schedules_are_explained(spec: str, zone: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_schedule(spec, zone, 6)
+
+
+def test_catch_up_window() -> None:
+    plan = parse_schedule("Thu 09:00", NY, 6)
+    slot_time = utc(2026, 12, 3, 14, 0)
+    assert latest(plan, slot_time - dt.timedelta(minutes=1), within=plan.catch_up) is None
+    assert latest(plan, slot_time, within=plan.catch_up) is not None
+    assert latest(plan, slot_time + dt.timedelta(hours=5), within=plan.catch_up) is not None
+    assert latest(plan, slot_time + dt.timedelta(hours=7), within=plan.catch_up) is None
+
+
+# -------------------------------------------------------------- check_and_send
+
+
+class Recorder:
+    """Stands in for the send path (tested on its own): records what it was asked."""
+
+    def __init__(self, exit_code: int = 0) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.exit_code = exit_code
+
+    def __call__(self, path: Path, list_name: str) -> SendReport:
+        self.calls.append((path.name, list_name))
+        counts = dict.fromkeys(
+            ("pending", "sending", "sent", "rejected", "deferred", "unknown", "suppressed"), 0
+        )
+        counts["sent" if self.exit_code == 0 else "deferred"] = 1
+        record = SendRecord(1, path.stem, list_name, "", 1, 0)
+        return SendReport(record, False, RunResult(counts, 1, 0.1))
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "sched.sqlite3"
+
+
+@pytest.fixture
+def conn(db_path: Path) -> sqlite3.Connection:
+    return connect(db_path)
+
+
+def issue_for(write_issue: Callable[..., Path], day: str) -> Path:
+    data = example_data()
+    data["date"] = day
+    return write_issue(data, name=f"{day}.yaml")
+
+
+def run_at(
+    now: dt.datetime, project: Path, conn: sqlite3.Connection, db_path: Path, sender: Recorder
+) -> object:
+    return check_and_send(
+        schedule=parse_schedule("Thu 09:00", NY, 6),
+        lists=["research-news"],
+        issues_dir=project / "issues",
+        conn=conn,
+        db_path=db_path,
+        now=now,
+        send_issue=sender,
+    )
+
+
+def test_due_issue_is_sent_once(
+    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+) -> None:
+    issue_for(write_issue, "2026-12-03")
+    sender = Recorder()
+    before = run_at(utc(2026, 12, 3, 13, 59), project, conn, db_path, sender)
+    assert before.state == "nothing-due" and sender.calls == []  # type: ignore[attr-defined]
+    due = run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender)
+    assert due.state == "sent"  # type: ignore[attr-defined]
+    assert sender.calls == [("2026-12-03.yaml", "research-news")]
+    again = run_at(utc(2026, 12, 3, 15, 0), project, conn, db_path, sender)  # cron again
+    assert again.state == "done-already" and len(sender.calls) == 1  # type: ignore[attr-defined]
+
+
+def test_machine_down_then_back_within_the_window_and_after_it(
+    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+) -> None:
+    issue_for(write_issue, "2026-12-03")
+    issue_for(write_issue, "2026-12-10")
+    sender = Recorder()
+    late = run_at(utc(2026, 12, 3, 18, 30), project, conn, db_path, sender)  # 4.5 h late
+    assert late.state == "sent"  # type: ignore[attr-defined]
+    missed = run_at(utc(2026, 12, 11, 9, 0), project, conn, db_path, sender)  # 19 h late
+    assert missed.state == "missed" and "not sent late" in missed.message  # type: ignore[attr-defined]
+    assert sender.calls == [("2026-12-03.yaml", "research-news")]
+    quiet = run_at(utc(2026, 12, 11, 10, 0), project, conn, db_path, sender)
+    assert quiet.state == "nothing-due"  # type: ignore[attr-defined]  # reported once
+
+
+def test_interrupted_send_is_resumed_by_the_next_run(
+    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+) -> None:
+    issue_for(write_issue, "2026-12-03")
+    failing = Recorder(exit_code=3)
+    first = run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, failing)
+    assert first.state == "incomplete"  # type: ignore[attr-defined]
+    # a restart mid-send leaves the slot "sending": the next run goes on with it
+    Slots(conn).set(first.slot, "sending")  # type: ignore[attr-defined]
+    sender = Recorder()
+    second = run_at(utc(2026, 12, 3, 14, 5), project, conn, db_path, sender)
+    assert second.state == "sent" and sender.calls  # type: ignore[attr-defined]
+
+
+def test_overlapping_runs_cannot_both_send(
+    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+) -> None:
+    issue_for(write_issue, "2026-12-03")
+    now = utc(2026, 12, 3, 14, 0)
+    other = Lease(db_path)
+    other.acquire(now.timestamp())
+    try:
+        sender = Recorder()
+        blocked = run_at(now, project, conn, db_path, sender)
+        assert blocked.state == "locked" and sender.calls == []  # type: ignore[attr-defined]
+    finally:
+        other.release()
+    sender = Recorder()
+    assert run_at(now, project, conn, db_path, sender).state == "sent"  # type: ignore[attr-defined]
+    # a lease whose owner died runs out
+    dead = Lease(db_path, ttl=60)
+    dead.acquire(now.timestamp())
+    dead._stop.set()  # as if the process had been killed: no more renewals
+    assert Lease(db_path)._conn().execute("SELECT count(*) FROM locks").fetchone()[0] == 1
+    later = Lease(db_path)
+    later.acquire(now.timestamp() + 61)
+    later.release()
+
+
+def test_no_issue_due_sends_nothing_and_says_so(
+    project: Path, conn: sqlite3.Connection, db_path: Path
+) -> None:
+    sender = Recorder()
+    result = run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender)
+    assert result.state == "no-issue" and "has no issue dated 2026-12-03" in result.message  # type: ignore[attr-defined]
+    assert sender.calls == []
+
+
+def test_invalid_issue_fails_before_any_mail(
+    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+) -> None:
+    (project / "issues" / "2026-12-03.yaml").write_text(
+        "subject: [broken\ndate: 2026-12-03\n", encoding="utf-8"
+    )
+    sender = Recorder()
+    with pytest.raises(ValidationFailed):
+        run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender)
+    assert sender.calls == []
+    assert Slots(conn).recent(1)[0][3] == "failed"
+
+
+def test_issue_found_by_its_date_field(
+    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+) -> None:
+    data = example_data()
+    data["date"] = "2026-12-03"
+    write_issue(data, name="stem-cells-special.yaml")
+    sender = Recorder()
+    assert run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender).state == "sent"  # type: ignore[attr-defined]
+    assert sender.calls == [("stem-cells-special.yaml", "research-news")]
+
+
+def test_schedule_command_and_send_due_from_the_cli(project: Path) -> None:
+    env = {
+        "NEWSLETTER_SCHEDULE": "Thu 09:00",
+        "NEWSLETTER_TIMEZONE": NY,
+        "NEWSLETTER_DATABASE": str(project / "db.sqlite3"),
+        "NEWSLETTER_TEST_NOW": "2020-12-23T10:00:00-05:00",
+    }
+    shown = run_cli("schedule", cwd=project, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "Thu 09:00 America/New_York" in shown.stdout
+    assert "Thu 2020-12-24 09:00 EST" in shown.stdout
+    due = run_cli("send", "--due", cwd=project, env=env)
+    assert due.returncode == 0 and "nothing is due now" in due.stdout
+    bad = run_cli("schedule", cwd=project, env={**env, "NEWSLETTER_TIMEZONE": "Nowhere/Town"})
+    assert bad.returncode == 1 and "NEWSLETTER_TIMEZONE" not in bad.stdout
+    assert "not a time zone" in bad.stderr
