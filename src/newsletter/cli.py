@@ -742,8 +742,8 @@ def schedule_run(poll: float) -> None:
             signal.signal(sig, on_signal)
         stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         try:
-            result = _check_due(settings)
-            if result.state != "nothing-due":
+            result = _check_due(settings, _now_override())
+            if result.state not in ("nothing-due", "done-already"):
                 click.echo(f"{stamp} {result.message}")
             if any((r.result.stopped or "").startswith("stopped by SIG") for r in result.reports):
                 stop.set()  # the signal arrived during the send, which has stopped cleanly
