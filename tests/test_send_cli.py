@@ -367,3 +367,35 @@ def test_kill_9_during_a_scheduled_send_then_the_next_run_resumes(
     for e in emails:
         got = len(server.handler.to(e))
         assert got in (0, 1) if e in unknown else got == 1, f"{e} got {got} messages"
+
+
+def test_sigterm_during_a_scheduled_send_leaves_nobody_in_doubt(
+    project: Path, server: Server
+) -> None:
+    env = schedule_env(server, project, "2020-12-23T09:30:00-05:00")
+    write_csv(project, 300)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    server.handler.behaviour.delay = 0.01
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "newsletter", "schedule", "run", "--poll", "0.3"],
+        cwd=project,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while len(server.handler.received) < 40 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped early: stopped by SIGTERM" in out and "scheduler: stopped" in out
+    received = len(server.handler.received)
+    assert 40 <= received < 300
+    status = run_cli("status", "2020-12-23", cwd=project, env=env)
+    counts = dict(re.findall(r"^\s+(\w+)\s+(\d+)$", status.stdout, re.M))
+    # every message that went out is recorded as sent; nobody is left in doubt
+    assert counts["unknown"] == "0" and counts["sending"] == "0"
+    assert int(counts["sent"]) == received
+    assert int(counts["pending"]) == 300 - received
