@@ -399,3 +399,17 @@ def test_sigterm_during_a_scheduled_send_leaves_nobody_in_doubt(
     assert counts["unknown"] == "0" and counts["sending"] == "0"
     assert int(counts["sent"]) == received
     assert int(counts["pending"]) == 300 - received
+
+
+def test_sending_to_an_empty_list_freezes_nothing(project: Path, server: Server) -> None:
+    env = env_for(server, project)
+    empty = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    assert empty.returncode == 1 and "has nobody to send to" in empty.stderr
+    write_csv(project, 3)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    sent = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    assert (
+        sent.returncode == 0
+        and "starting 2020-12-23 to research-news: 3 recipient(s)" in sent.stdout
+    )
+    assert len(server.handler.received) == 3

@@ -363,6 +363,7 @@ def _send_one(
     confirm: bool = False,
 ) -> tuple[SendReport, Transport]:
     """Build, start or resume, and run one send: the path of `send` and of scheduled sends."""
+    import contextlib
     import tempfile
 
     from newsletter.database import connect
@@ -378,31 +379,34 @@ def _send_one(
     result = _build(settings, issue_file, strict=False, list_name=name)
     template = _template(settings, result, name)
     transport: Transport
-    real = connect(settings.database)
-    if dry_run:
-        box = outbox or settings.out_dir / result.issue_id / "outbox"
-        transport = OutboxTransport(box, keep=5)
-        scratch_dir = tempfile.TemporaryDirectory(prefix="newsletter-dry-run-")
-        conn = connect(Path(scratch_dir.name) / "dry-run.sqlite3")
-        dry_run_copy(real, conn, result.issue_id, name)
-    else:
-        transport = _smtp_transport(settings)
-        conn = real
-    prepared = prepare(
-        conn, result.issue_id, name, resend_unknown=resend_unknown, retry_rejected=retry_rejected
-    )
-    if prepared.record.audience == 0:
-        raise ConfigError(
-            f"the list {name!r} has nobody to send to; import subscribers with "
-            f"`newsletter subscribers import FILE.csv --list {name}`"
+    with contextlib.ExitStack() as stack:
+        # Closed at the end: `schedule run` sends week after week in one process.
+        real = stack.enter_context(contextlib.closing(connect(settings.database)))
+        if dry_run:
+            box = outbox or settings.out_dir / result.issue_id / "outbox"
+            transport = OutboxTransport(box, keep=5)
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="newsletter-dry-"))
+            conn = stack.enter_context(
+                contextlib.closing(connect(Path(scratch) / "dry-run.sqlite3"))
+            )
+            dry_run_copy(real, conn, result.issue_id, name)
+        else:
+            transport = _smtp_transport(settings)
+            conn = real
+        prepared = prepare(
+            conn,
+            result.issue_id,
+            name,
+            resend_unknown=resend_unknown,
+            retry_rejected=retry_rejected,
         )
-    _describe_send(prepared, conn, transport.description, len(result.eml))
-    if confirm:
-        click.confirm(
-            f"Send {result.issue_id} to the list {name!r} through {transport.description}?",
-            abort=True,
-        )
-    return _run_campaign(conn, prepared, template, transport, settings), transport
+        _describe_send(prepared, conn, transport.description, len(result.eml))
+        if confirm:
+            click.confirm(
+                f"Send {result.issue_id} to the list {name!r} through {transport.description}?",
+                abort=True,
+            )
+        return _run_campaign(conn, prepared, template, transport, settings), transport
 
 
 def _run_campaign(
@@ -640,6 +644,7 @@ class _ProgressBar:
 
 def _check_due(settings: Settings, now: dt.datetime | None = None) -> DueResult:
     """One look at the schedule, and the send it calls for: shared by --due and the loop."""
+    import contextlib
     import datetime as dt
 
     from newsletter.database import connect
@@ -650,15 +655,16 @@ def _check_due(settings: Settings, now: dt.datetime | None = None) -> DueResult:
         _summarise(report, False, transport)
         return report
 
-    return check_and_send(
-        schedule=settings.parsed_schedule,
-        lists=settings.scheduled_lists,
-        issues_dir=settings.issues_dir,
-        conn=connect(settings.database),
-        db_path=settings.database,
-        now=now or dt.datetime.now(dt.UTC),
-        send_issue=send_issue,
-    )
+    with contextlib.closing(connect(settings.database)) as conn:
+        return check_and_send(
+            schedule=settings.parsed_schedule,
+            lists=settings.scheduled_lists,
+            issues_dir=settings.issues_dir,
+            conn=conn,
+            db_path=settings.database,
+            now=now or dt.datetime.now(dt.UTC),
+            send_issue=send_issue,
+        )
 
 
 def _now_override() -> dt.datetime | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from newsletter.campaign import Campaign, Progress, RunResult, SendOptions
 from newsletter.compose import MessageTemplate
+from newsletter.errors import ConfigError
 from newsletter.send_log import SendLog, SendRecord
 from newsletter.storage import SendLogStore, Subscribers
 from newsletter.subscribers import SubscriberStore
@@ -60,7 +61,14 @@ def prepare(
     record = log.find(issue_id, list_name)
     resumed = record is not None
     if record is None:
-        _members, suppressed = store.count(list_name)
+        members, suppressed = store.count(list_name)
+        if members - suppressed == 0:
+            # Checked before freezing: an empty frozen audience would stay
+            # empty for this issue even after subscribers are imported.
+            raise ConfigError(
+                f"the list {list_name!r} has nobody to send to; import subscribers with "
+                f"`newsletter subscribers import FILE.csv --list {list_name}`"
+            )
         record = log.freeze(issue_id, list_name, store.audience(list_name), suppressed)
     log.mark_interrupted(record.id)
     unknown = log.requeue(record.id, "unknown") if resend_unknown else 0
