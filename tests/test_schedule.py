@@ -243,3 +243,31 @@ def test_schedule_command_and_send_due_from_the_cli(project: Path) -> None:
     bad = run_cli("schedule", cwd=project, env={**env, "NEWSLETTER_TIMEZONE": "Nowhere/Town"})
     assert bad.returncode == 1 and "NEWSLETTER_TIMEZONE" not in bad.stdout
     assert "not a time zone" in bad.stderr
+
+
+def test_cron_lines_are_read_like_cron() -> None:
+    weekly = parse_schedule("0 9 * * 4", NY, 6)  # Thursdays at 09:00
+    assert [s.at for s in upcoming(weekly, utc(2026, 10, 20), 2)] == [
+        utc(2026, 10, 22, 13), utc(2026, 10, 29, 13),
+    ]  # fmt: skip
+    named = parse_schedule("30 8 * * mon,thu", NY, 6)
+    assert [s.local_day.weekday() for s in upcoming(named, utc(2026, 10, 20), 4)] == [3, 0, 3, 0]
+    first_monday_ish = parse_schedule("0 9 1-7 * 1", "UTC", 6)  # cron: day 1-7 OR Monday
+    days = [s.local_day.day for s in upcoming(first_monday_ish, utc(2026, 11, 30, 12), 9)]
+    assert days[:8] == [1, 2, 3, 4, 5, 6, 7, 14]  # 1-7 December, then Monday 14th
+    sunday = parse_schedule("0 9 * * 7", "UTC", 6)
+    assert upcoming(sunday, utc(2026, 11, 25), 1)[0].local_day == dt.date(2026, 11, 29)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("0 25 * * 4", "not a valid hour"),
+        ("0 9 * * funday", "not a valid day of week"),
+        ("* * * * *", "runs 1440 times a day"),
+        ("0 9 5-1 * *", "not a valid cron day of month field"),
+    ],
+)
+def test_bad_cron_lines(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_schedule(spec, "UTC", 6)
