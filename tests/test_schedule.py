@@ -13,8 +13,9 @@ from conftest import example_data, run_cli
 from newsletter.campaign import RunResult
 from newsletter.database import connect
 from newsletter.errors import ValidationFailed
+from newsletter.locks import Lease
 from newsletter.schedule import instant, latest, parse_schedule, upcoming
-from newsletter.scheduler import Lease, Slots, check_and_send
+from newsletter.scheduler import Slots, check_and_send
 from newsletter.send_log import SendRecord
 from newsletter.sending import SendReport
 
@@ -174,7 +175,7 @@ def test_overlapping_runs_cannot_both_send(
 ) -> None:
     issue_for(write_issue, "2026-12-03")
     now = utc(2026, 12, 3, 14, 0)
-    other = Lease(db_path)
+    other = Lease(db_path, "schedule")
     other.acquire(now.timestamp())
     try:
         sender = Recorder()
@@ -185,11 +186,13 @@ def test_overlapping_runs_cannot_both_send(
     sender = Recorder()
     assert run_at(now, project, conn, db_path, sender).state == "sent"  # type: ignore[attr-defined]
     # a lease whose owner died runs out
-    dead = Lease(db_path, ttl=60)
+    dead = Lease(db_path, "schedule", ttl=60)
     dead.acquire(now.timestamp())
     dead._stop.set()  # as if the process had been killed: no more renewals
-    assert Lease(db_path)._conn().execute("SELECT count(*) FROM locks").fetchone()[0] == 1
-    later = Lease(db_path)
+    assert (
+        Lease(db_path, "schedule")._conn().execute("SELECT count(*) FROM locks").fetchone()[0] == 1
+    )
+    later = Lease(db_path, "schedule")
     later.acquire(now.timestamp() + 61)
     later.release()
 

@@ -355,12 +355,8 @@ def test_kill_9_during_a_scheduled_send_then_the_next_run_resumes(
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     server.handler.behaviour.delay = 0
-    # The dead run's lease has not run out yet: an immediate retry does nothing...
-    blocked = run_cli("send", "--due", cwd=project, env=env)
-    assert "another run" in blocked.stdout
-    # ...and once it has (2 minutes; here, pretend the clock moved on), the send resumes.
-    later = {**env, "NEWSLETTER_TEST_NOW": "2020-12-23T09:33:00-05:00"}
-    resumed = run_cli("send", "--due", cwd=project, env=later)
+    # The killed run's leases are taken over at once: its process is gone.
+    resumed = run_cli("send", "--due", cwd=project, env=env)
     unknown = re.findall(r"^unknown: (\S+): ", resumed.stdout, re.M)
     assert resumed.returncode in (0, 3), resumed.stdout + resumed.stderr
     assert len(unknown) <= 4 + 4 + 64
@@ -413,3 +409,47 @@ def test_sending_to_an_empty_list_freezes_nothing(project: Path, server: Server)
         and "starting 2020-12-23 to research-news: 3 recipient(s)" in sent.stdout
     )
     assert len(server.handler.received) == 3
+
+
+def test_a_second_process_cannot_work_on_the_same_send(project: Path, server: Server) -> None:
+    from newsletter.locks import Lease
+
+    env = env_for(server, project)
+    write_csv(project, 3)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    other = Lease(project / "newsletter.sqlite3", "send:2020-12-23:research-news")
+    other.acquire(time.time())  # a live process, as far as the CLI can tell
+    try:
+        blocked = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    finally:
+        other.release()
+    assert blocked.returncode == 1 and "holds the 'send:2020-12-23:research-news' lock" in (
+        blocked.stderr
+    )
+    assert server.handler.received == []
+    status = run_cli("status", "2020-12-23", cwd=project, env=env)
+    assert "has not been sent" in status.stdout  # not even frozen
+
+
+def test_declining_the_prompt_changes_nothing(project: Path, server: Server) -> None:
+    env = env_for(server, project)
+    emails = write_csv(project, 4)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    server.handler.behaviour.drop_in_data = {emails[1]}
+    run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    server.handler.behaviour.drop_in_data = set()
+    declined = subprocess.run(
+        [sys.executable, "-m", "newsletter", "send", f"issues/{EXAMPLE.name}", "--resend-unknown"],
+        cwd=project,
+        env={**os.environ, **env},
+        input="n\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert declined.returncode == 1
+    status = run_cli("status", "2020-12-23", cwd=project, env=env)
+    assert re.search(r"unknown\s+1", status.stdout)  # still in doubt, not queued again
+    plain = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    assert plain.returncode == 3 and server.handler.to(emails[1]) == []

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from newsletter.compose import MessageTemplate
@@ -116,14 +116,12 @@ class Campaign:
         workers = [asyncio.create_task(self._worker()) for _ in range(self.options.connections)]
         flusher = asyncio.create_task(self._flusher())
         try:
-            await self._feed()
-            # Let the workers finish what was queued; a worker only ends early on a bug.
+            # The feeder ends when nothing is left; a worker only ends on a bug,
+            # and then the run must end too, not wait for a queue nobody reads.
+            feeder = asyncio.create_task(self._feed())
+            await self._until_first(feeder, workers)
             joined = asyncio.create_task(self._queue.join())
-            done, _ = await asyncio.wait([joined, *workers], return_when=asyncio.FIRST_COMPLETED)
-            if joined not in done:
-                joined.cancel()
-                for task in done:
-                    task.result()  # re-raises the bug
+            await self._until_first(joined, workers)
         finally:
             for task in (*workers, flusher):
                 task.cancel()
@@ -138,6 +136,31 @@ class Campaign:
             elapsed=time.monotonic() - started,
             stopped=self._stop_reason,
         )
+
+    async def _until_first(
+        self, main: asyncio.Task[None], workers: list[asyncio.Task[None]]
+    ) -> None:
+        done, _ = await asyncio.wait([main, *workers], return_when=asyncio.FIRST_COMPLETED)
+        if main not in done:
+            main.cancel()
+            self.stop("a worker failed")
+            for task in done:
+                task.result()  # re-raises the bug, after the finally above records what it can
+        main.result()
+
+    async def _unless_stopped(self, awaitable: Awaitable[object]) -> bool:
+        """Wait for ``awaitable`` unless a stop comes first (pacing, reconnect back-off)."""
+        task = asyncio.ensure_future(awaitable)
+        stopping = asyncio.create_task(self._stopping.wait())
+        done, _ = await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if task in done:
+            task.result()
+            return True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
 
     # -- feeding the queue ----------------------------------------------------
     async def _feed(self) -> None:
@@ -200,11 +223,15 @@ class Campaign:
                             )
                             continue
                         self._day_left -= 1
+                    if session is not None and not session.usable:
+                        # The relay closed it while it sat idle: do not spend a
+                        # recipient's attempt on a dead connection.
+                        await session.close()
+                        session = None
                     session = await self._ensure_session(session)
-                    if session is None:
+                    if session is None or not await self._unless_stopped(self.pacer.acquire()):
                         self.log.release(self.send_id, [delivery.seq])
                         continue
-                    await self.pacer.acquire()
                     outcome = await self._send(session, delivery)
                     if outcome is None:
                         self.log.release(self.send_id, [delivery.seq])
@@ -227,7 +254,8 @@ class Campaign:
             except ConnectFailed as exc:
                 if self._error(f"cannot connect: {exc}"):
                     return None
-                await asyncio.sleep(delay)
+                if not await self._unless_stopped(asyncio.sleep(delay)):
+                    return None
                 delay = min(delay * 2, 30.0)
             except CampaignAborted as exc:
                 self._abort = exc
@@ -288,4 +316,8 @@ class Campaign:
     def _flush(self) -> None:
         if self._results:
             batch, self._results = self._results, []
-            self.log.record(self.send_id, batch)
+            try:
+                self.log.record(self.send_id, batch)
+            except BaseException:
+                self._results[:0] = batch  # not lost: the next flush writes them
+                raise

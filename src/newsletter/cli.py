@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from newsletter.campaign import Progress as CampaignProgress
     from newsletter.compose import MessageTemplate, Sender
     from newsletter.scheduler import DueResult
-    from newsletter.sending import Prepared, SendReport
+    from newsletter.sending import Prepared, Preview, SendReport
     from newsletter.settings import Settings
     from newsletter.subscribers import SubscriberStore
     from newsletter.transports import SmtpTransport, Transport
@@ -365,10 +365,12 @@ def _send_one(
     """Build, start or resume, and run one send: the path of `send` and of scheduled sends."""
     import contextlib
     import tempfile
+    import time
 
     from newsletter.database import connect
     from newsletter.errors import ConfigError
-    from newsletter.sending import dry_run_copy, prepare
+    from newsletter.locks import Lease
+    from newsletter.sending import dry_run_copy, prepare, preview
     from newsletter.transports import OutboxTransport
 
     if settings.secret_key is None and not dry_run:
@@ -393,6 +395,19 @@ def _send_one(
         else:
             transport = _smtp_transport(settings)
             conn = real
+        # Read first, ask, and only then write: declining changes nothing.
+        planned = preview(conn, result.issue_id, name)
+        _describe_send(planned, result.issue_id, name, transport.description, len(result.eml))
+        if confirm:
+            click.confirm(
+                f"Send {result.issue_id} to the list {name!r} through {transport.description}?",
+                abort=True,
+            )
+        if not dry_run:
+            # One process per send: a second one would take in-flight rows for dead ones.
+            lease = Lease(settings.database, f"send:{result.issue_id}:{name}")
+            lease.acquire(time.time())
+            stack.callback(lease.release)
         prepared = prepare(
             conn,
             result.issue_id,
@@ -400,12 +415,6 @@ def _send_one(
             resend_unknown=resend_unknown,
             retry_rejected=retry_rejected,
         )
-        _describe_send(prepared, conn, transport.description, len(result.eml))
-        if confirm:
-            click.confirm(
-                f"Send {result.issue_id} to the list {name!r} through {transport.description}?",
-                abort=True,
-            )
         return _run_campaign(conn, prepared, template, transport, settings), transport
 
 
@@ -473,28 +482,23 @@ def _signer(settings: Settings) -> Callable[[bytes], bytes] | None:
     return functools.partial(dkim_sign.sign, key=key)
 
 
-def _describe_send(prepared: Prepared, conn: sqlite3.Connection, via: str, size: int) -> None:
-    from newsletter.send_log import SendLog
-
-    record = prepared.record
-    counts = SendLog(conn).counts(record.id)
-    verb = "resuming" if prepared.resumed else "starting"
+def _describe_send(planned: Preview, issue_id: str, name: str, via: str, size: int) -> None:
+    c = planned.counts
+    verb = "resuming" if planned.resumed else "starting"
     click.echo(
-        f"{verb} {record.issue_id} to {record.list_name}: {record.audience} recipient(s), "
-        f"{record.suppressed} suppressed and left out; message about {size / 1000:.1f} kB; "
+        f"{verb} {issue_id} to {name}: {planned.audience} recipient(s), "
+        f"{planned.suppressed} suppressed and left out; message about {size / 1000:.1f} kB; "
         f"via {via}"
     )
     click.echo(
-        "  to send now: "
-        f"{counts['pending']} pending, {counts['deferred']} deferred; already: "
-        f"{counts['sent']} sent, {counts['rejected']} rejected, {counts['unknown']} unknown"
+        f"  to send now: {c['pending']} pending, {c['deferred']} deferred; already: "
+        f"{c['sent']} sent, {c['rejected']} rejected, {c['unknown']} unknown"
     )
-    first = SendLog(conn).in_state(record.id, "pending", limit=5)
-    if first:
-        click.echo("  first: " + ", ".join(email for email, _ in first))
-    if counts["unknown"]:
+    if planned.first:
+        click.echo("  first: " + ", ".join(planned.first))
+    if c["unknown"]:
         click.secho(
-            f"  {counts['unknown']} recipient(s) were in flight when an earlier run stopped; "
+            f"  {c['unknown']} recipient(s) were in flight when an earlier run stopped; "
             "they may have the message already. They are listed at the end; add "
             "--resend-unknown to send to them again.",
             fg="yellow",

@@ -19,11 +19,7 @@ Exactly once, across restarts and overlaps:
 from __future__ import annotations
 
 import datetime as dt
-import os
-import socket
 import sqlite3
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +28,10 @@ import yaml
 
 from newsletter.errors import NewsletterError
 from newsletter.loading import load_issue
+from newsletter.locks import Lease, LockHeld
 from newsletter.schedule import Schedule, Slot, latest, slots_between
 from newsletter.sending import SendReport
 
-LEASE_SECONDS = 120.0
 LOCK_NAME = "schedule"
 
 
@@ -49,72 +45,6 @@ class DueResult:
     @property
     def exit_code(self) -> int:
         return 3 if self.state in ("incomplete", "missed") else 0
-
-
-class LockHeld(NewsletterError):
-    pass
-
-
-class Lease:
-    """A lock row with an expiry, renewed by a background thread while held."""
-
-    def __init__(self, db_path: Path, name: str = LOCK_NAME, ttl: float = LEASE_SECONDS) -> None:
-        self.db_path = db_path
-        self.name = name
-        self.ttl = ttl
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self)}"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=30)
-        conn.execute("PRAGMA synchronous=FULL")
-        return conn
-
-    def acquire(self, now: float) -> None:
-        conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            row = conn.execute("SELECT owner, expires FROM locks WHERE name = ?", (self.name,))
-            held = row.fetchone()
-            if held is not None and held[0] != self.owner and held[1] > now:
-                conn.execute("ROLLBACK")
-                raise LockHeld(
-                    f"another run ({held[0].rsplit(':', 1)[0]}) is acting on the schedule; "
-                    "this one does nothing"
-                )
-            conn.execute(
-                "INSERT INTO locks (name, owner, expires) VALUES (?, ?, ?) ON CONFLICT (name) "
-                "DO UPDATE SET owner = excluded.owner, expires = excluded.expires",
-                (self.name, self.owner, now + self.ttl),
-            )
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._renew, daemon=True, name="lease")
-        self._thread.start()
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.ttl / 4):
-            conn = self._conn()
-            try:
-                conn.execute(
-                    "UPDATE locks SET expires = ? WHERE name = ? AND owner = ?",
-                    (time.time() + self.ttl, self.name, self.owner),
-                )
-            finally:
-                conn.close()
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        conn = self._conn()
-        try:
-            conn.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (self.name, self.owner))
-        finally:
-            conn.close()
 
 
 def find_issue(issues_dir: Path, day: dt.date) -> Path | None:
@@ -195,7 +125,7 @@ def check_and_send(
         return _nothing_or_missed(schedule, slots, now)
     if slots.state(slot) in ("done", "no-issue", "failed"):
         return DueResult("done-already", f"the slot {_when(schedule, slot)} was handled", slot)
-    lease = Lease(db_path)
+    lease = Lease(db_path, LOCK_NAME)
     try:
         lease.acquire(now.timestamp())
     except LockHeld as exc:

@@ -47,6 +47,42 @@ class Prepared:
     requeued_rejected: int
 
 
+@dataclass(slots=True)
+class Preview:
+    """What a send would do, read without writing anything (shown before confirming)."""
+
+    resumed: bool
+    audience: int
+    suppressed: int
+    counts: dict[str, int]
+    first: list[str]
+
+
+def preview(conn: sqlite3.Connection, issue_id: str, list_name: str) -> Preview:
+    log = SendLog(conn)
+    store = SubscriberStore(conn)
+    record = log.find(issue_id, list_name)
+    if record is not None:
+        counts = log.counts(record.id)
+        counts["unknown"] += counts.pop("sending")  # a dead run's in-flight rows
+        first = [email for email, _ in log.in_state(record.id, "pending", limit=5)]
+        return Preview(True, record.audience, record.suppressed, counts, first)
+    members, suppressed = store.count(list_name)
+    if members - suppressed == 0:
+        raise ConfigError(
+            f"the list {list_name!r} has nobody to send to; import subscribers with "
+            f"`newsletter subscribers import FILE.csv --list {list_name}`"
+        )
+    first = []
+    for recipient in store.audience(list_name):
+        first.append(recipient.email)
+        if len(first) == 5:
+            break
+    counts = {"pending": members - suppressed, "deferred": 0, "sent": 0, "rejected": 0,
+              "unknown": 0, "suppressed": 0}  # fmt: skip
+    return Preview(False, members - suppressed, suppressed, counts, first)
+
+
 def prepare(
     conn: sqlite3.Connection,
     issue_id: str,

@@ -1,0 +1,115 @@
+"""Locks: a lease in the database that one process at a time may hold.
+
+Input: the database path and a lock name. Output: :class:`Lease`, which
+raises :class:`LockHeld` when another live process holds the name. The
+holder renews the lease from a background thread; a holder that dies (kill
+-9, power cut) stops renewing, and after ``LEASE_SECONDS`` the lease is free
+(at once, when the dead holder ran on this machine and its process is gone).
+Used for the schedule (one run acts on a slot) and for each send (one
+process works on an issue's send to a list at a time).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from newsletter.errors import NewsletterError
+
+LEASE_SECONDS = 120.0
+
+
+class LockHeld(NewsletterError):
+    pass
+
+
+class Lease:
+    """A lock row with an expiry, renewed by a background thread while held."""
+
+    def __init__(self, db_path: Path, name: str, ttl: float = LEASE_SECONDS) -> None:
+        self.db_path = db_path
+        self.name = name
+        self.ttl = ttl
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self)}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=30)
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    def acquire(self, now: float) -> None:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            row = conn.execute("SELECT owner, expires FROM locks WHERE name = ?", (self.name,))
+            held = row.fetchone()
+            if (
+                held is not None
+                and held[0] != self.owner
+                and held[1] > now
+                and not _dead_here(held[0])
+            ):
+                conn.execute("ROLLBACK")
+                raise LockHeld(
+                    f"another run ({held[0].rsplit(':', 1)[0]}) holds the {self.name!r} lock; "
+                    "this one does nothing"
+                )
+            conn.execute(
+                "INSERT INTO locks (name, owner, expires) VALUES (?, ?, ?) ON CONFLICT (name) "
+                "DO UPDATE SET owner = excluded.owner, expires = excluded.expires",
+                (self.name, self.owner, now + self.ttl),
+            )
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._renew, daemon=True, name="lease")
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                conn = self._conn()
+                try:
+                    conn.execute(
+                        "UPDATE locks SET expires = ? WHERE name = ? AND owner = ?",
+                        (time.time() + self.ttl, self.name, self.owner),
+                    )
+                finally:
+                    conn.close()
+            except sqlite3.Error:
+                # A busy database now and then must not end the renewals: try
+                # again at the next tick, well before the lease runs out.
+                continue
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        conn = self._conn()
+        try:
+            conn.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (self.name, self.owner))
+        finally:
+            conn.close()
+
+
+def _dead_here(owner: str) -> bool:
+    """True when the owner ran on this machine and its process is gone (kill -9, crash):
+    its lease can be taken at once instead of after it runs out."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by another user
+    return False
