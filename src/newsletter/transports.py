@@ -140,6 +140,10 @@ class _Disconnected(Exception):
     pass
 
 
+class _ProtocolError(_Disconnected):
+    """The server answered something that is not an SMTP reply: treated as a lost connection."""
+
+
 class _Wire(asyncio.Protocol):
     """The rest of an SMTP session after connect/TLS/AUTH: transactions, then QUIT."""
 
@@ -228,7 +232,10 @@ class _Wire(asyncio.Protocol):
         except (_Disconnected, TimeoutError, OSError) as exc:
             self.transport.abort()
             self._lost = True
-            what = "no reply in time" if isinstance(exc, TimeoutError) else "connection lost"
+            what = {
+                TimeoutError: "no reply in time",
+                _ProtocolError: "a reply that is not SMTP",
+            }.get(type(exc), "connection lost")
             if self._body_sent:
                 # The server may have queued it before the reply was lost (RFC 5321 4.1.1.4).
                 return Outcome("unknown", None, f"{what} after the message was sent")
@@ -247,15 +254,19 @@ class _Wire(asyncio.Protocol):
                 replies.append(await self._reply())
                 if replies[-1][0] // 100 != ok // 100:
                     break
+        if any(not 200 <= code < 600 for code, _ in replies):
+            raise _ProtocolError  # garbage from the server: out of step, drop the session
         if replies[0][0] != 250:
-            return await self._refused("MAIL FROM", replies, sender=True)
+            return await self._refused("MAIL FROM", replies[0], replies, sender=True)
         if len(replies) < 2 or replies[1][0] not in (250, 251):
-            return await self._refused("RCPT TO", replies)
+            return await self._refused("RCPT TO", replies[1], replies)
         if replies[2][0] != 354:
-            return await self._refused("DATA", replies)
-        self._body_sent = True
+            return await self._refused("DATA", replies[2], replies)
         self._write(envelope.data + b".\r\n")
+        self._body_sent = True  # only once it was handed to the connection
         code, text = await self._reply()
+        if not 200 <= code < 600:
+            raise _ProtocolError
         if code == 250:
             return Outcome("sent", code, text)
         if code == 421:
@@ -266,17 +277,21 @@ class _Wire(asyncio.Protocol):
         return Outcome("rejected", code, text)
 
     async def _refused(
-        self, step: str, replies: list[tuple[int, str]], *, sender: bool = False
+        self,
+        step: str,
+        reply: tuple[int, str],
+        replies: list[tuple[int, str]],
+        *,
+        sender: bool = False,
     ) -> Outcome:
-        # The reply that explains the failure is the first one that was not OK.
-        code, text = next(r for r in replies if r[0] not in (250, 251, 354))
-        if any(r[0] == 354 for r in replies):
+        code, text = reply  # the reply to the step that failed
+        if len(replies) == 3 and replies[2][0] == 354:
             # A pipelined DATA was accepted though an earlier step failed: end
             # the (empty) message so the session stays in step; it has no
             # valid recipient, so nothing is delivered.
             self._write(b".\r\n")
             await self._reply()
-        if code in {421, 0}:
+        if code == 421:
             self.transport.abort()
             self._lost = True
         else:
