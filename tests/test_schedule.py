@@ -274,3 +274,55 @@ def test_cron_lines_are_read_like_cron() -> None:
 def test_bad_cron_lines(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_schedule(spec, "UTC", 6)
+
+
+def test_window_passing_on_an_unfinished_send_and_several_missed_slots(
+    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+) -> None:
+    issue_for(write_issue, "2026-12-03")
+    failing = Recorder(exit_code=3)
+    assert run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, failing).state == "incomplete"  # type: ignore[attr-defined]
+    late = run_at(utc(2026, 12, 3, 21, 0), project, conn, db_path, Recorder())  # 7 h on
+    assert late.state == "missed" and "left unfinished" in late.message  # type: ignore[attr-defined]
+    assert Slots(conn).state(late.slot) == "expired"  # type: ignore[attr-defined]
+    # down for two weeks: both slots are recorded and reported, none is sent
+    sender = Recorder()
+    back = run_at(utc(2026, 12, 18, 12, 0), project, conn, db_path, sender)
+    assert back.state == "missed" and back.message.count("was missed") == 2  # type: ignore[attr-defined]
+    assert [r[3] for r in Slots(conn).recent(3)] == ["missed", "missed", "expired"]
+    assert sender.calls == []
+
+
+def test_an_issue_added_late_in_the_window_still_goes_out(
+    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+) -> None:
+    sender = Recorder()
+    first = run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender)
+    assert first.state == "no-issue"  # type: ignore[attr-defined]
+    issue_for(write_issue, "2026-12-03")
+    second = run_at(utc(2026, 12, 3, 14, 20), project, conn, db_path, sender)
+    assert second.state == "sent" and sender.calls  # type: ignore[attr-defined]
+
+
+def test_a_stop_during_one_list_leaves_the_others_for_the_next_run(
+    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+) -> None:
+    issue_for(write_issue, "2026-12-03")
+    calls: list[str] = []
+
+    def stopped_send(path: Path, list_name: str) -> SendReport:
+        calls.append(list_name)
+        report = Recorder(exit_code=3)(path, list_name)
+        report.result.stopped = "stopped by SIGTERM"
+        return report
+
+    result = check_and_send(
+        schedule=parse_schedule("Thu 09:00", NY, 6),
+        lists=["one", "two"],
+        issues_dir=project / "issues",
+        conn=conn,
+        db_path=db_path,
+        now=utc(2026, 12, 3, 14, 0),
+        send_issue=stopped_send,
+    )
+    assert calls == ["one"] and result.state == "incomplete"

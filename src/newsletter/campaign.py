@@ -89,11 +89,11 @@ class Campaign:
         self.clock = clock
         self.on_progress = on_progress
         now = clock()
-        last_hour = len(log.sent_since(now - 3600)) if options.per_hour else 0
+        last_hour = log.sent_since(now - 3600) if options.per_hour else 0
         self.pacer = Pacer(options.rate, per_hour=options.per_hour, sent_last_hour=last_hour)
         self._day_left: int | None = None
         if options.per_day:
-            self._day_left = options.per_day - len(log.sent_since(now - 86400))
+            self._day_left = options.per_day - log.sent_since(now - 86400)
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=options.connections)
         self._room = asyncio.Event()
         self._abort: CampaignAborted | None = None

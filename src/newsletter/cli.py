@@ -732,6 +732,7 @@ def schedule_run(poll: float) -> None:
     import datetime as dt
     import signal
     import threading
+    import traceback
 
     from newsletter.errors import NewsletterError
 
@@ -745,6 +746,7 @@ def schedule_run(poll: float) -> None:
         click.echo(f"scheduler: {settings.parsed_schedule.describe()}; Ctrl-C or SIGTERM to stop")
     except NewsletterError as exc:
         _fail(exc)
+    said = ""  # say each thing once, not at every poll
     while not stop.is_set():
         # (Re)installed each time: a send's event loop takes the signals over
         # (to finish the messages in flight) and resets them when it ends.
@@ -753,12 +755,20 @@ def schedule_run(poll: float) -> None:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         try:
             result = _check_due(settings, _now_override())
-            if result.state not in ("nothing-due", "done-already"):
+            if result.state not in ("nothing-due", "done-already") and result.message != said:
                 click.echo(f"{stamp} {result.message}")
+                said = result.message
             if any((r.result.stopped or "").startswith("stopped by SIG") for r in result.reports):
                 stop.set()  # the signal arrived during the send, which has stopped cleanly
         except NewsletterError as exc:
             # A failed send is logged; the scheduler keeps going for the next slot.
-            click.secho(f"{stamp} error: {exc}", fg="red", err=True)
+            if str(exc) != said:
+                click.secho(f"{stamp} error: {exc}", fg="red", err=True)
+                said = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a long-running service must outlive a bug
+            click.secho(
+                f"{stamp} unexpected error: {exc!r}; the scheduler goes on", fg="red", err=True
+            )
+            traceback.print_exc()
         stop.wait(poll)
     click.echo("scheduler: stopped")

@@ -65,12 +65,14 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (send_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_by_state ON deliveries(send_id, state, seq);
+CREATE INDEX IF NOT EXISTS deliveries_retry ON deliveries(send_id, state, retry_at);
+CREATE INDEX IF NOT EXISTS deliveries_sent_at ON deliveries(state, updated_at);
 CREATE TABLE IF NOT EXISTS slots (
     key         TEXT PRIMARY KEY,              -- the slot's instant, UTC, e.g. 2026-12-03T14:00Z
     local_day   TEXT NOT NULL,
     issue_id    TEXT,
     state       TEXT NOT NULL CHECK (state IN
-                  ('sending', 'done', 'incomplete', 'missed', 'no-issue', 'failed')),
+                  ('sending', 'done', 'incomplete', 'missed', 'expired', 'no-issue', 'failed')),
     detail      TEXT NOT NULL DEFAULT '',
     updated_at  TEXT NOT NULL
 ) WITHOUT ROWID;

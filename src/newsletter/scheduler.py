@@ -123,8 +123,10 @@ def check_and_send(
     slot = latest(schedule, now, within=schedule.catch_up)
     if slot is None:
         return _nothing_or_missed(schedule, slots, now)
-    if slots.state(slot) in ("done", "no-issue", "failed"):
+    if slots.state(slot) == "done":
         return DueResult("done-already", f"the slot {_when(schedule, slot)} was handled", slot)
+    # "no-issue" and "failed" are looked at again while the window lasts: the
+    # editor may add or fix the file in time.
     lease = Lease(db_path, LOCK_NAME)
     try:
         lease.acquire(now.timestamp())
@@ -160,8 +162,12 @@ def _send_slot(
         slots.set(slot, "failed", detail=str(exc))
         raise
     slots.set(slot, "sending", issue.id)
-    reports = [send_issue(path, name) for name in lists]
-    complete = all(r.exit_code == 0 for r in reports)
+    reports: list[SendReport] = []
+    for name in lists:
+        reports.append(send_issue(path, name))
+        if (reports[-1].result.stopped or "").startswith("stopped by SIG"):
+            break  # asked to stop: the other lists wait for the next run
+    complete = len(reports) == len(lists) and all(r.exit_code == 0 for r in reports)
     slots.set(slot, "done" if complete else "incomplete", issue.id)
     verb = "sent" if complete else "incomplete"
     return DueResult(verb, f"{issue.id} for the slot {when}: {verb}", slot, reports)
@@ -172,20 +178,31 @@ def _nothing_or_missed(schedule: Schedule, slots: Slots, now: dt.datetime) -> Du
         # A first run knows of no earlier slot it was meant to keep: a slot
         # before the schedule was set up is not "missed".
         return DueResult("nothing-due", "nothing is due now")
-    week = slots_between(schedule, now - dt.timedelta(days=8), now)
-    for slot in reversed(week):
+    notes: list[str] = []
+    last: Slot | None = None
+    for slot in slots_between(schedule, now - dt.timedelta(days=8), now):
         state = slots.state(slot)
-        if state in ("done", "no-issue", "failed", "missed"):
-            break
-        slots.set(slot, "missed", detail="the machine was not sending within the catch-up window")
-        return DueResult(
-            "missed",
-            f"the slot {_when(schedule, slot)} was missed (more than "
-            f"{schedule.catch_up} ago); it is not sent late. Send it by hand with "
-            "`newsletter send ISSUE` if it should still go out",
-            slot,
-        )
-    return DueResult("nothing-due", "nothing is due now")
+        when = _when(schedule, slot)
+        if state is None:
+            slots.set(slot, "missed", detail="no run acted on it within its catch-up window")
+            notes.append(f"the slot {when} was missed; it is not sent late")
+        elif state in ("sending", "incomplete"):
+            slots.set(slot, "expired", detail="its catch-up window ended before the send finished")
+            notes.append(
+                f"the send for the slot {when} was left unfinished and its window has passed; "
+                "the rest is not sent late (`newsletter send ISSUE` finishes it by hand)"
+            )
+        else:
+            continue
+        last = slot
+    if not notes:
+        return DueResult("nothing-due", "nothing is due now")
+    return DueResult(
+        "missed",
+        "; ".join(notes) + f" (catch-up window {schedule.catch_up}). Send by hand with "
+        "`newsletter send ISSUE` if it should still go out",
+        last,
+    )
 
 
 def _when(schedule: Schedule, slot: Slot) -> str:

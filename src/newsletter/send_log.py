@@ -29,6 +29,7 @@ _SELECT = (
     "EXISTS (SELECT 1 FROM suppressions s WHERE s.email = d.email) "
     "FROM deliveries AS d INDEXED BY deliveries_by_state "
 )
+_SELECT_DUE = _SELECT.replace("deliveries_by_state", "deliveries_retry")
 FREEZE_BATCH = 5000
 
 
@@ -161,9 +162,11 @@ class SendLog:
                 (send_id, limit),
             ).fetchall()
             if len(rows) < limit:
+                # Due deferred ones, through (send_id, state, retry_at): not a walk
+                # over every deferred recipient that is not due yet.
                 rows += self.conn.execute(
-                    _SELECT + "WHERE send_id = ? AND state = 'deferred' AND retry_at <= ? "
-                    "ORDER BY seq LIMIT ?",
+                    _SELECT_DUE + "WHERE send_id = ? AND state = 'deferred' AND retry_at <= ? "
+                    "LIMIT ?",
                     (send_id, now, limit - len(rows)),
                 ).fetchall()
             stamp = _now()
@@ -234,17 +237,19 @@ class SendLog:
         )
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
-    def sent_since(self, since: float) -> list[float]:
-        """Unix times of every message sent (by any send) since ``since``: for hour and day caps."""
+    def sent_since(self, since: float) -> int:
+        """How many messages every send has sent since ``since``: for the hour and day caps."""
         stamp = dt.datetime.fromtimestamp(since, dt.UTC).isoformat(timespec="milliseconds")
-        rows = self.conn.execute(
-            "SELECT updated_at FROM deliveries WHERE state = 'sent' AND updated_at >= ?", (stamp,)
-        )
-        return sorted(dt.datetime.fromisoformat(r[0]).timestamp() for r in rows)
+        row = self.conn.execute(
+            "SELECT count(*) FROM deliveries INDEXED BY deliveries_sent_at "
+            "WHERE state = 'sent' AND updated_at >= ?",
+            (stamp,),
+        ).fetchone()
+        return int(row[0])
 
     def next_retry(self, send_id: int) -> float | None:
         row = self.conn.execute(
-            "SELECT min(retry_at) FROM deliveries INDEXED BY deliveries_by_state "
+            "SELECT min(retry_at) FROM deliveries INDEXED BY deliveries_retry "
             "WHERE send_id = ? AND state = 'deferred'",
             (send_id,),
         ).fetchone()
