@@ -326,3 +326,13 @@ def test_a_stop_during_one_list_leaves_the_others_for_the_next_run(
         send_issue=stopped_send,
     )
     assert calls == ["one"] and result.state == "incomplete"
+
+
+def test_the_date_field_decides_over_the_file_name(write_issue: Callable[..., Path]) -> None:
+    from newsletter.scheduler import find_issue
+
+    data = example_data()
+    data["date"] = "2026-12-10"
+    path = write_issue(data, name="2026-12-03.yaml")
+    assert find_issue(path.parent, dt.date(2026, 12, 3)) is None
+    assert find_issue(path.parent, dt.date(2026, 12, 10)) == path

@@ -57,14 +57,14 @@ def find_issue(issues_dir: Path, day: dt.date) -> Path | None:
     wanted = day.isoformat()
     found: list[Path] = []
     for path in sorted(issues_dir.glob("*.y*ml")):
-        if path.stem.startswith(wanted):
-            found.append(path)
-            continue
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError, OSError):
-            continue
-        if isinstance(data, dict) and str(data.get("date")) == wanted:
+            data = None
+        date = str(data.get("date")) if isinstance(data, dict) and "date" in data else None
+        # The date field decides; the name counts only when there is no
+        # readable date (a broken file for today must fail, not be skipped).
+        if date == wanted or (date is None and path.stem.startswith(wanted)):
             found.append(path)
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
