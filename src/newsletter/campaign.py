@@ -229,7 +229,9 @@ class Campaign:
                         await session.close()
                         session = None
                     session = await self._ensure_session(session)
-                    if session is None or not await self._unless_stopped(self.pacer.acquire()):
+                    if session is None or (
+                        self.pacer.active and not await self._unless_stopped(self.pacer.acquire())
+                    ):
                         self.log.release(self.send_id, [delivery.seq])
                         continue
                     outcome = await self._send(session, delivery)

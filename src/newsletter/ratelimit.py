@@ -44,8 +44,13 @@ class Pacer:
         )
         self._lock = asyncio.Lock()
 
+    @property
+    def active(self) -> bool:
+        """False when acquire() would return at once (no rate, no hourly cap)."""
+        return self.rate is not None or bool(self.per_hour)
+
     async def acquire(self) -> None:
-        if self.rate is None and not self.per_hour:
+        if not self.active:
             return  # no pacing: skip the lock, this is on every message's path
         async with self._lock:  # first come, first served
             if self.per_hour:
