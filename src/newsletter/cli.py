@@ -772,3 +772,40 @@ def schedule_run(poll: float) -> None:
             traceback.print_exc()
         stop.wait(poll)
     click.echo("scheduler: stopped")
+
+
+# ----------------------------------------------------------------------- serve
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to listen on (default: NEWSLETTER_SERVE_HOST).")
+@click.option("--port", type=int, default=None, help="Port (default: NEWSLETTER_SERVE_PORT).")
+def serve(host: str | None, port: int | None) -> None:
+    """Serve the unsubscribe pages behind the links in every email (put HTTPS in front)."""
+    import logging
+
+    import uvicorn
+
+    from newsletter.errors import ConfigError, NewsletterError
+    from newsletter.loading import load_society
+    from newsletter.web import WebConfig, create_app, store_per_thread
+
+    try:
+        settings = _settings()
+        if settings.secret_key is None:
+            raise ConfigError(
+                "NEWSLETTER_SECRET_KEY is not set: the pages cannot check the links' tokens"
+            )
+        society = load_society(settings.society_file).value
+    except NewsletterError as exc:
+        _fail(exc)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    app = create_app(WebConfig(settings.token_key, society, store_per_thread(settings.database)))
+    uvicorn.run(
+        app,
+        host=host or settings.serve_host,
+        port=port if port is not None else settings.serve_port,
+        proxy_headers=True,
+        server_header=False,
+        log_level="info",
+    )

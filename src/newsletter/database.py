@@ -40,6 +40,12 @@ CREATE TABLE IF NOT EXISTS suppressions (
     list_name   TEXT,                          -- where the request came from, for the record
     created_at  TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS list_optouts (
+    list_name   TEXT NOT NULL,
+    email       TEXT NOT NULL,                 -- left this list (one-click or the web page)
+    created_at  TEXT NOT NULL,
+    PRIMARY KEY (list_name, email)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sends (
     id          INTEGER PRIMARY KEY,
     issue_id    TEXT NOT NULL,

@@ -27,6 +27,8 @@ STATES = ("pending", "sending", "sent", "rejected", "deferred", "unknown", "supp
 _SELECT = (
     "SELECT seq, email, first_name, last_name, attempts, "
     "EXISTS (SELECT 1 FROM suppressions s WHERE s.email = d.email) "
+    "OR EXISTS (SELECT 1 FROM list_optouts o WHERE o.email = d.email "
+    "AND o.list_name = (SELECT list_name FROM sends WHERE id = d.send_id)) "
     "FROM deliveries AS d INDEXED BY deliveries_by_state "
 )
 _SELECT_DUE = _SELECT.replace("deliveries_by_state", "deliveries_retry")

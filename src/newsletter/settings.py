@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     smtp_helo_name: str | None = None
     smtp_ca_file: Path | None = None
 
+    serve_host: str = "127.0.0.1"
+    serve_port: int = Field(default=8000, ge=0, le=65535)
+
     schedule: str | None = None
     timezone: str = "UTC"
     schedule_lists: str | None = None

@@ -35,9 +35,10 @@ MEMBERS_SQL = (
 AUDIENCE_SQL = (
     "SELECT u.id, u.email, u.first_name, u.last_name "
     "FROM list_members m JOIN subscribers u ON u.id = m.subscriber_id "
-    "WHERE m.list_name = ? AND m.subscriber_id > ? "
+    "WHERE m.list_name = ?1 AND m.subscriber_id > ?2 "
     "AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = u.email) "
-    "ORDER BY m.subscriber_id LIMIT ?"
+    "AND NOT EXISTS (SELECT 1 FROM list_optouts o WHERE o.list_name = ?1 AND o.email = u.email) "
+    "ORDER BY m.subscriber_id LIMIT ?3"
 )
 
 
@@ -122,8 +123,12 @@ class SubscriberStore:
             report.added += 1
         else:
             report.updated += 1
-        if cur.execute("SELECT 1 FROM suppressions WHERE email = ?", (row.email,)).fetchone():
-            report.suppressed += 1
+        if cur.execute(
+            "SELECT 1 FROM suppressions WHERE email = ?1 UNION ALL "
+            "SELECT 1 FROM list_optouts WHERE list_name = ?2 AND email = ?1",
+            (row.email, list_name),
+        ).fetchone():
+            report.suppressed += 1  # left this list or everything: importing does not undo it
 
     # -- reading --------------------------------------------------------------
     def lists(self) -> list[tuple[str, int]]:
@@ -135,12 +140,14 @@ class SubscriberStore:
     def count(self, list_name: str) -> tuple[int, int]:
         """(members, of whom suppressed)."""
         row = self.conn.execute(
-            "SELECT count(*), count(s.email) FROM list_members m "
+            "SELECT count(*), sum(s.email IS NOT NULL OR o.email IS NOT NULL) FROM list_members m "
             "JOIN subscribers u ON u.id = m.subscriber_id "
-            "LEFT JOIN suppressions s ON s.email = u.email WHERE m.list_name = ?",
+            "LEFT JOIN suppressions s ON s.email = u.email "
+            "LEFT JOIN list_optouts o ON o.list_name = m.list_name AND o.email = u.email "
+            "WHERE m.list_name = ?",
             (list_name,),
         ).fetchone()
-        return int(row[0]), int(row[1])
+        return int(row[0]), int(row[1] or 0)
 
     def members(self, list_name: str) -> Iterator[Member]:
         """Every member, suppressed ones included (marked), in a stable order."""
@@ -193,6 +200,38 @@ class SubscriberStore:
                 (email, reason, list_name, _now()),
             ).rowcount
         return bool(changed)
+
+    def opt_out(self, list_name: str, email: str) -> bool:
+        """``email`` leaves ``list_name``: no later send to that list reaches it, even after a
+        re-import. Returns False if it had already left."""
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            changed = self.conn.execute(
+                "INSERT INTO list_optouts (list_name, email, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                (list_name, email, _now()),
+            ).rowcount
+        return bool(changed)
+
+    def opt_in(self, list_name: str, email: str) -> bool:
+        """Undo :meth:`opt_out` (the subscriber asked to come back)."""
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            changed = self.conn.execute(
+                "DELETE FROM list_optouts WHERE list_name = ? AND email = ?", (list_name, email)
+            ).rowcount
+        return bool(changed)
+
+    def lists_of(self, email: str) -> list[tuple[str, bool]]:
+        """The lists ``email`` is a member of, each with whether it has left it."""
+        rows = self.conn.execute(
+            "SELECT m.list_name, EXISTS (SELECT 1 FROM list_optouts o "
+            "WHERE o.list_name = m.list_name AND o.email = u.email) "
+            "FROM list_members m JOIN subscribers u ON u.id = m.subscriber_id "
+            "WHERE u.email = ? ORDER BY m.list_name",
+            (email,),
+        )
+        return [(r[0], bool(r[1])) for r in rows]
 
     def unsuppress(self, email: str) -> bool:
         with self.conn:

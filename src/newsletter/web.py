@@ -1,0 +1,202 @@
+"""Web stage: the pages behind the links in every email (``newsletter serve``).
+
+Input: HTTP requests carrying a signed token from :mod:`newsletter.tokens`.
+Output: small server-rendered pages, and changes to the subscriber store.
+
+- ``POST /unsubscribe/<token>`` with ``List-Unsubscribe=One-Click`` (RFC 8058,
+  as Gmail and Yahoo send it: no cookies, no login) takes the address off
+  that list at once and answers 200.
+- ``GET /unsubscribe/<token>`` only shows what would happen, with a button:
+  corporate link scanners open every link in an email, and a GET must never
+  unsubscribe anyone.
+- ``POST /unsubscribe/<token>`` from that button unsubscribes and offers
+  ``POST /unsubscribe/<token>/undo`` to come back.
+
+A forged, altered or malformed token gets a 404 page and changes nothing;
+no page says anything about any address but the token's own. Every action
+is logged with its time and list. Forms post back to the same signed URL
+and need no cookie, so there is no session to forge (CSRF); the pages carry
+a strict Content-Security-Policy and no JavaScript.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from newsletter import tokens
+from newsletter.database import connect
+from newsletter.models import Society
+from newsletter.subscribers import SubscriberStore
+
+log = logging.getLogger("newsletter.web")
+
+SECURITY_HEADERS = {
+    "content-security-policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+    "cache-control": "no-store",
+}
+MAX_BODY = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    token_key: bytes
+    society: Society
+    store: Callable[[], SubscriberStore]  # a store on a connection for this thread
+
+
+def store_per_thread(db_path: Path) -> Callable[[], SubscriberStore]:
+    """SQLite connections belong to one thread: one store per thread that asks."""
+    local = threading.local()
+
+    def store() -> SubscriberStore:
+        if not hasattr(local, "store"):
+            local.store = SubscriberStore(connect(db_path))
+        found: SubscriberStore = local.store
+        return found
+
+    return store
+
+
+def create_app(config: WebConfig) -> ASGIApp:
+    pages = _Pages(config)
+    app = Starlette(
+        routes=[
+            Route("/unsubscribe/{token}", pages.unsubscribe, methods=["GET", "POST"]),
+            Route("/unsubscribe/{token}/undo", pages.undo, methods=["POST"]),
+            Route("/healthz", lambda request: PlainTextResponse("ok"), methods=["GET"]),
+        ],
+    )
+    return _SecurityHeaders(app)
+
+
+class _SecurityHeaders:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+class _Pages:
+    def __init__(self, config: WebConfig) -> None:
+        self.config = config
+
+    def _subject(self, request: Request) -> tokens.TokenSubject | None:
+        return tokens.verify(self.config.token_key, str(request.path_params["token"]))
+
+    async def unsubscribe(self, request: Request) -> Response:
+        subject = self._subject(request)
+        if subject is None:
+            return self._not_found()
+        if request.method == "GET":
+            # Shows, never changes: link scanners fetch every URL in an email.
+            return self._page(
+                "Unsubscribe",
+                f"<p>Stop sending <strong>{_e(self._newsletter(subject))}</strong> to "
+                f"<strong>{_e(subject.email)}</strong>?</p>"
+                f'<form method="post"><input type="hidden" name="confirm" value="yes">'
+                f'<button type="submit">Unsubscribe</button></form>',
+            )
+        form = await _form(request)
+        one_click = form.get("List-Unsubscribe") == "One-Click"
+        if not one_click and form.get("confirm") != "yes":
+            return self._page("Nothing changed", "<p>The request was incomplete.</p>", 400)
+        store = self.config.store()
+        changed = store.opt_out(subject.list_name, subject.email)
+        log.info(
+            "unsubscribe list=%s via=%s changed=%s",
+            subject.list_name,
+            "one-click" if one_click else "page",
+            changed,
+        )
+        if one_click:
+            return PlainTextResponse("Unsubscribed.\n")
+        return self._page(
+            "Unsubscribed",
+            f"<p><strong>{_e(subject.email)}</strong> will get no more "
+            f"<strong>{_e(self._newsletter(subject))}</strong> emails.</p>"
+            f'<form method="post" action="{_e(str(request.url.path))}/undo">'
+            '<input type="hidden" name="confirm" value="yes">'
+            '<button type="submit">Undo: keep sending it to me</button></form>',
+        )
+
+    async def undo(self, request: Request) -> Response:
+        subject = self._subject(request)
+        if subject is None:
+            return self._not_found()
+        form = await _form(request)
+        if form.get("confirm") != "yes":
+            return self._page("Nothing changed", "<p>The request was incomplete.</p>", 400)
+        changed = self.config.store().opt_in(subject.list_name, subject.email)
+        log.info("resubscribe list=%s changed=%s", subject.list_name, changed)
+        return self._page(
+            "Welcome back",
+            f"<p><strong>{_e(subject.email)}</strong> will keep getting "
+            f"<strong>{_e(self._newsletter(subject))}</strong>.</p>",
+        )
+
+    def _newsletter(self, subject: tokens.TokenSubject) -> str:
+        return f"{self.config.society.newsletter_name} ({subject.list_name})"
+
+    def _not_found(self) -> Response:
+        log.info("rejected a token that is not valid")
+        return self._page(
+            "Link not recognised",
+            "<p>This link is not valid: it may have been cut short or changed. Use the "
+            "unsubscribe link in a recent email, or reply to it and we will help.</p>",
+            404,
+        )
+
+    def _page(self, title: str, body: str, status: int = 200) -> HTMLResponse:
+        society = self.config.society
+        return HTMLResponse(
+            f"""<!doctype html>
+<html lang="{_e(society.language)}"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)} - {_e(society.newsletter_name)}</title>
+<style>body{{font:16px/1.5 -apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;
+color:#1f2933;max-width:36rem;margin:2rem auto;padding:0 1rem}}h1{{color:#1d3b6f}}
+button{{font:inherit;padding:.6rem 1.2rem;background:#1d3b6f;color:#fff;border:0;
+border-radius:4px;cursor:pointer}}button:focus{{outline:3px solid #f0b400}}</style>
+</head><body><main><h1>{_e(title)}</h1>{body}
+<p><a href="{_e(society.website)}">{_e(society.name)}</a></p></main></body></html>
+""",
+            status_code=status,
+        )
+
+
+async def _form(request: Request) -> dict[str, str]:
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        return {}
+    fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+    return {k: v[0] for k, v in fields.items()}
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True)

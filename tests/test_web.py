@@ -1,0 +1,146 @@
+"""`newsletter serve`: the unsubscribe pages, with a real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email
+import email.policy
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from conftest import EXAMPLE, REPO, TEST_KEY, build_file, sender
+from newsletter import tokens
+from newsletter.compose import MessageTemplate
+from newsletter.csv_import import ParsedRow
+from newsletter.database import connect
+from newsletter.loading import load_society
+from newsletter.models import Recipient
+from newsletter.subscribers import SubscriberStore
+from newsletter.web import SECURITY_HEADERS, WebConfig, create_app, store_per_thread
+
+EMAILS = ["ann@example.org", "bob@example.org"]
+
+
+@dataclass
+class Site:
+    base: str
+    db: Path
+
+    def audience(self, list_name: str = "research-news") -> list[str]:
+        return [r.email for r in SubscriberStore(connect(self.db)).audience(list_name)]
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    db = tmp_path / "web.sqlite3"
+    store = SubscriberStore(connect(db))
+    rows = [ParsedRow(i + 2, e, "", "") for i, e in enumerate(EMAILS)]
+    for list_name in ("research-news", "events"):
+        store.import_rows(list_name, rows, skip_invalid=False)
+    society = load_society(REPO / "society.yaml").value
+    app = create_app(WebConfig(TEST_KEY, society, store_per_thread(db)))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield Site(f"http://127.0.0.1:{port}", db)
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def call(
+    url: str, data: bytes | None = None, content_type: str | None = None
+) -> tuple[int, str, dict[str, str]]:
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode(), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(), dict(error.headers)
+
+
+def token(address: str, list_name: str = "research-news") -> str:
+    return tokens.sign(TEST_KEY, list_name, address)
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+def test_one_click_post_as_gmail_sends_it(site: Site) -> None:
+    status, body, _ = call(
+        f"{site.base}/unsubscribe/{token(EMAILS[0])}", b"List-Unsubscribe=One-Click", FORM
+    )
+    assert status == 200 and "Unsubscribed" in body
+    assert site.audience() == [EMAILS[1]]
+    assert site.audience("events") == EMAILS  # only that list
+    # importing the address again does not bring it back
+    report = SubscriberStore(connect(site.db)).import_rows(
+        "research-news", [ParsedRow(2, EMAILS[0], "", "")], skip_invalid=False
+    )
+    assert report.suppressed == 1 and site.audience() == [EMAILS[1]]
+
+
+def test_get_shows_and_changes_nothing(site: Site) -> None:
+    for _ in range(3):  # a link scanner, then another
+        status, body, headers = call(f"{site.base}/unsubscribe/{token(EMAILS[0])}")
+        assert status == 200
+    assert EMAILS[0] in body and '<form method="post">' in body and "<script" not in body
+    assert site.audience() == EMAILS
+    for name, value in SECURITY_HEADERS.items():
+        assert headers.get(name) == value or headers.get(name.title()) == value
+
+
+def test_button_then_undo(site: Site) -> None:
+    url = f"{site.base}/unsubscribe/{token(EMAILS[1])}"
+    status, body, _ = call(url, b"confirm=yes", FORM)
+    assert status == 200 and "will get no more" in body and "/undo" in body
+    assert site.audience() == [EMAILS[0]]
+    status, body, _ = call(url + "/undo", b"confirm=yes", FORM)
+    assert status == 200 and "Welcome back" in body
+    assert site.audience() == EMAILS
+    # a POST that is neither one-click nor the button changes nothing
+    status, _, _ = call(url, b"something=else", FORM)
+    assert status == 400 and site.audience() == EMAILS
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "not-a-token",
+        token(EMAILS[0])[:-2] + "AA",  # altered signature
+        token(EMAILS[0], "other-list").split(".")[0] + "." + token(EMAILS[0]).split(".")[1],
+        tokens.sign(b"someone else's key", "research-news", EMAILS[0]),
+        "%00%0d%0a",
+    ],
+)
+def test_forged_tokens_change_nothing_and_reveal_nothing(site: Site, bad: str) -> None:
+    for data in (None, b"List-Unsubscribe=One-Click"):
+        status, body, _ = call(f"{site.base}/unsubscribe/{bad}", data, FORM if data else None)
+        assert status == 404
+        assert "not valid" in body and "@" not in body.split("<body>")[1].split('example.org">')[0]
+    assert site.audience() == EMAILS
+
+
+def test_the_link_in_a_sent_message_works(site: Site, project: Path) -> None:
+    rendered = build_file(project / "issues" / EXAMPLE.name, project).rendered
+    raw = MessageTemplate(rendered, sender()).personalise(
+        Recipient(EMAILS[0]), date=dt.datetime(2020, 12, 23, tzinfo=dt.UTC)
+    )
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    one_click = str(msg["List-Unsubscribe"]).split("<")[1].split(">")[0]
+    path = one_click.removeprefix("https://news.example.org")
+    status, _, _ = call(site.base + path, b"List-Unsubscribe=One-Click", FORM)
+    assert status == 200 and site.audience() == [EMAILS[1]]
