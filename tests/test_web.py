@@ -18,6 +18,7 @@ import uvicorn
 
 from conftest import EXAMPLE, REPO, TEST_KEY, build_file, sender
 from newsletter import tokens
+from newsletter.archive import Archive
 from newsletter.compose import MessageTemplate
 from newsletter.csv_import import ParsedRow
 from newsletter.database import connect
@@ -46,7 +47,13 @@ def site(tmp_path: Path) -> Iterator[Site]:
     for list_name in ("research-news", "events"):
         store.import_rows(list_name, rows, skip_invalid=False)
     society = load_society(REPO / "society.yaml").value
-    app = create_app(WebConfig(TEST_KEY, society, store_per_thread(db)))
+    with connect(db) as conn:  # the bundled issue has been sent to one list
+        conn.execute(
+            "INSERT INTO sends (issue_id, list_name, created_at, audience, suppressed) "
+            "VALUES ('2020-12-23', 'research-news', '2020-12-23T14:00:00+00:00', 2, 0)"
+        )
+    archive = Archive(REPO / "issues", REPO / "templates", society, "https://news.example.org")
+    app = create_app(WebConfig(TEST_KEY, society, store_per_thread(db), archive))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -144,3 +151,39 @@ def test_the_link_in_a_sent_message_works(site: Site, project: Path) -> None:
     path = one_click.removeprefix("https://news.example.org")
     status, _, _ = call(site.base + path, b"List-Unsubscribe=One-Click", FORM)
     assert status == 200 and site.audience() == [EMAILS[1]]
+
+
+def test_preferences_leave_some_or_all_lists(site: Site) -> None:
+    url = f"{site.base}/preferences/{token(EMAILS[0])}"
+    status, body, _ = call(url)
+    assert status == 200 and 'name="list:events" checked' in body
+    assert 'name="list:research-news" checked' in body
+    assert site.audience() == EMAILS  # looking changes nothing
+    status, body, _ = call(url, b"confirm=yes&list%3Aevents=on", FORM)
+    assert status == 200 and "Saved." in body
+    assert site.audience() == [EMAILS[1]] and site.audience("events") == EMAILS
+    call(url, b"confirm=yes", FORM)  # untick everything
+    assert site.audience("events") == [EMAILS[1]]
+    call(url, b"confirm=yes&list%3Aevents=on&list%3Aresearch-news=on", FORM)
+    assert site.audience() == EMAILS and site.audience("events") == EMAILS
+
+
+def test_archive_and_feed(site: Site) -> None:
+    status, body, _ = call(f"{site.base}/issues/")
+    assert status == 200 and 'href="/issues/2020-12-23"' in body
+    status, body, headers = call(f"{site.base}/issues/2020-12-23")
+    assert status == 200 and "Positive Results Reported" in body
+    assert "[[" not in body and "@example.org" not in body.replace("research@example.org", "")
+    assert 'https://news.example.org/unsubscribe"' in body  # a general link, no token
+    status, _, _ = call(f"{site.base}/issues/2099-01-01")
+    assert status == 404
+    status, feed, headers = call(f"{site.base}/feed.xml")
+    assert status == 200 and headers.get("content-type", "").startswith("application/atom+xml")
+    assert "<title>MS Research News: stem cell therapy shows promise</title>" in feed
+    assert (
+        '<link rel="alternate" type="text/html" href="https://news.example.org/issues/2020-12-23"/>'
+        in feed
+    )
+    import xml.etree.ElementTree as ET
+
+    ET.fromstring(feed)  # noqa: S314 - our own feed, checked for well-formedness

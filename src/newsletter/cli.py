@@ -786,6 +786,7 @@ def serve(host: str | None, port: int | None) -> None:
 
     import uvicorn
 
+    from newsletter.archive import Archive
     from newsletter.errors import ConfigError, NewsletterError
     from newsletter.loading import load_society
     from newsletter.web import WebConfig, create_app, store_per_thread
@@ -800,7 +801,10 @@ def serve(host: str | None, port: int | None) -> None:
     except NewsletterError as exc:
         _fail(exc)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    app = create_app(WebConfig(settings.token_key, society, store_per_thread(settings.database)))
+    archive = Archive(settings.issues_dir, settings.templates_dir, society, settings.public_url)
+    app = create_app(
+        WebConfig(settings.token_key, society, store_per_thread(settings.database), archive)
+    )
     uvicorn.run(
         app,
         host=host or settings.serve_host,

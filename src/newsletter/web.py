@@ -36,6 +36,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from newsletter import tokens
+from newsletter.archive import Archive
 from newsletter.database import connect
 from newsletter.models import Society
 from newsletter.subscribers import SubscriberStore
@@ -44,7 +45,7 @@ log = logging.getLogger("newsletter.web")
 
 SECURITY_HEADERS = {
     "content-security-policy": (
-        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+        "default-src 'none'; style-src 'unsafe-inline'; img-src https:; form-action 'self'; "
         "frame-ancestors 'none'; base-uri 'none'"
     ),
     "x-content-type-options": "nosniff",
@@ -60,6 +61,7 @@ class WebConfig:
     token_key: bytes
     society: Society
     store: Callable[[], SubscriberStore]  # a store on a connection for this thread
+    archive: Archive | None = None
 
 
 def store_per_thread(db_path: Path) -> Callable[[], SubscriberStore]:
@@ -81,6 +83,12 @@ def create_app(config: WebConfig) -> ASGIApp:
         routes=[
             Route("/unsubscribe/{token}", pages.unsubscribe, methods=["GET", "POST"]),
             Route("/unsubscribe/{token}/undo", pages.undo, methods=["POST"]),
+            Route("/unsubscribe", pages.no_token, methods=["GET"]),
+            Route("/preferences/{token}", pages.preferences, methods=["GET", "POST"]),
+            Route("/preferences", pages.no_token, methods=["GET"]),
+            Route("/issues/", pages.issues, methods=["GET"]),
+            Route("/issues/{issue_id}", pages.issue, methods=["GET"]),
+            Route("/feed.xml", pages.feed, methods=["GET"]),
             Route("/healthz", lambda request: PlainTextResponse("ok"), methods=["GET"]),
         ],
     )
@@ -159,6 +167,77 @@ class _Pages:
             f"<p><strong>{_e(subject.email)}</strong> will keep getting "
             f"<strong>{_e(self._newsletter(subject))}</strong>.</p>",
         )
+
+    async def preferences(self, request: Request) -> Response:
+        subject = self._subject(request)
+        if subject is None:
+            return self._not_found()
+        store = self.config.store()
+        if request.method == "POST":
+            form = await _form(request)
+            if form.get("confirm") != "yes":
+                return self._page("Nothing changed", "<p>The request was incomplete.</p>", 400)
+            for list_name, _left in store.lists_of(subject.email):
+                if form.get(f"list:{list_name}") == "on":
+                    store.opt_in(list_name, subject.email)
+                else:
+                    store.opt_out(list_name, subject.email)
+            log.info(
+                "preferences saved lists=%s", ",".join(n for n, _ in store.lists_of(subject.email))
+            )
+        lists = store.lists_of(subject.email)
+        boxes = "".join(
+            f'<p><label><input type="checkbox" name="list:{_e(name)}"'
+            f"{'' if left else ' checked'}> {_e(name)}</label></p>"
+            for name, left in lists
+        )
+        saved = "<p><strong>Saved.</strong></p>" if request.method == "POST" else ""
+        return self._page(
+            "Your newsletters",
+            f"{saved}<p>Emails to <strong>{_e(subject.email)}</strong>. Untick a list to leave "
+            f"it; untick them all to leave everything.</p>"
+            f'<form method="post">{boxes}<input type="hidden" name="confirm" value="yes">'
+            f'<button type="submit">Save</button></form>',
+        )
+
+    async def no_token(self, request: Request) -> Response:
+        return self._page(
+            "Use the link in your email",
+            "<p>Each email we send has its own unsubscribe and preferences links at the "
+            "bottom. Please use those, or reply to the email and we will help.</p>",
+        )
+
+    async def issues(self, request: Request) -> Response:
+        archive = self.config.archive
+        if archive is None:
+            return self._page("Not found", "<p>There is no archive here.</p>", 404)
+        entries = archive.entries(self.config.store().conn)
+        items = "".join(
+            f'<li><a href="/issues/{_e(e.issue.id)}">{_e(e.issue.subject)}</a> '
+            f"<small>{e.issue.date:%d %B %Y}</small></li>"
+            for e in entries
+        )
+        return self._page(
+            "Past issues",
+            f"<ul>{items or '<li>No issue has been sent yet.</li>'}</ul>"
+            '<p><a href="/feed.xml">Atom feed</a></p>',
+        )
+
+    async def issue(self, request: Request) -> Response:
+        archive = self.config.archive
+        issue_id = str(request.path_params["issue_id"])
+        if archive is None or issue_id not in {
+            e.issue.id for e in archive.entries(self.config.store().conn)
+        }:
+            return self._page("Not found", "<p>There is no issue by that name.</p>", 404)
+        return HTMLResponse(archive.web_version(issue_id))
+
+    async def feed(self, request: Request) -> Response:
+        archive = self.config.archive
+        if archive is None:
+            return PlainTextResponse("no archive\n", status_code=404)
+        xml = archive.atom(archive.entries(self.config.store().conn))
+        return Response(xml, media_type="application/atom+xml")
 
     def _newsletter(self, subject: tokens.TokenSubject) -> str:
         return f"{self.config.society.newsletter_name} ({subject.list_name})"
