@@ -187,3 +187,82 @@ def test_archive_and_feed(site: Site) -> None:
     import xml.etree.ElementTree as ET
 
     ET.fromstring(feed)  # noqa: S314 - our own feed, checked for well-formedness
+
+
+def test_in_a_browser_from_the_link_in_a_sent_message(site: Site, project: Path) -> None:
+    """Headless Chromium opens the footer's unsubscribe link, clicks, and sees the result."""
+    from test_rendering import ARGS, CHROMIUM
+
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium (bash .ci/run does)")
+    rendered = build_file(project / "issues" / EXAMPLE.name, project).rendered
+    raw = MessageTemplate(rendered, sender()).personalise(
+        Recipient(EMAILS[0]), date=dt.datetime(2020, 12, 23, tzinfo=dt.UTC)
+    )
+    html_part = email.message_from_bytes(raw, policy=email.policy.default).get_body(("html",))
+    assert html_part is not None
+    footer_link = html_part.get_content().split('href="https://news.example.org/unsubscribe/')[1]
+    signed = footer_link.split('"')[0]
+    url = f"{site.base}/unsubscribe/{signed}"
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.goto(url)
+        assert page.locator("h1").inner_text() == "Unsubscribe"
+        assert EMAILS[0] in page.locator("main").inner_text()
+        assert site.audience() == EMAILS  # opening the page did nothing
+        page.get_by_role("button", name="Unsubscribe").click()
+        page.wait_for_selector("h1:text('Unsubscribed')")
+        assert site.audience() == [EMAILS[1]]
+        page.get_by_role("button", name="Undo: keep sending it to me").click()
+        page.wait_for_selector("h1:text('Welcome back')")
+        assert site.audience() == EMAILS
+        browser.close()
+
+
+def test_serve_command(project: Path) -> None:
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")},
+        "NEWSLETTER_DATABASE": str(project / "web.sqlite3"),
+        "NEWSLETTER_SECRET_KEY": "x" * 40,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "newsletter", "serve", "--port", "0"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        port = None
+        deadline = time.monotonic() + 30
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+            port = int(found.group(1)) if found else None
+        assert port, "the server did not say where it listens"
+        status, body, headers = call(f"http://127.0.0.1:{port}/issues/")
+        assert status == 200 and "No issue has been sent yet" in body
+        assert "server" not in {k.lower() for k in headers}  # no version banner
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    no_key = {k: v for k, v in env.items() if k != "NEWSLETTER_SECRET_KEY"}
+    refused = subprocess.run(
+        [sys.executable, "-m", "newsletter", "serve"],
+        cwd=project,
+        env=no_key,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode == 1 and "NEWSLETTER_SECRET_KEY is not set" in refused.stderr
