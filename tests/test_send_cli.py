@@ -39,6 +39,29 @@ def env_for(server: Server | None, project: Path, **extra: str) -> dict[str, str
     return env
 
 
+def wait_for(server: Server, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while len(server.handler.received) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def kill_9_after(
+    args: list[str], project: Path, env: dict[str, str], server: Server, count: int
+) -> None:
+    """Run the CLI and kill -9 it once the server has received ``count`` messages."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "newsletter", *args],
+        cwd=project,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    wait_for(server, count)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+
+
 def write_csv(project: Path, n: int, name: str = "subs.csv") -> list[str]:
     emails = [f"reader{i:05d}@example.org" for i in range(n)]
     lines = ["email,first_name,last_name"] + [f"{e},Reader,{i}" for i, e in enumerate(emails)]
@@ -148,19 +171,7 @@ def test_kill_9_mid_send_then_resume(project: Path, server: Server) -> None:
     emails = write_csv(project, 400)
     run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
     server.handler.behaviour.delay = 0.004  # slow enough to be killed in the middle
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "newsletter", "send", f"issues/{EXAMPLE.name}", "--yes"],
-        cwd=project,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 60
-    while len(server.handler.received) < 120 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
-    assert proc.returncode == -signal.SIGKILL
+    kill_9_after(["send", f"issues/{EXAMPLE.name}", "--yes"], project, env, server, 120)
     got_before = len(server.handler.received)
     assert 120 <= got_before < 400, "the kill must land in the middle of the send"
 
@@ -342,18 +353,7 @@ def test_kill_9_during_a_scheduled_send_then_the_next_run_resumes(
     emails = write_csv(project, 300)
     run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
     server.handler.behaviour.delay = 0.004
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "newsletter", "send", "--due"],
-        cwd=project,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 60
-    while len(server.handler.received) < 80 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+    kill_9_after(["send", "--due"], project, env, server, 80)
     server.handler.behaviour.delay = 0
     # The killed run's leases are taken over at once: its process is gone.
     resumed = run_cli("send", "--due", cwd=project, env=env)
@@ -380,9 +380,7 @@ def test_sigterm_during_a_scheduled_send_leaves_nobody_in_doubt(
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 60
-    while len(server.handler.received) < 40 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(server, 40)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
