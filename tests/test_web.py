@@ -52,8 +52,12 @@ def site(tmp_path: Path) -> Iterator[Site]:
             "INSERT INTO sends (issue_id, list_name, created_at, audience, suppressed) "
             "VALUES ('2020-12-23', 'research-news', '2020-12-23T14:00:00+00:00', 2, 0)"
         )
+        conn.execute(
+            "INSERT INTO deliveries (send_id, seq, email, first_name, last_name, state) "
+            "VALUES (1, 0, 'ann@example.org', '', '', 'sent')"
+        )
     archive = Archive(REPO / "issues", REPO / "templates", society, "https://news.example.org")
-    app = create_app(WebConfig(TEST_KEY, society, store_per_thread(db), archive))
+    app = create_app(WebConfig(TEST_KEY, society, store_per_thread(db, busy_seconds=0.5), archive))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -266,3 +270,38 @@ def test_serve_command(project: Path) -> None:
         check=False,
     )
     assert refused.returncode == 1 and "NEWSLETTER_SECRET_KEY is not set" in refused.stderr
+
+
+def test_one_click_as_multipart_form_data(site: Site) -> None:
+    body = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="List-Unsubscribe"\r\n\r\n'
+        b"One-Click\r\n--XyZ--\r\n"
+    )
+    status, _, _ = call(
+        f"{site.base}/unsubscribe/{token(EMAILS[0])}", body, "multipart/form-data; boundary=XyZ"
+    )
+    assert status == 200 and site.audience() == [EMAILS[1]]
+
+
+def test_large_bodies_and_a_busy_database(site: Site) -> None:
+    url = f"{site.base}/unsubscribe/{token(EMAILS[0])}"
+    status, _, _ = call(url, b"List-Unsubscribe=One-Click&pad=" + b"x" * 100_000, FORM)
+    assert status == 413 and site.audience() == EMAILS
+    holder = connect(site.db)
+    holder.execute("BEGIN IMMEDIATE")  # a send freezing a large audience, say
+    try:
+        status, body, headers = call(url, b"List-Unsubscribe=One-Click", FORM)
+    finally:
+        holder.execute("ROLLBACK")
+    assert status == 503 and "try again" in body
+    assert headers.get("retry-after") == "60" or headers.get("Retry-After") == "60"
+    status, _, _ = call(url, b"List-Unsubscribe=One-Click", FORM)
+    assert status == 200 and site.audience() == [EMAILS[1]]
+
+
+def test_archive_leaves_out_issues_nobody_received(site: Site) -> None:
+    with connect(site.db) as conn:
+        conn.execute("UPDATE deliveries SET state = 'rejected'")
+    _, body, _ = call(f"{site.base}/issues/")
+    assert "No issue has been sent yet" in body
+    assert call(f"{site.base}/issues/2020-12-23")[0] == 404

@@ -42,8 +42,13 @@ class Archive:
 
     def entries(self, conn: sqlite3.Connection) -> list[ArchiveEntry]:
         """Sent issues, newest first; files that no longer load are left out."""
+        # Sent means delivered to someone: a send that was only frozen, or whose
+        # every message was refused, is not in the archive.
         sent = dict(
-            conn.execute("SELECT issue_id, min(created_at) FROM sends GROUP BY issue_id").fetchall()
+            conn.execute(
+                "SELECT issue_id, min(created_at) FROM sends s WHERE EXISTS (SELECT 1 FROM "
+                "deliveries d WHERE d.send_id = s.id AND d.state = 'sent') GROUP BY issue_id"
+            ).fetchall()
         )
         found = []
         for issue in self._issues():

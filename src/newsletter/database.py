@@ -90,11 +90,12 @@ CREATE TABLE IF NOT EXISTS locks (
 """
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed) the database at ``path``."""
+def connect(path: Path, *, busy_seconds: float = 30.0) -> sqlite3.Connection:
+    """Open (creating if needed) the database at ``path``; wait up to ``busy_seconds``
+    for another writer."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=busy_seconds)
     except (OSError, sqlite3.Error) as exc:
         raise ConfigError(
             f"cannot open the database {path}: {exc}; check NEWSLETTER_DATABASE"

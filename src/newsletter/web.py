@@ -21,15 +21,20 @@ a strict Content-Security-Policy and no JavaScript.
 
 from __future__ import annotations
 
+import email
+import email.policy
 import html
 import logging
+import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -38,10 +43,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from newsletter import tokens
 from newsletter.archive import Archive
 from newsletter.database import connect
+from newsletter.errors import ConfigError
 from newsletter.models import Society
 from newsletter.subscribers import SubscriberStore
 
 log = logging.getLogger("newsletter.web")
+T = TypeVar("T")
 
 SECURITY_HEADERS = {
     "content-security-policy": (
@@ -64,31 +71,52 @@ class WebConfig:
     archive: Archive | None = None
 
 
-def store_per_thread(db_path: Path) -> Callable[[], SubscriberStore]:
+def store_per_thread(db_path: Path, *, busy_seconds: float = 20.0) -> Callable[[], SubscriberStore]:
     """SQLite connections belong to one thread: one store per thread that asks."""
     local = threading.local()
 
     def store() -> SubscriberStore:
         if not hasattr(local, "store"):
-            local.store = SubscriberStore(connect(db_path))
+            local.store = SubscriberStore(connect(db_path, busy_seconds=busy_seconds))
         found: SubscriberStore = local.store
         return found
 
     return store
 
 
+def _guarded(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """Clear answers for a busy database or an oversized body, instead of a 500."""
+
+    async def run(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except _TooLarge:
+            return PlainTextResponse("Request too large.\n", status_code=413)
+        except (sqlite3.OperationalError, ConfigError):
+            log.warning("database busy; answered 503")
+            return PlainTextResponse(
+                "Busy, nothing was changed; please try again in a minute.\n",
+                status_code=503,
+                headers={"retry-after": "60"},
+            )
+
+    return run
+
+
 def create_app(config: WebConfig) -> ASGIApp:
     pages = _Pages(config)
     app = Starlette(
         routes=[
-            Route("/unsubscribe/{token}", pages.unsubscribe, methods=["GET", "POST"]),
-            Route("/unsubscribe/{token}/undo", pages.undo, methods=["POST"]),
-            Route("/unsubscribe", pages.no_token, methods=["GET"]),
-            Route("/preferences/{token}", pages.preferences, methods=["GET", "POST"]),
-            Route("/preferences", pages.no_token, methods=["GET"]),
-            Route("/issues/", pages.issues, methods=["GET"]),
-            Route("/issues/{issue_id}", pages.issue, methods=["GET"]),
-            Route("/feed.xml", pages.feed, methods=["GET"]),
+            Route("/unsubscribe/{token}", _guarded(pages.unsubscribe), methods=["GET", "POST"]),
+            Route("/unsubscribe/{token}/undo", _guarded(pages.undo), methods=["POST"]),
+            Route("/unsubscribe", _guarded(pages.no_token), methods=["GET"]),
+            Route("/preferences/{token}", _guarded(pages.preferences), methods=["GET", "POST"]),
+            Route("/preferences", _guarded(pages.no_token), methods=["GET"]),
+            Route("/issues/", _guarded(pages.issues), methods=["GET"]),
+            Route("/issues/{issue_id}", _guarded(pages.issue), methods=["GET"]),
+            Route("/feed.xml", _guarded(pages.feed), methods=["GET"]),
             Route("/healthz", lambda request: PlainTextResponse("ok"), methods=["GET"]),
         ],
     )
@@ -134,8 +162,7 @@ class _Pages:
         one_click = form.get("List-Unsubscribe") == "One-Click"
         if not one_click and form.get("confirm") != "yes":
             return self._page("Nothing changed", "<p>The request was incomplete.</p>", 400)
-        store = self.config.store()
-        changed = store.opt_out(subject.list_name, subject.email)
+        changed = await self._db(lambda store: store.opt_out(subject.list_name, subject.email))
         log.info(
             "unsubscribe list=%s via=%s changed=%s",
             subject.list_name,
@@ -160,7 +187,7 @@ class _Pages:
         form = await _form(request)
         if form.get("confirm") != "yes":
             return self._page("Nothing changed", "<p>The request was incomplete.</p>", 400)
-        changed = self.config.store().opt_in(subject.list_name, subject.email)
+        changed = await self._db(lambda store: store.opt_in(subject.list_name, subject.email))
         log.info("resubscribe list=%s changed=%s", subject.list_name, changed)
         return self._page(
             "Welcome back",
@@ -172,20 +199,22 @@ class _Pages:
         subject = self._subject(request)
         if subject is None:
             return self._not_found()
-        store = self.config.store()
+        form = await _form(request) if request.method == "POST" else {}
+        if request.method == "POST" and form.get("confirm") != "yes":
+            return self._page("Nothing changed", "<p>The request was incomplete.</p>", 400)
+
+        def apply(store: SubscriberStore) -> list[tuple[str, bool]]:
+            if request.method == "POST":
+                for list_name, _left in store.lists_of(subject.email):
+                    if form.get(f"list:{list_name}") == "on":
+                        store.opt_in(list_name, subject.email)
+                    else:
+                        store.opt_out(list_name, subject.email)
+            return store.lists_of(subject.email)
+
+        lists = await self._db(apply)
         if request.method == "POST":
-            form = await _form(request)
-            if form.get("confirm") != "yes":
-                return self._page("Nothing changed", "<p>The request was incomplete.</p>", 400)
-            for list_name, _left in store.lists_of(subject.email):
-                if form.get(f"list:{list_name}") == "on":
-                    store.opt_in(list_name, subject.email)
-                else:
-                    store.opt_out(list_name, subject.email)
-            log.info(
-                "preferences saved lists=%s", ",".join(n for n, _ in store.lists_of(subject.email))
-            )
-        lists = store.lists_of(subject.email)
+            log.info("preferences saved lists=%s", ",".join(n for n, _ in lists))
         boxes = "".join(
             f'<p><label><input type="checkbox" name="list:{_e(name)}"'
             f"{'' if left else ' checked'}> {_e(name)}</label></p>"
@@ -211,7 +240,7 @@ class _Pages:
         archive = self.config.archive
         if archive is None:
             return self._page("Not found", "<p>There is no archive here.</p>", 404)
-        entries = archive.entries(self.config.store().conn)
+        entries = await self._db(lambda store: archive.entries(store.conn))
         items = "".join(
             f'<li><a href="/issues/{_e(e.issue.id)}">{_e(e.issue.subject)}</a> '
             f"<small>{e.issue.date:%d %B %Y}</small></li>"
@@ -226,18 +255,24 @@ class _Pages:
     async def issue(self, request: Request) -> Response:
         archive = self.config.archive
         issue_id = str(request.path_params["issue_id"])
-        if archive is None or issue_id not in {
-            e.issue.id for e in archive.entries(self.config.store().conn)
-        }:
+        if archive is None:
             return self._page("Not found", "<p>There is no issue by that name.</p>", 404)
-        return HTMLResponse(archive.web_version(issue_id))
+        entries = await self._db(lambda store: archive.entries(store.conn))
+        if issue_id not in {e.issue.id for e in entries}:
+            return self._page("Not found", "<p>There is no issue by that name.</p>", 404)
+        return HTMLResponse(await run_in_threadpool(archive.web_version, issue_id))
 
     async def feed(self, request: Request) -> Response:
         archive = self.config.archive
         if archive is None:
             return PlainTextResponse("no archive\n", status_code=404)
-        xml = archive.atom(archive.entries(self.config.store().conn))
+        xml = archive.atom(await self._db(lambda store: archive.entries(store.conn)))
         return Response(xml, media_type="application/atom+xml")
+
+    async def _db(self, work: Callable[[SubscriberStore], T]) -> T:
+        """Database work off the event loop: a write waiting for a send's lock must not
+        stall every other request."""
+        return await run_in_threadpool(lambda: work(self.config.store()))
 
     def _newsletter(self, subject: tokens.TokenSubject) -> str:
         return f"{self.config.society.newsletter_name} ({subject.list_name})"
@@ -269,12 +304,46 @@ border-radius:4px;cursor:pointer}}button:focus{{outline:3px solid #f0b400}}</sty
         )
 
 
+class _TooLarge(Exception):
+    pass
+
+
 async def _form(request: Request) -> dict[str, str]:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        return {}
+    """The fields of a small form, urlencoded or multipart/form-data (RFC 8058 allows both).
+
+    The body is read up to MAX_BODY and no further: these forms hold a field
+    or two, and nobody gets to make the server buffer a large upload."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise _TooLarge
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise _TooLarge
+    ctype = request.headers.get("content-type", "")
+    if ctype.lower().startswith("multipart/form-data"):
+        return _multipart(ctype, body)
     fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
     return {k: v[0] for k, v in fields.items()}
+
+
+def _multipart(ctype: str, body: bytes) -> dict[str, str]:
+    # The stdlib MIME parser reads multipart/form-data (RFC 7578) well enough
+    # for a body capped at a few kilobytes.
+    message = email.message_from_bytes(
+        b"Content-Type: " + ctype.encode("latin-1", "replace") + b"\r\n\r\n" + body,
+        policy=email.policy.HTTP,
+    )
+    fields: dict[str, str] = {}
+    if not message.is_multipart():
+        return fields
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if isinstance(name, str) and isinstance(payload, bytes):
+            fields.setdefault(name, payload.decode("utf-8", "replace").strip())
+    return fields
 
 
 def _e(text: str) -> str:
