@@ -305,3 +305,9 @@ def test_archive_leaves_out_issues_nobody_received(site: Site) -> None:
     _, body, _ = call(f"{site.base}/issues/")
     assert "No issue has been sent yet" in body
     assert call(f"{site.base}/issues/2020-12-23")[0] == 404
+
+
+def test_preferences_say_when_the_address_gets_nothing_at_all(site: Site) -> None:
+    SubscriberStore(connect(site.db)).suppress(EMAILS[0], "bounced")
+    _, body, _ = call(f"{site.base}/preferences/{token(EMAILS[0])}")
+    assert "do-not-mail list (bounced)" in body

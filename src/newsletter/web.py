@@ -203,16 +203,16 @@ class _Pages:
         if request.method == "POST" and form.get("confirm") != "yes":
             return self._page("Nothing changed", "<p>The request was incomplete.</p>", 400)
 
-        def apply(store: SubscriberStore) -> list[tuple[str, bool]]:
+        def apply(store: SubscriberStore) -> tuple[list[tuple[str, bool]], str | None]:
             if request.method == "POST":
                 for list_name, _left in store.lists_of(subject.email):
                     if form.get(f"list:{list_name}") == "on":
                         store.opt_in(list_name, subject.email)
                     else:
                         store.opt_out(list_name, subject.email)
-            return store.lists_of(subject.email)
+            return store.lists_of(subject.email), store.suppression(subject.email)
 
-        lists = await self._db(apply)
+        lists, suppressed = await self._db(apply)
         if request.method == "POST":
             log.info("preferences saved lists=%s", ",".join(n for n, _ in lists))
         boxes = "".join(
@@ -221,6 +221,14 @@ class _Pages:
             for name, left in lists
         )
         saved = "<p><strong>Saved.</strong></p>" if request.method == "POST" else ""
+        if suppressed:
+            # Ticks cannot override the do-not-mail list (bounces, complaints, a
+            # request to stop everything): say so rather than look subscribed.
+            saved += (
+                f"<p>This address is on our do-not-mail list ({_e(suppressed)}), so it gets "
+                "none of these emails whatever is ticked. Reply to any of our emails to "
+                "change that.</p>"
+            )
         return self._page(
             "Your newsletters",
             f"{saved}<p>Emails to <strong>{_e(subject.email)}</strong>. Untick a list to leave "
