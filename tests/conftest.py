@@ -116,7 +116,7 @@ def write_issue(project: Path) -> Callable[..., Path]:
 
 
 def run_cli(
-    *args: str, cwd: Path, env: dict[str, str] | None = None
+    *args: str, cwd: Path, env: dict[str, str] | None = None, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """The real command, in a subprocess, in a project folder."""
     import os
@@ -127,6 +127,7 @@ def run_cli(
         [sys.executable, "-m", "newsletter", *args],
         cwd=cwd,
         env=full_env,
+        input=input,
         capture_output=True,
         text=True,
         timeout=120,

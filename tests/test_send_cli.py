@@ -145,16 +145,7 @@ def test_real_send_asks_first_and_needs_a_secret(project: Path, server: Server) 
     env = env_for(server, project)
     write_csv(project, 2)
     run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
-    declined = subprocess.run(
-        [sys.executable, "-m", "newsletter", "send", f"issues/{EXAMPLE.name}"],
-        cwd=project,
-        env={**os.environ, **env},
-        input="n\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    declined = run_cli("send", f"issues/{EXAMPLE.name}", cwd=project, env=env, input="n\n")
     assert (
         declined.returncode == 1
         and "Send 2020-12-23 to the list 'research-news'" in declined.stdout
@@ -436,15 +427,8 @@ def test_declining_the_prompt_changes_nothing(project: Path, server: Server) -> 
     server.handler.behaviour.drop_in_data = {emails[1]}
     run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
     server.handler.behaviour.drop_in_data = set()
-    declined = subprocess.run(
-        [sys.executable, "-m", "newsletter", "send", f"issues/{EXAMPLE.name}", "--resend-unknown"],
-        cwd=project,
-        env={**os.environ, **env},
-        input="n\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    declined = run_cli(
+        "send", f"issues/{EXAMPLE.name}", "--resend-unknown", cwd=project, env=env, input="n\n"
     )
     assert declined.returncode == 1
     status = run_cli("status", "2020-12-23", cwd=project, env=env)
