@@ -16,8 +16,9 @@ from pathlib import Path
 
 from newsletter.errors import ConfigError
 
-SCHEMA_VERSION = 1
-
+# The base schema is version 1; each later version is one entry in _MIGRATIONS,
+# applied in order inside one write transaction, so two processes opening an
+# old database at once cannot both migrate it.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS subscribers (
     id          INTEGER PRIMARY KEY,
@@ -85,9 +86,40 @@ CREATE TABLE IF NOT EXISTS slots (
 CREATE TABLE IF NOT EXISTS locks (
     name        TEXT PRIMARY KEY,
     owner       TEXT NOT NULL,
-    expires     REAL NOT NULL                  -- unix time; a crashed owner's lease runs out
+    expires     REAL NOT NULL                  -- unix time: a crashed owner's lease runs out
 ) WITHOUT ROWID;
 """
+
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 2: who suppressed or lifted a suppression, and why; where each send came
+    # from; the archive as it was sent; recipients left out of a send because
+    # another list's send of the same issue reached them.
+    (
+        "CREATE TABLE suppression_log ("
+        " id INTEGER PRIMARY KEY,"
+        " email TEXT NOT NULL,"
+        " action TEXT NOT NULL CHECK (action IN ('suppress', 'unsuppress')),"
+        " reason TEXT NOT NULL,"  # the suppression reason, or the text given to lift it
+        " list_name TEXT,"
+        " actor TEXT NOT NULL,"  # who did it: 'cli:user@host', 'web', ...
+        " created_at TEXT NOT NULL)",
+        "CREATE INDEX suppression_log_by_email ON suppression_log(email, id)",
+        "ALTER TABLE sends ADD COLUMN source_file TEXT",  # the issue file, as given
+        "ALTER TABLE sends ADD COLUMN source_sha256 TEXT",  # of that file's bytes
+        "ALTER TABLE sends ADD COLUMN duplicates INTEGER NOT NULL DEFAULT 0",
+        "CREATE TABLE archive ("
+        " issue_id TEXT PRIMARY KEY,"
+        " subject TEXT NOT NULL,"
+        " date TEXT NOT NULL,"
+        " preheader TEXT NOT NULL DEFAULT '',"
+        " html TEXT NOT NULL,"  # the web version, rendered when the first send froze
+        " source_file TEXT NOT NULL,"
+        " source_sha256 TEXT NOT NULL,"
+        " frozen_at TEXT NOT NULL"
+        ") WITHOUT ROWID",
+    ),
+)
+SCHEMA_VERSION = 1 + len(_MIGRATIONS)
 
 
 def connect(path: Path, *, busy_seconds: float = 30.0) -> sqlite3.Connection:
@@ -111,9 +143,30 @@ def connect(path: Path, *, busy_seconds: float = 30.0) -> sqlite3.Connection:
                 f"the database {path} was made by a newer version of newsletter "
                 f"(schema {version}); upgrade newsletter"
             )
-        conn.executescript(_SCHEMA)
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if version < SCHEMA_VERSION:
+            _migrate(conn)
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise ConfigError(f"{path} is not a usable newsletter database: {exc}") from None
     return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            version = 1
+        for target, statements in enumerate(_MIGRATIONS[version - 1 :], start=version + 1):
+            for statement in statements:
+                conn.execute(statement)
+            version = target
+        conn.execute(f"PRAGMA user_version={version}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise

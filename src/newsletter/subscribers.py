@@ -188,18 +188,34 @@ class SubscriberStore:
                 ).rowcount
         return removed
 
-    def suppress(self, email: str, reason: str, *, list_name: str | None = None) -> bool:
-        """Never mail ``email`` again, on any list. Returns False if it already was."""
+    def suppress(
+        self, email: str, reason: str, *, list_name: str | None = None, actor: str = "cli"
+    ) -> bool:
+        """Never mail ``email`` again, on any list. Returns False if it already was.
+
+        Every change is also written to ``suppression_log`` with who made it."""
         if reason not in SUPPRESSION_REASONS:
             raise ValueError(f"unknown suppression reason {reason!r}")
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
+            now = _now()
             changed = self.conn.execute(
                 "INSERT INTO suppressions (email, reason, list_name, created_at) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (email, reason, list_name, _now()),
+                (email, reason, list_name, now),
             ).rowcount
+            if changed:
+                self._log(email, "suppress", reason, list_name, actor, now)
         return bool(changed)
+
+    def _log(
+        self, email: str, action: str, reason: str, list_name: str | None, actor: str, now: str
+    ) -> None:
+        self.conn.execute(
+            "INSERT INTO suppression_log (email, action, reason, list_name, actor, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (email, action, reason, list_name, actor, now),
+        )
 
     def opt_out(self, list_name: str, email: str) -> bool:
         """``email`` leaves ``list_name``: no later send to that list reaches it, even after a
@@ -233,8 +249,15 @@ class SubscriberStore:
         )
         return [(r[0], bool(r[1])) for r in rows]
 
-    def unsuppress(self, email: str) -> bool:
+    def unsuppress(self, email: str, *, reason: str, actor: str) -> str | None:
+        """Lift the suppression of ``email``; ``reason`` and ``actor`` are recorded.
+
+        Returns the reason it had been suppressed for, or None if it was not."""
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
-            changed = self.conn.execute("DELETE FROM suppressions WHERE email = ?", (email,))
-        return bool(changed.rowcount)
+            row = self.conn.execute(
+                "DELETE FROM suppressions WHERE email = ? RETURNING reason", (email,)
+            ).fetchone()
+            if row is not None:
+                self._log(email, "unsuppress", reason, None, actor, _now())
+        return None if row is None else str(row[0])

@@ -1,0 +1,60 @@
+"""The database schema: new databases and databases made by an older version."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from newsletter import database
+from newsletter.database import SCHEMA_VERSION, connect
+from newsletter.subscribers import SubscriberStore
+
+
+def test_new_database_has_the_current_schema(tmp_path: Path) -> None:
+    conn = connect(tmp_path / "new.sqlite3")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"subscribers", "sends", "deliveries", "suppression_log", "archive"} <= tables
+
+
+def test_version_1_database_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(database._SCHEMA)  # what version 1 created
+    old.execute("PRAGMA user_version=1")
+    old.execute(
+        "INSERT INTO subscribers (email, first_name, created_at) VALUES ('ann@example.org', "
+        "'Ann', '2026-01-01')"
+    )
+    old.execute(
+        "INSERT INTO sends (issue_id, list_name, created_at, audience, suppressed) "
+        "VALUES ('2026-01-01', 'news', '2026-01-01', 1, 0)"
+    )
+    old.close()
+
+    conn = connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("SELECT first_name FROM subscribers").fetchone()[0] == "Ann"
+    row = conn.execute("SELECT issue_id, source_file, duplicates FROM sends").fetchone()
+    assert tuple(row) == ("2026-01-01", None, 0)
+    conn.close()
+    # Opening it again changes nothing.
+    assert connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_suppressing_and_lifting_are_logged_with_who_and_why(tmp_path: Path) -> None:
+    store = SubscriberStore(connect(tmp_path / "db.sqlite3"))
+    assert store.suppress("ann@example.org", "complained", actor="web")
+    assert store.unsuppress("ann@example.org", reason="she wrote to ask", actor="cli:ed@host") == (
+        "complained"
+    )
+    assert store.unsuppress("ann@example.org", reason="again", actor="cli:ed@host") is None
+    assert store.suppression("ann@example.org") is None
+    log = store.conn.execute(
+        "SELECT action, reason, actor FROM suppression_log WHERE email = ? ORDER BY id",
+        ("ann@example.org",),
+    ).fetchall()
+    assert [tuple(r) for r in log] == [
+        ("suppress", "complained", "web"),
+        ("unsuppress", "she wrote to ask", "cli:ed@host"),
+    ]
