@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -830,3 +831,53 @@ def test_preferences_of_someone_who_left_every_list_one_by_one(site: Site) -> No
     assert "checked" not in body and site.store().suppression(EMAILS[0]) is None
     call(url, b"confirm=yes", FORM)
     assert site.store().suppression(EMAILS[0]) == "unsubscribed"
+
+
+def test_in_a_browser_behind_a_proxy_that_strips_the_prefix(tmp_path: Path) -> None:
+    """Chromium at https://host.example/news/...: every click goes to the public URL, and
+    the "proxy" (Playwright's request routing) hands the server the path without /news."""
+    from test_rendering import ARGS, CHROMIUM
+
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium (bash .ci/run does)")
+    public = "https://host.example/news"
+    sites = make_site(tmp_path, public)
+    site = next(sites)
+    seen: list[str] = []
+
+    def proxy(route: Any) -> None:
+        seen.append(route.request.url)
+        if not route.request.url.startswith(public + "/"):
+            route.abort()  # anything else would be a link off our site
+            return
+        route.fulfill(response=route.fetch(url=site.local(route.request.url)))
+
+    try:
+        with playwright_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            context = browser.new_context()
+            context.route("**/*", proxy)
+            page = context.new_page()
+            page.goto(f"{public}/preferences/{prefs_token(EMAILS[0])}")
+            assert page.locator("h1").inner_text() == "Your newsletters"
+            page.get_by_label("research-news").uncheck()
+            page.get_by_label("events").uncheck()
+            page.get_by_role("button", name="Save").click()
+            page.wait_for_selector("text=You have left everything")
+            assert site.store().suppression(EMAILS[0]) == "unsubscribed"
+            page.get_by_label("events").check()
+            page.get_by_role("button", name="Save").click()
+            page.wait_for_selector(f"text=Saved. {EMAILS[0]} gets: events.")
+            assert site.audience("events") == EMAILS and site.audience() == [EMAILS[1]]
+            page.goto(f"{public}/unsubscribe/{token(EMAILS[0], 'events')}")
+            page.get_by_role("button", name="Unsubscribe").click()
+            page.wait_for_selector("h1:text('Unsubscribed')")
+            assert site.audience("events") == [EMAILS[1]]
+            page.get_by_role("button", name="Undo: keep sending it to me").click()
+            page.wait_for_selector("h1:text('Welcome back')")
+            assert site.audience("events") == EMAILS
+            browser.close()
+    finally:
+        next(sites, None)
+    assert seen and all(url.startswith(public + "/") for url in seen), seen
