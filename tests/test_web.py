@@ -526,8 +526,18 @@ def test_undo_works_for_an_hour_from_the_unsubscribe(site: Site) -> None:
     [undo] = actions(body)
     site.clock.now += dt.timedelta(hours=1, seconds=1)
     status, body, _ = call(undo, b"confirm=yes", FORM)
-    assert status == 410 and "Too late" in body and "nothing was changed" in body
-    assert site.audience() == [EMAILS[1]]
+    assert status == 410 and "Too late" in body and "it changed nothing" in body
+    assert f"{EMAILS[0]} still gets no" in text_of(body) and site.audience() == [EMAILS[1]]
+    # came back through the preferences page meanwhile: the page says that instead
+    call(
+        f"{site.base}/preferences/{prefs_token(EMAILS[0], issued=site.clock.now)}",
+        b"confirm=yes&list%3Aresearch-news=on&list%3Aevents=on",
+        FORM,
+    )
+    status, body, _ = call(undo, b"confirm=yes", FORM)
+    assert status == 410 and "is not unsubscribed from" in text_of(body)
+    assert site.audience() == EMAILS
+    call(url, b"confirm=yes", FORM)
     # an undo token is good for nothing else
     undo_token = undo.rsplit("/", 1)[1]
     assert (
@@ -686,6 +696,13 @@ def test_redirects_never_follow_the_host_header(tmp_path: Path) -> None:
                     headers["location"]
                     == public + path.rstrip("/") + ("/" if path == "/issues" else "") + query
                 )
+            forged = {"Host": "evil.example", "X-Forwarded-Host": "evil.example"}
+            for path in (
+                f"/unsubscribe/{token(EMAILS[0])}",
+                f"/preferences/{prefs_token(EMAILS[0])}",
+            ):
+                status, body, _ = call(site.base + path, headers=forged)
+                assert status == 200 and "evil" not in body and actions(body) == [public + path]
         finally:
             next(sites, None)
 

@@ -341,7 +341,7 @@ class _Pages:
         if subject is None:
             return self._not_found()
         if self._expired(subject, tokens.UNDO_VALID):
-            return self._too_late_to_undo(subject)
+            return await self._too_late_to_undo(subject)
         form = await _form(request)
         if form.get("confirm") != "yes":
             return self._page("Nothing changed", "<p>The request was incomplete.</p>", 400)
@@ -383,17 +383,23 @@ class _Pages:
         subject = self._subject(request, tokens.Kind.UNSUBSCRIBE, tokens.Kind.LEGACY)
         if subject is None:
             return self._not_found()
-        return self._too_late_to_undo(subject)
+        return await self._too_late_to_undo(subject)
 
-    def _too_late_to_undo(self, subject: tokens.TokenSubject) -> Response:
+    async def _too_late_to_undo(self, subject: tokens.TokenSubject) -> Response:
+        left, suppressed = await self._db(lambda store: _state(store, subject))
         minutes = int(tokens.UNDO_VALID.total_seconds() // 60)
+        newsletter = f"<strong>{_e(self._newsletter(subject))}</strong>"
+        now = (
+            f"<strong>{_e(subject.email)}</strong> still gets no {newsletter} emails. To "
+            "get them again, reply to one of our emails and we will add you back."
+            if left
+            else f"<strong>{_e(subject.email)}</strong> is not unsubscribed from {newsletter}."
+        )
         return self._page(
             "Too late to undo here",
             f"<p>This undo button worked for {minutes} minutes after the unsubscribe, "
-            "and that time is over, so nothing was changed: "
-            f"<strong>{_e(subject.email)}</strong> still gets no "
-            f"<strong>{_e(self._newsletter(subject))}</strong> emails. To get them "
-            "again, reply to one of our emails and we will add you back.</p>",
+            f"and that time is over, so it changed nothing. {now}</p>"
+            f"{self._suppressed(suppressed)}",
             410,
         )
 
@@ -407,7 +413,9 @@ class _Pages:
         form = await _form(request) if saving else {}
         if saving and form.get("confirm") != "yes":
             return self._page("Nothing changed", "<p>The request was incomplete.</p>", 400)
-        wanted = {k.removeprefix("list:") for k, v in form.items() if k.startswith("list:")}
+        wanted = {
+            k.removeprefix("list:") for k, v in form.items() if k.startswith("list:") and v == "on"
+        }
 
         def apply(store: SubscriberStore) -> tuple[list[tuple[str, bool]], str | None]:
             if saving:
