@@ -104,7 +104,7 @@ def build(inputs: BuildInputs, *, templates: Templates | None = None) -> BuildRe
     templates = templates or load_templates(inputs.templates_dir)
     rendered = render_issue(issue, society, templates, inputs.sender.public_url)
 
-    values = recipient_values(inputs.sender, inputs.preview_recipient)
+    values = recipient_values(inputs.sender, inputs.preview_recipient, date=preview_date(issue))
     html = placeholders.fill(rendered.html, values, is_html=True)
     text = placeholders.fill(rendered.text, values, is_html=False)
     report = check_message(html, text, unsubscribe_url=values[placeholders.UNSUBSCRIBE_URL])

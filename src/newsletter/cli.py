@@ -803,7 +803,13 @@ def serve(host: str | None, port: int | None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     archive = Archive(settings.issues_dir, settings.templates_dir, society, settings.public_url)
     app = create_app(
-        WebConfig(settings.token_key, society, store_per_thread(settings.database), archive)
+        WebConfig(
+            settings.token_key,
+            society,
+            store_per_thread(settings.database),
+            archive,
+            public_url=settings.public_url,
+        )
     )
     uvicorn.run(
         app,
@@ -812,4 +818,5 @@ def serve(host: str | None, port: int | None) -> None:
         proxy_headers=True,
         server_header=False,
         log_level="info",
+        access_log=False,  # it prints paths, tokens included: the app logs requests itself
     )

@@ -50,12 +50,18 @@ class Sender:
         return self.address.rpartition("@")[2].lower()
 
 
-def recipient_values(sender: Sender, recipient: Recipient) -> dict[str, str]:
-    """The value of every placeholder for one recipient."""
-    token = tokens.sign(sender.token_key, sender.list_name, recipient.email)
+def recipient_values(sender: Sender, recipient: Recipient, *, date: dt.datetime) -> dict[str, str]:
+    """The value of every placeholder for one recipient of a message dated ``date``.
+
+    Each link has a token of its own kind: the preferences link expires some
+    time after ``date``, the unsubscribe link never does."""
+    unsubscribe, preferences = (
+        tokens.make(sender.token_key, kind, sender.list_name, recipient.email, date)
+        for kind in (tokens.Kind.UNSUBSCRIBE, tokens.Kind.PREFERENCES)
+    )
     return {
-        placeholders.UNSUBSCRIBE_URL: f"{sender.public_url}/unsubscribe/{token}",
-        placeholders.PREFERENCES_URL: f"{sender.public_url}/preferences/{token}",
+        placeholders.UNSUBSCRIBE_URL: f"{sender.public_url}/unsubscribe/{unsubscribe}",
+        placeholders.PREFERENCES_URL: f"{sender.public_url}/preferences/{preferences}",
         placeholders.EMAIL: recipient.email,
     }
 
@@ -190,7 +196,7 @@ class MessageTemplate:
         return f"<{self.rendered.issue_id}.{digest}@{self.sender.domain}>"
 
     def personalise(self, recipient: Recipient, *, date: dt.datetime) -> bytes:
-        values = recipient_values(self.sender, recipient)
+        values = recipient_values(self.sender, recipient, date=date)
         unsub = values[placeholders.UNSUBSCRIBE_URL]
         mailto = f"mailto:{self.sender.unsubscribe_mailto}?subject={quote('unsubscribe')}"
         message = b"".join(

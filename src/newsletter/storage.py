@@ -9,7 +9,7 @@ atomic: two senders never claim the same recipient.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ class Subscribers(Protocol):
         self, email: str, reason: str, *, list_name: str | None = None, actor: str = "cli"
     ) -> bool: ...
     def unsuppress(self, email: str, *, reason: str, actor: str) -> str | None: ...
+    def choose_lists(self, email: str, wanted: Collection[str], *, actor: str) -> str | None: ...
 
 
 class SendLogStore(Protocol):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from newsletter.csv_import import ParsedRow
@@ -261,3 +261,43 @@ class SubscriberStore:
             if row is not None:
                 self._log(email, "unsuppress", reason, None, actor, _now())
         return None if row is None else str(row[0])
+
+    def choose_lists(self, email: str, wanted: Collection[str], *, actor: str) -> str | None:
+        """Save a preferences form in one transaction; returns the suppression reason after.
+
+        ``email`` stays on (or comes back to) the lists in ``wanted`` that it is a member
+        of and leaves its others. Leaving every one suppresses it (``unsubscribed``), so
+        that lists created or imported later do not reach it either; choosing one lifts an
+        ``unsubscribed`` suppression, never a ``bounced`` or ``complained`` one."""
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            now = _now()
+            names = [name for name, _left in self.lists_of(email)]
+            for name in names:
+                if name in wanted:
+                    self.conn.execute(
+                        "DELETE FROM list_optouts WHERE list_name = ? AND email = ?", (name, email)
+                    )
+                else:
+                    self.conn.execute(
+                        "INSERT INTO list_optouts (list_name, email, created_at) "
+                        "VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                        (name, email, now),
+                    )
+            reason = self.suppression(email)
+            staying = [name for name in names if name in wanted]
+            if not staying and reason is None:
+                self.conn.execute(
+                    "INSERT INTO suppressions (email, reason, list_name, created_at) "
+                    "VALUES (?, 'unsubscribed', NULL, ?)",
+                    (email, now),
+                )
+                self._log(email, "suppress", "unsubscribed", None, actor, now)
+                reason = "unsubscribed"
+            elif staying and reason == "unsubscribed":
+                self.conn.execute("DELETE FROM suppressions WHERE email = ?", (email,))
+                self._log(
+                    email, "unsuppress", "chose a list on the preferences page", None, actor, now
+                )
+                reason = None
+        return reason

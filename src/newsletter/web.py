@@ -1,37 +1,49 @@
 """Web stage: the pages behind the links in every email (``newsletter serve``).
 
-Input: HTTP requests carrying a signed token from :mod:`newsletter.tokens`.
-Output: small server-rendered pages, and changes to the subscriber store.
+Input: HTTP requests carrying a token from :mod:`newsletter.tokens`. Output:
+small server-rendered pages, and changes to the subscriber store.
 
 - ``POST /unsubscribe/<token>`` with ``List-Unsubscribe=One-Click`` (RFC 8058,
   as Gmail and Yahoo send it: no cookies, no login) takes the address off
   that list at once and answers 200.
-- ``GET /unsubscribe/<token>`` only shows what would happen, with a button:
-  corporate link scanners open every link in an email, and a GET must never
-  unsubscribe anyone.
-- ``POST /unsubscribe/<token>`` from that button unsubscribes and offers
-  ``POST /unsubscribe/<token>/undo`` to come back.
+- ``GET /unsubscribe/<token>`` (and HEAD) only shows what would happen, with a
+  button: corporate link scanners open every link in an email, and a GET must
+  never unsubscribe anyone.
+- ``POST /unsubscribe/<token>`` from that button unsubscribes and, when it
+  changed something, offers ``POST /undo/<undo token>`` for the next hour.
+- ``/preferences/<token>`` shows and saves which lists the address gets;
+  leaving every list puts it on the suppression list.
 
-A forged, altered or malformed token gets a 404 page and changes nothing;
-no page says anything about any address but the token's own. Every action
-is logged with its time and list. Forms post back to the same signed URL
-and need no cookie, so there is no session to forge (CSRF); the pages carry
-a strict Content-Security-Policy and no JavaScript.
+Unsubscribe links never expire (they sit in mail already sent); a
+preferences link expires :data:`tokens.PREFERENCES_VALID` after its message
+and then offers only to unsubscribe from its list; a version 1 token (older
+mail) unsubscribes and does nothing else. A forged, altered or malformed
+token gets a 404 page and changes nothing; no page says anything about any
+address but the token's own. Forms post to signed URLs and need no cookie,
+so there is no session to forge (CSRF); pages carry a strict
+Content-Security-Policy and no JavaScript.
+
+Every link, form action and redirect is built from the public URL (which may
+have a path, behind a proxy that strips it), never from the request's Host
+header. Each request is logged by :class:`_AccessLog` with tokens replaced by
+``<token>``; uvicorn's own access log, which prints them, is to stay off.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import email
 import email.policy
 import html
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -48,6 +60,7 @@ from newsletter.models import Society
 from newsletter.subscribers import SubscriberStore
 
 log = logging.getLogger("newsletter.web")
+access_log = logging.getLogger("newsletter.web.access")
 T = TypeVar("T")
 
 SECURITY_HEADERS = {
@@ -61,6 +74,19 @@ SECURITY_HEADERS = {
     "cache-control": "no-store",
 }
 MAX_BODY = 4096
+# Path segments that are followed by a token: the access log never shows those.
+TOKEN_PATHS = frozenset({"unsubscribe", "preferences", "undo"})
+
+# What the do-not-mail list's reasons mean, as the pages say it.
+_WHY = {
+    "unsubscribed": "this address asked to get none of our emails",
+    "bounced": "our emails to it could not be delivered (they bounced)",
+    "complained": "one of our emails to it was reported as spam",
+}
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +95,10 @@ class WebConfig:
     society: Society
     store: Callable[[], SubscriberStore]  # a store on a connection for this thread
     archive: Archive | None = None
+    # The https base of every link, form and redirect (NEWSLETTER_PUBLIC_URL); it
+    # may have a path, such as https://host/news, behind a proxy that strips it.
+    public_url: str = "https://news.example.org"
+    clock: Callable[[], dt.datetime] = field(default=_utc_now)
 
 
 def store_per_thread(db_path: Path, *, busy_seconds: float = 20.0) -> Callable[[], SubscriberStore]:
@@ -110,7 +140,8 @@ def create_app(config: WebConfig) -> ASGIApp:
     app = Starlette(
         routes=[
             Route("/unsubscribe/{token}", _guarded(pages.unsubscribe), methods=["GET", "POST"]),
-            Route("/unsubscribe/{token}/undo", _guarded(pages.undo), methods=["POST"]),
+            Route("/unsubscribe/{token}/undo", _guarded(pages.old_undo), methods=["POST"]),
+            Route("/undo/{token}", _guarded(pages.undo), methods=["POST"]),
             Route("/unsubscribe", _guarded(pages.no_token), methods=["GET"]),
             Route("/preferences/{token}", _guarded(pages.preferences), methods=["GET", "POST"]),
             Route("/preferences", _guarded(pages.no_token), methods=["GET"]),
@@ -120,49 +151,152 @@ def create_app(config: WebConfig) -> ASGIApp:
             Route("/healthz", lambda request: PlainTextResponse("ok"), methods=["GET"]),
         ],
     )
-    return _SecurityHeaders(app)
+    return _AccessLog(_SecurityHeaders(app, config.public_url))
 
 
 class _SecurityHeaders:
-    def __init__(self, app: ASGIApp) -> None:
+    """The security headers on every response; ``no-store`` unless a page chose its own
+    caching (public archive pages may; personal pages never do); and every redirect
+    pointed at the public URL, whatever Host header the request came with."""
+
+    def __init__(self, app: ASGIApp, public_url: str) -> None:
         self.app = app
+        self.public_url = public_url.rstrip("/")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers += [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+                present = {k.lower() for k, _ in headers}
+                headers += [
+                    (k.encode(), v.encode())
+                    for k, v in SECURITY_HEADERS.items()
+                    if k.encode() not in present
+                ]
+                if 300 <= message["status"] < 400:
+                    headers = [
+                        (k, self._ours(v) if k.lower() == b"location" else v) for k, v in headers
+                    ]
                 message["headers"] = headers
             await send(message)
 
         await self.app(scope, receive, with_headers)
 
+    def _ours(self, location: bytes) -> bytes:
+        # Starlette's router builds its trailing-slash redirects from the Host
+        # header; keep only the path and query and put them under our own URL.
+        parts = urlsplit(location.decode("latin-1"))
+        query = f"?{parts.query}" if parts.query else ""
+        return f"{self.public_url}{parts.path}{query}".encode("latin-1")
+
+
+class _AccessLog:
+    """One line per request: method, path with tokens replaced, status, time taken.
+
+    Never the query string, the client's address or a header: the log is kept
+    longer than anything else and must hold no subscriber's data."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # if the app fails before it answers
+
+        async def record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            access_log.info(
+                "%s %s %d %.1fms",
+                _printable(str(scope.get("method", "")), 16),
+                loggable_path(str(scope.get("path", ""))),
+                status,
+                (time.perf_counter() - started) * 1000,
+            )
+
+
+def loggable_path(path: str) -> str:
+    """``path`` with every token replaced by ``<token>``, safe to write to a log."""
+    segments = path.split("/")
+    for i in range(1, len(segments)):
+        if segments[i - 1] in TOKEN_PATHS and segments[i]:
+            segments[i] = "<token>"
+        elif len(segments[i]) > 40:
+            # A token, or part of one, pasted where it does not belong.
+            segments[i] = f"<{len(segments[i])} characters>"
+    return _printable("/".join(segments), 300)
+
+
+def _printable(text: str, limit: int) -> str:
+    # The path arrives percent-decoded: CR, LF and the like would forge log lines.
+    # unicode_escape writes a backslash as two, so an escape cannot be faked either.
+    text = "".join(
+        c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode() for c in text
+    )
+    return text if len(text) <= limit else text[:limit] + "..."
+
 
 class _Pages:
     def __init__(self, config: WebConfig) -> None:
         self.config = config
+        self.base = config.public_url.rstrip("/")
 
-    def _subject(self, request: Request) -> tokens.TokenSubject | None:
-        return tokens.verify(self.config.token_key, str(request.path_params["token"]))
+    def _subject(self, request: Request, *kinds: tokens.Kind) -> tokens.TokenSubject | None:
+        subject = tokens.read(self.config.token_key, str(request.path_params["token"]))
+        return subject if subject is not None and subject.kind in kinds else None
+
+    def _url(self, kind: tokens.Kind, subject: tokens.TokenSubject) -> str:
+        """A fresh link of ``kind`` for the same list and address, issued now."""
+        token = tokens.make(
+            self.config.token_key, kind, subject.list_name, subject.email, self.config.clock()
+        )
+        path = {tokens.Kind.UNSUBSCRIBE: "unsubscribe", tokens.Kind.UNDO: "undo"}[kind]
+        return f"{self.base}/{path}/{token}"
+
+    def _expired(self, subject: tokens.TokenSubject, valid: dt.timedelta) -> bool:
+        return subject.issued is None or self.config.clock() - subject.issued > valid
 
     async def unsubscribe(self, request: Request) -> Response:
-        subject = self._subject(request)
+        subject = self._subject(request, tokens.Kind.UNSUBSCRIBE, tokens.Kind.LEGACY)
         if subject is None:
             return self._not_found()
-        if request.method == "GET":
-            # Shows, never changes: link scanners fetch every URL in an email.
+        here = f"{self.base}/unsubscribe/{request.path_params['token']}"
+        if request.method != "POST":
+            # GET and HEAD show, never change: link scanners fetch every URL in an email.
+            left, suppressed = await self._db(lambda store: _state(store, subject))
+            if left:
+                return self._page(
+                    "Already unsubscribed",
+                    f"<p><strong>{_e(subject.email)}</strong> already gets no "
+                    f"<strong>{_e(self._newsletter(subject))}</strong> emails. "
+                    f"Nothing to do.</p>{self._suppressed(suppressed)}",
+                )
             return self._page(
                 "Unsubscribe",
                 f"<p>Stop sending <strong>{_e(self._newsletter(subject))}</strong> to "
-                f"<strong>{_e(subject.email)}</strong>?</p>"
-                f'<form method="post"><input type="hidden" name="confirm" value="yes">'
-                f'<button type="submit">Unsubscribe</button></form>',
+                f"<strong>{_e(subject.email)}</strong>?</p>{self._suppressed(suppressed)}"
+                f'<form method="post" action="{_e(here)}">'
+                '<input type="hidden" name="confirm" value="yes">'
+                '<button type="submit">Unsubscribe</button></form>',
             )
         form = await _form(request)
         one_click = form.get("List-Unsubscribe") == "One-Click"
         if not one_click and form.get("confirm") != "yes":
             return self._page("Nothing changed", "<p>The request was incomplete.</p>", 400)
-        changed = await self._db(lambda store: store.opt_out(subject.list_name, subject.email))
+
+        def apply(store: SubscriberStore) -> tuple[bool, str | None]:
+            return store.opt_out(subject.list_name, subject.email), store.suppression(subject.email)
+
+        changed, suppressed = await self._db(apply)
         log.info(
             "unsubscribe list=%s via=%s changed=%s",
             subject.list_name,
@@ -171,70 +305,209 @@ class _Pages:
         )
         if one_click:
             return PlainTextResponse("Unsubscribed.\n")
+        newsletter = f"<strong>{_e(self._newsletter(subject))}</strong>"
+        others = (
+            "<p>Any other lists of ours this address is on are not affected; the "
+            "preferences link in each of our emails manages those.</p>"
+        )
+        if not changed:
+            # Nothing to undo, and no undo button: holding an old email must not
+            # let anyone bring back someone who left long ago.
+            return self._page(
+                "Already unsubscribed",
+                f"<p><strong>{_e(subject.email)}</strong> had already left {newsletter}; "
+                f"nothing changed.</p>{self._suppressed(suppressed)}{others}",
+            )
+        if suppressed:
+            # An undo would bring no email back: offering one would mislead.
+            return self._page(
+                "Unsubscribed",
+                f"<p><strong>{_e(subject.email)}</strong> will get no more {newsletter} "
+                f"emails.</p>{self._suppressed(suppressed)}{others}",
+            )
+        minutes = int(tokens.UNDO_VALID.total_seconds() // 60)
         return self._page(
             "Unsubscribed",
-            f"<p><strong>{_e(subject.email)}</strong> will get no more "
-            f"<strong>{_e(self._newsletter(subject))}</strong> emails.</p>"
-            f'<form method="post" action="{_e(str(request.url.path))}/undo">'
+            f"<p><strong>{_e(subject.email)}</strong> will get no more {newsletter} "
+            f"emails.</p>{self._suppressed(suppressed)}{others}"
+            f"<p>Changed your mind? This button works for the next {minutes} minutes.</p>"
+            f'<form method="post" action="{_e(self._url(tokens.Kind.UNDO, subject))}">'
             '<input type="hidden" name="confirm" value="yes">'
             '<button type="submit">Undo: keep sending it to me</button></form>',
         )
 
     async def undo(self, request: Request) -> Response:
-        subject = self._subject(request)
+        subject = self._subject(request, tokens.Kind.UNDO)
         if subject is None:
             return self._not_found()
+        if self._expired(subject, tokens.UNDO_VALID):
+            return await self._too_late_to_undo(subject)
         form = await _form(request)
         if form.get("confirm") != "yes":
             return self._page("Nothing changed", "<p>The request was incomplete.</p>", 400)
-        changed = await self._db(lambda store: store.opt_in(subject.list_name, subject.email))
+
+        def apply(store: SubscriberStore) -> tuple[bool, bool, str | None]:
+            changed = store.opt_in(subject.list_name, subject.email)
+            member = any(name == subject.list_name for name, _ in store.lists_of(subject.email))
+            return changed, member, store.suppression(subject.email)
+
+        changed, member, suppressed = await self._db(apply)
         log.info("resubscribe list=%s changed=%s", subject.list_name, changed)
+        newsletter = f"<strong>{_e(self._newsletter(subject))}</strong>"
+        if suppressed:
+            return self._page(
+                "Unsubscribe undone, but no emails will come",
+                f"<p>The unsubscribe from {newsletter} is undone, but "
+                f"<strong>{_e(subject.email)}</strong> is on our do-not-mail list: "
+                f"{_e(_WHY.get(suppressed, suppressed))}. We send it none of our emails, "
+                "and undoing an unsubscribe does not change that. To get our emails "
+                "again, reply to one of the emails we sent you and we will look into "
+                "it.</p>",
+            )
+        if not member:
+            return self._page(
+                "Unsubscribe undone, but no emails will come",
+                f"<p>The unsubscribe from {newsletter} is undone, but "
+                f"<strong>{_e(subject.email)}</strong> is no longer on that list, so it "
+                "will not get those emails. Reply to one of our emails to be added "
+                "again.</p>",
+            )
         return self._page(
             "Welcome back",
-            f"<p><strong>{_e(subject.email)}</strong> will keep getting "
-            f"<strong>{_e(self._newsletter(subject))}</strong>.</p>",
+            f"<p><strong>{_e(subject.email)}</strong> will keep getting {newsletter}.</p>",
+        )
+
+    async def old_undo(self, request: Request) -> Response:
+        # The undo address of pages served before undo had its own token: those
+        # carry an unsubscribe token, which never expires, so they undo nothing.
+        subject = self._subject(request, tokens.Kind.UNSUBSCRIBE, tokens.Kind.LEGACY)
+        if subject is None:
+            return self._not_found()
+        return await self._too_late_to_undo(subject)
+
+    async def _too_late_to_undo(self, subject: tokens.TokenSubject) -> Response:
+        left, suppressed = await self._db(lambda store: _state(store, subject))
+        minutes = int(tokens.UNDO_VALID.total_seconds() // 60)
+        newsletter = f"<strong>{_e(self._newsletter(subject))}</strong>"
+        now = (
+            f"<strong>{_e(subject.email)}</strong> still gets no {newsletter} emails. To "
+            "get them again, reply to one of our emails and we will add you back."
+            if left
+            else f"<strong>{_e(subject.email)}</strong> is not unsubscribed from {newsletter}."
+        )
+        return self._page(
+            "Too late to undo here",
+            f"<p>This undo button worked for {minutes} minutes after the unsubscribe, "
+            f"and that time is over, so it changed nothing. {now}</p>"
+            f"{self._suppressed(suppressed)}",
+            410,
         )
 
     async def preferences(self, request: Request) -> Response:
-        subject = self._subject(request)
+        subject = self._subject(request, tokens.Kind.PREFERENCES, tokens.Kind.LEGACY)
         if subject is None:
             return self._not_found()
-        form = await _form(request) if request.method == "POST" else {}
-        if request.method == "POST" and form.get("confirm") != "yes":
+        if subject.kind is tokens.Kind.LEGACY or self._expired(subject, tokens.PREFERENCES_VALID):
+            return self._preferences_expired(subject)
+        saving = request.method == "POST"
+        form = await _form(request) if saving else {}
+        if saving and form.get("confirm") != "yes":
             return self._page("Nothing changed", "<p>The request was incomplete.</p>", 400)
+        wanted = {
+            k.removeprefix("list:") for k, v in form.items() if k.startswith("list:") and v == "on"
+        }
 
         def apply(store: SubscriberStore) -> tuple[list[tuple[str, bool]], str | None]:
-            if request.method == "POST":
-                for list_name, _left in store.lists_of(subject.email):
-                    if form.get(f"list:{list_name}") == "on":
-                        store.opt_in(list_name, subject.email)
-                    else:
-                        store.opt_out(list_name, subject.email)
+            if saving:
+                suppressed = store.choose_lists(subject.email, wanted, actor="web")
+                return store.lists_of(subject.email), suppressed
             return store.lists_of(subject.email), store.suppression(subject.email)
 
         lists, suppressed = await self._db(apply)
-        if request.method == "POST":
-            log.info("preferences saved lists=%s", ",".join(n for n, _ in lists))
+        staying = [name for name, left in lists if not left]
+        if saving:
+            log.info(
+                "preferences saved lists=%s staying=%d suppressed=%s",
+                ",".join(n for n, _ in lists),
+                len(staying),
+                suppressed,
+            )
+        # Someone who left everything gets nothing whatever a list says: every
+        # box is unticked, and ticking one is what brings them back.
+        everything_left = suppressed == "unsubscribed"
         boxes = "".join(
             f'<p><label><input type="checkbox" name="list:{_e(name)}"'
-            f"{'' if left else ' checked'}> {_e(name)}</label></p>"
+            f"{' checked' if not left and not everything_left else ''}> {_e(name)}</label></p>"
             for name, left in lists
         )
-        saved = "<p><strong>Saved.</strong></p>" if request.method == "POST" else ""
-        if suppressed:
-            # Ticks cannot override the do-not-mail list (bounces, complaints, a
-            # request to stop everything): say so rather than look subscribed.
-            saved += (
-                f"<p>This address is on our do-not-mail list ({_e(suppressed)}), so it gets "
-                "none of these emails whatever is ticked. Reply to any of our emails to "
-                "change that.</p>"
+        address = f"<strong>{_e(subject.email)}</strong>"
+        if suppressed == "unsubscribed":
+            state = (
+                f"<p>{'Saved. ' if saving else ''}You have left everything: we send no "
+                f"emails to {address}, from these lists or from any list created or "
+                "imported later. To come back, tick a list and save: you will then get "
+                "that list only.</p>"
+            )
+        elif suppressed:
+            state = (
+                f"<p>{'Saved. ' if saving else ''}{address} is on our do-not-mail list "
+                f"({_e(suppressed)}: {_e(_WHY.get(suppressed, suppressed))}), so it gets "
+                "none of these emails, whatever is ticked here; ticking a list does not "
+                "change that. To get our emails again, reply to one of the emails we "
+                "sent you and we will look into it.</p>"
+            )
+        elif saving:
+            state = (
+                f"<p>Saved. {address} gets: {_e(', '.join(staying))}. It gets no emails "
+                "from a list left unticked.</p>"
+            )
+        elif not lists:
+            state = (
+                f"<p>{address} is on none of our lists. Save to make sure that no list, "
+                "including lists created or imported later, ever emails it.</p>"
+            )
+        elif not staying:
+            state = (
+                f"<p>{address} has left every list below, so it gets none of them. Save "
+                "with nothing ticked to make sure that no list created or imported later "
+                "emails it either, or tick lists and save to come back to them.</p>"
+            )
+        else:
+            state = (
+                f"<p>Emails to {address}. Untick a list and save to leave it. If you untick "
+                "them all and save, we will send this address no emails at all, including "
+                "from lists created or imported later.</p>"
             )
         return self._page(
             "Your newsletters",
-            f"{saved}<p>Emails to <strong>{_e(subject.email)}</strong>. Untick a list to leave "
-            f"it; untick them all to leave everything.</p>"
-            f'<form method="post">{boxes}<input type="hidden" name="confirm" value="yes">'
-            f'<button type="submit">Save</button></form>',
+            f'{state}<form method="post" action="{_e(self.base)}/preferences/'
+            f'{_e(str(request.path_params["token"]))}">{boxes}'
+            '<input type="hidden" name="confirm" value="yes">'
+            '<button type="submit">Save</button></form>',
+        )
+
+    def _preferences_expired(self, subject: tokens.TokenSubject) -> Response:
+        days = tokens.PREFERENCES_VALID.days
+        return self._page(
+            "This link has expired",
+            f"<p>Preferences links work for {days} days after the email they came in, "
+            "so this one can no longer show or change your lists. Nothing was changed. "
+            "The preferences link in a recent email of ours works.</p>"
+            f"<p>You can still stop <strong>{_e(self._newsletter(subject))}</strong> "
+            f"emails to <strong>{_e(subject.email)}</strong> here.</p>"
+            f'<form method="post" action="{_e(self._url(tokens.Kind.UNSUBSCRIBE, subject))}">'
+            '<input type="hidden" name="confirm" value="yes">'
+            '<button type="submit">Unsubscribe</button></form>',
+            410,
+        )
+
+    def _suppressed(self, reason: str | None) -> str:
+        if reason is None:
+            return ""
+        return (
+            f"<p>This address is on our do-not-mail list "
+            f"({_e(reason)}: {_e(_WHY.get(reason, reason))}): we send it none of our "
+            "emails.</p>"
         )
 
     async def no_token(self, request: Request) -> Response:
@@ -356,3 +629,9 @@ def _multipart(ctype: str, body: bytes) -> dict[str, str]:
 
 def _e(text: str) -> str:
     return html.escape(text, quote=True)
+
+
+def _state(store: SubscriberStore, subject: tokens.TokenSubject) -> tuple[bool, str | None]:
+    """Whether the address has left the token's list, and why it is suppressed, if it is."""
+    left = any(name == subject.list_name and out for name, out in store.lists_of(subject.email))
+    return left, store.suppression(subject.email)
