@@ -165,3 +165,20 @@ def test_cli_refuses_a_weak_key_warns_on_a_short_one_and_checks_the_selector(
     selector = run_cli(*args, cwd=project, env=bad)
     assert selector.returncode == 1
     assert "NEWSLETTER_DKIM_SELECTOR: 's1; x=y' is not a DKIM selector" in selector.stderr
+
+
+def test_cli_warns_when_the_signing_domain_does_not_align_with_from(
+    project: Path, keypair: tuple[Path, bytes]
+) -> None:
+    from conftest import run_cli
+
+    env = {
+        "NEWSLETTER_DATABASE": str(project / "db.sqlite3"),
+        "NEWSLETTER_DKIM_SELECTOR": "news",
+        "NEWSLETTER_DKIM_KEY_FILE": str(keypair[0]),
+    }
+    args = ("send", f"issues/{EXAMPLE.name}", "--to", "ed@example.org", "--dry-run")
+    for domain, warned in (("other.example", True), ("example.org", False), ("EXAMPLE.org", False)):
+        result = run_cli(*args, cwd=project, env={**env, "NEWSLETTER_DKIM_DOMAIN": domain})
+        assert result.returncode == 0, result.stderr
+        assert ("DMARC will not count this signature" in result.stderr) == warned, domain

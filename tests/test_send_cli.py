@@ -632,3 +632,14 @@ def test_list_names_follow_one_rule_everywhere(project: Path, name: str) -> None
     assert due.returncode == 1 and f"NEWSLETTER_SCHEDULE_LISTS: {name!r} {rule}" in due.stderr
     counted = run_cli("subscribers", "count", cwd=project, env=env)
     assert counted.stdout == ""  # nothing was imported under the bad name
+
+
+def test_options_that_do_not_go_together_are_refused(project: Path) -> None:
+    env = env_for(None, project)
+    due = run_cli("send", "--due", "--list", "a", cwd=project, env=env)
+    assert due.returncode == 2 and "give no ISSUE_FILE, --list" in due.stderr
+    to = run_cli(
+        "send", f"issues/{EXAMPLE.name}", "--to", "e@example.org", "--resend-unknown",
+        cwd=project, env=env,
+    )  # fmt: skip
+    assert to.returncode == 2 and "--resend-unknown and --retry-rejected belong" in to.stderr

@@ -339,9 +339,10 @@ def send(
     from newsletter.errors import NewsletterError
 
     if due:
-        if issue_file is not None or dry_run or test_to:
+        if issue_file is not None or dry_run or test_to or list_name:
             raise click.UsageError(
-                "--due picks the issue itself; give no ISSUE_FILE, --dry-run or --to"
+                "--due picks the issue and the lists (NEWSLETTER_SCHEDULE_LISTS) itself; "
+                "give no ISSUE_FILE, --list, --dry-run or --to"
             )
         _run_due_once()
         return
@@ -350,6 +351,11 @@ def send(
     try:
         settings = _settings()
         if test_to:
+            if resend_unknown or retry_rejected:
+                raise click.UsageError(
+                    "--to sends test copies outside the send log; --resend-unknown and "
+                    "--retry-rejected belong to a real send"
+                )
             if not dry_run:
                 _require_secret(settings)
             result = _build(settings, issue_file, strict=False, list_name=list_name)
@@ -509,11 +515,17 @@ def _signer(settings: Settings) -> Callable[[bytes], bytes] | None:
 
     from newsletter import dkim_sign
 
-    key = dkim_sign.load_key(
-        settings.dkim_key_file,
-        settings.dkim_selector,
-        settings.dkim_domain or settings.sender_address.rpartition("@")[2],
-    )
+    from_domain = settings.sender_address.rpartition("@")[2].lower()
+    domain = (settings.dkim_domain or from_domain).lower()
+    key = dkim_sign.load_key(settings.dkim_key_file, settings.dkim_selector, domain)
+    if from_domain != domain and not from_domain.endswith("." + domain):
+        # DMARC passes on DKIM only when d= is the From domain or a parent of it.
+        click.secho(
+            f"warning: NEWSLETTER_DKIM_DOMAIN {domain!r} is not the From domain "
+            f"{from_domain!r} or a parent of it: DMARC will not count this signature",
+            fg="yellow",
+            err=True,
+        )
     if key.weak:
         click.secho(
             f"warning: the DKIM key {settings.dkim_key_file} (NEWSLETTER_DKIM_KEY_FILE) is "
