@@ -182,3 +182,10 @@ def test_cli_warns_when_the_signing_domain_does_not_align_with_from(
         result = run_cli(*args, cwd=project, env={**env, "NEWSLETTER_DKIM_DOMAIN": domain})
         assert result.returncode == 0, result.stderr
         assert ("DMARC will not count this signature" in result.stderr) == warned, domain
+
+
+def test_a_key_file_that_is_not_a_key_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="larger than any RSA key"):
+        dkim_sign.load_key(Path("/dev/zero"), "news", "example.org")
+    with pytest.raises(ConfigError, match="cannot read the DKIM key"):
+        dkim_sign.load_key(tmp_path, "news", "example.org")

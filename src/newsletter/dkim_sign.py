@@ -22,6 +22,7 @@ from newsletter.errors import ConfigError
 
 MIN_BITS = 1024  # receivers fail shorter RSA keys (RFC 8301 3.2)
 GOOD_BITS = 2048  # what RFC 8301 and the big mailbox providers recommend
+_MAX_PEM = 64 * 1024  # an 8192-bit key in PEM is under 7 KB
 # RFC 6376 3.1: selectors and domains are dot-separated DNS labels.
 _LABELS = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
 
@@ -57,11 +58,16 @@ def load_key(path: Path, selector: str, domain: str) -> DkimKey:
             "NEWSLETTER_DKIM_DOMAIN (or the From address)"
         )
     try:
-        pem = path.read_bytes()
+        with path.open("rb") as f:
+            pem = f.read(_MAX_PEM + 1)  # not all of /dev/zero, if the setting is wrong
     except OSError as exc:
         raise ConfigError(
             f"cannot read the DKIM key {path}: {exc.strerror}; check NEWSLETTER_DKIM_KEY_FILE"
         ) from None
+    if len(pem) > _MAX_PEM:
+        raise ConfigError(
+            f"{path} is larger than any RSA key in PEM form; check NEWSLETTER_DKIM_KEY_FILE"
+        )
     try:
         import dkim  # its crypto module is loaded with it
 
