@@ -423,13 +423,6 @@ def _send_one(
     with contextlib.ExitStack() as stack:
         # Closed at the end: `schedule run` sends week after week in one process.
         real = stack.enter_context(contextlib.closing(connect(settings.database)))
-        if not dry_run:
-            # One process per send, checked before anything is read or asked: a
-            # second one would show a preview of rows the first is changing, and
-            # would take its in-flight rows for dead ones.
-            lease = Lease(settings.database, f"send:{result.issue_id}:{name}")
-            lease.acquire(time.time())
-            stack.callback(lease.release)
         if dry_run:
             box = outbox or settings.out_dir / result.issue_id / "outbox"
             transport = OutboxTransport(box, keep=5)
@@ -439,6 +432,12 @@ def _send_one(
             )
             dry_run_copy(real, conn, result.issue_id, name)
         else:
+            # One process per send, checked before anything is read or asked: a
+            # second one would show a preview of rows the first is changing, and
+            # would take its in-flight rows for dead ones.
+            lease = Lease(settings.database, f"send:{result.issue_id}:{name}")
+            lease.acquire(time.time())
+            stack.callback(lease.release)
             transport = _smtp_transport(settings)
             conn = real
         # Read, ask, and only then write: declining changes nothing (and frees the lock).
