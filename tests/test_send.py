@@ -15,7 +15,7 @@ from newsletter.campaign import SendOptions
 from newsletter.compose import MessageTemplate
 from newsletter.csv_import import ParsedRow
 from newsletter.database import connect
-from newsletter.send_log import SendLog
+from newsletter.send_log import SendLog, SendRecord
 from newsletter.sending import SendReport, prepare, run_send
 from newsletter.subscribers import SubscriberStore
 from newsletter.transports import CampaignAborted, SmtpConfig, SmtpTransport
@@ -458,3 +458,30 @@ def test_the_dedupe_looks_up_keys_and_never_scans_per_member(db: sqlite3.Connect
     plan = " ".join(str(tuple(r)) for r in db.execute("EXPLAIN QUERY PLAN " + sql, ("x", "b")))
     assert "LIST SUBQUERY" in plan  # built once, then looked up
     assert "SCAN d" not in plan and "SCAN deliveries" not in plan
+
+
+def test_two_freezes_of_one_issue_at_the_same_moment_take_turns(tmp_path: Path) -> None:
+    import threading
+
+    path = tmp_path / "race.sqlite3"
+    setup = connect(path)
+    shared = [f"r{i:05d}@example.org" for i in range(12000)]  # more than two freeze batches
+    subscribe(setup, shared, "a")
+    subscribe(setup, shared, "b")
+    start = threading.Barrier(2)
+    records: dict[str, SendRecord] = {}
+
+    def freeze(list_name: str) -> None:
+        conn = connect(path)
+        start.wait()
+        records[list_name] = prepare(conn, "2020-12-23", list_name).record
+
+    threads = [threading.Thread(target=freeze, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    audiences = sorted((r.audience, r.duplicates) for r in records.values())
+    assert audiences == [(0, 12000), (12000, 0)]  # one took everyone, the other nobody
+    rows = setup.execute("SELECT count(*), count(DISTINCT email) FROM deliveries").fetchone()
+    assert tuple(rows) == (12000, 12000)
