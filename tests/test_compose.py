@@ -200,3 +200,48 @@ def test_a_leading_dot_never_makes_a_line_too_long() -> None:
             .replace("\r\n", "\n")
             == text
         )
+
+
+def test_message_id_is_the_same_from_every_list_and_test_copies_get_their_own(
+    example: BuildResult,
+) -> None:
+    from dataclasses import replace
+
+    ann = Recipient("Ann@example.org", "Ann")
+    on_a = MessageTemplate(example.rendered, replace(sender(), list_name="a"))
+    on_b = MessageTemplate(example.rendered, replace(sender(), list_name="b"))
+    # one issue, one person: one id, whichever list it came from (receivers drop a copy)
+    assert on_a.message_id(ann) == on_b.message_id(ann)
+    assert on_a.message_id(ann) != on_a.message_id(Recipient("bob@example.org"))
+    date = dt.datetime(2020, 12, 23, tzinfo=dt.UTC)
+    test_id = on_a.test_message_id("0123456789abcdef")
+    assert test_id == "<2020-12-23.test.0123456789abcdef@example.org>"
+    copy = parse(on_a.personalise(ann, date=date, message_id=test_id))
+    assert copy["Message-ID"] == test_id
+    assert parse(on_a.personalise(ann, date=date))["Message-ID"] == on_a.message_id(ann)
+    with pytest.raises(ValueError, match="nonce"):
+        on_a.test_message_id("x>\r\nBcc: y")
+
+
+@pytest.mark.parametrize(
+    "reply_to",
+    [
+        "Équipe Recherche <research@example.org>",
+        "research@example.org",
+        '"Doe, Jo" <jo@example.org>',
+        "Jo =?utf-8?q?x?= <jo@example.org>",
+    ],
+)
+def test_reply_to_is_written_as_from_is(example: BuildResult, reply_to: str) -> None:
+    from dataclasses import replace
+    from email.utils import parseaddr
+
+    template = MessageTemplate(example.rendered, replace(sender(), reply_to=reply_to))
+    raw = template.personalise(Recipient("ann@example.org"), date=dt.datetime.now(dt.UTC))
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert head.isascii()
+    msg = parse(raw)
+    name, address = parseaddr(reply_to)
+    assert msg["Reply-To"].addresses[0].display_name == name
+    assert msg["Reply-To"].addresses[0].addr_spec == address
+    assert not msg.defects

@@ -70,3 +70,122 @@ def test_unusable_key_is_a_clear_error(tmp_path: Path) -> None:
         dkim_sign.load_key(bad, "news", "example.org")
     with pytest.raises(ConfigError, match="cannot read the DKIM key"):
         dkim_sign.load_key(tmp_path / "missing.pem", "news", "example.org")
+
+
+def rsa_pem(bits: int) -> bytes:
+    """An RSA key of any size: `cryptography` will not generate one under 1024 bits,
+    so weak keys for the refusal test are made from primes found here."""
+    import math
+    import secrets
+
+    if bits >= 1024:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    else:
+
+        def prime(size: int) -> int:
+            while True:
+                n = secrets.randbits(size) | (1 << (size - 1)) | 1
+                if all(pow(a, n - 1, n) == 1 for a in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29)):
+                    return n
+
+        e = 65537
+        while True:
+            p, q = prime(bits // 2), prime(bits // 2)
+            phi = (p - 1) * (q - 1)
+            if p != q and math.gcd(e, phi) == 1 and (p * q).bit_length() == bits:
+                break
+        d = pow(e, -1, phi)
+        numbers = rsa.RSAPrivateNumbers(
+            p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), rsa.RSAPublicNumbers(e, p * q)
+        )
+        key = numbers.private_key()
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def test_key_size_is_checked_when_the_key_is_loaded(tmp_path: Path) -> None:
+    weak = tmp_path / "weak.pem"
+    weak.write_bytes(rsa_pem(768))
+    with pytest.raises(ConfigError, match=r"768-bit RSA.*under 1024 bits") as info:
+        dkim_sign.load_key(weak, "news", "example.org")
+    assert "NEWSLETTER_DKIM_KEY_FILE" in str(info.value) and str(weak) in str(info.value)
+    short = tmp_path / "short.pem"
+    short.write_bytes(rsa_pem(1024))
+    key = dkim_sign.load_key(short, "news", "example.org")
+    assert key.bits == 1024 and key.weak  # accepted, with a warning from the CLI
+
+
+def test_strong_key_is_not_weak(keypair: tuple[Path, bytes]) -> None:
+    key = dkim_sign.load_key(keypair[0], "news", "example.org")
+    assert key.bits == 2048 and not key.weak
+
+
+@pytest.mark.parametrize(
+    "selector", ["s1; x=y", "", "-news", "news-", "new s", "news.", "a..b", "sél", "x" * 64]
+)
+def test_selector_must_be_dns_labels(keypair: tuple[Path, bytes], selector: str) -> None:
+    with pytest.raises(ConfigError, match="NEWSLETTER_DKIM_SELECTOR"):
+        dkim_sign.load_key(keypair[0], selector, "example.org")
+
+
+@pytest.mark.parametrize("selector", ["news", "news.2026", "s-1", "2026"])
+def test_good_selectors(keypair: tuple[Path, bytes], selector: str) -> None:
+    assert dkim_sign.load_key(keypair[0], selector, "example.org").selector == selector
+
+
+@pytest.mark.parametrize("domain", ["example", "exa mple.org", "example.org;x=y", "exämple.org"])
+def test_domain_must_be_a_domain(keypair: tuple[Path, bytes], domain: str) -> None:
+    with pytest.raises(ConfigError, match="NEWSLETTER_DKIM_DOMAIN"):
+        dkim_sign.load_key(keypair[0], "news", domain)
+
+
+def test_cli_refuses_a_weak_key_warns_on_a_short_one_and_checks_the_selector(
+    project: Path, tmp_path: Path
+) -> None:
+    from conftest import run_cli
+
+    env = {
+        "NEWSLETTER_DATABASE": str(project / "db.sqlite3"),
+        "NEWSLETTER_DKIM_SELECTOR": "news",
+    }
+    args = ("send", f"issues/{EXAMPLE.name}", "--to", "ed@example.org", "--dry-run")
+    weak = tmp_path / "weak.pem"
+    weak.write_bytes(rsa_pem(768))
+    refused = run_cli(*args, cwd=project, env={**env, "NEWSLETTER_DKIM_KEY_FILE": str(weak)})
+    assert refused.returncode == 1 and "768-bit RSA" in refused.stderr
+    assert "NEWSLETTER_DKIM_KEY_FILE" in refused.stderr
+    assert not (project / "build" / "2020-12-23" / "test-copies").exists()
+    short = tmp_path / "short.pem"
+    short.write_bytes(rsa_pem(1024))
+    warned = run_cli(*args, cwd=project, env={**env, "NEWSLETTER_DKIM_KEY_FILE": str(short)})
+    assert warned.returncode == 0, warned.stderr
+    assert "warning: the DKIM key" in warned.stderr and "1024-bit RSA; use 2048" in warned.stderr
+    bad = {**env, "NEWSLETTER_DKIM_KEY_FILE": str(short), "NEWSLETTER_DKIM_SELECTOR": "s1; x=y"}
+    selector = run_cli(*args, cwd=project, env=bad)
+    assert selector.returncode == 1
+    assert "NEWSLETTER_DKIM_SELECTOR: 's1; x=y' is not a DKIM selector" in selector.stderr
+
+
+def test_cli_warns_when_the_signing_domain_does_not_align_with_from(
+    project: Path, keypair: tuple[Path, bytes]
+) -> None:
+    from conftest import run_cli
+
+    env = {
+        "NEWSLETTER_DATABASE": str(project / "db.sqlite3"),
+        "NEWSLETTER_DKIM_SELECTOR": "news",
+        "NEWSLETTER_DKIM_KEY_FILE": str(keypair[0]),
+    }
+    args = ("send", f"issues/{EXAMPLE.name}", "--to", "ed@example.org", "--dry-run")
+    for domain, warned in (("other.example", True), ("example.org", False), ("EXAMPLE.org", False)):
+        result = run_cli(*args, cwd=project, env={**env, "NEWSLETTER_DKIM_DOMAIN": domain})
+        assert result.returncode == 0, result.stderr
+        assert ("DMARC will not count this signature" in result.stderr) == warned, domain
+
+
+def test_a_key_file_that_is_not_a_key_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="larger than any RSA key"):
+        dkim_sign.load_key(Path("/dev/zero"), "news", "example.org")
+    with pytest.raises(ConfigError, match="cannot read the DKIM key"):
+        dkim_sign.load_key(tmp_path, "news", "example.org")

@@ -15,7 +15,7 @@ from newsletter.campaign import SendOptions
 from newsletter.compose import MessageTemplate
 from newsletter.csv_import import ParsedRow
 from newsletter.database import connect
-from newsletter.send_log import SendLog
+from newsletter.send_log import SendLog, SendRecord
 from newsletter.sending import SendReport, prepare, run_send
 from newsletter.subscribers import SubscriberStore
 from newsletter.transports import CampaignAborted, SmtpConfig, SmtpTransport
@@ -357,3 +357,131 @@ def test_claims_use_the_state_index_not_a_walk_over_the_send(db: sqlite3.Connect
     plan = " ".join(str(tuple(r)) for r in db.execute("EXPLAIN QUERY PLAN " + query, (1, 5)))
     assert "USING INDEX deliveries_by_state (send_id=? AND state=?)" in plan
     assert "TEMP B-TREE" not in plan  # and no sort
+
+
+# ------------------------------------------------------------ one issue, several lists
+
+
+def test_a_freeze_leaves_out_who_another_lists_send_has(db: sqlite3.Connection) -> None:
+    from newsletter.sending import preview
+
+    shared = addresses(6)
+    subscribe(db, [*shared, "only-a@example.org"], "a")
+    subscribe(db, [*shared, "only-b@example.org"], "b")
+    a = prepare(db, "2020-12-23", "a").record
+    log = SendLog(db)
+    # a's send is under way: its rows are in every state a delivery passes through
+    states = ["pending", "sending", "sent", "deferred", "unknown", "rejected"]
+    for seq, state in enumerate(states):
+        db.execute(
+            "UPDATE deliveries SET state = ? WHERE send_id = ? AND seq = ?", (state, a.id, seq)
+        )
+    # someone who left list a after it froze was never sent a's copy: b sends it
+    db.execute("UPDATE deliveries SET state = 'suppressed' WHERE send_id = ? AND seq = 6", (a.id,))
+    db.execute("UPDATE deliveries SET email = ? WHERE send_id = ? AND seq = 6", (shared[0], a.id))
+    db.execute(
+        "UPDATE deliveries SET email = 'gone@example.org' WHERE send_id = ? AND seq = 0", (a.id,)
+    )
+    planned = preview(db, "2020-12-23", "b")
+    b = prepare(db, "2020-12-23", "b").record
+    assert b.duplicates == 5 and b.audience == 2
+    kept = [e for e, _ in log.in_state(b.id, "pending")]
+    assert kept == [shared[0], "only-b@example.org"]
+    assert (planned.duplicates, planned.audience, planned.counts["pending"]) == (5, 2, 2)
+    assert planned.first == kept
+    assert log.find("2020-12-23", "b") == b  # and it is what status reads
+    # the other issue is not affected
+    other = prepare(db, "2020-12-30", "b").record
+    assert other.duplicates == 0 and other.audience == 7
+    # resuming does not count again
+    assert prepare(db, "2020-12-23", "b").record == b
+
+
+def test_two_sends_of_one_issue_at_once_never_share_an_address(
+    db: sqlite3.Connection, template: MessageTemplate, server: Server, tmp_path: Path
+) -> None:
+    """Both lists' sends under way together (the second frozen while the first runs)."""
+    shared = addresses(30)
+    subscribe(db, shared, "a")
+    subscribe(db, [*shared[10:], "extra@example.org"], "b")
+    a = prepare(db, "2020-12-23", "a")
+    other = connect(tmp_path / "test.sqlite3")  # another process's connection
+    b = prepare(other, "2020-12-23", "b")
+    assert b.record.duplicates == 20 and b.record.audience == 1
+
+    async def both() -> None:
+        await asyncio.gather(
+            run_send(db, a, template, smtp(server), FAST, envelope_sender="b@example.org"),
+            run_send(other, b, template, smtp(server), FAST, envelope_sender="b@example.org"),
+        )
+
+    asyncio.run(both())
+    for e in [*shared, "extra@example.org"]:
+        assert len(server.handler.to(e)) == 1
+
+
+def test_dry_run_copy_counts_what_the_real_freeze_leaves_out(
+    db: sqlite3.Connection, tmp_path: Path
+) -> None:
+    from newsletter.sending import dry_run_copy, preview
+
+    shared = addresses(8)
+    subscribe(db, shared, "a")
+    subscribe(db, [*shared[:5], "b-only@example.org"], "b")
+    SubscriberStore(db).opt_out("b", "b-only@example.org")
+    prepare(db, "2020-12-23", "a")
+    scratch = connect(tmp_path / "scratch.sqlite3")
+    dry_run_copy(db, scratch, "2020-12-23", "b")
+    in_copy = preview(scratch, "2020-12-23", "b")
+    assert in_copy == preview(db, "2020-12-23", "b")
+    assert (in_copy.duplicates, in_copy.audience, in_copy.suppressed) == (5, 0, 1)
+    frozen = prepare(scratch, "2020-12-23", "b").record
+    assert (frozen.duplicates, frozen.audience) == (5, 0)
+    assert SendLog(db).find("2020-12-23", "b") is None  # the real log is untouched
+
+
+def test_the_dedupe_looks_up_keys_and_never_scans_per_member(db: sqlite3.Connection) -> None:
+    """A 1,000,000-recipient freeze must not turn quadratic: every lookup uses a key."""
+    from newsletter import send_log
+
+    db.execute("CREATE TEMP TABLE freeze_others (email TEXT PRIMARY KEY) WITHOUT ROWID")
+    plan = " ".join(
+        str(tuple(r))
+        for r in db.execute(
+            "EXPLAIN QUERY PLAN SELECT email FROM temp.freeze_others "
+            "WHERE email IN (SELECT value FROM json_each(?))",
+            ("[]",),
+        )
+    )
+    assert "SEARCH temp.freeze_others USING PRIMARY KEY (email=?)" in plan
+    sql = "SELECT count(*) " + send_log._AUDIENCE + "AND u.email IN " + send_log._OTHERS_HAVE
+    plan = " ".join(str(tuple(r)) for r in db.execute("EXPLAIN QUERY PLAN " + sql, ("x", "b")))
+    assert "LIST SUBQUERY" in plan  # built once, then looked up
+    assert "SCAN d" not in plan and "SCAN deliveries" not in plan
+
+
+def test_two_freezes_of_one_issue_at_the_same_moment_take_turns(tmp_path: Path) -> None:
+    import threading
+
+    path = tmp_path / "race.sqlite3"
+    setup = connect(path)
+    shared = [f"r{i:05d}@example.org" for i in range(12000)]  # more than two freeze batches
+    subscribe(setup, shared, "a")
+    subscribe(setup, shared, "b")
+    start = threading.Barrier(2)
+    records: dict[str, SendRecord] = {}
+
+    def freeze(list_name: str) -> None:
+        conn = connect(path)
+        start.wait()
+        records[list_name] = prepare(conn, "2020-12-23", list_name).record
+
+    threads = [threading.Thread(target=freeze, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    audiences = sorted((r.audience, r.duplicates) for r in records.values())
+    assert audiences == [(0, 12000), (12000, 0)]  # one took everyone, the other nobody
+    rows = setup.execute("SELECT count(*), count(DISTINCT email) FROM deliveries").fetchone()
+    assert tuple(rows) == (12000, 12000)

@@ -435,3 +435,211 @@ def test_declining_the_prompt_changes_nothing(project: Path, server: Server) -> 
     assert re.search(r"unknown\s+1", status.stdout)  # still in doubt, not queued again
     plain = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
     assert plain.returncode == 3 and server.handler.to(emails[1]) == []
+
+
+# ------------------------------------------------------------ one issue, several lists
+
+
+def two_lists(project: Path, env: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
+    """Lists a and b sharing three members: (only on a, on both, only on b)."""
+    only_a = [f"a{i}@example.org" for i in range(2)]
+    both = [f"both{i}@example.org" for i in range(3)]
+    only_b = [f"b{i}@example.org" for i in range(4)]
+    for name, emails in (("a", only_a + both), ("b", both + only_b)):
+        lines = ["email,first_name"] + [f"{e},R" for e in emails]
+        (project / f"{name}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        done = run_cli("subscribers", "import", f"{name}.csv", "--list", name, cwd=project, env=env)
+        assert done.returncode == 0, done.stderr
+    return only_a, both, only_b
+
+
+def list_of(received: object) -> tuple[str, str]:
+    """(List-Id, the list the unsubscribe token names) of a received message."""
+    from newsletter import tokens
+
+    msg = received.message  # type: ignore[attr-defined]
+    token = re.search(r"/unsubscribe/([^>]+)>", msg["List-Unsubscribe"])
+    assert token is not None
+    key = env_for(None, Path())["NEWSLETTER_SECRET_KEY"].encode()
+    subject = tokens.read(key, token.group(1))
+    assert subject is not None
+    return msg["List-Id"], subject.list_name
+
+
+def test_one_issue_to_two_lists_reaches_each_person_once(project: Path, server: Server) -> None:
+    env = env_for(server, project)
+    only_a, both, only_b = two_lists(project, env)
+    first = run_cli("send", f"issues/{EXAMPLE.name}", "--list", "a", "--yes", cwd=project, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "5 recipient(s)" in first.stdout and "another list" not in first.stdout
+    # the dry run of the second list counts what the real send will leave out
+    dry = run_cli(
+        "send", f"issues/{EXAMPLE.name}", "--list", "b", "--dry-run", cwd=project, env=env
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert "starting 2020-12-23 to b: 4 recipient(s)" in dry.stdout
+    assert "3 left out: they have this issue from another list's send" in dry.stdout
+    assert "first: b0@example.org, b1@example.org" in dry.stdout
+    assert "4 message(s) would be sent now" in dry.stdout
+    asked = run_cli(
+        "send", f"issues/{EXAMPLE.name}", "--list", "b", cwd=project, env=env, input="n\n"
+    )
+    assert asked.returncode == 1 and "3 left out" in asked.stdout
+    second = run_cli("send", f"issues/{EXAMPLE.name}", "--list", "b", "--yes", cwd=project, env=env)
+    assert second.returncode == 0, second.stderr
+    assert "sent 4, rejected 0" in second.stdout
+    assert "left out 3 who have this issue from another list's send" in second.stdout
+    for e in only_a + both + only_b:
+        assert len(server.handler.to(e)) == 1, f"{e} got {len(server.handler.to(e))} messages"
+    for e in both + only_a:
+        assert list_of(server.handler.to(e)[0]) == ("MS Research News <a.example.org>", "a")
+    for e in only_b:
+        assert list_of(server.handler.to(e)[0]) == ("MS Research News <b.example.org>", "b")
+    status = run_cli("status", "2020-12-23", "--list", "b", cwd=project, env=env)
+    assert "audience 4, 0 suppressed at the start, 3 left out" in status.stdout
+    again = run_cli("send", f"issues/{EXAMPLE.name}", "--list", "b", "--yes", cwd=project, env=env)
+    assert again.returncode == 0 and "3 left out" in again.stdout
+    assert len(server.handler.received) == 9
+
+
+def test_scheduled_lists_reach_each_person_once(project: Path, server: Server) -> None:
+    env = schedule_env(server, project, "2020-12-23T09:30:00-05:00")
+    env["NEWSLETTER_SCHEDULE_LISTS"] = "a,b"
+    only_a, both, only_b = two_lists(project, env)
+    due = run_cli("send", "--due", cwd=project, env=env)
+    assert due.returncode == 0, due.stdout + due.stderr
+    assert "left out 3 who have this issue from another list's send" in due.stdout
+    for e in only_a + both + only_b:
+        assert len(server.handler.to(e)) == 1, f"{e} got {len(server.handler.to(e))} messages"
+    for e in both:
+        assert list_of(server.handler.to(e)[0])[1] == "a"
+    assert len(server.handler.received) == 9
+
+
+def test_test_copy_has_its_own_message_id(project: Path, server: Server) -> None:
+    env = env_for(server, project)
+    (project / "subs.csv").write_text("email\neditor@example.org\nx@example.org\n")
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    tests = [
+        run_cli(
+            "send", f"issues/{EXAMPLE.name}", "--to", "editor@example.org", cwd=project, env=env
+        )
+        for _ in range(2)
+    ]
+    assert all(t.returncode == 0 for t in tests), tests[0].stderr
+    real = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    assert real.returncode == 0, real.stderr
+    ids = [r.message["Message-ID"] for r in server.handler.to("editor@example.org")]
+    assert len(ids) == 3 and len(set(ids)) == 3  # two test copies and the real one
+    assert all(re.fullmatch(r"<2020-12-23\.test\.[0-9a-f]{16}@example\.org>", i) for i in ids[:2])
+    assert ".test." not in ids[2]
+
+
+def test_test_copy_needs_the_secret_key_as_a_send_does(project: Path, server: Server) -> None:
+    env = {k: v for k, v in env_for(server, project).items() if k != "NEWSLETTER_SECRET_KEY"}
+    refused = run_cli(
+        "send", f"issues/{EXAMPLE.name}", "--to", "editor@example.org", cwd=project, env=env
+    )
+    assert refused.returncode == 1
+    assert "NEWSLETTER_SECRET_KEY is not set: unsubscribe links would not be secure" in (
+        refused.stderr
+    )
+    assert server.handler.received == []
+    # a dry run of a test copy writes a file and mails nobody: no key needed
+    dry = run_cli(
+        "send", f"issues/{EXAMPLE.name}", "--to", "e@example.org", "--dry-run", cwd=project, env=env
+    )
+    assert dry.returncode == 0, dry.stderr
+
+
+def test_a_second_send_is_told_about_the_lock_before_anything_else(
+    project: Path, server: Server
+) -> None:
+    import socket
+
+    from newsletter.locks import Lease
+
+    env = env_for(server, project)
+    emails = write_csv(project, 3)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    server.handler.behaviour.drop_in_data = {emails[1]}
+    run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)  # leaves 1 unknown
+    server.handler.behaviour.drop_in_data = set()
+    got = len(server.handler.received)
+    other = Lease(project / "newsletter.sqlite3", "send:2020-12-23:research-news")
+    other.acquire(time.time())
+    try:
+        blocked = run_cli(
+            "send", f"issues/{EXAMPLE.name}", "--resend-unknown", cwd=project, env=env, input="y\n"
+        )
+    finally:
+        other.release()
+    assert blocked.returncode == 1
+    assert f"process {os.getpid()} on {socket.gethostname()}" in blocked.stderr
+    assert "holds the 'send:2020-12-23:research-news' lock since 20" in blocked.stderr
+    assert "lease lasts until" in blocked.stderr
+    # no preview, no question, no talk of unknown recipients first
+    assert "Send 2020-12-23" not in blocked.stdout and "resuming" not in blocked.stdout
+    assert "unknown" not in blocked.stdout
+    assert len(server.handler.received) == got
+    status = run_cli("status", "2020-12-23", cwd=project, env=env)
+    assert re.search(r"unknown\s+1", status.stdout)
+
+
+def test_non_ascii_reply_to_is_encoded(project: Path, server: Server) -> None:
+    env = env_for(server, project, NEWSLETTER_REPLY_TO="Équipe Recherche <research@example.org>")
+    built = run_cli("build", f"issues/{EXAMPLE.name}", cwd=project, env=env)
+    assert built.returncode == 0, built.stderr
+    raw = (project / "build" / "2020-12-23" / "preview.eml").read_bytes()
+    assert b"Reply-To: =?utf-8?" in raw
+    write_csv(project, 1)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    sent = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    assert sent.returncode == 0, sent.stderr
+    reply_to = server.handler.received[0].message["Reply-To"]
+    assert reply_to.addresses[0].display_name == "Équipe Recherche"
+    assert reply_to.addresses[0].addr_spec == "research@example.org"
+    bad = env_for(server, project, NEWSLETTER_REPLY_TO="Team <team@example.org>, x@example.org")
+    refused = run_cli("build", f"issues/{EXAMPLE.name}", cwd=project, env=bad)
+    assert refused.returncode == 1 and "NEWSLETTER_REPLY_TO: " in refused.stderr
+
+
+@pytest.mark.parametrize("name", ["Actualités", "my list", "Research-News", "-x", "a" * 65])
+def test_list_names_follow_one_rule_everywhere(project: Path, name: str) -> None:
+    env = env_for(None, project)
+    write_csv(project, 2)
+    rule = "is not a valid list name: it must be 1-64 lower-case letters, digits"
+    for args in (
+        ["send", f"issues/{EXAMPLE.name}", "--list", name, "--yes"],
+        ["send", f"issues/{EXAMPLE.name}", "--list", name, "--dry-run"],
+        ["status", "2020-12-23", "--list", name],
+        ["subscribers", "import", "subs.csv", "--list", name],
+        ["subscribers", "count", "--list", name],
+        ["subscribers", "list", "--list", name],
+    ):
+        result = run_cli(*args, cwd=project, env=env)
+        assert result.returncode != 0, args
+        assert "--list" in result.stderr and rule in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    scheduled = env_for(
+        None,
+        project,
+        NEWSLETTER_SCHEDULE="Wed 09:00",
+        NEWSLETTER_SCHEDULE_LISTS=f"research-news,{name}",
+        NEWSLETTER_TEST_NOW="2020-12-23T09:30:00-05:00",
+    )
+    due = run_cli("send", "--due", cwd=project, env=scheduled)
+    assert due.returncode == 1 and f"NEWSLETTER_SCHEDULE_LISTS: {name!r} {rule}" in due.stderr
+    counted = run_cli("subscribers", "count", cwd=project, env=env)
+    assert counted.stdout == ""  # nothing was imported under the bad name
+
+
+def test_options_that_do_not_go_together_are_refused(project: Path) -> None:
+    env = env_for(None, project)
+    due = run_cli("send", "--due", "--list", "a", cwd=project, env=env)
+    assert due.returncode == 2 and "give no ISSUE_FILE, --list" in due.stderr
+    to = run_cli(
+        "send", f"issues/{EXAMPLE.name}", "--to", "e@example.org", "--resend-unknown",
+        cwd=project, env=env,
+    )  # fmt: skip
+    assert to.returncode == 2 and "--resend-unknown and --retry-rejected belong" in to.stderr

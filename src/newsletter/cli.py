@@ -133,7 +133,19 @@ def _store() -> tuple[Settings, SubscriberStore]:
     return settings, SubscriberStore(connect(settings.database))
 
 
-LIST_OPTION = click.option("--list", "list_name", required=True, help="The list's name.")
+def _list_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--list, checked by the rule NEWSLETTER_LIST_NAME has (it goes into List-Id and links)."""
+    from newsletter.settings import list_name_problem
+
+    problem = None if value is None else list_name_problem(value)
+    if problem:
+        raise click.BadParameter(f"{value!r} {problem}")
+    return value
+
+
+LIST_OPTION = click.option(
+    "--list", "list_name", required=True, callback=_list_name, help="The list's name."
+)
 
 
 @subscribers.command("import")
@@ -176,7 +188,13 @@ def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool) -> No
 
 
 @subscribers.command("count")
-@click.option("--list", "list_name", default=None, help="One list (default: every list).")
+@click.option(
+    "--list",
+    "list_name",
+    default=None,
+    callback=_list_name,
+    help="One list (default: every list).",
+)
 def subscribers_count(list_name: str | None) -> None:
     """How many subscribers each list has, and how many of them are suppressed."""
     _, store = _store()
@@ -283,7 +301,13 @@ def _smtp_transport(settings: Settings) -> SmtpTransport:
 
 @main.command()
 @click.argument("issue_file", type=click.Path(path_type=Path, dir_okay=False), required=False)
-@click.option("--list", "list_name", default=None, help="The list (default: NEWSLETTER_LIST_NAME).")
+@click.option(
+    "--list",
+    "list_name",
+    default=None,
+    callback=_list_name,
+    help="The list (default: NEWSLETTER_LIST_NAME).",
+)
 @click.option("--dry-run", is_flag=True, help="Connect to nothing, record nothing; write samples.")
 @click.option(
     "--outbox",
@@ -315,9 +339,10 @@ def send(
     from newsletter.errors import NewsletterError
 
     if due:
-        if issue_file is not None or dry_run or test_to:
+        if issue_file is not None or dry_run or test_to or list_name:
             raise click.UsageError(
-                "--due picks the issue itself; give no ISSUE_FILE, --dry-run or --to"
+                "--due picks the issue and the lists (NEWSLETTER_SCHEDULE_LISTS) itself; "
+                "give no ISSUE_FILE, --list, --dry-run or --to"
             )
         _run_due_once()
         return
@@ -326,6 +351,13 @@ def send(
     try:
         settings = _settings()
         if test_to:
+            if resend_unknown or retry_rejected:
+                raise click.UsageError(
+                    "--to sends test copies outside the send log; --resend-unknown and "
+                    "--retry-rejected belong to a real send"
+                )
+            if not dry_run:
+                _require_secret(settings)
             result = _build(settings, issue_file, strict=False, list_name=list_name)
             _send_test_copies(settings, _template(settings, result, list_name), test_to, dry_run)
             return
@@ -351,6 +383,17 @@ def _template(settings: Settings, result: BuildResult, list_name: str | None) ->
     return MessageTemplate(result.rendered, _sender(settings, list_name), signer=_signer(settings))
 
 
+def _require_secret(settings: Settings) -> None:
+    """Real mail (a send or a test copy) carries links the live server must accept."""
+    from newsletter.errors import ConfigError
+
+    if settings.secret_key is None:
+        raise ConfigError(
+            "NEWSLETTER_SECRET_KEY is not set: unsubscribe links would not be secure. "
+            'Make one with: python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
+        )
+
+
 def _send_one(
     settings: Settings,
     issue_file: Path,
@@ -368,16 +411,12 @@ def _send_one(
     import time
 
     from newsletter.database import connect
-    from newsletter.errors import ConfigError
     from newsletter.locks import Lease
     from newsletter.sending import dry_run_copy, prepare, preview
     from newsletter.transports import OutboxTransport
 
-    if settings.secret_key is None and not dry_run:
-        raise ConfigError(
-            "NEWSLETTER_SECRET_KEY is not set: unsubscribe links would not be secure. "
-            'Make one with: python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
-        )
+    if not dry_run:
+        _require_secret(settings)
     result = _build(settings, issue_file, strict=False, list_name=name)
     template = _template(settings, result, name)
     transport: Transport
@@ -393,9 +432,15 @@ def _send_one(
             )
             dry_run_copy(real, conn, result.issue_id, name)
         else:
+            # One process per send, checked before anything is read or asked: a
+            # second one would show a preview of rows the first is changing, and
+            # would take its in-flight rows for dead ones.
+            lease = Lease(settings.database, f"send:{result.issue_id}:{name}")
+            lease.acquire(time.time())
+            stack.callback(lease.release)
             transport = _smtp_transport(settings)
             conn = real
-        # Read first, ask, and only then write: declining changes nothing.
+        # Read, ask, and only then write: declining changes nothing (and frees the lock).
         planned = preview(conn, result.issue_id, name)
         _describe_send(planned, result.issue_id, name, transport.description, len(result.eml))
         if confirm:
@@ -403,11 +448,6 @@ def _send_one(
                 f"Send {result.issue_id} to the list {name!r} through {transport.description}?",
                 abort=True,
             )
-        if not dry_run:
-            # One process per send: a second one would take in-flight rows for dead ones.
-            lease = Lease(settings.database, f"send:{result.issue_id}:{name}")
-            lease.acquire(time.time())
-            stack.callback(lease.release)
         prepared = prepare(
             conn,
             result.issue_id,
@@ -474,11 +514,24 @@ def _signer(settings: Settings) -> Callable[[bytes], bytes] | None:
 
     from newsletter import dkim_sign
 
-    key = dkim_sign.load_key(
-        settings.dkim_key_file,
-        settings.dkim_selector,
-        settings.dkim_domain or settings.sender_address.rpartition("@")[2],
-    )
+    from_domain = settings.sender_address.rpartition("@")[2].lower()
+    domain = (settings.dkim_domain or from_domain).lower()
+    key = dkim_sign.load_key(settings.dkim_key_file, settings.dkim_selector, domain)
+    if from_domain != domain and not from_domain.endswith("." + domain):
+        # DMARC passes on DKIM only when d= is the From domain or a parent of it.
+        click.secho(
+            f"warning: NEWSLETTER_DKIM_DOMAIN {domain!r} is not the From domain "
+            f"{from_domain!r} or a parent of it: DMARC will not count this signature",
+            fg="yellow",
+            err=True,
+        )
+    if key.weak:
+        click.secho(
+            f"warning: the DKIM key {settings.dkim_key_file} (NEWSLETTER_DKIM_KEY_FILE) is "
+            f"{key.bits}-bit RSA; use {dkim_sign.GOOD_BITS} bits, as receivers recommend",
+            fg="yellow",
+            err=True,
+        )
     return functools.partial(dkim_sign.sign, key=key)
 
 
@@ -494,6 +547,11 @@ def _describe_send(planned: Preview, issue_id: str, name: str, via: str, size: i
         f"  to send now: {c['pending']} pending, {c['deferred']} deferred; already: "
         f"{c['sent']} sent, {c['rejected']} rejected, {c['unknown']} unknown"
     )
+    if planned.duplicates:
+        click.echo(
+            f"  {planned.duplicates} left out: they have this issue from another list's send "
+            "(each person gets an issue once)"
+        )
     if planned.first:
         click.echo("  first: " + ", ".join(planned.first))
     if c["unknown"]:
@@ -521,6 +579,10 @@ def _summarise(report: SendReport, dry_run: bool, transport: Transport) -> None:
         f"suppressed since start {c['suppressed']}; this run {r.attempted} message(s) "
         f"in {r.elapsed:.1f} s ({r.rate:.0f}/s)"
     )
+    if report.record.duplicates:
+        click.echo(
+            f"left out {report.record.duplicates} who have this issue from another list's send"
+        )
     if r.stopped:
         click.secho(f"stopped early: {r.stopped}. Run the same command to resume.", fg="yellow")
     for email, detail in report.unknown:
@@ -532,6 +594,7 @@ def _send_test_copies(
 ) -> None:
     import asyncio
     import datetime as dt
+    import secrets
 
     from newsletter.csv_import import normalise_address
     from newsletter.models import Recipient
@@ -549,7 +612,13 @@ def _send_test_copies(
         out = []
         try:
             for r in recipients:
-                data = template.personalise(r, date=dt.datetime.now(dt.UTC))
+                # Never the real message's id: a receiver would drop the real
+                # one later as a duplicate of the test copy.
+                data = template.personalise(
+                    r,
+                    date=dt.datetime.now(dt.UTC),
+                    message_id=template.test_message_id(secrets.token_hex(8)),
+                )
                 outcome = await session.send(Envelope(settings.envelope_sender, r.email, data))
                 out.append((r.email, f"{outcome.state} {outcome.code or ''} {outcome.detail}"))
         finally:
@@ -570,7 +639,13 @@ def _send_test_copies(
 
 @main.command()
 @click.argument("issue_id")
-@click.option("--list", "list_name", default=None, help="The list (default: NEWSLETTER_LIST_NAME).")
+@click.option(
+    "--list",
+    "list_name",
+    default=None,
+    callback=_list_name,
+    help="The list (default: NEWSLETTER_LIST_NAME).",
+)
 def status(issue_id: str, list_name: str | None) -> None:
     """Counts by state and the last errors of the send of ISSUE_ID (id or file) to a list."""
     from newsletter.database import connect
@@ -587,7 +662,8 @@ def status(issue_id: str, list_name: str | None) -> None:
     counts = log.counts(record.id)
     click.echo(
         f"{issue_id} to {name}: started {record.created_at}, audience {record.audience}, "
-        f"{record.suppressed} suppressed at the start"
+        f"{record.suppressed} suppressed at the start, {record.duplicates} left out "
+        "(they have it from another list's send)"
     )
     for state, n in counts.items():
         click.echo(f"  {state:10} {n}")

@@ -23,7 +23,7 @@ import html
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.utils import format_datetime
+from email.utils import format_datetime, parseaddr
 from urllib.parse import quote
 
 from newsletter import placeholders, tokens
@@ -172,7 +172,9 @@ class MessageTemplate:
         )
         tail = [_header("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")]
         if sender.reply_to:
-            tail.append(_header("Reply-To", sender.reply_to))
+            # Encoded as From is: a non-ASCII display name is RFC 2047-encoded.
+            name, address = parseaddr(sender.reply_to)
+            tail.append(_header("Reply-To", _mailbox(name, address)))
         tail.append(
             _header("Content-Type", f'multipart/alternative;\r\n boundary="{self.boundary}"')
         )
@@ -189,13 +191,25 @@ class MessageTemplate:
         self._close = b"--" + b + b"--\r\n"
 
     def message_id(self, recipient: Recipient) -> str:
-        """Stable per issue, list and recipient: a resend carries the same id, so
-        receivers that deduplicate on Message-ID drop the second copy."""
-        key = f"{self.rendered.issue_id}\0{self.sender.list_name}\0{recipient.email.lower()}"
+        """Stable per issue and recipient, whichever list it goes to: a resend, or a
+        second copy from another list, carries the same id, so receivers that
+        deduplicate on Message-ID drop it."""
+        key = f"{self.rendered.issue_id}\0{recipient.email.lower()}"
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:24]
         return f"<{self.rendered.issue_id}.{digest}@{self.sender.domain}>"
 
-    def personalise(self, recipient: Recipient, *, date: dt.datetime) -> bytes:
+    def test_message_id(self, nonce: str) -> str:
+        """A test copy's own id, never the real message's: a receiver that saw the test
+        copy would otherwise drop the real one as a duplicate. ``nonce`` makes each
+        test copy unique (the caller passes something random)."""
+        if not re.fullmatch(r"[0-9A-Za-z]{8,64}", nonce):
+            raise ValueError("the nonce must be 8-64 letters or digits")
+        return f"<{self.rendered.issue_id}.test.{nonce}@{self.sender.domain}>"
+
+    def personalise(
+        self, recipient: Recipient, *, date: dt.datetime, message_id: str | None = None
+    ) -> bytes:
+        """The message for ``recipient``; ``message_id`` overrides the stable id (test copies)."""
         values = recipient_values(self.sender, recipient, date=date)
         unsub = values[placeholders.UNSUBSCRIBE_URL]
         mailto = f"mailto:{self.sender.unsubscribe_mailto}?subject={quote('unsubscribe')}"
@@ -205,7 +219,7 @@ class MessageTemplate:
                 _header("To", _mailbox(recipient.display_name, recipient.email)),
                 self._subject,
                 _header("Date", format_datetime(date)),
-                _header("Message-ID", self.message_id(recipient)),
+                _header("Message-ID", message_id or self.message_id(recipient)),
                 self._list_id,
                 # Written raw, never RFC 2047-encoded: providers ignore an
                 # encoded List-Unsubscribe (RFC 2369, RFC 8058).

@@ -117,6 +117,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " source_sha256 TEXT NOT NULL,"
         " frozen_at TEXT NOT NULL"
         ") WITHOUT ROWID",
+        "ALTER TABLE locks ADD COLUMN since REAL",  # when the holder took it (unix time)
     ),
 )
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)

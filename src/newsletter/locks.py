@@ -5,12 +5,15 @@ raises :class:`LockHeld` when another live process holds the name. The
 holder renews the lease from a background thread; a holder that dies (kill
 -9, power cut) stops renewing, and after ``LEASE_SECONDS`` the lease is free
 (at once, when the dead holder ran on this machine and its process is gone).
+The row names its holder (``host:pid:...``) and when it took the lock, so
+:class:`LockHeld` can say which process to wait for.
 Used for the schedule (one run acts on a slot) and for each send (one
 process works on an issue's send to a list at a time).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import socket
 import sqlite3
@@ -24,7 +27,20 @@ LEASE_SECONDS = 120.0
 
 
 class LockHeld(NewsletterError):
-    pass
+    """Another live process holds the lock; the message says which one, since and until when."""
+
+    def __init__(self, name: str, host: str, pid: str, since: float | None, until: float) -> None:
+        self.name, self.host, self.pid, self.since, self.until = name, host, pid, since, until
+        started = f" since {_stamp(since)}" if since is not None else ""
+        super().__init__(
+            f"another run (process {pid} on {host}) holds the {name!r} lock{started}; its "
+            f"lease lasts until {_stamp(until)} and is renewed while that run is alive. This "
+            "run does nothing: wait for that one to finish, or stop it, then run this again"
+        )
+
+
+def _stamp(when: float) -> str:
+    return dt.datetime.fromtimestamp(when, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 class Lease:
@@ -47,7 +63,9 @@ class Lease:
         conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE")
-            row = conn.execute("SELECT owner, expires FROM locks WHERE name = ?", (self.name,))
+            row = conn.execute(
+                "SELECT owner, expires, since FROM locks WHERE name = ?", (self.name,)
+            )
             held = row.fetchone()
             if (
                 held is not None
@@ -56,14 +74,14 @@ class Lease:
                 and not _dead_here(held[0])
             ):
                 conn.execute("ROLLBACK")
-                raise LockHeld(
-                    f"another run ({held[0].rsplit(':', 1)[0]}) holds the {self.name!r} lock; "
-                    "this one does nothing"
-                )
+                host, _, rest = held[0].partition(":")
+                raise LockHeld(self.name, host, rest.partition(":")[0], held[2], held[1])
             conn.execute(
-                "INSERT INTO locks (name, owner, expires) VALUES (?, ?, ?) ON CONFLICT (name) "
-                "DO UPDATE SET owner = excluded.owner, expires = excluded.expires",
-                (self.name, self.owner, now + self.ttl),
+                "INSERT INTO locks (name, owner, expires, since) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, "
+                "expires = excluded.expires, since = CASE WHEN locks.owner = excluded.owner "
+                "THEN locks.since ELSE excluded.since END",
+                (self.name, self.owner, now + self.ttl, now),
             )
             conn.execute("COMMIT")
         finally:

@@ -8,11 +8,18 @@ move is committed: a recipient is marked ``sending`` *before* its SMTP
 transaction starts and gets its outcome *after* it ends, so after a crash the
 rows still in ``sending`` are exactly the ones whose fate is unknown. They are
 reported by address and only resent when the user asks.
+
+A person gets an issue once, however many of its lists they are on: a freeze
+leaves out every address that another list's send of the same issue already
+has (see :data:`HAS_IT`), counts them in ``sends.duplicates``, and so each
+address has at most one live delivery row per issue. The list of the send
+that reached someone first decides their List-Id and unsubscribe link.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -33,6 +40,28 @@ _SELECT = (
 )
 _SELECT_DUE = _SELECT.replace("deliveries_by_state", "deliveries_retry")
 FREEZE_BATCH = 5000
+# For the preview of a send not frozen yet: the list's audience (as
+# SubscriberStore.audience has it) and the addresses other sends of the issue have.
+_AUDIENCE = (
+    "FROM list_members m JOIN subscribers u ON u.id = m.subscriber_id WHERE m.list_name = ?2 "
+    "AND NOT EXISTS (SELECT 1 FROM suppressions x WHERE x.email = u.email) "
+    "AND NOT EXISTS (SELECT 1 FROM list_optouts o WHERE o.list_name = ?2 AND o.email = u.email) "
+)
+_OTHERS_HAVE = (
+    "(SELECT d.email FROM sends s JOIN deliveries d INDEXED BY deliveries_by_state "
+    "ON d.send_id = s.id AND d.state IN "
+    "('pending', 'sending', 'sent', 'deferred', 'unknown', 'rejected') "
+    "WHERE s.issue_id = ?1 AND s.list_name != ?2) "
+)
+# States of a delivery row that mean its address has the issue or will get it:
+# a freeze of the same issue to another list leaves that address out.
+# 'rejected' counts too: the receiving server refused the address for this
+# issue, and the remedy (--retry-rejected) resends from the send that holds
+# the row; a second row on another list could then deliver it twice.
+# 'suppressed' does not: that row was never sent (the person left that list
+# after it froze), and they may still want it from a list they stayed on.
+# Written out in the queries below (no SQL built from strings).
+HAS_IT = ("pending", "sending", "sent", "deferred", "unknown", "rejected")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +72,7 @@ class SendRecord:
     created_at: str
     audience: int
     suppressed: int
+    duplicates: int = 0  # left out: another list's send of this issue has them
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +102,8 @@ class SendLog:
 
     def find(self, issue_id: str, list_name: str) -> SendRecord | None:
         row = self.conn.execute(
-            "SELECT id, issue_id, list_name, created_at, audience, suppressed FROM sends "
-            "WHERE issue_id = ? AND list_name = ?",
+            "SELECT id, issue_id, list_name, created_at, audience, suppressed, duplicates "
+            "FROM sends WHERE issue_id = ? AND list_name = ?",
             (issue_id, list_name),
         ).fetchone()
         return None if row is None else SendRecord(*row)
@@ -81,17 +111,36 @@ class SendLog:
     def freeze(
         self, issue_id: str, list_name: str, audience: Iterable[Recipient], suppressed: int
     ) -> SendRecord:
-        """Record who this send goes to, once. All rows or none (one transaction)."""
+        """Record who this send goes to, once. All rows or none (one transaction).
+
+        Members that another list's send of the same issue already has are left
+        out and counted. BEGIN IMMEDIATE makes two freezes of one issue take
+        turns, so the second always sees the first's rows."""
         cur = self.conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
+            others = self._build_others(cur, issue_id, list_name)
             send_id = cur.execute(
                 "INSERT INTO sends (issue_id, list_name, created_at, audience, suppressed) "
                 "VALUES (?, ?, ?, 0, ?) RETURNING id",
                 (issue_id, list_name, _now(), suppressed),
             ).fetchone()[0]
-            total = 0
-            for batch in _batches(audience, FREEZE_BATCH):
+            total = duplicates = 0
+            for members in _batches(audience, FREEZE_BATCH):
+                batch = members
+                if others:
+                    # One indexed lookup per batch: no scan of other sends per member.
+                    have = {
+                        row[0]
+                        for row in cur.execute(
+                            "SELECT email FROM temp.freeze_others "
+                            "WHERE email IN (SELECT value FROM json_each(?))",
+                            (json.dumps([r.email for r in members]),),
+                        )
+                    }
+                    if have:
+                        batch = [r for r in members if r.email not in have]
+                        duplicates += len(members) - len(batch)
                 cur.executemany(
                     "INSERT INTO deliveries (send_id, seq, email, first_name, last_name, state) "
                     "VALUES (?, ?, ?, ?, ?, 'pending')",
@@ -101,15 +150,73 @@ class SendLog:
                     ),
                 )
                 total += len(batch)
-            cur.execute("UPDATE sends SET audience = ? WHERE id = ?", (total, send_id))
+            cur.execute(
+                "UPDATE sends SET audience = ?, duplicates = ? WHERE id = ?",
+                (total, duplicates, send_id),
+            )
             cur.execute("COMMIT")
         except BaseException:
             if self.conn.in_transaction:
                 cur.execute("ROLLBACK")
             raise
+        finally:
+            cur.execute("DROP TABLE IF EXISTS temp.freeze_others")
         record = self.find(issue_id, list_name)
         assert record is not None
         return record
+
+    @staticmethod
+    def _build_others(cur: sqlite3.Cursor, issue_id: str, list_name: str) -> bool:
+        """Fill temp.freeze_others with the addresses other sends of ``issue_id`` have.
+
+        Built once per freeze, and only when such sends exist: one pass over
+        their rows through the state index, then a keyed table to look in."""
+        ids = [
+            row[0]
+            for row in cur.execute(
+                "SELECT id FROM sends WHERE issue_id = ? AND list_name != ?",
+                (issue_id, list_name),
+            )
+        ]
+        if not ids:
+            return False
+        cur.execute("DROP TABLE IF EXISTS temp.freeze_others")
+        cur.execute("CREATE TEMP TABLE freeze_others (email TEXT PRIMARY KEY) WITHOUT ROWID")
+        for send_id in ids:
+            cur.execute(
+                "INSERT OR IGNORE INTO temp.freeze_others SELECT email "
+                "FROM deliveries INDEXED BY deliveries_by_state WHERE send_id = ? "
+                "AND state IN ('pending', 'sending', 'sent', 'deferred', 'unknown', 'rejected')",
+                (send_id,),
+            )
+        return True
+
+    def duplicates(self, issue_id: str, list_name: str, first: int = 5) -> tuple[int, list[str]]:
+        """What :meth:`freeze` would do to ``list_name``'s audience now, read only (for the
+        preview): how many it would leave out because another list's send of ``issue_id``
+        has them, and the first ``first`` addresses it would keep (when any are left out)."""
+        if not self.conn.execute(
+            "SELECT 1 FROM sends WHERE issue_id = ? AND list_name != ? LIMIT 1",
+            (issue_id, list_name),
+        ).fetchone():
+            return 0, []
+        # "IN (subquery)" makes SQLite build one keyed copy of the other sends'
+        # addresses and look each member up in it: no scan per member.
+        count = self.conn.execute(
+            "SELECT count(*) " + _AUDIENCE + "AND u.email IN " + _OTHERS_HAVE,
+            (issue_id, list_name),
+        ).fetchone()[0]
+        if not count:
+            return 0, []
+        kept = self.conn.execute(
+            "SELECT u.email "
+            + _AUDIENCE
+            + "AND u.email NOT IN "
+            + _OTHERS_HAVE
+            + "ORDER BY m.subscriber_id LIMIT ?3",
+            (issue_id, list_name, first),
+        )
+        return int(count), [row[0] for row in kept]
 
     def mark_interrupted(self, send_id: int) -> int:
         """Rows left in ``sending`` by a run that died: their fate is unknown."""

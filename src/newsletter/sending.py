@@ -56,6 +56,7 @@ class Preview:
     suppressed: int
     counts: dict[str, int]
     first: list[str]
+    duplicates: int = 0  # left out: another list's send of this issue has them
 
 
 def preview(conn: sqlite3.Connection, issue_id: str, list_name: str) -> Preview:
@@ -66,21 +67,23 @@ def preview(conn: sqlite3.Connection, issue_id: str, list_name: str) -> Preview:
         counts = log.counts(record.id)
         counts["unknown"] += counts.pop("sending")  # a dead run's in-flight rows
         first = [email for email, _ in log.in_state(record.id, "pending", limit=5)]
-        return Preview(True, record.audience, record.suppressed, counts, first)
+        return Preview(True, record.audience, record.suppressed, counts, first, record.duplicates)
     members, suppressed = store.count(list_name)
     if members - suppressed == 0:
         raise ConfigError(
             f"the list {list_name!r} has nobody to send to; import subscribers with "
             f"`newsletter subscribers import FILE.csv --list {list_name}`"
         )
-    first = []
-    for recipient in store.audience(list_name):
-        first.append(recipient.email)
-        if len(first) == 5:
-            break
-    counts = {"pending": members - suppressed, "deferred": 0, "sent": 0, "rejected": 0,
+    duplicates, first = log.duplicates(issue_id, list_name, first=5)
+    if not duplicates:
+        for recipient in store.audience(list_name):
+            first.append(recipient.email)
+            if len(first) == 5:
+                break
+    audience = members - suppressed - duplicates
+    counts = {"pending": audience, "deferred": 0, "sent": 0, "rejected": 0,
               "unknown": 0, "suppressed": 0}  # fmt: skip
-    return Preview(False, members - suppressed, suppressed, counts, first)
+    return Preview(False, audience, suppressed, counts, first, duplicates)
 
 
 def prepare(
@@ -163,19 +166,25 @@ def dry_run_copy(
         with scratch:
             scratch.execute("BEGIN")
             scratch.execute("INSERT INTO suppressions SELECT * FROM src.suppressions")
+            scratch.execute(
+                "INSERT INTO list_optouts SELECT * FROM src.list_optouts WHERE list_name = ?",
+                (list_name,),
+            )
+            # Every list's send of this issue: a new send leaves out whoever
+            # another list's send already has, and the dry run must count them.
+            scratch.execute(
+                "INSERT INTO sends SELECT * FROM src.sends WHERE issue_id = ?", (issue_id,)
+            )
+            scratch.execute(
+                "INSERT INTO deliveries SELECT d.* FROM src.sends s "
+                "JOIN src.deliveries d ON d.send_id = s.id WHERE s.issue_id = ?",
+                (issue_id,),
+            )
             send = scratch.execute(
-                "SELECT id FROM src.sends WHERE issue_id = ? AND list_name = ?",
+                "SELECT id FROM sends WHERE issue_id = ? AND list_name = ?",
                 (issue_id, list_name),
             ).fetchone()
-            if send is not None:
-                scratch.execute(
-                    "INSERT INTO sends SELECT * FROM src.sends WHERE id = ?", (send[0],)
-                )
-                scratch.execute(
-                    "INSERT INTO deliveries SELECT * FROM src.deliveries WHERE send_id = ?",
-                    (send[0],),
-                )
-            else:
+            if send is None:
                 scratch.execute(
                     "INSERT INTO subscribers SELECT u.* FROM src.subscribers u "
                     "JOIN src.list_members m ON m.subscriber_id = u.id WHERE m.list_name = ?",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from email.utils import parseaddr
+from email.utils import getaddresses, parseaddr
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,6 +34,10 @@ from newsletter.models import https_url
 
 PREFIX = "NEWSLETTER_"
 _LIST_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+LIST_NAME_RULE = "1-64 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit"
+# RFC 6376 3.1: a selector is a dot-separated sequence of DNS labels (letters,
+# digits, hyphens; no hyphen at either end of a label).
+_DNS_LABELS = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
 # Used when no secret is configured: good enough to show what a link looks
 # like in a preview, refused by anything that sends.
 PREVIEW_KEY = b"newsletter-preview-only"
@@ -113,8 +117,46 @@ class Settings(BaseSettings):
     @field_validator("list_name")
     @classmethod
     def _list_name(cls, value: str) -> str:
-        if not _LIST_NAME.fullmatch(value):
-            raise ValueError("must be 1-64 lower-case letters, digits, '.', '_' or '-'")
+        problem = list_name_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("schedule_lists")
+    @classmethod
+    def _schedule_lists(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        # Empty entries are skipped, as scheduled_lists does (a trailing comma is harmless).
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        problems = [f"{name!r} {problem}" for name in names if (problem := list_name_problem(name))]
+        if problems:
+            raise ValueError("; ".join(problems))
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"names {', '.join(map(repr, twice))} more than once")
+        return value
+
+    @field_validator("dkim_selector")
+    @classmethod
+    def _dkim_selector(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) > 253 or not _DNS_LABELS.fullmatch(value)):
+            raise ValueError(
+                f"{value!r} is not a DKIM selector: it must be DNS labels (letters, digits and "
+                "hyphens) separated by dots, as in 'news' or 'news.2026' (RFC 6376 3.1)"
+            )
+        return value
+
+    @field_validator("dkim_domain")
+    @classmethod
+    def _dkim_domain(cls, value: str | None) -> str | None:
+        if value is not None and (
+            len(value) > 253 or "." not in value or not _DNS_LABELS.fullmatch(value)
+        ):
+            raise ValueError(
+                f"{value!r} is not a domain name like 'example.org' (letters, digits, hyphens "
+                "and dots; write an international domain in its xn-- form)"
+            )
         return value
 
     @field_validator("secret_key")
@@ -205,15 +247,38 @@ class Settings(BaseSettings):
         return self.secret_key.get_secret_value().encode("utf-8")
 
 
+def list_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a list name (it goes into List-Id and every unsubscribe
+    link), or None. The one rule for NEWSLETTER_LIST_NAME, NEWSLETTER_SCHEDULE_LISTS
+    and every --list."""
+    if _LIST_NAME.fullmatch(name):
+        return None
+    hint = ""
+    fixed = re.sub(r"[^a-z0-9._-]+", "-", name.strip().lower()).strip("-._")
+    if fixed and _LIST_NAME.fullmatch(fixed) and name.isascii():
+        hint = f" (for example {fixed!r})"
+    return f"is not a valid list name: it must be {LIST_NAME_RULE}{hint}"
+
+
 def _split_mailbox(value: str) -> tuple[str, str]:
     if "\r" in value or "\n" in value:
         raise ValueError("must be one line")
+    if len(getaddresses([value])) != 1:
+        # parseaddr would keep the first and drop the rest without a word.
+        raise ValueError(
+            f"{value!r} must be one address like 'Name <news@example.org>' (put a name with "
+            'a comma in double quotes: "Doe, Jo" <jo@example.org>)'
+        )
     name, addr = parseaddr(value)
     local, _, domain = addr.rpartition("@")
     if not local or "." not in domain:
         raise ValueError(f"{value!r} is not an address like 'Name <news@example.org>'")
     if not addr.isascii():
         raise ValueError(f"{addr!r} must be ASCII; write an international domain in its xn-- form")
+    if any(c in addr for c in ' <>"(),;:\\[]') or any(ord(c) < 33 for c in name if c != " "):
+        # A header is written from these by hand (compose._mailbox): nothing in the
+        # address may end or split it.
+        raise ValueError(f"{value!r} is not an address like 'Name <news@example.org>'")
     return name, addr
 
 
