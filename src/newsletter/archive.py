@@ -226,7 +226,7 @@ class Archive:
             return snap
         with self._lock:  # one rebuild at a time; the others wait and reuse it
             if key != self._snapshot.key:
-                self._snapshot = self._rebuild(key)
+                self._snapshot = self._rebuild(key, store)
                 self._pages = {}
             return self._snapshot
 
@@ -240,18 +240,20 @@ class Archive:
                 self._pages[name] = page
         return page
 
-    def _rebuild(self, key: tuple[Published, ...]) -> _Snapshot:
+    def _rebuild(self, key: tuple[Published, ...], store: IssueArchive) -> _Snapshot:
+        summaries = store.summaries() if any(row.archived for row in key) else {}
         entries = []
         for row in key:
-            if row.frozen_at is not None and row.subject is not None and row.date is not None:
+            kept = summaries.get(row.issue_id)
+            if kept is not None:
                 entries.append(
                     ArchiveEntry(
                         row.issue_id,
-                        row.subject,
-                        dt.date.fromisoformat(row.date),
-                        row.preheader or None,
+                        kept.subject,
+                        dt.date.fromisoformat(kept.date),
+                        kept.preheader or None,
                         row.first_sent,
-                        row.frozen_at,
+                        kept.frozen_at,
                     )
                 )
                 continue

@@ -47,12 +47,20 @@ class Published:
 
     issue_id: str
     first_sent: str  # ISO time the first send of it started
-    # From the archive row; None for a send made before the archive kept what
-    # was sent (the page is then rendered from the issue file).
-    subject: str | None
-    date: str | None
-    preheader: str | None
-    frozen_at: str | None
+    # False for a send made before the archive kept what was sent: its page is
+    # then rendered from the issue file.
+    archived: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """An archive row without its HTML."""
+
+    issue_id: str
+    subject: str
+    date: str
+    preheader: str
+    frozen_at: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,20 +79,36 @@ def _now() -> str:
 class ArchiveStore:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+        self._published: tuple[int, list[Published]] | None = None
 
     def published(self) -> list[Published]:
         """Every issue delivered to someone, in issue-id order: also the archive's version.
 
         Sent means delivered: a send that was only frozen, or whose every message
-        was refused, is not published. One indexed probe per send, so it is
-        cheap enough to run on every request and compare with the last answer."""
+        was refused, is not published. It is asked on every request, so it is
+        kept until another connection commits (``PRAGMA data_version``); even
+        then it is one indexed probe per send and a scan of the archive's keys
+        (never a lookup of a row by key: the HTML makes rows long, and a lookup
+        reads a whole row)."""
+        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        if self._published is not None and self._published[0] == version:
+            return self._published[1]
+        archived = {row[0] for row in self.conn.execute("SELECT issue_id FROM archive")}
         rows = self.conn.execute(
-            "SELECT s.issue_id, min(s.created_at), a.subject, a.date, a.preheader, a.frozen_at "
-            "FROM sends s LEFT JOIN archive a ON a.issue_id = s.issue_id "
-            "WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.send_id = s.id "
-            "AND d.state = 'sent') GROUP BY s.issue_id ORDER BY s.issue_id"
+            "SELECT issue_id, min(created_at) FROM sends s WHERE EXISTS (SELECT 1 FROM "
+            "deliveries d WHERE d.send_id = s.id AND d.state = 'sent') "
+            "GROUP BY issue_id ORDER BY issue_id"
         ).fetchall()
-        return [Published(*row) for row in rows]
+        found = [Published(row[0], row[1], row[0] in archived) for row in rows]
+        self._published = (version, found)
+        return found
+
+    def summaries(self) -> dict[str, Summary]:
+        """Every archive row but its HTML, by issue id."""
+        rows = self.conn.execute(
+            "SELECT issue_id, subject, date, preheader, frozen_at FROM archive"
+        ).fetchall()
+        return {row[0]: Summary(*row) for row in rows}
 
     def get(self, issue_id: str) -> ArchivedIssue | None:
         row = self.conn.execute(

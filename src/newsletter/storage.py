@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from newsletter.archive_store import ArchivedIssue, Published, Source, SourceUse
+    from newsletter.archive_store import ArchivedIssue, Published, Source, SourceUse, Summary
     from newsletter.csv_import import ParsedRow
     from newsletter.errors import Problem
     from newsletter.models import Recipient
@@ -58,6 +58,7 @@ class SendLogStore(Protocol):
 
 class IssueArchive(Protocol):
     def published(self) -> list[Published]: ...
+    def summaries(self) -> dict[str, Summary]: ...
     def get(self, issue_id: str) -> ArchivedIssue | None: ...
     def uses(self, issue_id: str) -> list[SourceUse]: ...
     def freeze(self, issue: ArchivedIssue) -> ArchivedIssue: ...

@@ -270,7 +270,7 @@ class _Pages:
                 ).body
             )
 
-        page = await self._db(lambda store: archive.index_page(ArchiveStore(store.conn), render))
+        page = await self._db(lambda store: archive.index_page(_archive_store(store), render))
         return _public(request, page)
 
     async def issue(self, request: Request) -> Response:
@@ -278,7 +278,7 @@ class _Pages:
         issue_id = str(request.path_params["issue_id"])
         if archive is None:
             return self._page("Not found", "<p>There is no issue by that name.</p>", 404)
-        page = await self._db(lambda store: archive.issue_page(ArchiveStore(store.conn), issue_id))
+        page = await self._db(lambda store: archive.issue_page(_archive_store(store), issue_id))
         if page is None:
             return self._page("Not found", "<p>There is no issue by that name.</p>", 404)
         return _public(request, page)
@@ -287,7 +287,7 @@ class _Pages:
         archive = self.config.archive
         if archive is None:
             return PlainTextResponse("no archive\n", status_code=404)
-        page = await self._db(lambda store: archive.feed_page(ArchiveStore(store.conn)))
+        page = await self._db(lambda store: archive.feed_page(_archive_store(store)))
         return _public(request, page)
 
     async def _db(self, work: Callable[[SubscriberStore], T]) -> T:
@@ -323,6 +323,17 @@ border-radius:4px;cursor:pointer}}button:focus{{outline:3px solid #f0b400}}</sty
 """,
             status_code=status,
         )
+
+
+_ARCHIVE_STORES = threading.local()
+
+
+def _archive_store(store: SubscriberStore) -> ArchiveStore:
+    """One archive store per thread's connection: it remembers the last version it read."""
+    found: ArchiveStore | None = getattr(_ARCHIVE_STORES, "store", None)
+    if found is None or found.conn is not store.conn:
+        found = _ARCHIVE_STORES.store = ArchiveStore(store.conn)
+    return found
 
 
 def _public(request: Request, page: Page) -> Response:
