@@ -44,7 +44,7 @@ from newsletter.templating import load_templates  # noqa: E402
 
 BASE_COMMIT = "b918dc3"
 ISSUES = 150
-SECRET = "bench-secret-0123456789-0123456789-abcdef"
+SECRET = "bench-secret-0123456789-0123456789-abcdef"  # noqa: S105 - a throw-away database
 EXAMPLE = REPO / "issues" / "2020-12-23.yaml"
 SUBJECT = "MS Research News: stem cell therapy shows promise"
 FIRST = dt.date(2018, 1, 4)
@@ -309,8 +309,8 @@ def main() -> None:
     for name in names:
         unit = "" if name.endswith("ms") else " req/s"
         row = f"{name + unit:22}"
-        for label in results:
-            value = results[label].get(name)
+        for figures in results.values():
+            value = figures.get(name)
             row += f"{value:12.1f}" if value is not None else f"{'-':>12}"
         before, after = results.get("before", {}).get(name), results["after"][name]
         if before:

@@ -450,3 +450,20 @@ def test_repository_example_still_builds_alone() -> None:
     # The bundled issues folder must never hold two files with one id.
     ids = [c.issue_id for c in issue_ids.claims(REPO / "issues")]
     assert len(ids) == len(set(ids))
+
+
+def test_a_scheduled_send_keeps_the_web_version_too(project: Path, server: Server) -> None:
+    env = env_for(
+        server,
+        project,
+        NEWSLETTER_SCHEDULE="Wed 09:00",
+        NEWSLETTER_TIMEZONE="America/New_York",
+        NEWSLETTER_TEST_NOW="2020-12-23T09:30:00-05:00",
+    )
+    subscribe(project, env, 2)
+    due = run_cli("send", "--due", cwd=project, env=env)
+    assert due.returncode == 0, due.stdout + due.stderr
+    rows = archive_rows(project / "newsletter.sqlite3")
+    assert [r["issue_id"] for r in rows] == [ID]
+    assert rows[0]["source_file"] == str(Path("issues") / EXAMPLE.name)
+    assert VIEW_LINE not in rows[0]["html"] and "Positive Results Reported" in rows[0]["html"]
