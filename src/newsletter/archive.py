@@ -47,6 +47,7 @@ log = logging.getLogger("newsletter.archive")
 
 INDEX_MAX_AGE = 300  # seconds: a new issue shows within five minutes of a cache
 ISSUE_MAX_AGE = 3600  # an issue page never changes once frozen
+MAX_KEPT_PAGES = 256  # issue pages kept in memory (about 40 kB each)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +191,8 @@ class Archive:
             return None
         page = Page.of(html.encode(), "text/html; charset=utf-8", entry.changed, self.issue_max_age)
         with self._lock:
+            if len(self._issue_pages) >= MAX_KEPT_PAGES:  # years of issues: keep the recent
+                self._issue_pages.pop(next(iter(self._issue_pages)))
             self._issue_pages[issue_id] = page
         return page
 
