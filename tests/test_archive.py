@@ -324,6 +324,7 @@ def test_public_pages_are_cacheable_and_answer_conditional_requests(
             status, empty, again = fetch(base + path, headers=conditional)
             assert (status, empty) == (304, b""), conditional
             assert again["etag"] == etag and again["cache-control"] == headers["cache-control"]
+            assert again.get("content-length", str(len(body))) == str(len(body))  # RFC 9110 8.6
         for fresh in (
             {"If-None-Match": '"something-else"', "If-Modified-Since": modified},  # INM wins
             {"If-Modified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"},
