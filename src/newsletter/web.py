@@ -133,11 +133,11 @@ class _SecurityHeaders:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 # Public archive pages set their own Cache-Control; the rest stay no-store.
-                has_own = {k.lower() for k, _ in headers}
+                own_cache = any(k.lower() == b"cache-control" for k, _ in headers)
                 headers += [
                     (k.encode(), v.encode())
                     for k, v in SECURITY_HEADERS.items()
-                    if k.encode() not in has_own
+                    if not (own_cache and k == "cache-control")
                 ]
                 message["headers"] = headers
             await send(message)
