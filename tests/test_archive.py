@@ -445,6 +445,7 @@ def test_page_validators_ignore_garbage() -> None:
         assert not page.not_modified(None, junk), junk
         assert not page.not_modified(junk, None), junk
     assert page.not_modified(f" {page.etag} ", None) and page.not_modified("*", None)
+    assert not page.not_modified(None, "Fri, 01 Jan 2100 00:00:00 GMT")  # a clock far ahead
 
 
 def test_repository_example_still_builds_alone() -> None:

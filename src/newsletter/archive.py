@@ -103,6 +103,8 @@ class Page:
                 return False  # an unreadable date is ignored, as the RFC says
             if since.tzinfo is None:
                 since = since.replace(tzinfo=dt.UTC)
+            if since > dt.datetime.now(dt.UTC):
+                return False  # a date from a wrong clock says nothing about our copy
             return self.modified <= since
         return False
 
