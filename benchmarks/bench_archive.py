@@ -305,10 +305,10 @@ def main() -> None:
             results["before"] = measure("before", project, old, args, emails[: args.posts * 2])
         results["after"] = measure("after", project, REPO / "src", args, emails[args.posts * 2 :])
     names = list(results["after"])
-    print(f"{'':22}" + "".join(f"{k:>12}" for k in results) + ("       ratio" if old else ""))
+    print(f"{'':26}" + "".join(f"{k:>12}" for k in results) + ("       ratio" if old else ""))
     for name in names:
         unit = "" if name.endswith("ms") else " req/s"
-        row = f"{name + unit:22}"
+        row = f"{name + unit:26}"
         for figures in results.values():
             value = figures.get(name)
             row += f"{value:12.1f}" if value is not None else f"{'-':>12}"
