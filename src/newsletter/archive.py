@@ -137,8 +137,9 @@ class Archive:
         self._snapshot = _Snapshot((), (), _EPOCH)
         self._pages: dict[str, Page] = {}  # "index" and "feed", for the current snapshot
         self._issue_pages: dict[str, Page] = {}  # frozen: kept across snapshots
-        # Sends from before the archive kept what was sent: the id's file, rendered once.
-        self._legacy: dict[str, tuple[Issue, str] | None] = {}
+        # Sends from before the archive kept what was sent: the id's file, read once
+        # (None: no file or several files claim the id); its page is rendered on demand.
+        self._legacy: dict[str, Issue | None] = {}
         self._templates: Templates | None = None
 
     def url(self, issue_id: str) -> str:
@@ -187,8 +188,7 @@ class Archive:
             kept = store.get(issue_id)
             html = kept.html if kept is not None else None
         else:
-            legacy = self._legacy.get(issue_id)
-            html = legacy[1] if legacy is not None else None
+            html = self._legacy_html(issue_id)
         if html is None:
             return None
         page = Page.of(html.encode(), "text/html; charset=utf-8", entry.changed, self.issue_max_age)
@@ -247,6 +247,7 @@ class Archive:
 
     def _rebuild(self, key: tuple[Published, ...], store: IssueArchive) -> _Snapshot:
         summaries = store.summaries() if any(row.archived for row in key) else {}
+        self._read_legacy([row.issue_id for row in key if row.issue_id not in summaries])
         entries = []
         for row in key:
             kept = summaries.get(row.issue_id)
@@ -262,9 +263,8 @@ class Archive:
                     )
                 )
                 continue
-            legacy = self._legacy_issue(row.issue_id)
-            if legacy is not None:
-                issue = legacy[0]
+            issue = self._legacy.get(row.issue_id)
+            if issue is not None:
                 entries.append(
                     ArchiveEntry(
                         issue.id, issue.subject, issue.date, issue.preheader, row.first_sent, None
@@ -274,31 +274,44 @@ class Archive:
         changed = max((e.changed for e in entries), default=_EPOCH)
         return _Snapshot(key, tuple(entries), changed)
 
-    def _legacy_issue(self, issue_id: str) -> tuple[Issue, str] | None:
-        if issue_id in self._legacy:
-            return self._legacy[issue_id]
-        found = None
-        files = [c for c in issue_ids.claims(self.issues_dir) if c.issue_id == issue_id]
-        if len(files) != 1:
-            log.warning(
-                "issue %s was sent before the archive kept what was sent, and %s; "
-                "it is left out of the archive",
-                issue_id,
-                "no issue file has that id"
-                if not files
-                else "several files claim that id: " + ", ".join(str(c.file) for c in files),
-            )
-        else:
-            try:
-                issue = load_issue(files[0].file).value
-                if self._templates is None:
-                    self._templates = load_templates(self.templates_dir)
-                html = web_version(issue, self.society, self._templates, self.public_url)
-                found = (issue, html)
-            except NewsletterError as exc:
-                log.warning("issue %s is left out of the archive: %s", issue_id, exc)
-        self._legacy[issue_id] = found
-        return found
+    def _read_legacy(self, wanted: list[str]) -> None:
+        """Find the one file that claims each id sent before the archive kept what was sent."""
+        unknown = [issue_id for issue_id in wanted if issue_id not in self._legacy]
+        if not unknown:
+            return
+        by_id: dict[str, list[Path]] = {}
+        for claim in issue_ids.claims(self.issues_dir):
+            by_id.setdefault(claim.issue_id, []).append(claim.file)
+        for issue_id in unknown:
+            files = by_id.get(issue_id, [])
+            found = None
+            if len(files) != 1:
+                log.warning(
+                    "issue %s was sent before the archive kept what was sent, and %s; "
+                    "it is left out of the archive",
+                    issue_id,
+                    "no issue file has that id"
+                    if not files
+                    else "several files claim that id: " + ", ".join(map(str, files)),
+                )
+            else:
+                try:
+                    found = load_issue(files[0]).value
+                except NewsletterError as exc:
+                    log.warning("issue %s is left out of the archive: %s", issue_id, exc)
+            self._legacy[issue_id] = found
+
+    def _legacy_html(self, issue_id: str) -> str | None:
+        issue = self._legacy.get(issue_id)
+        if issue is None:
+            return None
+        try:
+            if self._templates is None:
+                self._templates = load_templates(self.templates_dir)
+            return web_version(issue, self.society, self._templates, self.public_url)
+        except NewsletterError as exc:
+            log.warning("issue %s cannot be shown: %s", issue_id, exc)
+            return None
 
 
 # ------------------------------------------------------------------ sending side
