@@ -469,3 +469,12 @@ def test_a_scheduled_send_keeps_the_web_version_too(project: Path, server: Serve
     assert [r["issue_id"] for r in rows] == [ID]
     assert rows[0]["source_file"] == str(Path("issues") / EXAMPLE.name)
     assert VIEW_LINE not in rows[0]["html"] and "Positive Results Reported" in rows[0]["html"]
+
+
+def test_the_version_check_sees_writes_on_its_own_connection_too(project: Path) -> None:
+    with closing(connect(project / "newsletter.sqlite3")) as conn:
+        store = ArchiveStore(conn)
+        assert store.published() == []
+        add_sent_issue(conn, ID, "Subject", "2020-12-23")  # the same connection
+        assert [p.issue_id for p in store.published()] == [ID]
+        assert store.published()[0].archived

@@ -79,18 +79,23 @@ def _now() -> str:
 class ArchiveStore:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self._published: tuple[int, list[Published]] | None = None
+        self._published: tuple[tuple[int, int], list[Published]] | None = None
 
     def published(self) -> list[Published]:
         """Every issue delivered to someone, in issue-id order: also the archive's version.
 
         Sent means delivered: a send that was only frozen, or whose every message
         was refused, is not published. It is asked on every request, so it is
-        kept until another connection commits (``PRAGMA data_version``); even
+        kept until a connection commits a change (``PRAGMA data_version``); even
         then it is one indexed probe per send and a scan of the archive's keys
         (never a lookup of a row by key: the HTML makes rows long, and a lookup
         reads a whole row)."""
-        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        # data_version moves when another connection commits; total_changes when
+        # this one writes (PRAGMA data_version does not count our own commits).
+        version = (
+            self.conn.execute("PRAGMA data_version").fetchone()[0],
+            self.conn.total_changes,
+        )
         if self._published is not None and self._published[0] == version:
             return self._published[1]
         archived = {row[0] for row in self.conn.execute("SELECT issue_id FROM archive")}
