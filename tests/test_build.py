@@ -244,3 +244,22 @@ def test_checks_catch_scripts_and_remote_fetches_in_attributes(example: BuildRes
         "contains <svg>",
     ):
         assert expected in joined
+
+
+def test_web_version_has_no_view_in_browser_line_and_no_personal_links(project: Path) -> None:
+    from newsletter.build import web_version
+    from newsletter.loading import load_issue, load_society
+    from newsletter.templating import load_templates
+
+    email_html = build_file(project / "issues" / EXAMPLE.name, project).html
+    assert "View this email in your browser" in email_html
+    web = web_version(
+        load_issue(project / "issues" / EXAMPLE.name).value,
+        load_society(project / "society.yaml").value,
+        load_templates(project / "templates"),
+        "https://news.example.org",
+    )
+    assert "View this email in your browser" not in web
+    assert "[[" not in web and "sam.sample" not in web and "/unsubscribe/" not in web
+    assert 'href="https://news.example.org/unsubscribe"' in web
+    assert "Positive Results Reported" in web

@@ -271,7 +271,7 @@ def test_preferences_leave_some_or_all_lists(site: Site) -> None:
 
 def test_archive_and_feed(site: Site) -> None:
     status, body, _ = call(f"{site.base}/issues/")
-    assert status == 200 and 'href="/issues/2020-12-23"' in body
+    assert status == 200 and 'href="https://news.example.org/issues/2020-12-23"' in body
     status, body, headers = call(f"{site.base}/issues/2020-12-23")
     assert status == 200 and "Positive Results Reported" in body
     assert "[[" not in body and "@example.org" not in body.replace("research@example.org", "")

@@ -1,95 +1,215 @@
-"""Archive stage: issues that were sent → the web versions and an Atom feed.
+"""Archive stage: issues as they were sent → web pages, an Atom feed, and their HTTP caching.
 
-Input: the issues folder, the send log (which issues went out), the
-templates and the society. Output: :class:`ArchiveEntry` values, the web
-version of an issue (the email's HTML with every per-recipient link replaced
-by a general one, so it holds no personal data) and an Atom document. An
-issue appears once it has been sent to at least one list; its page is
-rendered once and kept.
+Input: the archive store (:mod:`newsletter.archive_store`: the web version
+each issue's first send froze, and which issues were delivered to someone),
+the society and the public URL. Output: :class:`Page` values (body, strong
+ETag, Last-Modified, max-age) for the index, each issue and the feed, and
+the checks a send makes before it uses an issue id.
+
+Sending side: :func:`check_source` refuses an issue id already sent from a
+different file, and :func:`record_send` keeps the web version (the email's
+HTML without its "view in browser" line and with every personal link made
+general) at the first send of an issue, first writer wins, so editing a sent
+file never rewrites the archive.
+
+Serving side: each request costs one indexed query (:meth:`ArchiveStore.published`)
+compared with the last answer; the index, the feed and each issue page are
+rendered once per change and kept, so a busy archive never parses YAML or
+runs MJML. Sends made before the archive kept what was sent have no archive
+row: their page is rendered once per server process from the one issue file
+that claims the id, and left out (with a log line) when no file or several
+files claim it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import functools
-import sqlite3
+import email.utils
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 from xml.sax.saxutils import escape
 
-from newsletter import placeholders
-from newsletter.build import render_issue
-from newsletter.errors import NewsletterError
+from newsletter import issue_ids
+from newsletter.archive_store import ArchivedIssue, Published, Source
+from newsletter.build import web_version
+from newsletter.errors import ConfigError, NewsletterError
 from newsletter.loading import load_issue
 from newsletter.models import Issue, Society
-from newsletter.templating import load_templates
+from newsletter.storage import IssueArchive
+from newsletter.templating import Templates, load_templates
+
+log = logging.getLogger("newsletter.archive")
+
+INDEX_MAX_AGE = 300  # seconds: a new issue shows within five minutes of a cache
+ISSUE_MAX_AGE = 3600  # an issue page never changes once frozen
+MAX_KEPT_PAGES = 256  # issue pages kept in memory (about 40 kB each)
 
 
 @dataclass(frozen=True, slots=True)
 class ArchiveEntry:
-    issue: Issue
+    issue_id: str
+    subject: str
+    date: dt.date
+    preheader: str | None
     first_sent: str  # ISO time of the first send
+    frozen_at: str | None  # None: sent before the archive kept what was sent
+
+    @property
+    def changed(self) -> str:
+        return max(self.first_sent, self.frozen_at or "")
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A public page, rendered once, with what HTTP caches need to keep it."""
+
+    body: bytes
+    media_type: str
+    etag: str  # strong, quoted
+    modified: dt.datetime  # UTC, whole seconds
+    max_age: int
+
+    @classmethod
+    def of(cls, body: bytes, media_type: str, changed: str, max_age: int) -> Page:
+        digest = hashlib.sha256(body).hexdigest()[:32]
+        return cls(body, media_type, f'"{digest}"', _utc(changed), max_age)
+
+    @property
+    def last_modified(self) -> str:
+        return email.utils.format_datetime(self.modified, usegmt=True)
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "etag": self.etag,
+            "last-modified": self.last_modified,
+            "cache-control": f"public, max-age={self.max_age}",
+        }
+
+    def not_modified(self, if_none_match: str | None, if_modified_since: str | None) -> bool:
+        """Whether a conditional GET or HEAD may be answered 304 (RFC 9110 13.1)."""
+        if if_none_match is not None:
+            # If-None-Match wins over If-Modified-Since and compares weakly.
+            tags = [t.strip() for t in if_none_match.split(",")]
+            return any(t == "*" or t.removeprefix("W/") == self.etag for t in tags)
+        if if_modified_since:
+            try:
+                since = email.utils.parsedate_to_datetime(if_modified_since)
+            except (TypeError, ValueError, IndexError):
+                return False  # an unreadable date is ignored, as the RFC says
+            if since.tzinfo is None:
+                since = since.replace(tzinfo=dt.UTC)
+            if since > dt.datetime.now(dt.UTC):
+                return False  # a date from a wrong clock says nothing about our copy
+            return self.modified <= since
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    key: tuple[Published, ...]
+    entries: tuple[ArchiveEntry, ...]  # newest first
+    changed: str
 
 
 class Archive:
     def __init__(
-        self, issues_dir: Path, templates_dir: Path, society: Society, public_url: str
+        self,
+        issues_dir: Path,
+        templates_dir: Path,
+        society: Society,
+        public_url: str,
+        *,
+        index_max_age: int = INDEX_MAX_AGE,
+        issue_max_age: int = ISSUE_MAX_AGE,
     ) -> None:
         self.issues_dir = issues_dir
         self.templates_dir = templates_dir
         self.society = society
-        self.public_url = public_url
+        self.public_url = public_url.rstrip("/")
+        self.index_max_age = index_max_age
+        self.issue_max_age = issue_max_age
+        self._lock = threading.Lock()
+        self._snapshot = _Snapshot((), (), _EPOCH)
+        self._pages: dict[str, Page] = {}  # "index" and "feed", for the current snapshot
+        self._issue_pages: dict[str, Page] = {}  # frozen: kept across snapshots
+        # Sends from before the archive kept what was sent: the id's file, read once
+        # (None: no file or several files claim the id); its page is rendered on demand.
+        self._legacy: dict[str, Issue | None] = {}
+        self._templates: Templates | None = None
 
-    def entries(self, conn: sqlite3.Connection) -> list[ArchiveEntry]:
-        """Sent issues, newest first; files that no longer load are left out."""
-        # Sent means delivered to someone: a send that was only frozen, or whose
-        # every message was refused, is not in the archive.
-        sent = dict(
-            conn.execute(
-                "SELECT issue_id, min(created_at) FROM sends s WHERE EXISTS (SELECT 1 FROM "
-                "deliveries d WHERE d.send_id = s.id AND d.state = 'sent') GROUP BY issue_id"
-            ).fetchall()
+    def url(self, issue_id: str) -> str:
+        return f"{self.public_url}/issues/{quote(issue_id, safe='')}"
+
+    def entries(self, store: IssueArchive) -> tuple[ArchiveEntry, ...]:
+        """Published issues, newest first."""
+        return self._current(store).entries
+
+    def index_page(
+        self, store: IssueArchive, render: Callable[[tuple[ArchiveEntry, ...]], bytes]
+    ) -> Page:
+        """The list of issues; ``render`` makes its HTML, once per change."""
+        snap = self._current(store)
+        return self._page(
+            "index",
+            snap,
+            lambda: Page.of(
+                render(snap.entries), "text/html; charset=utf-8", snap.changed, self.index_max_age
+            ),
         )
-        found = []
-        for issue in self._issues():
-            if issue.id in sent:
-                found.append(ArchiveEntry(issue, str(sent[issue.id])))
-        return sorted(found, key=lambda e: (e.issue.date, e.issue.id), reverse=True)
 
-    def _issues(self) -> list[Issue]:
-        out = []
-        for path in sorted(self.issues_dir.glob("*.y*ml")):
-            try:
-                out.append(load_issue(path).value)
-            except NewsletterError:
-                continue
-        return out
-
-    @functools.lru_cache(maxsize=64)  # noqa: B019 - one Archive per server, issues are few
-    def web_version(self, issue_id: str) -> str:
-        issue = next(i for i in self._issues() if i.id == issue_id)
-        rendered = render_issue(
-            issue, self.society, load_templates(self.templates_dir), self.public_url
+    def feed_page(self, store: IssueArchive) -> Page:
+        snap = self._current(store)
+        return self._page(
+            "feed",
+            snap,
+            lambda: Page.of(
+                self.atom(snap.entries).encode(),
+                "application/atom+xml; charset=utf-8",
+                snap.changed,
+                self.index_max_age,
+            ),
         )
-        general = {
-            placeholders.UNSUBSCRIBE_URL: f"{self.public_url}/unsubscribe",
-            placeholders.PREFERENCES_URL: f"{self.public_url}/preferences",
-            placeholders.EMAIL: "each subscriber",
-        }
-        return placeholders.fill(rendered.html, general, is_html=True)
 
-    def atom(self, entries: list[ArchiveEntry]) -> str:
+    def issue_page(self, store: IssueArchive, issue_id: str) -> Page | None:
+        """The web version of a published issue, as it was sent; None if there is none."""
+        snap = self._current(store)
+        entry = next((e for e in snap.entries if e.issue_id == issue_id), None)
+        if entry is None:
+            return None
+        page = self._issue_pages.get(issue_id)
+        if page is not None:
+            return page
+        if entry.frozen_at is not None:
+            kept = store.get(issue_id)
+            html = kept.html if kept is not None else None
+        else:
+            html = self._legacy_html(issue_id)
+        if html is None:
+            return None
+        page = Page.of(html.encode(), "text/html; charset=utf-8", entry.changed, self.issue_max_age)
+        with self._lock:
+            if len(self._issue_pages) >= MAX_KEPT_PAGES:  # years of issues: keep the recent
+                self._issue_pages.pop(next(iter(self._issue_pages)))
+            self._issue_pages[issue_id] = page
+        return page
+
+    def atom(self, entries: tuple[ArchiveEntry, ...] | list[ArchiveEntry]) -> str:
         base = self.public_url
-        updated = max((e.first_sent for e in entries), default=_epoch())
+        updated = max((e.first_sent for e in entries), default=_EPOCH)
         items = []
         for e in entries:
-            url = f"{base}/issues/{e.issue.id}"
-            summary = e.issue.preheader or e.issue.subject
+            url = self.url(e.issue_id)
+            summary = e.preheader or e.subject
             items.append(
-                f"<entry><id>{escape(url)}</id><title>{escape(e.issue.subject)}</title>"
+                f"<entry><id>{escape(url)}</id><title>{escape(e.subject)}</title>"
                 f'<link rel="alternate" type="text/html" href="{escape(url)}"/>'
                 f"<updated>{escape(_rfc3339(e.first_sent))}</updated>"
-                f"<published>{e.issue.date.isoformat()}T00:00:00Z</published>"
+                f"<published>{e.date.isoformat()}T00:00:00Z</published>"
                 f"<summary>{escape(summary)}</summary></entry>"
             )
         return (
@@ -102,13 +222,190 @@ class Archive:
             f"<updated>{escape(_rfc3339(updated))}</updated>" + "".join(items) + "</feed>\n"
         )
 
+    # ------------------------------------------------------------------ caching
 
-def _rfc3339(iso: str) -> str:
+    def _current(self, store: IssueArchive) -> _Snapshot:
+        key = tuple(store.published())
+        snap = self._snapshot
+        if key == snap.key:
+            return snap
+        with self._lock:  # one rebuild at a time; the others wait and reuse it
+            if key != self._snapshot.key:
+                self._snapshot = self._rebuild(key, store)
+                self._pages = {}
+            return self._snapshot
+
+    def _page(self, name: str, snap: _Snapshot, make: Callable[[], Page]) -> Page:
+        page = self._pages.get(name)
+        if page is not None and self._snapshot is snap:
+            return page
+        page = make()
+        with self._lock:
+            if self._snapshot is snap:
+                self._pages[name] = page
+        return page
+
+    def _rebuild(self, key: tuple[Published, ...], store: IssueArchive) -> _Snapshot:
+        summaries = store.summaries() if any(row.archived for row in key) else {}
+        self._read_legacy([row.issue_id for row in key if row.issue_id not in summaries])
+        entries = []
+        for row in key:
+            kept = summaries.get(row.issue_id)
+            if kept is not None:
+                entries.append(
+                    ArchiveEntry(
+                        row.issue_id,
+                        kept.subject,
+                        dt.date.fromisoformat(kept.date),
+                        kept.preheader or None,
+                        row.first_sent,
+                        kept.frozen_at,
+                    )
+                )
+                continue
+            issue = self._legacy.get(row.issue_id)
+            if issue is not None:
+                entries.append(
+                    ArchiveEntry(
+                        issue.id, issue.subject, issue.date, issue.preheader, row.first_sent, None
+                    )
+                )
+        entries.sort(key=lambda e: (e.date, e.issue_id), reverse=True)
+        changed = max((e.changed for e in entries), default=_EPOCH)
+        return _Snapshot(key, tuple(entries), changed)
+
+    def _read_legacy(self, wanted: list[str]) -> None:
+        """Find the one file that claims each id sent before the archive kept what was sent."""
+        unknown = [issue_id for issue_id in wanted if issue_id not in self._legacy]
+        if not unknown:
+            return
+        by_id: dict[str, list[Path]] = {}
+        for claim in issue_ids.claims(self.issues_dir):
+            by_id.setdefault(claim.issue_id, []).append(claim.file)
+        for issue_id in unknown:
+            files = by_id.get(issue_id, [])
+            found = None
+            if len(files) != 1:
+                log.warning(
+                    "issue %s was sent before the archive kept what was sent, and %s; "
+                    "it is left out of the archive",
+                    issue_id,
+                    "no issue file has that id"
+                    if not files
+                    else "several files claim that id: " + ", ".join(map(str, files)),
+                )
+            else:
+                try:
+                    found = load_issue(files[0]).value
+                except NewsletterError as exc:
+                    log.warning("issue %s is left out of the archive: %s", issue_id, exc)
+            self._legacy[issue_id] = found
+
+    def _legacy_html(self, issue_id: str) -> str | None:
+        issue = self._legacy.get(issue_id)
+        if issue is None:
+            return None
+        try:
+            if self._templates is None:
+                self._templates = load_templates(self.templates_dir)
+            return web_version(issue, self.society, self._templates, self.public_url)
+        except NewsletterError as exc:
+            log.warning("issue %s cannot be shown: %s", issue_id, exc)
+            return None
+
+
+# ------------------------------------------------------------------ sending side
+
+
+class IdAlreadyUsed(ConfigError):
+    """An issue id was sent before from a different file; nothing was sent."""
+
+    resumable = False
+
+
+def same_issue(a: Source, b: Source) -> bool:
+    """Whether two sources are one issue: the same file name (moved, or edited in place)
+    or the same bytes (renamed). A path given another way (./issues/x.yaml, an absolute
+    path from cron) is still the same file name."""
+    return Path(a.file).name == Path(b.file).name or a.sha256 == b.sha256
+
+
+def check_source(store: IssueArchive, issue_id: str, source: Source) -> list[str]:
+    """Refuse ``issue_id`` if it was used before by a different file; return notes to show.
+
+    Raises :class:`IdAlreadyUsed` naming both files. A file edited since its send
+    started resumes, with a note that the archive keeps the version first sent."""
+    notes = []
+    for use in store.uses(issue_id):
+        if use.source is None:
+            continue
+        if not same_issue(use.source, source):
+            raise IdAlreadyUsed(_clash(issue_id, source, use.what, use.source.file, use.at))
+        if use.source.sha256 != source.sha256 and use.what == "the archive":
+            notes.append(
+                f"{source.file} has changed since {issue_id} was first sent ({use.at}); "
+                "this send goes out as the file is now, but the archive keeps the version "
+                f"first sent, from {use.source.file} (SHA-256 {use.source.sha256[:12]}...)"
+            )
+    return notes
+
+
+def record_send(
+    store: IssueArchive,
+    send_id: int,
+    issue: Issue,
+    society: Society,
+    templates_dir: Path,
+    public_url: str,
+    source: Source,
+) -> ArchivedIssue:
+    """At a real send: note its source, and freeze the web version if nobody has yet."""
+    store.record_source(send_id, source)
+    kept = store.get(issue.id)
+    if kept is None:
+        html = web_version(issue, society, load_templates(templates_dir), public_url)
+        kept = store.freeze(
+            ArchivedIssue(
+                issue_id=issue.id,
+                subject=issue.subject,
+                date=issue.date.isoformat(),
+                preheader=issue.preheader or "",
+                html=html,
+                source=source,
+            )
+        )
+    if not same_issue(kept.source, source):  # another file got there first, just now
+        raise IdAlreadyUsed(
+            _clash(issue.id, source, "the archive", kept.source.file, kept.frozen_at)
+        )
+    return kept
+
+
+def _clash(issue_id: str, source: Source, what: str, other: str, at: str) -> str:
+    claim = issue_ids.claim_of(Path(source.file))
+    where = f"{source.file}:{claim.line}" if claim.line is not None else source.file
+    fix = (
+        f"change `id:` in {source.file}" + (f" (line {claim.line})" if claim.line else "")
+        if claim.line is not None
+        else f"add an `id:` line to {source.file}, or rename it"
+    )
+    return (
+        f"{where}: id: the issue id {issue_id!r} was already used by {what} (started "
+        f"{at[:16].replace('T', ' ')}), from {other}, a different file. Sending this file "
+        f"would be taken for a resume of that send and reach nobody new. Give this issue "
+        f"its own id: {fix}. Nothing was sent."
+    )
+
+
+_EPOCH = "1970-01-01T00:00:00+00:00"
+
+
+def _utc(iso: str) -> dt.datetime:
     when = dt.datetime.fromisoformat(iso)
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
-    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return when.astimezone(dt.UTC).replace(microsecond=0)
 
 
-def _epoch() -> str:
-    return "1970-01-01T00:00:00+00:00"
+def _rfc3339(iso: str) -> str:
+    return _utc(iso).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -5,6 +5,9 @@ Input: the paths and values in :class:`BuildInputs`. Output: a
 memory, and the checks' verdict. It runs the stages in order (load, template,
 MJML, inline, check, compose) and writes nothing: writing is
 :mod:`newsletter.output`'s job, and happens only once every stage passed.
+An id that another file in the issue's folder also claims fails the build
+(:mod:`newsletter.issue_ids`). :func:`web_version` renders the same issue for
+the archive: no "view in browser" line, no personal links.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from newsletter import placeholders
+from newsletter import issue_ids, placeholders
 from newsletter.checks import CheckReport, check_message
 from newsletter.compose import MessageTemplate, Sender, recipient_values
 from newsletter.errors import BuildCheckFailed, TemplateError, ValidationFailed
@@ -43,6 +46,8 @@ class BuildResult:
     text: str
     eml: bytes
     report: CheckReport
+    issue: Issue
+    society: Society
 
     @property
     def issue_id(self) -> str:
@@ -64,25 +69,44 @@ def render_issue(
     """Run the once-per-issue stages: Jinja → MJML → inlined HTML, and the text part."""
     ctx = context(issue, society, issue_links(issue, society, public_url))
     mjml_source, text = render(templates, ctx)
+    return RenderedIssue(
+        issue_id=issue.id,
+        subject=issue.subject,
+        preheader=issue.preheader,
+        language=society.language,
+        html=_compile(templates, mjml_source),
+        text=text,
+        mjml=mjml_source,
+    )
+
+
+def web_version(issue: Issue, society: Society, templates: Templates, public_url: str) -> str:
+    """The issue as the archive shows it: the email's HTML without the "view this email in
+    your browser" line (this is the browser view), every personal link made general."""
+    # An empty view_in_browser link tells the template to leave that line out.
+    ctx = context(issue, society, Links(view_in_browser="", website=society.website))
+    mjml_source, _ = render(templates, ctx)
+    general = {
+        placeholders.UNSUBSCRIBE_URL: f"{public_url}/unsubscribe",
+        placeholders.PREFERENCES_URL: f"{public_url}/preferences",
+        placeholders.EMAIL: "each subscriber",
+    }
+    return placeholders.fill(_compile(templates, mjml_source), general, is_html=True)
+
+
+def _compile(templates: Templates, mjml_source: str) -> str:
     compiled = compile_mjml(mjml_source, template=str(templates.folder / HTML_TEMPLATE))
     css_file = templates.folder / INLINE_CSS
     try:
         css = css_file.read_text(encoding="utf-8") if css_file.is_file() else ""
     except UnicodeDecodeError:
         raise TemplateError(f"{css_file} is not UTF-8 text; save it as UTF-8") from None
-    return RenderedIssue(
-        issue_id=issue.id,
-        subject=issue.subject,
-        preheader=issue.preheader,
-        language=society.language,
-        html=inline_css(compiled, css),
-        text=text,
-        mjml=mjml_source,
-    )
+    return inline_css(compiled, css)
 
 
 def _load_both(inputs: BuildInputs) -> tuple[Loaded[Society], Loaded[Issue]]:
-    """Load the society and the issue, reporting the problems of both files at once."""
+    """Load the society and the issue, reporting the problems of both files at once
+    (and an id that another issue file in the same folder claims too)."""
     problems = []
     try:
         society = load_society(inputs.society_file)
@@ -92,6 +116,8 @@ def _load_both(inputs: BuildInputs) -> tuple[Loaded[Society], Loaded[Issue]]:
         issue = load_issue(inputs.issue_file)
     except ValidationFailed as exc:
         problems += exc.problems
+    if inputs.issue_file.is_file():
+        problems += issue_ids.clashes(inputs.issue_file)
     if problems:
         raise ValidationFailed(problems)
     return society, issue
@@ -116,4 +142,12 @@ def build(inputs: BuildInputs, *, templates: Templates | None = None) -> BuildRe
     eml = MessageTemplate(rendered, inputs.sender).personalise(
         inputs.preview_recipient, date=preview_date(issue)
     )
-    return BuildResult(rendered=rendered, html=html, text=text, eml=eml, report=report)
+    return BuildResult(
+        rendered=rendered,
+        html=html,
+        text=text,
+        eml=eml,
+        report=report,
+        issue=issue,
+        society=society,
+    )

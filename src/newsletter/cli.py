@@ -372,6 +372,8 @@ def send(
             confirm=not (yes or dry_run),
         )
     except NewsletterError as exc:
+        if not getattr(exc, "resumable", True):
+            _fail(exc)
         _fail(f"{exc}\nRun the same command again to resume; nobody is sent twice.")
     _summarise(report, dry_run, transport)
     sys.exit(report.exit_code)
@@ -410,6 +412,8 @@ def _send_one(
     import tempfile
     import time
 
+    from newsletter.archive import check_source, record_send
+    from newsletter.archive_store import ArchiveStore, Source
     from newsletter.database import connect
     from newsletter.locks import Lease
     from newsletter.sending import dry_run_copy, prepare, preview
@@ -440,6 +444,10 @@ def _send_one(
             stack.callback(lease.release)
             transport = _smtp_transport(settings)
             conn = real
+        # An id sent before from another file is refused, not "resumed" (a dry run too).
+        source = Source.of(issue_file)
+        for note in check_source(ArchiveStore(real), result.issue_id, source):
+            click.secho(f"note: {note}", fg="yellow")
         # Read, ask, and only then write: declining changes nothing (and frees the lock).
         planned = preview(conn, result.issue_id, name)
         _describe_send(planned, result.issue_id, name, transport.description, len(result.eml))
@@ -455,6 +463,17 @@ def _send_one(
             resend_unknown=resend_unknown,
             retry_rejected=retry_rejected,
         )
+        if not dry_run:
+            # The archive shows what was sent: the first send keeps the web version.
+            record_send(
+                ArchiveStore(conn),
+                prepared.record.id,
+                result.issue,
+                result.society,
+                settings.templates_dir,
+                settings.public_url,
+                source,
+            )
         return _run_campaign(conn, prepared, template, transport, settings), transport
 
 

@@ -1,7 +1,8 @@
 """Storage interfaces: what the send pipeline needs from a database, as Protocols.
 
-:class:`newsletter.subscribers.SubscriberStore` and
-:class:`newsletter.send_log.SendLog` implement them on SQLite. A PostgreSQL
+:class:`newsletter.subscribers.SubscriberStore`,
+:class:`newsletter.send_log.SendLog` and
+:class:`newsletter.archive_store.ArchiveStore` implement them on SQLite. A PostgreSQL
 backend (several machines sending one campaign) implements the same methods;
 the one property every implementation must keep is that :meth:`claim` is
 atomic: two senders never claim the same recipient.
@@ -13,6 +14,7 @@ from collections.abc import Collection, Iterable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from newsletter.archive_store import ArchivedIssue, Published, Source, SourceUse, Summary
     from newsletter.csv_import import ParsedRow
     from newsletter.errors import Problem
     from newsletter.models import Recipient
@@ -56,3 +58,12 @@ class SendLogStore(Protocol):
     def last_errors(self, send_id: int, limit: int = 10) -> list[tuple[str, str, str, str]]: ...
     def sent_since(self, since: float) -> int: ...
     def next_retry(self, send_id: int) -> float | None: ...
+
+
+class IssueArchive(Protocol):
+    def published(self) -> list[Published]: ...
+    def summaries(self) -> dict[str, Summary]: ...
+    def get(self, issue_id: str) -> ArchivedIssue | None: ...
+    def uses(self, issue_id: str) -> list[SourceUse]: ...
+    def freeze(self, issue: ArchivedIssue) -> ArchivedIssue: ...
+    def record_source(self, send_id: int, source: Source) -> None: ...

@@ -53,7 +53,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from newsletter import tokens
-from newsletter.archive import Archive
+from newsletter.archive import Archive, ArchiveEntry, Page
+from newsletter.archive_store import ArchiveStore
 from newsletter.database import connect
 from newsletter.errors import ConfigError
 from newsletter.models import Society
@@ -521,34 +522,40 @@ class _Pages:
         archive = self.config.archive
         if archive is None:
             return self._page("Not found", "<p>There is no archive here.</p>", 404)
-        entries = await self._db(lambda store: archive.entries(store.conn))
-        items = "".join(
-            f'<li><a href="/issues/{_e(e.issue.id)}">{_e(e.issue.subject)}</a> '
-            f"<small>{e.issue.date:%d %B %Y}</small></li>"
-            for e in entries
-        )
-        return self._page(
-            "Past issues",
-            f"<ul>{items or '<li>No issue has been sent yet.</li>'}</ul>"
-            '<p><a href="/feed.xml">Atom feed</a></p>',
-        )
+
+        def render(entries: tuple[ArchiveEntry, ...]) -> bytes:
+            items = "".join(
+                f'<li><a href="{_e(archive.url(e.issue_id))}">{_e(e.subject)}</a> '
+                f"<small>{e.date:%d %B %Y}</small></li>"
+                for e in entries
+            )
+            return bytes(
+                self._page(
+                    "Past issues",
+                    f"<ul>{items or '<li>No issue has been sent yet.</li>'}</ul>"
+                    f'<p><a href="{_e(archive.public_url)}/feed.xml">Atom feed</a></p>',
+                ).body
+            )
+
+        page = await self._db(lambda store: archive.index_page(_archive_store(store), render))
+        return _public(request, page)
 
     async def issue(self, request: Request) -> Response:
         archive = self.config.archive
         issue_id = str(request.path_params["issue_id"])
         if archive is None:
             return self._page("Not found", "<p>There is no issue by that name.</p>", 404)
-        entries = await self._db(lambda store: archive.entries(store.conn))
-        if issue_id not in {e.issue.id for e in entries}:
+        page = await self._db(lambda store: archive.issue_page(_archive_store(store), issue_id))
+        if page is None:
             return self._page("Not found", "<p>There is no issue by that name.</p>", 404)
-        return HTMLResponse(await run_in_threadpool(archive.web_version, issue_id))
+        return _public(request, page)
 
     async def feed(self, request: Request) -> Response:
         archive = self.config.archive
         if archive is None:
             return PlainTextResponse("no archive\n", status_code=404)
-        xml = archive.atom(await self._db(lambda store: archive.entries(store.conn)))
-        return Response(xml, media_type="application/atom+xml")
+        page = await self._db(lambda store: archive.feed_page(_archive_store(store)))
+        return _public(request, page)
 
     async def _db(self, work: Callable[[SubscriberStore], T]) -> T:
         """Database work off the event loop: a write waiting for a send's lock must not
@@ -583,6 +590,27 @@ border-radius:4px;cursor:pointer}}button:focus{{outline:3px solid #f0b400}}</sty
 """,
             status_code=status,
         )
+
+
+_ARCHIVE_STORES = threading.local()
+
+
+def _archive_store(store: SubscriberStore) -> ArchiveStore:
+    """One archive store per thread's connection: it remembers the last version it read."""
+    found: ArchiveStore | None = getattr(_ARCHIVE_STORES, "store", None)
+    if found is None or found.conn is not store.conn:
+        found = _ARCHIVE_STORES.store = ArchiveStore(store.conn)
+    return found
+
+
+def _public(request: Request, page: Page) -> Response:
+    """A public archive page: cacheable, with validators; 304 when the client has it."""
+    headers = page.headers()
+    if page.not_modified(
+        request.headers.get("if-none-match"), request.headers.get("if-modified-since")
+    ):
+        return Response(status_code=304, headers=headers)
+    return Response(page.body, headers={**headers, "content-type": page.media_type})
 
 
 class _TooLarge(Exception):
