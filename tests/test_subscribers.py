@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
 from newsletter.csv_import import ParsedRow, read_csv
 from newsletter.database import connect
 from newsletter.errors import Problem, ValidationFailed
@@ -136,3 +138,238 @@ def test_batches_follow_the_primary_key_without_sorting(store: SubscriberStore, 
     )
     assert "TEMP B-TREE" not in plan, plan
     assert "list_name=? AND subscriber_id>?" in plan
+
+
+# -- absent columns, states, export round trip, unsuppress ------------------------------
+
+
+def test_absent_columns_keep_stored_values_and_empty_cells_clear_them(
+    tmp_path: Path, store: SubscriberStore
+) -> None:
+    full = csv_file(
+        tmp_path, b"email,first_name,last_name,city,role\nann@example.org,Ann,Lee,Leeds,vol\n"
+    )
+    store.import_rows("news", read_csv(full), skip_invalid=False)
+    # An email-only list for the board: names and attributes stay, on every list.
+    board = csv_file(tmp_path, b"Email Address\nANN@example.org\n", "board.csv")
+    assert store.import_rows("board", read_csv(board), skip_invalid=False).added == 1
+    for name in ("news", "board"):
+        [ann] = store.members(name)
+        assert (ann.first_name, ann.last_name) == ("Ann", "Lee")
+        assert ann.attributes == {"city": "Leeds", "role": "vol"}
+    # A present, empty cell clears: the name becomes empty, the attribute goes.
+    partial = csv_file(tmp_path, b"email,first_name,city\nann@example.org,,\n", "p.csv")
+    assert store.import_rows("news", read_csv(partial), skip_invalid=False).updated == 1
+    [ann] = store.members("board")
+    assert (ann.first_name, ann.last_name, ann.attributes) == ("", "Lee", {"role": "vol"})
+    assert [r.first_name for r in store.audience("news")] == [""]
+
+
+def test_states_are_counted_and_shown(store: SubscriberStore) -> None:
+    rows = [ParsedRow(i + 2, f"{n}@example.org", n, "") for i, n in enumerate("abcdef")]
+    store.import_rows("news", rows, skip_invalid=False)
+    store.import_rows("events", rows[:2], skip_invalid=False)
+    assert store.opt_out("news", "a@example.org")  # left on the web page
+    assert store.suppress("b@example.org", "bounced")
+    assert store.suppress("c@example.org", "complained")
+    assert store.opt_out("news", "c@example.org")  # both: suppressed wins, counted once
+    states = store.states("news")
+    assert (states.subscribed, states.opted_out, states.suppressed) == (
+        3,
+        1,
+        {"bounced": 1, "complained": 1},
+    )
+    assert states.members == 6 == store.count("news")[0]
+    assert {m.email: m.state for m in store.members("news")} == {
+        "a@example.org": "opted-out",
+        "b@example.org": "suppressed",
+        "c@example.org": "suppressed",
+        "d@example.org": "subscribed",
+        "e@example.org": "subscribed",
+        "f@example.org": "subscribed",
+    }
+    assert [m.state for m in store.members("events")] == ["subscribed", "suppressed"]
+    assert states.subscribed == sum(1 for _ in store.audience("news"))
+
+
+def test_imported_states_are_honoured_and_nothing_is_resubscribed(store: SubscriberStore) -> None:
+    rows = [
+        ParsedRow(2, "a@example.org", "A", "", {}, "opted-out"),
+        ParsedRow(3, "b@example.org", "B", "", {}, "suppressed", "complained"),
+        ParsedRow(4, "c@example.org", "C", "", {}),
+    ]
+    report = store.import_rows("news", rows, skip_invalid=False, actor="cli:test@host")
+    assert (report.added, report.opted_out, report.newly_suppressed, report.suppressed) == (
+        3,
+        1,
+        1,
+        2,
+    )
+    assert [r.email for r in store.audience("news")] == ["c@example.org"]
+    assert store.suppression_history("b@example.org")[0][1:] == (
+        "suppress",
+        "complained",
+        "news",
+        "cli:test@host",
+    )
+    # The same people as ordinary rows, into the same list: no state is lifted.
+    again = [ParsedRow(r.line, r.email, r.first_name, "") for r in rows]
+    assert store.import_rows("news", again, skip_invalid=False).suppressed == 2
+    assert [r.email for r in store.audience("news")] == ["c@example.org"]
+
+
+def cli_env(project: Path, db: str = "newsletter.sqlite3") -> dict[str, str]:
+    return {"NEWSLETTER_DATABASE": str(project / db)}
+
+
+def test_cli_import_reports_every_bad_line_and_exits_3_when_skipping(project: Path) -> None:
+    env = cli_env(project)
+    content = (
+        b"Email Address,First Name,Last Name\n"
+        + b'ann@example.org,"Ann,Lee\n'  # line 2: stray quote
+        + b"".join(b"r%d@example.org,R%d,X\n" % (i, i) for i in range(3, 1001))
+        + b"j@example.org,J\xfcrgen,X\n"  # line 1001: a cp1252 byte
+        + b"".join(b"r%d@example.org,R%d,X\n" % (i, i) for i in range(1002, 1501))
+    )
+    (project / "m.csv").write_bytes(content)
+    refused = run_cli("subscribers", "import", "m.csv", "--list", "news", cwd=project, env=env)
+    assert refused.returncode == 1
+    assert "error: m.csv:2: a quote opened on this line is never closed" in refused.stderr
+    assert "error: m.csv:1001: byte 0xFC" in refused.stderr
+    assert "--encoding cp1252" in refused.stderr
+    assert "2 bad row(s); nothing was imported" in refused.stderr
+    skipped = run_cli(
+        "subscribers", "import", "m.csv", "--list", "news", "--skip-invalid", cwd=project, env=env
+    )
+    assert skipped.returncode == 3, skipped.stderr
+    assert "news: 1,497 added, 0 already on the list (updated)" in skipped.stdout
+    assert "2 bad row(s) skipped" in skipped.stdout
+    assert "exit status 3" in skipped.stderr
+    count = run_cli("subscribers", "count", "--list", "news", cwd=project, env=env)
+    assert count.stdout.startswith("news: 1,497 member(s): 1,497 subscribed")
+    excel = project / "excel.csv"
+    excel.write_bytes("email;First name\r\nj@example.org;Jürgen\r\n".encode("cp1252"))
+    ok = run_cli(
+        "subscribers", "import", "excel.csv", "--list", "news", "--encoding", "cp1252",
+        cwd=project, env=env,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    listed = run_cli("subscribers", "list", "--list", "news", cwd=project, env=env)
+    assert "j@example.org  subscribed  Jürgen\n" in listed.stdout
+    bogus = run_cli(
+        "subscribers", "import", "excel.csv", "--list", "news", "--encoding", "utf-16",
+        cwd=project, env=env,
+    )  # fmt: skip
+    assert bogus.returncode == 2 and "not supported for CSV files" in bogus.stderr
+    header = project / "header.csv"
+    header.write_bytes(b"email,,,name\n")
+    bad_header = run_cli("subscribers", "import", "header.csv", "--list", "news", "--skip-invalid",
+                         cwd=project, env=env)  # fmt: skip
+    assert bad_header.returncode == 1
+    assert "header.csv:1: column 2 has no name" in bad_header.stderr
+    assert "header.csv:1: column 3 has no name" in bad_header.stderr
+    unknown = run_cli("subscribers", "list", "--list", "nwes", cwd=project, env=env)
+    assert unknown.returncode == 1 and "no list named 'nwes' (lists: news)" in unknown.stderr
+
+
+def test_export_round_trips_states_and_attributes(project: Path) -> None:
+    env = cli_env(project)
+    (project / "m.csv").write_text(
+        "email,first_name,last_name,city,notes\n"
+        "ann@example.org,Ann,Lee,Leeds,\n"
+        'bob@example.org,Bob,"Smith, Jr.",,"two\nlines"\n'
+        "cy@example.org,Cy,,York,\n"
+        "dee@example.org,Dee,,,\n",
+        encoding="utf-8",
+    )
+    assert (
+        run_cli("subscribers", "import", "m.csv", "--list", "news", cwd=project, env=env).returncode
+        == 0
+    )
+    SubscriberStore(connect(project / "newsletter.sqlite3")).opt_out("news", "bob@example.org")
+    run_cli(
+        "subscribers", "unsubscribe", "cy@example.org", "--reason", "bounced", cwd=project, env=env
+    )
+    out = run_cli("subscribers", "export", "--list", "news", "out.csv", cwd=project, env=env)
+    assert out.returncode == 0, out.stderr
+    exported = (project / "out.csv").read_text(encoding="utf-8")
+    lines = exported.splitlines()
+    assert lines[0] == (
+        "email,first_name,last_name,city,notes,newsletter_state,newsletter_reason,newsletter_since"
+    )
+    assert lines[1] == "ann@example.org,Ann,Lee,Leeds,,subscribed,,"
+    assert lines[2].startswith('bob@example.org,Bob,"Smith, Jr.",,"two')
+    assert 'lines",opted-out,,20' in exported  # the notes cell spans two lines
+    assert "cy@example.org,Cy,,York,,suppressed,bounced,20" in exported
+    # Into a fresh database, and into another list of the same one.
+    for db, list_name in (("fresh.sqlite3", "moved"), ("newsletter.sqlite3", "other")):
+        again = run_cli(
+            "subscribers",
+            "import",
+            "out.csv",
+            "--list",
+            list_name,
+            cwd=project,
+            env=cli_env(project, db),
+        )
+        assert again.returncode == 0, again.stderr
+        count = run_cli(
+            "subscribers", "count", "--list", list_name, cwd=project, env=cli_env(project, db)
+        )
+        assert count.stdout.strip() == (
+            f"{list_name}: 4 member(s): 2 subscribed (will be mailed), 1 opted out of this list, "
+            "1 suppressed (1 bounced)"
+        )
+        store = SubscriberStore(connect(project / db))
+        assert [r.email for r in store.audience(list_name)] == [
+            "ann@example.org",
+            "dee@example.org",
+        ]
+        assert store.attribute_names(list_name) == ["city", "notes"]
+        second = run_cli(
+            "subscribers", "export", "--list", list_name, cwd=project, env=cli_env(project, db)
+        )
+        assert [line.rsplit(",", 1)[0] for line in second.stdout.splitlines()] == [
+            line.rsplit(",", 1)[0] for line in lines
+        ]
+
+
+def test_unsuppress(project: Path) -> None:
+    import getpass
+    import socket
+
+    env = cli_env(project)
+    (project / "m.csv").write_text("email\nann@example.org\n", encoding="utf-8")
+    for name in ("news", "events", "board"):
+        run_cli("subscribers", "import", "m.csv", "--list", name, cwd=project, env=env)
+    store = SubscriberStore(connect(project / "newsletter.sqlite3"))
+    store.opt_out("board", "ann@example.org")
+    run_cli(
+        "subscribers", "unsubscribe", "ann@example.org", "--reason", "bounced", cwd=project, env=env
+    )
+    assert [r.email for r in store.audience("news")] == []
+
+    def unsuppress(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli("subscribers", "unsuppress", *args, cwd=project, env=env)
+
+    assert unsuppress("ann@example.org").returncode == 2  # --reason is required
+    for bad in ("", "   ", "fixed\nBcc: x", "x" * 201):
+        refused = unsuppress("ann@example.org", "--reason", bad)
+        assert refused.returncode == 2 and "--reason" in refused.stderr, bad
+    assert unsuppress("not an address", "--reason", "x").returncode == 1
+    assert store.suppression("ann@example.org") == "bounced"  # nothing changed so far
+    lifted = unsuppress("ANN@Example.ORG", "--reason", "mailbox fixed, she phoned")
+    assert lifted.returncode == 0, lifted.stderr
+    assert "ann@example.org had been suppressed (bounced) since 20" in lifted.stdout
+    assert "mailed by: events, news" in lifted.stdout
+    assert "stays opted out of: board" in lifted.stdout
+    assert [r.email for r in store.audience("news")] == ["ann@example.org"]
+    assert [r.email for r in store.audience("board")] == []
+    when, action, reason, _, actor = store.suppression_history("ann@example.org")[-1]
+    assert (action, reason) == ("unsuppress", "mailbox fixed, she phoned")
+    assert actor == f"cli:{getpass.getuser()}@{socket.gethostname()}" and when.startswith("20")
+    again = unsuppress("ann@example.org", "--reason", "again")
+    assert again.returncode == 1 and "ann@example.org is not suppressed" in again.stderr
+    shown = run_cli("subscribers", "show", "ann@example.org", cwd=project, env=env)
+    assert "board: opted out" in shown.stdout and "news: member" in shown.stdout
+    assert "unsuppress (mailbox fixed, she phoned) by cli:" in shown.stdout
