@@ -1,11 +1,16 @@
-"""Subscriber store: lists, members and the suppression list, in the database.
+"""Subscriber store: lists, members, opt-outs and the suppression list, in the database.
 
 Input: an open database connection and parsed rows or addresses. Output:
-counts and :class:`Recipient` streams. Imports are one transaction: either
-every good row lands or, when a bad row is found and bad rows are not to be
-skipped, none does. Suppressed addresses (unsubscribed, bounced, complained)
-may sit on lists, but :meth:`SubscriberStore.audience` never yields them, so
-no send reaches them, whichever list they were imported into.
+counts, members with their state, and :class:`Recipient` streams. Imports are
+one transaction: either every good row lands or, when a bad row is found and
+bad rows are not to be skipped, none does; a column a row does not have
+keeps its stored value. Each member of a list is subscribed, opted out of
+that list (``list_optouts``), or suppressed (``suppressions``: unsubscribed,
+bounced, complained; every list). Suppressed and opted-out members stay on
+their lists, but :meth:`SubscriberStore.audience` never yields them, and no
+import lifts either state; only :meth:`SubscriberStore.unsuppress` and
+:meth:`SubscriberStore.opt_in` do, and every suppression and its lifting is
+logged with who did it.
 """
 
 from __future__ import annotations
