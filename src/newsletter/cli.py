@@ -222,6 +222,8 @@ def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool, encod
         f"(updated), {report.duplicates:,} duplicate row(s) in the file, "
         f"{report.skipped:,} bad row(s) skipped"
     )
+    if not (report.added or report.updated or report.duplicates or report.skipped):
+        click.echo(f"{csv_file} has no rows after its header line.")
     if report.opted_out or report.newly_suppressed:
         click.echo(
             f"As the file's newsletter_state column says: {report.opted_out:,} opted out of "

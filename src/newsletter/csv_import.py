@@ -300,6 +300,8 @@ class _Reader:
                     "run again without --encoding"
                 )
             data = data[len(_BOM) :]
+        if b"\0" in data:
+            self._fatal("the file is not text (it has NUL bytes); export the list as CSV")
         if b"\r" in data.rstrip(b"\r\n"):
             self._fatal(
                 "lines end with a lone carriage return (old Mac style); save the file as "
