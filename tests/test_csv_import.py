@@ -210,3 +210,10 @@ def test_export_state_columns_are_recognised(tmp_path: Path) -> None:
         (5, "newsletter_reason"),
         (6, "newsletter_state"),
     ]
+
+
+def test_tab_separated_files(tmp_path: Path) -> None:
+    path = write(tmp_path, b"E-mail\tFirst Name\tNote\nann@example.org\tAnn\ta, b; c\n")
+    rows, problems = rows_of(path)
+    assert problems == []
+    assert rows == [ParsedRow(2, "ann@example.org", "Ann", None, {"note": "a, b; c"})]

@@ -373,3 +373,24 @@ def test_unsuppress(project: Path) -> None:
     shown = run_cli("subscribers", "show", "ann@example.org", cwd=project, env=env)
     assert "board: opted out" in shown.stdout and "news: member" in shown.stdout
     assert "unsuppress (mailbox fixed, she phoned) by cli:" in shown.stdout
+
+
+def test_problems_beyond_the_cap_are_counted_not_held(store: SubscriberStore) -> None:
+    from newsletter.subscribers import MAX_PROBLEMS
+
+    yielded = []
+
+    def rows() -> object:
+        yield ParsedRow(2, "good@example.org", "", "")
+        for line in range(3, MAX_PROBLEMS + 8):  # MAX_PROBLEMS + 5 bad rows
+            yielded.append(Problem("big.csv", line, "email", "is empty"))
+            if line % 2:  # some rows have two problems
+                yielded.append(Problem("big.csv", line, "first_name", "has a control character"))
+            yield from yielded[-2 if line % 2 else -1 :]
+
+    report = store.import_rows("news", rows(), skip_invalid=True)  # type: ignore[arg-type]
+    assert report.committed and report.added == 1
+    assert report.skipped == MAX_PROBLEMS + 5  # rows, each counted once
+    assert len(report.problems) == MAX_PROBLEMS
+    assert report.problems == yielded[:MAX_PROBLEMS]
+    assert report.more_problems == len(yielded) - MAX_PROBLEMS
