@@ -296,38 +296,18 @@ def subscribers_export(list_name: str, out: Path) -> None:
     """Write a list as CSV (to OUT, or standard output): every member, every attribute,
     and each member's state in newsletter_state (subscribed, opted-out, suppressed),
     newsletter_reason and newsletter_since. Importing the file again keeps those states."""
-    import csv
-
-    from newsletter.csv_import import STATE_COLUMNS
+    from newsletter.csv_import import write_export
 
     _, store = _store()
     _known_list(store, list_name)
     attributes = store.attribute_names(list_name)
-
-    def write(fh: Any) -> None:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["email", "first_name", "last_name", *attributes, *STATE_COLUMNS])
-        for m in store.members(list_name):
-            since = m.suppressed_since if m.suppressed else m.opted_out_since
-            writer.writerow(
-                [
-                    m.email,
-                    m.first_name,
-                    m.last_name,
-                    *(m.attributes.get(a, "") for a in attributes),
-                    m.state,
-                    m.suppressed or "",
-                    since or "",
-                ]
-            )
-
     if str(out) == "-":
-        write(sys.stdout)
+        write_export(sys.stdout, attributes, store.members(list_name))
         return
     partial = out.with_name(f".{out.name}.partial")
     try:
         with partial.open("w", encoding="utf-8", newline="") as fh:
-            write(fh)
+            write_export(fh, attributes, store.members(list_name))
         partial.replace(out)  # the whole file or, on any failure, none
     except OSError as exc:
         partial.unlink(missing_ok=True)
@@ -369,20 +349,13 @@ def subscribers_unsubscribe(email: str, reason: str) -> None:
         click.echo(f"{address} was already suppressed ({store.suppression(address)})")
 
 
-MAX_REASON = 200
-
-
 def _reason(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    import unicodedata
+    from newsletter.subscribers import lift_reason
 
-    text = value.strip()
-    if any(unicodedata.category(ch) in ("Cc", "Cf") for ch in text):
-        raise click.BadParameter("must be one line of text, without control characters")
-    if not text:
-        raise click.BadParameter("say why the address may be mailed again")
-    if len(text) > MAX_REASON:
-        raise click.BadParameter(f"is {len(text)} characters; at most {MAX_REASON}")
-    return text
+    try:
+        return lift_reason(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @subscribers.command("unsuppress")
@@ -391,8 +364,8 @@ def _reason(ctx: click.Context, param: click.Parameter, value: str) -> str:
     "--reason",
     required=True,
     callback=_reason,
-    help=f"Why it may be mailed again (one line, at most {MAX_REASON} characters); recorded "
-    "with who and when.",
+    help="Why it may be mailed again (one line, at most 200 characters); recorded with who "
+    "and when.",
 )
 def subscribers_unsuppress(email: str, reason: str) -> None:
     """Lift the suppression of EMAIL: sends to its lists reach it again.

@@ -22,6 +22,9 @@ key that makes ``Ann@X.org`` and ``ann@x.org`` one subscriber.
 
 A column the file does not have is ``None`` in the row (the stored value is
 kept); a present, empty cell is ``""`` (the stored value is cleared).
+
+:func:`write_export` writes the other way, a list's members → CSV, with the
+state columns this reader recognises, so that an export imports again as it is.
 """
 
 from __future__ import annotations
@@ -34,9 +37,14 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, NoReturn
+from typing import TYPE_CHECKING, BinaryIO, NoReturn, TextIO
 
 from newsletter.errors import Problem, ValidationFailed
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from newsletter.subscribers import Member
 
 KNOWN = ("email", "first_name", "last_name")
 SUPPRESSION_REASONS = ("unsubscribed", "bounced", "complained")
@@ -501,3 +509,23 @@ def _state(
         )
         return None, None
     return state, reason
+
+
+def write_export(out: TextIO, attributes: list[str], members: Iterable[Member]) -> None:
+    """Write ``members`` as CSV: email, names, every one of ``attributes`` (empty where a
+    member has none), then the STATE_COLUMNS. Streams: one row in memory at a time."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*KNOWN, *attributes, *STATE_COLUMNS])
+    for m in members:
+        since = m.suppressed_since if m.suppressed else m.opted_out_since
+        writer.writerow(
+            [
+                m.email,
+                m.first_name,
+                m.last_name,
+                *(m.attributes.get(a, "") for a in attributes),
+                m.state,
+                m.suppressed or "",
+                since or "",
+            ]
+        )

@@ -49,6 +49,24 @@ AUDIENCE_SQL = (
 )
 
 
+MAX_LIFT_REASON = 200
+
+
+def lift_reason(text: str) -> str:
+    """The reason given for lifting a suppression, stripped; ValueError unless it is one
+    line of at most MAX_LIFT_REASON characters (it goes into the log, and onto screens)."""
+    import unicodedata
+
+    reason = text.strip()
+    if any(unicodedata.category(ch) in ("Cc", "Cf") for ch in reason):
+        raise ValueError("must be one line of text, without control or direction characters")
+    if not reason:
+        raise ValueError("say why the address may be mailed again")
+    if len(reason) > MAX_LIFT_REASON:
+        raise ValueError(f"is {len(reason)} characters; at most {MAX_LIFT_REASON}")
+    return reason
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
@@ -402,7 +420,9 @@ class SubscriberStore:
     def unsuppress(self, email: str, *, reason: str, actor: str) -> str | None:
         """Lift the suppression of ``email``; ``reason`` and ``actor`` are recorded.
 
-        Returns the reason it had been suppressed for, or None if it was not."""
+        Returns the reason it had been suppressed for, or None if it was not.
+        ValueError if ``reason`` is not one line of text (see :func:`lift_reason`)."""
+        reason = lift_reason(reason)
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             row = self.conn.execute(
