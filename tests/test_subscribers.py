@@ -365,7 +365,9 @@ def test_unsuppress(project: Path) -> None:
     assert "stays opted out of: board" in lifted.stdout
     assert [r.email for r in store.audience("news")] == ["ann@example.org"]
     assert [r.email for r in store.audience("board")] == []
-    when, action, reason, _, actor = store.suppression_history("ann@example.org")[-1]
+    first, last = store.suppression_history("ann@example.org")
+    assert first[1:3] == ("suppress", "bounced") and first[4] == last[4]
+    when, action, reason, _, actor = last
     assert (action, reason) == ("unsuppress", "mailbox fixed, she phoned")
     assert actor == f"cli:{getpass.getuser()}@{socket.gethostname()}" and when.startswith("20")
     again = unsuppress("ann@example.org", "--reason", "again")
@@ -394,3 +396,13 @@ def test_problems_beyond_the_cap_are_counted_not_held(store: SubscriberStore) ->
     assert len(report.problems) == MAX_PROBLEMS
     assert report.problems == yielded[:MAX_PROBLEMS]
     assert report.more_problems == len(yielded) - MAX_PROBLEMS
+
+
+def test_the_store_refuses_a_reason_that_is_not_one_line(store: SubscriberStore) -> None:
+    store.suppress("ann@example.org", "bounced")
+    for bad in ("", "two\nlines", "\u202eevil", "x" * 201):
+        with pytest.raises(ValueError):
+            store.unsuppress("ann@example.org", reason=bad, actor="web")
+    assert store.suppression("ann@example.org") == "bounced"
+    assert store.unsuppress("ann@example.org", reason="  fixed  ", actor="web") == "bounced"
+    assert store.suppression_history("ann@example.org")[-1][2] == "fixed"
