@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -148,18 +148,69 @@ LIST_OPTION = click.option(
 )
 
 
+def _encoding(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from newsletter.csv_import import check_encoding
+
+    try:
+        return check_encoding(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _actor() -> str:
+    """Who is at the keyboard, for the suppression log: ``cli:user@host``."""
+    import getpass
+    import os
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (a bare container)
+        user = f"uid{os.getuid()}"
+    return f"cli:{user}@{socket.gethostname()}"
+
+
+def _known_list(store: SubscriberStore, list_name: str) -> None:
+    names = [name for name, _ in store.lists()]
+    if list_name not in names:
+        known = ", ".join(names) or "none yet"
+        _fail(f"there is no list named {list_name!r} (lists: {known}); check --list")
+
+
 @subscribers.command("import")
 @click.argument("csv_file", type=click.Path(path_type=Path, dir_okay=False))
 @LIST_OPTION
-@click.option("--skip-invalid", is_flag=True, help="Import the good rows even if some are bad.")
-def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool) -> None:
-    """Import CSV_FILE (columns: email, first_name, last_name, any others) into a list."""
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    help="Import the good rows even if some are bad; exit status 3 when rows were skipped.",
+)
+@click.option(
+    "--encoding",
+    default="utf-8",
+    show_default=True,
+    callback=_encoding,
+    help="The file's encoding; Excel's plain CSV on Windows is cp1252.",
+)
+def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool, encoding: str) -> None:
+    """Import CSV_FILE (columns: email, first_name, last_name, any others) into a list.
+
+    A column the file does not have leaves the stored values alone; an empty
+    cell clears them. Exit status: 0 all imported; 1 nothing imported (bad rows
+    without --skip-invalid, or a bad file); 3 good rows imported, bad rows
+    skipped (--skip-invalid).
+    """
     from newsletter.csv_import import read_csv
     from newsletter.errors import NewsletterError
 
     try:
         _, store = _store()
-        report = store.import_rows(list_name, read_csv(csv_file), skip_invalid=skip_invalid)
+        report = store.import_rows(
+            list_name,
+            read_csv(csv_file, encoding=encoding),
+            skip_invalid=skip_invalid,
+            actor=_actor(),
+        )
     except NewsletterError as exc:
         _fail(exc)
     for problem in report.problems:
@@ -168,23 +219,41 @@ def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool) -> No
             err=True,
             fg="yellow" if skip_invalid else "red",
         )
+    if report.more_problems:
+        click.secho(f"... and {report.more_problems:,} more problem(s)", err=True)
     if not report.committed:
         click.secho(
-            f"{len(report.problems)} bad row(s); nothing was imported. Fix them, or run again "
+            f"{report.skipped:,} bad row(s); nothing was imported. Fix them, or run again "
             "with --skip-invalid to import the good rows only.",
             fg="red",
             err=True,
         )
         sys.exit(1)
     click.echo(
-        f"{list_name}: {report.added} added, {report.updated} already on the list (updated), "
-        f"{report.duplicates} duplicate row(s) in the file, {len(report.problems)} skipped"
+        f"{list_name}: {report.added:,} added, {report.updated:,} already on the list "
+        f"(updated), {report.duplicates:,} duplicate row(s) in the file, "
+        f"{report.skipped:,} bad row(s) skipped"
     )
+    if not (report.added or report.updated or report.duplicates or report.skipped):
+        click.echo(f"{csv_file} has no rows after its header line.")
+    if report.opted_out or report.newly_suppressed:
+        click.echo(
+            f"As the file's newsletter_state column says: {report.opted_out:,} opted out of "
+            f"{list_name}, {report.newly_suppressed:,} suppressed."
+        )
     if report.suppressed:
         click.echo(
-            f"{report.suppressed} of them are on the suppression list (unsubscribed, bounced or "
-            "complained) and will not be mailed."
+            f"{report.suppressed:,} of them opted out of this list or are suppressed "
+            "(unsubscribed, bounced or complained) and will not be mailed; importing does "
+            "not change that."
         )
+    if report.skipped:
+        click.secho(
+            f"{report.skipped:,} bad row(s) were not imported (listed above); exit status 3.",
+            fg="yellow",
+            err=True,
+        )
+        sys.exit(3)
 
 
 @subscribers.command("count")
@@ -196,41 +265,74 @@ def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool) -> No
     help="One list (default: every list).",
 )
 def subscribers_count(list_name: str | None) -> None:
-    """How many subscribers each list has, and how many of them are suppressed."""
+    """How many members each list has in each state: subscribed (will be mailed),
+    opted out of that list, suppressed (by reason)."""
     _, store = _store()
+    if list_name:
+        _known_list(store, list_name)
     names = [list_name] if list_name else [name for name, _ in store.lists()]
+    if not names:
+        click.echo("no lists yet; import one with `newsletter subscribers import FILE --list NAME`")
     for name in names:
-        members, suppressed = store.count(name)
+        states = store.states(name)
+        by_reason = ", ".join(f"{n:,} {reason}" for reason, n in states.suppressed.items())
+        suppressed = sum(states.suppressed.values())
         click.echo(
-            f"{name}: {members} subscriber(s), {suppressed} suppressed, "
-            f"{members - suppressed} mailable"
+            f"{name}: {states.members:,} member(s): {states.subscribed:,} subscribed "
+            f"(will be mailed), {states.opted_out:,} opted out of this list, "
+            f"{suppressed:,} suppressed" + (f" ({by_reason})" if by_reason else "")
         )
+
+
+def _state_text(state: str, reason: str | None, since: str | None) -> str:
+    day = f" since {since[:10]}" if since else ""
+    if state == "suppressed":
+        return f"suppressed ({reason}){day}"
+    return f"opted out of this list{day}" if state == "opted-out" else "subscribed"
 
 
 @subscribers.command("list")
 @LIST_OPTION
 def subscribers_list(list_name: str) -> None:
-    """Print the addresses on a list (suppressed ones are marked)."""
+    """Print the members of a list, each with its state: subscribed, opted out of this
+    list, or suppressed (and why)."""
     _, store = _store()
+    _known_list(store, list_name)
     for m in store.members(list_name):
         name = " ".join(p for p in (m.first_name, m.last_name) if p)
-        flag = f"  [{m.suppressed}]" if m.suppressed else ""
-        click.echo(f"{m.email}{'  ' + name if name else ''}{flag}")
+        since = m.suppressed_since if m.suppressed else m.opted_out_since
+        state = _state_text(m.state, m.suppressed, since)
+        click.echo(f"{m.email}  {state}{'  ' + name if name else ''}")
 
 
 @subscribers.command("export")
 @LIST_OPTION
-@click.argument("out", type=click.File("w", encoding="utf-8"), default="-")
-def subscribers_export(list_name: str, out: TextIO) -> None:
-    """Write a list as CSV (to OUT, or standard output)."""
-    import csv
+@click.argument(
+    "out", type=click.Path(path_type=Path, dir_okay=False, allow_dash=True), default="-"
+)
+def subscribers_export(list_name: str, out: Path) -> None:
+    """Write a list as CSV (to OUT, or standard output): every member, every attribute,
+    and each member's state in newsletter_state (subscribed, opted-out, suppressed),
+    newsletter_reason and newsletter_since. Importing the file again keeps those states."""
+    from newsletter.csv_import import write_export
 
     _, store = _store()
-    members = store.members(list_name)
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["email", "first_name", "last_name", "suppressed"])
-    for m in members:
-        writer.writerow([m.email, m.first_name, m.last_name, m.suppressed or ""])
+    _known_list(store, list_name)
+    attributes = store.attribute_names(list_name)
+    if str(out) == "-":
+        write_export(sys.stdout, attributes, store.members(list_name))
+        return
+    partial = out.with_name(f".{out.name}.partial")
+    try:
+        with partial.open("w", encoding="utf-8", newline="") as fh:
+            write_export(fh, attributes, store.members(list_name))
+        partial.replace(out)  # the whole file or, on any failure, none
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        _fail(f"cannot write {out}: {exc.strerror or exc}; nothing was written")
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 @subscribers.command("remove")
@@ -259,10 +361,86 @@ def subscribers_unsubscribe(email: str, reason: str) -> None:
 
     _, store = _store()
     address = _address(email, normalise_address)
-    if store.suppress(address, reason):
+    if store.suppress(address, reason, actor=_actor()):
         click.echo(f"{address} is suppressed ({reason}); no send will reach it")
     else:
         click.echo(f"{address} was already suppressed ({store.suppression(address)})")
+
+
+def _reason(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from newsletter.subscribers import lift_reason
+
+    try:
+        return lift_reason(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@subscribers.command("unsuppress")
+@click.argument("email")
+@click.option(
+    "--reason",
+    required=True,
+    callback=_reason,
+    help="Why it may be mailed again (one line, at most 200 characters); recorded with who "
+    "and when.",
+)
+def subscribers_unsuppress(email: str, reason: str) -> None:
+    """Lift the suppression of EMAIL: sends to its lists reach it again.
+
+    Opt-outs of single lists are separate and stay. Exit status 1 if EMAIL was
+    not suppressed."""
+    from newsletter.csv_import import normalise_address
+
+    _, store = _store()
+    address = _address(email, normalise_address)
+    before = store.suppression_info(address)
+    if before is None or store.unsuppress(address, reason=reason, actor=_actor()) is None:
+        _fail(f"{address} is not suppressed; nothing changed")
+    origin = f", from {before.list_name}" if before.list_name else ""
+    click.echo(
+        f"{address} had been suppressed ({before.reason}{origin}) since {before.since}; "
+        "that is lifted and recorded."
+    )
+    lists = store.lists_of(address)
+    mailed = [name for name, left in lists if not left]
+    left = [name for name, left in lists if left]
+    if mailed:
+        click.echo(
+            f"From the next send it is mailed by: {', '.join(mailed)} (a send already under "
+            "way keeps the audience it started with)."
+        )
+    else:
+        click.echo("It is on no list it has not left, so no send will mail it yet.")
+    if left:
+        click.echo(
+            f"It stays opted out of: {', '.join(left)} (a list opt-out is the subscriber's "
+            "own choice; they can rejoin on the preferences page)."
+        )
+
+
+@subscribers.command("show")
+@click.argument("email")
+def subscribers_show(email: str) -> None:
+    """Everything about EMAIL: its lists and state on each, its suppression, and the
+    history of suppressions and their lifting."""
+    from newsletter.csv_import import normalise_address
+
+    _, store = _store()
+    address = _address(email, normalise_address)
+    lists = store.lists_of(address)
+    info = store.suppression_info(address)
+    history = store.suppression_history(address)
+    if not lists and info is None and not history:
+        _fail(f"{address} is on no list and has never been suppressed")
+    click.echo(address)
+    for name, left in lists:
+        click.echo(f"  {name}: {'opted out' if left else 'member'}")
+    if info is not None:
+        click.echo(f"  suppressed ({info.reason}) since {info.since}: no list mails it")
+    for when, action, why, list_name, actor in history:
+        where = f" via {list_name}" if list_name else ""
+        click.echo(f"  {when} {action} ({why}){where} by {actor}")
 
 
 def _address(raw: str, normalise: Callable[[str], str]) -> str:

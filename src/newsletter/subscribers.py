@@ -1,11 +1,16 @@
-"""Subscriber store: lists, members and the suppression list, in the database.
+"""Subscriber store: lists, members, opt-outs and the suppression list, in the database.
 
 Input: an open database connection and parsed rows or addresses. Output:
-counts and :class:`Recipient` streams. Imports are one transaction: either
-every good row lands or, when a bad row is found and bad rows are not to be
-skipped, none does. Suppressed addresses (unsubscribed, bounced, complained)
-may sit on lists, but :meth:`SubscriberStore.audience` never yields them, so
-no send reaches them, whichever list they were imported into.
+counts, members with their state, and :class:`Recipient` streams. Imports are
+one transaction: either every good row lands or, when a bad row is found and
+bad rows are not to be skipped, none does; a column a row does not have
+keeps its stored value. Each member of a list is subscribed, opted out of
+that list (``list_optouts``), or suppressed (``suppressions``: unsubscribed,
+bounced, complained; every list). Suppressed and opted-out members stay on
+their lists, but :meth:`SubscriberStore.audience` never yields them, and no
+import lifts either state; only :meth:`SubscriberStore.unsuppress` and
+:meth:`SubscriberStore.opt_in` do, and every suppression and its lifting is
+logged with who did it.
 """
 
 from __future__ import annotations
@@ -16,20 +21,22 @@ import sqlite3
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from newsletter.csv_import import ParsedRow
+from newsletter.csv_import import SUPPRESSION_REASONS, ParsedRow
 from newsletter.errors import Problem
 from newsletter.models import Recipient
 
-SUPPRESSION_REASONS = ("unsubscribed", "bounced", "complained")
 BATCH = 1000
+MAX_PROBLEMS = 10_000  # kept for the report; more are counted, not held (flat memory)
 
 # Batches follow list_members' primary key (list_name, subscriber_id). Ordering
 # by the subscribers' own id instead made SQLite sort every remaining member
 # for each batch: quadratic, 200 s to freeze a list of 1,000,000.
 MEMBERS_SQL = (
-    "SELECT u.id, u.email, u.first_name, u.last_name, u.attributes, s.reason "
+    "SELECT u.id, u.email, u.first_name, u.last_name, u.attributes, s.reason, s.created_at, "
+    "o.created_at "
     "FROM list_members m JOIN subscribers u ON u.id = m.subscriber_id "
     "LEFT JOIN suppressions s ON s.email = u.email "
+    "LEFT JOIN list_optouts o ON o.list_name = m.list_name AND o.email = u.email "
     "WHERE m.list_name = ? AND m.subscriber_id > ? ORDER BY m.subscriber_id LIMIT ?"
 )
 AUDIENCE_SQL = (
@@ -42,6 +49,24 @@ AUDIENCE_SQL = (
 )
 
 
+MAX_LIFT_REASON = 200
+
+
+def lift_reason(text: str) -> str:
+    """The reason given for lifting a suppression, stripped; ValueError unless it is one
+    line of at most MAX_LIFT_REASON characters (it goes into the log, and onto screens)."""
+    import unicodedata
+
+    reason = text.strip()
+    if any(unicodedata.category(ch) in ("Cc", "Cf") for ch in reason):
+        raise ValueError("must be one line of text, without control or direction characters")
+    if not reason:
+        raise ValueError("say why the address may be mailed again")
+    if len(reason) > MAX_LIFT_REASON:
+        raise ValueError(f"is {len(reason)} characters; at most {MAX_LIFT_REASON}")
+    return reason
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
@@ -50,10 +75,14 @@ def _now() -> str:
 class ImportReport:
     list_name: str
     added: int = 0  # new on this list
-    updated: int = 0  # already on this list; names and attributes refreshed
+    updated: int = 0  # already on this list; the file's columns refreshed
     duplicates: int = 0  # the same address again further down the file
-    suppressed: int = 0  # on the list now, but will never be mailed
-    problems: list[Problem] = field(default_factory=list)
+    suppressed: int = 0  # on the list now, but will never be mailed (opted out or suppressed)
+    opted_out: int = 0  # of those, opted out of this list by the file's newsletter_state
+    newly_suppressed: int = 0  # suppressed by the file's newsletter_state
+    skipped: int = 0  # bad rows (records): each has one or more problems
+    problems: list[Problem] = field(default_factory=list)  # the first MAX_PROBLEMS
+    more_problems: int = 0  # problems beyond those
     committed: bool = False
 
 
@@ -63,7 +92,37 @@ class Member:
     first_name: str
     last_name: str
     attributes: dict[str, str]
-    suppressed: str | None
+    suppressed: str | None  # the reason, if the address is suppressed (every list)
+    suppressed_since: str | None = None
+    opted_out_since: str | None = None  # when it left this list, if it did
+
+    @property
+    def state(self) -> str:
+        """subscribed (will be mailed), opted-out (of this list) or suppressed (every list)."""
+        if self.suppressed:
+            return "suppressed"
+        return "opted-out" if self.opted_out_since else "subscribed"
+
+
+@dataclass(frozen=True, slots=True)
+class ListStates:
+    """A list's members by state; each member is counted once (suppressed first)."""
+
+    subscribed: int  # will be mailed
+    opted_out: int  # left this list
+    suppressed: dict[str, int]  # by reason
+
+    @property
+    def members(self) -> int:
+        return self.subscribed + self.opted_out + sum(self.suppressed.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Suppression:
+    email: str
+    reason: str
+    list_name: str | None  # where the request came from, if known
+    since: str
 
 
 class SubscriberStore:
@@ -72,27 +131,60 @@ class SubscriberStore:
 
     # -- import ---------------------------------------------------------------
     def import_rows(
-        self, list_name: str, rows: Iterable[ParsedRow | Problem], *, skip_invalid: bool
+        self,
+        list_name: str,
+        rows: Iterable[ParsedRow | Problem],
+        *,
+        skip_invalid: bool,
+        actor: str = "import",
     ) -> ImportReport:
-        """Add rows to a list in one transaction; roll back on any problem unless skipping."""
+        """Add rows to a list in one transaction; roll back on any problem unless skipping.
+
+        Columns a row does not have keep their stored values. An import never
+        lifts an opt-out or a suppression; a row whose ``state`` says opted-out or
+        suppressed (an export's) records that, with ``actor`` in the log."""
         report = ImportReport(list_name)
-        seen: set[str] = set()
         now = _now()
         cur = self.conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
+            # Duplicates within the file are found in a temporary table, not a
+            # Python set: a million addresses would hold ~100 MB.
+            cur.execute("CREATE TEMP TABLE IF NOT EXISTS import_seen (email TEXT PRIMARY KEY)")
+            cur.execute("DELETE FROM temp.import_seen")
+            last_bad: int | None = None
             for row in rows:
                 if isinstance(row, Problem):
-                    report.problems.append(row)
+                    if row.line is None or row.line != last_bad:
+                        report.skipped += 1
+                    last_bad = row.line
+                    if len(report.problems) < MAX_PROBLEMS:
+                        report.problems.append(row)
+                    else:
+                        report.more_problems += 1
                     continue
-                if row.email in seen:
+                if report.skipped and not skip_invalid:
+                    continue  # it will be rolled back: only look for more problems
+                if not cur.execute(
+                    "INSERT INTO temp.import_seen VALUES (?) ON CONFLICT DO NOTHING", (row.email,)
+                ).rowcount:
                     report.duplicates += 1
                     continue
-                seen.add(row.email)
-                self._upsert(cur, list_name, row, now, report)
-            if report.problems and not skip_invalid:
+                self._upsert(cur, list_name, row, now, report, actor)
+            # Left this list or everything: importing did not undo it. One query
+            # here instead of one per row.
+            report.suppressed = cur.execute(
+                "SELECT count(*) FROM temp.import_seen i "
+                "WHERE EXISTS (SELECT 1 FROM suppressions s WHERE s.email = i.email) "
+                "OR EXISTS (SELECT 1 FROM list_optouts o "
+                "WHERE o.list_name = ? AND o.email = i.email)",
+                (list_name,),
+            ).fetchone()[0]
+            cur.execute("DELETE FROM temp.import_seen")
+            if report.skipped and not skip_invalid:
                 cur.execute("ROLLBACK")
-                report.added = report.updated = report.suppressed = 0
+                report.added = report.updated = report.suppressed = report.duplicates = 0
+                report.opted_out = report.newly_suppressed = 0
                 return report
             cur.execute("COMMIT")
             report.committed = True
@@ -104,15 +196,32 @@ class SubscriberStore:
         return report
 
     def _upsert(
-        self, cur: sqlite3.Cursor, list_name: str, row: ParsedRow, now: str, report: ImportReport
+        self,
+        cur: sqlite3.Cursor,
+        list_name: str,
+        row: ParsedRow,
+        now: str,
+        report: ImportReport,
+        actor: str,
     ) -> None:
+        # A merge patch (RFC 7396): an empty cell becomes null, which removes
+        # that attribute; an attribute the file has no column for is untouched.
+        patch = json.dumps({k: (v if v else None) for k, v in row.attributes.items()})
         sub_id = cur.execute(
             "INSERT INTO subscribers (email, first_name, last_name, attributes, created_at) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (email) DO UPDATE SET "
-            "first_name = excluded.first_name, last_name = excluded.last_name, "
-            "attributes = json_patch(subscribers.attributes, excluded.attributes) "
+            "VALUES (:email, coalesce(:first, ''), coalesce(:last, ''), json_patch('{}', :patch), "
+            ":now) ON CONFLICT (email) DO UPDATE SET "
+            "first_name = coalesce(:first, subscribers.first_name), "
+            "last_name = coalesce(:last, subscribers.last_name), "
+            "attributes = json_patch(subscribers.attributes, :patch) "
             "RETURNING id",
-            (row.email, row.first_name, row.last_name, json.dumps(row.attributes), now),
+            {
+                "email": row.email,
+                "first": row.first_name,
+                "last": row.last_name,
+                "patch": patch,
+                "now": now,
+            },
         ).fetchone()[0]
         inserted = cur.execute(
             "INSERT INTO list_members (list_name, subscriber_id, added_at) VALUES (?, ?, ?) "
@@ -123,12 +232,23 @@ class SubscriberStore:
             report.added += 1
         else:
             report.updated += 1
-        if cur.execute(
-            "SELECT 1 FROM suppressions WHERE email = ?1 UNION ALL "
-            "SELECT 1 FROM list_optouts WHERE list_name = ?2 AND email = ?1",
-            (row.email, list_name),
-        ).fetchone():
-            report.suppressed += 1  # left this list or everything: importing does not undo it
+        if row.state == "suppressed" and row.reason is not None:
+            if cur.execute(
+                "INSERT INTO suppressions (email, reason, list_name, created_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (row.email, row.reason, list_name, now),
+            ).rowcount:
+                report.newly_suppressed += 1
+                self._log(row.email, "suppress", row.reason, list_name, actor, now)
+        elif (
+            row.state == "opted-out"
+            and cur.execute(
+                "INSERT INTO list_optouts (list_name, email, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                (list_name, row.email, now),
+            ).rowcount
+        ):
+            report.opted_out += 1
 
     # -- reading --------------------------------------------------------------
     def lists(self) -> list[tuple[str, int]]:
@@ -149,10 +269,41 @@ class SubscriberStore:
         ).fetchone()
         return int(row[0]), int(row[1] or 0)
 
+    def states(self, list_name: str) -> ListStates:
+        """The members of ``list_name`` by state: subscribed, opted out, suppressed by reason."""
+        rows = self.conn.execute(
+            "SELECT s.reason, o.email IS NOT NULL, count(*) FROM list_members m "
+            "JOIN subscribers u ON u.id = m.subscriber_id "
+            "LEFT JOIN suppressions s ON s.email = u.email "
+            "LEFT JOIN list_optouts o ON o.list_name = m.list_name AND o.email = u.email "
+            "WHERE m.list_name = ? GROUP BY 1, 2",
+            (list_name,),
+        ).fetchall()
+        subscribed = opted_out = 0
+        suppressed: dict[str, int] = {}
+        for reason, left, n in rows:
+            if reason is not None:
+                suppressed[reason] = suppressed.get(reason, 0) + n
+            elif left:
+                opted_out += n
+            else:
+                subscribed += n
+        return ListStates(subscribed, opted_out, dict(sorted(suppressed.items())))
+
+    def attribute_names(self, list_name: str) -> list[str]:
+        """Every attribute any member of ``list_name`` has, sorted: the export's columns."""
+        rows = self.conn.execute(
+            "SELECT DISTINCT j.key FROM list_members m "
+            "JOIN subscribers u ON u.id = m.subscriber_id, json_each(u.attributes) j "
+            "WHERE m.list_name = ? ORDER BY 1",
+            (list_name,),
+        )
+        return [str(r[0]) for r in rows]
+
     def members(self, list_name: str) -> Iterator[Member]:
-        """Every member, suppressed ones included (marked), in a stable order."""
+        """Every member with its state (suppressed, opted out), in a stable order."""
         for r in self._batched(MEMBERS_SQL, list_name):
-            yield Member(r[1], r[2], r[3], json.loads(r[4]), r[5])
+            yield Member(r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7])
 
     def audience(self, list_name: str) -> Iterator[Recipient]:
         """Who a send to ``list_name`` goes to: members minus suppressions, in batches."""
@@ -173,6 +324,23 @@ class SubscriberStore:
         row = self.conn.execute("SELECT reason FROM suppressions WHERE email = ?", (email,))
         found = row.fetchone()
         return None if found is None else str(found[0])
+
+    def suppression_info(self, email: str) -> Suppression | None:
+        """Why and since when ``email`` is suppressed, or None."""
+        found = self.conn.execute(
+            "SELECT reason, list_name, created_at FROM suppressions WHERE email = ?", (email,)
+        ).fetchone()
+        return None if found is None else Suppression(email, found[0], found[1], found[2])
+
+    def suppression_history(self, email: str) -> list[tuple[str, str, str, str | None, str]]:
+        """The suppression log of ``email``, oldest first:
+        (when, action, reason, list, who)."""
+        rows = self.conn.execute(
+            "SELECT created_at, action, reason, list_name, actor FROM suppression_log "
+            "WHERE email = ? ORDER BY id",
+            (email,),
+        )
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
     # -- changes --------------------------------------------------------------
     def remove(self, list_name: str, emails: Iterable[str]) -> int:
@@ -252,7 +420,9 @@ class SubscriberStore:
     def unsuppress(self, email: str, *, reason: str, actor: str) -> str | None:
         """Lift the suppression of ``email``; ``reason`` and ``actor`` are recorded.
 
-        Returns the reason it had been suppressed for, or None if it was not."""
+        Returns the reason it had been suppressed for, or None if it was not.
+        ValueError if ``reason`` is not one line of text (see :func:`lift_reason`)."""
+        reason = lift_reason(reason)
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             row = self.conn.execute(
