@@ -36,7 +36,7 @@ def test_example_issue_loads_with_id_from_file_name() -> None:
 def test_minimal_form_from_the_contract(write_issue: Callable[..., Path]) -> None:
     path = write_issue(
         'subject: "MS Research News: stem cell therapy shows promise"\n'
-        "date: 2020-12-23\n"
+        "date: 2020-12-30\n"
         "articles:\n"
         '  - title: "Positive Results Reported"\n'
         "    url: https://www.example.org/news/1\n"
@@ -245,3 +245,22 @@ def test_out_of_range_numbers_are_explained(write_issue: Callable[..., Path]) ->
     data["articles"][0]["image"]["width"] = 8
     (problem,) = problems_of(write_issue(data))
     assert "articles[0].image.width: must be at least 16" in problem
+
+
+def test_a_file_named_after_a_day_must_be_dated_that_day(write_issue: Callable[..., Path]) -> None:
+    data = example_data()
+    data["date"] = "2026-11-26"  # copied from last week, not updated
+    path = write_issue(data, name="2026-12-03.yaml")
+    (problem,) = problems_of(path)
+    line = path.read_text(encoding="utf-8").splitlines().index("date: '2026-11-26'") + 1
+    assert problem.startswith(
+        f"{path}:{line}: date: is 2026-11-26, but the file is named for 2026-12-03"
+    )
+    assert "write `date: 2026-12-03`" in problem and "rename the file to 2026-11-26.yaml" in problem
+    # other names carry no date: a special issue may be called anything
+    assert (
+        load_issue(write_issue(data, name="appeal-2026.yaml")).value.date.isoformat()
+        == "2026-11-26"
+    )
+    data["date"] = "2026-12-03"
+    assert load_issue(write_issue(data, name="2026-12-03.yaml")).value.id == "2026-12-03"

@@ -702,7 +702,7 @@ def schedule(ctx: click.Context) -> None:
     from newsletter.database import connect
     from newsletter.errors import NewsletterError
     from newsletter.schedule import upcoming
-    from newsletter.scheduler import Slots, find_issue
+    from newsletter.scheduler import Slots, find_issue, issue_problems
 
     try:
         settings = _settings()
@@ -713,9 +713,13 @@ def schedule(ctx: click.Context) -> None:
             f"lists: {', '.join(settings.scheduled_lists)}"
         )
         for slot in upcoming(plan, now, 5):
-            path = find_issue(settings.issues_dir, slot.local_day)
+            choice = find_issue(settings.issues_dir, slot.local_day)
             local = slot.at.astimezone(plan.zone).strftime("%a %Y-%m-%d %H:%M %Z")
-            click.echo(f"  {local}  ({slot.key})  {path or 'no issue file yet'}")
+            click.echo(f"  {local}  ({slot.key})  {choice.path or 'no issue file yet'}")
+            for problem in issue_problems(choice):
+                click.secho(f"      cannot be sent: {problem}", fg="red")
+            for note in choice.notes:
+                click.echo(f"      note: {note}")
         recent = Slots(connect(settings.database)).recent(5)
         if recent:
             click.echo("recent slots:")

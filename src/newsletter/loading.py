@@ -9,7 +9,9 @@ naming file, line and field, so an editor fixes them in one pass.
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -36,12 +38,32 @@ class Loaded(Generic[M]):
     warnings: list[Problem] = field(default_factory=list)
 
 
+_DAY_NAME = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def named_day(path: Path) -> dt.date | None:
+    """The day a file is named for (``2026-12-03.yaml``), or None for any other name."""
+    if path.suffix not in (".yaml", ".yml") or not _DAY_NAME.fullmatch(path.stem):
+        return None
+    try:
+        return dt.date.fromisoformat(path.stem)
+    except ValueError:
+        return None
+
+
 def load_issue(path: Path) -> Loaded[Issue]:
-    """Read and validate one issue; the id defaults to the file name without ``.yaml``."""
+    """Read and validate one issue; the id defaults to the file name without ``.yaml``.
+
+    A file named for a day (``2026-12-03.yaml``) must carry that day in
+    ``date:``: the schedule sends it on the day of its name, so last week's
+    file copied without updating its date is refused, not sent under the
+    wrong date or skipped.
+    """
     doc = read_yaml(path)
     if isinstance(doc.data, dict) and "id" not in doc.data:
         doc.data["id"] = path.stem
     issue, problems = _check(doc, Issue)
+    problems += _name_and_date(doc, path)
     problems += _lint_markdown(doc, _issue_markdown_paths(doc.data))
     if problems or issue is None:
         raise ValidationFailed(_sorted(problems))
@@ -61,6 +83,29 @@ def load_society(path: Path) -> Loaded[Society]:
     if problems or society is None:
         raise ValidationFailed(_sorted(problems))
     return Loaded(society)
+
+
+def _name_and_date(doc: YamlDocument, path: Path) -> list[Problem]:
+    day = named_day(path)
+    raw = doc.data.get("date") if isinstance(doc.data, dict) else None
+    if day is None or not isinstance(raw, str):
+        return []
+    try:
+        date = dt.date.fromisoformat(raw.strip())
+    except ValueError:
+        return []  # reported as a bad date by validation
+    if date == day:
+        return []
+    return [
+        Problem(
+            doc.file,
+            doc.line_of(("date",)),
+            "date",
+            f"is {date}, but the file is named for {day}; an issue file named after a day "
+            f"must be dated that day: write `date: {day}` (or, if the issue is for {date}, "
+            f"rename the file to {date}{path.suffix})",
+        )
+    ]
 
 
 def _check(doc: YamlDocument, model: type[M]) -> tuple[M | None, list[Problem]]:
