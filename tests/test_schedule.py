@@ -244,7 +244,7 @@ def test_schedule_command_and_send_due_from_the_cli(project: Path) -> None:
     due = run_cli("send", "--due", cwd=project, env=env)
     assert due.returncode == 0 and "nothing is due now" in due.stdout
     bad = run_cli("schedule", cwd=project, env={**env, "NEWSLETTER_TIMEZONE": "Nowhere/Town"})
-    assert bad.returncode == 1 and "NEWSLETTER_TIMEZONE" not in bad.stdout
+    assert bad.returncode == 1 and "NEWSLETTER_TIMEZONE: 'Nowhere/Town'" in bad.stderr
     assert "not a time zone" in bad.stderr
 
 
@@ -446,3 +446,23 @@ def test_send_due_and_schedule_report_the_wrong_date(
         "schedule", cwd=project, env={**env, "NEWSLETTER_TEST_NOW": "2026-12-03T09:20:00-05:00"}
     )
     assert "failed" in shown.stdout and "2026-11-26" in shown.stdout.split("recent slots:")[1]
+
+
+@pytest.mark.parametrize("poll", ["-1", "0", "0.5", "nan", "inf", "1e9", "soon"])
+def test_poll_must_be_a_sensible_number_of_seconds(project: Path, poll: str) -> None:
+    env = {"NEWSLETTER_SCHEDULE": "Thu 09:00", "NEWSLETTER_DATABASE": str(project / "db")}
+    result = run_cli("schedule", "run", "--poll", poll, cwd=project, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Invalid value for '--poll'" in result.stderr
+    assert "scheduler:" not in result.stdout  # refused before it starts
+
+
+def test_poll_longer_than_the_catch_up_window_is_refused(project: Path) -> None:
+    env = {
+        "NEWSLETTER_SCHEDULE": "Thu 09:00",
+        "NEWSLETTER_CATCH_UP_HOURS": "0.25",
+        "NEWSLETTER_DATABASE": str(project / "db"),
+    }
+    result = run_cli("schedule", "run", "--poll", "1800", cwd=project, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "NEWSLETTER_CATCH_UP_HOURS" in result.stderr and "0:15:00" in result.stderr

@@ -180,3 +180,45 @@ def test_a_quote_left_open_does_not_swallow_our_settings(tmp_path: Path) -> None
     # a value that really is several lines (a certificate, say) is someone else's business
     (tmp_path / ".env").write_text('CERT="-----BEGIN-----\nabc\n-----END-----"\n')
     assert load_settings().list_name == "research-news"
+
+
+# ------------------------------------------------------- schedule settings
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("Nowhere/Town", "'Nowhere/Town' is not a time zone name; use a zoneinfo name"),
+        ("Europe/Londn", "did you mean 'Europe/London'?"),
+        ("america/new_york", "did you mean 'America/New_York'?"),
+        ("/etc/passwd", "is not a time zone name"),
+        ("", "is not a time zone name"),
+    ],
+)
+def test_unknown_time_zone_names_its_setting(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: str
+) -> None:
+    monkeypatch.setenv("NEWSLETTER_TIMEZONE", value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    (line,) = [x for x in str(info.value).splitlines() if "NEWSLETTER_TIMEZONE" in x]
+    assert line.startswith(f"  NEWSLETTER_TIMEZONE: {value!r} is not a time zone name")
+    assert expected in line and "America/New_York" in line  # an example of what to write
+
+
+def test_schedule_errors_name_their_setting_and_line(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "NEWSLETTER_TIMEZONE=Europe/London\nNEWSLETTER_SCHEDULE=Thursday at nine\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert ".env:2: NEWSLETTER_SCHEDULE: 'Thursday at nine' is not a schedule like" in str(
+        info.value
+    )
+
+
+def test_a_catch_up_window_of_nothing_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEWSLETTER_CATCH_UP_HOURS", "0")
+    with pytest.raises(ConfigError, match=r"NEWSLETTER_CATCH_UP_HOURS: .*greater than 0"):
+        load_settings()

@@ -729,8 +729,27 @@ def schedule(ctx: click.Context) -> None:
         _fail(exc)
 
 
+POLL_MIN, POLL_MAX = 1.0, 3600.0
+
+
+def _poll_seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    # `not (a <= x <= b)` also refuses NaN, which every comparison lets through.
+    if not POLL_MIN <= value <= POLL_MAX:
+        raise click.BadParameter(
+            f"must be between {POLL_MIN:g} and {POLL_MAX:g} seconds (got {value:g})"
+        )
+    return value
+
+
 @schedule.command("run")
-@click.option("--poll", default=60.0, show_default=True, help="Seconds between looks.")
+@click.option(
+    "--poll",
+    type=float,
+    default=60.0,
+    show_default=True,
+    callback=_poll_seconds,
+    help=f"Seconds between looks ({POLL_MIN:g} to {POLL_MAX:g}).",
+)
 def schedule_run(poll: float) -> None:
     """Run the scheduler: send each issue when it is due, until SIGTERM or Ctrl-C."""
     import datetime as dt
@@ -747,9 +766,16 @@ def schedule_run(poll: float) -> None:
 
     try:
         settings = _settings()
-        click.echo(f"scheduler: {settings.parsed_schedule.describe()}; Ctrl-C or SIGTERM to stop")
+        plan = settings.parsed_schedule
     except NewsletterError as exc:
         _fail(exc)
+    if dt.timedelta(seconds=poll) >= plan.catch_up:
+        raise click.BadParameter(
+            f"{poll:g} seconds between looks could let a whole catch-up window "
+            f"({plan.catch_up}, NEWSLETTER_CATCH_UP_HOURS) pass unseen; poll more often",
+            param_hint="'--poll'",
+        )
+    click.echo(f"scheduler: {plan.describe()}; Ctrl-C or SIGTERM to stop")
     said = ""  # say each thing once, not at every poll
     while not stop.is_set():
         # (Re)installed each time: a send's event loop takes the signals over

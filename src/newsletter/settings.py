@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     schedule: str | None = None
     timezone: str = "UTC"
     schedule_lists: str | None = None
-    catch_up_hours: float = Field(default=6.0, ge=0, le=72)
+    catch_up_hours: float = Field(default=6.0, gt=0, le=72)  # 0 would never send
 
     dkim_key_file: Path | None = None
     dkim_selector: str | None = None
@@ -159,12 +159,23 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from newsletter.schedule import time_zone
+
+        return time_zone(value.strip()).key
+
     @model_validator(mode="after")
     def _schedule_valid(self) -> Settings:
         if self.schedule is not None:
             from newsletter.schedule import parse_schedule
 
-            parse_schedule(self.schedule, self.timezone, self.catch_up_hours)
+            try:
+                parse_schedule(self.schedule, self.timezone, self.catch_up_hours)
+            except ValueError as exc:
+                # A model-wide check has no field of its own: name the setting.
+                raise ValueError(f"{env_name('schedule')}: {exc}") from None
         return self
 
     @property
@@ -328,8 +339,12 @@ def load_settings(**overrides: Any) -> Settings:
             loc = str(err["loc"][0]) if err["loc"] else ""
             name = loc.upper() if loc.upper().startswith(PREFIX) else env_name(loc)
             msg = str((err.get("ctx") or {}).get("error", err["msg"]))
+            if not loc:
+                msg = msg.removeprefix("Value error, ")
+                named = re.match(rf"({PREFIX}\w+): ", msg)
+                name = named.group(1) if named else ""
             problems.append(
-                f"{where.get(name, '')}{name}: {msg}" if loc else msg.removeprefix("Value error, ")
+                f"{where.get(name, '')}{name}: {msg}" if loc else where.get(name, "") + msg
             )
         settings = None
     if problems or settings is None:
