@@ -466,3 +466,16 @@ def test_poll_longer_than_the_catch_up_window_is_refused(project: Path) -> None:
     result = run_cli("schedule", "run", "--poll", "1800", cwd=project, env=env)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "NEWSLETTER_CATCH_UP_HOURS" in result.stderr and "0:15:00" in result.stderr
+
+
+def test_a_disguised_subject_fails_the_slot(
+    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+) -> None:
+    data = example_data()
+    data["date"] = "2026-12-03"
+    data["subject"] = "Your donation receipt \u202egnp.exe"
+    write_issue(data, name="2026-12-03.yaml")
+    sender = Recorder()
+    with pytest.raises(SlotFailed, match="U\\+202E RIGHT-TO-LEFT OVERRIDE"):
+        run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender)
+    assert sender.calls == [] and Slots(conn).recent(1)[0][3] == "failed"

@@ -379,6 +379,9 @@ def _send_one(
             'Make one with: python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
         )
     result = _build(settings, issue_file, strict=False, list_name=name)
+    from newsletter.checks import refuse_unsendable
+
+    refuse_unsendable(result.report)  # a preview may show bidi controls; a send may not
     template = _template(settings, result, name)
     transport: Transport
     with contextlib.ExitStack() as stack:

@@ -14,6 +14,7 @@ import difflib
 import re
 import types
 import typing
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from newsletter import markdown
 from newsletter.errors import ConfigError, Problem, ValidationFailed
-from newsletter.models import Issue, Society
+from newsletter.models import Issue, Society, bidi_characters
 from newsletter.yaml_input import PathKey, YamlDocument, format_path, read_yaml
 
 M = TypeVar("M", bound=BaseModel)
@@ -36,6 +37,9 @@ PREHEADER_WARN = 140
 class Loaded(Generic[M]):
     value: M
     warnings: list[Problem] = field(default_factory=list)
+    # Warnings a build may pass (to preview the text) but a send refuses: bidi
+    # controls that could disguise what the email says. Also in ``warnings``.
+    refused_by_send: list[Problem] = field(default_factory=list)
 
 
 _DAY_NAME = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -67,7 +71,8 @@ def load_issue(path: Path) -> Loaded[Issue]:
     problems += _lint_markdown(doc, _issue_markdown_paths(doc.data))
     if problems or issue is None:
         raise ValidationFailed(_sorted(problems))
-    return Loaded(issue, _issue_warnings(issue, doc))
+    refused, marks = _bidi_warnings(doc)
+    return Loaded(issue, _sorted(_issue_warnings(issue, doc) + refused + marks), refused)
 
 
 def load_society(path: Path) -> Loaded[Society]:
@@ -82,7 +87,70 @@ def load_society(path: Path) -> Loaded[Society]:
     problems += _lint_markdown(doc, [("about",)])
     if problems or society is None:
         raise ValidationFailed(_sorted(problems))
-    return Loaded(society)
+    refused, marks = _bidi_warnings(doc)
+    return Loaded(society, _sorted(refused + marks), refused)
+
+
+def _bidi_warnings(doc: YamlDocument) -> tuple[list[Problem], list[Problem]]:
+    """Warnings for bidi controls (a send refuses them) and for marks out of place."""
+    controls: list[Problem] = []
+    marks: list[Problem] = []
+    for path, value in _strings(doc.data, ()):
+        found, stray = bidi_characters(value)
+        if found:
+            controls.append(
+                Problem(
+                    doc.file,
+                    _line_of_char(doc, path, value, found[0]),
+                    format_path(path),
+                    f"contains {_names(found)}, invisible and able to show the text around "
+                    "it in another order (it can disguise what a subject or a link says); "
+                    "remove it. `newsletter send` refuses it",
+                )
+            )
+        if stray:
+            marks.append(
+                Problem(
+                    doc.file,
+                    _line_of_char(doc, path, value, stray[0]),
+                    format_path(path),
+                    f"contains {_names(stray)}, an invisible character, in text with no "
+                    "right-to-left letters, where it has no use but to move digits and "
+                    "spaces around; remove it",
+                )
+            )
+    return controls, marks
+
+
+def _strings(data: Any, path: PathKey) -> Iterable[tuple[PathKey, str]]:
+    if isinstance(data, str):
+        yield path, data
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield from _strings(value, (*path, str(key)))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from _strings(value, (*path, i))
+
+
+def _names(chars: list[str]) -> str:
+    named = [f"U+{ord(ch):04X} {unicodedata.name(ch, 'UNNAMED')}" for ch in chars]
+    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+
+
+def _line_of_char(doc: YamlDocument, path: PathKey, value: str, char: str) -> int | None:
+    """The line the character is on: the value's first line, or the one after it that has it.
+
+    Rare (only when there is something to report), so the file is read again
+    rather than kept: folded and quoted scalars do not map lines one to one."""
+    start = doc.line_of(path)
+    if start is None:
+        return None
+    try:
+        lines = Path(doc.file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return start
+    return next((i + 1 for i in range(start - 1, len(lines)) if char in lines[i]), start)
 
 
 def _name_and_date(doc: YamlDocument, path: Path) -> list[Problem]:

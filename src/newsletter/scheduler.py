@@ -138,12 +138,12 @@ def issue_problems(choice: IssueChoice) -> list[str]:
     if choice.problems or choice.path is None:
         return choice.problems
     try:
-        load_issue(choice.path)
+        loaded = load_issue(choice.path)
     except ValidationFailed as exc:
         return [str(p) for p in exc.problems]
     except NewsletterError as exc:
         return [str(exc)]
-    return []
+    return [str(p) for p in loaded.refused_by_send]
 
 
 def _date_field(path: Path) -> str | None:
@@ -253,6 +253,10 @@ def _send_slot(
     except NewsletterError as exc:
         slots.set(slot, "failed", detail=str(exc))
         raise
+    if loaded.refused_by_send:
+        problems = [str(p) for p in loaded.refused_by_send]
+        slots.set(slot, "failed", detail="; ".join(problems))
+        raise SlotFailed(when, problems)
     issue = loaded.value
     slots.set(slot, "sending", issue.id)
     reports: list[SendReport] = []
