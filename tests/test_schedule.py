@@ -446,6 +446,10 @@ def test_send_due_and_schedule_report_the_wrong_date(
         "schedule", cwd=project, env={**env, "NEWSLETTER_TEST_NOW": "2026-12-03T09:20:00-05:00"}
     )
     assert "failed" in shown.stdout and "2026-11-26" in shown.stdout.split("recent slots:")[1]
+    # the slot is still in its window: shown first, with what stops it
+    first, problem = shown.stdout.splitlines()[1:3]
+    assert first.startswith("  Thu 2026-12-03 09:00 EST") and first.endswith("due now")
+    assert problem.startswith("      cannot be sent: " + where)
 
 
 @pytest.mark.parametrize("poll", ["-1", "0", "0.5", "nan", "inf", "1e9", "soon"])
@@ -479,3 +483,13 @@ def test_a_disguised_subject_fails_the_slot(
     with pytest.raises(SlotFailed, match="U\\+202E RIGHT-TO-LEFT OVERRIDE"):
         run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender)
     assert sender.calls == [] and Slots(conn).recent(1)[0][3] == "failed"
+
+
+def test_a_missing_issues_folder_is_an_error_not_a_quiet_week(
+    project: Path, conn: sqlite3.Connection, db_path: Path
+) -> None:
+    import shutil
+
+    shutil.rmtree(project / "issues")
+    with pytest.raises(SlotFailed, match="issues does not exist; check NEWSLETTER_ISSUES_DIR"):
+        run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, Recorder())

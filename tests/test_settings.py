@@ -222,3 +222,21 @@ def test_a_catch_up_window_of_nothing_is_refused(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("NEWSLETTER_CATCH_UP_HOURS", "0")
     with pytest.raises(ConfigError, match=r"NEWSLETTER_CATCH_UP_HOURS: .*greater than 0"):
         load_settings()
+
+
+def test_a_disguised_sender_name_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEWSLETTER_FROM", "MS Research \u202eswe\u202c <news@example.org>")
+    with pytest.raises(ConfigError, match="NEWSLETTER_FROM: contains U\\+202E RIGHT-TO-LEFT"):
+        load_settings()
+    monkeypatch.setenv("NEWSLETTER_FROM", "חדשות המחקר <news@example.org>")  # Hebrew: fine
+    assert load_settings().sender_name == "חדשות המחקר"
+
+
+def test_dotenv_saved_with_windows_line_ends(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_bytes(
+        b"\xef\xbb\xbfOTHER=1\r\nNEWSLETTER_LIST_NAME=weekly\r\nNEWSLETTER_SMTP_HOTS=x\r\n"
+    )
+    with pytest.raises(ConfigError, match=r"\.env:3: NEWSLETTER_SMTP_HOTS: not a known"):
+        load_settings()
+    (tmp_path / ".env").write_bytes(b"\xef\xbb\xbfNEWSLETTER_LIST_NAME=weekly\r\n")
+    assert load_settings().list_name == "weekly"

@@ -704,7 +704,7 @@ def schedule(ctx: click.Context) -> None:
 
     from newsletter.database import connect
     from newsletter.errors import NewsletterError
-    from newsletter.schedule import upcoming
+    from newsletter.schedule import latest, upcoming
     from newsletter.scheduler import Slots, find_issue, issue_problems
 
     try:
@@ -715,15 +715,20 @@ def schedule(ctx: click.Context) -> None:
             f"schedule: {plan.describe()}, catch-up {plan.catch_up}, "
             f"lists: {', '.join(settings.scheduled_lists)}"
         )
-        for slot in upcoming(plan, now, 5):
+        slots = Slots(connect(settings.database))
+        due = latest(plan, now, within=plan.catch_up)
+        # A slot whose window is still open is shown with the ones to come.
+        current = [due] if due is not None and slots.state(due) != "done" else []
+        for slot in current + upcoming(plan, now, 5):
             choice = find_issue(settings.issues_dir, slot.local_day)
             local = slot.at.astimezone(plan.zone).strftime("%a %Y-%m-%d %H:%M %Z")
-            click.echo(f"  {local}  ({slot.key})  {choice.path or 'no issue file yet'}")
+            label = "  due now" if slot is due else ""
+            click.echo(f"  {local}  ({slot.key})  {choice.path or 'no issue file yet'}{label}")
             for problem in issue_problems(choice):
                 click.secho(f"      cannot be sent: {problem}", fg="red")
             for note in choice.notes:
                 click.echo(f"      note: {note}")
-        recent = Slots(connect(settings.database)).recent(5)
+        recent = slots.recent(5)
         if recent:
             click.echo("recent slots:")
             for key, day, issue_id, state, detail in recent:

@@ -80,6 +80,13 @@ def find_issue(issues_dir: Path, day: dt.date) -> IssueChoice:
        when it is the only candidate, it is reported as a problem here too.
     """
     wanted = day.isoformat()
+    if not issues_dir.is_dir():
+        # Not "no issue this week": every week would pass silently.
+        return IssueChoice(
+            day,
+            None,
+            [f"the issues folder {issues_dir} does not exist; check NEWSLETTER_ISSUES_DIR"],
+        )
     problems: list[str] = []
     notes: list[str] = []
     named = [

@@ -18,6 +18,7 @@ import difflib
 import io
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from email.utils import parseaddr
 from pathlib import Path
@@ -39,7 +40,7 @@ from newsletter.errors import ConfigError
 
 if TYPE_CHECKING:
     from newsletter.schedule import Schedule
-from newsletter.models import https_url
+from newsletter.models import bidi_characters, https_url
 
 PREFIX = "NEWSLETTER_"
 _LIST_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -158,6 +159,16 @@ class Settings(BaseSettings):
                 "set both or neither"
             )
         return self
+
+    @field_validator("from_", "reply_to", "preview_to")
+    @classmethod
+    def _no_bidi_controls(cls, value: str | None) -> str | None:
+        # A display name is what inboxes show first: the place to disguise a sender.
+        found = bidi_characters(value or "")[0]
+        if found:
+            names = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, '')}" for c in found)
+            raise ValueError(f"contains {names}, which can disguise the name shown; remove it")
+        return value
 
     @field_validator("timezone")
     @classmethod
