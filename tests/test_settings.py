@@ -105,7 +105,8 @@ def test_a_dotenv_shared_with_other_tools(monkeypatch: pytest.MonkeyPatch, tmp_p
         "NEWSLETTER_LIST_NAME='weekly'\n"
         "NEWSLETTER_SMTP_HOST=relay.example.net # the relay\n"
         "NEWSLETTER_DATABASE=${DATA_DIR}/news.sqlite3\n"
-        "NEWSLETTER_SMTP_PORT=2525\n",
+        "NEWSLETTER_SMTP_PORT=2525\n"
+        "NEWSLETTER_SMTP_PASSWORD='pa${ss}word'\n",
         encoding="utf-8",
     )
     monkeypatch.setenv("NEWSLETTER_SMTP_PORT", "587")  # the environment wins over .env
@@ -113,6 +114,7 @@ def test_a_dotenv_shared_with_other_tools(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert s.sender_address == "news@ms.example.net" and s.sender_name == "Research News"
     assert (s.list_name, s.smtp_host, s.smtp_port) == ("weekly", "relay.example.net", 587)
     assert s.database == Path("/srv/news/news.sqlite3")
+    assert s.smtp_password is not None and s.smtp_password.get_secret_value() == "pa${ss}word"
 
 
 def test_misspelt_key_in_dotenv_gets_a_suggestion_with_its_line(tmp_path: Path) -> None:

@@ -256,6 +256,7 @@ ENV_FILE = Path(".env")
 # where they are used.
 ENVIRONMENT_ONLY = frozenset({"NEWSLETTER_TEST_NOW", "NEWSLETTER_TEST_CHROMIUM"})
 _OURS = re.compile(r"\s*(?:export\s+)?['\"]?newsletter_", re.IGNORECASE)
+_SINGLE_QUOTED = re.compile(r"(?:export\s+)?(?:'[^']+'|[^=#\s]+)\s*=\s*'")
 _SWALLOWED = re.compile(r"\n\s*(?:export\s+)?(newsletter_\w*)\s*=", re.IGNORECASE)
 
 
@@ -285,6 +286,7 @@ def read_dotenv(path: Path) -> tuple[dict[str, _Entry], list[str]]:
         return {}, [f"{path}:{line}: is not UTF-8 text (byte {exc.start}); save it as UTF-8"]
     problems: list[str] = []
     pairs: list[tuple[str, str | None]] = []
+    literal: dict[str, str | None] = {}
     lines: dict[str, int] = {}
     for binding in parse_stream(io.StringIO(text)):
         # the statement itself, after any blank lines before it
@@ -303,8 +305,12 @@ def read_dotenv(path: Path) -> tuple[dict[str, _Entry], list[str]]:
         if binding.error or binding.key is None:
             continue  # a comment, a blank line, or someone else's broken line
         pairs.append((binding.key, binding.value))
+        if _SINGLE_QUOTED.match(body):
+            literal[binding.key] = binding.value
         lines[binding.key] = line
-    values = resolve_variables(pairs, override=True)
+    # ${NAME} is expanded, except in single quotes: Docker Compose's rule, and
+    # the one way to write a password that contains "${".
+    values = {**resolve_variables(pairs, override=True), **literal}
     ours = {
         key.upper(): _Entry(value, lines[key])
         for key, value in values.items()
