@@ -153,12 +153,26 @@ def issue_problems(choice: IssueChoice) -> list[str]:
     return [str(p) for p in loaded.refused_by_send]
 
 
+_DATES: dict[Path, tuple[tuple[int, int], str | None]] = {}
+
+
 def _date_field(path: Path) -> str | None:
-    """The text of a file's top-level ``date:``, or None when it cannot be read."""
-    data = read_yaml(path).data
-    if not isinstance(data, dict) or "date" not in data:
+    """The text of a file's top-level ``date:``, or None when it cannot be read.
+
+    Kept per file version: `newsletter schedule` looks up six days and
+    `schedule run` looks every minute, over a folder that gains a file a week."""
+    try:
+        stat = path.stat()
+    except OSError:
         return None
-    return str(data["date"]).strip()
+    version = (stat.st_mtime_ns, stat.st_size)
+    known = _DATES.get(path)
+    if known is not None and known[0] == version:
+        return known[1]
+    data = read_yaml(path).data
+    date = str(data["date"]).strip() if isinstance(data, dict) and "date" in data else None
+    _DATES[path] = (version, date)
+    return date
 
 
 class Slots:
