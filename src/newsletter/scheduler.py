@@ -153,7 +153,7 @@ def issue_problems(choice: IssueChoice) -> list[str]:
     return [str(p) for p in loaded.refused_by_send]
 
 
-_DATES: dict[Path, tuple[tuple[int, int], str | None]] = {}
+_DATES: dict[Path, tuple[tuple[int, ...], str | None]] = {}
 
 
 def _date_field(path: Path) -> str | None:
@@ -165,7 +165,7 @@ def _date_field(path: Path) -> str | None:
         stat = path.stat()
     except OSError:
         return None
-    version = (stat.st_mtime_ns, stat.st_size)
+    version = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
     known = _DATES.get(path)
     if known is not None and known[0] == version:
         return known[1]
@@ -279,6 +279,11 @@ def _send_slot(
         slots.set(slot, "failed", detail="; ".join(problems))
         raise SlotFailed(when, problems)
     issue = loaded.value
+    if issue.date != slot.local_day and named_day(path) is None:
+        # Chosen by its date a moment ago; edited since. Look again next time.
+        problem = f"{path}: its date changed to {issue.date} while it was being read"
+        slots.set(slot, "failed", detail=problem)
+        raise SlotFailed(when, [problem])
     slots.set(slot, "sending", issue.id)
     reports: list[SendReport] = []
     for name in lists:
