@@ -344,3 +344,17 @@ def test_build_strict_and_send_refuse_bidi_controls(
     assert sent.returncode == 1, sent.stdout + sent.stderr
     assert "(send) issues/2020-12-23.yaml:1: subject: contains U+202E" in sent.stderr
     assert "dry run" not in sent.stdout
+
+
+def test_bidi_controls_written_as_character_references(write_issue: Callable[..., Path]) -> None:
+    """Markdown turns `&#x202E;` into the character itself: the same disguise."""
+    data = example_data()
+    data["articles"][0]["summary"] = (
+        "Line one.\n\nRead [our &#x202E;etis&#8236;](https://x.example.org/a)\n"
+    )
+    path = write_issue(data)
+    (refused,) = load_issue(path).refused_by_send
+    assert refused.field == "articles[0].summary"
+    assert "U+202E RIGHT-TO-LEFT OVERRIDE and U+202C POP DIRECTIONAL FORMATTING" in refused.message
+    assert refused.line is not None
+    assert "&#x202E;" in path.read_text(encoding="utf-8").splitlines()[refused.line - 1]

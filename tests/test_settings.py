@@ -165,6 +165,10 @@ def test_dotenv_that_cannot_be_read(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\.env: cannot be read \(Is a directory\)"):
         load_settings()
     env.rmdir()
+    env.symlink_to("/dev/zero")
+    with pytest.raises(ConfigError, match=r"\.env: is larger than 1024 KB"):
+        load_settings()
+    env.unlink()
     env.symlink_to(tmp_path / "secrets" / "newsletter.env")
     with pytest.raises(ConfigError, match=r"\.env: cannot be read \(No such file or directory\)"):
         load_settings()

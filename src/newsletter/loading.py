@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import html
 import re
 import types
 import typing
@@ -96,7 +97,8 @@ def _bidi_warnings(doc: YamlDocument) -> tuple[list[Problem], list[Problem]]:
     controls: list[Problem] = []
     marks: list[Problem] = []
     for path, value in _strings(doc.data, ()):
-        found, stray = bidi_characters(value)
+        # Markdown turns &#x202E; into the character itself.
+        found, stray = bidi_characters(html.unescape(value))
         if found:
             controls.append(
                 Problem(
@@ -150,7 +152,16 @@ def _line_of_char(doc: YamlDocument, path: PathKey, value: str, char: str) -> in
         lines = Path(doc.file).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return start
-    return next((i + 1 for i in range(start - 1, len(lines)) if char in lines[i]), start)
+    # Written as itself, or as an HTML character reference (&#x202E; or &#8238;).
+    forms = (char, f"&#x{ord(char):x};", f"&#{ord(char)};")
+    return next(
+        (
+            i + 1
+            for i in range(start - 1, len(lines))
+            if any(form in lines[i].lower() for form in forms)
+        ),
+        start,
+    )
 
 
 def _name_and_date(doc: YamlDocument, path: Path) -> list[Problem]:

@@ -252,6 +252,7 @@ def env_name(field: str) -> str:
 
 
 ENV_FILE = Path(".env")
+DOTENV_MAX = 1024 * 1024
 # Not settings: switches for tests and rehearsals, read from the environment
 # where they are used.
 ENVIRONMENT_ONLY = frozenset({"NEWSLETTER_TEST_NOW", "NEWSLETTER_TEST_CHROMIUM"})
@@ -276,9 +277,12 @@ def read_dotenv(path: Path) -> tuple[dict[str, _Entry], list[str]]:
     if not path.exists() and not path.is_symlink():
         return {}, []
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as file:
+            raw = file.read(DOTENV_MAX + 1)  # bounded: a link to /dev/zero must not hang
     except OSError as exc:
         return {}, [f"{path}: cannot be read ({exc.strerror or exc}); fix or remove it"]
+    if len(raw) > DOTENV_MAX:
+        return {}, [f"{path}: is larger than {DOTENV_MAX // 1024} KB; is it the right file?"]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
