@@ -246,3 +246,12 @@ def test_dotenv_saved_with_windows_line_ends(tmp_path: Path) -> None:
         load_settings()
     (tmp_path / ".env").write_bytes(b"\xef\xbb\xbfNEWSLETTER_LIST_NAME=weekly\r\n")
     assert load_settings().list_name == "weekly"
+
+
+def test_schedule_problems_come_with_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEWSLETTER_SMTP_PORT", "many")
+    monkeypatch.setenv("NEWSLETTER_SCHEDULE", "Thu 25:00")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "NEWSLETTER_SCHEDULE: 25:00 is not a time of day" in str(info.value)
+    assert "NEWSLETTER_SMTP_PORT: " in str(info.value)

@@ -31,6 +31,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -87,10 +88,10 @@ class Settings(BaseSettings):
     serve_host: str = "127.0.0.1"
     serve_port: int = Field(default=8000, ge=0, le=65535)
 
-    schedule: str | None = None
     timezone: str = "UTC"
-    schedule_lists: str | None = None
     catch_up_hours: float = Field(default=6.0, gt=0, le=72)  # 0 would never send
+    schedule: str | None = None  # after the two its check reads
+    schedule_lists: str | None = None
 
     dkim_key_file: Path | None = None
     dkim_selector: str | None = None
@@ -177,17 +178,17 @@ class Settings(BaseSettings):
 
         return time_zone(value.strip()).key
 
-    @model_validator(mode="after")
-    def _schedule_valid(self) -> Settings:
-        if self.schedule is not None:
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_valid(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # A field check, not a model one, so that it is reported under its own
+        # name and alongside every other problem.
+        zone, hours = info.data.get("timezone"), info.data.get("catch_up_hours")
+        if value is not None and zone is not None and hours is not None:
             from newsletter.schedule import parse_schedule
 
-            try:
-                parse_schedule(self.schedule, self.timezone, self.catch_up_hours)
-            except ValueError as exc:
-                # A model-wide check has no field of its own: name the setting.
-                raise ValueError(f"{env_name('schedule')}: {exc}") from None
-        return self
+            parse_schedule(value, zone, hours)
+        return value
 
     @property
     def parsed_schedule(self) -> Schedule:
@@ -360,12 +361,8 @@ def load_settings(**overrides: Any) -> Settings:
             loc = str(err["loc"][0]) if err["loc"] else ""
             name = loc.upper() if loc.upper().startswith(PREFIX) else env_name(loc)
             msg = str((err.get("ctx") or {}).get("error", err["msg"]))
-            if not loc:
-                msg = msg.removeprefix("Value error, ")
-                named = re.match(rf"({PREFIX}\w+): ", msg)
-                name = named.group(1) if named else ""
             problems.append(
-                f"{where.get(name, '')}{name}: {msg}" if loc else where.get(name, "") + msg
+                f"{where.get(name, '')}{name}: {msg}" if loc else msg.removeprefix("Value error, ")
             )
         settings = None
     if problems or settings is None:
