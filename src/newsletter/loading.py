@@ -15,7 +15,6 @@ import html
 import re
 import types
 import typing
-import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from newsletter import markdown
 from newsletter.errors import ConfigError, Problem, ValidationFailed
-from newsletter.models import Issue, Society, bidi_characters
+from newsletter.models import Issue, Society, bidi_characters, character_names
 from newsletter.yaml_input import PathKey, YamlDocument, format_path, read_yaml
 
 M = TypeVar("M", bound=BaseModel)
@@ -105,9 +104,9 @@ def _bidi_warnings(doc: YamlDocument) -> tuple[list[Problem], list[Problem]]:
                     doc.file,
                     _line_of_char(doc, path, value, found[0]),
                     format_path(path),
-                    f"contains {_names(found)}, invisible and able to show the text around "
-                    "it in another order (it can disguise what a subject or a link says); "
-                    "remove it. `newsletter send` refuses it",
+                    f"contains {character_names(found)}, invisible and able to show the text "
+                    "around it in another order (it can disguise what a subject or a link "
+                    "says); remove it. `newsletter send` refuses it",
                 )
             )
         if stray:
@@ -116,7 +115,7 @@ def _bidi_warnings(doc: YamlDocument) -> tuple[list[Problem], list[Problem]]:
                     doc.file,
                     _line_of_char(doc, path, value, stray[0]),
                     format_path(path),
-                    f"contains {_names(stray)}, an invisible character, in text with no "
+                    f"contains {character_names(stray)}, an invisible character, in text with no "
                     "right-to-left letters, where it has no use but to move digits and "
                     "spaces around; remove it",
                 )
@@ -133,11 +132,6 @@ def _strings(data: Any, path: PathKey) -> Iterable[tuple[PathKey, str]]:
     elif isinstance(data, list):
         for i, value in enumerate(data):
             yield from _strings(value, (*path, i))
-
-
-def _names(chars: list[str]) -> str:
-    named = [f"U+{ord(ch):04X} {unicodedata.name(ch, 'UNNAMED')}" for ch in chars]
-    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
 
 
 def _line_of_char(doc: YamlDocument, path: PathKey, value: str, char: str) -> int | None:

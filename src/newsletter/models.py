@@ -56,6 +56,12 @@ def bidi_characters(value: str) -> tuple[list[str], list[str]]:
     return controls, marks
 
 
+def character_names(chars: list[str]) -> str:
+    """``U+202E RIGHT-TO-LEFT OVERRIDE and U+202C POP DIRECTIONAL FORMATTING``."""
+    named = [f"U+{ord(ch):04X} {unicodedata.name(ch, 'UNNAMED')}" for ch in chars]
+    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+
+
 def _no_control_chars(value: str) -> str:
     # CR/LF in a header value would let text inject headers (RFC 5322 2.2);
     # other control characters have no business in a one-line field either.

@@ -18,11 +18,9 @@ import difflib
 import io
 import os
 import re
-import unicodedata
-from dataclasses import dataclass
 from email.utils import parseaddr
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from dotenv.main import resolve_variables
 from dotenv.parser import parse_stream
@@ -41,7 +39,7 @@ from newsletter.errors import ConfigError
 
 if TYPE_CHECKING:
     from newsletter.schedule import Schedule
-from newsletter.models import bidi_characters, https_url
+from newsletter.models import bidi_characters, character_names, https_url
 
 PREFIX = "NEWSLETTER_"
 _LIST_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -167,8 +165,9 @@ class Settings(BaseSettings):
         # A display name is what inboxes show first: the place to disguise a sender.
         found = bidi_characters(value or "")[0]
         if found:
-            names = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, '')}" for c in found)
-            raise ValueError(f"contains {names}, which can disguise the name shown; remove it")
+            raise ValueError(
+                f"contains {character_names(found)}, which can disguise the name shown; remove it"
+            )
         return value
 
     @field_validator("timezone")
@@ -262,8 +261,7 @@ _SINGLE_QUOTED = re.compile(r"(?:export\s+)?(?:'[^']+'|[^=#\s]+)\s*=\s*'")
 _SWALLOWED = re.compile(r"\n\s*(?:export\s+)?(newsletter_\w*)\s*=", re.IGNORECASE)
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
+class _Entry(NamedTuple):
     value: str | None  # None: a key with no `=`
     line: int
 
