@@ -36,7 +36,7 @@ def test_example_issue_loads_with_id_from_file_name() -> None:
 def test_minimal_form_from_the_contract(write_issue: Callable[..., Path]) -> None:
     path = write_issue(
         'subject: "MS Research News: stem cell therapy shows promise"\n'
-        "date: 2020-12-23\n"
+        "date: 2020-12-30\n"
         "articles:\n"
         '  - title: "Positive Results Reported"\n'
         "    url: https://www.example.org/news/1\n"
@@ -245,3 +245,116 @@ def test_out_of_range_numbers_are_explained(write_issue: Callable[..., Path]) ->
     data["articles"][0]["image"]["width"] = 8
     (problem,) = problems_of(write_issue(data))
     assert "articles[0].image.width: must be at least 16" in problem
+
+
+def test_a_file_named_after_a_day_must_be_dated_that_day(write_issue: Callable[..., Path]) -> None:
+    data = example_data()
+    data["date"] = "2026-11-26"  # copied from last week, not updated
+    path = write_issue(data, name="2026-12-03.yaml")
+    (problem,) = problems_of(path)
+    line = path.read_text(encoding="utf-8").splitlines().index("date: '2026-11-26'") + 1
+    assert problem.startswith(
+        f"{path}:{line}: date: is 2026-11-26, but the file is named for 2026-12-03"
+    )
+    assert "write `date: 2026-12-03`" in problem and "rename the file to 2026-11-26.yaml" in problem
+    # other names carry no date: a special issue may be called anything
+    assert (
+        load_issue(write_issue(data, name="appeal-2026.yaml")).value.date.isoformat()
+        == "2026-11-26"
+    )
+    data["date"] = "2026-12-03"
+    assert load_issue(write_issue(data, name="2026-12-03.yaml")).value.id == "2026-12-03"
+
+
+# --------------------------------------------------- invisible bidi characters
+
+RLO = "\u202e"  # RIGHT-TO-LEFT OVERRIDE: shows the text after it backwards
+PDF = "\u202c"  # POP DIRECTIONAL FORMATTING
+
+
+def test_bidi_controls_warn_with_file_line_field_and_name(write_issue: Callable[..., Path]) -> None:
+    data = example_data()
+    data["subject"] = f"Research news: invoice {RLO}fdp.exe{PDF}"
+    data["articles"][1]["title"] = "Trial \u2067results\u2069 in"
+    data["articles"][2]["summary"] = (
+        f"First line.\n\nSee [our {RLO}etis{PDF}](https://x.example.org/a)."
+    )
+    path = write_issue(data)
+    loaded = load_issue(path)
+    text = path.read_text(encoding="utf-8").splitlines()
+    warnings = {w.field: w for w in loaded.warnings}
+    subject = warnings["subject"]
+    assert subject.line == next(i for i, t in enumerate(text) if t.startswith("subject:")) + 1
+    assert "U+202E RIGHT-TO-LEFT OVERRIDE and U+202C POP DIRECTIONAL FORMATTING" in subject.message
+    assert "`newsletter send` refuses" in subject.message
+    assert "U+2067 RIGHT-TO-LEFT ISOLATE" in warnings["articles[1].title"].message
+    summary = warnings["articles[2].summary"]
+    assert summary.line is not None and "etis" in text[summary.line - 1]  # the very line
+    assert {w.field for w in loaded.refused_by_send} == {
+        "subject", "articles[1].title", "articles[2].summary",
+    }  # fmt: skip
+
+
+def test_right_to_left_text_itself_is_fine(write_issue: Callable[..., Path]) -> None:
+    data = example_data()
+    data["articles"][0]["title"] = "Hadassah (הדסה) results, 2020"
+    data["articles"][1]["title"] = "نتائج التجربة\u200f 2020"  # a mark in Arabic text: as typed
+    data["articles"][2]["source"] = "Brain\u200f"  # a mark with no right-to-left text around
+    loaded = load_issue(write_issue(data))
+    (warning,) = loaded.warnings
+    assert warning.field == "articles[2].source"
+    assert (
+        "U+200F RIGHT-TO-LEFT MARK" in warning.message
+        and "no right-to-left letters" in warning.message
+    )
+    assert loaded.refused_by_send == []
+
+
+def test_bidi_in_the_society_file(project: Path) -> None:
+    society = project / "society.yaml"
+    text = society.read_text(encoding="utf-8")
+    society.write_text(text.replace("name: ", f"name: {RLO}", 1), encoding="utf-8")
+    loaded = load_society(society)
+    (warning,) = loaded.refused_by_send
+    assert warning.line == 1 + next(
+        i for i, t in enumerate(text.splitlines()) if t.startswith("name: ")
+    )
+
+
+def test_build_strict_and_send_refuse_bidi_controls(
+    project: Path, write_issue: Callable[..., Path]
+) -> None:
+    from conftest import run_cli
+
+    data = example_data()
+    data["subject"] = f"Your account {RLO}gnp.exe"
+    write_issue(data, name="2020-12-23.yaml")
+    built = run_cli("build", "issues/2020-12-23.yaml", cwd=project)
+    assert built.returncode == 0, built.stderr
+    assert (
+        "warning: issues/2020-12-23.yaml:1: subject: contains U+202E RIGHT-TO-LEFT OVERRIDE"
+        in built.stderr
+    )
+    strict = run_cli("build", "--strict", "issues/2020-12-23.yaml", cwd=project)
+    assert (
+        strict.returncode == 1 and "(--strict) issues/2020-12-23.yaml:1: subject" in strict.stderr
+    )
+    env = {"NEWSLETTER_DATABASE": str(project / "db.sqlite3")}
+    sent = run_cli("send", "issues/2020-12-23.yaml", "--dry-run", cwd=project, env=env)
+    assert sent.returncode == 1, sent.stdout + sent.stderr
+    assert "(send) issues/2020-12-23.yaml:1: subject: contains U+202E" in sent.stderr
+    assert "dry run" not in sent.stdout
+
+
+def test_bidi_controls_written_as_character_references(write_issue: Callable[..., Path]) -> None:
+    """Markdown turns `&#x202E;` into the character itself: the same disguise."""
+    data = example_data()
+    data["articles"][0]["summary"] = (
+        "Line one.\n\nRead [our &#x202E;etis&#8236;](https://x.example.org/a)\n"
+    )
+    path = write_issue(data)
+    (refused,) = load_issue(path).refused_by_send
+    assert refused.field == "articles[0].summary"
+    assert "U+202E RIGHT-TO-LEFT OVERRIDE and U+202C POP DIRECTIONAL FORMATTING" in refused.message
+    assert refused.line is not None
+    assert "&#x202E;" in path.read_text(encoding="utf-8").splitlines()[refused.line - 1]

@@ -12,10 +12,10 @@ import pytest
 from conftest import example_data, run_cli
 from newsletter.campaign import RunResult
 from newsletter.database import connect
-from newsletter.errors import ValidationFailed
+from newsletter.errors import NewsletterError
 from newsletter.locks import Lease
 from newsletter.schedule import instant, latest, parse_schedule, upcoming
-from newsletter.scheduler import Slots, check_and_send
+from newsletter.scheduler import SlotFailed, Slots, check_and_send
 from newsletter.send_log import SendRecord
 from newsletter.sending import SendReport
 
@@ -202,7 +202,7 @@ def test_no_issue_due_sends_nothing_and_says_so(
 ) -> None:
     sender = Recorder()
     result = run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender)
-    assert result.state == "no-issue" and "has no issue dated 2026-12-03" in result.message  # type: ignore[attr-defined]
+    assert result.state == "no-issue" and "has no issue for 2026-12-03" in result.message  # type: ignore[attr-defined]
     assert sender.calls == []
 
 
@@ -213,7 +213,7 @@ def test_invalid_issue_fails_before_any_mail(
         "subject: [broken\ndate: 2026-12-03\n", encoding="utf-8"
     )
     sender = Recorder()
-    with pytest.raises(ValidationFailed):
+    with pytest.raises(SlotFailed, match="YAML syntax error"):
         run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender)
     assert sender.calls == []
     assert Slots(conn).recent(1)[0][3] == "failed"
@@ -244,7 +244,7 @@ def test_schedule_command_and_send_due_from_the_cli(project: Path) -> None:
     due = run_cli("send", "--due", cwd=project, env=env)
     assert due.returncode == 0 and "nothing is due now" in due.stdout
     bad = run_cli("schedule", cwd=project, env={**env, "NEWSLETTER_TIMEZONE": "Nowhere/Town"})
-    assert bad.returncode == 1 and "NEWSLETTER_TIMEZONE" not in bad.stdout
+    assert bad.returncode == 1 and "NEWSLETTER_TIMEZONE: 'Nowhere/Town'" in bad.stderr
     assert "not a time zone" in bad.stderr
 
 
@@ -328,11 +328,168 @@ def test_a_stop_during_one_list_leaves_the_others_for_the_next_run(
     assert calls == ["one"] and result.state == "incomplete"
 
 
-def test_the_date_field_decides_over_the_file_name(write_issue: Callable[..., Path]) -> None:
+def test_the_file_named_after_the_day_is_its_issue(write_issue: Callable[..., Path]) -> None:
     from newsletter.scheduler import find_issue
 
     data = example_data()
     data["date"] = "2026-12-10"
     path = write_issue(data, name="2026-12-03.yaml")
-    assert find_issue(path.parent, dt.date(2026, 12, 3)) is None
-    assert find_issue(path.parent, dt.date(2026, 12, 10)) == path
+    # named for the 3rd: the 3rd's issue (its load reports the wrong date), never the 10th's
+    assert find_issue(path.parent, dt.date(2026, 12, 3)).path == path
+    tenth = find_issue(path.parent, dt.date(2026, 12, 10))
+    assert tenth.path is None
+    assert "2026-12-03.yaml has `date: 2026-12-10` but is named for 2026-12-03" in tenth.problems[0]
+
+
+# ------------------------------------------------- file name and date: week two
+
+
+def copied_from_last_week(write_issue: Callable[..., Path]) -> Path:
+    """This week's file, copied from last week's, whose `date:` was not updated."""
+    issue_for(write_issue, "2026-11-26")
+    data = example_data()
+    data["date"] = "2026-11-26"
+    return write_issue(data, name="2026-12-03.yaml")
+
+
+def test_last_weeks_date_in_this_weeks_file_fails_the_slot_until_fixed(
+    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+) -> None:
+    path = copied_from_last_week(write_issue)
+    sender = Recorder()
+    with pytest.raises(SlotFailed) as info:
+        run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender)
+    line = path.read_text(encoding="utf-8").splitlines().index("date: '2026-11-26'") + 1
+    assert str(info.value).startswith("the slot Thu 2026-12-03 09:00 EST cannot be sent:")
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{path}:{line}: date: is 2026-11-26, but the file is named for")
+    assert sender.calls == []
+    (_key, day, _, state, detail) = Slots(conn).recent(1)[0]
+    assert (day, state) == ("2026-12-03", "failed") and "2026-11-26" in detail
+    # the editor fixes the date: the next look, still in the window, sends it
+    path.write_text(path.read_text(encoding="utf-8").replace("2026-11-26", "2026-12-03"))
+    fixed = run_at(utc(2026, 12, 3, 14, 15), project, conn, db_path, sender)
+    assert fixed.state == "sent"  # type: ignore[attr-defined]
+    assert sender.calls == [("2026-12-03.yaml", "research-news")]
+
+
+def test_two_files_for_one_day(
+    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+) -> None:
+    from newsletter.scheduler import find_issue
+
+    issues = project / "issues"
+    day = dt.date(2026, 12, 3)
+    special = example_data()
+    special["date"] = "2026-12-03"
+    write_issue(special, name="appeal.yaml")
+    write_issue(special, name="gala.yaml")
+    both = find_issue(issues, day)
+    assert both.path is None and "more than one issue is dated 2026-12-03" in both.problems[0]
+    with pytest.raises(NewsletterError, match=r"appeal\.yaml, .*gala\.yaml"):
+        run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, Recorder())
+    assert Slots(conn).recent(1)[0][3] == "failed"
+    # the file named after the day wins over files that are only dated for it
+    weekly = issue_for(write_issue, "2026-12-03")
+    chosen = find_issue(issues, day)
+    assert chosen.path == weekly and not chosen.problems
+    assert len(chosen.notes) == 2 and "appeal.yaml is also dated 2026-12-03" in chosen.notes[0]
+    sender = Recorder()
+    sent = run_at(utc(2026, 12, 3, 14, 5), project, conn, db_path, sender)
+    assert sent.state == "sent" and "send the other by hand" in sent.message  # type: ignore[attr-defined]
+    assert sender.calls == [("2026-12-03.yaml", "research-news")]
+    (issues / "2026-12-03.yml").write_text(weekly.read_text(encoding="utf-8"))
+    assert "two files are named for 2026-12-03" in find_issue(issues, day).problems[0]
+
+
+def test_next_weeks_copy_does_not_disturb_this_week(
+    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+) -> None:
+    """Copying this week's file to start next week's before this week's send is normal."""
+    issue_for(write_issue, "2026-12-03")
+    data = example_data()
+    data["date"] = "2026-12-03"  # not updated yet
+    write_issue(data, name="2026-12-10.yaml")
+    sender = Recorder()
+    assert run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender).state == "sent"  # type: ignore[attr-defined]
+    assert sender.calls == [("2026-12-03.yaml", "research-news")]
+
+
+def test_send_due_and_schedule_report_the_wrong_date(
+    project: Path, write_issue: Callable[..., Path]
+) -> None:
+    path = copied_from_last_week(write_issue)
+    env = {
+        "NEWSLETTER_SCHEDULE": "Thu 09:00",
+        "NEWSLETTER_TIMEZONE": NY,
+        "NEWSLETTER_DATABASE": str(project / "db.sqlite3"),
+        "NEWSLETTER_SECRET_KEY": "k" * 40,
+        "NEWSLETTER_TEST_NOW": "2026-12-02T12:00:00-05:00",
+    }
+    line = path.read_text(encoding="utf-8").splitlines().index("date: '2026-11-26'") + 1
+    where = (
+        f"issues/2026-12-03.yaml:{line}: date: is 2026-11-26, but the file is named for 2026-12-03"
+    )
+    ahead = run_cli("schedule", cwd=project, env=env)  # the day before: a warning in time
+    assert ahead.returncode == 0, ahead.stderr
+    assert "Thu 2026-12-03 09:00 EST" in ahead.stdout and where in ahead.stdout
+    due = run_cli(
+        "send",
+        "--due",
+        cwd=project,
+        env={**env, "NEWSLETTER_TEST_NOW": "2026-12-03T09:15:00-05:00"},
+    )
+    assert due.returncode == 1, due.stdout + due.stderr
+    assert "error: the slot Thu 2026-12-03 09:00 EST cannot be sent:" in due.stderr
+    assert where in due.stderr and "Nothing was sent for this slot" in due.stderr
+    shown = run_cli(
+        "schedule", cwd=project, env={**env, "NEWSLETTER_TEST_NOW": "2026-12-03T09:20:00-05:00"}
+    )
+    assert "failed" in shown.stdout and "2026-11-26" in shown.stdout.split("recent slots:")[1]
+    # the slot is still in its window: shown first, with what stops it
+    first, problem = shown.stdout.splitlines()[1:3]
+    assert first.startswith("  Thu 2026-12-03 09:00 EST") and first.endswith("due now")
+    assert problem.startswith("      cannot be sent: " + where)
+
+
+@pytest.mark.parametrize("poll", ["-1", "0", "0.5", "nan", "inf", "1e9", "soon"])
+def test_poll_must_be_a_sensible_number_of_seconds(project: Path, poll: str) -> None:
+    env = {"NEWSLETTER_SCHEDULE": "Thu 09:00", "NEWSLETTER_DATABASE": str(project / "db")}
+    result = run_cli("schedule", "run", "--poll", poll, cwd=project, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Invalid value for '--poll'" in result.stderr
+    assert "scheduler:" not in result.stdout  # refused before it starts
+
+
+def test_poll_longer_than_the_catch_up_window_is_refused(project: Path) -> None:
+    env = {
+        "NEWSLETTER_SCHEDULE": "Thu 09:00",
+        "NEWSLETTER_CATCH_UP_HOURS": "0.25",
+        "NEWSLETTER_DATABASE": str(project / "db"),
+    }
+    result = run_cli("schedule", "run", "--poll", "1800", cwd=project, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "NEWSLETTER_CATCH_UP_HOURS" in result.stderr and "0:15:00" in result.stderr
+
+
+def test_a_disguised_subject_fails_the_slot(
+    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+) -> None:
+    data = example_data()
+    data["date"] = "2026-12-03"
+    data["subject"] = "Your donation receipt \u202egnp.exe"
+    write_issue(data, name="2026-12-03.yaml")
+    sender = Recorder()
+    with pytest.raises(SlotFailed, match="U\\+202E RIGHT-TO-LEFT OVERRIDE"):
+        run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender)
+    assert sender.calls == [] and Slots(conn).recent(1)[0][3] == "failed"
+
+
+def test_a_missing_issues_folder_is_an_error_not_a_quiet_week(
+    project: Path, conn: sqlite3.Connection, db_path: Path
+) -> None:
+    import shutil
+
+    shutil.rmtree(project / "issues")
+    with pytest.raises(SlotFailed, match="issues does not exist; check NEWSLETTER_ISSUES_DIR"):
+        run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, Recorder())

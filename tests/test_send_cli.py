@@ -324,7 +324,7 @@ def test_scheduler_process_survives_a_failed_send_and_stops_on_sigterm(
         encoding="utf-8",
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "newsletter", "schedule", "run", "--poll", "0.3"],
+        [sys.executable, "-m", "newsletter", "schedule", "run", "--poll", "1"],
         cwd=project,
         env={**os.environ, **env},
         stdout=subprocess.PIPE,
@@ -370,7 +370,7 @@ def test_sigterm_during_a_scheduled_send_leaves_nobody_in_doubt(
     run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
     server.handler.behaviour.delay = 0.01
     proc = subprocess.Popen(
-        [sys.executable, "-m", "newsletter", "schedule", "run", "--poll", "0.3"],
+        [sys.executable, "-m", "newsletter", "schedule", "run", "--poll", "1"],
         cwd=project,
         env={**os.environ, **env},
         stdout=subprocess.PIPE,

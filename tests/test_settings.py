@@ -89,3 +89,169 @@ def test_values_that_would_break_headers_are_refused(
     with pytest.raises(ConfigError) as info:
         load_settings()
     assert name in str(info.value) and expected in str(info.value)
+
+
+# ------------------------------------------------------------ a shared .env
+
+
+def test_a_dotenv_shared_with_other_tools(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "# docker compose and the database read this file too\n"
+        "COMPOSE_PROJECT_NAME=charity\n"
+        "POSTGRES_PASSWORD='pa ss#word'\n"
+        "DATA_DIR=/srv/news\n"
+        "\n"
+        'export NEWSLETTER_FROM="Research News <news@ms.example.net>"   # who sends\n'
+        "NEWSLETTER_LIST_NAME='weekly'\n"
+        "NEWSLETTER_SMTP_HOST=relay.example.net # the relay\n"
+        "NEWSLETTER_DATABASE=${DATA_DIR}/news.sqlite3\n"
+        "NEWSLETTER_SMTP_PORT=2525\n"
+        "NEWSLETTER_SMTP_PASSWORD='pa${ss}word'\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("NEWSLETTER_SMTP_PORT", "587")  # the environment wins over .env
+    s = load_settings()
+    assert s.sender_address == "news@ms.example.net" and s.sender_name == "Research News"
+    assert (s.list_name, s.smtp_host, s.smtp_port) == ("weekly", "relay.example.net", 587)
+    assert s.database == Path("/srv/news/news.sqlite3")
+    assert s.smtp_password is not None and s.smtp_password.get_secret_value() == "pa${ss}word"
+
+
+def test_misspelt_key_in_dotenv_gets_a_suggestion_with_its_line(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "POSTGRES_PASSWORD=x\nNEWSLETTER_LIST_NAME=weekly\nNEWSLETTER_SMTP_HOTS=relay\n"
+        "newsletter_public_ulr=https://x.example.org\nNEWSLETTER_SMTP_PORT=many\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert (
+        ".env:3: NEWSLETTER_SMTP_HOTS: not a known setting; did you mean NEWSLETTER_SMTP_HOST?"
+        in message
+    )
+    assert (
+        ".env:4: NEWSLETTER_PUBLIC_ULR: not a known setting; did you mean NEWSLETTER_PUBLIC_URL?"
+        in message
+    )
+    assert ".env:5: NEWSLETTER_SMTP_PORT: " in message and "integer" in message
+    assert "POSTGRES" not in message and "LIST_NAME" not in message
+
+
+def test_broken_lines_in_dotenv(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "OTHER_TOOL='never closed\n"  # someone else's problem: left alone
+        '\n\nNEWSLETTER_FROM="News <news@example.org>\n'
+        "NEWSLETTER_LIST_NAME\n"
+        "NEWSLETTER_TEST_NOW=2026-12-03T09:00:00-05:00\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert ".env:4: cannot be read as KEY=VALUE; check its quotes" in message
+    assert ".env:5: NEWSLETTER_LIST_NAME: has no value; write NEWSLETTER_LIST_NAME=VALUE" in message
+    assert ".env:6: NEWSLETTER_TEST_NOW: is read from the environment only" in message
+    assert "OTHER_TOOL" not in message
+
+
+def test_dotenv_that_cannot_be_read(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_bytes(b"NEWSLETTER_LIST_NAME=weekly\nNEWSLETTER_FROM=Caf\xe9 <news@example.org>\n")
+    with pytest.raises(ConfigError, match=r"\.env:2: is not UTF-8 text.*save it as UTF-8"):
+        load_settings()
+    env.unlink()
+    env.mkdir()
+    with pytest.raises(ConfigError, match=r"\.env: cannot be read \(Is a directory\)"):
+        load_settings()
+    env.rmdir()
+    env.symlink_to("/dev/zero")
+    with pytest.raises(ConfigError, match=r"\.env: is larger than 1024 KB"):
+        load_settings()
+    env.unlink()
+    env.symlink_to(tmp_path / "secrets" / "newsletter.env")
+    with pytest.raises(ConfigError, match=r"\.env: cannot be read \(No such file or directory\)"):
+        load_settings()
+
+
+def test_a_quote_left_open_does_not_swallow_our_settings(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "GREETING='it is\nNEWSLETTER_LIST_NAME=weekly\nOTHER='x'\n", encoding="utf-8"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"\.env:1: a quote opened on this line .* takes in NEWSLETTER_LIST_NAME",
+    ):
+        load_settings()
+    # a value that really is several lines (a certificate, say) is someone else's business
+    (tmp_path / ".env").write_text('CERT="-----BEGIN-----\nabc\n-----END-----"\n')
+    assert load_settings().list_name == "research-news"
+
+
+# ------------------------------------------------------- schedule settings
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("Nowhere/Town", "'Nowhere/Town' is not a time zone name; use a zoneinfo name"),
+        ("Europe/Londn", "did you mean 'Europe/London'?"),
+        ("america/new_york", "did you mean 'America/New_York'?"),
+        ("/etc/passwd", "is not a time zone name"),
+        ("", "is not a time zone name"),
+    ],
+)
+def test_unknown_time_zone_names_its_setting(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: str
+) -> None:
+    monkeypatch.setenv("NEWSLETTER_TIMEZONE", value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    (line,) = [x for x in str(info.value).splitlines() if "NEWSLETTER_TIMEZONE" in x]
+    assert line.startswith(f"  NEWSLETTER_TIMEZONE: {value!r} is not a time zone name")
+    assert expected in line and "America/New_York" in line  # an example of what to write
+
+
+def test_schedule_errors_name_their_setting_and_line(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "NEWSLETTER_TIMEZONE=Europe/London\nNEWSLETTER_SCHEDULE=Thursday at nine\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert ".env:2: NEWSLETTER_SCHEDULE: 'Thursday at nine' is not a schedule like" in str(
+        info.value
+    )
+
+
+def test_a_catch_up_window_of_nothing_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEWSLETTER_CATCH_UP_HOURS", "0")
+    with pytest.raises(ConfigError, match=r"NEWSLETTER_CATCH_UP_HOURS: .*greater than 0"):
+        load_settings()
+
+
+def test_a_disguised_sender_name_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEWSLETTER_FROM", "MS Research \u202eswe\u202c <news@example.org>")
+    with pytest.raises(ConfigError, match="NEWSLETTER_FROM: contains U\\+202E RIGHT-TO-LEFT"):
+        load_settings()
+    monkeypatch.setenv("NEWSLETTER_FROM", "חדשות המחקר <news@example.org>")  # Hebrew: fine
+    assert load_settings().sender_name == "חדשות המחקר"
+
+
+def test_dotenv_saved_with_windows_line_ends(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_bytes(
+        b"\xef\xbb\xbfOTHER=1\r\nNEWSLETTER_LIST_NAME=weekly\r\nNEWSLETTER_SMTP_HOTS=x\r\n"
+    )
+    with pytest.raises(ConfigError, match=r"\.env:3: NEWSLETTER_SMTP_HOTS: not a known"):
+        load_settings()
+    (tmp_path / ".env").write_bytes(b"\xef\xbb\xbfNEWSLETTER_LIST_NAME=weekly\r\n")
+    assert load_settings().list_name == "weekly"
+
+
+def test_schedule_problems_come_with_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEWSLETTER_SMTP_PORT", "many")
+    monkeypatch.setenv("NEWSLETTER_SCHEDULE", "Thu 25:00")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "NEWSLETTER_SCHEDULE: 25:00 is not a time of day" in str(info.value)
+    assert "NEWSLETTER_SMTP_PORT: " in str(info.value)

@@ -135,6 +135,9 @@ def build(inputs: BuildInputs, *, templates: Templates | None = None) -> BuildRe
     text = placeholders.fill(rendered.text, values, is_html=False)
     report = check_message(html, text, unsubscribe_url=values[placeholders.UNSUBSCRIBE_URL])
     report.warnings[:0] = [str(w) for w in loaded_society.warnings + loaded_issue.warnings]
+    report.refused_by_send = [
+        str(w) for w in loaded_society.refused_by_send + loaded_issue.refused_by_send
+    ]
     if report.failures or (inputs.strict and report.warnings):
         extra = [f"(--strict) {w}" for w in report.warnings] if inputs.strict else []
         raise BuildCheckFailed(report.failures + extra)

@@ -17,6 +17,7 @@ from html import unescape
 from urllib.parse import urlsplit
 
 from newsletter import placeholders
+from newsletter.errors import BuildCheckFailed
 
 SIZE_FAIL = 100_000  # Gmail clips the HTML at about 102 KB and hides the rest
 SIZE_WARN = 90_000
@@ -51,6 +52,14 @@ class CheckReport:
     failures: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     html_bytes: int = 0
+    # Warnings a preview may show but no send may carry out (bidi controls).
+    refused_by_send: list[str] = field(default_factory=list)
+
+
+def refuse_unsendable(report: CheckReport) -> None:
+    """Raise when the email may be previewed but not sent (every send path calls this)."""
+    if report.refused_by_send:
+        raise BuildCheckFailed([f"(send) {w}" for w in report.refused_by_send])
 
 
 _TAG = re.compile(r"<([a-zA-Z][\w:-]*)\b([^>]*)>")

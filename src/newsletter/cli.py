@@ -600,6 +600,9 @@ def _send_one(
     if not dry_run:
         _require_secret(settings)
     result = _build(settings, issue_file, strict=False, list_name=name)
+    from newsletter.checks import refuse_unsendable
+
+    refuse_unsendable(result.report)  # a preview may show bidi controls; a send may not
     template = _template(settings, result, name)
     transport: Transport
     with contextlib.ExitStack() as stack:
@@ -974,8 +977,8 @@ def schedule(ctx: click.Context) -> None:
 
     from newsletter.database import connect
     from newsletter.errors import NewsletterError
-    from newsletter.schedule import upcoming
-    from newsletter.scheduler import Slots, find_issue
+    from newsletter.schedule import latest, upcoming
+    from newsletter.scheduler import Slots, find_issue, issue_problems
 
     try:
         settings = _settings()
@@ -985,11 +988,20 @@ def schedule(ctx: click.Context) -> None:
             f"schedule: {plan.describe()}, catch-up {plan.catch_up}, "
             f"lists: {', '.join(settings.scheduled_lists)}"
         )
-        for slot in upcoming(plan, now, 5):
-            path = find_issue(settings.issues_dir, slot.local_day)
+        slots = Slots(connect(settings.database))
+        due = latest(plan, now, within=plan.catch_up)
+        # A slot whose window is still open is shown with the ones to come.
+        current = [due] if due is not None and slots.state(due) != "done" else []
+        for slot in current + upcoming(plan, now, 5):
+            choice = find_issue(settings.issues_dir, slot.local_day)
             local = slot.at.astimezone(plan.zone).strftime("%a %Y-%m-%d %H:%M %Z")
-            click.echo(f"  {local}  ({slot.key})  {path or 'no issue file yet'}")
-        recent = Slots(connect(settings.database)).recent(5)
+            label = "  due now" if slot is due else ""
+            click.echo(f"  {local}  ({slot.key})  {choice.path or 'no issue file yet'}{label}")
+            for problem in issue_problems(choice):
+                click.secho(f"      cannot be sent: {problem}", fg="red")
+            for note in choice.notes:
+                click.echo(f"      note: {note}")
+        recent = slots.recent(5)
         if recent:
             click.echo("recent slots:")
             for key, day, issue_id, state, detail in recent:
@@ -998,8 +1010,27 @@ def schedule(ctx: click.Context) -> None:
         _fail(exc)
 
 
+POLL_MIN, POLL_MAX = 1.0, 3600.0
+
+
+def _poll_seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    # `not (a <= x <= b)` also refuses NaN, which every comparison lets through.
+    if not POLL_MIN <= value <= POLL_MAX:
+        raise click.BadParameter(
+            f"must be between {POLL_MIN:g} and {POLL_MAX:g} seconds (got {value:g})"
+        )
+    return value
+
+
 @schedule.command("run")
-@click.option("--poll", default=60.0, show_default=True, help="Seconds between looks.")
+@click.option(
+    "--poll",
+    type=float,
+    default=60.0,
+    show_default=True,
+    callback=_poll_seconds,
+    help=f"Seconds between looks ({POLL_MIN:g} to {POLL_MAX:g}).",
+)
 def schedule_run(poll: float) -> None:
     """Run the scheduler: send each issue when it is due, until SIGTERM or Ctrl-C."""
     import datetime as dt
@@ -1016,9 +1047,16 @@ def schedule_run(poll: float) -> None:
 
     try:
         settings = _settings()
-        click.echo(f"scheduler: {settings.parsed_schedule.describe()}; Ctrl-C or SIGTERM to stop")
+        plan = settings.parsed_schedule
     except NewsletterError as exc:
         _fail(exc)
+    if dt.timedelta(seconds=poll) >= plan.catch_up:
+        raise click.BadParameter(
+            f"{poll:g} seconds between looks could let a whole catch-up window "
+            f"({plan.catch_up}, NEWSLETTER_CATCH_UP_HOURS) pass unseen; poll more often",
+            param_hint="'--poll'",
+        )
+    click.echo(f"scheduler: {plan.describe()}; Ctrl-C or SIGTERM to stop")
     said = ""  # say each thing once, not at every poll
     while not stop.is_set():
         # (Re)installed each time: a send's event loop takes the signals over

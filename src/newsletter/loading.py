@@ -9,7 +9,10 @@ naming file, line and field, so an editor fixes them in one pass.
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
+import html
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -21,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from newsletter import markdown
 from newsletter.errors import ConfigError, Problem, ValidationFailed
-from newsletter.models import Issue, Society
+from newsletter.models import Issue, Society, bidi_characters, character_names
 from newsletter.yaml_input import PathKey, YamlDocument, format_path, read_yaml
 
 M = TypeVar("M", bound=BaseModel)
@@ -34,18 +37,42 @@ PREHEADER_WARN = 140
 class Loaded(Generic[M]):
     value: M
     warnings: list[Problem] = field(default_factory=list)
+    # Warnings a build may pass (to preview the text) but a send refuses: bidi
+    # controls that could disguise what the email says. Also in ``warnings``.
+    refused_by_send: list[Problem] = field(default_factory=list)
+
+
+_DAY_NAME = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def named_day(path: Path) -> dt.date | None:
+    """The day a file is named for (``2026-12-03.yaml``), or None for any other name."""
+    if path.suffix not in (".yaml", ".yml") or not _DAY_NAME.fullmatch(path.stem):
+        return None
+    try:
+        return dt.date.fromisoformat(path.stem)
+    except ValueError:
+        return None
 
 
 def load_issue(path: Path) -> Loaded[Issue]:
-    """Read and validate one issue; the id defaults to the file name without ``.yaml``."""
+    """Read and validate one issue; the id defaults to the file name without ``.yaml``.
+
+    A file named for a day (``2026-12-03.yaml``) must carry that day in
+    ``date:``: the schedule sends it on the day of its name, so last week's
+    file copied without updating its date is refused, not sent under the
+    wrong date or skipped.
+    """
     doc = read_yaml(path)
     if isinstance(doc.data, dict) and "id" not in doc.data:
         doc.data["id"] = path.stem
     issue, problems = _check(doc, Issue)
+    problems += _name_and_date(doc, path)
     problems += _lint_markdown(doc, _issue_markdown_paths(doc.data))
     if problems or issue is None:
         raise ValidationFailed(_sorted(problems))
-    return Loaded(issue, _issue_warnings(issue, doc))
+    refused, marks = _bidi_warnings(doc)
+    return Loaded(issue, _sorted(_issue_warnings(issue, doc) + refused + marks), refused)
 
 
 def load_society(path: Path) -> Loaded[Society]:
@@ -60,7 +87,98 @@ def load_society(path: Path) -> Loaded[Society]:
     problems += _lint_markdown(doc, [("about",)])
     if problems or society is None:
         raise ValidationFailed(_sorted(problems))
-    return Loaded(society)
+    refused, marks = _bidi_warnings(doc)
+    return Loaded(society, _sorted(refused + marks), refused)
+
+
+def _bidi_warnings(doc: YamlDocument) -> tuple[list[Problem], list[Problem]]:
+    """Warnings for bidi controls (a send refuses them) and for marks out of place."""
+    controls: list[Problem] = []
+    marks: list[Problem] = []
+    for path, value in _strings(doc.data, ()):
+        # Markdown turns &#x202E; into the character itself.
+        found, stray = bidi_characters(html.unescape(value))
+        if found:
+            controls.append(
+                Problem(
+                    doc.file,
+                    _line_of_char(doc, path, value, found[0]),
+                    format_path(path),
+                    f"contains {character_names(found)}, invisible and able to show the text "
+                    "around it in another order (it can disguise what a subject or a link "
+                    "says); remove it. `newsletter send` refuses it",
+                )
+            )
+        if stray:
+            marks.append(
+                Problem(
+                    doc.file,
+                    _line_of_char(doc, path, value, stray[0]),
+                    format_path(path),
+                    f"contains {character_names(stray)}, an invisible character, in text with no "
+                    "right-to-left letters, where it has no use but to move digits and "
+                    "spaces around; remove it",
+                )
+            )
+    return controls, marks
+
+
+def _strings(data: Any, path: PathKey) -> Iterable[tuple[PathKey, str]]:
+    if isinstance(data, str):
+        yield path, data
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield from _strings(value, (*path, str(key)))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from _strings(value, (*path, i))
+
+
+def _line_of_char(doc: YamlDocument, path: PathKey, value: str, char: str) -> int | None:
+    """The line the character is on: the value's first line, or the one after it that has it.
+
+    Rare (only when there is something to report), so the file is read again
+    rather than kept: folded and quoted scalars do not map lines one to one."""
+    start = doc.line_of(path)
+    if start is None:
+        return None
+    try:
+        lines = Path(doc.file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return start
+    # Written as itself, or as an HTML character reference (&#x202E; or &#8238;).
+    forms = (char, f"&#x{ord(char):x};", f"&#{ord(char)};")
+    return next(
+        (
+            i + 1
+            for i in range(start - 1, len(lines))
+            if any(form in lines[i].lower() for form in forms)
+        ),
+        start,
+    )
+
+
+def _name_and_date(doc: YamlDocument, path: Path) -> list[Problem]:
+    day = named_day(path)
+    raw = doc.data.get("date") if isinstance(doc.data, dict) else None
+    if day is None or not isinstance(raw, str):
+        return []
+    try:
+        date = dt.date.fromisoformat(raw.strip())
+    except ValueError:
+        return []  # reported as a bad date by validation
+    if date == day:
+        return []
+    return [
+        Problem(
+            doc.file,
+            doc.line_of(("date",)),
+            "date",
+            f"is {date}, but the file is named for {day}; an issue file named after a day "
+            f"must be dated that day: write `date: {day}` (or, if the issue is for {date}, "
+            f"rename the file to {date}{path.suffix})",
+        )
+    ]
 
 
 def _check(doc: YamlDocument, model: type[M]) -> tuple[M | None, list[Problem]]:

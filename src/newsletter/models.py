@@ -33,6 +33,35 @@ TITLE_MAX = 250
 _TEMPLATE_SYNTAX = re.compile(r"\{\{|\{%|\[\[[A-Z][A-Z0-9_]*\]\]")
 
 
+# Invisible characters that change the order in which text is shown. The
+# embeddings, overrides and isolates can make a subject or a link's text read
+# differently from what it is (the "RLO" trick: "invoice\u202efdp.exe" shows as
+# "invoiceexe.pdf"); a research newsletter never needs them. The marks only
+# nudge neutral characters such as spaces and digits, and right-to-left
+# keyboards type them in Arabic and Hebrew text, where they are left alone.
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+BIDI_MARKS = frozenset("\u200e\u200f\u061c")
+
+
+def bidi_characters(value: str) -> tuple[list[str], list[str]]:
+    """The bidi controls in ``value``, and the marks that are there with no right-to-left letter.
+
+    Each list holds every distinct character once, in order of appearance."""
+    controls = list(dict.fromkeys(ch for ch in value if ch in BIDI_CONTROLS))
+    marks = list(dict.fromkeys(ch for ch in value if ch in BIDI_MARKS))
+    if marks and any(
+        unicodedata.bidirectional(ch) in ("R", "AL") for ch in value if ch not in BIDI_MARKS
+    ):
+        marks = []  # right-to-left text: the marks are as typed
+    return controls, marks
+
+
+def character_names(chars: list[str]) -> str:
+    """``U+202E RIGHT-TO-LEFT OVERRIDE and U+202C POP DIRECTIONAL FORMATTING``."""
+    named = [f"U+{ord(ch):04X} {unicodedata.name(ch, 'UNNAMED')}" for ch in chars]
+    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+
+
 def _no_control_chars(value: str) -> str:
     # CR/LF in a header value would let text inject headers (RFC 5322 2.2);
     # other control characters have no business in a one-line field either.

@@ -19,6 +19,7 @@ Daylight saving, deliberately:
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import re
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -61,14 +62,32 @@ class Slot:
         return self.at.strftime("%Y-%m-%dT%H:%MZ")
 
 
+def time_zone(name: str) -> ZoneInfo:
+    """The zoneinfo zone called ``name``; raises ValueError with an example (and a guess)."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        pass
+    from zoneinfo import available_timezones
+
+    names = sorted(available_timezones())
+    by_case = {n.lower(): n for n in names}
+    guess = by_case.get(name.strip().lower()) or next(
+        iter(difflib.get_close_matches(name, names, n=1)), None
+    )
+    shown = repr(name) if len(name) <= 60 else repr(name[:60] + "...")
+    hint = f"did you mean {guess!r}? " if guess else ""
+    raise ValueError(
+        f"{shown} is not a time zone name; {hint}use a zoneinfo name such as "
+        "'America/New_York', 'Europe/London' or 'UTC'"
+    )
+
+
 def parse_schedule(spec: str, zone: str, catch_up_hours: float) -> Schedule:
     """``"Thu 09:00"``, ``"Mon,Thu 09:00"`` or a cron line (``"0 9 * * 4"``) in ``zone``.
 
     Raises ValueError with a reason a person can act on."""
-    try:
-        tz = ZoneInfo(zone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"{zone!r} is not a time zone name like 'America/New_York'") from None
+    tz = time_zone(zone)
     if catch_up_hours < 0:
         raise ValueError("the catch-up window cannot be negative")
     catch_up = dt.timedelta(hours=catch_up_hours)

@@ -24,13 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from newsletter.errors import NewsletterError
-from newsletter.loading import load_issue
+from newsletter.errors import NewsletterError, ValidationFailed
+from newsletter.loading import load_issue, named_day
 from newsletter.locks import Lease, LockHeld
 from newsletter.schedule import Schedule, Slot, latest, slots_between
 from newsletter.sending import SendReport
+from newsletter.yaml_input import read_yaml
 
 LOCK_NAME = "schedule"
 
@@ -47,29 +46,133 @@ class DueResult:
         return 3 if self.state in ("incomplete", "missed") else 0
 
 
-def find_issue(issues_dir: Path, day: dt.date) -> Path | None:
-    """The issue file for ``day``: named after it (2026-12-03.yaml) or with ``date: 2026-12-03``.
+@dataclass(frozen=True, slots=True)
+class IssueChoice:
+    """Which file is a day's issue, and what stands in the way of sending it."""
 
-    A file that cannot be read as YAML counts when its name starts with the
-    day, so that a broken issue for today fails loudly instead of being
-    skipped as "no issue".
+    day: dt.date
+    path: Path | None
+    problems: list[str] = field(default_factory=list)  # the day's issue cannot be sent
+    notes: list[str] = field(default_factory=list)  # worth saying, but nothing is wrong
+
+
+class SlotFailed(NewsletterError):
+    """The due slot's issue cannot be sent as it is; nothing went out, and the next look retries."""
+
+    def __init__(self, when: str, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(
+            f"the slot {when} cannot be sent:\n" + "\n".join(f"  {p}" for p in problems)
+        )
+
+
+def find_issue(issues_dir: Path, day: dt.date) -> IssueChoice:
+    """The issue file for ``day``, by these rules, in order:
+
+    1. the file named after the day (``2026-12-03.yaml`` or ``.yml``). Its
+       ``date:`` must say the same day; loading it checks that (a copy of last
+       week's file fails loudly instead of being skipped). Other files dated
+       that day are left for a send by hand, and said so;
+    2. failing that, the one file not named after a day whose ``date:`` is the
+       day (``stem-cells-special.yaml``); two such files are an error;
+    3. a file named after another day but dated this one is never this day's
+       issue (it is that other day's, and its own day reports the mismatch);
+       when it is the only candidate, it is reported as a problem here too.
     """
     wanted = day.isoformat()
-    found: list[Path] = []
+    if not issues_dir.is_dir():
+        # Not "no issue this week": every week would pass silently.
+        return IssueChoice(
+            day,
+            None,
+            [f"the issues folder {issues_dir} does not exist; check NEWSLETTER_ISSUES_DIR"],
+        )
+    problems: list[str] = []
+    notes: list[str] = []
+    named = [
+        p for p in (issues_dir / f"{wanted}.yaml", issues_dir / f"{wanted}.yml") if p.is_file()
+    ]
+    if len(named) > 1:
+        problems.append(
+            f"two files are named for {wanted} ({', '.join(str(p) for p in named)}); keep one"
+        )
+    by_date: list[Path] = []
+    misnamed: list[tuple[Path, dt.date]] = []
+    unreadable: list[Path] = []
     for path in sorted(issues_dir.glob("*.y*ml")):
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError, OSError):
-            data = None
-        date = str(data.get("date")) if isinstance(data, dict) and "date" in data else None
-        # The date field decides; the name counts only when there is no
-        # readable date (a broken file for today must fail, not be skipped).
-        if date == wanted or (date is None and path.stem.startswith(wanted)):
-            found.append(path)
-    if len(found) > 1:
-        names = ", ".join(p.name for p in found)
-        raise NewsletterError(f"more than one issue is dated {wanted} ({names}); keep one")
-    return found[0] if found else None
+        if path in named or path.name.startswith(".") or not path.is_file():
+            continue
+        other_day = named_day(path)
+        if other_day is not None and named:
+            continue  # the day has its file: no need to open every other week's
+        date = _date_field(path)
+        if date is None:
+            if other_day is None:
+                unreadable.append(path)
+        elif date == wanted:
+            if other_day is None:
+                by_date.append(path)
+            else:
+                misnamed.append((path, other_day))
+    if named:
+        chosen: Path | None = named[0]
+        notes += [
+            f"{p} is also dated {wanted}; the schedule sends the file named after the day, "
+            "so send the other by hand if it should go out too"
+            for p in by_date
+        ]
+    elif len(by_date) > 1:
+        chosen = None
+        problems.append(
+            f"more than one issue is dated {wanted} ({', '.join(str(p) for p in by_date)}); "
+            f"keep one, or name the one to send {wanted}.yaml"
+        )
+    elif by_date:
+        chosen = by_date[0]
+    else:
+        chosen = None
+        problems += [
+            f"{p} has `date: {wanted}` but is named for {other}, so it is the issue for "
+            f"neither day: rename it to {wanted}{p.suffix} or set its date to {other}"
+            for p, other in misnamed
+        ]
+        notes += [f"{p} could not be read, so its date is unknown" for p in unreadable]
+    return IssueChoice(day, None if problems else chosen, problems, notes)
+
+
+def issue_problems(choice: IssueChoice) -> list[str]:
+    """What would stop the send of ``choice`` if it were due now, to show ahead of time."""
+    if choice.problems or choice.path is None:
+        return choice.problems
+    try:
+        loaded = load_issue(choice.path)
+    except ValidationFailed as exc:
+        return [str(p) for p in exc.problems]
+    except NewsletterError as exc:
+        return [str(exc)]
+    return [str(p) for p in loaded.refused_by_send]
+
+
+_DATES: dict[Path, tuple[tuple[int, ...], str | None]] = {}
+
+
+def _date_field(path: Path) -> str | None:
+    """The text of a file's top-level ``date:``, or None when it cannot be read.
+
+    Kept per file version: `newsletter schedule` looks up six days and
+    `schedule run` looks every minute, over a folder that gains a file a week."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    version = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
+    known = _DATES.get(path)
+    if known is not None and known[0] == version:
+        return known[1]
+    data = read_yaml(path).data
+    date = str(data["date"]).strip() if isinstance(data, dict) and "date" in data else None
+    _DATES[path] = (version, date)
+    return date
 
 
 class Slots:
@@ -147,20 +250,40 @@ def _send_slot(
     send_issue: Callable[[Path, str], SendReport],
 ) -> DueResult:
     when = _when(schedule, slot)
-    path = find_issue(issues_dir, slot.local_day)
+    choice = find_issue(issues_dir, slot.local_day)
+    if choice.problems:
+        slots.set(slot, "failed", detail="; ".join(choice.problems))
+        raise SlotFailed(when, choice.problems)
+    path = choice.path
     if path is None:
-        slots.set(slot, "no-issue", detail=f"no issue file dated {slot.local_day} in {issues_dir}")
+        detail = f"no issue file for {slot.local_day} in {issues_dir}"
+        slots.set(slot, "no-issue", detail="; ".join([detail, *choice.notes]))
         return DueResult(
             "no-issue",
-            f"the slot {when} is due but {issues_dir} has no issue dated {slot.local_day}; "
-            "nothing was sent",
+            f"the slot {when} is due but {issues_dir} has no issue for {slot.local_day} "
+            f"(no {slot.local_day}.yaml, and no other file with `date: {slot.local_day}`); "
+            "nothing was sent" + "".join(f"; {n}" for n in choice.notes),
             slot,
         )
     try:
-        issue = load_issue(path).value  # fail loudly, before any mail goes out
+        loaded = load_issue(path)  # fail loudly, before any mail goes out
+    except ValidationFailed as exc:
+        problems = [str(p) for p in exc.problems]
+        slots.set(slot, "failed", detail="; ".join(problems))
+        raise SlotFailed(when, problems) from None
     except NewsletterError as exc:
         slots.set(slot, "failed", detail=str(exc))
         raise
+    if loaded.refused_by_send:
+        problems = [str(p) for p in loaded.refused_by_send]
+        slots.set(slot, "failed", detail="; ".join(problems))
+        raise SlotFailed(when, problems)
+    issue = loaded.value
+    if issue.date != slot.local_day and named_day(path) is None:
+        # Chosen by its date a moment ago; edited since. Look again next time.
+        problem = f"{path}: its date changed to {issue.date} while it was being read"
+        slots.set(slot, "failed", detail=problem)
+        raise SlotFailed(when, [problem])
     slots.set(slot, "sending", issue.id)
     reports: list[SendReport] = []
     for name in lists:
@@ -170,7 +293,8 @@ def _send_slot(
     complete = len(reports) == len(lists) and all(r.exit_code == 0 for r in reports)
     slots.set(slot, "done" if complete else "incomplete", issue.id)
     verb = "sent" if complete else "incomplete"
-    return DueResult(verb, f"{issue.id} for the slot {when}: {verb}", slot, reports)
+    message = f"{issue.id} for the slot {when}: {verb}" + "".join(f"; {n}" for n in choice.notes)
+    return DueResult(verb, message, slot, reports)
 
 
 def _nothing_or_missed(schedule: Schedule, slots: Slots, now: dt.datetime) -> DueResult:

@@ -5,22 +5,31 @@ the current folder (the environment wins). Output: a frozen :class:`Settings`.
 Only the CLI reads settings; stages get plain values. Secrets are
 ``SecretStr`` and never printed. An unknown ``NEWSLETTER_*`` variable is an
 error: a misspelt setting must not be silently ignored.
+
+``.env`` is often shared with other tools (Docker Compose, a database), so it
+is read here rather than by pydantic-settings, which refuses every key it
+does not know: keys without the ``NEWSLETTER_`` prefix belong to others and
+are ignored, and problems with ours are reported with the file's line.
 """
 
 from __future__ import annotations
 
 import difflib
+import io
 import os
 import re
 from email.utils import getaddresses, parseaddr
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
+from dotenv.main import resolve_variables
+from dotenv.parser import parse_stream
 from pydantic import (
     AliasChoices,
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -30,7 +39,7 @@ from newsletter.errors import ConfigError
 
 if TYPE_CHECKING:
     from newsletter.schedule import Schedule
-from newsletter.models import https_url
+from newsletter.models import bidi_characters, character_names, https_url
 
 PREFIX = "NEWSLETTER_"
 _LIST_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -46,8 +55,7 @@ PREVIEW_KEY = b"newsletter-preview-only"
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=PREFIX,
-        env_file=".env",
-        env_file_encoding="utf-8",
+        env_file=None,  # read by load_settings: see the module docstring
         extra="forbid",
         frozen=True,
     )
@@ -82,10 +90,10 @@ class Settings(BaseSettings):
     serve_host: str = "127.0.0.1"
     serve_port: int = Field(default=8000, ge=0, le=65535)
 
-    schedule: str | None = None
     timezone: str = "UTC"
+    catch_up_hours: float = Field(default=6.0, gt=0, le=72)  # 0 would never send
+    schedule: str | None = None  # after the two its check reads
     schedule_lists: str | None = None
-    catch_up_hours: float = Field(default=6.0, ge=0, le=72)
 
     dkim_key_file: Path | None = None
     dkim_selector: str | None = None
@@ -193,13 +201,35 @@ class Settings(BaseSettings):
             )
         return self
 
-    @model_validator(mode="after")
-    def _schedule_valid(self) -> Settings:
-        if self.schedule is not None:
+    @field_validator("from_", "reply_to", "preview_to")
+    @classmethod
+    def _no_bidi_controls(cls, value: str | None) -> str | None:
+        # A display name is what inboxes show first: the place to disguise a sender.
+        found = bidi_characters(value or "")[0]
+        if found:
+            raise ValueError(
+                f"contains {character_names(found)}, which can disguise the name shown; remove it"
+            )
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from newsletter.schedule import time_zone
+
+        return time_zone(value.strip()).key
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_valid(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # A field check, not a model one, so that it is reported under its own
+        # name and alongside every other problem.
+        zone, hours = info.data.get("timezone"), info.data.get("catch_up_hours")
+        if value is not None and zone is not None and hours is not None:
             from newsletter.schedule import parse_schedule
 
-            parse_schedule(self.schedule, self.timezone, self.catch_up_hours)
-        return self
+            parse_schedule(value, zone, hours)
+        return value
 
     @property
     def parsed_schedule(self) -> Schedule:
@@ -286,35 +316,127 @@ def env_name(field: str) -> str:
     return PREFIX + field.rstrip("_").upper()
 
 
+ENV_FILE = Path(".env")
+DOTENV_MAX = 1024 * 1024
+# Not settings: switches for tests and rehearsals, read from the environment
+# where they are used.
+ENVIRONMENT_ONLY = frozenset({"NEWSLETTER_TEST_NOW", "NEWSLETTER_TEST_CHROMIUM"})
+_OURS = re.compile(r"\s*(?:export\s+)?['\"]?newsletter_", re.IGNORECASE)
+_SINGLE_QUOTED = re.compile(r"(?:export\s+)?(?:'[^']+'|[^=#\s]+)\s*=\s*'")
+_SWALLOWED = re.compile(r"\n\s*(?:export\s+)?(newsletter_\w*)\s*=", re.IGNORECASE)
+
+
+class _Entry(NamedTuple):
+    value: str | None  # None: a key with no `=`
+    line: int
+
+
+def read_dotenv(path: Path) -> tuple[dict[str, _Entry], list[str]]:
+    """Our keys in a .env file (upper-cased, with their lines) and the problems with them.
+
+    The syntax is python-dotenv's, as Docker Compose writes it: comments,
+    ``export KEY=...``, single or double quotes, ``${OTHER}`` expanded from the
+    file and the environment. Lines that are not ours are never reported.
+    """
+    if not path.exists() and not path.is_symlink():
+        return {}, []
+    try:
+        with path.open("rb") as file:
+            raw = file.read(DOTENV_MAX + 1)  # bounded: a link to /dev/zero must not hang
+    except OSError as exc:
+        return {}, [f"{path}: cannot be read ({exc.strerror or exc}); fix or remove it"]
+    if len(raw) > DOTENV_MAX:
+        return {}, [f"{path}: is larger than {DOTENV_MAX // 1024} KB; is it the right file?"]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        return {}, [f"{path}:{line}: is not UTF-8 text (byte {exc.start}); save it as UTF-8"]
+    problems: list[str] = []
+    pairs: list[tuple[str, str | None]] = []
+    literal: dict[str, str | None] = {}
+    lines: dict[str, int] = {}
+    for binding in parse_stream(io.StringIO(text)):
+        # the statement itself, after any blank lines before it
+        body = binding.original.string.lstrip()
+        leading = binding.original.string[: len(binding.original.string) - len(body)]
+        line = binding.original.line + len(re.findall(r"\r\n|\n|\r", leading))
+        # A quote left open runs on to the next one, taking our lines with it.
+        swallowed = _SWALLOWED.search(body if binding.error else binding.value or "")
+        if swallowed:
+            problems.append(
+                f"{path}:{line}: a quote opened on this line runs over several lines and "
+                f"takes in {swallowed.group(1)}; check the quotes on this line"
+            )
+        elif binding.error and _OURS.match(body):
+            problems.append(f"{path}:{line}: cannot be read as KEY=VALUE; check its quotes")
+        if binding.error or binding.key is None:
+            continue  # a comment, a blank line, or someone else's broken line
+        pairs.append((binding.key, binding.value))
+        if _SINGLE_QUOTED.match(body):
+            literal[binding.key] = binding.value
+        lines[binding.key] = line
+    # ${NAME} is expanded, except in single quotes: Docker Compose's rule, and
+    # the one way to write a password that contains "${".
+    values = {**resolve_variables(pairs, override=True), **literal}
+    ours = {
+        key.upper(): _Entry(value, lines[key])
+        for key, value in values.items()
+        if key.upper().startswith(PREFIX)
+    }
+    return ours, problems
+
+
+def _field_for(name: str) -> str:
+    by_env = {env_name(f): f for f in Settings.model_fields}
+    return by_env[name]
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read the settings, turning every problem into one ConfigError that names the variables."""
-    # Not settings: switches for tests and rehearsals, read where they are used.
-    known = {env_name(f) for f in Settings.model_fields} | {
-        "NEWSLETTER_TEST_NOW",
-        "NEWSLETTER_TEST_CHROMIUM",
-    }
-    unknown = sorted(k for k in os.environ if k.startswith(PREFIX) and k not in known)
-    problems = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, sorted(known), n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        problems.append(f"  {key}: not a known setting{hint}")
+    known = {env_name(f) for f in Settings.model_fields} | ENVIRONMENT_ONLY
+    # pydantic-settings matches names without regard to case, so do we.
+    in_environment = {k.upper() for k in os.environ}
+    problems = [
+        _unknown(key.upper(), known)
+        for key in sorted(os.environ)
+        if key.upper().startswith(PREFIX) and key.upper() not in known
+    ]
+    entries, file_problems = read_dotenv(ENV_FILE)
+    problems += file_problems
+    from_file: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    for key, entry in entries.items():
+        here = f"{ENV_FILE}:{entry.line}: "
+        if key not in known:
+            problems.append(here + _unknown(key, known))
+        elif key in ENVIRONMENT_ONLY:
+            problems.append(f"{here}{key}: is read from the environment only, not from .env")
+        elif entry.value is None:
+            problems.append(f"{here}{key}: has no value; write {key}=VALUE")
+        elif key not in in_environment:  # the environment wins
+            from_file[_field_for(key)] = entry.value
+            where[key] = here
     try:
-        settings = Settings(**overrides)
-    except UnicodeDecodeError:
-        raise ConfigError("the .env file is not UTF-8 text; save it as UTF-8") from None
+        settings = Settings(**{**from_file, **overrides})
     except ValidationError as exc:
         for err in exc.errors(include_url=False):
             loc = str(err["loc"][0]) if err["loc"] else ""
             name = loc.upper() if loc.upper().startswith(PREFIX) else env_name(loc)
             msg = str((err.get("ctx") or {}).get("error", err["msg"]))
-            if err["type"] == "extra_forbidden":
-                msg = "not a known setting (in .env)"
-            problems.append(f"  {name}: {msg}" if loc else f"  {msg.removeprefix('Value error, ')}")
+            problems.append(
+                f"{where.get(name, '')}{name}: {msg}" if loc else msg.removeprefix("Value error, ")
+            )
         settings = None
     if problems or settings is None:
         raise ConfigError(
             "the settings are not valid (see .env.example for every setting):\n"
-            + "\n".join(problems)
+            + "\n".join(f"  {p}" for p in problems)
         )
     return settings
+
+
+def _unknown(key: str, known: set[str] | frozenset[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"{key}: not a known setting{hint}"
