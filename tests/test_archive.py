@@ -112,11 +112,12 @@ def archive_rows(db: Path) -> list[sqlite3.Row]:
 
 
 def sent_copy(project: Path, name: str = "2020-12-30.yaml", *, subject: str) -> Path:
-    """Last week's file copied for this week, keeping its explicit `id:`."""
+    """Last week's file copied for this week, keeping its explicit `id:` (its date is
+    updated: a file named for a day must carry that date, which is checked first)."""
     original = EXAMPLE.read_text(encoding="utf-8")
     body = original.replace(
         'subject: "MS Research News: stem cell therapy shows promise"', f'subject: "{subject}"'
-    )
+    ).replace("\ndate: 2020-12-23\n", f"\ndate: {Path(name).stem}\n")
     path = project / "issues" / name
     path.write_text(f"id: {ID}\n{body}", encoding="utf-8")
     return path
