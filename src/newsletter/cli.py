@@ -146,6 +146,13 @@ def _list_name(ctx: click.Context, param: click.Parameter, value: str | None) ->
 LIST_OPTION = click.option(
     "--list", "list_name", required=True, callback=_list_name, help="The list's name."
 )
+DEFAULT_LIST_OPTION = click.option(
+    "--list",
+    "list_name",
+    default=None,
+    callback=_list_name,
+    help="The list (default: NEWSLETTER_LIST_NAME).",
+)
 
 
 def _encoding(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -479,13 +486,7 @@ def _smtp_transport(settings: Settings) -> SmtpTransport:
 
 @main.command()
 @click.argument("issue_file", type=click.Path(path_type=Path, dir_okay=False), required=False)
-@click.option(
-    "--list",
-    "list_name",
-    default=None,
-    callback=_list_name,
-    help="The list (default: NEWSLETTER_LIST_NAME).",
-)
+@DEFAULT_LIST_OPTION
 @click.option("--dry-run", is_flag=True, help="Connect to nothing, record nothing; write samples.")
 @click.option(
     "--outbox",
@@ -839,13 +840,7 @@ def _send_test_copies(
 
 @main.command()
 @click.argument("issue_id")
-@click.option(
-    "--list",
-    "list_name",
-    default=None,
-    callback=_list_name,
-    help="The list (default: NEWSLETTER_LIST_NAME).",
-)
+@DEFAULT_LIST_OPTION
 def status(issue_id: str, list_name: str | None) -> None:
     """Counts by state and the last errors of the send of ISSUE_ID (id or file) to a list."""
     from newsletter.database import connect
