@@ -484,3 +484,32 @@ def test_the_version_check_sees_writes_on_its_own_connection_too(project: Path) 
         add_sent_issue(conn, ID, "Subject", "2020-12-23")  # the same connection
         assert [p.issue_id for p in store.published()] == [ID]
         assert store.published()[0].archived
+
+
+def test_a_copy_with_the_same_file_name_in_another_folder_is_another_file(
+    project: Path, server: Server
+) -> None:
+    """One folder per issue (week1/issue.yaml, week2/issue.yaml): a copy that keeps `id:`
+    shares the file name, but it is not the same file while the first one is still there."""
+    env = env_for(server, project)
+    subscribe(project, env, 2)
+    body = EXAMPLE.read_text(encoding="utf-8")
+    for week in ("week1", "week2"):
+        (project / week).mkdir()
+    (project / "week1" / "issue.yaml").write_text(f"id: week-one\n{body}", encoding="utf-8")
+    first = run_cli("send", "week1/issue.yaml", "--yes", cwd=project, env=env)
+    assert first.returncode == 0, first.stderr
+    copy = body.replace("stem cell therapy shows promise", "DRAFT - embargoed")
+    (project / "week2" / "issue.yaml").write_text(f"id: week-one\n{copy}", encoding="utf-8")
+    refused = run_cli("send", "week2/issue.yaml", "--yes", cwd=project, env=env)
+    assert refused.returncode == 1, refused.stdout
+    assert "week2/issue.yaml:1: id: the issue id 'week-one' was already used" in refused.stderr
+    assert "from week1/issue.yaml, a different file" in refused.stderr
+    assert "resuming" not in refused.stdout and len(server.handler.received) == 2
+    # the first file moved away (and edited): then the name is the same issue again
+    shutil.move(project / "week1" / "issue.yaml", project / "issue.yaml")
+    (project / "week1").rmdir()
+    (project / "week1").mkdir()
+    moved = run_cli("send", "week2/issue.yaml", "--yes", cwd=project, env=env)
+    assert moved.returncode == 0 and "resuming" in moved.stdout, moved.stderr
+    assert len(server.handler.received) == 2

@@ -323,11 +323,21 @@ class IdAlreadyUsed(ConfigError):
     resumable = False
 
 
-def same_issue(a: Source, b: Source) -> bool:
-    """Whether two sources are one issue: the same file name (moved, or edited in place)
-    or the same bytes (renamed). A path given another way (./issues/x.yaml, an absolute
-    path from cron) is still the same file name."""
-    return Path(a.file).name == Path(b.file).name or a.sha256 == b.sha256
+def same_issue(earlier: Source, now: Source) -> bool:
+    """Whether ``now`` is the issue ``earlier`` was sent from: the same bytes (renamed or
+    moved), or the same file name (edited in place; moved and edited) unless the earlier
+    file is still there and is another file, such as week1/issue.yaml copied to
+    week2/issue.yaml. A path given another way (./issues/x.yaml, an absolute path from
+    cron) is still the same file."""
+    if earlier.sha256 == now.sha256:
+        return True
+    if Path(earlier.file).name != Path(now.file).name:
+        return False
+    try:
+        # A relative path is read from here, as every command is run from the project.
+        return not Path(earlier.file).is_file() or Path(earlier.file).samefile(now.file)
+    except OSError:
+        return True
 
 
 def check_source(store: IssueArchive, issue_id: str, source: Source) -> list[str]:
