@@ -513,3 +513,46 @@ def test_a_copy_with_the_same_file_name_in_another_folder_is_another_file(
     moved = run_cli("send", "week2/issue.yaml", "--yes", cwd=project, env=env)
     assert moved.returncode == 0 and "resuming" in moved.stdout, moved.stderr
     assert len(server.handler.received) == 2
+
+
+def test_a_copy_that_keeps_the_id_of_a_send_from_before_version_2_is_refused(
+    project: Path, server: Server
+) -> None:
+    """A database upgraded from schema 1: last week's send recorded no file. Last week's
+    file is tidied away and a copy keeps its `id:`: the copy is neither "resumed" (reaching
+    nobody) nor frozen into the archive, and the archive does not show it either."""
+    env = env_for(server, project)
+    subscribe(project, env, 2)
+    db = project / "newsletter.sqlite3"
+    with closing(connect(db)) as conn:
+        cur = conn.execute(
+            "INSERT INTO sends (issue_id, list_name, created_at, audience, suppressed) "
+            "VALUES (?, 'research-news', '2020-12-23T14:00:00+00:00', 2, 0) RETURNING id",
+            (ID,),
+        )
+        send_id = cur.fetchone()[0]
+        for seq, address in enumerate(("reader0@example.org", "reader1@example.org")):
+            conn.execute(
+                "INSERT INTO deliveries (send_id, seq, email, first_name, last_name, state) "
+                "VALUES (?, ?, ?, 'R', '', 'sent')",
+                (send_id, seq, address),
+            )
+    (project / "sent").mkdir()
+    shutil.move(project / "issues" / EXAMPLE.name, project / "sent" / EXAMPLE.name)
+    sent_copy(project, subject="DRAFT - embargoed")
+    with serving(project, db) as (base, _):
+        for path in ("/issues/", f"/issues/{ID}", "/feed.xml"):
+            assert b"DRAFT" not in fetch(base + path)[1], path
+    refused = run_cli("send", "issues/2020-12-30.yaml", "--yes", cwd=project, env=env)
+    assert refused.returncode == 1, refused.stdout
+    assert f"issues/2020-12-30.yaml:1: id: the issue id '{ID}' was already used" in refused.stderr
+    assert f"name it {ID}.yaml" in refused.stderr and "Nothing was sent" in refused.stderr
+    assert "resuming" not in refused.stdout and archive_rows(db) == []
+    # the file named for the id is that send's file: it resumes, and is kept from then on
+    shutil.move(project / "sent" / EXAMPLE.name, project / "issues" / EXAMPLE.name)
+    (project / "issues" / "2020-12-30.yaml").unlink()
+    resumed = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
+    [row] = archive_rows(db)
+    assert row["source_file"] == f"issues/{EXAMPLE.name}" and "DRAFT" not in row["subject"]
+    assert server.handler.received == []

@@ -18,7 +18,9 @@ rendered once per change and kept, so a busy archive never parses YAML or
 runs MJML. Sends made before the archive kept what was sent have no archive
 row: their page is rendered once per server process from the one issue file
 that claims the id, and left out (with a log line) when no file or several
-files claim it.
+files claim it, or when the one that does is not named for the id (it may be
+a copy that kept the id of a file tidied away). :func:`check_source` refuses
+to resume such a send from a file not named for its id, for the same reason.
 """
 
 from __future__ import annotations
@@ -285,14 +287,25 @@ class Archive:
         for issue_id in unknown:
             files = by_id.get(issue_id, [])
             found = None
-            if len(files) != 1:
+            why = None
+            if not files:
+                why = "no issue file has that id"
+            elif len(files) > 1:
+                why = "several files claim that id: " + ", ".join(map(str, files))
+            elif files[0].stem != issue_id:
+                # Such a send recorded no file: one named otherwise that claims the id
+                # with `id:` may be a copy of the sent file, tidied away since.
+                why = (
+                    f"the one file that claims it, {files[0]}, does so with `id:` under "
+                    f"another name (rename it {issue_id}{files[0].suffix} if it is the "
+                    "issue that was sent)"
+                )
+            if why is not None:
                 log.warning(
                     "issue %s was sent before the archive kept what was sent, and %s; "
                     "it is left out of the archive",
                     issue_id,
-                    "no issue file has that id"
-                    if not files
-                    else "several files claim that id: " + ", ".join(map(str, files)),
+                    why,
                 )
             else:
                 try:
@@ -348,6 +361,10 @@ def check_source(store: IssueArchive, issue_id: str, source: Source) -> list[str
     notes = []
     for use in store.uses(issue_id):
         if use.source is None:
+            # A send from before sends recorded their file: only the file named for the
+            # id is known to be its file; another may be a copy that kept its `id:`.
+            if Path(source.file).stem != issue_id:
+                raise IdAlreadyUsed(_unrecorded_clash(issue_id, source, use.what, use.at))
             continue
         if not same_issue(use.source, source):
             raise IdAlreadyUsed(_clash(issue_id, source, use.what, use.source.file, use.at))
@@ -404,6 +421,21 @@ def _clash(issue_id: str, source: Source, what: str, other: str, at: str) -> str
         f"{at[:16].replace('T', ' ')}), from {other}, a different file. Sending this file "
         f"would be taken for a resume of that send and reach nobody new. Give this issue "
         f"its own id: {fix}. Nothing was sent."
+    )
+
+
+def _unrecorded_clash(issue_id: str, source: Source, what: str, at: str) -> str:
+    claim = issue_ids.claim_of(Path(source.file))
+    where = f"{source.file}:{claim.line}" if claim.line is not None else source.file
+    name = f"{issue_id}{Path(source.file).suffix}"
+    return (
+        f"{where}: id: the issue id {issue_id!r} was already used by {what} (started "
+        f"{at[:16].replace('T', ' ')}), which was made by an older version of newsletter "
+        f"and did not record its file. This file is not named {name}, so it may be a copy "
+        "of that issue's file that kept its `id:`; sending it would be taken for a resume "
+        f"of that send and reach nobody new. If this file is the one that send was "
+        f"started from, name it {name} and send again; otherwise give this issue its own "
+        f"id: change `id:` in {source.file}. Nothing was sent."
     )
 
 
