@@ -932,3 +932,13 @@ def test_the_undo_button_of_an_older_page_does_not_claim_its_hour_is_over(site: 
     assert status == 410 and "that time is over" not in text and "60 minutes" not in text
     assert "no longer works" in text and "it changed nothing" in text
     assert f"{EMAILS[0]} still gets no" in text and site.audience() == [EMAILS[1]]
+
+
+def test_serve_help_names_every_page_it_serves(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    done = run_cli("serve", "--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    words = " ".join(done.stdout.split())
+    for page in ("unsubscribe", "undo", "preferences", "archive", "feed"):
+        assert page in words, page
