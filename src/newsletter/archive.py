@@ -75,11 +75,18 @@ class Page:
     etag: str  # strong, quoted
     modified: dt.datetime  # UTC, whole seconds
     max_age: int
+    # Whether If-Modified-Since is answered: only for a page that never changes once
+    # made (a frozen issue). The list and the feed can change without their latest
+    # date moving (an issue started earlier and delivered later), and a page rendered
+    # from a file can change with a restart: those answer If-None-Match only.
+    dated: bool = True
 
     @classmethod
-    def of(cls, body: bytes, media_type: str, changed: str, max_age: int) -> Page:
+    def of(
+        cls, body: bytes, media_type: str, changed: str, max_age: int, *, dated: bool = True
+    ) -> Page:
         digest = hashlib.sha256(body).hexdigest()[:32]
-        return cls(body, media_type, f'"{digest}"', _utc(changed), max_age)
+        return cls(body, media_type, f'"{digest}"', _utc(changed), max_age, dated)
 
     @property
     def last_modified(self) -> str:
@@ -98,7 +105,7 @@ class Page:
             # If-None-Match wins over If-Modified-Since and compares weakly.
             tags = [t.strip() for t in if_none_match.split(",")]
             return any(t == "*" or t.removeprefix("W/") == self.etag for t in tags)
-        if if_modified_since:
+        if if_modified_since and self.dated:
             try:
                 since = email.utils.parsedate_to_datetime(if_modified_since)
             except (TypeError, ValueError, IndexError):
@@ -160,7 +167,11 @@ class Archive:
             "index",
             snap,
             lambda: Page.of(
-                render(snap.entries), "text/html; charset=utf-8", snap.changed, self.index_max_age
+                render(snap.entries),
+                "text/html; charset=utf-8",
+                snap.changed,
+                self.index_max_age,
+                dated=False,
             ),
         )
 
@@ -174,6 +185,7 @@ class Archive:
                 "application/atom+xml; charset=utf-8",
                 snap.changed,
                 self.index_max_age,
+                dated=False,
             ),
         )
 
@@ -193,7 +205,13 @@ class Archive:
             html = self._legacy_html(issue_id)
         if html is None:
             return None
-        page = Page.of(html.encode(), "text/html; charset=utf-8", entry.changed, self.issue_max_age)
+        page = Page.of(
+            html.encode(),
+            "text/html; charset=utf-8",
+            entry.changed,
+            self.issue_max_age,
+            dated=entry.frozen_at is not None,
+        )
         with self._lock:
             if len(self._issue_pages) >= MAX_KEPT_PAGES:  # years of issues: keep the recent
                 self._issue_pages.pop(next(iter(self._issue_pages)))
