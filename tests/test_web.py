@@ -942,3 +942,18 @@ def test_serve_help_names_every_page_it_serves(tmp_path: Path) -> None:
     words = " ".join(done.stdout.split())
     for page in ("unsubscribe", "undo", "preferences", "archive", "feed"):
         assert page in words, page
+
+
+def test_a_database_that_cannot_be_used_is_named_in_the_log_not_called_busy(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database made by a newer version (or unreadable) is no busy database: the operator
+    reads why in the log, and the page promises no retry in a minute."""
+    with connect(site.db) as conn:
+        conn.execute("PRAGMA user_version=99")
+    caplog.set_level("INFO", logger="newsletter.web")
+    status, body, _ = call(f"{site.base}/unsubscribe/{token(EMAILS[0])}", b"confirm=yes", FORM)
+    assert status == 503 and "nothing was changed" in body and "in a minute" not in body
+    logged = " ".join(r.getMessage() for r in caplog.records if r.name == "newsletter.web")
+    assert "made by a newer version of newsletter" in logged and "busy" not in logged
+    assert EMAILS[0] not in logged

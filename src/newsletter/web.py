@@ -125,12 +125,20 @@ def _guarded(
             return await handler(request)
         except _TooLarge:
             return PlainTextResponse("Request too large.\n", status_code=413)
-        except (sqlite3.OperationalError, ConfigError):
-            log.warning("database busy; answered 503")
+        except (sqlite3.OperationalError, ConfigError) as exc:
+            if "locked" in str(exc):  # a writer holds it (connect wraps that too)
+                log.warning("database busy; answered 503")
+                return PlainTextResponse(
+                    "Busy, nothing was changed; please try again in a minute.\n",
+                    status_code=503,
+                    headers={"retry-after": "60"},
+                )
+            # Not a lock that will pass: a database from a newer version, a full disk, a
+            # missing file. The operator needs to know which; the messages hold no address.
+            log.error("database unusable, answered 503: %s", exc)
             return PlainTextResponse(
-                "Busy, nothing was changed; please try again in a minute.\n",
+                "Temporarily unavailable, nothing was changed; please try again later.\n",
                 status_code=503,
-                headers={"retry-after": "60"},
             )
 
     return run
