@@ -325,14 +325,14 @@ def test_public_pages_are_cacheable_and_answer_conditional_requests(
             {"If-None-Match": etag},
             {"If-None-Match": f'"other", W/{etag}'},
             {"If-None-Match": "*"},
-            {"If-Modified-Since": modified},
-        ):
+        ) + (({"If-Modified-Since": modified},) if path == f"/issues/{ID}" else ()):
             status, empty, again = fetch(base + path, headers=conditional)
             assert (status, empty) == (304, b""), conditional
             assert again["etag"] == etag and again["cache-control"] == headers["cache-control"]
             assert again.get("content-length", str(len(body))) == str(len(body))  # RFC 9110 8.6
         for fresh in (
             {"If-None-Match": '"something-else"', "If-Modified-Since": modified},  # INM wins
+            *(() if path == f"/issues/{ID}" else ({"If-Modified-Since": modified},)),
             {"If-Modified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"},
             {"If-Modified-Since": "not a date\r\n"[:-2]},
             {"If-None-Match": etag[:-3] + '"'},
@@ -484,3 +484,96 @@ def test_the_version_check_sees_writes_on_its_own_connection_too(project: Path) 
         add_sent_issue(conn, ID, "Subject", "2020-12-23")  # the same connection
         assert [p.issue_id for p in store.published()] == [ID]
         assert store.published()[0].archived
+
+
+def test_a_copy_with_the_same_file_name_in_another_folder_is_another_file(
+    project: Path, server: Server
+) -> None:
+    """One folder per issue (week1/issue.yaml, week2/issue.yaml): a copy that keeps `id:`
+    shares the file name, but it is not the same file while the first one is still there."""
+    env = env_for(server, project)
+    subscribe(project, env, 2)
+    body = EXAMPLE.read_text(encoding="utf-8")
+    for week in ("week1", "week2"):
+        (project / week).mkdir()
+    (project / "week1" / "issue.yaml").write_text(f"id: week-one\n{body}", encoding="utf-8")
+    first = run_cli("send", "week1/issue.yaml", "--yes", cwd=project, env=env)
+    assert first.returncode == 0, first.stderr
+    copy = body.replace("stem cell therapy shows promise", "DRAFT - embargoed")
+    (project / "week2" / "issue.yaml").write_text(f"id: week-one\n{copy}", encoding="utf-8")
+    refused = run_cli("send", "week2/issue.yaml", "--yes", cwd=project, env=env)
+    assert refused.returncode == 1, refused.stdout
+    assert "week2/issue.yaml:1: id: the issue id 'week-one' was already used" in refused.stderr
+    assert "from week1/issue.yaml, a different file" in refused.stderr
+    assert "resuming" not in refused.stdout and len(server.handler.received) == 2
+    # the first file moved away (and edited): then the name is the same issue again
+    shutil.move(project / "week1" / "issue.yaml", project / "issue.yaml")
+    (project / "week1").rmdir()
+    (project / "week1").mkdir()
+    moved = run_cli("send", "week2/issue.yaml", "--yes", cwd=project, env=env)
+    assert moved.returncode == 0 and "resuming" in moved.stdout, moved.stderr
+    assert len(server.handler.received) == 2
+
+
+def test_a_copy_that_keeps_the_id_of_a_send_from_before_version_2_is_refused(
+    project: Path, server: Server
+) -> None:
+    """A database upgraded from schema 1: last week's send recorded no file. Last week's
+    file is tidied away and a copy keeps its `id:`: the copy is neither "resumed" (reaching
+    nobody) nor frozen into the archive, and the archive does not show it either."""
+    env = env_for(server, project)
+    subscribe(project, env, 2)
+    db = project / "newsletter.sqlite3"
+    with closing(connect(db)) as conn:
+        cur = conn.execute(
+            "INSERT INTO sends (issue_id, list_name, created_at, audience, suppressed) "
+            "VALUES (?, 'research-news', '2020-12-23T14:00:00+00:00', 2, 0) RETURNING id",
+            (ID,),
+        )
+        send_id = cur.fetchone()[0]
+        for seq, address in enumerate(("reader0@example.org", "reader1@example.org")):
+            conn.execute(
+                "INSERT INTO deliveries (send_id, seq, email, first_name, last_name, state) "
+                "VALUES (?, ?, ?, 'R', '', 'sent')",
+                (send_id, seq, address),
+            )
+    (project / "sent").mkdir()
+    shutil.move(project / "issues" / EXAMPLE.name, project / "sent" / EXAMPLE.name)
+    sent_copy(project, subject="DRAFT - embargoed")
+    with serving(project, db) as (base, _):
+        for path in ("/issues/", f"/issues/{ID}", "/feed.xml"):
+            assert b"DRAFT" not in fetch(base + path)[1], path
+    refused = run_cli("send", "issues/2020-12-30.yaml", "--yes", cwd=project, env=env)
+    assert refused.returncode == 1, refused.stdout
+    assert f"issues/2020-12-30.yaml:1: id: the issue id '{ID}' was already used" in refused.stderr
+    assert f"name it {ID}.yaml" in refused.stderr and "Nothing was sent" in refused.stderr
+    assert "resuming" not in refused.stdout and archive_rows(db) == []
+    # the file named for the id is that send's file: it resumes, and is kept from then on
+    shutil.move(project / "sent" / EXAMPLE.name, project / "issues" / EXAMPLE.name)
+    (project / "issues" / "2020-12-30.yaml").unlink()
+    resumed = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
+    [row] = archive_rows(db)
+    assert row["source_file"] == f"issues/{EXAMPLE.name}" and "DRAFT" not in row["subject"]
+    assert server.handler.received == []
+
+
+def test_a_change_the_index_dates_do_not_show_is_never_answered_304(
+    project: Path, archived: Path
+) -> None:
+    """An issue published later but first started earlier (a send frozen last week and
+    delivered only now) changes the list without moving its latest date: a client that
+    revalidates with If-Modified-Since alone must still get the new list. Issue pages,
+    frozen once sent, keep answering it."""
+    with serving(project, archived) as (base, _):
+        _, _, index = fetch(f"{base}/issues/")
+        _, _, feed = fetch(f"{base}/feed.xml")
+        _, _, issue = fetch(f"{base}/issues/{ID}")
+        with closing(connect(archived)) as conn:
+            add_sent_issue(conn, "2020-12-16", "Started earlier, delivered now", "2020-12-16")
+        for path, headers in (("/issues/", index), ("/feed.xml", feed)):
+            since = {"If-Modified-Since": headers["last-modified"]}
+            status, body, _ = fetch(base + path, headers=since)
+            assert status == 200 and b"Started earlier, delivered now" in body, path
+        since = {"If-Modified-Since": issue["last-modified"]}
+        assert fetch(f"{base}/issues/{ID}", headers=since)[0] == 304

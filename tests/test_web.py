@@ -898,3 +898,62 @@ def test_in_a_browser_behind_a_proxy_that_strips_the_prefix(tmp_path: Path) -> N
     finally:
         next(sites, None)
     assert seen and all(url.startswith(public + "/") for url in seen), seen
+
+
+def test_an_expired_preferences_link_says_what_is_true_of_its_list(site: Site) -> None:
+    """The expired page offers to unsubscribe only someone who still gets that list, and
+    says so; a version 1 link is called old, not 90 days old."""
+    url = f"{site.base}/preferences/{prefs_token(EMAILS[0])}"
+    site.clock.now = SENT + dt.timedelta(days=91)
+    call(f"{site.base}/unsubscribe/{token(EMAILS[0])}", b"List-Unsubscribe=One-Click", FORM)
+    status, body, _ = call(url)
+    text = text_of(body)
+    assert status == 410 and actions(body) == [] and "You can still stop" not in text
+    assert f"{EMAILS[0]} already gets no MS Research News (research-news) emails" in text
+    site.store().suppress(EMAILS[1], "complained")
+    _, body, _ = call(f"{site.base}/preferences/{prefs_token(EMAILS[1])}")
+    text = text_of(body)
+    assert "we send it none of our emails" in text and "reported as spam" in text
+    # a version 1 link: from an older email, whatever its age
+    site.clock.now = SENT
+    status, body, _ = call(f"{site.base}/preferences/{legacy(EMAILS[1], 'events')}")
+    text = text_of(body)
+    assert status == 410 and "90 days" not in text and "older email" in text
+    assert len(actions(body)) == 1 and site.audience("events") == [EMAILS[0]]
+
+
+def test_the_undo_button_of_an_older_page_does_not_claim_its_hour_is_over(site: Site) -> None:
+    """/unsubscribe/<token>/undo comes from pages served before undo had a time of its
+    own: it may be a minute old, so the page says the button no longer works."""
+    url = f"{site.base}/unsubscribe/{legacy(EMAILS[0])}"
+    call(url, b"confirm=yes", FORM)
+    status, body, _ = call(url + "/undo", b"confirm=yes", FORM)
+    text = text_of(body)
+    assert status == 410 and "that time is over" not in text and "60 minutes" not in text
+    assert "no longer works" in text and "it changed nothing" in text
+    assert f"{EMAILS[0]} still gets no" in text and site.audience() == [EMAILS[1]]
+
+
+def test_serve_help_names_every_page_it_serves(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    done = run_cli("serve", "--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    words = " ".join(done.stdout.split())
+    for page in ("unsubscribe", "undo", "preferences", "archive", "feed"):
+        assert page in words, page
+
+
+def test_a_database_that_cannot_be_used_is_named_in_the_log_not_called_busy(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database made by a newer version (or unreadable) is no busy database: the operator
+    reads why in the log, and the page promises no retry in a minute."""
+    with connect(site.db) as conn:
+        conn.execute("PRAGMA user_version=99")
+    caplog.set_level("INFO", logger="newsletter.web")
+    status, body, _ = call(f"{site.base}/unsubscribe/{token(EMAILS[0])}", b"confirm=yes", FORM)
+    assert status == 503 and "nothing was changed" in body and "in a minute" not in body
+    logged = " ".join(r.getMessage() for r in caplog.records if r.name == "newsletter.web")
+    assert "made by a newer version of newsletter" in logged and "busy" not in logged
+    assert EMAILS[0] not in logged

@@ -18,7 +18,9 @@ rendered once per change and kept, so a busy archive never parses YAML or
 runs MJML. Sends made before the archive kept what was sent have no archive
 row: their page is rendered once per server process from the one issue file
 that claims the id, and left out (with a log line) when no file or several
-files claim it.
+files claim it, or when the one that does is not named for the id (it may be
+a copy that kept the id of a file tidied away). :func:`check_source` refuses
+to resume such a send from a file not named for its id, for the same reason.
 """
 
 from __future__ import annotations
@@ -73,11 +75,18 @@ class Page:
     etag: str  # strong, quoted
     modified: dt.datetime  # UTC, whole seconds
     max_age: int
+    # Whether If-Modified-Since is answered: only for a page that never changes once
+    # made (a frozen issue). The list and the feed can change without their latest
+    # date moving (an issue started earlier and delivered later), and a page rendered
+    # from a file can change with a restart: those answer If-None-Match only.
+    dated: bool = True
 
     @classmethod
-    def of(cls, body: bytes, media_type: str, changed: str, max_age: int) -> Page:
+    def of(
+        cls, body: bytes, media_type: str, changed: str, max_age: int, *, dated: bool = True
+    ) -> Page:
         digest = hashlib.sha256(body).hexdigest()[:32]
-        return cls(body, media_type, f'"{digest}"', _utc(changed), max_age)
+        return cls(body, media_type, f'"{digest}"', _utc(changed), max_age, dated)
 
     @property
     def last_modified(self) -> str:
@@ -96,7 +105,7 @@ class Page:
             # If-None-Match wins over If-Modified-Since and compares weakly.
             tags = [t.strip() for t in if_none_match.split(",")]
             return any(t == "*" or t.removeprefix("W/") == self.etag for t in tags)
-        if if_modified_since:
+        if if_modified_since and self.dated:
             try:
                 since = email.utils.parsedate_to_datetime(if_modified_since)
             except (TypeError, ValueError, IndexError):
@@ -158,7 +167,11 @@ class Archive:
             "index",
             snap,
             lambda: Page.of(
-                render(snap.entries), "text/html; charset=utf-8", snap.changed, self.index_max_age
+                render(snap.entries),
+                "text/html; charset=utf-8",
+                snap.changed,
+                self.index_max_age,
+                dated=False,
             ),
         )
 
@@ -172,6 +185,7 @@ class Archive:
                 "application/atom+xml; charset=utf-8",
                 snap.changed,
                 self.index_max_age,
+                dated=False,
             ),
         )
 
@@ -191,7 +205,13 @@ class Archive:
             html = self._legacy_html(issue_id)
         if html is None:
             return None
-        page = Page.of(html.encode(), "text/html; charset=utf-8", entry.changed, self.issue_max_age)
+        page = Page.of(
+            html.encode(),
+            "text/html; charset=utf-8",
+            entry.changed,
+            self.issue_max_age,
+            dated=entry.frozen_at is not None,
+        )
         with self._lock:
             if len(self._issue_pages) >= MAX_KEPT_PAGES:  # years of issues: keep the recent
                 self._issue_pages.pop(next(iter(self._issue_pages)))
@@ -285,14 +305,25 @@ class Archive:
         for issue_id in unknown:
             files = by_id.get(issue_id, [])
             found = None
-            if len(files) != 1:
+            why = None
+            if not files:
+                why = "no issue file has that id"
+            elif len(files) > 1:
+                why = "several files claim that id: " + ", ".join(map(str, files))
+            elif files[0].stem != issue_id:
+                # Such a send recorded no file: one named otherwise that claims the id
+                # with `id:` may be a copy of the sent file, tidied away since.
+                why = (
+                    f"the one file that claims it, {files[0]}, does so with `id:` under "
+                    f"another name (rename it {issue_id}{files[0].suffix} if it is the "
+                    "issue that was sent)"
+                )
+            if why is not None:
                 log.warning(
                     "issue %s was sent before the archive kept what was sent, and %s; "
                     "it is left out of the archive",
                     issue_id,
-                    "no issue file has that id"
-                    if not files
-                    else "several files claim that id: " + ", ".join(map(str, files)),
+                    why,
                 )
             else:
                 try:
@@ -323,11 +354,21 @@ class IdAlreadyUsed(ConfigError):
     resumable = False
 
 
-def same_issue(a: Source, b: Source) -> bool:
-    """Whether two sources are one issue: the same file name (moved, or edited in place)
-    or the same bytes (renamed). A path given another way (./issues/x.yaml, an absolute
-    path from cron) is still the same file name."""
-    return Path(a.file).name == Path(b.file).name or a.sha256 == b.sha256
+def same_issue(earlier: Source, now: Source) -> bool:
+    """Whether ``now`` is the issue ``earlier`` was sent from: the same bytes (renamed or
+    moved), or the same file name (edited in place; moved and edited) unless the earlier
+    file is still there and is another file, such as week1/issue.yaml copied to
+    week2/issue.yaml. A path given another way (./issues/x.yaml, an absolute path from
+    cron) is still the same file."""
+    if earlier.sha256 == now.sha256:
+        return True
+    if Path(earlier.file).name != Path(now.file).name:
+        return False
+    try:
+        # A relative path is read from here, as every command is run from the project.
+        return not Path(earlier.file).is_file() or Path(earlier.file).samefile(now.file)
+    except OSError:
+        return True
 
 
 def check_source(store: IssueArchive, issue_id: str, source: Source) -> list[str]:
@@ -338,6 +379,10 @@ def check_source(store: IssueArchive, issue_id: str, source: Source) -> list[str
     notes = []
     for use in store.uses(issue_id):
         if use.source is None:
+            # A send from before sends recorded their file: only the file named for the
+            # id is known to be its file; another may be a copy that kept its `id:`.
+            if Path(source.file).stem != issue_id:
+                raise IdAlreadyUsed(_unrecorded_clash(issue_id, source, use.what, use.at))
             continue
         if not same_issue(use.source, source):
             raise IdAlreadyUsed(_clash(issue_id, source, use.what, use.source.file, use.at))
@@ -394,6 +439,21 @@ def _clash(issue_id: str, source: Source, what: str, other: str, at: str) -> str
         f"{at[:16].replace('T', ' ')}), from {other}, a different file. Sending this file "
         f"would be taken for a resume of that send and reach nobody new. Give this issue "
         f"its own id: {fix}. Nothing was sent."
+    )
+
+
+def _unrecorded_clash(issue_id: str, source: Source, what: str, at: str) -> str:
+    claim = issue_ids.claim_of(Path(source.file))
+    where = f"{source.file}:{claim.line}" if claim.line is not None else source.file
+    name = f"{issue_id}{Path(source.file).suffix}"
+    return (
+        f"{where}: id: the issue id {issue_id!r} was already used by {what} (started "
+        f"{at[:16].replace('T', ' ')}), which was made by an older version of newsletter "
+        f"and did not record its file. This file is not named {name}, so it may be a copy "
+        "of that issue's file that kept its `id:`; sending it would be taken for a resume "
+        f"of that send and reach nobody new. If this file is the one that send was "
+        f"started from, name it {name} and send again; otherwise give this issue its own "
+        f"id: change `id:` in {source.file}. Nothing was sent."
     )
 
 

@@ -1087,7 +1087,8 @@ def schedule_run(poll: float) -> None:
 @click.option("--host", default=None, help="Address to listen on (default: NEWSLETTER_SERVE_HOST).")
 @click.option("--port", type=int, default=None, help="Port (default: NEWSLETTER_SERVE_PORT).")
 def serve(host: str | None, port: int | None) -> None:
-    """Serve the unsubscribe pages behind the links in every email (put HTTPS in front)."""
+    """Serve the unsubscribe, undo and preferences pages behind the links in every email,
+    and the archive of sent issues with its feed (put HTTPS in front)."""
     import logging
 
     import uvicorn

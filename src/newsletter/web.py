@@ -125,12 +125,20 @@ def _guarded(
             return await handler(request)
         except _TooLarge:
             return PlainTextResponse("Request too large.\n", status_code=413)
-        except (sqlite3.OperationalError, ConfigError):
-            log.warning("database busy; answered 503")
+        except (sqlite3.OperationalError, ConfigError) as exc:
+            if "locked" in str(exc):  # a writer holds it (connect wraps that too)
+                log.warning("database busy; answered 503")
+                return PlainTextResponse(
+                    "Busy, nothing was changed; please try again in a minute.\n",
+                    status_code=503,
+                    headers={"retry-after": "60"},
+                )
+            # Not a lock that will pass: a database from a newer version, a full disk, a
+            # missing file. The operator needs to know which; the messages hold no address.
+            log.error("database unusable, answered 503: %s", exc)
             return PlainTextResponse(
-                "Busy, nothing was changed; please try again in a minute.\n",
+                "Temporarily unavailable, nothing was changed; please try again later.\n",
                 status_code=503,
-                headers={"retry-after": "60"},
             )
 
     return run
@@ -384,11 +392,21 @@ class _Pages:
         subject = self._subject(request, tokens.Kind.UNSUBSCRIBE, tokens.Kind.LEGACY)
         if subject is None:
             return self._not_found()
-        return await self._too_late_to_undo(subject)
+        # Its page may be a minute old: say the button no longer works, not that its
+        # hour is over.
+        return await self._too_late_to_undo(
+            subject, "This undo button comes from an older page of ours and no longer works"
+        )
 
-    async def _too_late_to_undo(self, subject: tokens.TokenSubject) -> Response:
+    async def _too_late_to_undo(
+        self, subject: tokens.TokenSubject, why: str | None = None
+    ) -> Response:
         left, suppressed = await self._db(lambda store: _state(store, subject))
         minutes = int(tokens.UNDO_VALID.total_seconds() // 60)
+        why = why or (
+            f"This undo button worked for {minutes} minutes after the unsubscribe, "
+            "and that time is over"
+        )
         newsletter = f"<strong>{_e(self._newsletter(subject))}</strong>"
         now = (
             f"<strong>{_e(subject.email)}</strong> still gets no {newsletter} emails. To "
@@ -398,9 +416,7 @@ class _Pages:
         )
         return self._page(
             "Too late to undo here",
-            f"<p>This undo button worked for {minutes} minutes after the unsubscribe, "
-            f"and that time is over, so it changed nothing. {now}</p>"
-            f"{self._suppressed(suppressed)}",
+            f"<p>{why}, so it changed nothing. {now}</p>{self._suppressed(suppressed)}",
             410,
         )
 
@@ -409,7 +425,7 @@ class _Pages:
         if subject is None:
             return self._not_found()
         if subject.kind is tokens.Kind.LEGACY or self._expired(subject, tokens.PREFERENCES_VALID):
-            return self._preferences_expired(subject)
+            return await self._preferences_expired(subject)
         saving = request.method == "POST"
         form = await _form(request) if saving else {}
         if saving and form.get("confirm") != "yes":
@@ -487,18 +503,34 @@ class _Pages:
             '<button type="submit">Save</button></form>',
         )
 
-    def _preferences_expired(self, subject: tokens.TokenSubject) -> Response:
-        days = tokens.PREFERENCES_VALID.days
+    async def _preferences_expired(self, subject: tokens.TokenSubject) -> Response:
+        left, suppressed = await self._db(lambda store: _state(store, subject))
+        if subject.kind is tokens.Kind.LEGACY:
+            # A version 1 link has no date: it may be from last week, so no age is claimed.
+            why = (
+                "This preferences link comes from an older email of ours and no longer "
+                "works, so it can no longer show or change your lists."
+            )
+        else:
+            why = (
+                f"Preferences links work for {tokens.PREFERENCES_VALID.days} days after the "
+                "email they came in, so this one can no longer show or change your lists."
+            )
+        newsletter = f"<strong>{_e(self._newsletter(subject))}</strong>"
+        address = f"<strong>{_e(subject.email)}</strong>"
+        if left:
+            offer = f"<p>{address} already gets no {newsletter} emails.</p>"
+        else:
+            offer = (
+                f"<p>You can still stop {newsletter} emails to {address} here.</p>"
+                f'<form method="post" action="{_e(self._url(tokens.Kind.UNSUBSCRIBE, subject))}">'
+                '<input type="hidden" name="confirm" value="yes">'
+                '<button type="submit">Unsubscribe</button></form>'
+            )
         return self._page(
             "This link has expired",
-            f"<p>Preferences links work for {days} days after the email they came in, "
-            "so this one can no longer show or change your lists. Nothing was changed. "
-            "The preferences link in a recent email of ours works.</p>"
-            f"<p>You can still stop <strong>{_e(self._newsletter(subject))}</strong> "
-            f"emails to <strong>{_e(subject.email)}</strong> here.</p>"
-            f'<form method="post" action="{_e(self._url(tokens.Kind.UNSUBSCRIBE, subject))}">'
-            '<input type="hidden" name="confirm" value="yes">'
-            '<button type="submit">Unsubscribe</button></form>',
+            f"<p>{why} Nothing was changed. The preferences link in a recent email of ours "
+            f"works.</p>{offer}{self._suppressed(suppressed)}",
             410,
         )
 
