@@ -610,7 +610,9 @@ def test_non_ascii_reply_to_is_encoded(project: Path, server: Server) -> None:
     assert refused.returncode == 1 and "NEWSLETTER_REPLY_TO: " in refused.stderr
 
 
-@pytest.mark.parametrize("name", ["Actualités", "my list", "Research-News", "-x", "a" * 65])
+@pytest.mark.parametrize(
+    "name", ["Actualités", "my list", "Research-News", "-x", "a" * 65, "news.", "a..b"]
+)
 def test_list_names_follow_one_rule_everywhere(project: Path, name: str) -> None:
     env = env_for(None, project)
     write_csv(project, 2)

@@ -255,3 +255,22 @@ def test_schedule_problems_come_with_the_others(monkeypatch: pytest.MonkeyPatch)
         load_settings()
     assert "NEWSLETTER_SCHEDULE: 25:00 is not a time of day" in str(info.value)
     assert "NEWSLETTER_SMTP_PORT: " in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["news.", "news..weekly", "a." + "b" * 63])
+def test_a_list_name_that_would_make_an_invalid_list_id_is_refused(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # RFC 2919: the list-label of List-Id is a dot-atom; "news." gives <news..example.org>.
+    monkeypatch.setenv("NEWSLETTER_LIST_NAME", name)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "NEWSLETTER_LIST_NAME: is not a valid list name" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["news.2026", "a_b-c.d", "a-", "9", "a" * 64])
+def test_list_names_with_dots_between_labels_are_accepted(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.setenv("NEWSLETTER_LIST_NAME", name)
+    assert load_settings().list_name == name

@@ -42,8 +42,13 @@ if TYPE_CHECKING:
 from newsletter.models import bidi_characters, character_names, https_url
 
 PREFIX = "NEWSLETTER_"
-_LIST_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-LIST_NAME_RULE = "1-64 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit"
+# The name is the first label of List-Id (RFC 2919: a dot-atom), so a dot may
+# neither end it nor follow another dot: "news." gives <news..example.org>.
+_LIST_NAME = re.compile(r"(?=.{1,64}\Z)[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9_-]+)*")
+LIST_NAME_RULE = (
+    "1-64 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit, "
+    "with no '.' at the end or next to another '.'"
+)
 # RFC 6376 3.1: a selector is a dot-separated sequence of DNS labels (letters,
 # digits, hyphens; no hyphen at either end of a label).
 _DNS_LABELS = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
@@ -285,6 +290,7 @@ def list_name_problem(name: str) -> str | None:
         return None
     hint = ""
     fixed = re.sub(r"[^a-z0-9._-]+", "-", name.strip().lower()).strip("-._")
+    fixed = re.sub(r"\.{2,}", ".", fixed)
     if fixed and _LIST_NAME.fullmatch(fixed) and name.isascii():
         hint = f" (for example {fixed!r})"
     return f"is not a valid list name: it must be {LIST_NAME_RULE}{hint}"
