@@ -652,3 +652,36 @@ def test_options_that_do_not_go_together_are_refused(project: Path) -> None:
         cwd=project, env=env,
     )  # fmt: skip
     assert to.returncode == 2 and "--resend-unknown and --retry-rejected belong" in to.stderr
+
+
+def test_only_a_stopped_campaign_is_told_to_resume(project: Path, server: Server) -> None:
+    from newsletter.locks import Lease
+
+    resume = "Run the same command again to resume"
+    env = env_for(server, project)
+    send = ["send", f"issues/{EXAMPLE.name}", "--yes"]
+    # Errors before anything was frozen or sent: there is nothing to resume.
+    empty = run_cli(*send, cwd=project, env=env)
+    assert empty.returncode == 1 and "has nobody to send to" in empty.stderr
+    no_key = {k: v for k, v in env.items() if k != "NEWSLETTER_SECRET_KEY"}
+    unkeyed = run_cli(*send, cwd=project, env=no_key)
+    assert unkeyed.returncode == 1 and "NEWSLETTER_SECRET_KEY is not set" in unkeyed.stderr
+    write_csv(project, 3)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    other = Lease(project / "newsletter.sqlite3", "send:2020-12-23:research-news")
+    other.acquire(time.time())
+    try:
+        locked = run_cli(*send, cwd=project, env=env)
+    finally:
+        other.release()
+    assert locked.returncode == 1 and "wait for that one to finish" in locked.stderr
+    for refused in (empty, unkeyed, locked):
+        assert resume not in refused.stderr, refused.stderr
+    assert server.handler.received == []
+    # The relay refuses the campaign once it is frozen: resuming is the way on.
+    no_tls = run_cli(*send, cwd=project, env={**env, "NEWSLETTER_SMTP_SECURITY": "starttls"})
+    assert no_tls.returncode == 1 and "does not offer STARTTLS" in no_tls.stderr
+    assert resume in no_tls.stderr
+    resumed = run_cli(*send, cwd=project, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(server.handler.received) == 3

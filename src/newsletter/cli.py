@@ -551,9 +551,14 @@ def send(
             confirm=not (yes or dry_run),
         )
     except NewsletterError as exc:
-        if not getattr(exc, "resumable", True):
-            _fail(exc)
-        _fail(f"{exc}\nRun the same command again to resume; nobody is sent twice.")
+        from newsletter.transports import CampaignAborted
+
+        # Only a campaign the relay stopped has something to resume; every other
+        # error (settings, the issue file, the lock, an empty list) came before
+        # anything was sent, and "resume" would send the user the wrong way.
+        if isinstance(exc, CampaignAborted) and not dry_run:
+            _fail(f"{exc}\nRun the same command again to resume; nobody is sent twice.")
+        _fail(exc)
     _summarise(report, dry_run, transport)
     sys.exit(report.exit_code)
 
