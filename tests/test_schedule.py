@@ -493,3 +493,42 @@ def test_a_missing_issues_folder_is_an_error_not_a_quiet_week(
     shutil.rmtree(project / "issues")
     with pytest.raises(SlotFailed, match="issues does not exist; check NEWSLETTER_ISSUES_DIR"):
         run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, Recorder())
+
+
+def test_a_file_named_for_the_day_and_more_with_a_stale_date_fails_the_slot(
+    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+) -> None:
+    """`2026-12-03-appeal.yaml` copied from last week: not a quiet week that exits 0."""
+    from newsletter.scheduler import find_issue
+
+    issues = project / "issues"
+    data = example_data()
+    data["date"] = "2026-11-26"
+    path = write_issue(data, name="2026-12-03-appeal.yaml")
+    sender = Recorder()
+    with pytest.raises(SlotFailed) as info:
+        run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{path} is named for 2026-12-03 but has `date: 2026-11-26`")
+    assert sender.calls == [] and Slots(conn).recent(1)[0][3] == "failed"
+    # a broken file of that name fails loudly too (it may well be today's issue)
+    path.write_text('subject: "unclosed\ndate: [\n', encoding="utf-8")
+    broken = find_issue(issues, dt.date(2026, 12, 3))
+    assert broken.path is None and "cannot be read" in broken.problems[0]
+    # other days do not care, and names that only look alike are not taken for it
+    assert not find_issue(issues, dt.date(2026, 12, 10)).problems
+    path.unlink()
+    write_issue(data, name="2026-12-031.yaml")
+    assert not find_issue(issues, dt.date(2026, 12, 3)).problems
+    # dated for the day, it is the day's issue (rule 2), and the next look sends it
+    (issues / "2026-12-031.yaml").unlink()
+    data["date"] = "2026-12-03"
+    write_issue(data, name="2026-12-03-appeal.yaml")
+    sent = run_at(utc(2026, 12, 3, 14, 15), project, conn, db_path, sender)
+    assert sent.state == "sent"  # type: ignore[attr-defined]
+    assert sender.calls == [("2026-12-03-appeal.yaml", "research-news")]
+    # the day's own file wins; the stale-dated one is then nobody's problem
+    data["date"] = "2026-11-26"
+    write_issue(data, name="2026-12-03-appeal.yaml")
+    issue_for(write_issue, "2026-12-03")
+    assert not find_issue(issues, dt.date(2026, 12, 3)).problems

@@ -99,6 +99,9 @@ def find_issue(issues_dir: Path, day: dt.date) -> IssueChoice:
     by_date: list[Path] = []
     misnamed: list[tuple[Path, dt.date]] = []
     unreadable: list[Path] = []
+    # Named as if for the day (2026-12-03-appeal.yaml) but not dated it, or not
+    # readable: most likely this day's issue with a stale date or a typo.
+    prefixed: list[tuple[Path, str | None]] = []
     for path in sorted(issues_dir.glob("*.y*ml")):
         if path in named or path.name.startswith(".") or not path.is_file():
             continue
@@ -106,6 +109,8 @@ def find_issue(issues_dir: Path, day: dt.date) -> IssueChoice:
         if other_day is not None and named:
             continue  # the day has its file: no need to open every other week's
         date = _date_field(path)
+        if other_day is None and date != wanted and _starts_with_day(path, wanted):
+            prefixed.append((path, date))
         if date is None:
             if other_day is None:
                 unreadable.append(path)
@@ -136,7 +141,22 @@ def find_issue(issues_dir: Path, day: dt.date) -> IssueChoice:
             f"neither day: rename it to {wanted}{p.suffix} or set its date to {other}"
             for p, other in misnamed
         ]
-        notes += [f"{p} could not be read, so its date is unknown" for p in unreadable]
+        # Not a quiet week: a file named for the day that is not dated it fails
+        # the slot, as a misdated 2026-12-03.yaml does, so cron sees it.
+        problems += [
+            f"{p} is named for {wanted} but "
+            + (
+                f"has `date: {date}`: set `date: {wanted}`"
+                if date is not None
+                else f"cannot be read (`newsletter build {p}` says why): fix it"
+            )
+            + ", or rename it if it is not this day's issue"
+            for p, date in prefixed
+        ]
+        done = {p for p, _ in prefixed}
+        notes += [
+            f"{p} could not be read, so its date is unknown" for p in unreadable if p not in done
+        ]
     return IssueChoice(day, None if problems else chosen, problems, notes)
 
 
@@ -151,6 +171,12 @@ def issue_problems(choice: IssueChoice) -> list[str]:
     except NewsletterError as exc:
         return [str(exc)]
     return [str(p) for p in loaded.refused_by_send]
+
+
+def _starts_with_day(path: Path, wanted: str) -> bool:
+    """Whether the name is the day and more (``2026-12-03-appeal.yaml``, not ``2026-12-031``)."""
+    rest = path.stem.removeprefix(wanted)
+    return path.stem.startswith(wanted) and rest[:1] not in ("", *"0123456789")
 
 
 _DATES: dict[Path, tuple[tuple[int, ...], str | None]] = {}
