@@ -685,3 +685,36 @@ def test_only_a_stopped_campaign_is_told_to_resume(project: Path, server: Server
     resumed = run_cli(*send, cwd=project, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert len(server.handler.received) == 3
+
+
+def test_a_scheduled_list_that_cannot_be_sent_holds_back_no_other(
+    project: Path, server: Server
+) -> None:
+    from newsletter.locks import Lease
+
+    env = schedule_env(server, project, "2020-12-23T09:30:00-05:00")
+    env["NEWSLETTER_SCHEDULE_LISTS"] = "a,b"
+    only_a, both, only_b = two_lists(project, env)
+    # a's send is being worked on by hand: the scheduled run cannot take it
+    by_hand = Lease(project / "newsletter.sqlite3", "send:2020-12-23:a")
+    by_hand.acquire(time.time())
+    try:
+        due = run_cli("send", "--due", cwd=project, env=env)
+    finally:
+        by_hand.release()
+    assert due.returncode == 1
+    assert "2020-12-23 for the slot Wed 2020-12-23 09:00 EST: sent to b; not sent to" in (
+        due.stderr
+    )
+    assert "list a: another run (process" in due.stderr
+    assert "Nothing was sent" not in due.stderr  # b was
+    assert sorted(r.rcpt_tos[0] for r in server.handler.received) == sorted(both + only_b)
+    shown = run_cli("schedule", cwd=project, env=env)
+    assert "2020-12-23  incomplete  list a: another run" in shown.stdout
+    # the next look sends a, leaving out whoever b's send already reached
+    again = run_cli("send", "--due", cwd=project, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "left out 3 who have this issue from another list's send" in again.stdout
+    for e in only_a + both + only_b:
+        assert len(server.handler.to(e)) == 1, f"{e} got {len(server.handler.to(e))} messages"
+    assert "2020-12-23  done" in run_cli("schedule", cwd=project, env=env).stdout

@@ -962,6 +962,8 @@ def _run_due_once() -> None:
     try:
         result = _check_due(_settings(), _now_override())
     except NewsletterError as exc:
+        if getattr(exc, "sent_some", False):
+            _fail(exc)  # it says what was sent and what was not
         _fail(f"{exc}\nNothing was sent for this slot.")
     click.echo(f"schedule: {result.message}")
     sys.exit(result.exit_code)

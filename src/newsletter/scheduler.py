@@ -59,10 +59,28 @@ class IssueChoice:
 class SlotFailed(NewsletterError):
     """The due slot's issue cannot be sent as it is; nothing went out, and the next look retries."""
 
+    sent_some = False
+
     def __init__(self, when: str, problems: list[str]) -> None:
         self.problems = problems
         super().__init__(
             f"the slot {when} cannot be sent:\n" + "\n".join(f"  {p}" for p in problems)
+        )
+
+
+class SlotIncomplete(SlotFailed):
+    """Some of the slot's lists could not be sent; the others were, and the next look retries."""
+
+    sent_some = True
+
+    def __init__(self, when: str, issue_id: str, done: list[str], problems: list[str]) -> None:
+        self.problems = problems
+        sent = f"sent to {', '.join(done)}; " if done else ""
+        NewsletterError.__init__(
+            self,
+            f"{issue_id} for the slot {when}: {sent}not sent to every list:\n"
+            + "\n".join(f"  {p}" for p in problems)
+            + "\nThe next look within the catch-up window tries the lists not done again.",
         )
 
 
@@ -312,10 +330,22 @@ def _send_slot(
         raise SlotFailed(when, [problem])
     slots.set(slot, "sending", issue.id)
     reports: list[SendReport] = []
+    errors: list[str] = []
+    done: list[str] = []
     for name in lists:
-        reports.append(send_issue(path, name))
+        try:
+            reports.append(send_issue(path, name))
+        except NewsletterError as exc:
+            # One list that cannot be sent (empty, its send locked by a run by
+            # hand) does not hold back the others, and is not hidden by them.
+            errors.append(f"list {name}: {exc}")
+            continue
+        done.append(name)
         if (reports[-1].result.stopped or "").startswith("stopped by SIG"):
             break  # asked to stop: the other lists wait for the next run
+    if errors:
+        slots.set(slot, "incomplete", issue.id, detail="; ".join(errors))
+        raise SlotIncomplete(when, issue.id, done, errors)
     complete = len(reports) == len(lists) and all(r.exit_code == 0 for r in reports)
     slots.set(slot, "done" if complete else "incomplete", issue.id)
     verb = "sent" if complete else "incomplete"
