@@ -274,3 +274,22 @@ def test_list_names_with_dots_between_labels_are_accepted(
 ) -> None:
     monkeypatch.setenv("NEWSLETTER_LIST_NAME", name)
     assert load_settings().list_name == name
+
+
+@pytest.mark.parametrize("value", [",", " , ,"])
+def test_scheduled_lists_that_name_no_list_are_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    # Otherwise every slot would be "sent" to no list at all, and exit 0.
+    monkeypatch.setenv("NEWSLETTER_SCHEDULE_LISTS", value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "NEWSLETTER_SCHEDULE_LISTS: " in str(info.value) and "names no list" in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["", " "])
+def test_empty_scheduled_lists_mean_the_default_list(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("NEWSLETTER_SCHEDULE_LISTS", value)
+    assert load_settings().scheduled_lists == ["research-news"]

@@ -142,6 +142,12 @@ class Settings(BaseSettings):
             return None
         # Empty entries are skipped, as scheduled_lists does (a trailing comma is harmless).
         names = [name.strip() for name in value.split(",") if name.strip()]
+        if not names and value.strip():
+            # "," or ", ," would make every slot "sent" to no list at all, exit 0.
+            raise ValueError(
+                f"{value!r} names no list; name the lists (a,b), or leave it unset to send "
+                "to NEWSLETTER_LIST_NAME"
+            )
         problems = [f"{name!r} {problem}" for name in names if (problem := list_name_problem(name))]
         if problems:
             raise ValueError("; ".join(problems))
@@ -249,9 +255,8 @@ class Settings(BaseSettings):
 
     @property
     def scheduled_lists(self) -> list[str]:
-        if not self.schedule_lists:
-            return [self.list_name]
-        return [name.strip() for name in self.schedule_lists.split(",") if name.strip()]
+        names = [name.strip() for name in (self.schedule_lists or "").split(",")]
+        return [name for name in names if name] or [self.list_name]
 
     @property
     def envelope_sender(self) -> str:
