@@ -718,3 +718,25 @@ def test_a_scheduled_list_that_cannot_be_sent_holds_back_no_other(
     for e in only_a + both + only_b:
         assert len(server.handler.to(e)) == 1, f"{e} got {len(server.handler.to(e))} messages"
     assert "2020-12-23  done" in run_cli("schedule", cwd=project, env=env).stdout
+
+
+def test_a_disguised_society_file_fails_the_slot_once_and_shows_ahead(
+    project: Path, server: Server
+) -> None:
+    env = schedule_env(server, project, "2020-12-23T09:30:00-05:00")
+    env["NEWSLETTER_SCHEDULE_LISTS"] = "a,b"
+    two_lists(project, env)
+    society = project / "society.yaml"
+    text = society.read_text(encoding="utf-8")
+    society.write_text(text.replace('name: "The MS', 'name: "The \u202eMS', 1), encoding="utf-8")
+    problem = "society.yaml:4: name: contains U+202E RIGHT-TO-LEFT OVERRIDE"
+    shown = run_cli("schedule", cwd=project, env={**env, "NEWSLETTER_TEST_NOW": "2020-12-22"})
+    assert f"cannot be sent: {problem}" in shown.stdout, shown.stdout
+    due = run_cli("send", "--due", cwd=project, env=env)
+    assert due.returncode == 1
+    assert due.stderr.count(problem) == 1 and "list a:" not in due.stderr, due.stderr
+    assert "Nothing was sent for this slot." in due.stderr
+    assert server.handler.received == []
+    assert (
+        "2020-12-23  -  failed  society.yaml:4" in run_cli("schedule", cwd=project, env=env).stdout
+    )

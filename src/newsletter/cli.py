@@ -944,6 +944,7 @@ def _check_due(settings: Settings, now: dt.datetime | None = None) -> DueResult:
             db_path=settings.database,
             now=now or dt.datetime.now(dt.UTC),
             send_issue=send_issue,
+            society_file=settings.society_file,
         )
 
 
@@ -999,7 +1000,7 @@ def schedule(ctx: click.Context) -> None:
             local = slot.at.astimezone(plan.zone).strftime("%a %Y-%m-%d %H:%M %Z")
             label = "  due now" if slot is due else ""
             click.echo(f"  {local}  ({slot.key})  {choice.path or 'no issue file yet'}{label}")
-            for problem in issue_problems(choice):
+            for problem in issue_problems(choice, settings.society_file):
                 click.secho(f"      cannot be sent: {problem}", fg="red")
             for note in choice.notes:
                 click.echo(f"      note: {note}")

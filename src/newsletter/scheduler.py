@@ -23,9 +23,10 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from newsletter.errors import NewsletterError, ValidationFailed
-from newsletter.loading import load_issue, named_day
+from newsletter.loading import Loaded, load_issue, load_society, named_day
 from newsletter.locks import Lease, LockHeld
 from newsletter.schedule import Schedule, Slot, latest, slots_between
 from newsletter.sending import SendReport
@@ -178,12 +179,20 @@ def find_issue(issues_dir: Path, day: dt.date) -> IssueChoice:
     return IssueChoice(day, None if problems else chosen, problems, notes)
 
 
-def issue_problems(choice: IssueChoice) -> list[str]:
+def issue_problems(choice: IssueChoice, society_file: Path | None = None) -> list[str]:
     """What would stop the send of ``choice`` if it were due now, to show ahead of time."""
     if choice.problems or choice.path is None:
         return choice.problems
+    problems = _load_problems(load_issue, choice.path)
+    if society_file is not None:
+        problems += _load_problems(load_society, society_file)
+    return problems
+
+
+def _load_problems(load: Callable[[Path], Loaded[Any]], path: Path) -> list[str]:
+    """Why the file at ``path`` cannot go into a send: invalid, or refused (bidi controls)."""
     try:
-        loaded = load_issue(choice.path)
+        loaded = load(path)
     except ValidationFailed as exc:
         return [str(p) for p in exc.problems]
     except NewsletterError as exc:
@@ -264,8 +273,12 @@ def check_and_send(
     db_path: Path,
     now: dt.datetime,
     send_issue: Callable[[Path, str], SendReport],
+    society_file: Path | None = None,
 ) -> DueResult:
-    """Do what is due at ``now``: nothing, report a missed slot, or send (or resume)."""
+    """Do what is due at ``now``: nothing, report a missed slot, or send (or resume).
+
+    ``society_file`` is checked with the issue, so that a problem in it fails
+    the slot once rather than every list's send in turn."""
     slots = Slots(conn)
     slot = latest(schedule, now, within=schedule.catch_up)
     if slot is None:
@@ -280,7 +293,7 @@ def check_and_send(
     except LockHeld as exc:
         return DueResult("locked", str(exc), slot)
     try:
-        return _send_slot(schedule, slot, slots, lists, issues_dir, send_issue)
+        return _send_slot(schedule, slot, slots, lists, issues_dir, send_issue, society_file)
     finally:
         lease.release()
 
@@ -292,6 +305,7 @@ def _send_slot(
     lists: list[str],
     issues_dir: Path,
     send_issue: Callable[[Path, str], SendReport],
+    society_file: Path | None,
 ) -> DueResult:
     when = _when(schedule, slot)
     choice = find_issue(issues_dir, slot.local_day)
@@ -318,8 +332,10 @@ def _send_slot(
     except NewsletterError as exc:
         slots.set(slot, "failed", detail=str(exc))
         raise
-    if loaded.refused_by_send:
-        problems = [str(p) for p in loaded.refused_by_send]
+    problems = [str(p) for p in loaded.refused_by_send]
+    if society_file is not None:
+        problems += _load_problems(load_society, society_file)
+    if problems:
         slots.set(slot, "failed", detail="; ".join(problems))
         raise SlotFailed(when, problems)
     issue = loaded.value
@@ -329,6 +345,24 @@ def _send_slot(
         slots.set(slot, "failed", detail=problem)
         raise SlotFailed(when, [problem])
     slots.set(slot, "sending", issue.id)
+    reports = _send_lists(when, slot, slots, issue.id, path, lists, send_issue)
+    complete = len(reports) == len(lists) and all(r.exit_code == 0 for r in reports)
+    slots.set(slot, "done" if complete else "incomplete", issue.id)
+    verb = "sent" if complete else "incomplete"
+    message = f"{issue.id} for the slot {when}: {verb}" + "".join(f"; {n}" for n in choice.notes)
+    return DueResult(verb, message, slot, reports)
+
+
+def _send_lists(
+    when: str,
+    slot: Slot,
+    slots: Slots,
+    issue_id: str,
+    path: Path,
+    lists: list[str],
+    send_issue: Callable[[Path, str], SendReport],
+) -> list[SendReport]:
+    """Send the slot's issue to each list in turn; raise when one of them could not be."""
     reports: list[SendReport] = []
     errors: list[str] = []
     done: list[str] = []
@@ -343,14 +377,13 @@ def _send_slot(
         done.append(name)
         if (reports[-1].result.stopped or "").startswith("stopped by SIG"):
             break  # asked to stop: the other lists wait for the next run
+    if errors and not done:
+        slots.set(slot, "failed", issue_id, detail="; ".join(errors))
+        raise SlotFailed(when, errors)
     if errors:
-        slots.set(slot, "incomplete", issue.id, detail="; ".join(errors))
-        raise SlotIncomplete(when, issue.id, done, errors)
-    complete = len(reports) == len(lists) and all(r.exit_code == 0 for r in reports)
-    slots.set(slot, "done" if complete else "incomplete", issue.id)
-    verb = "sent" if complete else "incomplete"
-    message = f"{issue.id} for the slot {when}: {verb}" + "".join(f"; {n}" for n in choice.notes)
-    return DueResult(verb, message, slot, reports)
+        slots.set(slot, "incomplete", issue_id, detail="; ".join(errors))
+        raise SlotIncomplete(when, issue_id, done, errors)
+    return reports
 
 
 def _nothing_or_missed(schedule: Schedule, slots: Slots, now: dt.datetime) -> DueResult:
