@@ -740,3 +740,37 @@ def test_a_disguised_society_file_fails_the_slot_once_and_shows_ahead(
     assert (
         "2020-12-23  -  failed  society.yaml:4" in run_cli("schedule", cwd=project, env=env).stdout
     )
+
+
+def test_kill_9_on_the_first_list_then_the_second_then_the_first_resumed(
+    project: Path, server: Server
+) -> None:
+    """Nobody twice, nobody skipped, and every one left out is counted."""
+    env = env_for(server, project, NEWSLETTER_SEND_CONNECTIONS="4")
+    only_a = [f"a{i:03d}@example.org" for i in range(150)]
+    both = [f"both{i:03d}@example.org" for i in range(150)]
+    only_b = [f"b{i:03d}@example.org" for i in range(100)]
+    for name, emails in (("a", only_a + both), ("b", both + only_b)):
+        lines = ["email", *emails]
+        (project / f"{name}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        run_cli("subscribers", "import", f"{name}.csv", "--list", name, cwd=project, env=env)
+    send = ["send", f"issues/{EXAMPLE.name}", "--yes", "--list"]
+    server.handler.behaviour.delay = 0.004
+    kill_9_after([*send, "a"], project, env, server, 60)
+    assert 60 <= len(server.handler.received) < 300
+    server.handler.behaviour.delay = 0
+    second = run_cli(*send, "b", cwd=project, env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    # a's send holds every one of `both` (sent, in flight or still pending)
+    assert "left out 150 who have this issue from another list's send" in second.stdout
+    resumed = run_cli(*send, "a", cwd=project, env=env)
+    unknown = re.findall(r"^unknown: (\S+): ", resumed.stdout, re.M)
+    assert resumed.returncode == (3 if unknown else 0), resumed.stderr
+    for e in only_a + both + only_b:
+        got = len(server.handler.to(e))
+        assert got == 1 or (got == 0 and e in unknown), f"{e} got {got} messages"
+    for e in both:
+        if server.handler.to(e):
+            assert list_of(server.handler.to(e)[0])[1] == "a"
+    status = run_cli("status", "2020-12-23", "--list", "b", cwd=project, env=env)
+    assert "audience 100, 0 suppressed at the start, 150 left out" in status.stdout
