@@ -774,3 +774,15 @@ def test_kill_9_on_the_first_list_then_the_second_then_the_first_resumed(
             assert list_of(server.handler.to(e)[0])[1] == "a"
     status = run_cli("status", "2020-12-23", "--list", "b", cwd=project, env=env)
     assert "audience 100, 0 suppressed at the start, 150 left out" in status.stdout
+
+
+@pytest.mark.parametrize("extra", [["--resend-unknown"], ["--retry-rejected"], ["--outbox", "box"]])
+def test_send_due_refuses_options_it_would_ignore(project: Path, extra: list[str]) -> None:
+    env = {
+        **env_for(None, project),
+        "NEWSLETTER_SCHEDULE": "Wed 09:00",
+        "NEWSLETTER_TEST_NOW": "2020-12-23T09:30:00-05:00",
+    }
+    due = run_cli("send", "--due", *extra, cwd=project, env=env)
+    assert due.returncode == 2, due.stdout + due.stderr
+    assert extra[0] in due.stderr and "schedule:" not in due.stdout

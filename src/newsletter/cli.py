@@ -518,10 +518,16 @@ def send(
     from newsletter.errors import NewsletterError
 
     if due:
-        if issue_file is not None or dry_run or test_to or list_name:
+        if issue_file is not None or dry_run or test_to or list_name or outbox:
             raise click.UsageError(
                 "--due picks the issue and the lists (NEWSLETTER_SCHEDULE_LISTS) itself; "
-                "give no ISSUE_FILE, --list, --dry-run or --to"
+                "give no ISSUE_FILE, --list, --dry-run, --outbox or --to"
+            )
+        if resend_unknown or retry_rejected:
+            # Silently ignored, they would leave the user thinking it was done.
+            raise click.UsageError(
+                "--resend-unknown and --retry-rejected are choices for one send: run "
+                "`newsletter send ISSUE_FILE --list NAME --resend-unknown` by hand"
             )
         _run_due_once()
         return
