@@ -269,6 +269,9 @@ def test_cron_lines_are_read_like_cron() -> None:
         ("0 9 * * funday", "not a valid day of week"),
         ("* * * * *", "runs 1440 times a day"),
         ("0 9 5-1 * *", "not a valid cron day of month field"),
+        ("0 9 31 2 *", "never runs"),
+        ("0 9 30 2 *", "never runs"),
+        ("0 9 31 apr,jun,sep,nov *", "never runs"),
     ],
 )
 def test_bad_cron_lines(spec: str, message: str) -> None:
@@ -532,3 +535,15 @@ def test_a_file_named_for_the_day_and_more_with_a_stale_date_fails_the_slot(
     write_issue(data, name="2026-12-03-appeal.yaml")
     issue_for(write_issue, "2026-12-03")
     assert not find_issue(issues, dt.date(2026, 12, 3)).problems
+
+
+def test_a_cron_line_that_never_runs_is_a_settings_error(project: Path) -> None:
+    """31 February: `newsletter schedule` looked for it until the year 9999 and crashed."""
+    env = {"NEWSLETTER_SCHEDULE": "0 9 31 2 *"}
+    shown = run_cli("schedule", cwd=project, env=env)
+    assert shown.returncode == 1 and "Traceback" not in shown.stderr
+    assert "NEWSLETTER_SCHEDULE: '0 9 31 2 *' never runs" in shown.stderr
+    # days that do come, if rarely, are kept: 29 February, or the 31st or a Thursday
+    for spec in ("0 9 29 2 *", "0 9 31 2 4"):
+        ok = run_cli("schedule", cwd=project, env={"NEWSLETTER_SCHEDULE": spec})
+        assert ok.returncode == 0, ok.stderr
