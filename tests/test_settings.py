@@ -80,6 +80,10 @@ def test_unknown_key_in_dotenv_is_an_error(tmp_path: Path) -> None:
         ("NEWSLETTER_PUBLIC_URL", "https://news.example.org/a>b", "ASCII URL"),
         ("NEWSLETTER_LIST_NAME", "Research News", "lower-case letters"),
         ("NEWSLETTER_FROM", "News <news@exämple.org>", "must be ASCII"),
+        ("NEWSLETTER_SMTP_HELO_NAME", "a b\r\nMAIL FROM:<x@y.org>", "is not a host name"),
+        ("NEWSLETTER_SMTP_HELO_NAME", "mail.example.org;", "is not a host name"),
+        ("NEWSLETTER_SMTP_HOST", "relay\t.example.org", "is not a host name or address"),
+        ("NEWSLETTER_SMTP_HOST", "relay example.org", "is not a host name or address"),
     ],
 )
 def test_values_that_would_break_headers_are_refused(
@@ -293,3 +297,20 @@ def test_empty_scheduled_lists_mean_the_default_list(
 ) -> None:
     monkeypatch.setenv("NEWSLETTER_SCHEDULE_LISTS", value)
     assert load_settings().scheduled_lists == ["research-news"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("NEWSLETTER_SMTP_HELO_NAME", "mail.example.org"),
+        ("NEWSLETTER_SMTP_HELO_NAME", "[192.0.2.1]"),
+        ("NEWSLETTER_SMTP_HELO_NAME", "[IPv6:2001:db8::1]"),
+        ("NEWSLETTER_SMTP_HOST", "::1"),
+        ("NEWSLETTER_SMTP_HOST", "smtp.example.org"),
+    ],
+)
+def test_ordinary_smtp_host_and_helo_names_are_accepted(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    load_settings()

@@ -156,6 +156,27 @@ class Settings(BaseSettings):
             raise ValueError(f"names {', '.join(map(repr, twice))} more than once")
         return value
 
+    @field_validator("smtp_helo_name")
+    @classmethod
+    def _helo_name(cls, value: str | None) -> str | None:
+        # Sent as is after EHLO: a line break would start a command of its own.
+        if value is not None and not (
+            (len(value) <= 253 and _DNS_LABELS.fullmatch(value))
+            or re.fullmatch(r"\[(?:IPv6:)?[0-9A-Fa-f:.]{2,45}\]", value)
+        ):
+            raise ValueError(
+                f"{value!r} is not a host name like 'mail.example.org' (or an address "
+                "literal like '[192.0.2.1]')"
+            )
+        return value
+
+    @field_validator("smtp_host")
+    @classmethod
+    def _smtp_host(cls, value: str) -> str:
+        if not re.fullmatch(r"[^\s\x00-\x1f\x7f]{1,253}", value):
+            raise ValueError(f"{value!r} is not a host name or address")
+        return value
+
     @field_validator("dkim_selector")
     @classmethod
     def _dkim_selector(cls, value: str | None) -> str | None:
