@@ -269,6 +269,9 @@ def test_cron_lines_are_read_like_cron() -> None:
         ("0 9 * * funday", "not a valid day of week"),
         ("* * * * *", "runs 1440 times a day"),
         ("0 9 5-1 * *", "not a valid cron day of month field"),
+        ("0 9 31 2 *", "never runs"),
+        ("0 9 30 2 *", "never runs"),
+        ("0 9 31 apr,jun,sep,nov *", "never runs"),
     ],
 )
 def test_bad_cron_lines(spec: str, message: str) -> None:
@@ -493,3 +496,54 @@ def test_a_missing_issues_folder_is_an_error_not_a_quiet_week(
     shutil.rmtree(project / "issues")
     with pytest.raises(SlotFailed, match="issues does not exist; check NEWSLETTER_ISSUES_DIR"):
         run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, Recorder())
+
+
+def test_a_file_named_for_the_day_and_more_with_a_stale_date_fails_the_slot(
+    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+) -> None:
+    """`2026-12-03-appeal.yaml` copied from last week: not a quiet week that exits 0."""
+    from newsletter.scheduler import find_issue
+
+    issues = project / "issues"
+    data = example_data()
+    data["date"] = "2026-11-26"
+    path = write_issue(data, name="2026-12-03-appeal.yaml")
+    sender = Recorder()
+    with pytest.raises(SlotFailed) as info:
+        run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{path} is named for 2026-12-03 but has `date: 2026-11-26`")
+    assert sender.calls == [] and Slots(conn).recent(1)[0][3] == "failed"
+    # a broken file of that name fails loudly too (it may well be today's issue)
+    path.write_text('subject: "unclosed\ndate: [\n', encoding="utf-8")
+    broken = find_issue(issues, dt.date(2026, 12, 3))
+    assert broken.path is None and "cannot be read" in broken.problems[0]
+    # other days do not care, and names that only look alike are not taken for it
+    assert not find_issue(issues, dt.date(2026, 12, 10)).problems
+    path.unlink()
+    write_issue(data, name="2026-12-031.yaml")
+    assert not find_issue(issues, dt.date(2026, 12, 3)).problems
+    # dated for the day, it is the day's issue (rule 2), and the next look sends it
+    (issues / "2026-12-031.yaml").unlink()
+    data["date"] = "2026-12-03"
+    write_issue(data, name="2026-12-03-appeal.yaml")
+    sent = run_at(utc(2026, 12, 3, 14, 15), project, conn, db_path, sender)
+    assert sent.state == "sent"  # type: ignore[attr-defined]
+    assert sender.calls == [("2026-12-03-appeal.yaml", "research-news")]
+    # the day's own file wins; the stale-dated one is then nobody's problem
+    data["date"] = "2026-11-26"
+    write_issue(data, name="2026-12-03-appeal.yaml")
+    issue_for(write_issue, "2026-12-03")
+    assert not find_issue(issues, dt.date(2026, 12, 3)).problems
+
+
+def test_a_cron_line_that_never_runs_is_a_settings_error(project: Path) -> None:
+    """31 February: `newsletter schedule` looked for it until the year 9999 and crashed."""
+    env = {"NEWSLETTER_SCHEDULE": "0 9 31 2 *"}
+    shown = run_cli("schedule", cwd=project, env=env)
+    assert shown.returncode == 1 and "Traceback" not in shown.stderr
+    assert "NEWSLETTER_SCHEDULE: '0 9 31 2 *' never runs" in shown.stderr
+    # days that do come, if rarely, are kept: 29 February, or the 31st or a Thursday
+    for spec in ("0 9 29 2 *", "0 9 31 2 4"):
+        ok = run_cli("schedule", cwd=project, env={"NEWSLETTER_SCHEDULE": spec})
+        assert ok.returncode == 0, ok.stderr

@@ -610,7 +610,9 @@ def test_non_ascii_reply_to_is_encoded(project: Path, server: Server) -> None:
     assert refused.returncode == 1 and "NEWSLETTER_REPLY_TO: " in refused.stderr
 
 
-@pytest.mark.parametrize("name", ["Actualités", "my list", "Research-News", "-x", "a" * 65])
+@pytest.mark.parametrize(
+    "name", ["Actualités", "my list", "Research-News", "-x", "a" * 65, "news.", "a..b"]
+)
 def test_list_names_follow_one_rule_everywhere(project: Path, name: str) -> None:
     env = env_for(None, project)
     write_csv(project, 2)
@@ -650,3 +652,137 @@ def test_options_that_do_not_go_together_are_refused(project: Path) -> None:
         cwd=project, env=env,
     )  # fmt: skip
     assert to.returncode == 2 and "--resend-unknown and --retry-rejected belong" in to.stderr
+
+
+def test_only_a_stopped_campaign_is_told_to_resume(project: Path, server: Server) -> None:
+    from newsletter.locks import Lease
+
+    resume = "Run the same command again to resume"
+    env = env_for(server, project)
+    send = ["send", f"issues/{EXAMPLE.name}", "--yes"]
+    # Errors before anything was frozen or sent: there is nothing to resume.
+    empty = run_cli(*send, cwd=project, env=env)
+    assert empty.returncode == 1 and "has nobody to send to" in empty.stderr
+    no_key = {k: v for k, v in env.items() if k != "NEWSLETTER_SECRET_KEY"}
+    unkeyed = run_cli(*send, cwd=project, env=no_key)
+    assert unkeyed.returncode == 1 and "NEWSLETTER_SECRET_KEY is not set" in unkeyed.stderr
+    write_csv(project, 3)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    other = Lease(project / "newsletter.sqlite3", "send:2020-12-23:research-news")
+    other.acquire(time.time())
+    try:
+        locked = run_cli(*send, cwd=project, env=env)
+    finally:
+        other.release()
+    assert locked.returncode == 1 and "wait for that one to finish" in locked.stderr
+    for refused in (empty, unkeyed, locked):
+        assert resume not in refused.stderr, refused.stderr
+    assert server.handler.received == []
+    # The relay refuses the campaign once it is frozen: resuming is the way on.
+    no_tls = run_cli(*send, cwd=project, env={**env, "NEWSLETTER_SMTP_SECURITY": "starttls"})
+    assert no_tls.returncode == 1 and "does not offer STARTTLS" in no_tls.stderr
+    assert resume in no_tls.stderr
+    resumed = run_cli(*send, cwd=project, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(server.handler.received) == 3
+
+
+def test_a_scheduled_list_that_cannot_be_sent_holds_back_no_other(
+    project: Path, server: Server
+) -> None:
+    from newsletter.locks import Lease
+
+    env = schedule_env(server, project, "2020-12-23T09:30:00-05:00")
+    env["NEWSLETTER_SCHEDULE_LISTS"] = "a,b"
+    only_a, both, only_b = two_lists(project, env)
+    # a's send is being worked on by hand: the scheduled run cannot take it
+    by_hand = Lease(project / "newsletter.sqlite3", "send:2020-12-23:a")
+    by_hand.acquire(time.time())
+    try:
+        due = run_cli("send", "--due", cwd=project, env=env)
+    finally:
+        by_hand.release()
+    assert due.returncode == 1
+    assert "2020-12-23 for the slot Wed 2020-12-23 09:00 EST: sent to b; not sent to" in (
+        due.stderr
+    )
+    assert "list a: another run (process" in due.stderr
+    assert "Nothing was sent" not in due.stderr  # b was
+    assert sorted(r.rcpt_tos[0] for r in server.handler.received) == sorted(both + only_b)
+    shown = run_cli("schedule", cwd=project, env=env)
+    assert "2020-12-23  incomplete  list a: another run" in shown.stdout
+    # the next look sends a, leaving out whoever b's send already reached
+    again = run_cli("send", "--due", cwd=project, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "left out 3 who have this issue from another list's send" in again.stdout
+    for e in only_a + both + only_b:
+        assert len(server.handler.to(e)) == 1, f"{e} got {len(server.handler.to(e))} messages"
+    assert "2020-12-23  done" in run_cli("schedule", cwd=project, env=env).stdout
+
+
+def test_a_disguised_society_file_fails_the_slot_once_and_shows_ahead(
+    project: Path, server: Server
+) -> None:
+    env = schedule_env(server, project, "2020-12-23T09:30:00-05:00")
+    env["NEWSLETTER_SCHEDULE_LISTS"] = "a,b"
+    two_lists(project, env)
+    society = project / "society.yaml"
+    text = society.read_text(encoding="utf-8")
+    society.write_text(text.replace('name: "The MS', 'name: "The \u202eMS', 1), encoding="utf-8")
+    problem = "society.yaml:4: name: contains U+202E RIGHT-TO-LEFT OVERRIDE"
+    shown = run_cli("schedule", cwd=project, env={**env, "NEWSLETTER_TEST_NOW": "2020-12-22"})
+    assert f"cannot be sent: {problem}" in shown.stdout, shown.stdout
+    due = run_cli("send", "--due", cwd=project, env=env)
+    assert due.returncode == 1
+    assert due.stderr.count(problem) == 1 and "list a:" not in due.stderr, due.stderr
+    assert "Nothing was sent for this slot." in due.stderr
+    assert server.handler.received == []
+    assert (
+        "2020-12-23  -  failed  society.yaml:4" in run_cli("schedule", cwd=project, env=env).stdout
+    )
+
+
+def test_kill_9_on_the_first_list_then_the_second_then_the_first_resumed(
+    project: Path, server: Server
+) -> None:
+    """Nobody twice, nobody skipped, and every one left out is counted."""
+    env = env_for(server, project, NEWSLETTER_SEND_CONNECTIONS="4")
+    only_a = [f"a{i:03d}@example.org" for i in range(150)]
+    both = [f"both{i:03d}@example.org" for i in range(150)]
+    only_b = [f"b{i:03d}@example.org" for i in range(100)]
+    for name, emails in (("a", only_a + both), ("b", both + only_b)):
+        lines = ["email", *emails]
+        (project / f"{name}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        run_cli("subscribers", "import", f"{name}.csv", "--list", name, cwd=project, env=env)
+    send = ["send", f"issues/{EXAMPLE.name}", "--yes", "--list"]
+    server.handler.behaviour.delay = 0.004
+    kill_9_after([*send, "a"], project, env, server, 60)
+    assert 60 <= len(server.handler.received) < 300
+    server.handler.behaviour.delay = 0
+    second = run_cli(*send, "b", cwd=project, env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    # a's send holds every one of `both` (sent, in flight or still pending)
+    assert "left out 150 who have this issue from another list's send" in second.stdout
+    resumed = run_cli(*send, "a", cwd=project, env=env)
+    unknown = re.findall(r"^unknown: (\S+): ", resumed.stdout, re.M)
+    assert resumed.returncode == (3 if unknown else 0), resumed.stderr
+    for e in only_a + both + only_b:
+        got = len(server.handler.to(e))
+        assert got == 1 or (got == 0 and e in unknown), f"{e} got {got} messages"
+    for e in both:
+        if server.handler.to(e):
+            assert list_of(server.handler.to(e)[0])[1] == "a"
+    status = run_cli("status", "2020-12-23", "--list", "b", cwd=project, env=env)
+    assert "audience 100, 0 suppressed at the start, 150 left out" in status.stdout
+
+
+@pytest.mark.parametrize("extra", [["--resend-unknown"], ["--retry-rejected"], ["--outbox", "box"]])
+def test_send_due_refuses_options_it_would_ignore(project: Path, extra: list[str]) -> None:
+    env = {
+        **env_for(None, project),
+        "NEWSLETTER_SCHEDULE": "Wed 09:00",
+        "NEWSLETTER_TEST_NOW": "2020-12-23T09:30:00-05:00",
+    }
+    due = run_cli("send", "--due", *extra, cwd=project, env=env)
+    assert due.returncode == 2, due.stdout + due.stderr
+    assert extra[0] in due.stderr and "schedule:" not in due.stdout

@@ -80,6 +80,10 @@ def test_unknown_key_in_dotenv_is_an_error(tmp_path: Path) -> None:
         ("NEWSLETTER_PUBLIC_URL", "https://news.example.org/a>b", "ASCII URL"),
         ("NEWSLETTER_LIST_NAME", "Research News", "lower-case letters"),
         ("NEWSLETTER_FROM", "News <news@exämple.org>", "must be ASCII"),
+        ("NEWSLETTER_SMTP_HELO_NAME", "a b\r\nMAIL FROM:<x@y.org>", "is not a host name"),
+        ("NEWSLETTER_SMTP_HELO_NAME", "mail.example.org;", "is not a host name"),
+        ("NEWSLETTER_SMTP_HOST", "relay\t.example.org", "is not a host name or address"),
+        ("NEWSLETTER_SMTP_HOST", "relay example.org", "is not a host name or address"),
     ],
 )
 def test_values_that_would_break_headers_are_refused(
@@ -255,3 +259,58 @@ def test_schedule_problems_come_with_the_others(monkeypatch: pytest.MonkeyPatch)
         load_settings()
     assert "NEWSLETTER_SCHEDULE: 25:00 is not a time of day" in str(info.value)
     assert "NEWSLETTER_SMTP_PORT: " in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["news.", "news..weekly", "a." + "b" * 63])
+def test_a_list_name_that_would_make_an_invalid_list_id_is_refused(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # RFC 2919: the list-label of List-Id is a dot-atom; "news." gives <news..example.org>.
+    monkeypatch.setenv("NEWSLETTER_LIST_NAME", name)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "NEWSLETTER_LIST_NAME: is not a valid list name" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["news.2026", "a_b-c.d", "a-", "9", "a" * 64])
+def test_list_names_with_dots_between_labels_are_accepted(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.setenv("NEWSLETTER_LIST_NAME", name)
+    assert load_settings().list_name == name
+
+
+@pytest.mark.parametrize("value", [",", " , ,"])
+def test_scheduled_lists_that_name_no_list_are_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    # Otherwise every slot would be "sent" to no list at all, and exit 0.
+    monkeypatch.setenv("NEWSLETTER_SCHEDULE_LISTS", value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "NEWSLETTER_SCHEDULE_LISTS: " in str(info.value) and "names no list" in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["", " "])
+def test_empty_scheduled_lists_mean_the_default_list(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("NEWSLETTER_SCHEDULE_LISTS", value)
+    assert load_settings().scheduled_lists == ["research-news"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("NEWSLETTER_SMTP_HELO_NAME", "mail.example.org"),
+        ("NEWSLETTER_SMTP_HELO_NAME", "[192.0.2.1]"),
+        ("NEWSLETTER_SMTP_HELO_NAME", "[IPv6:2001:db8::1]"),
+        ("NEWSLETTER_SMTP_HOST", "::1"),
+        ("NEWSLETTER_SMTP_HOST", "smtp.example.org"),
+    ],
+)
+def test_ordinary_smtp_host_and_helo_names_are_accepted(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    load_settings()

@@ -518,10 +518,16 @@ def send(
     from newsletter.errors import NewsletterError
 
     if due:
-        if issue_file is not None or dry_run or test_to or list_name:
+        if issue_file is not None or dry_run or test_to or list_name or outbox:
             raise click.UsageError(
                 "--due picks the issue and the lists (NEWSLETTER_SCHEDULE_LISTS) itself; "
-                "give no ISSUE_FILE, --list, --dry-run or --to"
+                "give no ISSUE_FILE, --list, --dry-run, --outbox or --to"
+            )
+        if resend_unknown or retry_rejected:
+            # Silently ignored, they would leave the user thinking it was done.
+            raise click.UsageError(
+                "--resend-unknown and --retry-rejected are choices for one send: run "
+                "`newsletter send ISSUE_FILE --list NAME --resend-unknown` by hand"
             )
         _run_due_once()
         return
@@ -551,9 +557,14 @@ def send(
             confirm=not (yes or dry_run),
         )
     except NewsletterError as exc:
-        if not getattr(exc, "resumable", True):
-            _fail(exc)
-        _fail(f"{exc}\nRun the same command again to resume; nobody is sent twice.")
+        from newsletter.transports import CampaignAborted
+
+        # Only a campaign the relay stopped has something to resume; every other
+        # error (settings, the issue file, the lock, an empty list) came before
+        # anything was sent, and "resume" would send the user the wrong way.
+        if isinstance(exc, CampaignAborted) and not dry_run:
+            _fail(f"{exc}\nRun the same command again to resume; nobody is sent twice.")
+        _fail(exc)
     _summarise(report, dry_run, transport)
     sys.exit(report.exit_code)
 
@@ -939,6 +950,7 @@ def _check_due(settings: Settings, now: dt.datetime | None = None) -> DueResult:
             db_path=settings.database,
             now=now or dt.datetime.now(dt.UTC),
             send_issue=send_issue,
+            society_file=settings.society_file,
         )
 
 
@@ -957,6 +969,8 @@ def _run_due_once() -> None:
     try:
         result = _check_due(_settings(), _now_override())
     except NewsletterError as exc:
+        if getattr(exc, "sent_some", False):
+            _fail(exc)  # it says what was sent and what was not
         _fail(f"{exc}\nNothing was sent for this slot.")
     click.echo(f"schedule: {result.message}")
     sys.exit(result.exit_code)
@@ -992,7 +1006,7 @@ def schedule(ctx: click.Context) -> None:
             local = slot.at.astimezone(plan.zone).strftime("%a %Y-%m-%d %H:%M %Z")
             label = "  due now" if slot is due else ""
             click.echo(f"  {local}  ({slot.key})  {choice.path or 'no issue file yet'}{label}")
-            for problem in issue_problems(choice):
+            for problem in issue_problems(choice, settings.society_file):
                 click.secho(f"      cannot be sent: {problem}", fg="red")
             for note in choice.notes:
                 click.echo(f"      note: {note}")

@@ -129,6 +129,15 @@ def _parse_cron(spec: str, fields: list[str], zone: ZoneInfo, catch_up: dt.timed
             f"{spec!r} runs {len(times)} times a day; a newsletter schedule allows "
             f"{MAX_TIMES_A_DAY} at most"
         )
+    if dom != "*" and dow == "*":
+        # Only the day of the month decides: "31 2" (31 February) never comes,
+        # and `newsletter schedule` would look for it until the year 9999.
+        longest = (0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # by month, leap years
+        if not any(d <= longest[m] for m in months for d in days_of_month):
+            raise ValueError(
+                f"{spec!r} never runs: none of the months it names has the day of the month "
+                "it names"
+            )
     # cron counts Sunday as 0 (or 7); Python's weekday() counts Monday as 0.
     weekdays = frozenset((d - 1) % 7 for d in cron_days)
     return Schedule(

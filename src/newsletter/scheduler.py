@@ -23,9 +23,10 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from newsletter.errors import NewsletterError, ValidationFailed
-from newsletter.loading import load_issue, named_day
+from newsletter.loading import Loaded, load_issue, load_society, named_day
 from newsletter.locks import Lease, LockHeld
 from newsletter.schedule import Schedule, Slot, latest, slots_between
 from newsletter.sending import SendReport
@@ -59,10 +60,28 @@ class IssueChoice:
 class SlotFailed(NewsletterError):
     """The due slot's issue cannot be sent as it is; nothing went out, and the next look retries."""
 
+    sent_some = False
+
     def __init__(self, when: str, problems: list[str]) -> None:
         self.problems = problems
         super().__init__(
             f"the slot {when} cannot be sent:\n" + "\n".join(f"  {p}" for p in problems)
+        )
+
+
+class SlotIncomplete(SlotFailed):
+    """Some of the slot's lists could not be sent; the others were, and the next look retries."""
+
+    sent_some = True
+
+    def __init__(self, when: str, issue_id: str, done: list[str], problems: list[str]) -> None:
+        self.problems = problems
+        sent = f"sent to {', '.join(done)}; " if done else ""
+        NewsletterError.__init__(
+            self,
+            f"{issue_id} for the slot {when}: {sent}not sent to every list:\n"
+            + "\n".join(f"  {p}" for p in problems)
+            + "\nThe next look within the catch-up window tries the lists not done again.",
         )
 
 
@@ -99,6 +118,9 @@ def find_issue(issues_dir: Path, day: dt.date) -> IssueChoice:
     by_date: list[Path] = []
     misnamed: list[tuple[Path, dt.date]] = []
     unreadable: list[Path] = []
+    # Named as if for the day (2026-12-03-appeal.yaml) but not dated it, or not
+    # readable: most likely this day's issue with a stale date or a typo.
+    prefixed: list[tuple[Path, str | None]] = []
     for path in sorted(issues_dir.glob("*.y*ml")):
         if path in named or path.name.startswith(".") or not path.is_file():
             continue
@@ -106,6 +128,8 @@ def find_issue(issues_dir: Path, day: dt.date) -> IssueChoice:
         if other_day is not None and named:
             continue  # the day has its file: no need to open every other week's
         date = _date_field(path)
+        if other_day is None and date != wanted and _starts_with_day(path, wanted):
+            prefixed.append((path, date))
         if date is None:
             if other_day is None:
                 unreadable.append(path)
@@ -136,21 +160,50 @@ def find_issue(issues_dir: Path, day: dt.date) -> IssueChoice:
             f"neither day: rename it to {wanted}{p.suffix} or set its date to {other}"
             for p, other in misnamed
         ]
-        notes += [f"{p} could not be read, so its date is unknown" for p in unreadable]
+        # Not a quiet week: a file named for the day that is not dated it fails
+        # the slot, as a misdated 2026-12-03.yaml does, so cron sees it.
+        problems += [
+            f"{p} is named for {wanted} but "
+            + (
+                f"has `date: {date}`: set `date: {wanted}`"
+                if date is not None
+                else f"cannot be read (`newsletter build {p}` says why): fix it"
+            )
+            + ", or rename it if it is not this day's issue"
+            for p, date in prefixed
+        ]
+        done = {p for p, _ in prefixed}
+        notes += [
+            f"{p} could not be read, so its date is unknown" for p in unreadable if p not in done
+        ]
     return IssueChoice(day, None if problems else chosen, problems, notes)
 
 
-def issue_problems(choice: IssueChoice) -> list[str]:
+def issue_problems(choice: IssueChoice, society_file: Path | None = None) -> list[str]:
     """What would stop the send of ``choice`` if it were due now, to show ahead of time."""
     if choice.problems or choice.path is None:
         return choice.problems
+    problems = _load_problems(load_issue, choice.path)
+    if society_file is not None:
+        problems += _load_problems(load_society, society_file)
+    return problems
+
+
+def _load_problems(load: Callable[[Path], Loaded[Any]], path: Path) -> list[str]:
+    """Why the file at ``path`` cannot go into a send: invalid, or refused (bidi controls)."""
     try:
-        loaded = load_issue(choice.path)
+        loaded = load(path)
     except ValidationFailed as exc:
         return [str(p) for p in exc.problems]
     except NewsletterError as exc:
         return [str(exc)]
     return [str(p) for p in loaded.refused_by_send]
+
+
+def _starts_with_day(path: Path, wanted: str) -> bool:
+    """Whether the name is the day and more (``2026-12-03-appeal.yaml``, not ``2026-12-031``)."""
+    rest = path.stem.removeprefix(wanted)
+    return path.stem.startswith(wanted) and rest[:1] not in ("", *"0123456789")
 
 
 _DATES: dict[Path, tuple[tuple[int, ...], str | None]] = {}
@@ -220,8 +273,12 @@ def check_and_send(
     db_path: Path,
     now: dt.datetime,
     send_issue: Callable[[Path, str], SendReport],
+    society_file: Path | None = None,
 ) -> DueResult:
-    """Do what is due at ``now``: nothing, report a missed slot, or send (or resume)."""
+    """Do what is due at ``now``: nothing, report a missed slot, or send (or resume).
+
+    ``society_file`` is checked with the issue, so that a problem in it fails
+    the slot once rather than every list's send in turn."""
     slots = Slots(conn)
     slot = latest(schedule, now, within=schedule.catch_up)
     if slot is None:
@@ -236,7 +293,7 @@ def check_and_send(
     except LockHeld as exc:
         return DueResult("locked", str(exc), slot)
     try:
-        return _send_slot(schedule, slot, slots, lists, issues_dir, send_issue)
+        return _send_slot(schedule, slot, slots, lists, issues_dir, send_issue, society_file)
     finally:
         lease.release()
 
@@ -248,6 +305,7 @@ def _send_slot(
     lists: list[str],
     issues_dir: Path,
     send_issue: Callable[[Path, str], SendReport],
+    society_file: Path | None,
 ) -> DueResult:
     when = _when(schedule, slot)
     choice = find_issue(issues_dir, slot.local_day)
@@ -274,8 +332,10 @@ def _send_slot(
     except NewsletterError as exc:
         slots.set(slot, "failed", detail=str(exc))
         raise
-    if loaded.refused_by_send:
-        problems = [str(p) for p in loaded.refused_by_send]
+    problems = [str(p) for p in loaded.refused_by_send]
+    if society_file is not None:
+        problems += _load_problems(load_society, society_file)
+    if problems:
         slots.set(slot, "failed", detail="; ".join(problems))
         raise SlotFailed(when, problems)
     issue = loaded.value
@@ -285,16 +345,45 @@ def _send_slot(
         slots.set(slot, "failed", detail=problem)
         raise SlotFailed(when, [problem])
     slots.set(slot, "sending", issue.id)
-    reports: list[SendReport] = []
-    for name in lists:
-        reports.append(send_issue(path, name))
-        if (reports[-1].result.stopped or "").startswith("stopped by SIG"):
-            break  # asked to stop: the other lists wait for the next run
+    reports = _send_lists(when, slot, slots, issue.id, path, lists, send_issue)
     complete = len(reports) == len(lists) and all(r.exit_code == 0 for r in reports)
     slots.set(slot, "done" if complete else "incomplete", issue.id)
     verb = "sent" if complete else "incomplete"
     message = f"{issue.id} for the slot {when}: {verb}" + "".join(f"; {n}" for n in choice.notes)
     return DueResult(verb, message, slot, reports)
+
+
+def _send_lists(
+    when: str,
+    slot: Slot,
+    slots: Slots,
+    issue_id: str,
+    path: Path,
+    lists: list[str],
+    send_issue: Callable[[Path, str], SendReport],
+) -> list[SendReport]:
+    """Send the slot's issue to each list in turn; raise when one of them could not be."""
+    reports: list[SendReport] = []
+    errors: list[str] = []
+    done: list[str] = []
+    for name in lists:
+        try:
+            reports.append(send_issue(path, name))
+        except NewsletterError as exc:
+            # One list that cannot be sent (empty, its send locked by a run by
+            # hand) does not hold back the others, and is not hidden by them.
+            errors.append(f"list {name}: {exc}")
+            continue
+        done.append(name)
+        if (reports[-1].result.stopped or "").startswith("stopped by SIG"):
+            break  # asked to stop: the other lists wait for the next run
+    if errors and not done:
+        slots.set(slot, "failed", issue_id, detail="; ".join(errors))
+        raise SlotFailed(when, errors)
+    if errors:
+        slots.set(slot, "incomplete", issue_id, detail="; ".join(errors))
+        raise SlotIncomplete(when, issue_id, done, errors)
+    return reports
 
 
 def _nothing_or_missed(schedule: Schedule, slots: Slots, now: dt.datetime) -> DueResult:

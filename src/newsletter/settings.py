@@ -42,8 +42,13 @@ if TYPE_CHECKING:
 from newsletter.models import bidi_characters, character_names, https_url
 
 PREFIX = "NEWSLETTER_"
-_LIST_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-LIST_NAME_RULE = "1-64 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit"
+# The name is the first label of List-Id (RFC 2919: a dot-atom), so a dot may
+# neither end it nor follow another dot: "news." gives <news..example.org>.
+_LIST_NAME = re.compile(r"(?=.{1,64}\Z)[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9_-]+)*")
+LIST_NAME_RULE = (
+    "1-64 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit, "
+    "with no '.' at the end or next to another '.'"
+)
 # RFC 6376 3.1: a selector is a dot-separated sequence of DNS labels (letters,
 # digits, hyphens; no hyphen at either end of a label).
 _DNS_LABELS = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
@@ -137,12 +142,39 @@ class Settings(BaseSettings):
             return None
         # Empty entries are skipped, as scheduled_lists does (a trailing comma is harmless).
         names = [name.strip() for name in value.split(",") if name.strip()]
+        if not names and value.strip():
+            # "," or ", ," would make every slot "sent" to no list at all, exit 0.
+            raise ValueError(
+                f"{value!r} names no list; name the lists (a,b), or leave it unset to send "
+                "to NEWSLETTER_LIST_NAME"
+            )
         problems = [f"{name!r} {problem}" for name in names if (problem := list_name_problem(name))]
         if problems:
             raise ValueError("; ".join(problems))
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             raise ValueError(f"names {', '.join(map(repr, twice))} more than once")
+        return value
+
+    @field_validator("smtp_helo_name")
+    @classmethod
+    def _helo_name(cls, value: str | None) -> str | None:
+        # Sent as is after EHLO: a line break would start a command of its own.
+        if value is not None and not (
+            (len(value) <= 253 and _DNS_LABELS.fullmatch(value))
+            or re.fullmatch(r"\[(?:IPv6:)?[0-9A-Fa-f:.]{2,45}\]", value)
+        ):
+            raise ValueError(
+                f"{value!r} is not a host name like 'mail.example.org' (or an address "
+                "literal like '[192.0.2.1]')"
+            )
+        return value
+
+    @field_validator("smtp_host")
+    @classmethod
+    def _smtp_host(cls, value: str) -> str:
+        if not re.fullmatch(r"[^\s\x00-\x1f\x7f]{1,253}", value):
+            raise ValueError(f"{value!r} is not a host name or address")
         return value
 
     @field_validator("dkim_selector")
@@ -244,9 +276,8 @@ class Settings(BaseSettings):
 
     @property
     def scheduled_lists(self) -> list[str]:
-        if not self.schedule_lists:
-            return [self.list_name]
-        return [name.strip() for name in self.schedule_lists.split(",") if name.strip()]
+        names = [name.strip() for name in (self.schedule_lists or "").split(",")]
+        return [name for name in names if name] or [self.list_name]
 
     @property
     def envelope_sender(self) -> str:
@@ -285,6 +316,7 @@ def list_name_problem(name: str) -> str | None:
         return None
     hint = ""
     fixed = re.sub(r"[^a-z0-9._-]+", "-", name.strip().lower()).strip("-._")
+    fixed = re.sub(r"\.{2,}", ".", fixed)
     if fixed and _LIST_NAME.fullmatch(fixed) and name.isascii():
         hint = f" (for example {fixed!r})"
     return f"is not a valid list name: it must be {LIST_NAME_RULE}{hint}"
