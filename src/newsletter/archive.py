@@ -351,8 +351,6 @@ class Archive:
 class IdAlreadyUsed(ConfigError):
     """An issue id was sent before from a different file; nothing was sent."""
 
-    resumable = False
-
 
 def same_issue(earlier: Source, now: Source) -> bool:
     """Whether ``now`` is the issue ``earlier`` was sent from: the same bytes (renamed or

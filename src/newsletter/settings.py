@@ -21,6 +21,7 @@ import re
 from email.utils import getaddresses, parseaddr
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from urllib.parse import urlsplit
 
 from dotenv.main import resolve_variables
 from dotenv.parser import parse_stream
@@ -125,6 +126,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 "must be at most 200 characters (it is part of every unsubscribe link)"
             )
+        # Every link is this base plus a path: a query, a fragment or a login in
+        # it would end up in the middle of each link and break them all.
+        parts = urlsplit(value)
+        if parts.query or parts.fragment or "?" in value or "#" in value:
+            raise ValueError("must be a base URL without ?query or #fragment")
+        if "@" in parts.netloc:
+            raise ValueError("must not carry a user name or password")
         return https_url(value).rstrip("/")
 
     @field_validator("list_name")
