@@ -217,3 +217,27 @@ def test_tab_separated_files(tmp_path: Path) -> None:
     rows, problems = rows_of(path)
     assert problems == []
     assert rows == [ParsedRow(2, "ann@example.org", "Ann", None, {"note": "a, b; c"})]
+
+
+def test_a_header_line_that_never_ends_fails_at_once(tmp_path: Path) -> None:
+    # /dev/zero (or a binary file without line ends) given by mistake: the
+    # reader must not read on for the end of a line that has none.
+    import subprocess
+    import sys
+
+    script = (
+        "from pathlib import Path\n"
+        "from newsletter.csv_import import read_csv\n"
+        "from newsletter.errors import ValidationFailed\n"
+        "try:\n"
+        "    list(read_csv(Path('/dev/zero')))\n"
+        "except ValidationFailed as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=20, check=True
+    )
+    assert "/dev/zero:1: " in done.stdout and "NUL bytes" in done.stdout
+    path = write(tmp_path, b"x" * (3 * 64 * 1024) + b"\nann@example.org\n")
+    with pytest.raises(ValidationFailed, match="first line is longer than 64 KiB"):
+        rows_of(path)

@@ -169,7 +169,7 @@ class _Reader:
         self.pushed: deque[tuple[int, bytes | None]] = deque()
 
     # -- physical lines and records ----------------------------------------------
-    def _line(self) -> tuple[int, bytes | None] | None:
+    def _line(self, *, skip_long: bool = True) -> tuple[int, bytes | None] | None:
         """The next physical line (with its line end), or None for one over the cap."""
         if self.pushed:
             return self.pushed.popleft()
@@ -177,6 +177,8 @@ class _Reader:
         if not chunk:
             return None
         self.number += 1
+        if len(chunk) > MAX_LINE_BYTES and not skip_long:
+            return self.number, chunk  # the caller stops: never read on (/dev/zero)
         if len(chunk) > MAX_LINE_BYTES:
             while chunk and not chunk.endswith(b"\n"):  # skip the rest, never hold it
                 chunk = self.fh.readline(MAX_LINE_BYTES)
@@ -296,14 +298,17 @@ class _Reader:
                 yield from result
 
     def _header(self) -> _Header:
-        got = self._line()
+        got = self._line(skip_long=False)
         if got is None:
             self._fatal("the file is empty; the first line must name the columns")
         start, data = got
-        if data is None:
-            self._fatal(f"the first line is longer than {MAX_LINE_BYTES // 1024} KiB")
+        assert data is not None
         if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
             self._fatal('the file is UTF-16 ("Unicode Text"); save it as "CSV UTF-8"')
+        if b"\0" in data:
+            self._fatal("the file is not text (it has NUL bytes); export the list as CSV")
+        if len(data) > MAX_LINE_BYTES:
+            self._fatal(f"the first line is longer than {MAX_LINE_BYTES // 1024} KiB")
         if data.startswith(_BOM):
             if self.encoding != "utf-8":
                 self._fatal(
@@ -311,8 +316,6 @@ class _Reader:
                     "run again without --encoding"
                 )
             data = data[len(_BOM) :]
-        if b"\0" in data:
-            self._fatal("the file is not text (it has NUL bytes); export the list as CSV")
         if b"\r" in data.rstrip(b"\r\n"):
             self._fatal(
                 "lines end with a lone carriage return (old Mac style); save the file as "
