@@ -241,3 +241,26 @@ def test_a_header_line_that_never_ends_fails_at_once(tmp_path: Path) -> None:
     path = write(tmp_path, b"x" * (3 * 64 * 1024) + b"\nann@example.org\n")
     with pytest.raises(ValidationFailed, match="first line is longer than 64 KiB"):
         rows_of(path)
+
+
+def test_google_contacts_exports_and_a_hint_for_other_address_columns(tmp_path: Path) -> None:
+    google = write(
+        tmp_path,
+        b"First Name,Middle Name,Last Name,Labels,E-mail 1 - Label,E-mail 1 - Value,"
+        b"E-mail 2 - Label,E-mail 2 - Value\n"
+        b"Bob,,Two,* myContacts,* Home,Bob@Example.org,,\n",
+        "contacts.csv",
+    )
+    rows, problems = rows_of(google)
+    assert problems == []
+    assert (rows[0].email, rows[0].first_name, rows[0].last_name) == (
+        "bob@example.org",
+        "Bob",
+        "Two",
+    )
+    other = write(tmp_path, b"Name,Work Mail,Phone\nBob,bob@example.org,1\n", "other.csv")
+    with pytest.raises(ValidationFailed) as caught:
+        next(read_csv(other))
+    assert caught.value.problems[0].message.endswith(
+        "name the column of addresses `email` (column 2 (Work Mail)?)"
+    )

@@ -65,6 +65,8 @@ _ALIASES = {
     "e mail": "email",
     "email address": "email",
     "e mail address": "email",
+    "e mail 1 value": "email",  # Google Contacts (the first of its addresses)
+    "email 1 value": "email",
     "first name": "first_name",
     "firstname": "first_name",
     "given name": "first_name",
@@ -399,13 +401,15 @@ def _check_header(name: str, cells: list[str]) -> _Header:
             )
     if "email" not in columns:
         found = ", ".join(c.strip() for c in cells if c.strip()) or "nothing"
+        likely = [f"{n} ({c.strip()})" for n, c in enumerate(cells, 1) if "mail" in _fold(c)]
+        hint = f" (column {' or '.join(likely)}?)" if likely else ""
         problems.append(
             Problem(
                 name,
                 1,
                 "",
                 f"no email column in the header (found: {found}); name the column of "
-                "addresses `email`",
+                f"addresses `email`{hint}",
             )
         )
     if problems:
