@@ -264,3 +264,19 @@ def test_google_contacts_exports_and_a_hint_for_other_address_columns(tmp_path: 
     assert caught.value.problems[0].message.endswith(
         "name the column of addresses `email` (column 2 (Work Mail)?)"
     )
+
+
+def test_utf8_read_as_cp1252_is_reported_not_stored_garbled(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "email,first_name\nann@example.org,Ann\njose@example.org,José\n".encode(),
+    )
+    rows, problems = rows_of(path, encoding="cp1252")
+    assert [r.email for r in rows] == ["ann@example.org"]
+    assert [p.line for p in problems] == [3]
+    assert "is UTF-8 text" in problems[0].message
+    assert problems[0].message.endswith("run again without --encoding")
+    # Real cp1252 (Excel) text is read as before.
+    latin = write(tmp_path, "email,first_name\njose@example.org,José\n".encode("cp1252"))
+    rows, problems = rows_of(latin, encoding="cp1252")
+    assert problems == [] and rows[0].first_name == "José"

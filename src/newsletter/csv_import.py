@@ -242,6 +242,14 @@ class _Reader:
                 f"{self.encoding}, so the file is not {self.encoding} text; "
                 + (_EXCEL_HINT if self.encoding == "utf-8" else "try another --encoding"),
             )
+        if self.encoding != "utf-8" and not data.isascii() and _is_utf8(data):
+            # cp1252 or latin-1 decode any bytes at all: UTF-8 read as such turns
+            # "José" into "JosÃ©" silently. Real cp1252 text is almost never valid UTF-8.
+            return self._problem(
+                start,
+                f"is UTF-8 text ({text.strip()[:60]!r} as {self.encoding}), not "
+                f"{self.encoding}: run again without --encoding",
+            )
         return text
 
     def _split(self, start: int, end: int, text: str) -> list[str] | Problem | None:
@@ -337,6 +345,14 @@ class _Reader:
 
     def _fatal(self, message: str) -> NoReturn:
         raise ValidationFailed([self._problem(1, message)])
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _ends_inside_quotes(line: bytes, delimiter: bytes, *, inside: bool) -> bool:
