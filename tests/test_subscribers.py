@@ -406,3 +406,51 @@ def test_the_store_refuses_a_reason_that_is_not_one_line(store: SubscriberStore)
     assert store.suppression("ann@example.org") == "bounced"
     assert store.unsuppress("ann@example.org", reason="  fixed  ", actor="web") == "bounced"
     assert store.suppression_history("ann@example.org")[-1][2] == "fixed"
+
+
+def test_an_export_imported_into_a_fresh_database_exports_the_same(project: Path) -> None:
+    # Moving to a new database (or back from another tool) keeps when each
+    # person left: that date is the record of their request.
+    old = SubscriberStore(connect(project / "old.sqlite3"))
+    rows = [
+        ParsedRow(i + 2, f"{n}@example.org", n.upper(), "", {"town": n})
+        for i, n in enumerate("abc")
+    ]
+    old.import_rows("news", rows, skip_invalid=False)
+    old.conn.execute(
+        "INSERT INTO list_optouts VALUES ('news', 'b@example.org', '2025-03-04T05:06:07+00:00')"
+    )
+    old.conn.execute(
+        "INSERT INTO suppressions VALUES "
+        "('c@example.org', 'complained', 'news', '2024-01-02T03:04:05+00:00')"
+    )
+    first = run_cli(
+        "subscribers", "export", "--list", "news", cwd=project, env=cli_env(project, "old.sqlite3")
+    )
+    assert first.returncode == 0, first.stderr
+    assert "b@example.org,B,,b,opted-out,,2025-03-04T05:06:07+00:00" in first.stdout
+    (project / "moved.csv").write_text(first.stdout, encoding="utf-8")
+    env = cli_env(project, "new.sqlite3")
+    done = run_cli("subscribers", "import", "moved.csv", "--list", "news", cwd=project, env=env)
+    assert done.returncode == 0, done.stderr
+    second = run_cli("subscribers", "export", "--list", "news", cwd=project, env=env)
+    assert second.stdout == first.stdout
+    # The log says when the import recorded it; the state keeps when it happened.
+    [(when, action, reason, _list, _who)] = SubscriberStore(
+        connect(project / "new.sqlite3")
+    ).suppression_history("c@example.org")
+    assert (action, reason) == ("suppress", "complained") and when > "2026"
+    # A time without an offset is UTC; one that is not a time is a problem on its line.
+    (project / "odd.csv").write_text(
+        "email,newsletter_state,newsletter_since\n"
+        "d@example.org,opted-out,2025-03-04 05:06\n"
+        "e@example.org,opted-out,last tuesday\n",
+        encoding="utf-8",
+    )
+    odd = run_cli(
+        "subscribers", "import", "odd.csv", "--list", "news", "--skip-invalid", cwd=project, env=env
+    )
+    assert odd.returncode == 3
+    assert "odd.csv:3: newsletter_since: 'last tuesday' is not a date and time" in odd.stderr
+    listed = run_cli("subscribers", "export", "--list", "news", cwd=project, env=env).stdout
+    assert "d@example.org,,,,opted-out,,2025-03-04T05:06:00+00:00" in listed

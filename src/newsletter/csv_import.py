@@ -99,6 +99,8 @@ class ParsedRow:
     # (then ``reason`` is one of SUPPRESSION_REASONS); None otherwise.
     state: str | None = None
     reason: str | None = None
+    # From newsletter_since: when it opted out or was suppressed (UTC, ISO 8601).
+    since: str | None = None
 
 
 def normalise_address(raw: str) -> str:
@@ -491,12 +493,39 @@ def _parse_row(
                 problems.append(
                     Problem(name, line, "email", f"{raw!r} is not a valid address: {exc}")
                 )
+    raw_since = values.get("newsletter_since", "")
     state, reason = _state(values, name, line, problems)
+    since = _since(raw_since, name, line, problems) if state else None
     if problems:
         return problems
     first = values.pop("first_name", None)
     last = values.pop("last_name", None)
-    return ParsedRow(line, email, first, last, values, state, reason)
+    return ParsedRow(line, email, first, last, values, state, reason, since)
+
+
+def _since(raw: str, name: str, line: int, problems: list[Problem]) -> str | None:
+    """An export's newsletter_since, as the store writes times; a date or a time without
+    an offset is taken as UTC."""
+    import datetime as dt
+
+    if not raw.strip():
+        return None
+    try:
+        when = dt.datetime.fromisoformat(raw.strip())
+    except ValueError:
+        problems.append(
+            Problem(
+                name,
+                line,
+                "newsletter_since",
+                f"{raw!r} is not a date and time; use the form 2026-11-30T10:00:00+00:00 "
+                "(or leave it empty)",
+            )
+        )
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.astimezone(dt.UTC).isoformat(timespec="seconds")
 
 
 def _state(

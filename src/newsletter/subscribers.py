@@ -232,11 +232,14 @@ class SubscriberStore:
             report.added += 1
         else:
             report.updated += 1
+        # An export's newsletter_since is when the person left, and stays so: the
+        # log below records when this import wrote it.
+        since = row.since or now
         if row.state == "suppressed" and row.reason is not None:
             if cur.execute(
                 "INSERT INTO suppressions (email, reason, list_name, created_at) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (row.email, row.reason, list_name, now),
+                (row.email, row.reason, list_name, since),
             ).rowcount:
                 report.newly_suppressed += 1
                 self._log(row.email, "suppress", row.reason, list_name, actor, now)
@@ -245,7 +248,7 @@ class SubscriberStore:
             and cur.execute(
                 "INSERT INTO list_optouts (list_name, email, created_at) VALUES (?, ?, ?) "
                 "ON CONFLICT DO NOTHING",
-                (list_name, row.email, now),
+                (list_name, row.email, since),
             ).rowcount
         ):
             report.opted_out += 1
