@@ -58,3 +58,23 @@ def test_suppressing_and_lifting_are_logged_with_who_and_why(tmp_path: Path) -> 
         ("suppress", "complained", "web"),
         ("unsuppress", "she wrote to ask", "cli:ed@host"),
     ]
+
+
+def test_suppressions_from_version_1_start_the_log(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(database._SCHEMA)
+    old.execute("PRAGMA user_version=1")
+    old.execute(
+        "INSERT INTO suppressions VALUES "
+        "('ann@example.org', 'complained', 'news', '2026-02-03T04:05:06+00:00')"
+    )
+    old.close()
+    store = SubscriberStore(connect(path))
+    assert store.unsuppress("ann@example.org", reason="asked by phone", actor="cli:ed@host")
+    history = store.suppression_history("ann@example.org")
+    assert [(h[1], h[2], h[3], h[4]) for h in history] == [
+        ("suppress", "complained", "news", "unrecorded (before the log)"),
+        ("unsuppress", "asked by phone", None, "cli:ed@host"),
+    ]
+    assert history[0][0] == "2026-02-03T04:05:06+00:00"

@@ -118,6 +118,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " frozen_at TEXT NOT NULL"
         ") WITHOUT ROWID",
         "ALTER TABLE locks ADD COLUMN since REAL",  # when the holder took it (unix time)
+        # Suppressions made before the log existed get their entry, so that an
+        # address's history starts with its suppression, not with its lifting.
+        "INSERT INTO suppression_log (email, action, reason, list_name, actor, created_at) "
+        "SELECT email, 'suppress', reason, list_name, 'unrecorded (before the log)', created_at "
+        "FROM suppressions ORDER BY created_at, email",
     ),
 )
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
