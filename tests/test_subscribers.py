@@ -454,3 +454,27 @@ def test_an_export_imported_into_a_fresh_database_exports_the_same(project: Path
     assert "odd.csv:3: newsletter_since: 'last tuesday' is not a date and time" in odd.stderr
     listed = run_cli("subscribers", "export", "--list", "news", cwd=project, env=env).stdout
     assert "d@example.org,,,,opted-out,,2025-03-04T05:06:00+00:00" in listed
+
+
+def test_unsuppressing_a_complaint_warns(project: Path) -> None:
+    env = cli_env(project)
+    (project / "m.csv").write_text("email\nann@example.org\nbob@example.org\n", encoding="utf-8")
+    run_cli("subscribers", "import", "m.csv", "--list", "news", cwd=project, env=env)
+    for email, reason in (("ann@example.org", "complained"), ("bob@example.org", "bounced")):
+        run_cli("subscribers", "unsubscribe", email, "--reason", reason, cwd=project, env=env)
+    ann = run_cli(
+        "subscribers",
+        "unsuppress",
+        "ann@example.org",
+        "--reason",
+        "her letter",
+        cwd=project,
+        env=env,
+    )
+    assert ann.returncode == 0, ann.stderr
+    assert "warning: ann@example.org reported your mail as spam" in ann.stderr
+    assert "mailed by: news" in ann.stdout
+    bob = run_cli(
+        "subscribers", "unsuppress", "bob@example.org", "--reason", "fixed", cwd=project, env=env
+    )
+    assert bob.returncode == 0 and "warning" not in bob.stderr

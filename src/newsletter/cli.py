@@ -409,6 +409,15 @@ def subscribers_unsuppress(email: str, reason: str) -> None:
         f"{address} had been suppressed ({before.reason}{origin}) since {before.since}; "
         "that is lifted and recorded."
     )
+    if before.reason == "complained":
+        # Receivers count complaints against the sender; one more from the same
+        # person weighs more than a missed issue.
+        click.secho(
+            f"warning: {address} reported your mail as spam. Mail it again only at the "
+            "person's own request; another complaint harms delivery to everyone.",
+            fg="yellow",
+            err=True,
+        )
     lists = store.lists_of(address)
     mailed = [name for name, left in lists if not left]
     left = [name for name, left in lists if left]
