@@ -478,3 +478,35 @@ def test_unsuppressing_a_complaint_warns(project: Path) -> None:
         "subscribers", "unsuppress", "bob@example.org", "--reason", "fixed", cwd=project, env=env
     )
     assert bob.returncode == 0 and "warning" not in bob.stderr
+
+
+def test_an_interrupted_import_imports_nothing_and_says_so(project: Path) -> None:
+    import os
+    import signal
+    import sys
+    import time
+
+    env = cli_env(project)
+    (project / "first.csv").write_text("email\nold@example.org\n", encoding="utf-8")
+    run_cli("subscribers", "import", "first.csv", "--list", "news", cwd=project, env=env)
+    fifo = project / "slow.csv"
+    os.mkfifo(fifo)  # a file still being read when Ctrl-C comes
+    child = subprocess.Popen(
+        [sys.executable, "-m", "newsletter", "subscribers", "import", str(fifo), "--list", "news"],
+        cwd=project,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    with fifo.open("w", encoding="utf-8") as writer:
+        writer.write("email,first_name\n")
+        writer.write("".join(f"r{i}@example.org,R\n" for i in range(5000)))
+        writer.flush()
+        time.sleep(3)  # the rows are read, inside the import's transaction
+        child.send_signal(signal.SIGINT)
+        _out, err = child.communicate(timeout=30)
+    assert child.returncode == 130, err
+    assert "interrupted: nothing was imported; the lists are as they were" in err
+    store = SubscriberStore(connect(project / "newsletter.sqlite3", busy_seconds=1))
+    assert [m.email for m in store.members("news")] == ["old@example.org"]

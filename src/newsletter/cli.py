@@ -205,7 +205,7 @@ def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool, encod
     A column the file does not have leaves the stored values alone; an empty
     cell clears them. Exit status: 0 all imported; 1 nothing imported (bad rows
     without --skip-invalid, or a bad file); 3 good rows imported, bad rows
-    skipped (--skip-invalid).
+    skipped (--skip-invalid); 130 interrupted, nothing imported.
     """
     from newsletter.csv_import import read_csv
     from newsletter.errors import NewsletterError
@@ -220,6 +220,9 @@ def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool, encod
         )
     except NewsletterError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        click.secho("interrupted: nothing was imported; the lists are as they were", err=True)
+        sys.exit(130)
     for problem in report.problems:
         click.secho(
             f"{'skipped' if skip_invalid else 'error'}: {problem}",
