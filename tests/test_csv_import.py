@@ -280,3 +280,17 @@ def test_utf8_read_as_cp1252_is_reported_not_stored_garbled(tmp_path: Path) -> N
     latin = write(tmp_path, "email,first_name\njose@example.org,José\n".encode("cp1252"))
     rows, problems = rows_of(latin, encoding="cp1252")
     assert problems == [] and rows[0].first_name == "José"
+
+
+def test_a_line_break_typed_in_a_name_cell_is_one_problem(tmp_path: Path) -> None:
+    # Alt+Enter in an Excel cell: the quotes are right, the name has a line break.
+    path = write(
+        tmp_path,
+        b'email,first_name,last_name\r\nann@example.org,"Ann\nMarie",Lee\r\n'
+        b"bob@example.org,Bob,B\r\n",
+    )
+    rows, problems = rows_of(path)
+    assert [(p.line, p.field, p.message) for p in problems] == [
+        (2, "first_name", "has a line break inside the quoted cell; put it on one line")
+    ]
+    assert [(r.line, r.email) for r in rows] == [(4, "bob@example.org")]

@@ -290,7 +290,9 @@ class _Reader:
             cells = text if isinstance(text, Problem) else self._split(start, end, text)
             if cells is None:
                 continue
-            if end > start and (isinstance(cells, Problem) or not _fits(header, cells)):
+            if end > start and (
+                isinstance(cells, Problem) or not _fits(header, cells, self.delimiter)
+            ):
                 # Lines joined by a quote that do not make a row: a stray quote.
                 # Report where it is, and read the lines it took as rows again.
                 self._resync(start, lines)
@@ -435,14 +437,16 @@ def _check_header(name: str, cells: list[str]) -> _Header:
     return _Header(columns)
 
 
-def _fits(header: _Header, cells: list[str]) -> bool:
-    """Whether a record spanning lines has the header's shape, its line breaks inside
-    columns that may hold them."""
+def _fits(header: _Header, cells: list[str], delimiter: str) -> bool:
+    """Whether a record spanning lines has the header's shape and is one row: a line
+    break in a name (Alt+Enter in an Excel cell) is that row's problem, but a cell of
+    an address or a name that holds a delimiter or an ``@`` after a line break has
+    taken the next lines in, behind a stray quote."""
     columns = header.columns
     if len(cells) < len(columns) or any(c.strip() for c in cells[len(columns) :]):
         return False
     return not any(
-        ("\n" in cell or "\r" in cell)
+        ("\n" in cell or "\r" in cell) and (delimiter in cell or "@" in cell)
         for column, cell in zip(columns, cells, strict=False)
         if column in KNOWN or column in STATE_COLUMNS
     )
@@ -476,9 +480,10 @@ def _parse_row(
         # hold a multi-line address; other control characters are refused.
         core = column in KNOWN or column in STATE_COLUMNS
         if (_CONTROL if core else _CONTROL_BUT_BREAKS).search(value):
-            problems.append(
-                Problem(name, line, column, "contains a line break or a control character")
-            )
+            message = "contains a line break or a control character"
+            if core and not _CONTROL.search(value.replace("\r", "").replace("\n", "")):
+                message = "has a line break inside the quoted cell; put it on one line"
+            problems.append(Problem(name, line, column, message))
             continue
         values[column] = value if core else value.replace("\r\n", "\n")
     raw = values.pop("email", None)
