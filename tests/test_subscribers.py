@@ -510,3 +510,38 @@ def test_an_interrupted_import_imports_nothing_and_says_so(project: Path) -> Non
     assert "interrupted: nothing was imported; the lists are as they were" in err
     store = SubscriberStore(connect(project / "newsletter.sqlite3", busy_seconds=1))
     assert [m.email for m in store.members("news")] == ["old@example.org"]
+
+
+def test_an_import_holds_no_lock_while_it_reads(project: Path) -> None:
+    # Reading and checking a large file takes most of an import's time; an
+    # unsubscribe click meanwhile must not wait for it (the page gives up after
+    # 20 s and answers "busy").
+    import os
+    import sys
+    import time
+
+    env = cli_env(project)
+    (project / "first.csv").write_text("email\nann@example.org\n", encoding="utf-8")
+    run_cli("subscribers", "import", "first.csv", "--list", "news", cwd=project, env=env)
+    fifo = project / "slow.csv"
+    os.mkfifo(fifo)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "newsletter", "subscribers", "import", str(fifo), "--list", "news"],
+        cwd=project,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    store = SubscriberStore(connect(project / "newsletter.sqlite3", busy_seconds=1))
+    with fifo.open("w", encoding="utf-8") as writer:
+        writer.write("email,first_name\nann@example.org,Ann\n")
+        writer.write("".join(f"r{i}@example.org,R\n" for i in range(5000)))
+        writer.flush()
+        time.sleep(3)  # the import is reading, the file not finished
+        assert store.opt_out("news", "ann@example.org")  # not "database is locked"
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    assert "news: 5,000 added, 1 already on the list (updated)" in out
+    assert "1 of them opted out of this list" in out
+    assert [m.state for m in store.members("news")][:2] == ["opted-out", "subscribed"]
