@@ -217,7 +217,10 @@ class SubscriberStore:
             "UPDATE subscribers SET first_name = coalesce(r.first, subscribers.first_name), "
             "last_name = coalesce(r.last, subscribers.last_name), "
             "attributes = json_patch(subscribers.attributes, r.patch) "
-            "FROM temp.import_rows r WHERE r.email = subscribers.email"
+            # Driven by the file's rows, not a scan of every subscriber: a
+            # ten-row import into a database of a million stays instant.
+            "FROM (SELECT email, first, last, patch FROM temp.import_rows ORDER BY seq) r "
+            "WHERE r.email = subscribers.email"
         )
         cur.execute(
             "INSERT INTO subscribers (email, first_name, last_name, attributes, created_at) "
