@@ -217,3 +217,80 @@ def test_tab_separated_files(tmp_path: Path) -> None:
     rows, problems = rows_of(path)
     assert problems == []
     assert rows == [ParsedRow(2, "ann@example.org", "Ann", None, {"note": "a, b; c"})]
+
+
+def test_a_header_line_that_never_ends_fails_at_once(tmp_path: Path) -> None:
+    # /dev/zero (or a binary file without line ends) given by mistake: the
+    # reader must not read on for the end of a line that has none.
+    import subprocess
+    import sys
+
+    script = (
+        "from pathlib import Path\n"
+        "from newsletter.csv_import import read_csv\n"
+        "from newsletter.errors import ValidationFailed\n"
+        "try:\n"
+        "    list(read_csv(Path('/dev/zero')))\n"
+        "except ValidationFailed as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=20, check=True
+    )
+    assert "/dev/zero:1: " in done.stdout and "NUL bytes" in done.stdout
+    path = write(tmp_path, b"x" * (3 * 64 * 1024) + b"\nann@example.org\n")
+    with pytest.raises(ValidationFailed, match="first line is longer than 64 KiB"):
+        rows_of(path)
+
+
+def test_google_contacts_exports_and_a_hint_for_other_address_columns(tmp_path: Path) -> None:
+    google = write(
+        tmp_path,
+        b"First Name,Middle Name,Last Name,Labels,E-mail 1 - Label,E-mail 1 - Value,"
+        b"E-mail 2 - Label,E-mail 2 - Value\n"
+        b"Bob,,Two,* myContacts,* Home,Bob@Example.org,,\n",
+        "contacts.csv",
+    )
+    rows, problems = rows_of(google)
+    assert problems == []
+    assert (rows[0].email, rows[0].first_name, rows[0].last_name) == (
+        "bob@example.org",
+        "Bob",
+        "Two",
+    )
+    other = write(tmp_path, b"Name,Work Mail,Phone\nBob,bob@example.org,1\n", "other.csv")
+    with pytest.raises(ValidationFailed) as caught:
+        next(read_csv(other))
+    assert caught.value.problems[0].message.endswith(
+        "name the column of addresses `email` (column 2 (Work Mail)?)"
+    )
+
+
+def test_utf8_read_as_cp1252_is_reported_not_stored_garbled(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "email,first_name\nann@example.org,Ann\njose@example.org,José\n".encode(),
+    )
+    rows, problems = rows_of(path, encoding="cp1252")
+    assert [r.email for r in rows] == ["ann@example.org"]
+    assert [p.line for p in problems] == [3]
+    assert "is UTF-8 text" in problems[0].message
+    assert problems[0].message.endswith("run again without --encoding")
+    # Real cp1252 (Excel) text is read as before.
+    latin = write(tmp_path, "email,first_name\njose@example.org,José\n".encode("cp1252"))
+    rows, problems = rows_of(latin, encoding="cp1252")
+    assert problems == [] and rows[0].first_name == "José"
+
+
+def test_a_line_break_typed_in_a_name_cell_is_one_problem(tmp_path: Path) -> None:
+    # Alt+Enter in an Excel cell: the quotes are right, the name has a line break.
+    path = write(
+        tmp_path,
+        b'email,first_name,last_name\r\nann@example.org,"Ann\nMarie",Lee\r\n'
+        b"bob@example.org,Bob,B\r\n",
+    )
+    rows, problems = rows_of(path)
+    assert [(p.line, p.field, p.message) for p in problems] == [
+        (2, "first_name", "has a line break inside the quoted cell; put it on one line")
+    ]
+    assert [(r.line, r.email) for r in rows] == [(4, "bob@example.org")]

@@ -58,3 +58,47 @@ def test_suppressing_and_lifting_are_logged_with_who_and_why(tmp_path: Path) -> 
         ("suppress", "complained", "web"),
         ("unsuppress", "she wrote to ask", "cli:ed@host"),
     ]
+
+
+def test_suppressions_from_version_1_start_the_log(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(database._SCHEMA)
+    old.execute("PRAGMA user_version=1")
+    old.execute(
+        "INSERT INTO suppressions VALUES "
+        "('ann@example.org', 'complained', 'news', '2026-02-03T04:05:06+00:00')"
+    )
+    old.close()
+    store = SubscriberStore(connect(path))
+    assert store.unsuppress("ann@example.org", reason="asked by phone", actor="cli:ed@host")
+    history = store.suppression_history("ann@example.org")
+    assert [(h[1], h[2], h[3], h[4]) for h in history] == [
+        ("suppress", "complained", "news", "unrecorded (before the log)"),
+        ("unsuppress", "asked by phone", None, "cli:ed@host"),
+    ]
+    assert history[0][0] == "2026-02-03T04:05:06+00:00"
+
+
+def test_attributes_without_a_name_from_version_1_are_named_or_dropped(tmp_path: Path) -> None:
+    # Version 1 stored a trailing comma's column as an attribute named "".
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(database._SCHEMA)
+    old.execute("PRAGMA user_version=1")
+    for n, attributes in enumerate(
+        ('{"city": "Leeds", "": ""}', '{"city": "York", "": "junk"}', '{"city": "Bath"}'), 1
+    ):
+        old.execute(
+            "INSERT INTO subscribers (email, attributes, created_at) VALUES (?, ?, '2026')",
+            (f"s{n}@example.org", attributes),
+        )
+        old.execute("INSERT INTO list_members VALUES ('news', ?, '2026')", (n,))
+    old.close()
+    store = SubscriberStore(connect(path))
+    assert [m.attributes for m in store.members("news")] == [
+        {"city": "Leeds"},
+        {"city": "York", "unnamed column": "junk"},
+        {"city": "Bath"},
+    ]
+    assert store.attribute_names("news") == ["city", "unnamed column"]

@@ -406,3 +406,142 @@ def test_the_store_refuses_a_reason_that_is_not_one_line(store: SubscriberStore)
     assert store.suppression("ann@example.org") == "bounced"
     assert store.unsuppress("ann@example.org", reason="  fixed  ", actor="web") == "bounced"
     assert store.suppression_history("ann@example.org")[-1][2] == "fixed"
+
+
+def test_an_export_imported_into_a_fresh_database_exports_the_same(project: Path) -> None:
+    # Moving to a new database (or back from another tool) keeps when each
+    # person left: that date is the record of their request.
+    old = SubscriberStore(connect(project / "old.sqlite3"))
+    rows = [
+        ParsedRow(i + 2, f"{n}@example.org", n.upper(), "", {"town": n})
+        for i, n in enumerate("abc")
+    ]
+    old.import_rows("news", rows, skip_invalid=False)
+    old.conn.execute(
+        "INSERT INTO list_optouts VALUES ('news', 'b@example.org', '2025-03-04T05:06:07+00:00')"
+    )
+    old.conn.execute(
+        "INSERT INTO suppressions VALUES "
+        "('c@example.org', 'complained', 'news', '2024-01-02T03:04:05+00:00')"
+    )
+    first = run_cli(
+        "subscribers", "export", "--list", "news", cwd=project, env=cli_env(project, "old.sqlite3")
+    )
+    assert first.returncode == 0, first.stderr
+    assert "b@example.org,B,,b,opted-out,,2025-03-04T05:06:07+00:00" in first.stdout
+    (project / "moved.csv").write_text(first.stdout, encoding="utf-8")
+    env = cli_env(project, "new.sqlite3")
+    done = run_cli("subscribers", "import", "moved.csv", "--list", "news", cwd=project, env=env)
+    assert done.returncode == 0, done.stderr
+    second = run_cli("subscribers", "export", "--list", "news", cwd=project, env=env)
+    assert second.stdout == first.stdout
+    # The log says when the import recorded it; the state keeps when it happened.
+    [(when, action, reason, _list, _who)] = SubscriberStore(
+        connect(project / "new.sqlite3")
+    ).suppression_history("c@example.org")
+    assert (action, reason) == ("suppress", "complained") and when > "2026"
+    # A time without an offset is UTC; one that is not a time is a problem on its line.
+    (project / "odd.csv").write_text(
+        "email,newsletter_state,newsletter_since\n"
+        "d@example.org,opted-out,2025-03-04 05:06\n"
+        "e@example.org,opted-out,last tuesday\n",
+        encoding="utf-8",
+    )
+    odd = run_cli(
+        "subscribers", "import", "odd.csv", "--list", "news", "--skip-invalid", cwd=project, env=env
+    )
+    assert odd.returncode == 3
+    assert "odd.csv:3: newsletter_since: 'last tuesday' is not a date and time" in odd.stderr
+    listed = run_cli("subscribers", "export", "--list", "news", cwd=project, env=env).stdout
+    assert "d@example.org,,,,opted-out,,2025-03-04T05:06:00+00:00" in listed
+
+
+def test_unsuppressing_a_complaint_warns(project: Path) -> None:
+    env = cli_env(project)
+    (project / "m.csv").write_text("email\nann@example.org\nbob@example.org\n", encoding="utf-8")
+    run_cli("subscribers", "import", "m.csv", "--list", "news", cwd=project, env=env)
+    for email, reason in (("ann@example.org", "complained"), ("bob@example.org", "bounced")):
+        run_cli("subscribers", "unsubscribe", email, "--reason", reason, cwd=project, env=env)
+    ann = run_cli(
+        "subscribers",
+        "unsuppress",
+        "ann@example.org",
+        "--reason",
+        "her letter",
+        cwd=project,
+        env=env,
+    )
+    assert ann.returncode == 0, ann.stderr
+    assert "warning: ann@example.org reported your mail as spam" in ann.stderr
+    assert "mailed by: news" in ann.stdout
+    bob = run_cli(
+        "subscribers", "unsuppress", "bob@example.org", "--reason", "fixed", cwd=project, env=env
+    )
+    assert bob.returncode == 0 and "warning" not in bob.stderr
+
+
+def test_an_interrupted_import_imports_nothing_and_says_so(project: Path) -> None:
+    import os
+    import signal
+    import sys
+    import time
+
+    env = cli_env(project)
+    (project / "first.csv").write_text("email\nold@example.org\n", encoding="utf-8")
+    run_cli("subscribers", "import", "first.csv", "--list", "news", cwd=project, env=env)
+    fifo = project / "slow.csv"
+    os.mkfifo(fifo)  # a file still being read when Ctrl-C comes
+    child = subprocess.Popen(
+        [sys.executable, "-m", "newsletter", "subscribers", "import", str(fifo), "--list", "news"],
+        cwd=project,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    with fifo.open("w", encoding="utf-8") as writer:
+        writer.write("email,first_name\n")
+        writer.write("".join(f"r{i}@example.org,R\n" for i in range(5000)))
+        writer.flush()
+        time.sleep(3)  # the rows are read, inside the import's transaction
+        child.send_signal(signal.SIGINT)
+        _out, err = child.communicate(timeout=30)
+    assert child.returncode == 130, err
+    assert "interrupted: nothing was imported; the lists are as they were" in err
+    store = SubscriberStore(connect(project / "newsletter.sqlite3", busy_seconds=1))
+    assert [m.email for m in store.members("news")] == ["old@example.org"]
+
+
+def test_an_import_holds_no_lock_while_it_reads(project: Path) -> None:
+    # Reading and checking a large file takes most of an import's time; an
+    # unsubscribe click meanwhile must not wait for it (the page gives up after
+    # 20 s and answers "busy").
+    import os
+    import sys
+    import time
+
+    env = cli_env(project)
+    (project / "first.csv").write_text("email\nann@example.org\n", encoding="utf-8")
+    run_cli("subscribers", "import", "first.csv", "--list", "news", cwd=project, env=env)
+    fifo = project / "slow.csv"
+    os.mkfifo(fifo)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "newsletter", "subscribers", "import", str(fifo), "--list", "news"],
+        cwd=project,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    store = SubscriberStore(connect(project / "newsletter.sqlite3", busy_seconds=1))
+    with fifo.open("w", encoding="utf-8") as writer:
+        writer.write("email,first_name\nann@example.org,Ann\n")
+        writer.write("".join(f"r{i}@example.org,R\n" for i in range(5000)))
+        writer.flush()
+        time.sleep(3)  # the import is reading, the file not finished
+        assert store.opt_out("news", "ann@example.org")  # not "database is locked"
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    assert "news: 5,000 added, 1 already on the list (updated)" in out
+    assert "1 of them opted out of this list" in out
+    assert [m.state for m in store.members("news")][:2] == ["opted-out", "subscribed"]

@@ -205,7 +205,7 @@ def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool, encod
     A column the file does not have leaves the stored values alone; an empty
     cell clears them. Exit status: 0 all imported; 1 nothing imported (bad rows
     without --skip-invalid, or a bad file); 3 good rows imported, bad rows
-    skipped (--skip-invalid).
+    skipped (--skip-invalid); 130 interrupted, nothing imported.
     """
     from newsletter.csv_import import read_csv
     from newsletter.errors import NewsletterError
@@ -220,6 +220,9 @@ def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool, encod
         )
     except NewsletterError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        click.secho("interrupted: nothing was imported; the lists are as they were", err=True)
+        sys.exit(130)
     for problem in report.problems:
         click.secho(
             f"{'skipped' if skip_invalid else 'error'}: {problem}",
@@ -409,6 +412,15 @@ def subscribers_unsuppress(email: str, reason: str) -> None:
         f"{address} had been suppressed ({before.reason}{origin}) since {before.since}; "
         "that is lifted and recorded."
     )
+    if before.reason == "complained":
+        # Receivers count complaints against the sender; one more from the same
+        # person weighs more than a missed issue.
+        click.secho(
+            f"warning: {address} reported your mail as spam. Mail it again only at the "
+            "person's own request; another complaint harms delivery to everyone.",
+            fg="yellow",
+            err=True,
+        )
     lists = store.lists_of(address)
     mailed = [name for name, left in lists if not left]
     left = [name for name, left in lists if left]

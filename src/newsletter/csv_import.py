@@ -65,6 +65,8 @@ _ALIASES = {
     "e mail": "email",
     "email address": "email",
     "e mail address": "email",
+    "e mail 1 value": "email",  # Google Contacts (the first of its addresses)
+    "email 1 value": "email",
     "first name": "first_name",
     "firstname": "first_name",
     "given name": "first_name",
@@ -97,6 +99,8 @@ class ParsedRow:
     # (then ``reason`` is one of SUPPRESSION_REASONS); None otherwise.
     state: str | None = None
     reason: str | None = None
+    # From newsletter_since: when it opted out or was suppressed (UTC, ISO 8601).
+    since: str | None = None
 
 
 def normalise_address(raw: str) -> str:
@@ -169,7 +173,7 @@ class _Reader:
         self.pushed: deque[tuple[int, bytes | None]] = deque()
 
     # -- physical lines and records ----------------------------------------------
-    def _line(self) -> tuple[int, bytes | None] | None:
+    def _line(self, *, skip_long: bool = True) -> tuple[int, bytes | None] | None:
         """The next physical line (with its line end), or None for one over the cap."""
         if self.pushed:
             return self.pushed.popleft()
@@ -177,6 +181,8 @@ class _Reader:
         if not chunk:
             return None
         self.number += 1
+        if len(chunk) > MAX_LINE_BYTES and not skip_long:
+            return self.number, chunk  # the caller stops: never read on (/dev/zero)
         if len(chunk) > MAX_LINE_BYTES:
             while chunk and not chunk.endswith(b"\n"):  # skip the rest, never hold it
                 chunk = self.fh.readline(MAX_LINE_BYTES)
@@ -238,6 +244,14 @@ class _Reader:
                 f"{self.encoding}, so the file is not {self.encoding} text; "
                 + (_EXCEL_HINT if self.encoding == "utf-8" else "try another --encoding"),
             )
+        if self.encoding != "utf-8" and not data.isascii() and _is_utf8(data):
+            # cp1252 or latin-1 decode any bytes at all: UTF-8 read as such turns
+            # "José" into "JosÃ©" silently. Real cp1252 text is almost never valid UTF-8.
+            return self._problem(
+                start,
+                f"is UTF-8 text ({text.strip()[:60]!r} as {self.encoding}), not "
+                f"{self.encoding}: run again without --encoding",
+            )
         return text
 
     def _split(self, start: int, end: int, text: str) -> list[str] | Problem | None:
@@ -276,7 +290,9 @@ class _Reader:
             cells = text if isinstance(text, Problem) else self._split(start, end, text)
             if cells is None:
                 continue
-            if end > start and (isinstance(cells, Problem) or not _fits(header, cells)):
+            if end > start and (
+                isinstance(cells, Problem) or not _fits(header, cells, self.delimiter)
+            ):
                 # Lines joined by a quote that do not make a row: a stray quote.
                 # Report where it is, and read the lines it took as rows again.
                 self._resync(start, lines)
@@ -296,14 +312,17 @@ class _Reader:
                 yield from result
 
     def _header(self) -> _Header:
-        got = self._line()
+        got = self._line(skip_long=False)
         if got is None:
             self._fatal("the file is empty; the first line must name the columns")
         start, data = got
-        if data is None:
-            self._fatal(f"the first line is longer than {MAX_LINE_BYTES // 1024} KiB")
+        assert data is not None
         if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
             self._fatal('the file is UTF-16 ("Unicode Text"); save it as "CSV UTF-8"')
+        if b"\0" in data:
+            self._fatal("the file is not text (it has NUL bytes); export the list as CSV")
+        if len(data) > MAX_LINE_BYTES:
+            self._fatal(f"the first line is longer than {MAX_LINE_BYTES // 1024} KiB")
         if data.startswith(_BOM):
             if self.encoding != "utf-8":
                 self._fatal(
@@ -311,8 +330,6 @@ class _Reader:
                     "run again without --encoding"
                 )
             data = data[len(_BOM) :]
-        if b"\0" in data:
-            self._fatal("the file is not text (it has NUL bytes); export the list as CSV")
         if b"\r" in data.rstrip(b"\r\n"):
             self._fatal(
                 "lines end with a lone carriage return (old Mac style); save the file as "
@@ -332,6 +349,14 @@ class _Reader:
 
     def _fatal(self, message: str) -> NoReturn:
         raise ValidationFailed([self._problem(1, message)])
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _ends_inside_quotes(line: bytes, delimiter: bytes, *, inside: bool) -> bool:
@@ -396,13 +421,15 @@ def _check_header(name: str, cells: list[str]) -> _Header:
             )
     if "email" not in columns:
         found = ", ".join(c.strip() for c in cells if c.strip()) or "nothing"
+        likely = [f"{n} ({c.strip()})" for n, c in enumerate(cells, 1) if "mail" in _fold(c)]
+        hint = f" (column {' or '.join(likely)}?)" if likely else ""
         problems.append(
             Problem(
                 name,
                 1,
                 "",
                 f"no email column in the header (found: {found}); name the column of "
-                "addresses `email`",
+                f"addresses `email`{hint}",
             )
         )
     if problems:
@@ -410,14 +437,16 @@ def _check_header(name: str, cells: list[str]) -> _Header:
     return _Header(columns)
 
 
-def _fits(header: _Header, cells: list[str]) -> bool:
-    """Whether a record spanning lines has the header's shape, its line breaks inside
-    columns that may hold them."""
+def _fits(header: _Header, cells: list[str], delimiter: str) -> bool:
+    """Whether a record spanning lines has the header's shape and is one row: a line
+    break in a name (Alt+Enter in an Excel cell) is that row's problem, but a cell of
+    an address or a name that holds a delimiter or an ``@`` after a line break has
+    taken the next lines in, behind a stray quote."""
     columns = header.columns
     if len(cells) < len(columns) or any(c.strip() for c in cells[len(columns) :]):
         return False
     return not any(
-        ("\n" in cell or "\r" in cell)
+        ("\n" in cell or "\r" in cell) and (delimiter in cell or "@" in cell)
         for column, cell in zip(columns, cells, strict=False)
         if column in KNOWN or column in STATE_COLUMNS
     )
@@ -451,9 +480,10 @@ def _parse_row(
         # hold a multi-line address; other control characters are refused.
         core = column in KNOWN or column in STATE_COLUMNS
         if (_CONTROL if core else _CONTROL_BUT_BREAKS).search(value):
-            problems.append(
-                Problem(name, line, column, "contains a line break or a control character")
-            )
+            message = "contains a line break or a control character"
+            if core and not _CONTROL.search(value.replace("\r", "").replace("\n", "")):
+                message = "has a line break inside the quoted cell; put it on one line"
+            problems.append(Problem(name, line, column, message))
             continue
         values[column] = value if core else value.replace("\r\n", "\n")
     raw = values.pop("email", None)
@@ -468,12 +498,39 @@ def _parse_row(
                 problems.append(
                     Problem(name, line, "email", f"{raw!r} is not a valid address: {exc}")
                 )
+    raw_since = values.get("newsletter_since", "")
     state, reason = _state(values, name, line, problems)
+    since = _since(raw_since, name, line, problems) if state else None
     if problems:
         return problems
     first = values.pop("first_name", None)
     last = values.pop("last_name", None)
-    return ParsedRow(line, email, first, last, values, state, reason)
+    return ParsedRow(line, email, first, last, values, state, reason, since)
+
+
+def _since(raw: str, name: str, line: int, problems: list[Problem]) -> str | None:
+    """An export's newsletter_since, as the store writes times; a date or a time without
+    an offset is taken as UTC."""
+    import datetime as dt
+
+    if not raw.strip():
+        return None
+    try:
+        when = dt.datetime.fromisoformat(raw.strip())
+    except ValueError:
+        problems.append(
+            Problem(
+                name,
+                line,
+                "newsletter_since",
+                f"{raw!r} is not a date and time; use the form 2026-11-30T10:00:00+00:00 "
+                "(or leave it empty)",
+            )
+        )
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.astimezone(dt.UTC).isoformat(timespec="seconds")
 
 
 def _state(

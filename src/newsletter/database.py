@@ -118,6 +118,18 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " frozen_at TEXT NOT NULL"
         ") WITHOUT ROWID",
         "ALTER TABLE locks ADD COLUMN since REAL",  # when the holder took it (unix time)
+        # Suppressions made before the log existed get their entry, so that an
+        # address's history starts with its suppression, not with its lifting.
+        "INSERT INTO suppression_log (email, action, reason, list_name, actor, created_at) "
+        "SELECT email, 'suppress', reason, list_name, 'unrecorded (before the log)', created_at "
+        "FROM suppressions ORDER BY created_at, email",
+        # Version 1 stored a column without a name (a trailing comma) as an
+        # attribute named "": an export would have a header cell without a name,
+        # which no import takes. Empty ones go; a value is kept, named.
+        "UPDATE subscribers SET attributes = json_remove(CASE "
+        "WHEN trim(json_extract(attributes, '$.\"\"')) = '' THEN attributes "
+        "ELSE json_set(attributes, '$.\"unnamed column\"', json_extract(attributes, '$.\"\"')) "
+        "END, '$.\"\"') WHERE json_type(attributes, '$.\"\"') IS NOT NULL",
     ),
 )
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
