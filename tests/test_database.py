@@ -102,3 +102,20 @@ def test_attributes_without_a_name_from_version_1_are_named_or_dropped(tmp_path:
         {"city": "Bath"},
     ]
     assert store.attribute_names("news") == ["city", "unnamed column"]
+
+
+def test_a_weightier_reason_replaces_a_lighter_one_and_never_the_reverse(tmp_path: Path) -> None:
+    store = SubscriberStore(connect(tmp_path / "db.sqlite3"))
+    assert store.suppress("ann@example.org", "unsubscribed", actor="web")
+    # A complaint entered later must not hide behind an unsubscribe the person can lift
+    # by ticking a list on the preferences page.
+    assert store.suppress("ann@example.org", "complained", actor="cli:ed@host")
+    assert store.suppression("ann@example.org") == "complained"
+    assert not store.suppress("ann@example.org", "bounced", actor="feedback")
+    assert not store.suppress("ann@example.org", "unsubscribed", actor="web")
+    assert store.suppression("ann@example.org") == "complained"
+    log = store.conn.execute(
+        "SELECT reason, actor FROM suppression_log WHERE email = ? ORDER BY id",
+        ("ann@example.org",),
+    ).fetchall()
+    assert [tuple(r) for r in log] == [("unsubscribed", "web"), ("complained", "cli:ed@host")]

@@ -358,3 +358,13 @@ def test_bidi_controls_written_as_character_references(write_issue: Callable[...
     assert "U+202E RIGHT-TO-LEFT OVERRIDE and U+202C POP DIRECTIONAL FORMATTING" in refused.message
     assert refused.line is not None
     assert "&#x202E;" in path.read_text(encoding="utf-8").splitlines()[refused.line - 1]
+
+
+@pytest.mark.parametrize("bad_id", ["news..1", "news.", "-news", "a b"])
+def test_ids_that_would_break_a_message_id_are_refused(
+    write_issue: Callable[..., Path], bad_id: str
+) -> None:
+    data = example_data()
+    data["id"] = bad_id
+    found = problems_of(write_issue(data))
+    assert any("id: must be 1-64 letters" in p and "no '..'" in p for p in found), found

@@ -82,8 +82,9 @@ def test_files_that_are_not_subscriber_lists(tmp_path: Path) -> None:
     latin1 = csv_file(tmp_path, "email\nj\u00fcrgen@example.org\n".encode("latin-1"), "l.csv")
     assert "is not utf-8 text" in str(next(read_csv(latin1)))
     no_email = csv_file(tmp_path, b"name,address\nAnn,ann@example.org\n", "n.csv")
-    with pytest.raises(ValidationFailed, match="no email column"):
+    with pytest.raises(ValidationFailed, match="no email column") as refused:
         next(read_csv(no_email))
+    assert str(refused.value).startswith("1 problem found; nothing was imported:")
     empty = csv_file(tmp_path, b"", "e.csv")
     with pytest.raises(ValidationFailed, match="the file is empty"):
         next(read_csv(empty))

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from newsletter.subscribers import Member
 
 KNOWN = ("email", "first_name", "last_name")
+NOTHING_IMPORTED = "nothing was imported"
 SUPPRESSION_REASONS = ("unsubscribed", "bounced", "complained")
 # The columns `subscribers export` adds; an import recognises them and never
 # stores them as attributes (see ParsedRow.state).
@@ -147,12 +148,15 @@ def read_csv(path: Path, *, encoding: str = "utf-8") -> Iterator[ParsedRow | Pro
     try:
         codec = check_encoding(encoding)
     except ValueError as exc:
-        raise ValidationFailed([Problem(name, None, "--encoding", str(exc))]) from None
+        raise ValidationFailed(
+            [Problem(name, None, "--encoding", str(exc))], outcome=NOTHING_IMPORTED
+        ) from None
     try:
         fh = path.open("rb")
     except OSError as exc:
         raise ValidationFailed(
-            [Problem(name, None, "", f"cannot read the file: {exc.strerror or exc}")]
+            [Problem(name, None, "", f"cannot read the file: {exc.strerror or exc}")],
+            outcome=NOTHING_IMPORTED,
         ) from None
     with fh:
         yield from _Reader(name, fh, codec).rows()
@@ -348,7 +352,7 @@ class _Reader:
         return _check_header(self.name, cells)
 
     def _fatal(self, message: str) -> NoReturn:
-        raise ValidationFailed([self._problem(1, message)])
+        raise ValidationFailed([self._problem(1, message)], outcome=NOTHING_IMPORTED)
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -433,7 +437,7 @@ def _check_header(name: str, cells: list[str]) -> _Header:
             )
         )
     if problems:
-        raise ValidationFailed(problems)
+        raise ValidationFailed(problems, outcome=NOTHING_IMPORTED)
     return _Header(columns)
 
 

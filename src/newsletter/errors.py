@@ -47,10 +47,10 @@ class ConfigError(NewsletterError):
 class ValidationFailed(NewsletterError):
     """An input file has one or more problems; all of them are listed."""
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[Problem], *, outcome: str = "nothing was written") -> None:
         self.problems = list(problems)
         n = len(self.problems)
-        head = f"{n} problem{'s' if n != 1 else ''} found; nothing was written:"
+        head = f"{n} problem{'s' if n != 1 else ''} found; {outcome}:"
         super().__init__("\n".join([head, *(f"  {p}" for p in self.problems)]))
 
 

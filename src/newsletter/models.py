@@ -125,9 +125,12 @@ def _language_tag(value: str) -> str:
 
 
 def _issue_id(value: str) -> str:
-    if not _ID_RE.fullmatch(value):
+    # The id starts every Message-ID (<id.hash@domain>, RFC 5322 dot-atom): two dots
+    # in a row, or one at the end, would make it invalid.
+    if not _ID_RE.fullmatch(value) or ".." in value or value.endswith("."):
         raise ValueError(
-            "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit, "
+            "with no '..' and no '.' at the end"
         )
     return value
 

@@ -375,9 +375,13 @@ class SubscriberStore:
     def suppress(
         self, email: str, reason: str, *, list_name: str | None = None, actor: str = "cli"
     ) -> bool:
-        """Never mail ``email`` again, on any list. Returns False if it already was.
+        """Never mail ``email`` again, on any list. Returns False if it already was, for
+        this reason or a weightier one.
 
-        Every change is also written to ``suppression_log`` with who made it."""
+        A weightier reason replaces a lighter one (complained > bounced > unsubscribed):
+        the person may lift an ``unsubscribed`` suppression themselves by ticking a list,
+        so a complaint recorded later must not stay hidden behind it. Every change is
+        also written to ``suppression_log`` with who made it."""
         if reason not in SUPPRESSION_REASONS:
             raise ValueError(f"unknown suppression reason {reason!r}")
         with self.conn:
@@ -385,7 +389,12 @@ class SubscriberStore:
             now = _now()
             changed = self.conn.execute(
                 "INSERT INTO suppressions (email, reason, list_name, created_at) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                "VALUES (?1, ?2, ?3, ?4) ON CONFLICT (email) DO UPDATE SET "
+                "reason = excluded.reason, list_name = excluded.list_name, "
+                "created_at = excluded.created_at "
+                "WHERE (CASE excluded.reason WHEN 'complained' THEN 3 WHEN 'bounced' THEN 2 "
+                "ELSE 1 END) > (CASE reason WHEN 'complained' THEN 3 WHEN 'bounced' THEN 2 "
+                "ELSE 1 END)",
                 (email, reason, list_name, now),
             ).rowcount
             if changed:
