@@ -1049,3 +1049,12 @@ def test_too_late_to_undo_points_to_the_preferences_page_that_works(site: Site) 
         FORM,
     )
     assert site.audience() == EMAILS
+
+
+def test_coming_back_from_everything_with_two_lists_gets_both(site: Site) -> None:
+    url = f"{site.base}/preferences/{prefs_token(EMAILS[0])}"
+    _, body, _ = call(url, b"confirm=yes", FORM)
+    assert "tick the lists you want and save: you will then get those lists only" in (text_of(body))
+    _, body, _ = call(url, b"confirm=yes&list%3Aevents=on&list%3Aresearch-news=on", FORM)
+    assert f"Saved. {EMAILS[0]} gets: events, research-news." in text_of(body)
+    assert site.audience() == EMAILS and site.audience("events") == EMAILS

@@ -430,7 +430,6 @@ class _Pages:
             "Undo the unsubscribe?",
             f"{opening}<p>{address} is unsubscribed from {newsletter}. The button below "
             f"works for {minutes} minutes after the unsubscribe.</p>"
-            f"{self._suppressed(suppressed)}"
             f'<form method="post" action="{_e(here)}">'
             '<input type="hidden" name="confirm" value="yes">'
             '<button type="submit">Undo: keep sending it to me</button></form>',
@@ -517,8 +516,8 @@ class _Pages:
             state = (
                 f"<p>{'Saved. ' if saving else ''}You have left everything: we send no "
                 f"emails to {address}, from these lists or from any list created or "
-                "imported later. To come back, tick a list and save: you will then get "
-                "that list only.</p>"
+                "imported later. To come back, tick the lists you want and save: you will "
+                "then get those lists only.</p>"
             )
         elif suppressed:
             state = (
