@@ -356,7 +356,9 @@ def _send_slot(
     notes = [*unfinished, *nobody.values()]
     slots.set(slot, "done" if complete else "incomplete", issue.id, detail="; ".join(notes))
     verb = "sent" if complete else "incomplete"
-    message = f"{issue.id} for the slot {when}: {verb}" + "".join(
+    # Every list's members may have left: done, but "sent" would claim mail went out.
+    said = verb if reports else "done, nothing sent"
+    message = f"{issue.id} for the slot {when}: {said}" + "".join(
         f"; {n}" for n in [*notes, *choice.notes]
     )
     return DueResult(verb, message, slot, reports)
