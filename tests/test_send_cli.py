@@ -835,7 +835,7 @@ def test_a_list_everyone_left_says_so_not_import_and_freezes_nothing(
     # a list nobody was ever imported into is a different matter, and says so
     empty = run_cli("send", issue, "--list", "nobody-here", "--dry-run", cwd=project, env=env)
     assert empty.returncode == 1
-    assert "the list 'nobody-here' has no members, so nobody to send to; import" in empty.stderr
+    assert "the list 'nobody-here' has nobody to send to: no members; import" in empty.stderr
 
 
 def test_a_scheduled_list_everyone_left_does_not_fail_the_slot(
@@ -875,10 +875,13 @@ def test_a_scheduled_list_never_imported_still_fails_the_slot(
     due = run_cli("send", "--due", cwd=project, env=env)
     assert due.returncode == 1
     assert "sent to research-news; not sent to every list" in due.stderr
-    assert "list typo: the list 'typo' has no members, so nobody to send to; import" in (due.stderr)
+    assert "list typo: the list 'typo' has nobody to send to: no members; import" in (due.stderr)
     assert "nobody to send to on members: all 5 have left" in due.stderr
     shown = run_cli("schedule", cwd=project, env=env)
-    assert "2020-12-23  incomplete  list typo: the list 'typo' has no members" in shown.stdout
+    assert (
+        "2020-12-23  incomplete  list typo: the list 'typo' has nobody to send to: no members"
+        in shown.stdout
+    )
 
 
 # ------------------------------------------------------------------- CLI wording

@@ -94,7 +94,7 @@ def _members(n: int) -> str:
 def _check_mailable(list_name: str, states: ListStates) -> None:
     if states.members == 0:
         raise ConfigError(
-            f"the list {list_name!r} has no members, so nobody to send to; import "
+            f"the list {list_name!r} has nobody to send to: no members; import "
             f"subscribers with `newsletter subscribers import FILE.csv --list {list_name}`"
         )
     if states.subscribed == 0:
