@@ -502,7 +502,7 @@ def test_one_issue_to_two_lists_reaches_each_person_once(project: Path, server: 
     for e in only_b:
         assert list_of(server.handler.to(e)[0]) == ("MS Research News <b.example.org>", "b")
     status = run_cli("status", "2020-12-23", "--list", "b", cwd=project, env=env)
-    assert "audience 4, 0 suppressed at the start, 3 left out" in status.stdout
+    assert "audience 4, 0 suppressed or had left the list at the start, 3 left out" in status.stdout
     again = run_cli("send", f"issues/{EXAMPLE.name}", "--list", "b", "--yes", cwd=project, env=env)
     assert again.returncode == 0 and "3 left out" in again.stdout
     assert len(server.handler.received) == 9
@@ -773,7 +773,10 @@ def test_kill_9_on_the_first_list_then_the_second_then_the_first_resumed(
         if server.handler.to(e):
             assert list_of(server.handler.to(e)[0])[1] == "a"
     status = run_cli("status", "2020-12-23", "--list", "b", cwd=project, env=env)
-    assert "audience 100, 0 suppressed at the start, 150 left out" in status.stdout
+    assert (
+        "audience 100, 0 suppressed or had left the list at the start, 150 left out"
+        in status.stdout
+    )
 
 
 @pytest.mark.parametrize("extra", [["--resend-unknown"], ["--retry-rejected"], ["--outbox", "box"]])
@@ -786,3 +789,172 @@ def test_send_due_refuses_options_it_would_ignore(project: Path, extra: list[str
     due = run_cli("send", "--due", *extra, cwd=project, env=env)
     assert due.returncode == 2, due.stdout + due.stderr
     assert extra[0] in due.stderr and "schedule:" not in due.stdout
+
+
+# ------------------------------------------------- lists whose members have all left
+
+
+def everyone_leaves(project: Path, list_name: str, emails: list[str]) -> None:
+    """The first three leave the list (its unsubscribe link), the rest are suppressed."""
+    from newsletter.database import connect
+    from newsletter.subscribers import SubscriberStore
+
+    store = SubscriberStore(connect(project / "newsletter.sqlite3"))
+    for e in emails[:3]:
+        assert store.opt_out(list_name, e)
+    store.suppress(emails[3], "bounced")
+    for e in emails[4:]:
+        store.suppress(e, "unsubscribed")
+
+
+ALL_LEFT = (
+    "the list 'members' has nobody to send to: 5 members, none of them mailable: "
+    "3 opted out of this list and 2 suppressed (1 bounced, 1 unsubscribed)"
+)
+
+
+def test_a_list_everyone_left_says_so_not_import_and_freezes_nothing(
+    project: Path, server: Server
+) -> None:
+    env = env_for(server, project)
+    emails = write_csv(project, 5)
+    run_cli("subscribers", "import", "subs.csv", "--list", "members", cwd=project, env=env)
+    everyone_leaves(project, "members", emails)
+    issue = f"issues/{EXAMPLE.name}"
+    for extra in (["--yes"], ["--dry-run"]):
+        result = run_cli("send", issue, "--list", "members", *extra, cwd=project, env=env)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert ALL_LEFT in result.stderr and "import" not in result.stderr
+    assert server.handler.received == []
+    # nothing was frozen: someone who joins later still gets this issue
+    (project / "new.csv").write_text("email\nnew@example.org\n", encoding="utf-8")
+    run_cli("subscribers", "import", "new.csv", "--list", "members", cwd=project, env=env)
+    sent = run_cli("send", issue, "--list", "members", "--yes", cwd=project, env=env)
+    assert sent.returncode == 0, sent.stderr
+    assert [r.rcpt_tos[0] for r in server.handler.received] == ["new@example.org"]
+    # a list nobody was ever imported into is a different matter, and says so
+    empty = run_cli("send", issue, "--list", "nobody-here", "--dry-run", cwd=project, env=env)
+    assert empty.returncode == 1
+    assert "the list 'nobody-here' has nobody to send to: no members; import" in empty.stderr
+
+
+def test_a_scheduled_list_everyone_left_does_not_fail_the_slot(
+    project: Path, server: Server
+) -> None:
+    env = schedule_env(server, project, "2020-12-23T09:30:00-05:00")
+    env["NEWSLETTER_SCHEDULE_LISTS"] = "members,research-news"
+    emails = write_csv(project, 5)
+    run_cli("subscribers", "import", "subs.csv", "--list", "members", cwd=project, env=env)
+    others = [f"other{i}@example.org" for i in range(3)]
+    (project / "others.csv").write_text("email\n" + "\n".join(others) + "\n", encoding="utf-8")
+    run_cli("subscribers", "import", "others.csv", "--list", "research-news", cwd=project, env=env)
+    everyone_leaves(project, "members", emails)
+    due = run_cli("send", "--due", cwd=project, env=env)
+    assert due.returncode == 0, due.stdout + due.stderr
+    assert (
+        "schedule: 2020-12-23 for the slot Wed 2020-12-23 09:00 EST: sent; "
+        "nobody to send to on members: all 5 have left" in due.stdout
+    )
+    assert sorted(r.rcpt_tos[0] for r in server.handler.received) == others
+    again = run_cli("send", "--due", cwd=project, env=env)  # the next look: done, not retried
+    assert again.returncode == 0 and "was handled" in again.stdout
+    shown = run_cli("schedule", cwd=project, env=env)
+    assert "2020-12-23  done  nobody to send to on members: all 5 have left" in shown.stdout
+
+
+def test_a_scheduled_list_never_imported_still_fails_the_slot(
+    project: Path, server: Server
+) -> None:
+    env = schedule_env(server, project, "2020-12-23T09:30:00-05:00")
+    env["NEWSLETTER_SCHEDULE_LISTS"] = "members,research-news,typo"
+    emails = write_csv(project, 5)
+    run_cli("subscribers", "import", "subs.csv", "--list", "members", cwd=project, env=env)
+    (project / "rn.csv").write_text("email\nrn@example.org\n", encoding="utf-8")
+    run_cli("subscribers", "import", "rn.csv", "--list", "research-news", cwd=project, env=env)
+    everyone_leaves(project, "members", emails)
+    due = run_cli("send", "--due", cwd=project, env=env)
+    assert due.returncode == 1
+    assert "sent to research-news; not sent to every list" in due.stderr
+    assert "list typo: the list 'typo' has nobody to send to: no members; import" in (due.stderr)
+    assert "nobody to send to on members: all 5 have left" in due.stderr
+    shown = run_cli("schedule", cwd=project, env=env)
+    assert (
+        "2020-12-23  incomplete  list typo: the list 'typo' has nobody to send to: no members"
+        in shown.stdout
+    )
+
+
+# ------------------------------------------------------------------- CLI wording
+
+
+def test_schedule_shows_why_a_slot_is_incomplete(project: Path, server: Server) -> None:
+    env = schedule_env(server, project, "2020-12-23T09:30:00-05:00")
+    emails = write_csv(project, 3)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    server.handler.behaviour.reject = {emails[1]: (550, "5.1.1 unknown user")}
+    due = run_cli("send", "--due", cwd=project, env=env)
+    assert due.returncode == 3 and "incomplete; research-news not finished: 1 rejected" in (
+        due.stdout
+    )
+    shown = run_cli("schedule", cwd=project, env=env)
+    assert "2020-12-23  incomplete  research-news not finished: 1 rejected" in shown.stdout
+
+
+def test_the_send_summary_tells_leaving_a_list_from_suppression(
+    project: Path, server: Server
+) -> None:
+    env = env_for(server, project)
+    emails = write_csv(project, 6)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    from newsletter.database import connect
+    from newsletter.subscribers import SubscriberStore
+
+    store = SubscriberStore(connect(project / "newsletter.sqlite3"))
+    for e in emails[:3]:
+        store.opt_out("research-news", e)
+    sent = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    assert sent.returncode == 0, sent.stderr
+    assert "3 recipient(s), 0 suppressed and 3 who left the list (left out)" in sent.stdout
+    assert "left the list or suppressed since the start 0" in sent.stdout
+    again = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    assert "3 recipient(s), 3 suppressed or had left the list (left out)" in again.stdout
+    status = run_cli("status", "2020-12-23", cwd=project, env=env)
+    assert "3 suppressed or had left the list at the start" in status.stdout
+
+
+def test_status_of_a_list_not_sent_to_names_those_that_were(project: Path, server: Server) -> None:
+    env = env_for(server, project)
+    two_lists(project, env)
+    run_cli("send", f"issues/{EXAMPLE.name}", "--list", "b", "--yes", cwd=project, env=env)
+    status = run_cli("status", "2020-12-23", "--list", "a", cwd=project, env=env)
+    assert status.returncode == 1
+    assert (
+        "2020-12-23 has not been sent to a; it has a send to b "
+        "(`newsletter status 2020-12-23 --list b`)" in status.stdout
+    )
+    never = run_cli("status", "2031-01-01", "--list", "a", cwd=project, env=env)
+    assert never.returncode == 1
+    assert "has not been sent to a; it has not been sent to any list" in never.stdout
+
+
+MAILTO_NOTE = "note: List-Unsubscribe offers mailto:unsubscribe@"
+
+
+def test_send_reminds_that_someone_must_read_the_unsubscribe_mailbox(
+    project: Path, server: Server
+) -> None:
+    env = env_for(server, project)
+    write_csv(project, 2)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    issue = f"issues/{EXAMPLE.name}"
+    declined = run_cli("send", issue, cwd=project, env=env, input="n\n")
+    assert declined.returncode == 1 and declined.stdout.count(MAILTO_NOTE) == 1
+    assert declined.stdout.index(MAILTO_NOTE) < declined.stdout.index("starting 2020-12-23")
+    assert "newsletter subscribers unsubscribe EMAIL" in declined.stdout
+    dry = run_cli("send", issue, "--dry-run", cwd=project, env=env)
+    assert dry.returncode == 0 and "mailto:" not in dry.stdout
+    sent = run_cli("send", issue, "--yes", cwd=project, env=env)
+    assert sent.returncode == 0 and sent.stdout.count(MAILTO_NOTE) == 1
+    chosen = {**env, "NEWSLETTER_UNSUBSCRIBE_MAILTO": "leave@example.org"}
+    resumed = run_cli("send", issue, "--yes", cwd=project, env=chosen)
+    assert resumed.returncode == 0 and "note: List-Unsubscribe" not in resumed.stdout

@@ -957,3 +957,104 @@ def test_a_database_that_cannot_be_used_is_named_in_the_log_not_called_busy(
     logged = " ".join(r.getMessage() for r in caplog.records if r.name == "newsletter.web")
     assert "made by a newer version of newsletter" in logged and "busy" not in logged
     assert EMAILS[0] not in logged
+
+
+# -- page texts that say what the code does -------------------------------------------
+
+
+@pytest.mark.parametrize("reason", ["bounced", "complained", "unsubscribed"])
+def test_a_suppressed_address_is_not_told_its_other_lists_are_unaffected(
+    site: Site, reason: str
+) -> None:
+    url = f"{site.base}/unsubscribe/{token(EMAILS[0])}"
+    site.store().suppress(EMAILS[0], reason)
+    _, body, _ = call(url, b"confirm=yes", FORM)  # the button
+    first = text_of(body)
+    call(url, b"List-Unsubscribe=One-Click", FORM)
+    _, body, _ = call(url, b"confirm=yes", FORM)  # the button on an old link: already left
+    again = text_of(body)
+    for text in (first, again):
+        assert "we send it none of our emails, from any list" in text
+        assert "not affected" not in text
+        if reason == "unsubscribed":  # what works for this one: the preferences page
+            assert "tick a list and save" in text and "reply" not in text
+        else:
+            assert "the preferences page cannot change that" in text and "reply" in text
+    assert "had already left" in again
+    # an address that is not suppressed is still told about its other lists, truly
+    _, body, _ = call(f"{site.base}/unsubscribe/{token(EMAILS[1])}", b"confirm=yes", FORM)
+    assert "Any other lists of ours this address is on are not affected" in text_of(body)
+    assert site.audience("events") == [EMAILS[1]]
+
+
+def test_undo_after_leaving_everything_points_to_what_works(site: Site) -> None:
+    _, body, _ = call(f"{site.base}/unsubscribe/{token(EMAILS[0])}", b"confirm=yes", FORM)
+    [undo] = actions(body)
+    prefs = f"{site.base}/preferences/{prefs_token(EMAILS[0])}"
+    call(prefs, b"confirm=yes", FORM)  # then leaves everything on the preferences page
+    assert site.store().suppression(EMAILS[0]) == "unsubscribed"
+    _, body, _ = call(undo, b"confirm=yes", FORM)
+    text = text_of(body)
+    assert "no emails will come" in text and "has since left everything" in text
+    assert "tick the lists you want and save" in text and "reply" not in text
+    # and it is true: ticking a list on that page brings that list back
+    _, body, _ = call(prefs, b"confirm=yes&list%3Aresearch-news=on", FORM)
+    assert site.audience() == EMAILS and site.audience("events") == [EMAILS[1]]
+
+
+def test_opening_an_undo_address_explains_and_changes_nothing(site: Site) -> None:
+    _, body, _ = call(f"{site.base}/unsubscribe/{token(EMAILS[0])}", b"confirm=yes", FORM)
+    [undo] = actions(body)
+    for _ in range(2):  # a reload, then the address pasted into another tab
+        status, body, headers = call(undo)
+        assert status == 200 and headers["content-type"].startswith("text/html")
+        text = text_of(body)
+        assert "changes nothing: only the undo button does" in text
+        assert f"{EMAILS[0]} is unsubscribed from" in text and actions(body) == [undo]
+        assert site.audience() == [EMAILS[1]]
+    status, body, _ = call(undo, method="HEAD")
+    assert status == 200 and body == "" and site.audience() == [EMAILS[1]]
+    # the button on that page works as the first one does
+    status, body, _ = call(undo, b"confirm=yes", FORM)
+    assert status == 200 and "Welcome back" in body and site.audience() == EMAILS
+    status, body, _ = call(undo)
+    assert status == 200 and "Nothing to undo" in body and actions(body) == []
+    # after its hour, and forged: the same answers as a POST, and still no change
+    site.clock.now += dt.timedelta(hours=2)
+    status, body, _ = call(undo)
+    assert status == 410 and "Too late" in body and site.audience() == EMAILS
+    assert call(undo[:-3] + "AAA")[0] == 404
+
+
+def test_opening_an_undo_address_of_a_suppressed_address_offers_no_button(site: Site) -> None:
+    _, body, _ = call(f"{site.base}/unsubscribe/{token(EMAILS[0])}", b"confirm=yes", FORM)
+    [undo] = actions(body)
+    site.store().suppress(EMAILS[0], "bounced")
+    status, body, _ = call(undo)
+    text = text_of(body)
+    assert status == 200 and actions(body) == [] and "would bring no email back" in text
+    assert "could not be delivered" in text and site.store().suppression(EMAILS[0]) == "bounced"
+
+
+def test_too_late_to_undo_points_to_the_preferences_page_that_works(site: Site) -> None:
+    _, body, _ = call(f"{site.base}/unsubscribe/{token(EMAILS[0])}", b"confirm=yes", FORM)
+    [undo] = actions(body)
+    site.clock.now += dt.timedelta(hours=2)
+    _, body, _ = call(undo, b"confirm=yes", FORM)
+    text = text_of(body)
+    assert "tick research-news and save" in text and "reply" not in text
+    call(
+        f"{site.base}/preferences/{prefs_token(EMAILS[0], issued=site.clock.now)}",
+        b"confirm=yes&list%3Aresearch-news=on&list%3Aevents=on",
+        FORM,
+    )
+    assert site.audience() == EMAILS
+
+
+def test_coming_back_from_everything_with_two_lists_gets_both(site: Site) -> None:
+    url = f"{site.base}/preferences/{prefs_token(EMAILS[0])}"
+    _, body, _ = call(url, b"confirm=yes", FORM)
+    assert "tick the lists you want and save: you will then get those lists only" in (text_of(body))
+    _, body, _ = call(url, b"confirm=yes&list%3Aevents=on&list%3Aresearch-news=on", FORM)
+    assert f"Saved. {EMAILS[0]} gets: events, research-news." in text_of(body)
+    assert site.audience() == EMAILS and site.audience("events") == EMAILS

@@ -558,6 +558,8 @@ def send(
             result = _build(settings, issue_file, strict=False, list_name=list_name)
             _send_test_copies(settings, _template(settings, result, list_name), test_to, dry_run)
             return
+        if not dry_run and not settings.unsubscribe_mailto:
+            _mailto_reminder(settings)
         report, transport = _send_one(
             settings,
             issue_file,
@@ -579,6 +581,17 @@ def send(
         _fail(exc)
     _summarise(report, dry_run, transport)
     sys.exit(report.exit_code)
+
+
+def _mailto_reminder(settings: Settings) -> None:
+    # Nothing in this tool reads that mailbox yet: a request sent there is only
+    # acted on if a person reads it, and a missed one keeps getting mail.
+    click.secho(
+        f"note: List-Unsubscribe offers mailto:{settings.unsubscribe_address} (the default; "
+        "NEWSLETTER_UNSUBSCRIBE_MAILTO is not set). Nothing reads that mailbox for you: "
+        "someone must, and run `newsletter subscribers unsubscribe EMAIL` for each request",
+        fg="yellow",
+    )
 
 
 def _template(settings: Settings, result: BuildResult, list_name: str | None) -> MessageTemplate:
@@ -762,10 +775,17 @@ def _signer(settings: Settings) -> Callable[[bytes], bytes] | None:
 def _describe_send(planned: Preview, issue_id: str, name: str, via: str, size: int) -> None:
     c = planned.counts
     verb = "resuming" if planned.resumed else "starting"
+    if planned.opted_out is None:
+        # A send under way recorded one number for both at its start.
+        left_out = f"{planned.suppressed} suppressed or had left the list (left out)"
+    else:
+        left_out = (
+            f"{planned.suppressed - planned.opted_out} suppressed and "
+            f"{planned.opted_out} who left the list (left out)"
+        )
     click.echo(
-        f"{verb} {issue_id} to {name}: {planned.audience} recipient(s), "
-        f"{planned.suppressed} suppressed and left out; message about {size / 1000:.1f} kB; "
-        f"via {via}"
+        f"{verb} {issue_id} to {name}: {planned.audience} recipient(s), {left_out}; "
+        f"message about {size / 1000:.1f} kB; via {via}"
     )
     click.echo(
         f"  to send now: {c['pending']} pending, {c['deferred']} deferred; already: "
@@ -800,7 +820,8 @@ def _summarise(report: SendReport, dry_run: bool, transport: Transport) -> None:
     click.echo(
         f"sent {c['sent']}, rejected {c['rejected']}, "
         f"deferred {c['deferred']}, unknown {c['unknown']}, pending {c['pending']}, "
-        f"suppressed since start {c['suppressed']}; this run {r.attempted} message(s) "
+        f"left the list or suppressed since the start {c['suppressed']}; "
+        f"this run {r.attempted} message(s) "
         f"in {r.elapsed:.1f} s ({r.rate:.0f}/s)"
     )
     if report.record.duplicates:
@@ -875,12 +896,20 @@ def status(issue_id: str, list_name: str | None) -> None:
     log = SendLog(connect(settings.database))
     record = log.find(issue_id, name)
     if record is None:
-        click.echo(f"{issue_id} has not been sent to {name}")
+        others = log.lists_sent(issue_id)
+        where = (
+            f"it has a send to {', '.join(others)} (`newsletter status {issue_id} --list "
+            f"{others[0]}`)"
+            if others
+            else "it has not been sent to any list"
+        )
+        click.echo(f"{issue_id} has not been sent to {name}; {where}")
         sys.exit(1)
     counts = log.counts(record.id)
     click.echo(
         f"{issue_id} to {name}: started {record.created_at}, audience {record.audience}, "
-        f"{record.suppressed} suppressed at the start, {record.duplicates} left out "
+        f"{record.suppressed} suppressed or had left the list at the start, "
+        f"{record.duplicates} left out "
         "(they have it from another list's send)"
     )
     for state, n in counts.items():
@@ -1026,7 +1055,9 @@ def schedule(ctx: click.Context) -> None:
         if recent:
             click.echo("recent slots:")
             for key, day, issue_id, state, detail in recent:
-                click.echo(f"  {key}  {day}  {issue_id or '-'}  {state}  {detail}")
+                # Slots recorded by older versions may have none.
+                why = detail or ("" if state in ("done", "sending") else "(no reason recorded)")
+                click.echo(f"  {key}  {day}  {issue_id or '-'}  {state}  {why}")
     except NewsletterError as exc:
         _fail(exc)
 

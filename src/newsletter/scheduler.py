@@ -29,7 +29,7 @@ from newsletter.errors import NewsletterError, ValidationFailed
 from newsletter.loading import Loaded, load_issue, load_society, named_day
 from newsletter.locks import Lease, LockHeld
 from newsletter.schedule import Schedule, Slot, latest, slots_between
-from newsletter.sending import SendReport
+from newsletter.sending import NobodyMailable, SendReport
 from newsletter.yaml_input import read_yaml
 
 LOCK_NAME = "schedule"
@@ -345,11 +345,22 @@ def _send_slot(
         slots.set(slot, "failed", detail=problem)
         raise SlotFailed(when, [problem])
     slots.set(slot, "sending", issue.id)
-    reports = _send_lists(when, slot, slots, issue.id, path, lists, send_issue)
-    complete = len(reports) == len(lists) and all(r.exit_code == 0 for r in reports)
-    slots.set(slot, "done" if complete else "incomplete", issue.id)
+    reports, nobody = _send_lists(when, slot, slots, issue.id, path, lists, send_issue)
+    unfinished = [_unfinished(r) for r in reports if r.exit_code != 0]
+    if len(reports) + len(nobody) < len(lists):
+        # Asked to stop (SIGTERM, Ctrl-C) before the later lists.
+        handled = {r.record.list_name for r in reports}
+        waiting = [n for n in lists if n not in handled and n not in nobody]
+        unfinished.append(f"not started on {', '.join(waiting)} (the run was stopped)")
+    complete = not unfinished
+    notes = [*unfinished, *nobody.values()]
+    slots.set(slot, "done" if complete else "incomplete", issue.id, detail="; ".join(notes))
     verb = "sent" if complete else "incomplete"
-    message = f"{issue.id} for the slot {when}: {verb}" + "".join(f"; {n}" for n in choice.notes)
+    # Every list's members may have left: done, but "sent" would claim mail went out.
+    said = verb if reports else "done, nothing sent"
+    message = f"{issue.id} for the slot {when}: {said}" + "".join(
+        f"; {n}" for n in [*notes, *choice.notes]
+    )
     return DueResult(verb, message, slot, reports)
 
 
@@ -361,14 +372,22 @@ def _send_lists(
     path: Path,
     lists: list[str],
     send_issue: Callable[[Path, str], SendReport],
-) -> list[SendReport]:
-    """Send the slot's issue to each list in turn; raise when one of them could not be."""
+) -> tuple[list[SendReport], dict[str, str]]:
+    """Send the slot's issue to each list in turn; raise when one of them could not be.
+
+    Also returns, by list name, a note for each list whose members have all left: that is
+    people's choice, not a fault, and retrying it all morning would change
+    nothing. A list with no members at all (never imported) is a fault."""
     reports: list[SendReport] = []
     errors: list[str] = []
     done: list[str] = []
+    nobody: dict[str, str] = {}
     for name in lists:
         try:
             reports.append(send_issue(path, name))
+        except NobodyMailable as exc:
+            nobody[name] = f"nobody to send to on {name}: {exc.summary}"
+            continue
         except NewsletterError as exc:
             # One list that cannot be sent (empty, its send locked by a run by
             # hand) does not hold back the others, and is not hidden by them.
@@ -378,12 +397,24 @@ def _send_lists(
         if (reports[-1].result.stopped or "").startswith("stopped by SIG"):
             break  # asked to stop: the other lists wait for the next run
     if errors and not done:
-        slots.set(slot, "failed", issue_id, detail="; ".join(errors))
-        raise SlotFailed(when, errors)
+        slots.set(slot, "failed", issue_id, detail="; ".join([*errors, *nobody.values()]))
+        raise SlotFailed(when, [*errors, *nobody.values()])
     if errors:
-        slots.set(slot, "incomplete", issue_id, detail="; ".join(errors))
-        raise SlotIncomplete(when, issue_id, done, errors)
-    return reports
+        slots.set(slot, "incomplete", issue_id, detail="; ".join([*errors, *nobody.values()]))
+        raise SlotIncomplete(when, issue_id, done, [*errors, *nobody.values()])
+    return reports, nobody
+
+
+def _unfinished(report: SendReport) -> str:
+    """Why a list's send is not finished, for the slot's record and ``newsletter schedule``."""
+    c = report.result.counts
+    left = ", ".join(
+        f"{c[state]} {state}"
+        for state in ("pending", "sending", "deferred", "unknown", "rejected")
+        if c.get(state)
+    )
+    stopped = f"; stopped: {report.result.stopped}" if report.result.stopped else ""
+    return f"{report.record.list_name} not finished: {left or 'nothing left'}{stopped}"
 
 
 def _nothing_or_missed(schedule: Schedule, slots: Slots, now: dt.datetime) -> DueResult:

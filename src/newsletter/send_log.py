@@ -108,6 +108,13 @@ class SendLog:
         ).fetchone()
         return None if row is None else SendRecord(*row)
 
+    def lists_sent(self, issue_id: str) -> list[str]:
+        """The lists ``issue_id`` has a send to (started, finished or not), by name."""
+        rows = self.conn.execute(
+            "SELECT list_name FROM sends WHERE issue_id = ? ORDER BY list_name", (issue_id,)
+        )
+        return [str(r[0]) for r in rows]
+
     def freeze(
         self, issue_id: str, list_name: str, audience: Iterable[Recipient], suppressed: int
     ) -> SendRecord:

@@ -18,7 +18,7 @@ from newsletter.compose import MessageTemplate
 from newsletter.errors import ConfigError
 from newsletter.send_log import SendLog, SendRecord
 from newsletter.storage import SendLogStore, Subscribers
-from newsletter.subscribers import SubscriberStore
+from newsletter.subscribers import ListStates, SubscriberStore
 from newsletter.transports import Transport
 
 
@@ -57,6 +57,48 @@ class Preview:
     counts: dict[str, int]
     first: list[str]
     duplicates: int = 0  # left out: another list's send of this issue has them
+    # Of ``suppressed``, those who left this list only; None when resuming (the send
+    # recorded one number for both).
+    opted_out: int | None = None
+
+
+class NobodyMailable(ConfigError):
+    """The list has members, but every one of them has left it or is suppressed.
+
+    Not a mistake to fix by importing: people left. Nothing is frozen, so a
+    later import still reaches this issue."""
+
+    def __init__(self, list_name: str, states: ListStates) -> None:
+        self.list_name = list_name
+        self.members = states.members
+        reasons = ", ".join(f"{n} {reason}" for reason, n in states.suppressed.items())
+        parts = []
+        if states.opted_out:
+            parts.append(f"{states.opted_out} opted out of this list")
+        if states.suppressed:
+            parts.append(f"{sum(states.suppressed.values())} suppressed ({reasons})")
+        self.summary = (
+            f"all {states.members} have left" if states.members > 1 else "its one member has left"
+        )
+        super().__init__(
+            f"the list {list_name!r} has nobody to send to: {_members(states.members)}, none "
+            f"of them mailable: {' and '.join(parts)}. Nothing was sent; "
+            f"`newsletter subscribers count --list {list_name}` shows them"
+        )
+
+
+def _members(n: int) -> str:
+    return "1 member" if n == 1 else f"{n} members"
+
+
+def _check_mailable(list_name: str, states: ListStates) -> None:
+    if states.members == 0:
+        raise ConfigError(
+            f"the list {list_name!r} has nobody to send to: no members; import "
+            f"subscribers with `newsletter subscribers import FILE.csv --list {list_name}`"
+        )
+    if states.subscribed == 0:
+        raise NobodyMailable(list_name, states)
 
 
 def preview(conn: sqlite3.Connection, issue_id: str, list_name: str) -> Preview:
@@ -68,22 +110,21 @@ def preview(conn: sqlite3.Connection, issue_id: str, list_name: str) -> Preview:
         counts["unknown"] += counts.pop("sending")  # a dead run's in-flight rows
         first = [email for email, _ in log.in_state(record.id, "pending", limit=5)]
         return Preview(True, record.audience, record.suppressed, counts, first, record.duplicates)
-    members, suppressed = store.count(list_name)
-    if members - suppressed == 0:
-        raise ConfigError(
-            f"the list {list_name!r} has nobody to send to; import subscribers with "
-            f"`newsletter subscribers import FILE.csv --list {list_name}`"
-        )
+    states = store.states(list_name)
+    _check_mailable(list_name, states)
+    suppressed = states.members - states.subscribed
     duplicates, first = log.duplicates(issue_id, list_name, first=5)
     if not duplicates:
         for recipient in store.audience(list_name):
             first.append(recipient.email)
             if len(first) == 5:
                 break
-    audience = members - suppressed - duplicates
+    audience = states.subscribed - duplicates
     counts = {"pending": audience, "deferred": 0, "sent": 0, "rejected": 0,
               "unknown": 0, "suppressed": 0}  # fmt: skip
-    return Preview(False, audience, suppressed, counts, first, duplicates)
+    return Preview(
+        False, audience, suppressed, counts, first, duplicates, opted_out=states.opted_out
+    )
 
 
 def prepare(
@@ -100,14 +141,11 @@ def prepare(
     record = log.find(issue_id, list_name)
     resumed = record is not None
     if record is None:
-        members, suppressed = store.count(list_name)
-        if members - suppressed == 0:
-            # Checked before freezing: an empty frozen audience would stay
-            # empty for this issue even after subscribers are imported.
-            raise ConfigError(
-                f"the list {list_name!r} has nobody to send to; import subscribers with "
-                f"`newsletter subscribers import FILE.csv --list {list_name}`"
-            )
+        states = store.states(list_name)
+        # Checked before freezing: an empty frozen audience would stay
+        # empty for this issue even after subscribers are imported.
+        _check_mailable(list_name, states)
+        suppressed = states.members - states.subscribed
         record = log.freeze(issue_id, list_name, store.audience(list_name), suppressed)
     log.mark_interrupted(record.id)
     unknown = log.requeue(record.id, "unknown") if resend_unknown else 0

@@ -10,7 +10,8 @@ small server-rendered pages, and changes to the subscriber store.
   button: corporate link scanners open every link in an email, and a GET must
   never unsubscribe anyone.
 - ``POST /unsubscribe/<token>`` from that button unsubscribes and, when it
-  changed something, offers ``POST /undo/<undo token>`` for the next hour.
+  changed something, offers ``POST /undo/<undo token>`` for the next hour;
+  ``GET /undo/<undo token>`` (a reload, a copied address) only explains.
 - ``/preferences/<token>`` shows and saves which lists the address gets;
   leaving every list puts it on the suppression list.
 
@@ -150,7 +151,7 @@ def create_app(config: WebConfig) -> ASGIApp:
         routes=[
             Route("/unsubscribe/{token}", _guarded(pages.unsubscribe), methods=["GET", "POST"]),
             Route("/unsubscribe/{token}/undo", _guarded(pages.old_undo), methods=["POST"]),
-            Route("/undo/{token}", _guarded(pages.undo), methods=["POST"]),
+            Route("/undo/{token}", _guarded(pages.undo), methods=["GET", "POST"]),
             Route("/unsubscribe", _guarded(pages.no_token), methods=["GET"]),
             Route("/preferences/{token}", _guarded(pages.preferences), methods=["GET", "POST"]),
             Route("/preferences", _guarded(pages.no_token), methods=["GET"]),
@@ -315,8 +316,11 @@ class _Pages:
         if one_click:
             return PlainTextResponse("Unsubscribed.\n")
         newsletter = f"<strong>{_e(self._newsletter(subject))}</strong>"
+        # True only when no suppression covers every list: then _suppressed says it all.
         others = (
-            "<p>Any other lists of ours this address is on are not affected; the "
+            ""
+            if suppressed
+            else "<p>Any other lists of ours this address is on are not affected; the "
             "preferences link in each of our emails manages those.</p>"
         )
         if not changed:
@@ -351,6 +355,8 @@ class _Pages:
             return self._not_found()
         if self._expired(subject, tokens.UNDO_VALID):
             return await self._too_late_to_undo(subject)
+        if request.method != "POST":
+            return await self._undo_shown(subject, request)
         form = await _form(request)
         if form.get("confirm") != "yes":
             return self._page("Nothing changed", "<p>The request was incomplete.</p>", 400)
@@ -363,6 +369,17 @@ class _Pages:
         changed, member, suppressed = await self._db(apply)
         log.info("resubscribe list=%s changed=%s", subject.list_name, changed)
         newsletter = f"<strong>{_e(self._newsletter(subject))}</strong>"
+        if suppressed == "unsubscribed":
+            # Left everything (the preferences page) since: ticking a list there is
+            # what brings mail back, and it works; a reply would wait for a person.
+            return self._page(
+                "Unsubscribe undone, but no emails will come",
+                f"<p>The unsubscribe from {newsletter} is undone, but "
+                f"<strong>{_e(subject.email)}</strong> has since left everything: we "
+                "send it none of our emails, and undoing this unsubscribe does not "
+                "change that. To get our emails again, open the preferences link in "
+                "our email, tick the lists you want and save.</p>",
+            )
         if suppressed:
             return self._page(
                 "Unsubscribe undone, but no emails will come",
@@ -384,6 +401,38 @@ class _Pages:
         return self._page(
             "Welcome back",
             f"<p><strong>{_e(subject.email)}</strong> will keep getting {newsletter}.</p>",
+        )
+
+    async def _undo_shown(self, subject: tokens.TokenSubject, request: Request) -> Response:
+        """GET (a refresh, a copied address): say what the button does; change nothing."""
+        left, suppressed = await self._db(lambda store: _state(store, subject))
+        newsletter = f"<strong>{_e(self._newsletter(subject))}</strong>"
+        address = f"<strong>{_e(subject.email)}</strong>"
+        opening = (
+            "<p>Opening or reloading this address changes nothing: only the undo button does.</p>"
+        )
+        if not left:
+            return self._page(
+                "Nothing to undo",
+                f"{opening}<p>{address} is not unsubscribed from {newsletter}.</p>"
+                f"{self._suppressed(suppressed)}",
+            )
+        if suppressed:
+            # As after the unsubscribe: an undo would bring no email back.
+            return self._page(
+                "Nothing to undo here",
+                f"{opening}<p>{address} is unsubscribed from {newsletter}, and undoing "
+                f"that would bring no email back.</p>{self._suppressed(suppressed)}",
+            )
+        here = f"{self.base}/undo/{request.path_params['token']}"
+        minutes = int(tokens.UNDO_VALID.total_seconds() // 60)
+        return self._page(
+            "Undo the unsubscribe?",
+            f"{opening}<p>{address} is unsubscribed from {newsletter}. The button below "
+            f"works for {minutes} minutes after the unsubscribe.</p>"
+            f'<form method="post" action="{_e(here)}">'
+            '<input type="hidden" name="confirm" value="yes">'
+            '<button type="submit">Undo: keep sending it to me</button></form>',
         )
 
     async def old_undo(self, request: Request) -> Response:
@@ -408,12 +457,17 @@ class _Pages:
             "and that time is over"
         )
         newsletter = f"<strong>{_e(self._newsletter(subject))}</strong>"
-        now = (
-            f"<strong>{_e(subject.email)}</strong> still gets no {newsletter} emails. To "
-            "get them again, reply to one of our emails and we will add you back."
-            if left
-            else f"<strong>{_e(subject.email)}</strong> is not unsubscribed from {newsletter}."
-        )
+        address = f"<strong>{_e(subject.email)}</strong>"
+        if not left:
+            now = f"{address} is not unsubscribed from {newsletter}."
+        elif suppressed:
+            now = f"{address} still gets no {newsletter} emails."  # _suppressed says why
+        else:
+            now = (
+                f"{address} still gets no {newsletter} emails. To get them again, open the "
+                "preferences link in one of our emails from the last "
+                f"{tokens.PREFERENCES_VALID.days} days, tick {_e(subject.list_name)} and save."
+            )
         return self._page(
             "Too late to undo here",
             f"<p>{why}, so it changed nothing. {now}</p>{self._suppressed(suppressed)}",
@@ -462,8 +516,8 @@ class _Pages:
             state = (
                 f"<p>{'Saved. ' if saving else ''}You have left everything: we send no "
                 f"emails to {address}, from these lists or from any list created or "
-                "imported later. To come back, tick a list and save: you will then get "
-                "that list only.</p>"
+                "imported later. To come back, tick the lists you want and save: you will "
+                "then get those lists only.</p>"
             )
         elif suppressed:
             state = (
@@ -535,12 +589,23 @@ class _Pages:
         )
 
     def _suppressed(self, reason: str | None) -> str:
+        """What a suppression means for every list, and the way back that works for it."""
         if reason is None:
             return ""
+        if reason == "unsubscribed":
+            # choose_lists lifts this one when a list is ticked: say so, not "reply".
+            return (
+                "<p>This address has left everything: we send it none of our emails, "
+                "from any list. To come back, open the preferences link in one of our "
+                f"emails from the last {tokens.PREFERENCES_VALID.days} days, tick a list "
+                "and save.</p>"
+            )
         return (
             f"<p>This address is on our do-not-mail list "
             f"({_e(reason)}: {_e(_WHY.get(reason, reason))}): we send it none of our "
-            "emails.</p>"
+            "emails, from any list, and the preferences page cannot change that. To get "
+            "our emails again, reply to one of the emails we sent you and we will look "
+            "into it.</p>"
         )
 
     async def no_token(self, request: Request) -> Response:
