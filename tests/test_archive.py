@@ -280,7 +280,7 @@ def test_dry_runs_and_test_copies_leave_the_archive_alone(project: Path, server:
 def archived(project: Path) -> Path:
     """A database where the bundled issue was frozen and delivered to one person."""
     db = project / "newsletter.sqlite3"
-    with closing(connect(db)) as conn:
+    with closing(connect(db, create=True)) as conn:
         add_sent_issue(conn, ID, "MS Research News: stem cell therapy shows promise", "2020-12-23")
     return db
 
@@ -403,7 +403,7 @@ def test_hostile_issue_paths_are_404(project: Path, archived: Path) -> None:
 
 
 def legacy_send(db: Path, issue_id: str) -> None:
-    with closing(connect(db)) as conn:
+    with closing(connect(db, create=True)) as conn:
         cur = conn.execute(
             "INSERT INTO sends (issue_id, list_name, created_at, audience, suppressed) "
             "VALUES (?, 'research-news', '2020-12-23T14:00:00+00:00', 1, 0) RETURNING id",
@@ -478,7 +478,7 @@ def test_a_scheduled_send_keeps_the_web_version_too(project: Path, server: Serve
 
 
 def test_the_version_check_sees_writes_on_its_own_connection_too(project: Path) -> None:
-    with closing(connect(project / "newsletter.sqlite3")) as conn:
+    with closing(connect(project / "newsletter.sqlite3", create=True)) as conn:
         store = ArchiveStore(conn)
         assert store.published() == []
         add_sent_issue(conn, ID, "Subject", "2020-12-23")  # the same connection

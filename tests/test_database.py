@@ -11,7 +11,7 @@ from newsletter.subscribers import SubscriberStore
 
 
 def test_new_database_has_the_current_schema(tmp_path: Path) -> None:
-    conn = connect(tmp_path / "new.sqlite3")
+    conn = connect(tmp_path / "new.sqlite3", create=True)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"subscribers", "sends", "deliveries", "suppression_log", "archive"} <= tables
@@ -43,7 +43,7 @@ def test_version_1_database_is_migrated_and_keeps_its_rows(tmp_path: Path) -> No
 
 
 def test_suppressing_and_lifting_are_logged_with_who_and_why(tmp_path: Path) -> None:
-    store = SubscriberStore(connect(tmp_path / "db.sqlite3"))
+    store = SubscriberStore(connect(tmp_path / "db.sqlite3", create=True))
     assert store.suppress("ann@example.org", "complained", actor="web")
     assert store.unsuppress("ann@example.org", reason="she wrote to ask", actor="cli:ed@host") == (
         "complained"
@@ -105,7 +105,7 @@ def test_attributes_without_a_name_from_version_1_are_named_or_dropped(tmp_path:
 
 
 def test_a_weightier_reason_replaces_a_lighter_one_and_never_the_reverse(tmp_path: Path) -> None:
-    store = SubscriberStore(connect(tmp_path / "db.sqlite3"))
+    store = SubscriberStore(connect(tmp_path / "db.sqlite3", create=True))
     assert store.suppress("ann@example.org", "unsubscribed", actor="web")
     # A complaint entered later must not hide behind an unsubscribe the person can lift
     # by ticking a list on the preferences page.

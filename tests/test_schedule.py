@@ -104,7 +104,7 @@ def db_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def conn(db_path: Path) -> sqlite3.Connection:
-    return connect(db_path)
+    return connect(db_path, create=True)
 
 
 def issue_for(write_issue: Callable[..., Path], day: str) -> Path:
@@ -237,6 +237,7 @@ def test_schedule_command_and_send_due_from_the_cli(project: Path) -> None:
         "NEWSLETTER_DATABASE": str(project / "db.sqlite3"),
         "NEWSLETTER_TEST_NOW": "2020-12-23T10:00:00-05:00",
     }
+    connect(project / "db.sqlite3", create=True).close()  # as an import would have
     shown = run_cli("schedule", cwd=project, env=env)
     assert shown.returncode == 0, shown.stderr
     assert "Thu 09:00 America/New_York" in shown.stdout
@@ -433,6 +434,7 @@ def test_send_due_and_schedule_report_the_wrong_date(
     where = (
         f"issues/2026-12-03.yaml:{line}: date: is 2026-11-26, but the file is named for 2026-12-03"
     )
+    connect(project / "db.sqlite3", create=True).close()  # as an import would have
     ahead = run_cli("schedule", cwd=project, env=env)  # the day before: a warning in time
     assert ahead.returncode == 0, ahead.stderr
     assert "Thu 2026-12-03 09:00 EST" in ahead.stdout and where in ahead.stdout
@@ -544,6 +546,7 @@ def test_a_cron_line_that_never_runs_is_a_settings_error(project: Path) -> None:
     assert shown.returncode == 1 and "Traceback" not in shown.stderr
     assert "NEWSLETTER_SCHEDULE: '0 9 31 2 *' never runs" in shown.stderr
     # days that do come, if rarely, are kept: 29 February, or the 31st or a Thursday
+    connect(project / "newsletter.sqlite3", create=True).close()  # as an import would have
     for spec in ("0 9 29 2 *", "0 9 31 2 4"):
         ok = run_cli("schedule", cwd=project, env={"NEWSLETTER_SCHEDULE": spec})
         assert ok.returncode == 0, ok.stderr

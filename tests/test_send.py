@@ -40,7 +40,7 @@ def template(project: Path) -> MessageTemplate:
 
 @pytest.fixture
 def db(tmp_path: Path) -> sqlite3.Connection:
-    return connect(tmp_path / "test.sqlite3")
+    return connect(tmp_path / "test.sqlite3", create=True)
 
 
 def addresses(n: int) -> list[str]:
@@ -430,7 +430,7 @@ def test_dry_run_copy_counts_what_the_real_freeze_leaves_out(
     subscribe(db, [*shared[:5], "b-only@example.org"], "b")
     SubscriberStore(db).opt_out("b", "b-only@example.org")
     prepare(db, "2020-12-23", "a")
-    scratch = connect(tmp_path / "scratch.sqlite3")
+    scratch = connect(tmp_path / "scratch.sqlite3", create=True)
     dry_run_copy(db, scratch, "2020-12-23", "b")
     in_copy = preview(scratch, "2020-12-23", "b")
     assert in_copy == preview(db, "2020-12-23", "b")
@@ -464,7 +464,7 @@ def test_two_freezes_of_one_issue_at_the_same_moment_take_turns(tmp_path: Path) 
     import threading
 
     path = tmp_path / "race.sqlite3"
-    setup = connect(path)
+    setup = connect(path, create=True)
     shared = [f"r{i:05d}@example.org" for i in range(12000)]  # more than two freeze batches
     subscribe(setup, shared, "a")
     subscribe(setup, shared, "b")

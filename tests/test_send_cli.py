@@ -393,7 +393,10 @@ def test_sigterm_during_a_scheduled_send_leaves_nobody_in_doubt(
 
 
 def test_sending_to_an_empty_list_freezes_nothing(project: Path, server: Server) -> None:
+    from newsletter.database import connect
+
     env = env_for(server, project)
+    connect(project / "newsletter.sqlite3", create=True).close()  # a database with no list
     empty = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
     assert empty.returncode == 1 and "has nobody to send to" in empty.stderr
     write_csv(project, 3)
@@ -639,8 +642,8 @@ def test_list_names_follow_one_rule_everywhere(project: Path, name: str) -> None
     due = run_cli("send", "--due", cwd=project, env=scheduled)
     assert due.returncode == 1 and f"NEWSLETTER_SCHEDULE_LISTS: {name!r} {rule}" in due.stderr
     counted = run_cli("subscribers", "count", cwd=project, env=env)
-    # nothing was imported under the bad name
-    assert counted.returncode == 0 and counted.stdout.startswith("no lists yet")
+    # nothing was imported under the bad name: not even a database was made
+    assert counted.returncode == 1 and "there is no database at" in counted.stderr
 
 
 def test_options_that_do_not_go_together_are_refused(project: Path) -> None:
@@ -655,10 +658,12 @@ def test_options_that_do_not_go_together_are_refused(project: Path) -> None:
 
 
 def test_only_a_stopped_campaign_is_told_to_resume(project: Path, server: Server) -> None:
+    from newsletter.database import connect
     from newsletter.locks import Lease
 
     resume = "Run the same command again to resume"
     env = env_for(server, project)
+    connect(project / "newsletter.sqlite3", create=True).close()  # a database with no list
     send = ["send", f"issues/{EXAMPLE.name}", "--yes"]
     # Errors before anything was frozen or sent: there is nothing to resume.
     empty = run_cli(*send, cwd=project, env=env)

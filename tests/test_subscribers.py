@@ -17,7 +17,7 @@ from newsletter.subscribers import SubscriberStore
 
 @pytest.fixture
 def store(tmp_path: Path) -> SubscriberStore:
-    return SubscriberStore(connect(tmp_path / "subs.sqlite3"))
+    return SubscriberStore(connect(tmp_path / "subs.sqlite3", create=True))
 
 
 def csv_file(tmp_path: Path, content: bytes, name: str = "subs.csv") -> Path:
@@ -120,7 +120,7 @@ def test_suppression_survives_reimport_and_applies_to_every_list(store: Subscrib
 
 
 def test_audience_streams_in_batches(tmp_path: Path) -> None:
-    conn: sqlite3.Connection = connect(tmp_path / "big.sqlite3")
+    conn: sqlite3.Connection = connect(tmp_path / "big.sqlite3", create=True)
     store = SubscriberStore(conn)
     rows = [ParsedRow(i + 2, f"r{i:05d}@example.org", "", "") for i in range(2500)]
     store.import_rows("news", rows, skip_invalid=False)
@@ -412,7 +412,7 @@ def test_the_store_refuses_a_reason_that_is_not_one_line(store: SubscriberStore)
 def test_an_export_imported_into_a_fresh_database_exports_the_same(project: Path) -> None:
     # Moving to a new database (or back from another tool) keeps when each
     # person left: that date is the record of their request.
-    old = SubscriberStore(connect(project / "old.sqlite3"))
+    old = SubscriberStore(connect(project / "old.sqlite3", create=True))
     rows = [
         ParsedRow(i + 2, f"{n}@example.org", n.upper(), "", {"town": n})
         for i, n in enumerate("abc")

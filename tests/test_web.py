@@ -92,7 +92,7 @@ def running(make_app: Callable[[str], ASGIApp]) -> Iterator[str]:
 
 def make_site(tmp_path: Path, public_url: str | None = None) -> Iterator[Site]:
     db = tmp_path / "web.sqlite3"
-    store = SubscriberStore(connect(db))
+    store = SubscriberStore(connect(db, create=True))
     rows = [ParsedRow(i + 2, e, "", "") for i, e in enumerate(EMAILS)]
     for list_name in ("research-news", "events"):
         store.import_rows(list_name, rows, skip_invalid=False)
@@ -333,6 +333,7 @@ def test_serve_command(project: Path) -> None:
         "NEWSLETTER_DATABASE": str(project / "web.sqlite3"),
         "NEWSLETTER_SECRET_KEY": "x" * 40,
     }
+    connect(project / "web.sqlite3", create=True).close()  # as an import would have
     proc = subprocess.Popen(
         [sys.executable, "-m", "newsletter", "serve", "--port", "0"],
         cwd=project,
@@ -773,7 +774,7 @@ def test_the_access_log_holds_no_token_and_no_address(project: Path) -> None:
     import sys
 
     db = project / "web.sqlite3"
-    SubscriberStore(connect(db)).import_rows(
+    SubscriberStore(connect(db, create=True)).import_rows(
         "research-news", [ParsedRow(2, EMAILS[0], "", "")], skip_invalid=False
     )
     key = "x" * 40

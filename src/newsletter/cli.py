@@ -36,7 +36,19 @@ def _fail(exc: Exception | str) -> NoReturn:
     sys.exit(getattr(exc, "exit_code", 1))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The last line of defence: a NewsletterError from any command is its error line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from newsletter.errors import NewsletterError
+
+        try:
+            return super().invoke(ctx)
+        except NewsletterError as exc:
+            _fail(exc)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="newsletter")
 def main() -> None:
     """Compose and send the weekly research-news email.
@@ -125,12 +137,24 @@ def subscribers() -> None:
     """Manage subscriber lists and the suppression list (in NEWSLETTER_DATABASE)."""
 
 
-def _store() -> tuple[Settings, SubscriberStore]:
+def _store(*, create: bool = False) -> tuple[Settings, SubscriberStore]:
+    """The settings and the subscriber store; the database must exist unless ``create``."""
     from newsletter.database import connect
+    from newsletter.errors import NewsletterError
     from newsletter.subscribers import SubscriberStore
 
-    settings = _settings()
-    return settings, SubscriberStore(connect(settings.database))
+    try:
+        settings = _settings()
+        return settings, SubscriberStore(connect(settings.database, create=create))
+    except NewsletterError as exc:
+        _fail(exc)
+
+
+def _require_database(settings: Settings) -> None:
+    """Refuse a missing database now, not at the first send hours later."""
+    from newsletter.database import connect
+
+    connect(settings.database).close()
 
 
 def _list_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -211,7 +235,7 @@ def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool, encod
     from newsletter.errors import NewsletterError
 
     try:
-        _, store = _store()
+        _, store = _store(create=True)  # an import is how a database comes to exist
         report = store.import_rows(
             list_name,
             read_csv(csv_file, encoding=encoding),
@@ -366,11 +390,27 @@ def subscribers_remove(list_name: str, emails: tuple[str, ...]) -> None:
     show_default=True,
 )
 def subscribers_unsubscribe(email: str, reason: str) -> None:
-    """Never mail EMAIL again, on any list, even if it is imported again."""
-    from newsletter.csv_import import normalise_address
+    """Never mail EMAIL again, on any list, even if it is imported again.
 
-    _, store = _store()
+    On a new installation this creates the database, so that a request that
+    came by post or mail before the first import is kept (imports do not lift it)."""
+    from newsletter.csv_import import normalise_address
+    from newsletter.database import connect
+    from newsletter.subscribers import SubscriberStore
+
     address = _address(email, normalise_address)
+    settings = _settings()
+    new = not settings.database.exists()
+    store = SubscriberStore(connect(settings.database, create=True))
+    if new:
+        click.secho(
+            f"note: there was no database at {settings.database.absolute()} "
+            "(NEWSLETTER_DATABASE); a new one was created to hold this suppression. If you "
+            "already have a database, NEWSLETTER_DATABASE is wrong: the real one does not "
+            "have it.",
+            fg="yellow",
+            err=True,
+        )
     if store.suppress(address, reason, actor=_actor()):
         click.echo(f"{address} is suppressed ({reason}); no send will reach it")
     else:
@@ -556,7 +596,13 @@ def send(
             if not dry_run:
                 _require_secret(settings)
             result = _build(settings, issue_file, strict=False, list_name=list_name)
-            _send_test_copies(settings, _template(settings, result, list_name), test_to, dry_run)
+            _send_test_copies(
+                settings,
+                _template(settings, result, list_name),
+                test_to,
+                dry_run,
+                list_name or settings.list_name,
+            )
             return
         if not dry_run and not settings.unsubscribe_mailto:
             _mailto_reminder(settings)
@@ -650,7 +696,7 @@ def _send_one(
             transport = OutboxTransport(box, keep=5)
             scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="newsletter-dry-"))
             conn = stack.enter_context(
-                contextlib.closing(connect(Path(scratch) / "dry-run.sqlite3"))
+                contextlib.closing(connect(Path(scratch) / "dry-run.sqlite3", create=True))
             )
             dry_run_copy(real, conn, result.issue_id, name)
         else:
@@ -834,8 +880,45 @@ def _summarise(report: SendReport, dry_run: bool, transport: Transport) -> None:
         click.secho(f"unknown: {email}: {detail}", fg="yellow")
 
 
+def _test_copy_problems(settings: Settings, addresses: list[str], list_name: str) -> list[str]:
+    """Suppressed addresses (refused) and opt-outs of ``list_name`` (a warning each).
+
+    A test copy is real mail: someone who complained or bounced must not get it.
+    Without a database (a first try-out) there is nobody to protect yet."""
+    import contextlib
+
+    from newsletter.database import connect
+    from newsletter.subscribers import SubscriberStore
+
+    if not addresses or not settings.database.exists():
+        return []
+    problems = []
+    with contextlib.closing(connect(settings.database)) as conn:
+        store = SubscriberStore(conn)
+        for address in dict.fromkeys(addresses):
+            info = store.suppression_info(address)
+            if info is not None:
+                problems.append(
+                    f"--to {address} is suppressed ({info.reason} since {info.since}) and "
+                    "is never mailed; if the person asked to be mailed again, lift it with "
+                    f"`newsletter subscribers unsuppress {address} --reason TEXT`"
+                )
+            elif (list_name, True) in store.lists_of(address):
+                click.secho(
+                    f"warning: {address} opted out of {list_name}; the test copy goes to it "
+                    "all the same",
+                    fg="yellow",
+                    err=True,
+                )
+    return problems
+
+
 def _send_test_copies(
-    settings: Settings, template: MessageTemplate, addresses: tuple[str, ...], dry_run: bool
+    settings: Settings,
+    template: MessageTemplate,
+    addresses: tuple[str, ...],
+    dry_run: bool,
+    list_name: str,
 ) -> None:
     import asyncio
     import datetime as dt
@@ -845,7 +928,17 @@ def _send_test_copies(
     from newsletter.models import Recipient
     from newsletter.transports import Envelope, OutboxTransport
 
-    recipients = [Recipient(_address(a, normalise_address)) for a in addresses]
+    checked: list[str] = []
+    problems: list[str] = []
+    for raw in addresses:
+        try:
+            checked.append(normalise_address(raw))
+        except ValueError as exc:
+            problems.append(f"--to {raw!r} is not a valid address: {exc}")
+    problems += _test_copy_problems(settings, checked, list_name)
+    if problems:
+        _fail("no test copy was sent:\n" + "\n".join(f"  {p}" for p in problems))
+    recipients = [Recipient(a) for a in dict.fromkeys(checked)]  # one copy per address
     transport: Transport = (
         OutboxTransport(settings.out_dir / template.rendered.issue_id / "test-copies")
         if dry_run
@@ -1108,6 +1201,7 @@ def schedule_run(poll: float) -> None:
             f"({plan.catch_up}, NEWSLETTER_CATCH_UP_HOURS) pass unseen; poll more often",
             param_hint="'--poll'",
         )
+    _require_database(settings)
     click.echo(f"scheduler: {plan.describe()}; Ctrl-C or SIGTERM to stop")
     said = ""  # say each thing once, not at every poll
     while not stop.is_set():
@@ -1146,13 +1240,16 @@ def schedule_run(poll: float) -> None:
 def serve(host: str | None, port: int | None) -> None:
     """Serve the unsubscribe, undo and preferences pages behind the links in every email,
     and the archive of sent issues with its feed (put HTTPS in front)."""
+    import contextlib
     import logging
 
     import uvicorn
 
     from newsletter.archive import Archive
+    from newsletter.database import connect
     from newsletter.errors import ConfigError, NewsletterError
     from newsletter.loading import load_society
+    from newsletter.subscribers import SubscriberStore
     from newsletter.web import WebConfig, create_app, store_per_thread
 
     try:
@@ -1162,9 +1259,19 @@ def serve(host: str | None, port: int | None) -> None:
                 "NEWSLETTER_SECRET_KEY is not set: the pages cannot check the links' tokens"
             )
         society = load_society(settings.society_file).value
+        # Checked before listening: pages on a missing database would answer
+        # "nothing changed" to every opt-out.
+        with contextlib.closing(connect(settings.database)) as conn:
+            lists = SubscriberStore(conn).lists()
     except NewsletterError as exc:
         _fail(exc)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("newsletter.serve").info(
+        "database %s: %s list(s), %s member(s) in all",
+        settings.database.absolute(),
+        f"{len(lists):,}",
+        f"{sum(n for _, n in lists):,}",
+    )
     archive = Archive(settings.issues_dir, settings.templates_dir, society, settings.public_url)
     app = create_app(
         WebConfig(

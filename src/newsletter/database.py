@@ -1,7 +1,9 @@
 """Storage: the SQLite database that holds subscribers, suppressions and send logs.
 
 Input: a path. Output: an open :class:`sqlite3.Connection` with the schema in
-place. The database runs in WAL mode with ``synchronous=FULL``: a committed
+place. Only a caller that means to start a database (``subscribers import``)
+creates one; everyone else is refused a missing file with what to do. The
+database runs in WAL mode with ``synchronous=FULL``: a committed
 send-log row survives a crash of the process or of the machine, which is what
 "never send twice" rests on. Every other module reaches the database through
 the store classes in :mod:`newsletter.subscribers` and
@@ -135,15 +137,31 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
 
 
-def connect(path: Path, *, busy_seconds: float = 30.0) -> sqlite3.Connection:
-    """Open (creating if needed) the database at ``path``; wait up to ``busy_seconds``
-    for another writer."""
+def connect(path: Path, *, create: bool = False, busy_seconds: float = 30.0) -> sqlite3.Connection:
+    """Open the database at ``path``; wait up to ``busy_seconds`` for another writer.
+
+    A missing database is refused unless ``create`` is given: a wrong
+    NEWSLETTER_DATABASE (or the default relative path, run from another folder)
+    would otherwise get a new, empty database, and an opt-out recorded there
+    would never reach the real one.
+    """
+    if not create and not path.exists():
+        raise ConfigError(missing_database(path))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, timeout=busy_seconds)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, isolation_level=None, timeout=busy_seconds)
+        else:
+            # mode=rw: a file removed since the check above is not made again.
+            conn = sqlite3.connect(
+                f"{path.absolute().as_uri()}?mode=rw",
+                isolation_level=None,
+                timeout=busy_seconds,
+                uri=True,
+            )
     except (OSError, sqlite3.Error) as exc:
         raise ConfigError(
-            f"cannot open the database {path}: {exc}; check NEWSLETTER_DATABASE"
+            f"cannot open the database {path.absolute()}: {exc}; check NEWSLETTER_DATABASE"
         ) from None
     conn.row_factory = sqlite3.Row
     try:
@@ -162,6 +180,15 @@ def connect(path: Path, *, busy_seconds: float = 30.0) -> sqlite3.Connection:
         conn.close()
         raise ConfigError(f"{path} is not a usable newsletter database: {exc}") from None
     return conn
+
+
+def missing_database(path: Path) -> str:
+    """What to say when there is no database at ``path``."""
+    return (
+        f"there is no database at {path.absolute()} (NEWSLETTER_DATABASE): import subscribers "
+        "first (`newsletter subscribers import FILE --list NAME` creates it), or point "
+        "NEWSLETTER_DATABASE at the database you use"
+    )
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

@@ -109,7 +109,9 @@ def store_per_thread(db_path: Path, *, busy_seconds: float = 20.0) -> Callable[[
 
     def store() -> SubscriberStore:
         if not hasattr(local, "store"):
-            local.store = SubscriberStore(connect(db_path, busy_seconds=busy_seconds))
+            # Never create: a database gone missing answers 503, it is not replaced
+            # by an empty one that would answer "already unsubscribed".
+            local.store = SubscriberStore(connect(db_path, create=False, busy_seconds=busy_seconds))
         found: SubscriberStore = local.store
         return found
 
