@@ -61,7 +61,7 @@ def make_project(root: Path, posts: int) -> Path:
     issue = load_issue(EXAMPLE).value
     html = web_version(issue, society, load_templates(project / "templates"), PUBLIC_URL)
     db = project / "newsletter.sqlite3"
-    with closing(connect(db)) as conn:
+    with closing(connect(db, create=True)) as conn:
         store = SubscriberStore(conn)
         rows = [ParsedRow(i + 2, f"reader{i}@example.org", "", "") for i in range(posts)]
         store.import_rows("research-news", rows, skip_invalid=False)
@@ -265,7 +265,7 @@ def hammer_conditional(port: int, etag: str, args: argparse.Namespace) -> float:
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) / args.seconds
+    return float(sum(counts) / args.seconds)
 
 
 def base_code(root: Path) -> Path | None:

@@ -39,7 +39,7 @@ def child(csv_path: Path, db_path: Path, rounds: int) -> None:
     from newsletter.database import connect
     from newsletter.subscribers import SubscriberStore
 
-    store = SubscriberStore(connect(db_path))
+    store = SubscriberStore(connect(db_path, create=True))
     for n in range(rounds):
         start = time.perf_counter()
         report = store.import_rows("bench", read_csv(csv_path), skip_invalid=False)

@@ -207,7 +207,7 @@ def mean_size(template: MessageTemplate, n: int) -> int:
 
 
 def imported_db(folder: Path, n: int) -> Any:
-    conn = connect(folder / "newsletter.sqlite3")
+    conn = connect(folder / "newsletter.sqlite3", create=True)
     report = SubscriberStore(conn).import_rows(LIST, parsed_rows(n), skip_invalid=False)
     assert report.committed and report.added == n, report
     return conn
@@ -336,7 +336,7 @@ def rss_mb(field: str = "VmHWM") -> float:
 
 def child_make_db(folder: Path, n: int) -> None:
     """Fill a new database with n members of LIST, fast (no validation, one transaction)."""
-    conn = connect(folder / "newsletter.sqlite3")
+    conn = connect(folder / "newsletter.sqlite3", create=True)
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     cur = conn.cursor()
     cur.execute("BEGIN IMMEDIATE")
@@ -364,9 +364,9 @@ def child_dry_run(folder: Path, n: int, budget: float) -> None:
     """
     template = make_template()
     after_build = rss_mb("VmRSS")
-    real = connect(folder / "newsletter.sqlite3")
+    real = connect(folder / "newsletter.sqlite3", create=True)
     scratch_dir = folder / "dry-run"
-    scratch = connect(scratch_dir / "dry-run.sqlite3")
+    scratch = connect(scratch_dir / "dry-run.sqlite3", create=True)
     started = time.perf_counter()
     dry_run_copy(real, scratch, template.rendered.issue_id, LIST)
     prepared = prepare(scratch, template.rendered.issue_id, LIST)
