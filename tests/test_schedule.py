@@ -608,3 +608,30 @@ def test_a_slot_whose_every_list_has_left_is_done_and_says_nothing_went_out(
     assert "nobody to send to on two" in result.message  # type: ignore[attr-defined]
     assert run(utc(2026, 12, 3, 14, 15)).state == "done-already"  # type: ignore[attr-defined]
     assert calls == ["one", "two"]
+
+
+def test_a_copy_that_keeps_last_weeks_id_and_date_has_both_problems_reported_at_once(
+    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+) -> None:
+    from newsletter.scheduler import find_issue, issue_problems
+
+    issue_for(write_issue, "2026-11-26")
+    copied = {"id": "2026-11-26", **example_data(), "date": "2026-11-26"}
+    path = write_issue(copied, name="2026-12-03.yaml")
+    shown = issue_problems(find_issue(project / "issues", dt.date(2026, 12, 3)))
+    assert len(shown) == 2, shown
+    assert "date: is 2026-11-26" in shown[0] and "is also the id of" in shown[1]
+    sender = Recorder()
+    with pytest.raises(SlotFailed) as info:
+        run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender)
+    assert [p.split(": ")[1] for p in info.value.problems] == ["date", "id"]
+    # the date fixed, the id still clashes: shown ahead, and the slot still refuses it
+    path.write_text(
+        path.read_text(encoding="utf-8").replace("date: '2026-11-26'", "date: '2026-12-03'"),
+        encoding="utf-8",
+    )
+    (only,) = issue_problems(find_issue(project / "issues", dt.date(2026, 12, 3)))
+    assert "is also the id of" in only
+    with pytest.raises(SlotFailed):
+        run_at(utc(2026, 12, 3, 14, 15), project, conn, db_path, sender)
+    assert sender.calls == []

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from newsletter import issue_ids
 from newsletter.errors import NewsletterError, ValidationFailed
 from newsletter.loading import Loaded, load_issue, load_society, named_day
 from newsletter.locks import Lease, LockHeld
@@ -183,10 +184,16 @@ def issue_problems(choice: IssueChoice, society_file: Path | None = None) -> lis
     """What would stop the send of ``choice`` if it were due now, to show ahead of time."""
     if choice.problems or choice.path is None:
         return choice.problems
-    problems = _load_problems(load_issue, choice.path)
+    problems = _load_problems(load_issue, choice.path) + _id_clashes(choice.path)
     if society_file is not None:
         problems += _load_problems(load_society, society_file)
     return problems
+
+
+def _id_clashes(path: Path) -> list[str]:
+    """Other files in the folder that claim this issue's id: the build (and so the send)
+    refuses them, so the slot reports them with the file's other problems, at once."""
+    return [str(p) for p in issue_ids.clashes(path)] if path.is_file() else []
 
 
 def _load_problems(load: Callable[[Path], Loaded[Any]], path: Path) -> list[str]:
@@ -323,16 +330,17 @@ def _send_slot(
             "nothing was sent" + "".join(f"; {n}" for n in choice.notes),
             slot,
         )
+    clashes = _id_clashes(path)
     try:
         loaded = load_issue(path)  # fail loudly, before any mail goes out
     except ValidationFailed as exc:
-        problems = [str(p) for p in exc.problems]
+        problems = [str(p) for p in exc.problems] + clashes
         slots.set(slot, "failed", detail="; ".join(problems))
         raise SlotFailed(when, problems) from None
     except NewsletterError as exc:
         slots.set(slot, "failed", detail=str(exc))
         raise
-    problems = [str(p) for p in loaded.refused_by_send]
+    problems = [str(p) for p in loaded.refused_by_send] + clashes
     if society_file is not None:
         problems += _load_problems(load_society, society_file)
     if problems:
