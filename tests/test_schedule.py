@@ -330,6 +330,10 @@ def test_a_stop_during_one_list_leaves_the_others_for_the_next_run(
         send_issue=stopped_send,
     )
     assert calls == ["one"] and result.state == "incomplete"
+    # and the slot says why, for `newsletter schedule`
+    why = "one not finished: 1 deferred; stopped: stopped by SIGTERM; not started on two"
+    assert why in result.message
+    assert why in Slots(conn).recent(1)[0][4]
 
 
 def test_the_file_named_after_the_day_is_its_issue(write_issue: Callable[..., Path]) -> None:
@@ -550,30 +554,6 @@ def test_a_cron_line_that_never_runs_is_a_settings_error(project: Path) -> None:
     for spec in ("0 9 29 2 *", "0 9 31 2 4"):
         ok = run_cli("schedule", cwd=project, env={"NEWSLETTER_SCHEDULE": spec})
         assert ok.returncode == 0, ok.stderr
-
-
-def test_an_incomplete_slot_records_why(
-    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
-) -> None:
-    issue_for(write_issue, "2026-12-03")
-
-    def stopped_send(path: Path, list_name: str) -> SendReport:
-        report = Recorder(exit_code=3)(path, list_name)
-        report.result.stopped = "stopped by SIGTERM"
-        return report
-
-    result = check_and_send(
-        schedule=parse_schedule("Thu 09:00", NY, 6),
-        lists=["one", "two"],
-        issues_dir=project / "issues",
-        conn=conn,
-        db_path=db_path,
-        now=utc(2026, 12, 3, 14, 0),
-        send_issue=stopped_send,
-    )
-    why = "one not finished: 1 deferred; stopped: stopped by SIGTERM; not started on two"
-    assert result.state == "incomplete" and why in result.message
-    assert why in Slots(conn).recent(1)[0][4]
 
 
 def test_a_slot_whose_every_list_has_left_is_done_and_says_nothing_went_out(
