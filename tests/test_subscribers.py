@@ -481,17 +481,13 @@ def test_unsuppressing_a_complaint_warns(project: Path) -> None:
     assert bob.returncode == 0 and "warning" not in bob.stderr
 
 
-def test_an_interrupted_import_imports_nothing_and_says_so(project: Path) -> None:
+def _import_from_fifo(project: Path, env: dict[str, str]) -> tuple[Path, subprocess.Popen[str]]:
+    """The real `subscribers import` reading a named pipe: the test decides when rows come."""
     import os
-    import signal
     import sys
-    import time
 
-    env = cli_env(project)
-    (project / "first.csv").write_text("email\nold@example.org\n", encoding="utf-8")
-    run_cli("subscribers", "import", "first.csv", "--list", "news", cwd=project, env=env)
     fifo = project / "slow.csv"
-    os.mkfifo(fifo)  # a file still being read when Ctrl-C comes
+    os.mkfifo(fifo)
     child = subprocess.Popen(
         [sys.executable, "-m", "newsletter", "subscribers", "import", str(fifo), "--list", "news"],
         cwd=project,
@@ -500,6 +496,17 @@ def test_an_interrupted_import_imports_nothing_and_says_so(project: Path) -> Non
         stderr=subprocess.PIPE,
         text=True,
     )
+    return fifo, child
+
+
+def test_an_interrupted_import_imports_nothing_and_says_so(project: Path) -> None:
+    import signal
+    import time
+
+    env = cli_env(project)
+    (project / "first.csv").write_text("email\nold@example.org\n", encoding="utf-8")
+    run_cli("subscribers", "import", "first.csv", "--list", "news", cwd=project, env=env)
+    fifo, child = _import_from_fifo(project, env)  # a file still being read at Ctrl-C
     with fifo.open("w", encoding="utf-8") as writer:
         writer.write("email,first_name\n")
         writer.write("".join(f"r{i}@example.org,R\n" for i in range(5000)))
@@ -517,23 +524,12 @@ def test_an_import_holds_no_lock_while_it_reads(project: Path) -> None:
     # Reading and checking a large file takes most of an import's time; an
     # unsubscribe click meanwhile must not wait for it (the page gives up after
     # 20 s and answers "busy").
-    import os
-    import sys
     import time
 
     env = cli_env(project)
     (project / "first.csv").write_text("email\nann@example.org\n", encoding="utf-8")
     run_cli("subscribers", "import", "first.csv", "--list", "news", cwd=project, env=env)
-    fifo = project / "slow.csv"
-    os.mkfifo(fifo)
-    child = subprocess.Popen(
-        [sys.executable, "-m", "newsletter", "subscribers", "import", str(fifo), "--list", "news"],
-        cwd=project,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    fifo, child = _import_from_fifo(project, env)
     store = SubscriberStore(connect(project / "newsletter.sqlite3", busy_seconds=1))
     with fifo.open("w", encoding="utf-8") as writer:
         writer.write("email,first_name\nann@example.org,Ann\n")
