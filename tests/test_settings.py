@@ -318,3 +318,56 @@ def test_ordinary_smtp_host_and_helo_names_are_accepted(
 ) -> None:
     monkeypatch.setenv(name, value)
     load_settings()
+
+
+# ------------------------------------------------------------ the database
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("postgresql://news:pa55word@db.example.org/news", "(postgresql://), and PostgreSQL is"),
+        ("postgres://news@db.example.org/news", "(postgres://), and PostgreSQL is not supported"),
+        ("postgresql+psycopg://db.example.org/news", "and PostgreSQL is not supported yet"),
+        ("mysql://news:pa55word@db.example.org/news", "only SQLite database files are supported"),
+        ("sqlite:////srv/news/newsletter.sqlite3", "(sqlite://); give the database file's path"),
+        ("file:///srv/news/newsletter.sqlite3", "(file://); give the database file's path"),
+        ("  ", "is empty"),
+    ],
+)
+def test_a_database_url_is_refused_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str, expected: str
+) -> None:
+    monkeypatch.setenv("NEWSLETTER_DATABASE", value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    (line,) = [x for x in str(info.value).splitlines() if "NEWSLETTER_DATABASE" in x]
+    assert line.startswith("  NEWSLETTER_DATABASE: is ") and expected in line
+    assert "such as /srv/newsletter/newsletter.sqlite3" in line  # what to write instead
+    assert "pa55word" not in line  # a URL may hold a password: it is not repeated
+    assert list(tmp_path.iterdir()) == []  # no folder named after the scheme
+
+
+def test_a_database_url_in_dotenv_names_its_line(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "NEWSLETTER_LIST_NAME=weekly\nNEWSLETTER_DATABASE=postgres://db/news\n", encoding="utf-8"
+    )
+    with pytest.raises(ConfigError, match=r"\.env:2: NEWSLETTER_DATABASE: is a URL \(postgres"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "newsletter.sqlite3",
+        "/srv/news/newsletter.sqlite3",
+        "C:\\news\\newsletter.sqlite3",  # Windows drives: a letter and a colon, not a scheme
+        "C:/news/newsletter.sqlite3",
+        "C://news/newsletter.sqlite3",
+        "file:newsletter.sqlite3",  # no //: a file of that name
+        "data/2026:q1/newsletter.sqlite3",
+    ],
+)
+def test_database_paths_are_taken_as_paths(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("NEWSLETTER_DATABASE", value)
+    assert load_settings().database == Path(value)

@@ -135,6 +135,17 @@ class Settings(BaseSettings):
             raise ValueError("must not carry a user name or password")
         return https_url(value).rstrip("/")
 
+    @field_validator("database", mode="before")
+    @classmethod
+    def _database(cls, value: object) -> object:
+        # Before the conversion: Path() would fold "postgresql://h/db" into the
+        # relative path postgresql:/h/db, and an import would make that folder.
+        if isinstance(value, str):
+            problem = database_problem(value)
+            if problem:
+                raise ValueError(problem)
+        return value
+
     @field_validator("list_name")
     @classmethod
     def _list_name(cls, value: str) -> str:
@@ -328,6 +339,37 @@ def list_name_problem(name: str) -> str | None:
     if fixed and _LIST_NAME.fullmatch(fixed) and name.isascii():
         hint = f" (for example {fixed!r})"
     return f"is not a valid list name: it must be {LIST_NAME_RULE}{hint}"
+
+
+# scheme://: two characters at least, so that a Windows drive (C:/, C://) stays a path.
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+)://")
+_PATH_EXAMPLE = "/srv/newsletter/newsletter.sqlite3"
+
+
+def database_problem(value: str) -> str | None:
+    """Why ``value`` cannot be NEWSLETTER_DATABASE, or None: it is the path of an SQLite
+    file; a database URL of any kind is refused until a backend for it exists."""
+    if not value.strip():
+        return f"is empty; set it to the database file's path, such as {_PATH_EXAMPLE}"
+    url = _URL.match(value.strip())
+    if url is None:
+        return None
+    # Only the scheme is repeated: the rest may hold a password.
+    scheme = url.group(1).lower()
+    kind = scheme.partition("+")[0]  # postgresql+psycopg://
+    if kind in ("sqlite", "file"):
+        return (
+            f"is a URL ({scheme}://); give the database file's path itself, such as {_PATH_EXAMPLE}"
+        )
+    unsupported = (
+        "PostgreSQL is not supported yet (it is planned)"
+        if kind in ("postgres", "postgresql")
+        else "only SQLite database files are supported (PostgreSQL support is planned)"
+    )
+    return (
+        f"is a URL ({scheme}://), and {unsupported}; set it to the path of an SQLite "
+        f"database file, such as {_PATH_EXAMPLE}"
+    )
 
 
 def _split_mailbox(value: str) -> tuple[str, str]:
