@@ -13,6 +13,7 @@ methods.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -143,8 +144,16 @@ def connect(path: Path, *, create: bool = False, busy_seconds: float = 30.0) -> 
     A missing database is refused unless ``create`` is given: a wrong
     NEWSLETTER_DATABASE (or the default relative path, run from another folder)
     would otherwise get a new, empty database, and an opt-out recorded there
-    would never reach the real one.
+    would never reach the real one. For the same reason an empty file (or an
+    SQLite database without tables) is only made a newsletter database by a
+    caller that may create one, and another program's database never is.
+    Nothing is written to a file before it is known to be ours.
     """
+    if path.is_dir():
+        raise ConfigError(
+            f"the database {path.absolute()} (NEWSLETTER_DATABASE) is a folder; set "
+            f"NEWSLETTER_DATABASE to the database file, such as {path / 'newsletter.sqlite3'}"
+        )
     if not create and not path.exists():
         raise ConfigError(missing_database(path))
     try:
@@ -161,24 +170,31 @@ def connect(path: Path, *, create: bool = False, busy_seconds: float = 30.0) -> 
             )
     except (OSError, sqlite3.Error) as exc:
         raise ConfigError(
-            f"cannot open the database {path.absolute()}: {exc}; check NEWSLETTER_DATABASE"
+            f"cannot open the database {path.absolute()} (NEWSLETTER_DATABASE): "
+            f"{getattr(exc, 'strerror', None) or exc}; check the path and its permissions"
         ) from None
     conn.row_factory = sqlite3.Row
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
+        # Read before anything is written: WAL mode alone would write a header.
         version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            _check_unversioned(conn, path, create)
         if version > SCHEMA_VERSION:
             raise ConfigError(
                 f"the database {path} was made by a newer version of newsletter "
                 f"(schema {version}); upgrade newsletter"
             )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
         if version < SCHEMA_VERSION:
             _migrate(conn)
-    except sqlite3.DatabaseError as exc:
+    except sqlite3.Error as exc:
         conn.close()
-        raise ConfigError(f"{path} is not a usable newsletter database: {exc}") from None
+        raise ConfigError(f"cannot use {_named(path)}: {sqlite_problem(exc)}") from None
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -189,6 +205,79 @@ def missing_database(path: Path) -> str:
         "first (`newsletter subscribers import FILE --list NAME` creates it), or point "
         "NEWSLETTER_DATABASE at the database you use"
     )
+
+
+def _check_unversioned(conn: sqlite3.Connection, path: Path, create: bool) -> None:
+    """Refuse a file newsletter did not make, unless it is empty and ``create`` is given."""
+    names = {
+        row[0]
+        for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        )
+    }
+    if names and names <= _BASE_TABLES:
+        return  # ours, from before the version was recorded: _migrate completes it
+    if names:
+        shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+        raise ConfigError(
+            f"{path.absolute()} (NEWSLETTER_DATABASE) is an SQLite database of another "
+            f"program (its tables: {shown}), not a newsletter database; point "
+            "NEWSLETTER_DATABASE at the newsletter database, or at a new file"
+        )
+    if not create:
+        what = "an empty file" if path.stat().st_size == 0 else "an SQLite database with no tables"
+        raise ConfigError(
+            f"{path.absolute()} (NEWSLETTER_DATABASE) is {what}, not a newsletter database: "
+            "import subscribers first (`newsletter subscribers import FILE --list NAME` makes "
+            "it one), or point NEWSLETTER_DATABASE at the database you use"
+        )
+
+
+def sqlite_problem(exc: sqlite3.Error) -> str:
+    """What a failure of SQLite says about the database file, and what to do."""
+    kind = _primary(exc)
+    if kind in ("NOTADB", "CORRUPT"):
+        return (
+            f"it is not an intact SQLite database ({exc}); point NEWSLETTER_DATABASE at the "
+            "newsletter database, or restore it from a backup"
+        )
+    if kind in ("READONLY", "PERM", "CANTOPEN"):
+        return (
+            f"{exc}; the file and its folder must be writable by this user (SQLite keeps "
+            "-wal and -shm files next to it)"
+        )
+    if kind in ("BUSY", "LOCKED"):
+        return f"{exc}: another program holds it; try again when it is done"
+    if kind == "FULL":
+        return f"{exc}; free some space on its disk"
+    return str(exc)
+
+
+def environment_problem(exc: sqlite3.Error, path: Path | None = None) -> str | None:
+    """The message for an SQLite failure caused by the file or the machine (damage,
+    permissions, a full disk, another program's lock), or None for a bug in a query."""
+    if _primary(exc) not in _ENVIRONMENT:
+        return None
+    return f"cannot use {_named(path)}: {sqlite_problem(exc)}"
+
+
+def _named(path: Path | None) -> str:
+    where = f" {path.absolute()}" if path is not None else ""
+    return f"the database{where} (NEWSLETTER_DATABASE)"
+
+
+def _primary(exc: sqlite3.Error) -> str:
+    """SQLite's primary result code, without its prefix: SQLITE_IOERR_SHORT_READ is IOERR."""
+    name: str = getattr(exc, "sqlite_errorname", None) or ""
+    return name.removeprefix("SQLITE_").split("_")[0]
+
+
+# The primary result codes that the file or the machine causes; SQLITE_ERROR
+# (a wrong query, a missing column) is a bug and keeps its traceback.
+_ENVIRONMENT = frozenset(
+    {"NOTADB", "CORRUPT", "READONLY", "PERM", "CANTOPEN", "BUSY", "LOCKED", "FULL", "IOERR"}
+)
+_BASE_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
