@@ -1,9 +1,11 @@
 """Command line: parses arguments, reads settings, wires the stages, prints, exits.
 
 No logic lives here. Heavy modules are imported inside the command that needs
-them, so ``newsletter --help`` stays fast. Only :class:`NewsletterError` is
-caught (printed without a traceback, exit 1); anything else is a bug and keeps
-its traceback.
+them, so ``newsletter --help`` stays fast. Errors a user can cause are caught
+in one place, :class:`_Commands`, for every command: a :class:`NewsletterError`,
+or SQLite failing because of the file or the machine. Each is printed as one
+error (exit 1) without a traceback; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -32,19 +34,61 @@ if TYPE_CHECKING:
 
 
 def _fail(exc: Exception | str) -> NoReturn:
-    click.secho(f"error: {exc}", fg="red", err=True)
+    message = exc if isinstance(exc, str) else _problem(exc) or str(exc)
+    step = _next_step(exc)
+    click.secho(f"error: {message}" + (f"\n{step}" if step else ""), fg="red", err=True)
     sys.exit(getattr(exc, "exit_code", 1))
 
 
+def _problem(exc: Exception) -> str | None:
+    """The message for an error a user (or the machine) can cause, or None for a bug."""
+    import sqlite3
+
+    from newsletter.errors import NewsletterError
+
+    if isinstance(exc, NewsletterError):
+        return str(exc)
+    if isinstance(exc, sqlite3.Error):
+        from newsletter.database import environment_problem
+
+        return environment_problem(exc, _database_path())  # None for a wrong query
+    return None
+
+
+def _database_path() -> Path | None:
+    """The database the settings name, for an SQLite error, which does not say."""
+    from newsletter.errors import NewsletterError
+
+    try:
+        return _settings().database
+    except NewsletterError:
+        return None
+
+
+def _next_step(exc: Exception | str) -> str | None:
+    """What to do next, said after the error only where it is true (see NewsletterError)."""
+    step: str | None = getattr(exc, "next_step", None)
+    if step is None and getattr(exc, "sent_some", None) is False:
+        # scheduler.SlotFailed: the slot's issue reached no list.
+        step = "Nothing was sent for this slot."
+    return step
+
+
+# Said after a relay's refusal ends a recorded send: the refusal (a login, the
+# sender, no STARTTLS) does not go away by itself, but the send log keeps the place.
+RESUME = "Run the same command again to resume once that is fixed; nobody is sent twice."
+
+
 class _Commands(click.Group):
-    """The last line of defence: a NewsletterError from any command is its error line."""
+    """The one place where an error a user can cause, from any command, becomes its
+    error line: a NewsletterError, or SQLite failing because of the file or the machine."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from newsletter.errors import NewsletterError
-
         try:
             return super().invoke(ctx)
-        except NewsletterError as exc:
+        except Exception as exc:
+            if _problem(exc) is None:
+                raise  # a bug (or click's own exit): its traceback is the report
             _fail(exc)
 
 
@@ -113,15 +157,11 @@ def _build(
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
 def build(issue_file: Path, out_dir: Path | None, strict: bool) -> None:
     """Build ISSUE_FILE into OUT/<issue-id>/: index.html, index.txt, issue.mjml, preview.eml."""
-    from newsletter.errors import NewsletterError
     from newsletter.output import write_build
 
-    try:
-        settings = _settings()
-        result = _build(settings, issue_file, strict)
-        target = write_build(result, out_dir or settings.out_dir)
-    except NewsletterError as exc:
-        _fail(exc)
+    settings = _settings()
+    result = _build(settings, issue_file, strict)
+    target = write_build(result, out_dir or settings.out_dir)
     kb = result.report.html_bytes / 1000
     click.echo(f"built {result.issue_id} into {target}/")
     for name in ("index.html", "index.txt", "issue.mjml", "preview.eml"):
@@ -140,14 +180,10 @@ def subscribers() -> None:
 def _store(*, create: bool = False) -> tuple[Settings, SubscriberStore]:
     """The settings and the subscriber store; the database must exist unless ``create``."""
     from newsletter.database import connect
-    from newsletter.errors import NewsletterError
     from newsletter.subscribers import SubscriberStore
 
-    try:
-        settings = _settings()
-        return settings, SubscriberStore(connect(settings.database, create=create))
-    except NewsletterError as exc:
-        _fail(exc)
+    settings = _settings()
+    return settings, SubscriberStore(connect(settings.database, create=create))
 
 
 def _require_database(settings: Settings) -> None:
@@ -232,7 +268,6 @@ def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool, encod
     skipped (--skip-invalid); 130 interrupted, nothing imported.
     """
     from newsletter.csv_import import read_csv
-    from newsletter.errors import NewsletterError
 
     try:
         _, store = _store(create=True)  # an import is how a database comes to exist
@@ -242,8 +277,6 @@ def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool, encod
             skip_invalid=skip_invalid,
             actor=_actor(),
         )
-    except NewsletterError as exc:
-        _fail(exc)
     except KeyboardInterrupt:
         click.secho("interrupted: nothing was imported; the lists are as they were", err=True)
         sys.exit(130)
@@ -567,8 +600,6 @@ def send(
     due: bool,
 ) -> None:
     """Send ISSUE_FILE to a subscriber list; run it again to resume."""
-    from newsletter.errors import NewsletterError
-
     if due:
         if issue_file is not None or dry_run or test_to or list_name or outbox:
             raise click.UsageError(
@@ -585,46 +616,36 @@ def send(
         return
     if issue_file is None:
         raise click.UsageError("give the ISSUE_FILE to send, or --due")
-    try:
-        settings = _settings()
-        if test_to:
-            if resend_unknown or retry_rejected:
-                raise click.UsageError(
-                    "--to sends test copies outside the send log; --resend-unknown and "
-                    "--retry-rejected belong to a real send"
-                )
-            if not dry_run:
-                _require_secret(settings)
-            result = _build(settings, issue_file, strict=False, list_name=list_name)
-            _send_test_copies(
-                settings,
-                _template(settings, result, list_name),
-                test_to,
-                dry_run,
-                list_name or settings.list_name,
+    settings = _settings()
+    if test_to:
+        if resend_unknown or retry_rejected:
+            raise click.UsageError(
+                "--to sends test copies outside the send log; --resend-unknown and "
+                "--retry-rejected belong to a real send"
             )
-            return
-        if not dry_run and not settings.unsubscribe_mailto:
-            _mailto_reminder(settings)
-        report, transport = _send_one(
+        if not dry_run:
+            _require_secret(settings)
+        result = _build(settings, issue_file, strict=False, list_name=list_name)
+        _send_test_copies(
             settings,
-            issue_file,
+            _template(settings, result, list_name),
+            test_to,
+            dry_run,
             list_name or settings.list_name,
-            dry_run=dry_run,
-            outbox=outbox,
-            resend_unknown=resend_unknown,
-            retry_rejected=retry_rejected,
-            confirm=not (yes or dry_run),
         )
-    except NewsletterError as exc:
-        from newsletter.transports import CampaignAborted
-
-        # Only a campaign the relay stopped has something to resume; every other
-        # error (settings, the issue file, the lock, an empty list) came before
-        # anything was sent, and "resume" would send the user the wrong way.
-        if isinstance(exc, CampaignAborted) and not dry_run:
-            _fail(f"{exc}\nRun the same command again to resume; nobody is sent twice.")
-        _fail(exc)
+        return
+    if not dry_run and not settings.unsubscribe_mailto:
+        _mailto_reminder(settings)
+    report, transport = _send_one(
+        settings,
+        issue_file,
+        list_name or settings.list_name,
+        dry_run=dry_run,
+        outbox=outbox,
+        resend_unknown=resend_unknown,
+        retry_rejected=retry_rejected,
+        confirm=not (yes or dry_run),
+    )
     _summarise(report, dry_run, transport)
     sys.exit(report.exit_code)
 
@@ -786,7 +807,16 @@ def _run_campaign(
         finally:
             bar.stop()
 
-    return asyncio.run(go())
+    from newsletter.transports import CampaignAborted
+
+    try:
+        return asyncio.run(go())
+    except CampaignAborted as exc:
+        # Only here is a relay's refusal the end of a send in the log, which the
+        # same command resumes; every error before (settings, the issue, the
+        # lock, an empty list) and a test copy's refusal have nothing to resume.
+        exc.next_step = RESUME
+        raise
 
 
 def _signer(settings: Settings) -> Callable[[bytes], bytes] | None:
@@ -1098,14 +1128,7 @@ def _now_override() -> dt.datetime | None:
 
 
 def _run_due_once() -> None:
-    from newsletter.errors import NewsletterError
-
-    try:
-        result = _check_due(_settings(), _now_override())
-    except NewsletterError as exc:
-        if getattr(exc, "sent_some", False):
-            _fail(exc)  # it says what was sent and what was not
-        _fail(f"{exc}\nNothing was sent for this slot.")
+    result = _check_due(_settings(), _now_override())
     click.echo(f"schedule: {result.message}")
     sys.exit(result.exit_code)
 
@@ -1119,40 +1142,36 @@ def schedule(ctx: click.Context) -> None:
     import datetime as dt
 
     from newsletter.database import connect
-    from newsletter.errors import NewsletterError
     from newsletter.schedule import latest, upcoming
     from newsletter.scheduler import Slots, find_issue, issue_problems
 
-    try:
-        settings = _settings()
-        plan = settings.parsed_schedule
-        now = _now_override() or dt.datetime.now(dt.UTC)
-        click.echo(
-            f"schedule: {plan.describe()}, catch-up {plan.catch_up}, "
-            f"lists: {', '.join(settings.scheduled_lists)}"
-        )
-        slots = Slots(connect(settings.database))
-        due = latest(plan, now, within=plan.catch_up)
-        # A slot whose window is still open is shown with the ones to come.
-        current = [due] if due is not None and slots.state(due) != "done" else []
-        for slot in current + upcoming(plan, now, 5):
-            choice = find_issue(settings.issues_dir, slot.local_day)
-            local = slot.at.astimezone(plan.zone).strftime("%a %Y-%m-%d %H:%M %Z")
-            label = "  due now" if slot is due else ""
-            click.echo(f"  {local}  ({slot.key})  {choice.path or 'no issue file yet'}{label}")
-            for problem in issue_problems(choice, settings.society_file):
-                click.secho(f"      cannot be sent: {problem}", fg="red")
-            for note in choice.notes:
-                click.echo(f"      note: {note}")
-        recent = slots.recent(5)
-        if recent:
-            click.echo("recent slots:")
-            for key, day, issue_id, state, detail in recent:
-                # Slots recorded by older versions may have none.
-                why = detail or ("" if state in ("done", "sending") else "(no reason recorded)")
-                click.echo(f"  {key}  {day}  {issue_id or '-'}  {state}  {why}")
-    except NewsletterError as exc:
-        _fail(exc)
+    settings = _settings()
+    plan = settings.parsed_schedule
+    now = _now_override() or dt.datetime.now(dt.UTC)
+    click.echo(
+        f"schedule: {plan.describe()}, catch-up {plan.catch_up}, "
+        f"lists: {', '.join(settings.scheduled_lists)}"
+    )
+    slots = Slots(connect(settings.database))
+    due = latest(plan, now, within=plan.catch_up)
+    # A slot whose window is still open is shown with the ones to come.
+    current = [due] if due is not None and slots.state(due) != "done" else []
+    for slot in current + upcoming(plan, now, 5):
+        choice = find_issue(settings.issues_dir, slot.local_day)
+        local = slot.at.astimezone(plan.zone).strftime("%a %Y-%m-%d %H:%M %Z")
+        label = "  due now" if slot is due else ""
+        click.echo(f"  {local}  ({slot.key})  {choice.path or 'no issue file yet'}{label}")
+        for problem in issue_problems(choice, settings.society_file):
+            click.secho(f"      cannot be sent: {problem}", fg="red")
+        for note in choice.notes:
+            click.echo(f"      note: {note}")
+    recent = slots.recent(5)
+    if recent:
+        click.echo("recent slots:")
+        for key, day, issue_id, state, detail in recent:
+            # Slots recorded by older versions may have none.
+            why = detail or ("" if state in ("done", "sending") else "(no reason recorded)")
+            click.echo(f"  {key}  {day}  {issue_id or '-'}  {state}  {why}")
 
 
 POLL_MIN, POLL_MAX = 1.0, 3600.0
@@ -1183,18 +1202,13 @@ def schedule_run(poll: float) -> None:
     import threading
     import traceback
 
-    from newsletter.errors import NewsletterError
-
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
         stop.set()
 
-    try:
-        settings = _settings()
-        plan = settings.parsed_schedule
-    except NewsletterError as exc:
-        _fail(exc)
+    settings = _settings()
+    plan = settings.parsed_schedule
     if dt.timedelta(seconds=poll) >= plan.catch_up:
         raise click.BadParameter(
             f"{poll:g} seconds between looks could let a whole catch-up window "
@@ -1217,16 +1231,18 @@ def schedule_run(poll: float) -> None:
                 said = result.message
             if any((r.result.stopped or "").startswith("stopped by SIG") for r in result.reports):
                 stop.set()  # the signal arrived during the send, which has stopped cleanly
-        except NewsletterError as exc:
-            # A failed send is logged; the scheduler keeps going for the next slot.
-            if str(exc) != said:
-                click.secho(f"{stamp} error: {exc}", fg="red", err=True)
-                said = str(exc)
         except Exception as exc:  # noqa: BLE001 - a long-running service must outlive a bug
-            click.secho(
-                f"{stamp} unexpected error: {exc!r}; the scheduler goes on", fg="red", err=True
-            )
-            traceback.print_exc()
+            problem = _problem(exc)
+            if problem is None:
+                click.secho(
+                    f"{stamp} unexpected error: {exc!r}; the scheduler goes on", fg="red", err=True
+                )
+                traceback.print_exc()
+            elif problem != said:
+                # A failed send (or a database that fails) is logged once; the
+                # scheduler keeps going for the next look.
+                click.secho(f"{stamp} error: {problem}", fg="red", err=True)
+                said = problem
         stop.wait(poll)
     click.echo("scheduler: stopped")
 
@@ -1236,7 +1252,12 @@ def schedule_run(poll: float) -> None:
 
 @main.command()
 @click.option("--host", default=None, help="Address to listen on (default: NEWSLETTER_SERVE_HOST).")
-@click.option("--port", type=int, default=None, help="Port (default: NEWSLETTER_SERVE_PORT).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port (default: NEWSLETTER_SERVE_PORT).",
+)
 def serve(host: str | None, port: int | None) -> None:
     """Serve the unsubscribe, undo and preferences pages behind the links in every email,
     and the archive of sent issues with its feed (put HTTPS in front)."""
@@ -1247,24 +1268,24 @@ def serve(host: str | None, port: int | None) -> None:
 
     from newsletter.archive import Archive
     from newsletter.database import connect
-    from newsletter.errors import ConfigError, NewsletterError
+    from newsletter.errors import ConfigError
     from newsletter.loading import load_society
     from newsletter.subscribers import SubscriberStore
     from newsletter.web import WebConfig, create_app, store_per_thread
 
-    try:
-        settings = _settings()
-        if settings.secret_key is None:
-            raise ConfigError(
-                "NEWSLETTER_SECRET_KEY is not set: the pages cannot check the links' tokens"
-            )
-        society = load_society(settings.society_file).value
-        # Checked before listening: pages on a missing database would answer
-        # "nothing changed" to every opt-out.
-        with contextlib.closing(connect(settings.database)) as conn:
-            lists = SubscriberStore(conn).lists()
-    except NewsletterError as exc:
-        _fail(exc)
+    settings = _settings()
+    if settings.secret_key is None:
+        raise ConfigError(
+            "NEWSLETTER_SECRET_KEY is not set: the pages cannot check the links' tokens"
+        )
+    society = load_society(settings.society_file).value
+    # Checked before listening: pages on a missing database would answer
+    # "nothing changed" to every opt-out.
+    with contextlib.closing(connect(settings.database)) as conn:
+        lists = SubscriberStore(conn).lists()
+    host = host or settings.serve_host
+    port = port if port is not None else settings.serve_port
+    _check_listen(host, port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("newsletter.serve").info(
         "database %s: %s list(s), %s member(s) in all",
@@ -1284,10 +1305,33 @@ def serve(host: str | None, port: int | None) -> None:
     )
     uvicorn.run(
         app,
-        host=host or settings.serve_host,
-        port=port if port is not None else settings.serve_port,
+        host=host,
+        port=port,
         proxy_headers=True,
         server_header=False,
         log_level="info",
         access_log=False,  # it prints paths, tokens included: the app logs requests itself
     )
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Refuse an address that cannot be listened on now, as one error line: uvicorn
+    would log it its own way and exit 3. (Taken in the moment between, uvicorn's
+    own message is what remains.)"""
+    import socket
+
+    from newsletter.errors import ConfigError
+
+    try:
+        # Every address the name stands for, as uvicorn binds them.
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; give another --host or "
+            "--port (or NEWSLETTER_SERVE_HOST, NEWSLETTER_SERVE_PORT)"
+        ) from None

@@ -3,7 +3,9 @@
 Everything a user can cause (a bad issue file, a missing setting, a template
 that does not render) is raised as a subclass of :class:`NewsletterError`
 whose message is a whole sentence saying where and what to do next. The CLI
-catches ``NewsletterError`` only, so bugs keep their traceback.
+catches ``NewsletterError`` in one place for every command and prints it as
+one error (a headline, perhaps with indented detail lines), so bugs keep
+their traceback.
 
     NewsletterError
     ├── ConfigError          settings, the society file, missing folders
@@ -38,6 +40,11 @@ class NewsletterError(Exception):
     """Base of every error a user can cause; the message says what to do."""
 
     exit_code = 1
+    # A line the CLI adds after the message. Set only by code that knows it is
+    # true where the error is raised (a recorded send can be resumed; a failed
+    # slot sent nothing), never by the error's class alone: the same refusal by
+    # the relay is resumable in a send and not in a test copy.
+    next_step: str | None = None
 
 
 class ConfigError(NewsletterError):
