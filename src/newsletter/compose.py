@@ -169,6 +169,11 @@ class MessageTemplate:
         self.rendered = rendered
         self.sender = sender
         self.signer = signer
+        slots = {slot for slot, _ in rendered.merge_fields}
+        for part in (rendered.subject, rendered.text, rendered.html):
+            unknown = set(merge_fields.SLOT.findall(part)) - slots
+            if unknown:
+                raise ValueError(f"the rendered issue has slots without a field: {sorted(unknown)}")
         self._text = _Body.split(_ensure_final_newline(rendered.text), is_html=False)
         self._html = _Body.split(_ensure_final_newline(rendered.html), is_html=True)
         # A boundary made of '=_' can never occur in a QP body, where '=' is
