@@ -101,6 +101,7 @@ def test_non_ascii_names_and_subject_are_encoded(example: BuildResult) -> None:
         html=rendered.html,
         text=rendered.text,
         mjml=rendered.mjml,
+        merge_fields=rendered.merge_fields,
     )
     template = MessageTemplate(rendered, sender())
     raw = template.personalise(
@@ -172,7 +173,16 @@ def test_qp_encode_escapes_leading_dots_and_from() -> None:
 
 def test_encoded_words_in_text_cannot_inject_headers(example: BuildResult) -> None:
     sneaky = "MS Research News =?utf-8?q?=0D=0ABcc:_everyone@evil.example?="
-    rendered = RenderedIssue("x", sneaky, None, "en", example.rendered.html, "text\n", "")
+    rendered = RenderedIssue(
+        "x",
+        sneaky,
+        None,
+        "en",
+        example.rendered.html,
+        "text\n",
+        "",
+        merge_fields=example.rendered.merge_fields,
+    )
     raw = MessageTemplate(rendered, sender()).personalise(
         Recipient("ann@example.org", "=?utf-8?q?=0D=0ACc:_x@evil.example?=", "Lee"),
         date=dt.datetime(2020, 12, 23, 9, tzinfo=dt.UTC),

@@ -41,6 +41,7 @@ from newsletter.archive_store import ArchivedIssue, Published, Source
 from newsletter.build import web_version
 from newsletter.errors import ConfigError, NewsletterError
 from newsletter.loading import load_issue
+from newsletter.merge_fields import fill_general
 from newsletter.models import Issue, Society
 from newsletter.storage import IssueArchive
 from newsletter.templating import Templates, load_templates
@@ -287,7 +288,12 @@ class Archive:
             if issue is not None:
                 entries.append(
                     ArchiveEntry(
-                        issue.id, issue.subject, issue.date, issue.preheader, row.first_sent, None
+                        issue.id,
+                        fill_general(issue.subject),
+                        issue.date,
+                        None if issue.preheader is None else fill_general(issue.preheader),
+                        row.first_sent,
+                        None,
                     )
                 )
         entries.sort(key=lambda e: (e.date, e.issue_id), reverse=True)
@@ -410,9 +416,10 @@ def record_send(
         kept = store.freeze(
             ArchivedIssue(
                 issue_id=issue.id,
-                subject=issue.subject,
+                # Nobody in particular reads the archive: merge fields show their fallback.
+                subject=fill_general(issue.subject),
                 date=issue.date.isoformat(),
-                preheader=issue.preheader or "",
+                preheader=fill_general(issue.preheader or ""),
                 html=html,
                 source=source,
             )

@@ -16,7 +16,7 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from newsletter import issue_ids, placeholders
+from newsletter import issue_ids, merge_fields, placeholders
 from newsletter.checks import CheckReport, check_message
 from newsletter.compose import MessageTemplate, Sender, recipient_values
 from newsletter.errors import BuildCheckFailed, TemplateError, ValidationFailed
@@ -48,6 +48,8 @@ class BuildResult:
     report: CheckReport
     issue: Issue
     society: Society
+    # Every merge field the issue file and the templates use, with its place.
+    merge_uses: tuple[merge_fields.FieldUse, ...] = ()
 
     @property
     def issue_id(self) -> str:
@@ -63,20 +65,39 @@ def issue_links(issue: Issue, society: Society, public_url: str) -> Links:
     return Links(view_in_browser=f"{public_url}/issues/{issue.id}", website=society.website)
 
 
+def with_slots(issue: Issue, slots: merge_fields.Slots) -> Issue:
+    """The issue with each merge field in its text replaced by its slot (not validated
+    again: a slot is not something an editor may write)."""
+    return issue.model_copy(
+        update={
+            "subject": slots.substitute(issue.subject),
+            "preheader": None if issue.preheader is None else slots.substitute(issue.preheader),
+            "intro": None if issue.intro is None else slots.substitute(issue.intro),
+            "articles": [
+                a.model_copy(update={"summary": slots.substitute(a.summary)})
+                for a in issue.articles
+            ],
+        }
+    )
+
+
 def render_issue(
     issue: Issue, society: Society, templates: Templates, public_url: str
 ) -> RenderedIssue:
     """Run the once-per-issue stages: Jinja → MJML → inlined HTML, and the text part."""
-    ctx = context(issue, society, issue_links(issue, society, public_url))
+    slots = merge_fields.Slots()
+    personal = with_slots(issue, slots)
+    ctx = context(personal, society, issue_links(issue, society, public_url), slots)
     mjml_source, text = render(templates, ctx)
     return RenderedIssue(
         issue_id=issue.id,
-        subject=issue.subject,
-        preheader=issue.preheader,
+        subject=personal.subject,
+        preheader=personal.preheader,
         language=society.language,
         html=_compile(templates, mjml_source),
         text=text,
         mjml=mjml_source,
+        merge_fields=slots.table(),
     )
 
 
@@ -84,12 +105,17 @@ def web_version(issue: Issue, society: Society, templates: Templates, public_url
     """The issue as the archive shows it: the email's HTML without the "view this email in
     your browser" line (this is the browser view), every personal link made general."""
     # An empty view_in_browser link tells the template to leave that line out.
-    ctx = context(issue, society, Links(view_in_browser="", website=society.website))
+    slots = merge_fields.Slots()
+    ctx = context(
+        with_slots(issue, slots), society, Links(view_in_browser="", website=society.website), slots
+    )
     mjml_source, _ = render(templates, ctx)
     general = {
         placeholders.UNSUBSCRIBE_URL: f"{public_url}/unsubscribe",
         placeholders.PREFERENCES_URL: f"{public_url}/preferences",
         placeholders.EMAIL: "each subscriber",
+        # Nobody in particular reads the archive: each merge field shows its fallback.
+        **merge_fields.general(slots.table()),
     }
     return placeholders.fill(_compile(templates, mjml_source), general, is_html=True)
 
@@ -130,7 +156,9 @@ def build(inputs: BuildInputs, *, templates: Templates | None = None) -> BuildRe
     templates = templates or load_templates(inputs.templates_dir)
     rendered = render_issue(issue, society, templates, inputs.sender.public_url)
 
-    values = recipient_values(inputs.sender, inputs.preview_recipient, date=preview_date(issue))
+    values = recipient_values(
+        inputs.sender, inputs.preview_recipient, date=preview_date(issue), rendered=rendered
+    )
     html = placeholders.fill(rendered.html, values, is_html=True)
     text = placeholders.fill(rendered.text, values, is_html=False)
     report = check_message(html, text, unsubscribe_url=values[placeholders.UNSUBSCRIBE_URL])
@@ -153,4 +181,18 @@ def build(inputs: BuildInputs, *, templates: Templates | None = None) -> BuildRe
         report=report,
         issue=issue,
         society=society,
+        merge_uses=tuple(loaded_issue.merge_fields)
+        + _template_uses(rendered, loaded_issue, templates),
+    )
+
+
+def _template_uses(
+    rendered: RenderedIssue, loaded: Loaded[Issue], templates: Templates
+) -> tuple[merge_fields.FieldUse, ...]:
+    """The merge fields only the templates use (``merge_field(...)``), placed at the folder."""
+    from_file = {u.field for u in loaded.merge_fields}
+    return tuple(
+        merge_fields.FieldUse(f, str(templates.folder), None, "")
+        for _, f in rendered.merge_fields
+        if f not in from_file
     )

@@ -584,6 +584,11 @@ def _smtp_transport(settings: Settings) -> SmtpTransport:
 @click.option("--retry-rejected", is_flag=True, help="Queue this send's rejected ones again.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse to send on any warning, and on a merge field some recipients have no value for.",
+)
+@click.option(
     "--due",
     is_flag=True,
     help="Send the issue the schedule says is due now, if any (for cron or a systemd timer).",
@@ -597,6 +602,7 @@ def send(
     resend_unknown: bool,
     retry_rejected: bool,
     yes: bool,
+    strict: bool,
     due: bool,
 ) -> None:
     """Send ISSUE_FILE to a subscriber list; run it again to resume."""
@@ -625,7 +631,7 @@ def send(
             )
         if not dry_run:
             _require_secret(settings)
-        result = _build(settings, issue_file, strict=False, list_name=list_name)
+        result = _build(settings, issue_file, strict=strict, list_name=list_name)
         _send_test_copies(
             settings,
             _template(settings, result, list_name),
@@ -645,6 +651,7 @@ def send(
         resend_unknown=resend_unknown,
         retry_rejected=retry_rejected,
         confirm=not (yes or dry_run),
+        strict=strict,
     )
     _summarise(report, dry_run, transport)
     sys.exit(report.exit_code)
@@ -688,6 +695,7 @@ def _send_one(
     resend_unknown: bool = False,
     retry_rejected: bool = False,
     confirm: bool = False,
+    strict: bool = False,
 ) -> tuple[SendReport, Transport]:
     """Build, start or resume, and run one send: the path of `send` and of scheduled sends."""
     import contextlib
@@ -698,12 +706,12 @@ def _send_one(
     from newsletter.archive_store import ArchiveStore, Source
     from newsletter.database import connect
     from newsletter.locks import Lease
-    from newsletter.sending import dry_run_copy, prepare, preview
+    from newsletter.sending import check_merge_fields, dry_run_copy, prepare, preview
     from newsletter.transports import OutboxTransport
 
     if not dry_run:
         _require_secret(settings)
-    result = _build(settings, issue_file, strict=False, list_name=name)
+    result = _build(settings, issue_file, strict=strict, list_name=name)
     from newsletter.checks import refuse_unsendable
 
     refuse_unsendable(result.report)  # a preview may show bidi controls; a send may not
@@ -729,6 +737,11 @@ def _send_one(
             stack.callback(lease.release)
             transport = _smtp_transport(settings)
             conn = real
+        # Before anything is asked or sent: a field the list cannot fill is an error.
+        for note in check_merge_fields(
+            conn, result.issue_id, name, result.merge_uses, strict=strict
+        ):
+            click.secho(f"note: {note}", fg="yellow")
         # An id sent before from another file is refused, not "resumed" (a dry run too).
         source = Source.of(issue_file)
         for note in check_source(ArchiveStore(real), result.issue_id, source):

@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from email.utils import format_datetime, parseaddr
 from urllib.parse import quote
 
-from newsletter import placeholders, tokens
+from newsletter import merge_fields, placeholders, tokens
 from newsletter.models import Recipient, RenderedIssue
 
-_SLOT = re.compile("(" + "|".join(re.escape(p) for p in placeholders.ALL) + ")")
+_SLOT = re.compile(
+    "(" + "|".join([*(re.escape(p) for p in placeholders.ALL), merge_fields.SLOT.pattern]) + ")"
+)
 _SOFT_BREAK = b"=\r\n"
 
 
@@ -50,8 +52,15 @@ class Sender:
         return self.address.rpartition("@")[2].lower()
 
 
-def recipient_values(sender: Sender, recipient: Recipient, *, date: dt.datetime) -> dict[str, str]:
-    """The value of every placeholder for one recipient of a message dated ``date``.
+def recipient_values(
+    sender: Sender,
+    recipient: Recipient,
+    *,
+    date: dt.datetime,
+    rendered: RenderedIssue | None = None,
+) -> dict[str, str]:
+    """The value of every placeholder for one recipient of a message dated ``date``,
+    and of every merge-field slot of ``rendered``, unescaped.
 
     Each link has a token of its own kind: the preferences link expires some
     time after ``date``, the unsubscribe link never does."""
@@ -59,11 +68,14 @@ def recipient_values(sender: Sender, recipient: Recipient, *, date: dt.datetime)
         tokens.make(sender.token_key, kind, sender.list_name, recipient.email, date)
         for kind in (tokens.Kind.UNSUBSCRIBE, tokens.Kind.PREFERENCES)
     )
-    return {
+    values = {
         placeholders.UNSUBSCRIBE_URL: f"{sender.public_url}/unsubscribe/{unsubscribe}",
         placeholders.PREFERENCES_URL: f"{sender.public_url}/preferences/{preferences}",
         placeholders.EMAIL: recipient.email,
     }
+    if rendered is not None and rendered.merge_fields:
+        values.update(merge_fields.values(rendered.merge_fields, recipient))
+    return values
 
 
 def qp_encode(text: str) -> bytes:
@@ -157,6 +169,11 @@ class MessageTemplate:
         self.rendered = rendered
         self.sender = sender
         self.signer = signer
+        slots = {slot for slot, _ in rendered.merge_fields}
+        for part in (rendered.subject, rendered.text, rendered.html):
+            unknown = set(merge_fields.SLOT.findall(part)) - slots
+            if unknown:
+                raise ValueError(f"the rendered issue has slots without a field: {sorted(unknown)}")
         self._text = _Body.split(_ensure_final_newline(rendered.text), is_html=False)
         self._html = _Body.split(_ensure_final_newline(rendered.html), is_html=True)
         # A boundary made of '=_' can never occur in a QP body, where '=' is
@@ -166,7 +183,9 @@ class MessageTemplate:
         # Header order as readers expect it; the per-recipient ones are spliced
         # between these fixed runs in personalise().
         self._from = _header("From", _mailbox(sender.name, sender.address))
-        self._subject = _header("Subject", rendered.subject)
+        # A subject with merge fields is encoded per recipient, one without once.
+        self._personal_subject = bool(merge_fields.SLOT.search(rendered.subject))
+        self._subject = b"" if self._personal_subject else _header("Subject", rendered.subject)
         self._list_id = _header("MIME-Version", "1.0") + _header(
             "List-Id", f"{_phrase(sender.name)} <{sender.list_name}.{sender.domain}>"
         )
@@ -210,14 +229,20 @@ class MessageTemplate:
         self, recipient: Recipient, *, date: dt.datetime, message_id: str | None = None
     ) -> bytes:
         """The message for ``recipient``; ``message_id`` overrides the stable id (test copies)."""
-        values = recipient_values(self.sender, recipient, date=date)
+        values = recipient_values(self.sender, recipient, date=date, rendered=self.rendered)
         unsub = values[placeholders.UNSUBSCRIBE_URL]
+        subject = self._subject or _header(
+            "Subject",
+            merge_fields.SLOT.sub(lambda m: values[m.group(0)], self.rendered.subject),
+        )
         mailto = f"mailto:{self.sender.unsubscribe_mailto}?subject={quote('unsubscribe')}"
         message = b"".join(
             [
                 self._from,
-                _header("To", _mailbox(recipient.display_name, recipient.email)),
-                self._subject,
+                _header(
+                    "To", _mailbox(merge_fields.clean(recipient.display_name), recipient.email)
+                ),
+                subject,
                 _header("Date", format_datetime(date)),
                 _header("Message-ID", message_id or self.message_id(recipient)),
                 self._list_id,

@@ -134,6 +134,23 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ELSE json_set(attributes, '$.\"unnamed column\"', json_extract(attributes, '$.\"\"')) "
         "END, '$.\"\"') WHERE json_type(attributes, '$.\"\"') IS NOT NULL",
     ),
+    # 3: merge fields. Each frozen recipient keeps its other columns with its
+    # names (NULL in rows frozen before: those are read from the subscriber);
+    # and each list knows the columns it was imported with, empty ones included,
+    # so a send can tell a misspelt field from a column nobody filled in.
+    (
+        "ALTER TABLE deliveries ADD COLUMN attributes TEXT",
+        "CREATE TABLE list_columns ("
+        " list_name TEXT NOT NULL,"
+        " name TEXT NOT NULL,"  # as the import stores it: the header cell, lower-case
+        " added_at TEXT NOT NULL,"
+        " PRIMARY KEY (list_name, name)"
+        ") WITHOUT ROWID",
+        "INSERT INTO list_columns (list_name, name, added_at) "
+        "SELECT DISTINCT m.list_name, j.key, min(m.added_at) FROM list_members m "
+        "JOIN subscribers u ON u.id = m.subscriber_id, json_each(u.attributes) j "
+        "GROUP BY m.list_name, j.key",
+    ),
 )
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
 

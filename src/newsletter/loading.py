@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from newsletter import markdown
+from newsletter import markdown, merge_fields
 from newsletter.errors import ConfigError, Problem, ValidationFailed
 from newsletter.models import Issue, Society, bidi_characters, character_names
 from newsletter.yaml_input import PathKey, YamlDocument, format_path, read_yaml
@@ -40,6 +40,8 @@ class Loaded(Generic[M]):
     # Warnings a build may pass (to preview the text) but a send refuses: bidi
     # controls that could disguise what the email says. Also in ``warnings``.
     refused_by_send: list[Problem] = field(default_factory=list)
+    # Every merge field the file uses, with its place (a send checks them against the list).
+    merge_fields: list[merge_fields.FieldUse] = field(default_factory=list)
 
 
 _DAY_NAME = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -69,10 +71,12 @@ def load_issue(path: Path) -> Loaded[Issue]:
     issue, problems = _check(doc, Issue)
     problems += _name_and_date(doc, path)
     problems += _lint_markdown(doc, _issue_markdown_paths(doc.data))
+    uses, merge_problems = _merge_fields(doc, allowed=True)
+    problems += merge_problems
     if problems or issue is None:
         raise ValidationFailed(_sorted(problems))
     refused, marks = _bidi_warnings(doc)
-    return Loaded(issue, _sorted(_issue_warnings(issue, doc) + refused + marks), refused)
+    return Loaded(issue, _sorted(_issue_warnings(issue, doc) + refused + marks), refused, uses)
 
 
 def load_society(path: Path) -> Loaded[Society]:
@@ -85,6 +89,7 @@ def load_society(path: Path) -> Loaded[Society]:
     doc = read_yaml(path)
     society, problems = _check(doc, Society)
     problems += _lint_markdown(doc, [("about",)])
+    problems += _merge_fields(doc, allowed=False)[1]
     if problems or society is None:
         raise ValidationFailed(_sorted(problems))
     refused, marks = _bidi_warnings(doc)
@@ -121,6 +126,63 @@ def _bidi_warnings(doc: YamlDocument) -> tuple[list[Problem], list[Problem]]:
                 )
             )
     return controls, marks
+
+
+def _may_personalise(path: PathKey) -> bool:
+    """The fields that may hold merge fields: subject, preheader, intro, article summaries."""
+    return path in (("subject",), ("preheader",), ("intro",)) or (
+        len(path) == 3 and path[0] == "articles" and path[2] == "summary"
+    )
+
+
+def _merge_fields(
+    doc: YamlDocument, *, allowed: bool
+) -> tuple[list[merge_fields.FieldUse], list[Problem]]:
+    """The merge fields of a file with their places, and every problem with them."""
+    uses: list[merge_fields.FieldUse] = []
+    problems: list[Problem] = []
+    for path, value in _strings(doc.data, ()):
+        if "[[" not in value:
+            continue
+        where = format_path(path)
+        for found in merge_fields.scan(value):
+            line = _line_of_offset(doc, path, value, found.start)
+            if not (allowed and _may_personalise(path)):
+                shown = value[found.start : found.end]
+                problems.append(
+                    Problem(
+                        doc.file,
+                        line,
+                        where,
+                        f"has {shown!r}: merge fields are allowed only in "
+                        f"{merge_fields.FIELDS_ALLOWED}"
+                        + ("" if allowed else " of an issue, not in the society file"),
+                    )
+                )
+            elif found.field is None:
+                problems.append(Problem(doc.file, line, where, found.problem))
+            else:
+                uses.append(merge_fields.FieldUse(found.field, doc.file, line, where))
+    return uses, problems
+
+
+def _line_of_offset(doc: YamlDocument, path: PathKey, value: str, offset: int) -> int | None:
+    """The line of the character at ``offset`` in the value at ``path``."""
+    loc = doc.locations.get(path)
+    if loc is None:
+        return None
+    if loc.style == "|":  # literal: lines map one to one
+        return loc.value_line + 1 + value.count("\n", 0, offset)
+    # Folded or quoted: find the text's own line from the value's first line on.
+    needle = value[offset:].split("\n", 1)[0][:40]
+    try:
+        lines = Path(doc.file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return loc.value_line
+    return next(
+        (i + 1 for i in range(loc.value_line - 1, len(lines)) if needle in lines[i]),
+        loc.value_line,
+    )
 
 
 def _strings(data: Any, path: PathKey) -> Iterable[tuple[PathKey, str]]:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import datetime as dt
 import re
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -24,6 +25,9 @@ from pydantic import (
     Field,
     StringConstraints,
 )
+
+if TYPE_CHECKING:
+    from newsletter.merge_fields import MergeField
 
 SUBJECT_MAX = 150
 PREHEADER_MAX = 200
@@ -206,6 +210,8 @@ class Recipient:
     email: str
     first_name: str = ""
     last_name: str = ""
+    # The other columns of the list it came from, as imported (merge fields).
+    attributes: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def display_name(self) -> str:
@@ -237,3 +243,5 @@ class RenderedIssue:
     text: str
     mjml: str
     warnings: tuple[str, ...] = field(default=())
+    # The merge-field slots in html, text and subject, and what each stands for.
+    merge_fields: tuple[tuple[str, MergeField], ...] = field(default=())

@@ -1,7 +1,8 @@
 """Personalisation stage: fill the per-recipient placeholders of a rendered issue.
 
 Input: text or HTML rendered once per issue, holding placeholders from the
-closed set below, and the values for one recipient. Output: the text for that
+closed set below (and the merge-field slots of :mod:`newsletter.merge_fields`),
+and the values for one recipient. Output: the text for that
 recipient. The placeholders are not Jinja syntax, so the template engine,
 MJML and the inliner pass them through untouched; values are HTML-escaped
 before they go into HTML.
@@ -22,12 +23,18 @@ LEFTOVER = re.compile(r"\[\[[A-Z][A-Z0-9_]*\]\]")
 
 
 def fill(text: str, values: Mapping[str, str], *, is_html: bool) -> str:
-    """Replace every placeholder of the closed set; unknown names are left for checks to catch."""
-    for name in ALL:
-        if name in text:
-            value = values[name]
-            text = text.replace(name, html.escape(value, quote=True) if is_html else value)
-    return text
+    """Replace every placeholder ``values`` has a value for (the closed set and the issue's
+    merge-field slots); unknown names are left for checks to catch."""
+
+    # One pass: a value that looks like a placeholder ("[[EMAIL]]" as someone's
+    # name) is text, never filled in turn.
+    def value(match: re.Match[str]) -> str:
+        found = values.get(match.group(0))
+        if found is None:
+            return match.group(0)
+        return html.escape(found, quote=True) if is_html else found
+
+    return LEFTOVER.sub(value, text)
 
 
 def leftovers(text: str) -> list[str]:

@@ -21,10 +21,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from newsletter.models import Recipient
+from newsletter.subscribers import decode_attributes
 
 STATES = ("pending", "sending", "sent", "rejected", "deferred", "unknown", "suppressed")
 # INDEXED BY: without statistics SQLite prefers the primary key (send_id, seq)
@@ -35,7 +36,9 @@ _SELECT = (
     "SELECT seq, email, first_name, last_name, attempts, "
     "EXISTS (SELECT 1 FROM suppressions s WHERE s.email = d.email) "
     "OR EXISTS (SELECT 1 FROM list_optouts o WHERE o.email = d.email "
-    "AND o.list_name = (SELECT list_name FROM sends WHERE id = d.send_id)) "
+    "AND o.list_name = (SELECT list_name FROM sends WHERE id = d.send_id)), "
+    # Rows frozen before attributes were kept read them from the subscriber.
+    "coalesce(d.attributes, (SELECT u.attributes FROM subscribers u WHERE u.email = d.email)) "
     "FROM deliveries AS d INDEXED BY deliveries_by_state "
 )
 _SELECT_DUE = _SELECT.replace("deliveries_by_state", "deliveries_retry")
@@ -149,10 +152,17 @@ class SendLog:
                         batch = [r for r in members if r.email not in have]
                         duplicates += len(members) - len(batch)
                 cur.executemany(
-                    "INSERT INTO deliveries (send_id, seq, email, first_name, last_name, state) "
-                    "VALUES (?, ?, ?, ?, ?, 'pending')",
+                    "INSERT INTO deliveries (send_id, seq, email, first_name, last_name, "
+                    "attributes, state) VALUES (?, ?, ?, ?, ?, ?, 'pending')",
                     (
-                        (send_id, total + i, r.email, r.first_name, r.last_name)
+                        (
+                            send_id,
+                            total + i,
+                            r.email,
+                            r.first_name,
+                            r.last_name,
+                            json.dumps(dict(r.attributes)) if r.attributes else "{}",
+                        )
                         for i, r in enumerate(batch)
                     ),
                 )
@@ -224,6 +234,30 @@ class SendLog:
             (issue_id, list_name, first),
         )
         return int(count), [row[0] for row in kept]
+
+    def empty_values(self, send_id: int, fields: Sequence[str]) -> tuple[int, list[int]]:
+        """(recipients still to be mailed, how many of them have no value for each of
+        ``fields``), counted as :meth:`SubscriberStore.empty_values` does."""
+        total = self.conn.execute(
+            "SELECT count(*) FROM deliveries "
+            "WHERE send_id = ? AND state IN ('pending', 'deferred')",
+            (send_id,),
+        ).fetchone()[0]
+        counts = dict.fromkeys(fields, 0)
+        if fields:
+            rows = self.conn.execute(
+                "SELECT f.value, sum(CASE f.value "
+                "WHEN 'first_name' THEN trim(d.first_name) = '' "
+                "WHEN 'last_name' THEN trim(d.last_name) = '' "
+                "ELSE NOT EXISTS (SELECT 1 FROM json_each(coalesce(d.attributes, "
+                "(SELECT u.attributes FROM subscribers u WHERE u.email = d.email), '{}')) j "
+                "WHERE j.key = f.value AND trim(j.value) != '') END) "
+                "FROM deliveries d, json_each(?2) f "
+                "WHERE d.send_id = ?1 AND d.state IN ('pending', 'deferred') GROUP BY f.value",
+                (send_id, json.dumps(list(fields))),
+            )
+            counts.update({str(r[0]): int(r[1] or 0) for r in rows})
+        return int(total), [counts[f] for f in fields]
 
     def mark_interrupted(self, send_id: int) -> int:
         """Rows left in ``sending`` by a run that died: their fate is unknown."""
@@ -298,7 +332,11 @@ class SendLog:
                     for state in ("suppressed" if r[5] else "sending",)
                 ),
             )
-        good = [Delivery(r[0], Recipient(r[1], r[2], r[3]), r[4] + 1) for r in rows if not r[5]]
+        good = [
+            Delivery(r[0], Recipient(r[1], r[2], r[3], decode_attributes(r[6])), r[4] + 1)
+            for r in rows
+            if not r[5]
+        ]
         return bool(rows), good
 
     def record(self, send_id: int, outcomes: Iterable[tuple[int, Outcome]]) -> None:

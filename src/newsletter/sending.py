@@ -10,12 +10,13 @@ touched), and tests (a memory transport).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from newsletter import merge_fields
 from newsletter.campaign import Campaign, Progress, RunResult, SendOptions
 from newsletter.compose import MessageTemplate
-from newsletter.errors import ConfigError
+from newsletter.errors import ConfigError, Problem, ValidationFailed
 from newsletter.send_log import SendLog, SendRecord
 from newsletter.storage import SendLogStore, Subscribers
 from newsletter.subscribers import ListStates, SubscriberStore
@@ -127,6 +128,77 @@ def preview(conn: sqlite3.Connection, issue_id: str, list_name: str) -> Preview:
     )
 
 
+def check_merge_fields(
+    conn: sqlite3.Connection,
+    issue_id: str,
+    list_name: str,
+    uses: Sequence[merge_fields.FieldUse],
+    *,
+    strict: bool = False,
+) -> list[str]:
+    """Check the issue's merge fields against the list, before anything is sent.
+
+    A field the list was never imported with is an error (a misspelt name would
+    otherwise be empty for everyone). A field without a fallback that some
+    recipients have no value for is a note naming how many, or an error when
+    ``strict``. Counted over whom this run would mail: the list's audience, or
+    the frozen send's recipients not mailed yet. Returns the notes."""
+    if not uses:
+        return []
+    columns = SubscriberStore(conn).columns(list_name)
+    offered = merge_fields.known_fields(columns)
+    problems = [
+        Problem(
+            u.file,
+            u.line,
+            u.path,
+            f"[[{u.field.name}]]: the list {list_name!r} was never imported with a column "
+            f"for this field, so it would be empty for everyone; the fields it has: "
+            f"{', '.join(offered)}. Correct the name, or import the list with a "
+            f"{u.field.name!r} column",
+        )
+        for u in uses
+        if u.field.name not in offered
+    ]
+    if problems:
+        raise ValidationFailed(problems, outcome="nothing was sent")
+    bare = [u for u in uses if not u.field.fallback and u.field.name != "email"]
+    stored = list(
+        dict.fromkeys(merge_fields.column_for(u.field.name, columns) or u.field.name for u in bare)
+    )
+    if not stored:
+        return []
+    log = SendLog(conn)
+    record = log.find(issue_id, list_name)
+    total, counts = (
+        log.empty_values(record.id, stored)
+        if record is not None
+        else SubscriberStore(conn).empty_values(list_name, stored)
+    )
+    empty = dict(zip(stored, counts, strict=True))
+    found: list[Problem] = []
+    for u in bare:
+        n = empty[merge_fields.column_for(u.field.name, columns) or u.field.name]
+        if n:
+            found.append(
+                Problem(
+                    u.file,
+                    u.line,
+                    u.path,
+                    f"[[{u.field.name}]] has no value for {n:,} of the {total:,} recipient(s) "
+                    f"this send would mail on {list_name!r}, who would see nothing there; "
+                    f"give it a fallback, as in [[{u.field.name}|...]]",
+                )
+            )
+    if strict and found:
+        raise ValidationFailed([_strict(p) for p in found], outcome="nothing was sent")
+    return [f"{p} (--strict refuses this)" for p in found]
+
+
+def _strict(problem: Problem) -> Problem:
+    return Problem(problem.file, problem.line, problem.field, f"(--strict) {problem.message}")
+
+
 def prepare(
     conn: sqlite3.Connection,
     issue_id: str,
@@ -232,5 +304,16 @@ def dry_run_copy(
                     "INSERT INTO list_members SELECT * FROM src.list_members WHERE list_name = ?",
                     (list_name,),
                 )
+            else:
+                # Rows frozen before attributes were kept read them from the subscriber.
+                scratch.execute(
+                    "INSERT INTO subscribers SELECT u.* FROM src.subscribers u WHERE u.email IN "
+                    "(SELECT email FROM deliveries WHERE send_id = ? AND attributes IS NULL)",
+                    (send[0],),
+                )
+            scratch.execute(
+                "INSERT INTO list_columns SELECT * FROM src.list_columns WHERE list_name = ?",
+                (list_name,),
+            )
     finally:
         scratch.execute("DETACH DATABASE src")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from newsletter.csv_import import SUPPRESSION_REASONS, ParsedRow
@@ -41,7 +41,7 @@ MEMBERS_SQL = (
     "WHERE m.list_name = ? AND m.subscriber_id > ? ORDER BY m.subscriber_id LIMIT ?"
 )
 AUDIENCE_SQL = (
-    "SELECT u.id, u.email, u.first_name, u.last_name "
+    "SELECT u.id, u.email, u.first_name, u.last_name, u.attributes "
     "FROM list_members m JOIN subscribers u ON u.id = m.subscriber_id "
     "WHERE m.list_name = ?1 AND m.subscriber_id > ?2 "
     "AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = u.email) "
@@ -66,6 +66,14 @@ def lift_reason(text: str) -> str:
     if len(reason) > MAX_LIFT_REASON:
         raise ValueError(f"is {len(reason)} characters; at most {MAX_LIFT_REASON}")
     return reason
+
+
+def decode_attributes(stored: str | None) -> dict[str, str]:
+    """Stored attributes (a JSON object) as a recipient carries them: text values only."""
+    if not stored or stored == "{}":
+        return {}
+    decoded = json.loads(stored)
+    return {k: v for k, v in decoded.items() if isinstance(v, str)}
 
 
 def _now() -> str:
@@ -162,6 +170,7 @@ class SubscriberStore:
             cur.execute("BEGIN")  # touches only the temporary database: no lock on ours
             cur.execute("DELETE FROM temp.import_rows")
             last_bad: int | None = None
+            columns: dict[str, None] = {}  # the file's own columns, in order
             for row in rows:
                 if isinstance(row, Problem):
                     if row.line is None or row.line != last_bad:
@@ -174,6 +183,8 @@ class SubscriberStore:
                     continue
                 if report.skipped and not skip_invalid:
                     continue  # nothing will be written: only look for more problems
+                if len(columns) < len(row.attributes):
+                    columns.update(dict.fromkeys(row.attributes))
                 if not cur.execute(
                     "INSERT INTO temp.import_rows (email, first, last, patch, state, reason, "
                     "since) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -196,6 +207,11 @@ class SubscriberStore:
                 return report
             cur.execute("BEGIN IMMEDIATE")
             self._apply(cur, list_name, report, actor, _now())
+            cur.executemany(
+                "INSERT INTO list_columns (list_name, name, added_at) VALUES (?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                ((list_name, column, _now()) for column in columns),
+            )
             cur.execute("COMMIT")
             report.committed = True
         except BaseException:
@@ -316,6 +332,45 @@ class SubscriberStore:
         )
         return [str(r[0]) for r in rows]
 
+    def columns(self, list_name: str) -> list[str]:
+        """The columns ``list_name`` was ever imported with, beyond email and names, in the
+        order they came: what merge fields a send to it can use."""
+        rows = self.conn.execute(
+            "SELECT name FROM list_columns WHERE list_name = ? ORDER BY added_at, name",
+            (list_name,),
+        )
+        return [str(r[0]) for r in rows]
+
+    def empty_values(self, list_name: str, fields: Sequence[str]) -> tuple[int, list[int]]:
+        """(the audience of ``list_name``, how many of it have no value for each of
+        ``fields``): ``first_name``, ``last_name`` or a column's stored name."""
+        total = self.conn.execute(
+            "SELECT count(*) FROM list_members m JOIN subscribers u ON u.id = m.subscriber_id "
+            "WHERE m.list_name = ?1 "
+            "AND NOT EXISTS (SELECT 1 FROM suppressions x WHERE x.email = u.email) "
+            "AND NOT EXISTS (SELECT 1 FROM list_optouts o WHERE o.list_name = ?1 "
+            "AND o.email = u.email)",
+            (list_name,),
+        ).fetchone()[0]
+        counts = dict.fromkeys(fields, 0)
+        if fields:
+            # One pass over the audience for every field at once (f: the fields).
+            rows = self.conn.execute(
+                "SELECT f.value, sum(CASE f.value "
+                "WHEN 'first_name' THEN trim(u.first_name) = '' "
+                "WHEN 'last_name' THEN trim(u.last_name) = '' "
+                "ELSE NOT EXISTS (SELECT 1 FROM json_each(u.attributes) j "
+                "WHERE j.key = f.value AND trim(j.value) != '') END) "
+                "FROM list_members m JOIN subscribers u ON u.id = m.subscriber_id, "
+                "json_each(?2) f WHERE m.list_name = ?1 "
+                "AND NOT EXISTS (SELECT 1 FROM suppressions x WHERE x.email = u.email) "
+                "AND NOT EXISTS (SELECT 1 FROM list_optouts o WHERE o.list_name = ?1 "
+                "AND o.email = u.email) GROUP BY f.value",
+                (list_name, json.dumps(list(fields))),
+            )
+            counts.update({str(r[0]): int(r[1] or 0) for r in rows})
+        return int(total), [counts[f] for f in fields]
+
     def members(self, list_name: str) -> Iterator[Member]:
         """Every member with its state (suppressed, opted out), in a stable order."""
         for r in self._batched(MEMBERS_SQL, list_name):
@@ -324,7 +379,7 @@ class SubscriberStore:
     def audience(self, list_name: str) -> Iterator[Recipient]:
         """Who a send to ``list_name`` goes to: members minus suppressions, in batches."""
         for r in self._batched(AUDIENCE_SQL, list_name):
-            yield Recipient(r[1], r[2], r[3])
+            yield Recipient(r[1], r[2], r[3], decode_attributes(r[4]))
 
     def _batched(self, sql: str, list_name: str) -> Iterator[sqlite3.Row]:
         """Rows of ``sql`` (keyed on subscriber id, first column) in batches: flat memory."""

@@ -19,7 +19,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
-from newsletter import markdown, placeholders
+from newsletter import markdown, merge_fields, placeholders
 from newsletter.errors import ConfigError, TemplateError
 from newsletter.models import Issue, Links, Society
 
@@ -65,8 +65,24 @@ def load_templates(folder: Path) -> Templates:
     return Templates(folder, html_env, text_env)
 
 
-def context(issue: Issue, society: Society, links: Links) -> dict[str, Any]:
-    """What templates can use; per-recipient values are placeholders filled at send time."""
+def context(
+    issue: Issue, society: Society, links: Links, slots: merge_fields.Slots | None = None
+) -> dict[str, Any]:
+    """What templates can use; per-recipient values are placeholders filled at send time.
+
+    ``merge_field("first_name", "friend")`` in a template is the template's way
+    of writing ``[[first_name|friend]]``: it gives the slot that each recipient's
+    value (or the fallback) fills, HTML-escaped in the HTML and as is in the text."""
+    slots = slots if slots is not None else merge_fields.Slots()
+
+    def merge_field(name: str, fallback: str = "") -> str:
+        if not isinstance(name, str) or not merge_fields.NAME.fullmatch(name):
+            raise TemplateError(
+                f"merge_field({name!r}): a field name is lower-case letters, digits and '_', "
+                "starting with a letter, such as 'first_name'"
+            )
+        return slots.slot(merge_fields.MergeField(name, merge_fields.clean(str(fallback))))
+
     return {
         "issue": issue,
         "society": society,
@@ -74,6 +90,7 @@ def context(issue: Issue, society: Society, links: Links) -> dict[str, Any]:
         "unsubscribe_url": placeholders.UNSUBSCRIBE_URL,
         "preferences_url": placeholders.PREFERENCES_URL,
         "recipient_email": placeholders.EMAIL,
+        "merge_field": merge_field,
     }
 
 

@@ -1,0 +1,257 @@
+"""Merge fields: the reader's own values in an issue, written ``[[first_name|friend]]``.
+
+Stage: between loading and templating, and again per recipient when composing.
+Input: editor text from the fields that may hold merge fields (``subject``,
+``preheader``, ``intro``, article ``summary``), later one recipient. Output:
+syntax problems (for the loader, which adds file and line); the text with each
+merge field replaced by a slot such as ``[[MERGE1]]``, which Jinja, Markdown,
+MJML and the inliner all pass through untouched, with the table of what each
+slot stands for; and per recipient the clean value of each slot, which the
+composer escapes for the place it goes (HTML, text, Subject header).
+
+A value is cleaned before use: line breaks and tabs become spaces, every other
+control character and the bidi embeddings and overrides are removed, and it is
+cut to :data:`VALUE_MAX` characters, so a name can neither add a header line
+nor push the HTML past Gmail's clipping point.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from newsletter.models import BIDI_CONTROLS, Recipient
+
+NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+BUILT_IN = ("first_name", "last_name", "email")
+VALUE_MAX = 100  # characters of one value; a longer one is cut
+FALLBACK_MAX = 100
+FIELDS_ALLOWED = "subject, preheader, intro and article summaries"
+SYNTAX = "[[first_name]], or [[first_name|friend]] with the text used when there is no value"
+
+_OPEN = "[["
+_CLOSE = "]]"
+# The fixed placeholders of the templates ([[UNSUBSCRIBE_URL]]) and our slots
+# are upper case; editor text that holds one is refused by the models.
+_UPPER = re.compile(r"\[\[[A-Z][A-Z0-9_]*\]\]")
+SLOT = re.compile(r"\[\[MERGE[1-9][0-9]*\]\]")
+
+
+@dataclass(frozen=True, slots=True)
+class MergeField:
+    """One field and the text used when a recipient has no value for it ("" for none)."""
+
+    name: str
+    fallback: str = ""
+
+    def __str__(self) -> str:
+        return f"[[{self.name}|{self.fallback}]]" if self.fallback else f"[[{self.name}]]"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldUse:
+    """Where a merge field is used: the issue file's line and field, or a template."""
+
+    field: MergeField
+    file: str
+    line: int | None
+    path: str  # the field, such as ``articles[2].summary``, or "" in a template
+
+    def where(self) -> str:
+        at = f"{self.file}:{self.line}" if self.line is not None else self.file
+        return f"{at}: {self.path}" if self.path else at
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A merge field in a text, or a syntax problem at ``start`` (then ``field`` is None)."""
+
+    start: int
+    end: int
+    field: MergeField | None
+    problem: str = ""
+
+
+def scan(text: str) -> list[Found]:
+    """Every merge field and every malformed ``[[...]]`` in ``text``, in order."""
+    out: list[Found] = []
+    pos = 0
+    while (start := text.find(_OPEN, pos)) >= 0:
+        upper = _UPPER.match(text, start)
+        if upper:
+            pos = upper.end()  # a placeholder: the models report it
+            continue
+        line_end = text.find("\n", start)
+        line_end = len(text) if line_end < 0 else line_end
+        end = text.find(_CLOSE, start + 2, line_end)
+        if end < 0:
+            out.append(
+                Found(
+                    start,
+                    line_end,
+                    None,
+                    f"has '[[' with no ']]' after it on the same line; a merge field is "
+                    f"written {SYNTAX}",
+                )
+            )
+            pos = start + 2
+            continue
+        end += 2
+        out.append(_parse(text, start, end))
+        pos = end
+    return out
+
+
+def _parse(text: str, start: int, end: int) -> Found:
+    inner = text[start + 2 : end - 2]
+    name, bar, fallback = inner.partition("|")
+    name, fallback = name.strip(), fallback.strip()
+    shown = text[start:end]
+    if not name:
+        return Found(start, end, None, f"{shown!r} names no field; write {SYNTAX}")
+    if not NAME.fullmatch(name):
+        hint = key(name)
+        suggestion = f" (did you mean [[{hint}]]?)" if NAME.fullmatch(hint) else ""
+        return Found(
+            start,
+            end,
+            None,
+            f"{shown!r}: a field name is lower-case letters, digits and '_', starting with "
+            f"a letter{suggestion}",
+        )
+    if _OPEN in fallback:
+        return Found(start, end, None, f"{shown!r}: a merge field cannot hold another one")
+    if len(fallback) > FALLBACK_MAX:
+        return Found(
+            start,
+            end,
+            None,
+            f"the fallback of [[{name}|...]] is {len(fallback)} characters; at most {FALLBACK_MAX}",
+        )
+    if bar and not fallback:
+        return Found(
+            start,
+            end,
+            None,
+            f"{shown!r} has '|' but no fallback text after it; write [[{name}]] for none",
+        )
+    return Found(start, end, MergeField(name, fallback))
+
+
+@functools.lru_cache(maxsize=1024)
+def key(column: str) -> str:
+    """The merge-field name of a list's column: ``Member since`` is ``member_since``."""
+    return re.sub(r"[^0-9a-z]+", "_", column.strip().lower()).strip("_")
+
+
+class Slots:
+    """The slots of one issue: each distinct merge field gets one, in order of first use."""
+
+    def __init__(self) -> None:
+        self._slots: dict[MergeField, str] = {}
+
+    def slot(self, merge_field: MergeField) -> str:
+        found = self._slots.get(merge_field)
+        if found is None:
+            found = self._slots[merge_field] = f"[[MERGE{len(self._slots) + 1}]]"
+        return found
+
+    def substitute(self, text: str) -> str:
+        """``text`` with each (well-formed) merge field replaced by its slot."""
+        found = [f for f in scan(text) if f.field is not None]
+        if not found:
+            return text
+        out: list[str] = []
+        pos = 0
+        for f in found:
+            assert f.field is not None
+            out += [text[pos : f.start], self.slot(f.field)]
+            pos = f.end
+        out.append(text[pos:])
+        return "".join(out)
+
+    def table(self) -> tuple[tuple[str, MergeField], ...]:
+        return tuple((slot, f) for f, slot in self._slots.items())
+
+
+def clean(value: str) -> str:
+    """A value safe for every place it goes: one line, no control characters, capped."""
+    if value.isascii() and value.isprintable():
+        out = value  # almost every name: nothing to do
+    else:
+        chars: list[str] = []
+        for ch in value:
+            if ch in "\r\n\t\v\f\x85\u2028\u2029":
+                chars.append(" ")
+            elif ch in BIDI_CONTROLS or unicodedata.category(ch) in ("Cc", "Cs"):
+                continue
+            else:
+                chars.append(ch)
+        out = re.sub(r" {2,}", " ", "".join(chars))
+    out = out.strip()
+    if len(out) > VALUE_MAX:
+        out = out[:VALUE_MAX].rstrip()
+    return out
+
+
+def raw_value(recipient: Recipient, name: str) -> str:
+    """The recipient's own value for the field ``name`` ("" when they have none)."""
+    if name == "first_name":
+        return recipient.first_name
+    if name == "last_name":
+        return recipient.last_name
+    if name == "email":
+        return recipient.email
+    attributes = recipient.attributes
+    if not attributes:
+        return ""
+    value = attributes.get(name)
+    if value is None:
+        value = next((v for k, v in attributes.items() if key(k) == name), None)
+    return value or ""
+
+
+def values(table: Iterable[tuple[str, MergeField]], recipient: Recipient) -> dict[str, str]:
+    """Slot → the text it becomes for ``recipient`` (unescaped; the composer escapes)."""
+    out: dict[str, str] = {}
+    for slot, merge_field in table:
+        value = raw_value(recipient, merge_field.name)
+        # An address is checked on import and may be long; never cut it.
+        value = value if merge_field.name == "email" else clean(value)
+        out[slot] = value or merge_field.fallback
+    return out
+
+
+def general(table: Iterable[tuple[str, MergeField]]) -> dict[str, str]:
+    """Slot → what everyone sees where nobody in particular reads (the web archive)."""
+    return {slot: f.fallback for slot, f in table}
+
+
+def fill_general(text: str) -> str:
+    """Editor text with each merge field replaced by its fallback (the archive's subject)."""
+    slots = Slots()
+    substituted = slots.substitute(text)
+    for slot, value in general(slots.table()).items():
+        substituted = substituted.replace(slot, value)
+    return substituted
+
+
+def known_fields(columns: Iterable[str]) -> list[str]:
+    """The merge-field names a list offers: the built-in ones and one per column."""
+    return list(dict.fromkeys([*BUILT_IN, *(key(c) for c in columns)]))
+
+
+def unknown(used: Iterable[MergeField], columns: Iterable[str]) -> list[str]:
+    """The names in ``used`` that a list with these columns cannot fill, in order."""
+    offered = set(known_fields(columns))
+    return list(dict.fromkeys(f.name for f in used if f.name not in offered))
+
+
+def column_for(name: str, columns: Iterable[str]) -> str | None:
+    """The stored column behind the field ``name`` (None for the built-in ones)."""
+    if name in BUILT_IN:
+        return None
+    return next((c for c in columns if key(c) == name), None)

@@ -1,0 +1,562 @@
+"""Merge fields: [[first_name|friend]] from the issue file to each recipient's message.
+
+The syntax checks at load (file, line, field), the checks against the list at
+send (an unknown field, recipients without a value, --strict), the values in
+each place (HTML escaped, text verbatim, Subject RFC 2047), and the whole way
+through the real CLI to a real SMTP server.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email
+import email.policy
+import html
+import re
+import sqlite3
+from collections.abc import Callable, Iterator
+from email.header import decode_header, make_header
+from email.message import EmailMessage
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import EXAMPLE, build_file, run_cli, sender
+from newsletter import merge_fields
+from newsletter.build import BuildResult
+from newsletter.compose import MessageTemplate
+from newsletter.database import connect
+from newsletter.errors import TemplateError, ValidationFailed
+from newsletter.models import Recipient
+from newsletter.sending import check_merge_fields, prepare
+from newsletter.subscribers import SubscriberStore
+from smtp_server import Server
+
+SECRET = "test-secret-for-the-suite-0123456789"  # noqa: S105 - a test key
+WHEN = dt.datetime(2026, 12, 3, 9, 0, tzinfo=dt.UTC)
+
+PERSONAL = """\
+subject: "News for [[first_name|you]] this week"
+date: 2026-12-03
+preheader: "Hello [[first_name|friend]], the week's research"
+intro: |
+  Dear [[first_name|friend]],
+
+  Greetings to [[town|everyone]] from [[last_name]].
+articles:
+  - title: "A trial"
+    url: https://www.example.org/news/a
+    summary: |
+      Sent to [[email]] for [[first_name|you]].
+"""
+
+
+# ---------------------------------------------------------------- the syntax
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("Dear [[first_name]],", [merge_fields.MergeField("first_name")]),
+        (
+            "Dear [[ first_name | dear friend ]],",
+            [merge_fields.MergeField("first_name", "dear friend")],
+        ),
+        ("[[town|a|b]]", [merge_fields.MergeField("town", "a|b")]),
+        ("no fields [here] [x](https://e.org)", []),
+        ("[[UNSUBSCRIBE_URL]] is the models' to refuse", []),
+    ],
+)
+def test_scan_finds_the_fields(text: str, found: list[merge_fields.MergeField]) -> None:
+    assert [f.field for f in merge_fields.scan(text)] == found
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("Dear [[first_name,", "with no ']]' after it on the same line"),
+        ("Dear [[first_name\n]]", "with no ']]' after it on the same line"),
+        ("Dear [[]]", "names no field"),
+        ("Dear [[|friend]]", "names no field"),
+        ("Dear [[First Name]]", "did you mean [[first_name]]?"),
+        ("Dear [[1st]]", "a field name is lower-case letters"),
+        ("Dear [[first_name|]]", "has '|' but no fallback text"),
+        ("Dear [[first_name|[[x]]]]", "cannot hold another one"),
+        ("Dear [[first_name|" + "x" * 101 + "]]", "at most 100"),
+    ],
+)
+def test_scan_reports_malformed_fields(text: str, message: str) -> None:
+    problems = [f.problem for f in merge_fields.scan(text) if f.field is None]
+    assert len(problems) == 1 and message in problems[0]
+
+
+def test_a_columns_field_name() -> None:
+    assert merge_fields.key("Member since") == "member_since"
+    assert merge_fields.key("  e-mail  2 ") == "e_mail_2"
+    assert merge_fields.known_fields(["Town", "member since"]) == [
+        "first_name",
+        "last_name",
+        "email",
+        "town",
+        "member_since",
+    ]
+
+
+def test_values_are_cleaned_and_capped() -> None:
+    assert merge_fields.clean("Ann\r\nBcc: x@evil.example") == "Ann Bcc: x@evil.example"
+    assert merge_fields.clean("A\x00n\x1bn\u202e\x7f ") == "Ann"
+    assert merge_fields.clean("tab\there") == "tab here"
+    assert len(merge_fields.clean("x" * 10_000)) == merge_fields.VALUE_MAX
+
+
+def test_build_reports_every_malformed_field_with_its_place(
+    project: Path, write_issue: Callable[..., Path]
+) -> None:
+    path = write_issue(
+        """\
+subject: "News for [[First Name]]"
+date: 2026-12-03
+preheader: "Hi [[first_name|friend, this week"
+intro: |
+  Dear [[|friend]],
+
+  Here is the news, [[town|]].
+articles:
+  - title: "Title [[first_name]]"
+    url: https://www.example.org/news/a
+    summary: >
+      Summary for [[first_name]] and
+      [[em ail]].
+""",
+        "2026-12-03.yaml",
+    )
+    done = run_cli("build", str(path), cwd=project)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    where = str(path)
+    expected = [
+        (1, "subject", "did you mean [[first_name]]?"),
+        (3, "preheader", "with no ']]' after it"),
+        (5, "intro", "names no field"),
+        (7, "intro", "has '|' but no fallback"),
+        (9, "articles[0].title", "merge fields are allowed only in subject, preheader, intro"),
+        (13, "articles[0].summary", "did you mean [[em_ail]]?"),
+    ]
+    lines = [line.strip() for line in done.stderr.splitlines() if line.startswith("  ")]
+    assert len(lines) == len(expected), done.stderr
+    for line, (number, field, message) in zip(lines, expected, strict=True):
+        assert line.startswith(f"{where}:{number}: {field}: "), line
+        assert message in line
+
+
+def test_the_society_file_may_not_hold_merge_fields(project: Path) -> None:
+    society = project / "society.yaml"
+    society.write_text(
+        society.read_text("utf-8").replace(
+            "registration:", "registration: 'For [[first_name]]' #", 1
+        ),
+        "utf-8",
+    )
+    done = run_cli("build", str(project / "issues" / EXAMPLE.name), cwd=project)
+    assert done.returncode == 1
+    assert "society.yaml:" in done.stderr and "not in the society file" in done.stderr
+
+
+# ---------------------------------------------------------------- the build
+
+
+def test_the_example_greets_the_sample_subscriber(project: Path) -> None:
+    result = build_file(project / "issues" / EXAMPLE.name, project)
+    assert "Dear Sam," in result.html and "Dear Sam," in result.text
+    message = email.message_from_bytes(result.eml, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    for part in ("plain", "html"):
+        body = message.get_body((part,))
+        assert body is not None and "Dear Sam," in body.get_content()
+    assert "[[" not in result.html and "[[" not in result.text
+
+
+def test_the_archive_shows_the_fallback(project: Path) -> None:
+    from newsletter.build import web_version
+    from newsletter.loading import load_issue, load_society
+    from newsletter.templating import load_templates
+
+    issue = load_issue(project / "issues" / EXAMPLE.name).value
+    society = load_society(project / "society.yaml").value
+    page = web_version(issue, society, load_templates(project / "templates"), "https://n.example")
+    assert "Dear friend," in page and "[[" not in page
+
+
+def test_templates_can_use_merge_fields(project: Path) -> None:
+    template = project / "templates" / "email.txt.j2"
+    template.write_text(
+        "Hello {{ merge_field('first_name', 'reader') }}!\n" + template.read_text("utf-8"), "utf-8"
+    )
+    result = build_file(project / "issues" / EXAMPLE.name, project)
+    assert result.text.startswith("Hello Sam!")
+    assert any(u.path == "" and u.field.name == "first_name" for u in result.merge_uses)
+    template.write_text("{{ merge_field('First') }}\n" + template.read_text("utf-8"), "utf-8")
+    with pytest.raises(TemplateError, match="merge_field\\('First'\\)"):
+        build_file(project / "issues" / EXAMPLE.name, project)
+
+
+@pytest.fixture
+def personal(project: Path, write_issue: Callable[..., Path]) -> BuildResult:
+    return build_file(write_issue(PERSONAL, "2026-12-03.yaml"), project)
+
+
+def subject_of(raw: bytes) -> str:
+    """The Subject as a reader's client shows it: decoded from the raw header once."""
+    folded = email.message_from_bytes(raw, policy=email.policy.compat32)["Subject"]
+    return str(make_header(decode_header(folded)))
+
+
+def parse(raw: bytes) -> EmailMessage:
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def parts(message: EmailMessage) -> tuple[str, str]:
+    text, page = message.get_body(("plain",)), message.get_body(("html",))
+    assert text is not None and page is not None
+    return text.get_content(), page.get_content()
+
+
+def test_each_place_gets_its_form(personal: BuildResult) -> None:
+    template = MessageTemplate(personal.rendered, sender())
+    hostile = 'Zoë <b>&</b> "O\'Neil" [[EMAIL]]'
+    raw = template.personalise(
+        Recipient("z@example.org", hostile, "Smith", {"Town": "Tōkyō </mj-text>"}), date=WHEN
+    )
+    message = parse(raw)
+    assert not message.defects
+    # RFC 2047 in the header, exactly the text once decoded.
+    subject_line = re.search(rb"^Subject: (.*(?:\r\n[ \t].*)*)\r\n", raw, re.M)
+    assert subject_line is not None and b"=?utf-8?" in subject_line.group(1)
+    assert subject_of(raw) == f"News for {hostile} this week"
+    text, page = parts(message)
+    assert f"Dear {hostile}," in text
+    assert "Greetings to Tōkyō </mj-text> from Smith." in text
+    assert f"Dear {html.escape(hostile)}," in page
+    assert "Tōkyō &lt;/mj-text&gt;" in page
+    assert "[[EMAIL]]" in text  # a name that looks like a placeholder stays a name
+
+
+def test_fallbacks_and_empty_values(personal: BuildResult) -> None:
+    template = MessageTemplate(personal.rendered, sender())
+    message = parse(template.personalise(Recipient("n@example.org"), date=WHEN))
+    assert message["Subject"] == "News for you this week"
+    text, page = parts(message)
+    assert "Dear friend," in text and "Greetings to everyone from ." in text
+    assert "Sent to n@example.org for you." in text
+    assert "Dear friend," in page
+
+
+def test_a_ten_kilobyte_name_is_cut(personal: BuildResult) -> None:
+    template = MessageTemplate(personal.rendered, sender())
+    plain = template.personalise(Recipient("a@example.org", "Ann"), date=WHEN)
+    huge = template.personalise(Recipient("a@example.org", '"' * 10_000), date=WHEN)
+    # Five uses of first_name (subject, preheader, intro, summary, To), each at most
+    # 100 characters, each '"' 6 bytes as &quot; and then quoted-printable.
+    assert len(huge) - len(plain) < 5 * merge_fields.VALUE_MAX * 6 * 3
+    assert '"' * 101 not in parts(parse(huge))[0]
+
+
+# ------------------------------------------------- hostile subscriber values
+
+
+class _Shape(HTMLParser):
+    """The elements and attribute names of a document, in order."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.shape: list[tuple[str, tuple[str, ...]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.shape.append((tag, tuple(name for name, _ in attrs)))
+
+    def handle_endtag(self, tag: str) -> None:
+        self.shape.append(("/" + tag, ()))
+
+
+def shape(page: str) -> list[tuple[str, tuple[str, ...]]]:
+    parser = _Shape()
+    parser.feed(page)
+    return parser.shape
+
+
+_HOSTILE = st.lists(
+    st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=8)
+    | st.sampled_from(
+        [
+            "<",
+            ">",
+            "&",
+            '"',
+            "'",
+            "\r",
+            "\n",
+            "\x00",
+            "=?utf-8?q?x?=",
+            "</mj-text>",
+            "]]",
+            "[[EMAIL]]",
+        ]
+    ),
+    max_size=8,
+).map("".join)
+
+
+@pytest.fixture(scope="module")
+def personal_template(tmp_path_factory: pytest.TempPathFactory) -> MessageTemplate:
+    import shutil
+
+    from conftest import REPO
+
+    project = tmp_path_factory.mktemp("project")
+    for folder in ("templates", "issues"):
+        shutil.copytree(REPO / folder, project / folder)
+    shutil.copy(REPO / "society.yaml", project / "society.yaml")
+    path = project / "issues" / "2026-12-03.yaml"
+    path.write_text(PERSONAL, "utf-8")
+    return MessageTemplate(build_file(path, project).rendered, sender())
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(first=_HOSTILE, last=_HOSTILE, town=_HOSTILE)
+def test_no_subscriber_value_becomes_markup_or_a_header(
+    personal_template: MessageTemplate, first: str, last: str, town: str
+) -> None:
+    neutral = parse(
+        personal_template.personalise(
+            Recipient("a@example.org", "Ann", "Lee", {"town": "X"}), date=WHEN
+        )
+    )
+    raw = personal_template.personalise(
+        Recipient("a@example.org", first, last, {"town": town}), date=WHEN
+    )
+    message = parse(raw)
+    assert not message.defects
+    # No value adds a header line: the same headers, in the same order.
+    assert list(message.keys()) == list(neutral.keys())
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert all(line[:1] in (b" ", b"\t") or b":" in line for line in head.split(b"\r\n"))
+    subject_first = merge_fields.clean(first) or "you"
+    assert message["Subject"] == f"News for {subject_first} this week"
+    assert subject_of(raw) == f"News for {subject_first} this week"
+    text, page = parts(message)
+    _, neutral_page = parts(neutral)
+    assert shape(page) == shape(neutral_page)
+    assert f"Dear {merge_fields.clean(first) or 'friend'}," in text
+    assert (
+        f"Greetings to {merge_fields.clean(town) or 'everyone'} from {merge_fields.clean(last)}."
+        in text.replace("\n", " ")
+    )
+
+
+# --------------------------------------------------------- against the list
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    conn = connect(tmp_path / "db.sqlite3", create=True)
+    yield conn
+    conn.close()
+
+
+def import_csv(
+    conn: sqlite3.Connection, tmp_path: Path, text: str, list_name: str = "news"
+) -> None:
+    from newsletter.csv_import import read_csv
+
+    path = tmp_path / "list.csv"
+    path.write_text(text, "utf-8")
+    report = SubscriberStore(conn).import_rows(list_name, read_csv(path), skip_invalid=False)
+    assert report.committed, report.problems
+
+
+def test_a_field_the_list_never_had_is_an_error_with_its_place(
+    personal: BuildResult, db: sqlite3.Connection, tmp_path: Path
+) -> None:
+    import_csv(db, tmp_path, "email,first_name,city\nann@example.org,Ann,Leeds\n")
+    with pytest.raises(ValidationFailed) as failed:
+        check_merge_fields(db, personal.issue_id, "news", personal.merge_uses)
+    (problem,) = failed.value.problems
+    assert problem.line == 7 and problem.field == "intro"
+    assert "[[town]]: the list 'news' was never imported with a column" in problem.message
+    assert "first_name, last_name, email, city" in problem.message
+
+
+def test_an_empty_column_still_counts_as_imported(
+    personal: BuildResult, db: sqlite3.Connection, tmp_path: Path
+) -> None:
+    # Nobody has a town: the column was there, so [[town|everyone]] is fine.
+    import_csv(db, tmp_path, "email,first_name,last_name,Town\nann@example.org,Ann,Lee,\n")
+    assert check_merge_fields(db, personal.issue_id, "news", personal.merge_uses) == []
+
+
+def test_recipients_without_a_value_are_counted_and_strict_refuses(
+    personal: BuildResult, db: sqlite3.Connection, tmp_path: Path
+) -> None:
+    import_csv(
+        db,
+        tmp_path,
+        "email,first_name,last_name,town\n"
+        "ann@example.org,Ann,Lee,Leeds\nbob@example.org,Bob,,\ncat@example.org,,  ,York\n",
+    )
+    notes = check_merge_fields(db, personal.issue_id, "news", personal.merge_uses)
+    # Only [[last_name]] has no fallback; two of three have none.
+    assert len(notes) == 1
+    assert "[[last_name]] has no value for 2 of the 3 recipient(s)" in notes[0]
+    assert notes[0].startswith(f"{personal_path(personal)}:7: intro: ")
+    with pytest.raises(ValidationFailed, match=r"\(--strict\) \[\[last_name\]\] has no value"):
+        check_merge_fields(db, personal.issue_id, "news", personal.merge_uses, strict=True)
+    # Once frozen, only those still to be mailed are counted.
+    record = prepare(db, personal.issue_id, "news").record
+    db.execute(
+        "UPDATE deliveries SET state = 'sent' WHERE send_id = ? AND email = 'bob@example.org'",
+        (record.id,),
+    )
+    notes = check_merge_fields(db, personal.issue_id, "news", personal.merge_uses)
+    assert "has no value for 1 of the 2 recipient(s)" in notes[0]
+
+
+def personal_path(result: BuildResult) -> str:
+    return next(u.file for u in result.merge_uses if u.path)
+
+
+def test_a_send_frozen_before_the_upgrade_reads_attributes_from_the_subscriber(
+    personal: BuildResult, db: sqlite3.Connection, tmp_path: Path
+) -> None:
+    from newsletter.send_log import SendLog
+
+    import_csv(db, tmp_path, "email,first_name,town\nann@example.org,Ann,Leeds\n")
+    record = prepare(db, personal.issue_id, "news").record
+    db.execute("UPDATE deliveries SET attributes = NULL")  # as version 2 froze it
+    (delivery,) = SendLog(db).claim(record.id, 10, now=0)
+    assert delivery.recipient.attributes == {"town": "Leeds"}
+
+
+def test_migration_3_records_the_columns_lists_already_have(tmp_path: Path) -> None:
+    from newsletter.database import SCHEMA_VERSION
+
+    path = tmp_path / "old.sqlite3"
+    conn = connect(path, create=True)
+    import_csv(conn, tmp_path, "email,Town,Member since\nann@example.org,Leeds,2020\n")
+    conn.execute("DROP TABLE list_columns")
+    conn.execute("ALTER TABLE deliveries DROP COLUMN attributes")
+    conn.execute("PRAGMA user_version=2")
+    conn.close()
+    again = connect(path)
+    assert again.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert SubscriberStore(again).columns("news") == ["member since", "town"]
+
+
+# --------------------------------------------- end to end: the CLI to SMTP
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    s = Server().start()
+    yield s
+    s.stop()
+
+
+def test_merge_fields_through_the_cli_to_a_real_smtp_server(project: Path, server: Server) -> None:
+    (project / "issues" / "2026-12-03.yaml").write_text(PERSONAL, "utf-8")
+    db = project / "db.sqlite3"
+    env = {
+        "NEWSLETTER_DATABASE": str(db),
+        "NEWSLETTER_SECRET_KEY": SECRET,
+        "NEWSLETTER_SMTP_HOST": "127.0.0.1",
+        "NEWSLETTER_SMTP_PORT": str(server.port),
+        "NEWSLETTER_SMTP_SECURITY": "none",
+    }
+    hostile = 'Mallory <script>x</script> "&" \u202e'
+    (project / "list.csv").write_text(
+        "email,first_name,last_name,town\n"
+        "ann@example.org,Ann,Lee,Leeds\n"
+        "bob@example.org,,Bell,\n"
+        f'eve@example.org,"{hostile.replace(chr(34), chr(34) * 2)}",Evil,"</mj-text>"\n',
+        "utf-8",
+    )
+    done = run_cli("subscribers", "import", "list.csv", "--list", "news", cwd=project, env=env)
+    assert done.returncode == 0, done.stderr
+    # A dry run's sample messages show the real values.
+    dry = run_cli(
+        "send", "issues/2026-12-03.yaml", "--list", "news", "--dry-run", "--outbox", "ob",
+        cwd=project, env=env,
+    )  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    assert "[[last_name]] has no value for 0" not in dry.stdout
+    sample = parse((project / "ob" / "001-ann@example.org.eml").read_bytes())
+    assert sample["Subject"] == "News for Ann this week"
+    assert not server.handler.received
+    # --strict refuses nothing here: every field without a fallback has a value.
+    sent = run_cli(
+        "send", "issues/2026-12-03.yaml", "--list", "news", "--yes", "--strict",
+        cwd=project, env=env,
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    by_address = {r.rcpt_tos[0]: r.message for r in server.handler.received}
+    raw = {r.rcpt_tos[0]: r.data for r in server.handler.received}
+    assert sorted(by_address) == ["ann@example.org", "bob@example.org", "eve@example.org"]
+
+    ann_text, ann_page = parts(by_address["ann@example.org"])
+    assert by_address["ann@example.org"]["Subject"] == "News for Ann this week"
+    assert "Dear Ann," in ann_text and "Greetings to Leeds from Lee." in ann_text
+    assert "Dear Ann," in ann_page
+
+    bob_text, bob_page = parts(by_address["bob@example.org"])
+    assert by_address["bob@example.org"]["Subject"] == "News for you this week"
+    assert "Dear friend," in bob_text and "Greetings to everyone from Bell." in bob_text
+    assert "Dear friend," in bob_page
+
+    eve = by_address["eve@example.org"]
+    shown = merge_fields.clean(hostile)  # the bidi override is gone
+    assert "\u202e" not in shown
+    assert subject_of(raw["eve@example.org"]) == f"News for {shown} this week"
+    eve_text, eve_page = parts(eve)
+    assert f"Dear {shown}," in eve_text and "Greetings to </mj-text> from Evil." in eve_text
+    assert f"Dear {html.escape(shown)}," in eve_page
+    assert "<script>" not in eve_page and shape(eve_page) == shape(ann_page)
+
+
+def test_send_refuses_an_unknown_field_before_anything_is_sent(
+    project: Path, server: Server
+) -> None:
+    (project / "issues" / "2026-12-03.yaml").write_text(
+        PERSONAL.replace("[[town|everyone]]", "[[towm|everyone]]"), "utf-8"
+    )
+    env = {
+        "NEWSLETTER_DATABASE": str(project / "db.sqlite3"),
+        "NEWSLETTER_SECRET_KEY": SECRET,
+        "NEWSLETTER_SMTP_HOST": "127.0.0.1",
+        "NEWSLETTER_SMTP_PORT": str(server.port),
+        "NEWSLETTER_SMTP_SECURITY": "none",
+    }
+    (project / "list.csv").write_text("email,first_name,last_name,town\na@example.org,A,B,C\n")
+    assert (
+        run_cli(
+            "subscribers", "import", "list.csv", "--list", "news", cwd=project, env=env
+        ).returncode
+        == 0
+    )
+    for extra in (["--dry-run"], ["--yes"]):
+        done = run_cli(
+            "send", "issues/2026-12-03.yaml", "--list", "news", *extra, cwd=project, env=env
+        )
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert (
+            "issues/2026-12-03.yaml:7: intro: [[towm]]: the list 'news' was never imported"
+            in done.stderr
+        )
+        assert "nothing was sent" in done.stderr
+    assert not server.handler.received
+    conn = sqlite3.connect(project / "db.sqlite3")
+    assert conn.execute("SELECT count(*) FROM sends").fetchone()[0] == 0
