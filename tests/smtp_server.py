@@ -41,6 +41,7 @@ class Behaviour:
     drop_in_data: set[str] = field(default_factory=set)  # close after the body, no reply
     delay: float = 0.0  # seconds before answering DATA
     pipelining: bool = False  # advertise PIPELINING (RFC 2920)
+    refuse_sender_after: int | None = None  # after N accepted messages, 553 at MAIL FROM
 
 
 class Handler:
@@ -57,6 +58,16 @@ class Handler:
         if self.behaviour.pipelining:
             responses.insert(-1, "250-PIPELINING")
         return responses
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        after = self.behaviour.refuse_sender_after
+        if after is not None and len(self.received) >= after:
+            return "553 5.7.1 sender address rejected: not allowed for this account"
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: SMTP, session: Any, envelope: Any, address: str, options: list[str]

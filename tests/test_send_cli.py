@@ -725,6 +725,27 @@ def test_a_scheduled_list_that_cannot_be_sent_holds_back_no_other(
     assert "2020-12-23  done" in run_cli("schedule", cwd=project, env=env).stdout
 
 
+def test_a_slot_the_relay_stops_part_way_is_incomplete_not_unsent(
+    project: Path, server: Server
+) -> None:
+    env = schedule_env(server, project, "2020-12-23T09:30:00-05:00")
+    env["NEWSLETTER_SEND_CONNECTIONS"] = "1"
+    emails = write_csv(project, 8)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    server.handler.behaviour.refuse_sender_after = 3
+    due = run_cli("send", "--due", cwd=project, env=env)
+    assert due.returncode == 1
+    assert len(server.handler.received) == 3
+    assert "refused the sender" in due.stderr
+    assert "Nothing was sent" not in due.stderr  # three were
+    assert "not sent to every list" in due.stderr
+    assert "2020-12-23  incomplete" in run_cli("schedule", cwd=project, env=env).stdout
+    server.handler.behaviour.refuse_sender_after = None
+    again = run_cli("send", "--due", cwd=project, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert sorted(r.rcpt_tos[0] for r in server.handler.received) == emails
+
+
 def test_a_disguised_society_file_fails_the_slot_once_and_shows_ahead(
     project: Path, server: Server
 ) -> None:

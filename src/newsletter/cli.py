@@ -68,9 +68,6 @@ def _database_path() -> Path | None:
 def _next_step(exc: Exception | str) -> str | None:
     """What to do next, said after the error only where it is true (see NewsletterError)."""
     step: str | None = getattr(exc, "next_step", None)
-    if step is None and getattr(exc, "sent_some", None) is False:
-        # scheduler.SlotFailed: the slot's issue reached no list.
-        step = "Nothing was sent for this slot."
     return step
 
 

@@ -31,6 +31,7 @@ from newsletter.loading import Loaded, load_issue, load_society, named_day
 from newsletter.locks import Lease, LockHeld
 from newsletter.schedule import Schedule, Slot, latest, slots_between
 from newsletter.sending import NobodyMailable, SendReport
+from newsletter.transports import CampaignAborted
 from newsletter.yaml_input import read_yaml
 
 LOCK_NAME = "schedule"
@@ -61,7 +62,7 @@ class IssueChoice:
 class SlotFailed(NewsletterError):
     """The due slot's issue cannot be sent as it is; nothing went out, and the next look retries."""
 
-    sent_some = False
+    next_step: str | None = "Nothing was sent for this slot."
 
     def __init__(self, when: str, problems: list[str]) -> None:
         self.problems = problems
@@ -71,9 +72,9 @@ class SlotFailed(NewsletterError):
 
 
 class SlotIncomplete(SlotFailed):
-    """Some of the slot's lists could not be sent; the others were, and the next look retries."""
+    """Some of the slot's lists could not be sent, or only part of one; the next look retries."""
 
-    sent_some = True
+    next_step = None
 
     def __init__(self, when: str, issue_id: str, done: list[str], problems: list[str]) -> None:
         self.problems = problems
@@ -389,6 +390,7 @@ def _send_lists(
     reports: list[SendReport] = []
     errors: list[str] = []
     done: list[str] = []
+    begun: list[str] = []  # stopped by the relay part-way: some of it may have gone out
     nobody: dict[str, str] = {}
     for name in lists:
         try:
@@ -400,11 +402,13 @@ def _send_lists(
             # One list that cannot be sent (empty, its send locked by a run by
             # hand) does not hold back the others, and is not hidden by them.
             errors.append(f"list {name}: {exc}")
+            if isinstance(exc, CampaignAborted) and exc.sent:
+                begun.append(name)
             continue
         done.append(name)
         if (reports[-1].result.stopped or "").startswith("stopped by SIG"):
             break  # asked to stop: the other lists wait for the next run
-    if errors and not done:
+    if errors and not done and not begun:
         slots.set(slot, "failed", issue_id, detail="; ".join([*errors, *nobody.values()]))
         raise SlotFailed(when, [*errors, *nobody.values()])
     if errors:

@@ -20,7 +20,7 @@ from newsletter.errors import ConfigError, Problem, ValidationFailed
 from newsletter.send_log import SendLog, SendRecord
 from newsletter.storage import SendLogStore, Subscribers
 from newsletter.subscribers import ListStates, SubscriberStore
-from newsletter.transports import Transport
+from newsletter.transports import CampaignAborted, Transport
 
 
 @dataclass(slots=True)
@@ -249,7 +249,11 @@ async def run_send(
     )
     if on_start is not None:
         on_start(campaign)
-    result = await campaign.run()
+    try:
+        result = await campaign.run()
+    except CampaignAborted as exc:
+        exc.sent = log.counts(prepared.record.id)["sent"]
+        raise
     return SendReport(
         record=prepared.record,
         resumed=prepared.resumed,

@@ -40,6 +40,10 @@ SLOW_DOWN = {421, 450, 451, 452, 454}
 class CampaignAborted(NewsletterError):
     """The relay refuses the whole campaign: stop, and say how to resume."""
 
+    # How many of the send's recipients had been sent to (over all its runs) when
+    # the relay refused: 0 means the refusal came before anything went out.
+    sent = 0
+
 
 class ConnectFailed(Exception):
     """A connection could not be opened; nothing was sent on it."""
