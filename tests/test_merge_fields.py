@@ -560,3 +560,31 @@ def test_send_refuses_an_unknown_field_before_anything_is_sent(
     assert not server.handler.received
     conn = sqlite3.connect(project / "db.sqlite3")
     assert conn.execute("SELECT count(*) FROM sends").fetchone()[0] == 0
+
+
+def test_a_test_copy_shows_the_subscribers_own_values(project: Path) -> None:
+    (project / "issues" / "2026-12-03.yaml").write_text(PERSONAL, "utf-8")
+    env = {"NEWSLETTER_DATABASE": str(project / "db.sqlite3"), "NEWSLETTER_OUT_DIR": "out"}
+    (project / "list.csv").write_text(
+        "email,first_name,last_name,Town\neditor@example.org,Edie,Tor,Leeds\n", "utf-8"
+    )
+    done = run_cli("subscribers", "import", "list.csv", "--list", "news", cwd=project, env=env)
+    assert done.returncode == 0, done.stderr
+    counted = run_cli("subscribers", "count", "--list", "news", cwd=project, env=env)
+    assert (
+        "merge fields an issue sent to news can use: [[first_name]], [[last_name]], "
+        "[[email]], [[town]]" in counted.stdout
+    )
+    copies = run_cli(
+        "send", "issues/2026-12-03.yaml", "--list", "news", "--dry-run",
+        "--to", "Editor@Example.org", "--to", "someone@example.org", cwd=project, env=env,
+    )  # fmt: skip
+    assert copies.returncode == 0, copies.stdout + copies.stderr
+    box = sorted((project / "out" / "2026-12-03" / "test-copies").iterdir())
+    by_name = {p.name: parse(p.read_bytes()) for p in box}
+    (editor,) = [m for n, m in by_name.items() if "editor@" in n]
+    (stranger,) = [m for n, m in by_name.items() if "someone@" in n]
+    assert editor["Subject"] == "News for Edie this week"
+    assert "Greetings to Leeds from Tor." in parts(editor)[0]
+    assert stranger["Subject"] == "News for you this week"
+    assert "Dear friend," in parts(stranger)[0]

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from newsletter.build import BuildResult
     from newsletter.campaign import Progress as CampaignProgress
     from newsletter.compose import MessageTemplate, Sender
+    from newsletter.models import Recipient
     from newsletter.scheduler import DueResult
     from newsletter.sending import Prepared, Preview, SendReport
     from newsletter.settings import Settings
@@ -346,6 +347,11 @@ def subscribers_count(list_name: str | None) -> None:
             f"(will be mailed), {states.opted_out:,} opted out of this list, "
             f"{suppressed:,} suppressed" + (f" ({by_reason})" if by_reason else "")
         )
+        if list_name:
+            from newsletter.merge_fields import known_fields
+
+            fields = ", ".join(f"[[{f}]]" for f in known_fields(store.columns(name)))
+            click.echo(f"  merge fields an issue sent to {name} can use: {fields}")
 
 
 def _state_text(state: str, reason: str | None, since: str | None) -> str:
@@ -920,6 +926,22 @@ def _summarise(report: SendReport, dry_run: bool, transport: Transport) -> None:
         click.secho(f"unknown: {email}: {detail}", fg="yellow")
 
 
+def _test_recipients(settings: Settings, addresses: list[str]) -> list[Recipient]:
+    """A test copy to someone in the database shows their own merge-field values (an
+    editor sends one to themselves to see them); anyone else gets the fallbacks."""
+    import contextlib
+
+    from newsletter.database import connect
+    from newsletter.models import Recipient
+    from newsletter.subscribers import SubscriberStore
+
+    if not settings.database.exists():
+        return [Recipient(a) for a in addresses]
+    with contextlib.closing(connect(settings.database)) as conn:
+        store = SubscriberStore(conn)
+        return [store.recipient(a) or Recipient(a) for a in addresses]
+
+
 def _test_copy_problems(settings: Settings, addresses: list[str], list_name: str) -> list[str]:
     """Suppressed addresses (refused) and opt-outs of ``list_name`` (a warning each).
 
@@ -965,7 +987,6 @@ def _send_test_copies(
     import secrets
 
     from newsletter.csv_import import normalise_address
-    from newsletter.models import Recipient
     from newsletter.transports import Envelope, OutboxTransport
 
     checked: list[str] = []
@@ -978,7 +999,7 @@ def _send_test_copies(
     problems += _test_copy_problems(settings, checked, list_name)
     if problems:
         _fail("no test copy was sent:\n" + "\n".join(f"  {p}" for p in problems))
-    recipients = [Recipient(a) for a in dict.fromkeys(checked)]  # one copy per address
+    recipients = _test_recipients(settings, list(dict.fromkeys(checked)))  # one copy each
     transport: Transport = (
         OutboxTransport(settings.out_dir / template.rendered.issue_id / "test-copies")
         if dry_run

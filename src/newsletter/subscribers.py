@@ -371,6 +371,16 @@ class SubscriberStore:
             counts.update({str(r[0]): int(r[1] or 0) for r in rows})
         return int(total), [counts[f] for f in fields]
 
+    def recipient(self, email: str) -> Recipient | None:
+        """The subscriber ``email`` (normalised) as a message addresses them, or None."""
+        row = self.conn.execute(
+            "SELECT email, first_name, last_name, attributes FROM subscribers WHERE email = ?",
+            (email,),
+        ).fetchone()
+        if row is None:
+            return None
+        return Recipient(row[0], row[1], row[2], decode_attributes(row[3]))
+
     def members(self, list_name: str) -> Iterator[Member]:
         """Every member with its state (suppressed, opted out), in a stable order."""
         for r in self._batched(MEMBERS_SQL, list_name):
