@@ -227,12 +227,12 @@ def check_message(
             fail(f"{src.html(href)}: the link {href!r} is not an https:// or mailto: URL")
     if unsubscribe_url not in links:
         fail(
-            f"{src.html('unsubscribe_url')}: the HTML has no unsubscribe link; the footer "
+            f"{src.html()}: the HTML has no unsubscribe link; the footer "
             "template must use unsubscribe_url"
         )
     if unsubscribe_url not in text:
         fail(
-            f"{src.text('unsubscribe_url')}: the plain text has no unsubscribe link; the text "
+            f"{src.text()}: the plain text has no unsubscribe link; the text "
             "template must use unsubscribe_url"
         )
 

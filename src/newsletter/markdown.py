@@ -15,6 +15,7 @@ read it (``&#123;&#123;`` or ``\\{\\{`` becomes ``{{``).
 from __future__ import annotations
 
 import functools
+import re
 import textwrap
 import unicodedata
 from dataclasses import dataclass
@@ -160,7 +161,7 @@ def _tokens(source: str) -> tuple[Token, ...]:
 def to_html(source: str) -> str:
     """Render and sanitise; the result is safe to mark as such in a template."""
     raw = _render_md.renderer.render(list(_tokens(source)), _render_md.options, {})
-    return nh3.clean(
+    clean = nh3.clean(
         raw,
         tags=ALLOWED_TAGS,
         attributes={"a": {"href", "title"}},
@@ -168,6 +169,33 @@ def to_html(source: str) -> str:
         link_rel=None,
         strip_comments=True,
     ).strip()
+    return _LINK_TAG.sub(lambda m: protect_from_mrml(m.group(0)), clean)
+
+
+# The only tags with attributes that nh3 lets through; its values are double-quoted.
+_LINK_TAG = re.compile(r'<a\s(?:[^>"]|"[^"]*")*>')
+_MANGLED = re.compile(r"[\\\n\r\t]|[^\x00-\x7f]")
+
+
+def protect_from_mrml(html: str) -> str:
+    """``html`` with what MRML mangles in attribute values written as character references.
+
+    MRML (the MJML compiler) writes attribute values with Rust's debug
+    escaping: a backslash comes out doubled, a line break as the letters
+    ``\\n``, and a no-break space, a bidi mark or an accent typed as a
+    combining mark as ``\\u{a0}``. References pass through it untouched and the
+    inliner's parser turns them back into the characters. Letters, digits,
+    punctuation and symbols of any script are left as they are."""
+    if html.isascii() and not _MANGLED.search(html):
+        return html
+    return _MANGLED.sub(_reference, html)
+
+
+def _reference(match: re.Match[str]) -> str:
+    ch = match.group(0)
+    if ch.isascii() or unicodedata.category(ch)[0] in "MZC":
+        return f"&#{ord(ch)};"
+    return ch
 
 
 def to_text(source: str, *, width: int = 72, indent: str = "") -> str:

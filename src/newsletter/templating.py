@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 from newsletter import markdown, placeholders
 from newsletter.errors import ConfigError, TemplateError
@@ -68,7 +68,7 @@ def load_templates(folder: Path) -> Templates:
         "auto_reload": False,
     }
     # select_autoescape() does not know .mjml files: turn escaping on for all of them.
-    html_env = jinja2.Environment(autoescape=True, **common)
+    html_env = jinja2.Environment(autoescape=True, finalize=_html_value, **common)
     html_env.filters["markdown"] = _markdown_html
     html_env.filters["longdate"] = longdate
     text_env = jinja2.Environment(
@@ -110,6 +110,15 @@ def render(templates: Templates, ctx: dict[str, Any]) -> tuple[str, str]:
     return mjml, _tidy_text(text.replace(_MARK, ""))
 
 
+def _html_value(value: Any) -> Markup:
+    # Jinja's finalize for the MJML: a plain value is escaped, then what MRML
+    # would mangle in an attribute is written as character references (see
+    # markdown.protect_from_mrml); Markdown's HTML is already both.
+    if isinstance(value, Markup):
+        return value
+    return Markup(markdown.protect_from_mrml(escape(value)))  # noqa: S704 - escaped
+
+
 def _mark_value(value: Any) -> str:
     # Jinja's finalize: every value the text template writes out passes here.
     text = str(value)
@@ -141,6 +150,16 @@ def _render(templates: Templates, env: jinja2.Environment, name: str, ctx: dict[
             templates.folder / name,
         )
         raise TemplateError(f"{bad} is not UTF-8 text; save it as UTF-8") from None
+    except Exception as exc:
+        # Raised in the template's own frame (a filter given an argument it does
+        # not take, a division by zero): the template's mistake. Raised deeper,
+        # in our filters, it is a bug and keeps its traceback.
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        if not _is_template_frame(last.filename, templates.folder):
+            raise
+        raise TemplateError(
+            f"{last.filename}:{last.lineno}: {type(exc).__name__}: {exc}; fix the template"
+        ) from None
 
 
 def _is_utf8(path: Path) -> bool:
@@ -196,11 +215,14 @@ def _template_frame(exc: BaseException, folder: Path) -> str | None:
     # Jinja rewrites tracebacks so that template frames carry the template's
     # file name and line: the last such frame is where rendering stopped.
     found = None
-    root = str(folder.resolve())
     for frame in traceback.extract_tb(exc.__traceback__):
-        if frame.filename.startswith(root) or frame.filename.endswith(".j2"):
+        if _is_template_frame(frame.filename, folder):
             found = f"{frame.filename}:{frame.lineno}"
     return found
+
+
+def _is_template_frame(filename: str, folder: Path) -> bool:
+    return filename.startswith(str(folder.resolve())) or filename.endswith(".j2")
 
 
 def longdate(value: dt.date) -> str:
