@@ -164,16 +164,15 @@ def structure(html: str) -> _Structure:
     return parser
 
 
-_STYLE = re.compile(r"<(style|script)\b[^>]*>.*?</\1>", re.S | re.I)
-_START_TAG = re.compile(r"<([a-zA-Z][^\s/>]*)([^>]*)>")
-_ATTRS_DOUBLE_QUOTED = re.compile(r"""(?:\s+[^\s"'=<>/`]+="[^"]*")*\s*/?""")
+_STYLE = re.compile(r"(<(style|script)\b[^>]*>).*?</\2>", re.S | re.I)
+_START_TAG = re.compile(r"""<([a-zA-Z][^\s/>]*)((?:[^>"']|"[^"]*"|'[^']*')*)>""")
+_ATTRS_DOUBLE_QUOTED = re.compile(r"""(?:\s+[^\s"'=<>/`]+="[^"<>]*")*\s*/?""")
 
 
 def badly_quoted(html: str) -> list[str]:
-    """Start tags (in comments too) with an attribute not written name="value"."""
-    # The serialiser escapes "<" and ">" in text and values: every raw "<" outside
-    # style text opens markup. Style text keeps its start tag.
-    html = _STYLE.sub(lambda m: m.group(0)[: m.group(0).index(">") + 1], html)
+    """Start tags (in comments too) with an attribute not written name="value", or with
+    a quote, "<" or ">" inside a value."""
+    html = _STYLE.sub(r"\1", html)  # style text is no markup; its start tag is
     return [
         m.group(0)
         for m in _START_TAG.finditer(html)
@@ -192,7 +191,7 @@ REPRO = {
     "title": "Title </mj-text><mj-raw><script>x</script></mj-raw>",
     "source": "<b>Brain</b>",
     "category": "</mj-section>",
-    "alt": "alt <img src=x> \" '",
+    "alt": "alt <img src=x> \" ' <!--<b c='d'>-->",
     "subject": "Hello </mj-text> <b>bold</b> & co",
     "preheader": "Preview </mj-preview><mj-raw>' \" & <!-- -->",
 }
@@ -241,6 +240,34 @@ def test_markup_in_plain_text_fields_is_text(project: Path, neutral: BuildResult
     assert "\x00" not in result.text and "\x00" not in result.eml.decode()
 
 
+def test_markup_in_the_society_file_is_text(project: Path) -> None:
+    def society(name: str) -> str:
+        return (
+            society_text(
+                website="https://www.example.org",
+                social="https://www.facebook.com/example",
+                logo="https://www.example.org/logo.png",
+            )
+            .replace('"The MS Research Society"', yaml_quote(name))
+            .replace('"12 Example Street, London"', yaml_quote(name + " street"))
+            .replace('"Facebook"', yaml_quote(name[:30] + " page"))
+        )
+
+    path = project / "issues" / "plain.yaml"
+    path.write_text(issue_text({}), encoding="utf-8")
+    (project / "society.yaml").write_text(society("Society"), encoding="utf-8")
+    plain = build_file(path, project)
+    hostile = "</mj-text><mj-raw><script>x</script></mj-raw> \"q\"\u00a0'a' & \\"
+    (project / "society.yaml").write_text(society(hostile), encoding="utf-8")
+    result = build_file(path, project)
+    got = structure(result.html)
+    assert got.shape == structure(plain.html).shape
+    assert hostile in "".join(got.data) and hostile[:30] + " page" in "".join(got.data)
+    text = flat(result.text)
+    assert flat(f"{hostile} street") in text and flat(f"{hostile[:30]} page:") in text
+    assert badly_quoted(result.html) == []
+
+
 def test_markup_in_the_web_version_is_text_and_double_quoted(project: Path) -> None:
     path = project / "issues" / "hostile.yaml"
     path.write_text(issue_text(REPRO), encoding="utf-8")
@@ -251,17 +278,13 @@ def test_markup_in_the_web_version_is_text_and_double_quoted(project: Path) -> N
         "https://news.example.org",
     )
     assert badly_quoted(web) == []
-    assert "alt <img src=x> \" '" in structure(web).values["img.alt"]
+    assert REPRO["alt"] in structure(web).values["img.alt"]
 
 
-def test_markdown_may_show_markup_as_code(project: Path) -> None:
+def test_markdown_may_show_markup_as_code(project: Path, write_issue: Callable[..., Path]) -> None:
     data = example_data()
     data["articles"][0]["summary"] = "Write `</mj-text>` and \\<mj-raw> and &lt;mj-column&gt;."
-    path = project / "issues" / "code.yaml"
-    import yaml
-
-    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
-    result = build_file(path, project)
+    result = build_file(write_issue(data), project)
     assert "Write </mj-text> and <mj-raw> and <mj-column>." in flat(result.text)
     assert "<code>&lt;/mj-text&gt;</code>" in result.html and "<mj-" not in result.html
 
@@ -293,6 +316,8 @@ _PIECES = [
     "<img src=x onerror=alert(1)>",
     "<!--",
     "-->",
+    "<!-->",
+    "<!-- <i x='y'> -->",
     "<![endif]-->",
     "]]>",
     "&amp;",
@@ -600,6 +625,11 @@ def test_double_quote_attributes_rewrites_only_attributes() -> None:
             '<!--[if mso]><table width="600" class="a"><tr><td><![endif]-->'
         ),
         '<br/><hr /><a href="x" ></a>': '<br/><hr /><a href="x" ></a>',
+        # lxml writes a value holding "<!-- -->" as it is: no tag is read inside it
+        """<img alt="<!--<b c='d'>-->" src="x"><i a='b'>""": (
+            """<img alt="&lt;!--&lt;b c='d'&gt;--&gt;" src="x"><i a="b">"""
+        ),
+        "a < b <3 <p>x</p>": "a < b <3 <p>x</p>",
         "<v:rect xmlns:v=\"urn\" fill='true'><o:AllowPNG/>": (
             '<v:rect xmlns:v="urn" fill="true"><o:AllowPNG/>'
         ),

@@ -89,7 +89,8 @@ def refuse_unsendable(report: CheckReport) -> None:
         raise BuildCheckFailed([f"(send) {w}" for w in report.refused_by_send])
 
 
-_TAG = re.compile(r"<([a-zA-Z][\w:-]*)\b([^>]*)>")
+# A value may hold ">" (lxml writes one holding "<!-- -->" as it is): read quoted values whole.
+_TAG = re.compile(r"""<([a-zA-Z][\w:-]*)\b((?:[^>"']++|"[^"]*+"|'[^']*+')*+)>""")
 # Attributes whose value is fetched or followed by a client.
 _URL_ATTRS = {
     "href",

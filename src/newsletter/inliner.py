@@ -29,21 +29,35 @@ DOCTYPE = "<!doctype html>"
 _STYLE_TAG = re.compile(r"<style\b")
 _IGNORE = ' data-premailer="ignore"'
 
-# A start tag with an attribute that is not written name="value", or a style
-# or script element, whose text is not markup and is passed over whole. The
-# well-written attributes are matched possessively, so a tag that is fine
-# fails at once and the scan costs about as much as a search for "<". It runs
-# inside comments too: Outlook reads the markup in <!--[if mso]> ... <![endif]-->.
-# A raw "<" appears nowhere else, since the serialiser escapes it in text and
-# in attribute values.
+# The final pass reads the document as a run of what is fine (text, comment
+# delimiters, style and script elements, start tags whose every attribute is
+# name="value" with no quote, < or > inside) up to the next start tag that is
+# not. Every repetition is possessive and the match is anchored where the last
+# one ended, so the whole document is read once, in the regex engine, and
+# Python only sees the rare tag to rewrite. Comments are read through, not
+# over: Outlook renders the markup in <!--[if mso]> ... <![endif]-->. Values
+# can hold a raw "<" or ">": lxml writes one that contains "<!-- ... -->" as
+# it is (server-side includes), so a tag is never looked for inside a value.
 _NAME = r"""[^\s"'=<>/`]++"""
-_NEEDS_QUOTES = re.compile(
-    r"<(?:(?P<raw>style|script)\b[^>]*+>.*?</(?P=raw)\s*+>"
-    rf"""|(?P<tag>[a-zA-Z][^\s/>]*+)(?:\s++{_NAME}\s*+=\s*+"[^"]*+")*+(?!\s*+/?>)"""
-    r"""(?P<attrs>(?:[^>"']++|"[^"]*+"|'[^']*+')*+)>)""",
-    re.S | re.I,
+_GOOD_ATTRS = rf"""(?:\s++{_NAME}\s*+=\s*+"[^"<>]*+")*+"""
+_BAD_TAG = (
+    rf"""<(?P<tag>[a-zA-Z][^\s/>"']*+){_GOOD_ATTRS}(?!\s*+/?>)"""
+    r"""(?:[^>"']++|"[^"]*+"|'[^']*+')*+>"""
+)
+# (No capturing group inside the possessive loop: CPython 3.11's re loses track
+# of its span there.)
+_UP_TO_BAD_TAG = re.compile(
+    r"(?:[^<]++"
+    r"|<(?![a-zA-Z])"
+    rf"""|<(?i:style)\b{_GOOD_ATTRS}\s*+>.*?</(?i:style)\s*+>"""
+    rf"""|<(?i:script)\b{_GOOD_ATTRS}\s*+>.*?</(?i:script)\s*+>"""
+    rf"""|<[a-zA-Z][^\s/>"']*+{_GOOD_ATTRS}\s*+/?>"""
+    rf"|(?!{_BAD_TAG.replace('(?P<tag>', '(?:')})<"  # not a tag at all: text
+    rf")*+{_BAD_TAG}",
+    re.S,
 )
 _ATTRIBUTE = re.compile(rf"""({_NAME})(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'=<>`]+)))?""")
+_IN_VALUE = str.maketrans({'"': "&quot;", "<": "&lt;", ">": "&gt;"})
 
 
 def inline_css(html: str, css: str) -> str:
@@ -70,29 +84,35 @@ def inline_css(html: str, css: str) -> str:
 
 
 def double_quote_attributes(html: str) -> str:
-    """``html`` with every attribute written ``name="value"`` and no ``"`` inside a value.
+    """``html`` with every attribute written ``name="value"``, with no ``"``, ``<``
+    or ``>`` inside a value.
 
     A single-quoted value gets double quotes (its ``"`` written ``&quot;``), an
-    unquoted one gets quotes, a bare name (``nowrap``) an empty value. Style
-    and script text is left alone."""
-    return _NEEDS_QUOTES.sub(_requote, html)
+    unquoted one gets quotes, a bare name (``nowrap``) an empty value, and a
+    raw ``<`` or ``>`` in a value is escaped. Text, and the text of style and
+    script elements, is left alone."""
+    out: list[str] = []
+    pos = 0
+    while (match := _UP_TO_BAD_TAG.match(html, pos)) is not None:
+        out += (html[pos : match.start("tag") - 1], _requote(match))  # fine up to its "<"
+        pos = match.end()
+    if not out:
+        return html
+    out.append(html[pos:])
+    return "".join(out)
 
 
 def _requote(match: re.Match[str]) -> str:
     tag = match.group("tag")
-    if tag is None:
-        return _requote_start(match.group(0))  # a style or script element
+    start = match.end("tag")
+    end = match.end() - (2 if _tag_end(match) == "/>" else 1)
     attrs = []
-    for attr in _ATTRIBUTE.finditer(match.group(0), match.start("tag") - match.start() + len(tag)):
+    for attr in _ATTRIBUTE.finditer(match.string, start, end):
         double, single, bare = attr.group(2, 3, 4)
-        value = double if double is not None else (single or bare or "").replace('"', "&quot;")
-        attrs.append(f' {attr.group(1)}="{value}"')
-    end = "/>" if match.group(0).endswith("/>") else ">"
-    return f"<{tag}{''.join(attrs)}{end}"
+        value = double if double is not None else single if single is not None else bare
+        attrs.append(f' {attr.group(1)}="{(value or "").translate(_IN_VALUE)}"')
+    return f"<{tag}{''.join(attrs)}{_tag_end(match)}"
 
 
-def _requote_start(element: str) -> str:
-    # Only the start tag of a style or script element is markup.
-    start_end = element.index(">") + 1
-    start = _NEEDS_QUOTES.sub(_requote, element[:start_end])
-    return start + element[start_end:]
+def _tag_end(match: re.Match[str]) -> str:
+    return "/>" if match.string.endswith("/>", 0, match.end()) else ">"
