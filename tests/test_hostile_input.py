@@ -191,7 +191,7 @@ REPRO = {
     "title": "Title </mj-text><mj-raw><script>x</script></mj-raw>",
     "source": "<b>Brain</b>",
     "category": "</mj-section>",
-    "alt": "alt <img src=x> \" ' <!--<b c='d'>-->",
+    "alt": "alt <img src=x> \" ' <!--<b c='d'> &amp;-->",
     "subject": "Hello </mj-text> <b>bold</b> & co",
     "preheader": "Preview </mj-preview><mj-raw>' \" & <!-- -->",
 }
@@ -318,6 +318,7 @@ _PIECES = [
     "-->",
     "<!-->",
     "<!-- <i x='y'> -->",
+    "<!--&amp;-->",
     "<![endif]-->",
     "]]>",
     "&amp;",

@@ -13,10 +13,11 @@ supported. Inlining them too repeated ``border-collapse`` and friends on
 every cell: 17 KB more on a ten-article issue (nearer Gmail's clipping) and
 twice the inlining time.
 
-Every attribute of the result is written ``name="value"``, with ``"`` inside
-a value as ``&quot;``, whatever the value: lxml's serialiser switches to
-single quotes when a value holds ``"`` (an alt text quoting someone), and
-leaves the markup MJML wrote inside Outlook's conditional comments as it
+Every attribute of the result is written ``name="value"``, with ``"``, ``<``
+and ``>`` inside a value as ``&quot;``, ``&lt;`` and ``&gt;``, whatever the
+value: lxml's serialiser switches to single quotes when a value holds ``"``
+(an alt text quoting someone), writes a value holding ``<!-- -->`` unescaped,
+and leaves the markup MJML wrote inside Outlook's conditional comments as it
 was. :func:`double_quote_attributes` makes that one rule hold everywhere.
 """
 
@@ -28,6 +29,7 @@ import re
 DOCTYPE = "<!doctype html>"
 _STYLE_TAG = re.compile(r"<style\b")
 _IGNORE = ' data-premailer="ignore"'
+_COMMENT_IN_TEXT = "&lt;!--"
 
 # The final pass reads the document as a run of what is fine (text, comment
 # delimiters, style and script elements, start tags whose every attribute is
@@ -63,6 +65,17 @@ _IN_VALUE = str.maketrans({'"': "&quot;", "<": "&lt;", ">": "&gt;"})
 def inline_css(html: str, css: str) -> str:
     from premailer import Premailer  # imports lxml and cssutils: slow, so only here
 
+    # lxml writes an attribute value that holds "<!-- ... -->" as it is, "&"
+    # included (for server-side includes): "&amp;" typed in an alt text would
+    # reach readers as "&". Such a value comes from text, escaped as "&lt;!--":
+    # the sequence is broken with a mark the document does not hold while lxml
+    # has it, and mended after.
+    mark = ""
+    if _COMMENT_IN_TEXT in html:
+        mark = "Zq"
+        while mark in html:
+            mark += "q"
+        html = html.replace(_COMMENT_IN_TEXT, f"&lt;!-{mark}-")
     inlined: str = Premailer(
         _STYLE_TAG.sub("<style" + _IGNORE, html),
         css_text=css,
@@ -78,6 +91,8 @@ def inline_css(html: str, css: str) -> str:
         cssutils_logging_level=logging.CRITICAL,
     ).transform()
     inlined = inlined.replace(_IGNORE, "")
+    if mark:
+        inlined = inlined.replace(f"&lt;!-{mark}-", _COMMENT_IN_TEXT)
     if not inlined.lstrip().lower().startswith("<!doctype"):
         inlined = DOCTYPE + "\n" + inlined
     return double_quote_attributes(inlined)
