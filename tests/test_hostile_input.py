@@ -426,6 +426,57 @@ def test_refused_text_is_one_problem_with_file_line_and_field(
     assert len(info.value.problems) == 1 and poison[1] in info.value.problems[0].message
 
 
+_MARKDOWN_PIECES = [
+    *_PIECES,
+    "\n",
+    "\n\n",
+    "*",
+    "**",
+    "`",
+    "_",
+    "- ",
+    "1. ",
+    "> ",
+    "[x](https://www.example.org/a)",
+    '[x](https://www.example.org/a "t \\" \' <!-- -->")',
+    "<https://www.example.org/auto>",
+    "[ref]\n\n[ref]: https://www.example.org/r",
+    "\\",
+    "&nbsp;",
+    "&#x202e;",
+    "`<mj-text>`",
+]
+_markdown = st.lists(
+    st.one_of(st.sampled_from(_MARKDOWN_PIECES), st.text(alphabet=_char, min_size=1, max_size=4)),
+    min_size=1,
+    max_size=16,
+).map("".join)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
+)
+@given(intro=_markdown, summary=_markdown)
+def test_markdown_that_loads_builds(project: Path, intro: str, summary: str) -> None:
+    """Markdown either is refused with file, line and field, or builds: never a placeless
+    failure at the checks."""
+    path = project / "issues" / "md.yaml"
+    path.write_text(issue_text({}, intro=intro, summary=summary), encoding="utf-8")
+    try:
+        load_issue(path)
+    except ValidationFailed as exc:
+        assert all(
+            p.line is not None and p.field in ("intro", "articles[0].summary") for p in exc.problems
+        ), exc
+        assume(False)
+    result = build_file(path, project)
+    assert result.report.failures == []
+    assert badly_quoted(result.html) == []
+    assert "\x00" not in result.text
+
+
 def test_over_long_text_is_refused_with_file_line_and_field(project: Path) -> None:
     path = project / "issues" / "long.yaml"
     path.write_text(
