@@ -169,12 +169,17 @@ def to_html(source: str) -> str:
         link_rel=None,
         strip_comments=True,
     ).strip()
-    return _LINK_TAG.sub(lambda m: protect_from_mrml(m.group(0)), clean)
+    return protect_attributes_from_mrml(clean)
 
 
-# The only tags with attributes that nh3 lets through; its values are double-quoted.
-_LINK_TAG = re.compile(r'<a\s(?:[^>"]|"[^"]*")*>')
+_START_TAG = re.compile(r"""<[a-zA-Z](?:[^>"']|"[^"]*"|'[^']*')*>""")
 _MANGLED = re.compile(r"[\\\n\r\t]|[^\x00-\x7f]")
+
+
+def protect_attributes_from_mrml(html: str) -> str:
+    """:func:`protect_from_mrml` for the start tags of ``html`` only: text between
+    tags passes MRML untouched, and may be long."""
+    return _START_TAG.sub(lambda m: protect_from_mrml(m.group(0)), html) if "<" in html else html
 
 
 def protect_from_mrml(html: str) -> str:

@@ -112,10 +112,11 @@ def render(templates: Templates, ctx: dict[str, Any]) -> tuple[str, str]:
 
 def _html_value(value: Any) -> Markup:
     # Jinja's finalize for the MJML: a plain value is escaped, then what MRML
-    # would mangle in an attribute is written as character references (see
-    # markdown.protect_from_mrml); Markdown's HTML is already both.
-    if isinstance(value, Markup):
-        return value
+    # would mangle if it stood in an attribute is written as character
+    # references (see markdown.protect_from_mrml). In markup (Markdown's HTML)
+    # only the tags' attributes need it.
+    if isinstance(value, Markup) and "<" in value:
+        return Markup(markdown.protect_attributes_from_mrml(value))  # noqa: S704 - markup
     return Markup(markdown.protect_from_mrml(escape(value)))  # noqa: S704 - escaped
 
 
