@@ -66,6 +66,7 @@ articles:
             [merge_fields.MergeField("first_name", "dear friend")],
         ),
         ("[[town|a|b]]", [merge_fields.MergeField("town", "a|b")]),
+        ("[[[first_name]]'s page](https://e.org)", [merge_fields.MergeField("first_name")]),
         ("no fields [here] [x](https://e.org)", []),
         ("[[UNSUBSCRIBE_URL]] is the models' to refuse", []),
     ],
@@ -588,3 +589,21 @@ def test_a_test_copy_shows_the_subscribers_own_values(project: Path) -> None:
     assert "Greetings to Leeds from Tor." in parts(editor)[0]
     assert stranger["Subject"] == "News for you this week"
     assert "Dear friend," in parts(stranger)[0]
+
+
+def test_a_merge_field_may_not_sit_in_a_link_target(
+    project: Path, write_issue: Callable[..., Path]
+) -> None:
+    path = write_issue(
+        PERSONAL.replace(
+            "Dear [[first_name|friend]],",
+            "Dear [[first_name|friend]], see [your page](https://www.example.org/u/[[email]])\n"
+            "  and <https://www.example.org/[[first_name]]>; [[[first_name|your]] page]"
+            "(https://www.example.org/p) is fine.",
+        ),
+        "2026-12-03.yaml",
+    )
+    with pytest.raises(ValidationFailed) as failed:
+        build_file(path, project)
+    assert [(p.line, p.field) for p in failed.value.problems] == [(5, "intro"), (6, "intro")]
+    assert all("may not sit inside a link's target" in p.message for p in failed.value.problems)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from newsletter import issue_ids, merge_fields, placeholders
-from newsletter.checks import CheckReport, check_message
+from newsletter.checks import CheckReport, Sources, check_message
 from newsletter.compose import MessageTemplate, Sender, recipient_values
 from newsletter.errors import BuildCheckFailed, TemplateError, ValidationFailed
 from newsletter.inliner import inline_css
@@ -161,7 +161,12 @@ def build(inputs: BuildInputs, *, templates: Templates | None = None) -> BuildRe
     )
     html = placeholders.fill(rendered.html, values, is_html=True)
     text = placeholders.fill(rendered.text, values, is_html=False)
-    report = check_message(html, text, unsubscribe_url=values[placeholders.UNSUBSCRIBE_URL])
+    report = check_message(
+        html,
+        text,
+        unsubscribe_url=values[placeholders.UNSUBSCRIBE_URL],
+        sources=Sources(inputs.issue_file, inputs.society_file, templates.folder),
+    )
     report.warnings[:0] = [str(w) for w in loaded_society.warnings + loaded_issue.warnings]
     report.refused_by_send = [
         str(w) for w in loaded_society.refused_by_send + loaded_issue.refused_by_send

@@ -80,6 +80,8 @@ def scan(text: str) -> list[Found]:
     out: list[Found] = []
     pos = 0
     while (start := text.find(_OPEN, pos)) >= 0:
+        while text.startswith("[", start + 2):
+            start += 1  # "[[[x]]...": the first bracket is the text's (a link's text)
         upper = _UPPER.match(text, start)
         if upper:
             pos = upper.end()  # a placeholder: the models report it

@@ -15,7 +15,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -104,9 +104,73 @@ def _plain_date(value: object) -> object:
     return value
 
 
+# Characters a URL may not hold as they are. Quotes, < and > end an HTML
+# attribute or a <URI> in a header; a backslash is read as "/" by browsers
+# (WHATWG URL) but not by every mail client, so one link would lead to two
+# places; a backtick ended attributes in old Internet Explorer; whitespace and
+# control characters split a URL or hide part of it. Each has a
+# percent-encoded form that means the same to the server.
+_URL_CHARACTER_NAMES = {
+    '"': "double quote",
+    "'": "apostrophe",
+    "<": "less-than sign",
+    ">": "greater-than sign",
+    "\\": "backslash",
+    "`": "backtick",
+    " ": "space",
+    "\t": "tab",
+}
+
+
+def url_characters(value: str) -> list[str]:
+    """The characters of ``value`` that a URL must not hold unencoded, each once, in order."""
+    return list(
+        dict.fromkeys(
+            ch
+            for ch in value
+            if ch in _URL_CHARACTER_NAMES or ch.isspace() or unicodedata.category(ch) == "Cc"
+        )
+    )
+
+
+def url_character_problem(value: str) -> str | None:
+    """What to tell the editor about the unencoded characters of a URL (None: there are none).
+
+    For example: ``contains a double quote ("), which a URL cannot hold as it
+    is; write it percent-encoded, as %22``."""
+    chars = url_characters(value)
+    if not chars:
+        return None
+    names = [_url_character_name(ch) for ch in chars]
+    codes = [quote(ch, safe="") for ch in chars]
+    if len(chars) == 1:
+        return (
+            f"contains {names[0]}, which a URL cannot hold as it is; "
+            f"write it percent-encoded, as {codes[0]}"
+        )
+    listed = ", ".join(names[:-1]) + " and " + names[-1]
+    how = ", ".join(
+        f"{code} for "
+        + (f"the {_URL_CHARACTER_NAMES[ch]}" if ch in _URL_CHARACTER_NAMES else f"U+{ord(ch):04X}")
+        for code, ch in zip(codes, chars, strict=True)
+    )
+    return (
+        f"contains {listed}, which a URL cannot hold as they are; write them percent-encoded: {how}"
+    )
+
+
+def _url_character_name(ch: str) -> str:
+    name = _URL_CHARACTER_NAMES.get(ch)
+    if name is None:
+        return f"U+{ord(ch):04X} {unicodedata.name(ch, 'CONTROL CHARACTER')}"
+    article = "an" if name[0] in "aeiou" else "a"
+    return f"{article} {name}" if ch.isspace() else f"{article} {name} ({ch})"
+
+
 def https_url(value: str) -> str:
-    if any(ch.isspace() or unicodedata.category(ch) == "Cc" for ch in value):
-        raise ValueError("must be a URL without spaces or control characters")
+    problem = url_character_problem(value)
+    if problem:
+        raise ValueError(problem)
     parts = urlsplit(value)
     if parts.scheme.lower() != "https":
         shown = parts.scheme + ":" if parts.scheme else "no scheme"

@@ -6,18 +6,24 @@ with autoescape on, so every plain string is escaped and Markdown enters only
 through the sanitising ``markdown`` filter) and the text/plain body (a
 separate text template, wrapped at 72 columns). Both use ``StrictUndefined``:
 a missing variable fails the build with the template's name and line.
+
+The text part carries the issue's text verbatim, so ``</mj-text>`` in a title
+is text there, not markup. The text environment marks such sequences in every
+value it writes out; anything of the kind left unmarked in the output was
+written by the template itself, and is reported against the template.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 from newsletter import markdown, merge_fields, placeholders
 from newsletter.errors import ConfigError, TemplateError
@@ -26,6 +32,14 @@ from newsletter.models import Issue, Links, Society
 HTML_TEMPLATE = "email.mjml.j2"
 TEXT_TEMPLATE = "email.txt.j2"
 TEXT_WIDTH = 72
+
+# What an unrendered template leaves behind: Jinja syntax, or MJML (in the
+# HTML, a tag MJML did not know; in the text part, MJML pasted into it).
+LEFTOVER = re.compile(r"\{\{|\{%|</?mj-[\w-]*")
+# In a value: "{" before "{" or "%", "<" before "mj-" or "/mj-". The mark is
+# NUL, which no input can hold: the fields refuse control characters.
+_VALUE_LEFTOVER = re.compile(r"\{(?=[{%])|<(?=/?mj-)")
+_MARK = "\x00"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +68,14 @@ def load_templates(folder: Path) -> Templates:
         "auto_reload": False,
     }
     # select_autoescape() does not know .mjml files: turn escaping on for all of them.
-    html_env = jinja2.Environment(autoescape=True, **common)
+    html_env = jinja2.Environment(autoescape=True, finalize=_html_value, **common)
     html_env.filters["markdown"] = _markdown_html
     html_env.filters["longdate"] = longdate
-    text_env = jinja2.Environment(autoescape=False, **common)  # noqa: S701 - text/plain output
+    text_env = jinja2.Environment(
+        autoescape=False,  # noqa: S701 - text/plain output
+        finalize=_mark_value,
+        **common,
+    )
     text_env.filters["markdown"] = _markdown_text
     text_env.filters["wrap"] = _wrap
     text_env.filters["longdate"] = longdate
@@ -98,7 +116,31 @@ def render(templates: Templates, ctx: dict[str, Any]) -> tuple[str, str]:
     """(MJML source, plain text) for one issue."""
     mjml = _render(templates, templates.html, HTML_TEMPLATE, ctx)
     text = _render(templates, templates.text, TEXT_TEMPLATE, ctx)
-    return mjml, _tidy_text(text)
+    made = LEFTOVER.search(text)  # the values' own are marked: this is the template's
+    if made:
+        where = find_in_templates(templates.folder, TEXT_TEMPLATE, made.group(0))
+        raise TemplateError(
+            f"{where}: the text part contains {made.group(0)!r} that the template wrote, not "
+            "the issue: a template tag was not rendered, or MJML was pasted into the text "
+            "template; remove it"
+        )
+    return mjml, _tidy_text(text.replace(_MARK, ""))
+
+
+def _html_value(value: Any) -> Markup:
+    # Jinja's finalize for the MJML: a plain value is escaped, then what MRML
+    # would mangle if it stood in an attribute is written as character
+    # references (see markdown.protect_from_mrml). In markup (Markdown's HTML)
+    # only the tags' attributes need it.
+    if isinstance(value, Markup) and "<" in value:
+        return Markup(markdown.protect_attributes_from_mrml(value))  # noqa: S704 - markup
+    return Markup(markdown.protect_from_mrml(escape(value)))  # noqa: S704 - escaped
+
+
+def _mark_value(value: Any) -> str:
+    # Jinja's finalize: every value the text template writes out passes here.
+    text = str(value)
+    return _VALUE_LEFTOVER.sub(r"\g<0>" + _MARK, text) if "{" in text or "<" in text else text
 
 
 def _render(templates: Templates, env: jinja2.Environment, name: str, ctx: dict[str, Any]) -> str:
@@ -113,20 +155,92 @@ def _render(templates: Templates, env: jinja2.Environment, name: str, ctx: dict[
             f"{where}: {exc.message}; fix the template or add the value it needs"
         ) from None
     except jinja2.TemplateNotFound as exc:
+        where = _template_frame(exc, templates.folder) or str(templates.folder / name)
         raise TemplateError(
-            f"{templates.folder / name}: includes {exc.name!r}, which is not in {templates.folder}"
+            f"{where}: includes {exc.name!r}, which is not in {templates.folder}"
         ) from None
+    except jinja2.TemplateError as exc:  # a filter called wrongly, {% raise %}-like errors
+        where = _template_frame(exc, templates.folder) or str(templates.folder / name)
+        raise TemplateError(f"{where}: {exc.message or type(exc).__name__}") from None
+    except UnicodeDecodeError:
+        bad = next(
+            (f for f in sorted(templates.folder.glob("*.j2")) if not _is_utf8(f)),
+            templates.folder / name,
+        )
+        raise TemplateError(f"{bad} is not UTF-8 text; save it as UTF-8") from None
+    except Exception as exc:
+        # Raised in the template's own frame (a filter given an argument it does
+        # not take, a division by zero): the template's mistake. Raised deeper,
+        # in our filters, it is a bug and keeps its traceback.
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        if not _is_template_frame(last.filename, templates.folder):
+            raise
+        raise TemplateError(
+            f"{last.filename}:{last.lineno}: {type(exc).__name__}: {exc}; fix the template"
+        ) from None
+
+
+def _is_utf8(path: Path) -> bool:
+    try:
+        path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return True
+
+
+def find_in_templates(folder: Path, name: str, needle: str, *, also: tuple[str, ...] = ()) -> str:
+    """``folder/file:line`` of the first line holding ``needle`` in template ``name``, the
+    templates it includes, or the files ``also`` names; else ``folder/name``.
+
+    For error messages about what a template wrote, so it is rare: files are
+    read again rather than kept."""
+    if not needle:
+        return str(folder / name)
+    names = [*_referenced(folder, name), *also]
+    for file in names:
+        try:
+            lines = (folder / file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for number, line in enumerate(lines, 1):
+            if needle.lower() in line.lower():
+                return f"{folder / file}:{number}"
+    return str(folder / name)
+
+
+def _referenced(folder: Path, name: str) -> list[str]:
+    """``name`` and every template it includes, imports or extends, depth first."""
+    from jinja2 import meta
+
+    seen: list[str] = []
+    todo = [name]
+    env = jinja2.Environment(autoescape=True)  # parses only
+    while todo:
+        current = todo.pop(0)
+        if current in seen:
+            continue
+        seen.append(current)
+        try:
+            source = (folder / current).read_text(encoding="utf-8")
+            found = meta.find_referenced_templates(env.parse(source))
+        except (OSError, UnicodeDecodeError, jinja2.TemplateSyntaxError):
+            continue
+        todo += [ref for ref in found if ref]
+    return seen
 
 
 def _template_frame(exc: BaseException, folder: Path) -> str | None:
     # Jinja rewrites tracebacks so that template frames carry the template's
     # file name and line: the last such frame is where rendering stopped.
     found = None
-    root = str(folder.resolve())
     for frame in traceback.extract_tb(exc.__traceback__):
-        if frame.filename.startswith(root) or frame.filename.endswith(".j2"):
+        if _is_template_frame(frame.filename, folder):
             found = f"{frame.filename}:{frame.lineno}"
     return found
+
+
+def _is_template_frame(filename: str, folder: Path) -> bool:
+    return filename.startswith(str(folder.resolve())) or filename.endswith(".j2")
 
 
 def longdate(value: dt.date) -> str:
