@@ -317,10 +317,13 @@ def test_export_round_trips_states_and_attributes(project: Path) -> None:
         count = run_cli(
             "subscribers", "count", "--list", list_name, cwd=project, env=cli_env(project, db)
         )
-        assert count.stdout.strip() == (
+        assert count.stdout.splitlines() == [
             f"{list_name}: 4 member(s): 2 subscribed (will be mailed), 1 opted out of this list, "
-            "1 suppressed (1 bounced)"
-        )
+            "1 suppressed (1 bounced)",
+            # The export's columns came along: the same merge fields.
+            f"  merge fields an issue sent to {list_name} can use: [[first_name]], "
+            "[[last_name]], [[email]], [[city]], [[notes]]",
+        ]
         store = SubscriberStore(connect(project / db))
         assert [r.email for r in store.audience(list_name)] == [
             "ann@example.org",
