@@ -607,3 +607,147 @@ def test_a_merge_field_may_not_sit_in_a_link_target(
         build_file(path, project)
     assert [(p.line, p.field) for p in failed.value.problems] == [(5, "intro"), (6, "intro")]
     assert all("may not sit inside a link's target" in p.message for p in failed.value.problems)
+
+
+# ------------------------------------------------- found by trying a month of it
+
+
+def test_invisible_only_values_fall_back() -> None:
+    for nothing in ("\ufeff", "\u200b", "\u00ad", " \u00a0 ", "\u2060\ufeff"):
+        assert merge_fields.clean(nothing) == ""
+    assert merge_fields.clean("\ufeffAnn\u200b") == "Ann"
+    assert merge_fields.clean("Zo\u00ade") == "Zo\u00ade"  # inside a word it stays
+
+
+def test_column_names_in_any_script_and_the_ones_that_cannot_be_fields() -> None:
+    columns = [
+        "Straße",
+        "Über-Gruppe",
+        "Όνομα",
+        "名前",
+        "2nd Line",
+        "!!",
+        "Member since",
+        "member-since",
+    ]
+    assert merge_fields.known_fields(columns) == [
+        *merge_fields.BUILT_IN,
+        "straße",
+        "über_gruppe",
+        "όνομα",
+        "名前",
+        "member_since",
+    ]
+    notes = merge_fields.column_notes(columns)
+    assert len(notes) == 3
+    assert "'2nd Line' cannot be used as a merge field ([[2nd_line]] does not start" in notes[0]
+    assert "'!!' cannot be used as a merge field (it has no letters)" in notes[1]
+    assert "'Member since' and 'member-since' are both the merge field [[member_since]]" in notes[2]
+    assert [f.field for f in merge_fields.scan("[[straße]] [[über_gruppe|x]]")] == [
+        merge_fields.MergeField("straße"),
+        merge_fields.MergeField("über_gruppe", "x"),
+    ]
+
+
+def test_the_count_leaves_out_whom_another_lists_send_reached(
+    personal: BuildResult, db: sqlite3.Connection, tmp_path: Path
+) -> None:
+    import_csv(db, tmp_path, "email,last_name,town\nann@example.org,Lee,\nbob@example.org,,\n", "a")
+    import_csv(
+        db, tmp_path, "email,last_name,town\nbob@example.org,,\ncat@example.org,Cole,\n", "b"
+    )
+    notes = check_merge_fields(db, personal.issue_id, "b", personal.merge_uses)
+    assert "has no value for 1 of the 2 recipient(s)" in notes[0]
+    prepare(db, personal.issue_id, "a")  # bob gets it from a
+    assert check_merge_fields(db, personal.issue_id, "b", personal.merge_uses) == []
+    with pytest.raises(ValidationFailed, match="strict"):
+        check_merge_fields(db, personal.issue_id, "a", personal.merge_uses, strict=True)
+
+
+def test_an_export_keeps_a_column_nobody_filled(db: sqlite3.Connection, tmp_path: Path) -> None:
+    import_csv(db, tmp_path, "email,Nickname\nann@example.org,\n")
+    assert SubscriberStore(db).attribute_names("news") == ["nickname"]
+
+
+def test_a_template_field_is_placed_at_its_line(project: Path) -> None:
+    template = project / "templates" / "email.txt.j2"
+    template.write_text(
+        "\n\n{{ merge_field('postcode') }}\n" + template.read_text("utf-8"), "utf-8"
+    )
+    result = build_file(project / "issues" / EXAMPLE.name, project)
+    (use,) = [u for u in result.merge_uses if u.field.name == "postcode"]
+    assert (use.file, use.line) == (str(template), 3)
+
+
+def cli_env(project: Path, server: Server | None = None, **extra: str) -> dict[str, str]:
+    return {
+        "NEWSLETTER_DATABASE": str(project / "db.sqlite3"),
+        "NEWSLETTER_SECRET_KEY": SECRET,
+        "NEWSLETTER_SMTP_HOST": "127.0.0.1",
+        "NEWSLETTER_SMTP_PORT": str(server.port if server else 9),
+        "NEWSLETTER_SMTP_SECURITY": "none",
+        "NEWSLETTER_OUT_DIR": "out",
+        **extra,
+    }
+
+
+def test_the_schedule_and_due_sends_check_fields_against_every_list(
+    project: Path, server: Server
+) -> None:
+    (project / "issues" / "2026-12-03.yaml").write_text(PERSONAL, "utf-8")
+    env = cli_env(
+        project,
+        server,
+        NEWSLETTER_SCHEDULE="Thu 09:00",
+        NEWSLETTER_TIMEZONE="UTC",
+        NEWSLETTER_SCHEDULE_LISTS="members,volunteers",
+    )
+    (project / "m.csv").write_text("email,last_name,town\nann@example.org,Lee,Leeds\n", "utf-8")
+    (project / "v.csv").write_text("email,last_name\nvic@example.org,\n", "utf-8")
+    for name, path in (("members", "m.csv"), ("volunteers", "v.csv")):
+        done = run_cli("subscribers", "import", path, "--list", name, cwd=project, env=env)
+        assert done.returncode == 0, done.stderr
+    ahead = run_cli("schedule", cwd=project, env={**env, "NEWSLETTER_TEST_NOW": "2026-12-02"})
+    assert "cannot be sent: list volunteers: " in ahead.stdout
+    assert "[[town]]: the list 'volunteers' was never imported" in ahead.stdout
+    assert "list members:" not in ahead.stdout
+    # Fixed for volunteers; now vic has no last name and --strict refuses that.
+    (project / "v.csv").write_text("email,last_name,town\nvic@example.org,,York\n", "utf-8")
+    run_cli("subscribers", "import", "v.csv", "--list", "volunteers", cwd=project, env=env)
+    due_env = {**env, "NEWSLETTER_TEST_NOW": "2026-12-03T09:05:00+00:00"}
+    strict = run_cli("send", "--due", "--strict", cwd=project, env=due_env)
+    assert strict.returncode == 1
+    assert "(--strict) [[last_name]] has no value for 1 of the 1" in strict.stderr
+    assert [r.rcpt_tos for r in server.handler.received] == [["ann@example.org"]]
+    relaxed = run_cli("send", "--due", cwd=project, env=due_env)
+    assert relaxed.returncode == 0, relaxed.stdout + relaxed.stderr
+    assert sorted(r.rcpt_tos[0] for r in server.handler.received) == [
+        "ann@example.org",
+        "vic@example.org",
+    ]
+
+
+def test_every_dry_run_test_copy_is_written_and_a_missing_field_is_warned(
+    project: Path,
+) -> None:
+    (project / "issues" / "2026-12-03.yaml").write_text(PERSONAL, "utf-8")
+    env = cli_env(project)
+    (project / "list.csv").write_text("email,first_name\nann@example.org,Ann\n", "utf-8")
+    run_cli("subscribers", "import", "list.csv", "--list", "news", cwd=project, env=env)
+    addresses = [f"t{i}@example.org" for i in range(8)]
+    copies = run_cli(
+        "send", "issues/2026-12-03.yaml", "--list", "news", "--dry-run",
+        *(a for address in addresses for a in ("--to", address)), cwd=project, env=env,
+    )  # fmt: skip
+    assert copies.returncode == 0, copies.stderr
+    assert len(list((project / "out" / "2026-12-03" / "test-copies").iterdir())) == 8
+    assert "warning: " in copies.stderr and "[[town]]: the list 'news'" in copies.stderr
+    assert "`send` refuses this" in copies.stderr
+
+
+def test_an_import_says_which_columns_cannot_be_merge_fields(project: Path) -> None:
+    env = cli_env(project)
+    (project / "list.csv").write_text("email,2nd Line,Town\nann@example.org,x,y\n", "utf-8")
+    done = run_cli("subscribers", "import", "list.csv", "--list", "news", cwd=project, env=env)
+    assert done.returncode == 0
+    assert "note: the column '2nd line' cannot be used as a merge field" in done.stdout

@@ -13,6 +13,7 @@ the archive: no "view in browser" line, no personal links.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,10 +195,25 @@ def build(inputs: BuildInputs, *, templates: Templates | None = None) -> BuildRe
 def _template_uses(
     rendered: RenderedIssue, loaded: Loaded[Issue], templates: Templates
 ) -> tuple[merge_fields.FieldUse, ...]:
-    """The merge fields only the templates use (``merge_field(...)``), placed at the folder."""
+    """The merge fields only the templates use (``merge_field(...)``), each placed at the
+    first template line that names it (the folder when none can be found)."""
     from_file = {u.field for u in loaded.merge_fields}
     return tuple(
-        merge_fields.FieldUse(f, str(templates.folder), None, "")
+        merge_fields.FieldUse(f, *_template_line(templates.folder, f.name), "")
         for _, f in rendered.merge_fields
         if f not in from_file
     )
+
+
+def _template_line(folder: Path, name: str) -> tuple[str, int | None]:
+    """Where a template calls ``merge_field`` with ``name``: (file, line)."""
+    call = re.compile(r"merge_field\(\s*['\"]" + re.escape(name) + r"['\"]")
+    for path in sorted(folder.rglob("*.j2")):
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for number, line in enumerate(lines, 1):
+            if call.search(line):
+                return str(path), number
+    return str(folder), None

@@ -127,14 +127,17 @@ def _build(
     from newsletter.models import Recipient
 
     preview_name, preview_addr = settings.preview_mailbox
-    first, _, last = preview_name.partition(" ")
+    # "Sam Sample", or "Sample, Sam" as address books write it.
+    last, comma, first = preview_name.partition(",")
+    if not comma:
+        first, _, last = preview_name.partition(" ")
     result = build(
         BuildInputs(
             issue_file=issue_file,
             society_file=settings.society_file,
             templates_dir=settings.templates_dir,
             sender=_sender(settings, list_name),
-            preview_recipient=Recipient(preview_addr, first, last),
+            preview_recipient=Recipient(preview_addr, first.strip(), last.strip()),
             strict=strict,
         )
     )
@@ -301,6 +304,10 @@ def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool, encod
     )
     if not (report.added or report.updated or report.duplicates or report.skipped):
         click.echo(f"{csv_file} has no rows after its header line.")
+    from newsletter.merge_fields import column_notes
+
+    for note in column_notes(report.columns):
+        click.secho(f"note: {note}", fg="yellow")
     if report.opted_out or report.newly_suppressed:
         click.echo(
             f"As the file's newsletter_state column says: {report.opted_out:,} opted out of "
@@ -621,7 +628,7 @@ def send(
                 "--resend-unknown and --retry-rejected are choices for one send: run "
                 "`newsletter send ISSUE_FILE --list NAME --resend-unknown` by hand"
             )
-        _run_due_once()
+        _run_due_once(strict)
         return
     if issue_file is None:
         raise click.UsageError("give the ISSUE_FILE to send, or --due")
@@ -635,6 +642,7 @@ def send(
         if not dry_run:
             _require_secret(settings)
         result = _build(settings, issue_file, strict=strict, list_name=list_name)
+        _warn_test_copy_fields(settings, result, list_name or settings.list_name)
         _send_test_copies(
             settings,
             _template(settings, result, list_name),
@@ -926,6 +934,29 @@ def _summarise(report: SendReport, dry_run: bool, transport: Transport) -> None:
         click.secho(f"unknown: {email}: {detail}", fg="yellow")
 
 
+def _warn_test_copy_fields(settings: Settings, result: BuildResult, list_name: str) -> None:
+    """A test copy goes whatever the list offers, but a field the real send would refuse
+    is worth knowing now (the copy shows it empty)."""
+    import contextlib
+
+    from newsletter.database import connect
+    from newsletter.errors import ValidationFailed
+    from newsletter.sending import check_merge_fields
+
+    if not result.merge_uses or not settings.database.exists():
+        return
+    with contextlib.closing(connect(settings.database)) as conn:
+        try:
+            check_merge_fields(conn, result.issue_id, list_name, result.merge_uses)
+        except ValidationFailed as exc:
+            for problem in exc.problems:
+                click.secho(
+                    f"warning: {problem} (`send` refuses this; the test copy shows it empty)",
+                    fg="yellow",
+                    err=True,
+                )
+
+
 def _test_recipients(settings: Settings, addresses: list[str]) -> list[Recipient]:
     """A test copy to someone in the database shows their own merge-field values (an
     editor sends one to themselves to see them); anyone else gets the fallbacks."""
@@ -1001,7 +1032,10 @@ def _send_test_copies(
         _fail("no test copy was sent:\n" + "\n".join(f"  {p}" for p in problems))
     recipients = _test_recipients(settings, list(dict.fromkeys(checked)))  # one copy each
     transport: Transport = (
-        OutboxTransport(settings.out_dir / template.rendered.issue_id / "test-copies")
+        # Every test copy asked for is written (a send's dry run keeps five samples).
+        OutboxTransport(
+            settings.out_dir / template.rendered.issue_id / "test-copies", keep=len(recipients)
+        )
         if dry_run
         else _smtp_transport(settings)
     )
@@ -1123,7 +1157,9 @@ class _ProgressBar:
 # -------------------------------------------------------------------- schedule
 
 
-def _check_due(settings: Settings, now: dt.datetime | None = None) -> DueResult:
+def _check_due(
+    settings: Settings, now: dt.datetime | None = None, *, strict: bool = False
+) -> DueResult:
     """One look at the schedule, and the send it calls for: shared by --due and the loop."""
     import contextlib
     import datetime as dt
@@ -1132,7 +1168,7 @@ def _check_due(settings: Settings, now: dt.datetime | None = None) -> DueResult:
     from newsletter.scheduler import check_and_send
 
     def send_issue(path: Path, list_name: str) -> SendReport:
-        report, transport = _send_one(settings, path, list_name)
+        report, transport = _send_one(settings, path, list_name, strict=strict)
         _summarise(report, False, transport)
         return report
 
@@ -1158,8 +1194,8 @@ def _now_override() -> dt.datetime | None:
     return dt.datetime.fromisoformat(raw).astimezone(dt.UTC) if raw else None
 
 
-def _run_due_once() -> None:
-    result = _check_due(_settings(), _now_override())
+def _run_due_once(strict: bool) -> None:
+    result = _check_due(_settings(), _now_override(), strict=strict)
     click.echo(f"schedule: {result.message}")
     sys.exit(result.exit_code)
 
@@ -1183,7 +1219,8 @@ def schedule(ctx: click.Context) -> None:
         f"schedule: {plan.describe()}, catch-up {plan.catch_up}, "
         f"lists: {', '.join(settings.scheduled_lists)}"
     )
-    slots = Slots(connect(settings.database))
+    conn = connect(settings.database)
+    slots = Slots(conn)
     due = latest(plan, now, within=plan.catch_up)
     # A slot whose window is still open is shown with the ones to come.
     current = [due] if due is not None and slots.state(due) != "done" else []
@@ -1192,7 +1229,9 @@ def schedule(ctx: click.Context) -> None:
         local = slot.at.astimezone(plan.zone).strftime("%a %Y-%m-%d %H:%M %Z")
         label = "  due now" if slot is due else ""
         click.echo(f"  {local}  ({slot.key})  {choice.path or 'no issue file yet'}{label}")
-        for problem in issue_problems(choice, settings.society_file):
+        for problem in issue_problems(
+            choice, settings.society_file, conn=conn, lists=settings.scheduled_lists
+        ):
             click.secho(f"      cannot be sent: {problem}", fg="red")
         for note in choice.notes:
             click.echo(f"      note: {note}")
@@ -1226,7 +1265,12 @@ def _poll_seconds(ctx: click.Context, param: click.Parameter, value: float) -> f
     callback=_poll_seconds,
     help=f"Seconds between looks ({POLL_MIN:g} to {POLL_MAX:g}).",
 )
-def schedule_run(poll: float) -> None:
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Fail a slot on any warning, and on a merge field some recipients have no value for.",
+)
+def schedule_run(poll: float, strict: bool) -> None:
     """Run the scheduler: send each issue when it is due, until SIGTERM or Ctrl-C."""
     import datetime as dt
     import signal
@@ -1256,7 +1300,7 @@ def schedule_run(poll: float) -> None:
             signal.signal(sig, on_signal)
         stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         try:
-            result = _check_due(settings, _now_override())
+            result = _check_due(settings, _now_override(), strict=strict)
             if result.state not in ("nothing-due", "done-already") and result.message != said:
                 click.echo(f"{stamp} {result.message}")
                 said = result.message

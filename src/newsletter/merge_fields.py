@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from newsletter.models import BIDI_CONTROLS, Recipient
 
-NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+# A letter, then letters, digits or '_'; any script, lower case (see valid_name).
+NAME = re.compile(r"[^\W\d_]\w{0,63}")
 BUILT_IN = ("first_name", "last_name", "email")
 VALUE_MAX = 100  # characters of one value; a longer one is cut
 FALLBACK_MAX = 100
@@ -114,9 +115,9 @@ def _parse(text: str, start: int, end: int) -> Found:
     shown = text[start:end]
     if not name:
         return Found(start, end, None, f"{shown!r} names no field; write {SYNTAX}")
-    if not NAME.fullmatch(name):
+    if not valid_name(name):
         hint = key(name)
-        suggestion = f" (did you mean [[{hint}]]?)" if NAME.fullmatch(hint) else ""
+        suggestion = f" (did you mean [[{hint}]]?)" if valid_name(hint) else ""
         return Found(
             start,
             end,
@@ -143,10 +144,41 @@ def _parse(text: str, start: int, end: int) -> Found:
     return Found(start, end, MergeField(name, fallback))
 
 
+def valid_name(name: str) -> bool:
+    """Whether ``name`` can be written as a field: ``first_name``, ``straße``, ``town2``."""
+    return bool(NAME.fullmatch(name)) and name == name.lower()
+
+
 @functools.lru_cache(maxsize=1024)
 def key(column: str) -> str:
-    """The merge-field name of a list's column: ``Member since`` is ``member_since``."""
-    return re.sub(r"[^0-9a-z]+", "_", column.strip().lower()).strip("_")
+    """The merge-field name of a list's column: ``Member since`` is ``member_since``,
+    ``Über-Gruppe`` is ``über_gruppe``."""
+    return re.sub(r"[\W_]+", "_", column.strip().lower()).strip("_")
+
+
+def column_notes(columns: Iterable[str]) -> list[str]:
+    """What an import should say about its columns as merge fields: a column whose
+    name cannot be written as one, and columns that would share one."""
+    notes: list[str] = []
+    seen: dict[str, str] = {}
+    for column in columns:
+        name = key(column)
+        if name in BUILT_IN:
+            continue
+        if not valid_name(name):
+            shown = f"[[{name}]] does not start with a letter" if name else "it has no letters"
+            notes.append(
+                f"the column {column!r} cannot be used as a merge field ({shown}); rename "
+                "it if an issue is to use it"
+            )
+        elif name in seen:
+            notes.append(
+                f"the columns {seen[name]!r} and {column!r} are both the merge field "
+                f"[[{name}]]; an issue cannot tell them apart: rename one"
+            )
+        else:
+            seen[name] = column
+    return notes
 
 
 class Slots:
@@ -179,6 +211,13 @@ class Slots:
         return tuple((slot, f) for f, slot in self._slots.items())
 
 
+# Spaces and the invisible characters a spreadsheet leaves at a cell's ends (a
+# byte-order mark, a zero-width space, a word joiner, a soft hyphen): a value of
+# nothing else is no value, and its fallback is used.
+_INVISIBLE = "\ufeff\u200b\u2060\u00ad"
+_EDGES = re.compile(f"^[\\s{_INVISIBLE}]+|[\\s{_INVISIBLE}]+$")
+
+
 def clean(value: str) -> str:
     """A value safe for every place it goes: one line, no control characters, capped."""
     if value.isascii() and value.isprintable():
@@ -193,7 +232,7 @@ def clean(value: str) -> str:
             else:
                 chars.append(ch)
         out = re.sub(r" {2,}", " ", "".join(chars))
-    out = out.strip()
+    out = _EDGES.sub("", out)
     if len(out) > VALUE_MAX:
         out = out[:VALUE_MAX].rstrip()
     return out
@@ -242,8 +281,9 @@ def fill_general(text: str) -> str:
 
 
 def known_fields(columns: Iterable[str]) -> list[str]:
-    """The merge-field names a list offers: the built-in ones and one per column."""
-    return list(dict.fromkeys([*BUILT_IN, *(key(c) for c in columns)]))
+    """The merge-field names a list offers: the built-in ones and one per column whose
+    name can be written as a field."""
+    return list(dict.fromkeys([*BUILT_IN, *(k for c in columns if valid_name(k := key(c)))]))
 
 
 def unknown(used: Iterable[MergeField], columns: Iterable[str]) -> list[str]:

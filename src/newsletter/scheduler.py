@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from newsletter.errors import NewsletterError, ValidationFailed
 from newsletter.loading import Loaded, load_issue, load_society, named_day
 from newsletter.locks import Lease, LockHeld
 from newsletter.schedule import Schedule, Slot, latest, slots_between
-from newsletter.sending import NobodyMailable, SendReport
+from newsletter.sending import NobodyMailable, SendReport, check_merge_fields
 from newsletter.transports import CampaignAborted
 from newsletter.yaml_input import read_yaml
 
@@ -59,6 +59,11 @@ class IssueChoice:
     notes: list[str] = field(default_factory=list)  # worth saying, but nothing is wrong
 
 
+def _indented(problems: list[str]) -> str:
+    """One problem a line, indented; a problem's own detail lines one step further in."""
+    return "\n".join("  " + p.replace("\n", "\n  ") for p in problems)
+
+
 class SlotFailed(NewsletterError):
     """The due slot's issue cannot be sent as it is; nothing went out, and the next look retries."""
 
@@ -66,9 +71,7 @@ class SlotFailed(NewsletterError):
 
     def __init__(self, when: str, problems: list[str]) -> None:
         self.problems = problems
-        super().__init__(
-            f"the slot {when} cannot be sent:\n" + "\n".join(f"  {p}" for p in problems)
-        )
+        super().__init__(f"the slot {when} cannot be sent:\n" + _indented(problems))
 
 
 class SlotIncomplete(SlotFailed):
@@ -82,7 +85,7 @@ class SlotIncomplete(SlotFailed):
         NewsletterError.__init__(
             self,
             f"{issue_id} for the slot {when}: {sent}not sent to every list:\n"
-            + "\n".join(f"  {p}" for p in problems)
+            + _indented(problems)
             + "\nThe next look within the catch-up window tries the lists not done again.",
         )
 
@@ -181,13 +184,34 @@ def find_issue(issues_dir: Path, day: dt.date) -> IssueChoice:
     return IssueChoice(day, None if problems else chosen, problems, notes)
 
 
-def issue_problems(choice: IssueChoice, society_file: Path | None = None) -> list[str]:
-    """What would stop the send of ``choice`` if it were due now, to show ahead of time."""
+def issue_problems(
+    choice: IssueChoice,
+    society_file: Path | None = None,
+    *,
+    conn: sqlite3.Connection | None = None,
+    lists: Sequence[str] = (),
+) -> list[str]:
+    """What would stop the send of ``choice`` if it were due now, to show ahead of time:
+    the files' problems and, given the database, a merge field one of ``lists`` lacks."""
     if choice.problems or choice.path is None:
         return choice.problems
-    problems = _load_problems(load_issue, choice.path) + _id_clashes(choice.path)
+    loaded: Loaded[Any] | None = None
+    try:
+        loaded = load_issue(choice.path)
+        problems = [str(p) for p in loaded.refused_by_send]
+    except ValidationFailed as exc:
+        problems = [str(p) for p in exc.problems]
+    except NewsletterError as exc:
+        problems = [str(exc)]
+    problems += _id_clashes(choice.path)
     if society_file is not None:
         problems += _load_problems(load_society, society_file)
+    if loaded is not None and conn is not None and loaded.merge_fields:
+        for name in lists:
+            try:
+                check_merge_fields(conn, loaded.value.id, name, loaded.merge_fields)
+            except ValidationFailed as exc:
+                problems += [f"list {name}: {p}" for p in exc.problems]
     return problems
 
 

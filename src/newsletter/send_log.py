@@ -64,6 +64,17 @@ _OTHERS_HAVE = (
 # 'suppressed' does not: that row was never sent (the person left that list
 # after it froze), and they may still want it from a list they stayed on.
 # Written out in the queries below (no SQL built from strings).
+# Whether row ``a`` (first_name, last_name, attributes) has no value for the
+# field named by ``f.value``, summed: blanks and the invisible characters a
+# spreadsheet leaves (BOM, zero-width space, soft hyphen) are no value, as
+# merge_fields.clean has it.
+_EMPTY = (
+    "sum(CASE f.value "
+    "WHEN 'first_name' THEN trim(a.first_name, ' ' || char(160, 65279, 8203, 8288, 173)) = '' "
+    "WHEN 'last_name' THEN trim(a.last_name, ' ' || char(160, 65279, 8203, 8288, 173)) = '' "
+    "ELSE NOT EXISTS (SELECT 1 FROM json_each(a.attributes) j WHERE j.key = f.value "
+    "AND trim(j.value, ' ' || char(160, 65279, 8203, 8288, 173, 9, 10, 13)) != '') END)"
+)
 HAS_IT = ("pending", "sending", "sent", "deferred", "unknown", "rejected")
 
 
@@ -235,28 +246,45 @@ class SendLog:
         )
         return int(count), [row[0] for row in kept]
 
-    def empty_values(self, send_id: int, fields: Sequence[str]) -> tuple[int, list[int]]:
-        """(recipients still to be mailed, how many of them have no value for each of
-        ``fields``), counted as :meth:`SubscriberStore.empty_values` does."""
-        total = self.conn.execute(
-            "SELECT count(*) FROM deliveries "
-            "WHERE send_id = ? AND state IN ('pending', 'deferred')",
-            (send_id,),
-        ).fetchone()[0]
+    def empty_values(
+        self, issue_id: str, list_name: str, fields: Sequence[str]
+    ) -> tuple[int, list[int]]:
+        """(whom the send of ``issue_id`` to ``list_name`` would mail now, how many of them
+        have no value for each of ``fields``: ``first_name``, ``last_name`` or a column's
+        stored name). Before the freeze: the audience less those another list's send of
+        the issue has (as :meth:`freeze` would leave them out); after: its recipients
+        still to be mailed. Read only."""
+        record = self.find(issue_id, list_name)
         counts = dict.fromkeys(fields, 0)
-        if fields:
-            rows = self.conn.execute(
-                "SELECT f.value, sum(CASE f.value "
-                "WHEN 'first_name' THEN trim(d.first_name) = '' "
-                "WHEN 'last_name' THEN trim(d.last_name) = '' "
-                "ELSE NOT EXISTS (SELECT 1 FROM json_each(coalesce(d.attributes, "
-                "(SELECT u.attributes FROM subscribers u WHERE u.email = d.email), '{}')) j "
-                "WHERE j.key = f.value AND trim(j.value) != '') END) "
-                "FROM deliveries d, json_each(?2) f "
-                "WHERE d.send_id = ?1 AND d.state IN ('pending', 'deferred') GROUP BY f.value",
-                (send_id, json.dumps(list(fields))),
+        params: tuple[object, ...]
+        if record is not None:
+            total = self.conn.execute(
+                "SELECT count(*) FROM deliveries "
+                "WHERE send_id = ? AND state IN ('pending', 'deferred')",
+                (record.id,),
+            ).fetchone()[0]
+            # Built of module constants only; every value is a parameter.
+            sql = (
+                "SELECT f.value, " + _EMPTY + " FROM (SELECT d.first_name, d.last_name, "  # noqa: S608
+                "coalesce(d.attributes, (SELECT u.attributes FROM subscribers u "
+                "WHERE u.email = d.email), '{}') AS attributes FROM deliveries d "
+                "WHERE d.send_id = ?1 AND d.state IN ('pending', 'deferred')) a, json_each(?2) f "
+                "GROUP BY f.value"
             )
-            counts.update({str(r[0]): int(r[1] or 0) for r in rows})
+            params = (record.id, json.dumps(list(fields)))
+        else:
+            total = self.conn.execute(
+                "SELECT count(*) " + _AUDIENCE + "AND u.email NOT IN " + _OTHERS_HAVE,
+                (issue_id, list_name),
+            ).fetchone()[0]
+            sql = (
+                "SELECT f.value, " + _EMPTY + " FROM (SELECT u.first_name, u.last_name, "  # noqa: S608
+                "u.attributes " + _AUDIENCE + "AND u.email NOT IN " + _OTHERS_HAVE + ") a, "
+                "json_each(?3) f GROUP BY f.value"
+            )
+            params = (issue_id, list_name, json.dumps(list(fields)))
+        if fields and total:
+            counts.update({str(r[0]): int(r[1] or 0) for r in self.conn.execute(sql, params)})
         return int(total), [counts[f] for f in fields]
 
     def mark_interrupted(self, send_id: int) -> int:

@@ -153,9 +153,8 @@ def check_merge_fields(
             u.line,
             u.path,
             f"[[{u.field.name}]]: the list {list_name!r} was never imported with a column "
-            f"for this field, so it would be empty for everyone; the fields it has: "
-            f"{', '.join(offered)}. Correct the name, or import the list with a "
-            f"{u.field.name!r} column",
+            f"for this field (a misspelt name?); the fields it has: {', '.join(offered)}. "
+            f"Correct the name, or import the list with a {u.field.name!r} column",
         )
         for u in uses
         if u.field.name not in offered
@@ -168,13 +167,7 @@ def check_merge_fields(
     )
     if not stored:
         return []
-    log = SendLog(conn)
-    record = log.find(issue_id, list_name)
-    total, counts = (
-        log.empty_values(record.id, stored)
-        if record is not None
-        else SubscriberStore(conn).empty_values(list_name, stored)
-    )
+    total, counts = SendLog(conn).empty_values(issue_id, list_name, stored)
     empty = dict(zip(stored, counts, strict=True))
     found: list[Problem] = []
     for u in bare:

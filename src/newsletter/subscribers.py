@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from newsletter.csv_import import SUPPRESSION_REASONS, ParsedRow
@@ -93,6 +93,7 @@ class ImportReport:
     problems: list[Problem] = field(default_factory=list)  # the first MAX_PROBLEMS
     more_problems: int = 0  # problems beyond those
     committed: bool = False
+    columns: list[str] = field(default_factory=list)  # the file's own, beyond email and names
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +208,7 @@ class SubscriberStore:
                 return report
             cur.execute("BEGIN IMMEDIATE")
             self._apply(cur, list_name, report, actor, _now())
+            report.columns = list(columns)
             cur.executemany(
                 "INSERT INTO list_columns (list_name, name, added_at) VALUES (?, ?, ?) "
                 "ON CONFLICT DO NOTHING",
@@ -323,11 +325,13 @@ class SubscriberStore:
         return ListStates(subscribed, opted_out, dict(sorted(suppressed.items())))
 
     def attribute_names(self, list_name: str) -> list[str]:
-        """Every attribute any member of ``list_name`` has, sorted: the export's columns."""
+        """Every attribute any member of ``list_name`` has, and every column it was imported
+        with (empty for all, it is still a merge field), sorted: the export's columns."""
         rows = self.conn.execute(
-            "SELECT DISTINCT j.key FROM list_members m "
+            "SELECT j.key FROM list_members m "
             "JOIN subscribers u ON u.id = m.subscriber_id, json_each(u.attributes) j "
-            "WHERE m.list_name = ? ORDER BY 1",
+            "WHERE m.list_name = ?1 UNION SELECT name FROM list_columns WHERE list_name = ?1 "
+            "ORDER BY 1",
             (list_name,),
         )
         return [str(r[0]) for r in rows]
@@ -340,36 +344,6 @@ class SubscriberStore:
             (list_name,),
         )
         return [str(r[0]) for r in rows]
-
-    def empty_values(self, list_name: str, fields: Sequence[str]) -> tuple[int, list[int]]:
-        """(the audience of ``list_name``, how many of it have no value for each of
-        ``fields``): ``first_name``, ``last_name`` or a column's stored name."""
-        total = self.conn.execute(
-            "SELECT count(*) FROM list_members m JOIN subscribers u ON u.id = m.subscriber_id "
-            "WHERE m.list_name = ?1 "
-            "AND NOT EXISTS (SELECT 1 FROM suppressions x WHERE x.email = u.email) "
-            "AND NOT EXISTS (SELECT 1 FROM list_optouts o WHERE o.list_name = ?1 "
-            "AND o.email = u.email)",
-            (list_name,),
-        ).fetchone()[0]
-        counts = dict.fromkeys(fields, 0)
-        if fields:
-            # One pass over the audience for every field at once (f: the fields).
-            rows = self.conn.execute(
-                "SELECT f.value, sum(CASE f.value "
-                "WHEN 'first_name' THEN trim(u.first_name) = '' "
-                "WHEN 'last_name' THEN trim(u.last_name) = '' "
-                "ELSE NOT EXISTS (SELECT 1 FROM json_each(u.attributes) j "
-                "WHERE j.key = f.value AND trim(j.value) != '') END) "
-                "FROM list_members m JOIN subscribers u ON u.id = m.subscriber_id, "
-                "json_each(?2) f WHERE m.list_name = ?1 "
-                "AND NOT EXISTS (SELECT 1 FROM suppressions x WHERE x.email = u.email) "
-                "AND NOT EXISTS (SELECT 1 FROM list_optouts o WHERE o.list_name = ?1 "
-                "AND o.email = u.email) GROUP BY f.value",
-                (list_name, json.dumps(list(fields))),
-            )
-            counts.update({str(r[0]): int(r[1] or 0) for r in rows})
-        return int(total), [counts[f] for f in fields]
 
     def recipient(self, email: str) -> Recipient | None:
         """The subscriber ``email`` (normalised) as a message addresses them, or None."""

@@ -94,7 +94,7 @@ def context(
     slots = slots if slots is not None else merge_fields.Slots()
 
     def merge_field(name: str, fallback: str = "") -> str:
-        if not isinstance(name, str) or not merge_fields.NAME.fullmatch(name):
+        if not isinstance(name, str) or not merge_fields.valid_name(name):
             raise TemplateError(
                 f"merge_field({name!r}): a field name is lower-case letters, digits and '_', "
                 "starting with a letter, such as 'first_name'"
