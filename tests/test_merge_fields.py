@@ -751,3 +751,45 @@ def test_an_import_says_which_columns_cannot_be_merge_fields(project: Path) -> N
     done = run_cli("subscribers", "import", "list.csv", "--list", "news", cwd=project, env=env)
     assert done.returncode == 0
     assert "note: the column '2nd line' cannot be used as a merge field" in done.stdout
+
+
+def test_a_field_as_a_links_text_and_markdown_references_cannot_touch_it(
+    project: Path, write_issue: Callable[..., Path]
+) -> None:
+    path = write_issue(
+        PERSONAL.replace(
+            "Dear [[first_name|friend]],",
+            "Dear [[first_name|friend]], [[first_name]](https://www.example.org/p)\n\n"
+            "  [merge1]: https://evil.example/\n  [1]: https://evil.example/",
+        ),
+        "2026-12-03.yaml",
+    )
+    result = build_file(path, project)
+    assert "evil.example" not in result.html
+    # Not a link (that is [[[first_name]]](url)), and never the slot: the name as text.
+    assert "Dear Sam, Sam(https://www.example.org/p)" in result.text
+    assert "Dear Sam, Sam(https://www.example.org/p)" in result.html
+
+
+def test_a_filter_on_merge_field_changes_nothing_and_a_slice_fails_the_build(
+    project: Path,
+) -> None:
+    template = project / "templates" / "email.txt.j2"
+    original = template.read_text("utf-8")
+    template.write_text("Hi {{ merge_field('first_name') | title }}!\n" + original, "utf-8")
+    assert build_file(project / "issues" / EXAMPLE.name, project).text.startswith("Hi Sam!")
+    template.write_text("Hi {{ merge_field('first_name')[:2] }}!\n" + original, "utf-8")
+    with pytest.raises(Exception, match="apply no filter or slice to merge_field") as failed:
+        build_file(project / "issues" / EXAMPLE.name, project)
+    assert str(template) in str(failed.value) or "templates" in str(failed.value)
+    template.write_text("{{ merge_field('Bad') }}\n" + original, "utf-8")
+    with pytest.raises(TemplateError, match=rf"{re.escape(str(template))}:1: merge_field"):
+        build_file(project / "issues" / EXAMPLE.name, project)
+
+
+def test_editor_text_may_not_hold_the_slot_characters(
+    project: Path, write_issue: Callable[..., Path]
+) -> None:
+    path = write_issue(PERSONAL.replace("A trial", "A \ue0001\ue001 trial"), "2026-12-03.yaml")
+    with pytest.raises(ValidationFailed, match="private-use character"):
+        build_file(path, project)

@@ -97,7 +97,10 @@ def render_issue(
         language=society.language,
         html=_compile(templates, mjml_source),
         text=text,
-        mjml=mjml_source,
+        # For reading (issue.mjml): each slot shown as the editor wrote its field.
+        mjml=placeholders.fill(
+            mjml_source, {slot: str(f) for slot, f in slots.table()}, is_html=False
+        ),
         merge_fields=slots.table(),
     )
 

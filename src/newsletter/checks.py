@@ -251,5 +251,11 @@ def check_message(
                 "template tag was not rendered"
             )
         for name in placeholders.leftovers(body):
-            fail(f"{where(name)}: the {part} contains the unknown placeholder {name}")
+            if name.startswith("merge_field"):
+                fail(
+                    f"{where('merge_field')}: the {part} holds what is left of a merge field "
+                    "that a template changed: apply no filter or slice to merge_field(...)"
+                )
+            else:
+                fail(f"{where(name)}: the {part} contains the unknown placeholder {name}")
     return report

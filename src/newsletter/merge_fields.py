@@ -4,8 +4,10 @@ Stage: between loading and templating, and again per recipient when composing.
 Input: editor text from the fields that may hold merge fields (``subject``,
 ``preheader``, ``intro``, article ``summary``), later one recipient. Output:
 syntax problems (for the loader, which adds file and line); the text with each
-merge field replaced by a slot such as ``[[MERGE1]]``, which Jinja, Markdown,
-MJML and the inliner all pass through untouched, with the table of what each
+merge field replaced by a slot (a number between two private-use characters,
+U+E000 and U+E001), which Markdown, Jinja's filters, MJML and the inliner all
+pass through untouched (brackets or letters would not survive: ``[x](url)``
+is a link, ``| title`` changes case), with the table of what each
 slot stands for; and per recipient the clean value of each slot, which the
 composer escapes for the place it goes (HTML, text, Subject header).
 
@@ -23,6 +25,7 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from newsletter import placeholders
 from newsletter.models import BIDI_CONTROLS, Recipient
 
 # A letter, then letters, digits or '_'; any script, lower case (see valid_name).
@@ -38,7 +41,7 @@ _CLOSE = "]]"
 # The fixed placeholders of the templates ([[UNSUBSCRIBE_URL]]) and our slots
 # are upper case; editor text that holds one is refused by the models.
 _UPPER = re.compile(r"\[\[[A-Z][A-Z0-9_]*\]\]")
-SLOT = re.compile(r"\[\[MERGE[1-9][0-9]*\]\]")
+SLOT, SLOT_OPEN, SLOT_CLOSE = placeholders.SLOT, placeholders.SLOT_OPEN, placeholders.SLOT_CLOSE
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +193,7 @@ class Slots:
     def slot(self, merge_field: MergeField) -> str:
         found = self._slots.get(merge_field)
         if found is None:
-            found = self._slots[merge_field] = f"[[MERGE{len(self._slots) + 1}]]"
+            found = self._slots[merge_field] = f"{SLOT_OPEN}{len(self._slots) + 1}{SLOT_CLOSE}"
         return found
 
     def substitute(self, text: str) -> str:
@@ -215,11 +218,15 @@ class Slots:
 # byte-order mark, a zero-width space, a word joiner, a soft hyphen): a value of
 # nothing else is no value, and its fallback is used.
 _INVISIBLE = "\ufeff\u200b\u2060\u00ad"
+# Removed wherever they are: the bidi embeddings and overrides (they reorder the
+# text around them), and the characters of a merge field's slot.
+_DROP = BIDI_CONTROLS | {SLOT_OPEN, SLOT_CLOSE}
 _EDGES = re.compile(f"^[\\s{_INVISIBLE}]+|[\\s{_INVISIBLE}]+$")
 
 
 def clean(value: str) -> str:
     """A value safe for every place it goes: one line, no control characters, capped."""
+    value = value[: VALUE_MAX * 4]  # cleaning never needs more; a 10 KB value costs no more
     if value.isascii() and value.isprintable():
         out = value  # almost every name: nothing to do
     else:
@@ -227,7 +234,7 @@ def clean(value: str) -> str:
         for ch in value:
             if ch in "\r\n\t\v\f\x85\u2028\u2029":
                 chars.append(" ")
-            elif ch in BIDI_CONTROLS or unicodedata.category(ch) in ("Cc", "Cs"):
+            elif ch in _DROP or unicodedata.category(ch) in ("Cc", "Cs"):
                 continue
             else:
                 chars.append(ch)

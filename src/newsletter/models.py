@@ -88,6 +88,11 @@ def _text_block(value: str) -> str:
 
 
 def _no_template_syntax(value: str) -> str:
+    if "\ue000" in value or "\ue001" in value:
+        raise ValueError(
+            "contains a private-use character (U+E000 or U+E001) that the newsletter uses "
+            "for merge fields; remove it"
+        )
     match = _TEMPLATE_SYNTAX.search(value)
     if match:
         raise ValueError(

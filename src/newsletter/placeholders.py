@@ -20,6 +20,12 @@ EMAIL = "[[EMAIL]]"
 
 ALL = (UNSUBSCRIBE_URL, PREFERENCES_URL, EMAIL)
 LEFTOVER = re.compile(r"\[\[[A-Z][A-Z0-9_]*\]\]")
+# A merge field's slot (newsletter.merge_fields): a number between two
+# private-use characters, which nothing between the template and the message
+# changes; editor text may not hold them (models).
+SLOT_OPEN, SLOT_CLOSE = "\ue000", "\ue001"
+SLOT = re.compile(SLOT_OPEN + "[1-9][0-9]*" + SLOT_CLOSE)
+_ANY = re.compile(LEFTOVER.pattern + "|" + SLOT.pattern)
 
 
 def fill(text: str, values: Mapping[str, str], *, is_html: bool) -> str:
@@ -34,9 +40,14 @@ def fill(text: str, values: Mapping[str, str], *, is_html: bool) -> str:
             return match.group(0)
         return html.escape(found, quote=True) if is_html else found
 
-    return LEFTOVER.sub(value, text)
+    return _ANY.sub(value, text)
 
 
 def leftovers(text: str) -> list[str]:
-    """Placeholders still present, such as a misspelt ``[[UNSUBSCRIBE_ULR]]``."""
-    return sorted(set(LEFTOVER.findall(text)))
+    """Placeholders still present, such as a misspelt ``[[UNSUBSCRIBE_ULR]]``, and what is
+    left of a merge field's slot that a template changed (a filter or a slice applied to
+    ``merge_field()``), shown as ``merge_field(...)``."""
+    found = set(LEFTOVER.findall(text))
+    if SLOT_OPEN in text or SLOT_CLOSE in text:
+        found.add("merge_field(...) changed by a filter or a slice")
+    return sorted(found)

@@ -93,13 +93,20 @@ def context(
     value (or the fallback) fills, HTML-escaped in the HTML and as is in the text."""
     slots = slots if slots is not None else merge_fields.Slots()
 
-    def merge_field(name: str, fallback: str = "") -> str:
+    def merge_field(name: str, fallback: str | None = "") -> str:
+        # Raised as Jinja's own error, so that it names the template's file and line.
         if not isinstance(name, str) or not merge_fields.valid_name(name):
-            raise TemplateError(
+            raise jinja2.TemplateRuntimeError(
                 f"merge_field({name!r}): a field name is lower-case letters, digits and '_', "
                 "starting with a letter, such as 'first_name'"
             )
-        return slots.slot(merge_fields.MergeField(name, merge_fields.clean(str(fallback))))
+        text = merge_fields.clean("" if fallback is None else str(fallback))
+        if len(str(fallback or "").strip()) > merge_fields.FALLBACK_MAX:
+            raise jinja2.TemplateRuntimeError(
+                f"merge_field({name!r}, ...): the fallback is longer than "
+                f"{merge_fields.FALLBACK_MAX} characters"
+            )
+        return slots.slot(merge_fields.MergeField(name, text))
 
     return {
         "issue": issue,
