@@ -640,6 +640,8 @@ def test_column_names_in_any_script_and_the_ones_that_cannot_be_fields() -> None
     ]
     notes = merge_fields.column_notes(columns)
     assert len(notes) == 3
+    (hidden,) = merge_fields.column_notes(["first.name"])
+    assert "'first.name' is kept as an extra column, not as the first_name" in hidden
     assert "'2nd Line' cannot be used as a merge field ([[2nd_line]] does not start" in notes[0]
     assert "'!!' cannot be used as a merge field (it has no letters)" in notes[1]
     assert "'Member since' and 'member-since' are both the merge field [[member_since]]" in notes[2]
@@ -793,3 +795,51 @@ def test_editor_text_may_not_hold_the_slot_characters(
     path = write_issue(PERSONAL.replace("A trial", "A \ue0001\ue001 trial"), "2026-12-03.yaml")
     with pytest.raises(ValidationFailed, match="private-use character"):
         build_file(path, project)
+
+
+def test_a_send_keeps_only_the_columns_its_issue_uses_and_reads_the_lists_own(
+    personal: BuildResult, db: sqlite3.Connection, tmp_path: Path
+) -> None:
+    from newsletter.send_log import SendLog
+    from newsletter.sending import merge_columns
+
+    import_csv(db, tmp_path, "email,Town,Shoe size\nann@example.org,Leeds,7\n", "a")
+    import_csv(db, tmp_path, "email,town!\nann@example.org,York\n", "b")  # also [[town]]
+    columns = merge_columns(db, "b", personal.merge_uses)
+    assert columns == {"town": "town!"}
+    record = prepare(db, personal.issue_id, "b", columns=list(columns.values())).record
+    (delivery,) = SendLog(db).claim(record.id, 10, now=0)
+    assert delivery.recipient.attributes == {"town!": "York"}  # no shoe size kept
+    template = MessageTemplate(personal.rendered, sender(), columns=columns)
+    text, _ = parts(parse(template.personalise(delivery.recipient, date=WHEN)))
+    assert "Greetings to York from ." in text
+
+
+def test_a_misspelt_list_is_named_as_such(project: Path) -> None:
+    (project / "issues" / "2026-12-03.yaml").write_text(PERSONAL, "utf-8")
+    env = cli_env(project)
+    (project / "list.csv").write_text("email\nann@example.org\n", "utf-8")
+    run_cli("subscribers", "import", "list.csv", "--list", "news", cwd=project, env=env)
+    done = run_cli(
+        "send", "issues/2026-12-03.yaml", "--list", "nosuchlist", "--dry-run", cwd=project, env=env
+    )
+    assert done.returncode == 1
+    assert "never imported" not in done.stderr and "no members" in done.stderr
+
+
+def test_a_long_unbroken_value_in_the_subject_decodes_exactly(personal: BuildResult) -> None:
+    template = MessageTemplate(personal.rendered, sender())
+    for name in ("x" * 90, ("Ann" * 30 + " ") * 3):
+        raw = template.personalise(Recipient("a@example.org", name), date=WHEN)
+        assert subject_of(raw) == f"News for {merge_fields.clean(name)} this week"
+        assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+
+
+def test_brackets_in_other_fields_are_text_unless_they_are_a_field(
+    project: Path, write_issue: Callable[..., Path]
+) -> None:
+    ok = write_issue(PERSONAL.replace("A trial", "A trial [[citation needed]]"), "2026-12-03.yaml")
+    assert "[[citation needed]]" in build_file(ok, project).text
+    bad = write_issue(PERSONAL.replace("A trial", "A trial [[town]]"), "2026-12-03.yaml")
+    with pytest.raises(ValidationFailed, match="merge fields are allowed only in"):
+        build_file(bad, project)

@@ -679,10 +679,17 @@ def _mailto_reminder(settings: Settings) -> None:
     )
 
 
-def _template(settings: Settings, result: BuildResult, list_name: str | None) -> MessageTemplate:
+def _template(
+    settings: Settings,
+    result: BuildResult,
+    list_name: str | None,
+    columns: dict[str, str] | None = None,
+) -> MessageTemplate:
     from newsletter.compose import MessageTemplate
 
-    return MessageTemplate(result.rendered, _sender(settings, list_name), signer=_signer(settings))
+    return MessageTemplate(
+        result.rendered, _sender(settings, list_name), signer=_signer(settings), columns=columns
+    )
 
 
 def _require_secret(settings: Settings) -> None:
@@ -717,7 +724,13 @@ def _send_one(
     from newsletter.archive_store import ArchiveStore, Source
     from newsletter.database import connect
     from newsletter.locks import Lease
-    from newsletter.sending import check_merge_fields, dry_run_copy, prepare, preview
+    from newsletter.sending import (
+        check_merge_fields,
+        dry_run_copy,
+        merge_columns,
+        prepare,
+        preview,
+    )
     from newsletter.transports import OutboxTransport
 
     if not dry_run:
@@ -726,7 +739,6 @@ def _send_one(
     from newsletter.checks import refuse_unsendable
 
     refuse_unsendable(result.report)  # a preview may show bidi controls; a send may not
-    template = _template(settings, result, name)
     transport: Transport
     with contextlib.ExitStack() as stack:
         # Closed at the end: `schedule run` sends week after week in one process.
@@ -765,12 +777,15 @@ def _send_one(
                 f"Send {result.issue_id} to the list {name!r} through {transport.description}?",
                 abort=True,
             )
+        columns = merge_columns(conn, name, result.merge_uses)
+        template = _template(settings, result, name, columns)
         prepared = prepare(
             conn,
             result.issue_id,
             name,
             resend_unknown=resend_unknown,
             retry_rejected=retry_rejected,
+            columns=list(columns.values()),
         )
         if not dry_run:
             # The archive shows what was sent: the first send keeps the web version.

@@ -21,7 +21,7 @@ import datetime as dt
 import hashlib
 import html
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import format_datetime, parseaddr
 from urllib.parse import quote
@@ -58,6 +58,7 @@ def recipient_values(
     *,
     date: dt.datetime,
     rendered: RenderedIssue | None = None,
+    columns: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The value of every placeholder for one recipient of a message dated ``date``,
     and of every merge-field slot of ``rendered``, unescaped.
@@ -74,7 +75,7 @@ def recipient_values(
         placeholders.EMAIL: recipient.email,
     }
     if rendered is not None and rendered.merge_fields:
-        values.update(merge_fields.values(rendered.merge_fields, recipient))
+        values.update(merge_fields.values(rendered.merge_fields, recipient, columns))
     return values
 
 
@@ -165,8 +166,10 @@ class MessageTemplate:
         sender: Sender,
         *,
         signer: Callable[[bytes], bytes] | None = None,
+        columns: Mapping[str, str] | None = None,
     ) -> None:
         self.rendered = rendered
+        self.columns = columns  # merge field → the list's column (sending.merge_columns)
         self.sender = sender
         self.signer = signer
         slots = {slot for slot, _ in rendered.merge_fields}
@@ -229,7 +232,9 @@ class MessageTemplate:
         self, recipient: Recipient, *, date: dt.datetime, message_id: str | None = None
     ) -> bytes:
         """The message for ``recipient``; ``message_id`` overrides the stable id (test copies)."""
-        values = recipient_values(self.sender, recipient, date=date, rendered=self.rendered)
+        values = recipient_values(
+            self.sender, recipient, date=date, rendered=self.rendered, columns=self.columns
+        )
         unsub = values[placeholders.UNSUBSCRIBE_URL]
         subject = self._subject or _header(
             "Subject",
@@ -273,8 +278,16 @@ _ATOM_OK = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]*")
 
 def _needs_encoding(text: str) -> bool:
     # '=?' must be encoded too: a parser would decode it as an encoded word
-    # and could turn a harmless-looking subject into header lines.
-    return not text.isascii() or "=?" in text or any(ord(c) < 32 or c == "\x7f" for c in text)
+    # and could turn a harmless-looking subject into header lines. A word too
+    # long for a folded line (a long address from a merge field) is encoded too:
+    # encoded words may be split anywhere, plain ones only at spaces, and a
+    # fold before it would add a space to the subject.
+    return (
+        not text.isascii()
+        or "=?" in text
+        or any(ord(c) < 32 or c == "\x7f" for c in text)
+        or any(len(word) > 60 for word in text.split(" "))
+    )
 
 
 def _encode_words(text: str, name: str) -> str:

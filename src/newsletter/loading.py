@@ -148,6 +148,8 @@ def _merge_fields(
         for found in merge_fields.scan(value):
             line = _line_of_offset(doc, path, value, found.start)
             if not (allowed and _may_personalise(path)):
+                if found.field is None:
+                    continue  # "[[citation needed]]" in a title is text, not a field
                 shown = value[found.start : found.end]
                 problems.append(
                     Problem(
@@ -167,22 +169,28 @@ def _merge_fields(
 
 
 def _line_of_offset(doc: YamlDocument, path: PathKey, value: str, offset: int) -> int | None:
-    """The line of the character at ``offset`` in the value at ``path``."""
+    """The line of the merge field (or stray ``[[``) at ``offset`` in the value at ``path``."""
     loc = doc.locations.get(path)
     if loc is None:
         return None
     if loc.style == "|":  # literal: lines map one to one
         return loc.value_line + 1 + value.count("\n", 0, offset)
-    # Folded or quoted: find the text's own line from the value's first line on.
-    needle = value[offset:].split("\n", 1)[0][:40]
+    # Folded, quoted or plain: lines are joined, so find the field itself in the
+    # file from the value's first line on, counting the same text before it.
+    end = value.find("]]", offset)
+    needle = value[offset : end + 2] if 0 <= end < offset + 200 else value[offset : offset + 2]
+    needle = needle.split("\n", 1)[0]
+    before = value.count(needle, 0, offset)
     try:
         lines = Path(doc.file).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return loc.value_line
-    return next(
-        (i + 1 for i in range(loc.value_line - 1, len(lines)) if needle in lines[i]),
-        loc.value_line,
-    )
+    for i in range(loc.value_line - 1, len(lines)):
+        seen = lines[i].count(needle)
+        if seen > before:
+            return i + 1
+        before -= seen
+    return loc.value_line
 
 
 def _strings(data: Any, path: PathKey) -> Iterable[tuple[PathKey, str]]:

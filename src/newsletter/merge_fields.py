@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from newsletter import placeholders
@@ -167,6 +167,12 @@ def column_notes(columns: Iterable[str]) -> list[str]:
     for column in columns:
         name = key(column)
         if name in BUILT_IN:
+            # "First.Name" is not read as the first name (the import knows the usual
+            # spellings), and [[first_name]] is the name column, never this one.
+            notes.append(
+                f"the column {column!r} is kept as an extra column, not as the {name} "
+                f"that [[{name}]] shows; name it {name} if it holds that"
+            )
             continue
         if not valid_name(name):
             shown = f"[[{name}]] does not start with a letter" if name else "it has no letters"
@@ -262,11 +268,22 @@ def raw_value(recipient: Recipient, name: str) -> str:
     return value or ""
 
 
-def values(table: Iterable[tuple[str, MergeField]], recipient: Recipient) -> dict[str, str]:
-    """Slot → the text it becomes for ``recipient`` (unescaped; the composer escapes)."""
+def values(
+    table: Iterable[tuple[str, MergeField]],
+    recipient: Recipient,
+    columns: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Slot → the text it becomes for ``recipient`` (unescaped; the composer escapes).
+
+    ``columns`` maps a field to the list's own column (a person imported into two
+    lists may carry both ``member since`` and ``member-since``)."""
     out: dict[str, str] = {}
     for slot, merge_field in table:
-        value = raw_value(recipient, merge_field.name)
+        column = columns.get(merge_field.name) if columns else None
+        if column is not None:
+            value = recipient.attributes.get(column) or raw_value(recipient, merge_field.name)
+        else:
+            value = raw_value(recipient, merge_field.name)
         # An address is checked on import and may be long; never cut it.
         value = value if merge_field.name == "email" else clean(value)
         out[slot] = value or merge_field.fallback
@@ -284,7 +301,7 @@ def fill_general(text: str) -> str:
     substituted = slots.substitute(text)
     for slot, value in general(slots.table()).items():
         substituted = substituted.replace(slot, value)
-    return substituted
+    return substituted.strip()
 
 
 def known_fields(columns: Iterable[str]) -> list[str]:

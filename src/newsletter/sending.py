@@ -145,7 +145,10 @@ def check_merge_fields(
     the frozen send's recipients not mailed yet. Returns the notes."""
     if not uses:
         return []
-    columns = SubscriberStore(conn).columns(list_name)
+    store = SubscriberStore(conn)
+    if not store.count(list_name)[0] and not SendLog(conn).find(issue_id, list_name):
+        return []  # no such list (a misspelt --list): the preview says so, plainly
+    columns = store.columns(list_name)
     offered = merge_fields.known_fields(columns)
     problems = [
         Problem(
@@ -188,6 +191,16 @@ def check_merge_fields(
     return [f"{p} (--strict refuses this)" for p in found]
 
 
+def merge_columns(
+    conn: sqlite3.Connection, list_name: str, uses: Sequence[merge_fields.FieldUse]
+) -> dict[str, str]:
+    """Field name → the stored column of ``list_name`` that fills it, for every attribute
+    field the issue uses: a send reads that column, and freezes only those."""
+    columns = SubscriberStore(conn).columns(list_name)
+    found = {u.field.name: merge_fields.column_for(u.field.name, columns) for u in uses}
+    return {name: column for name, column in found.items() if column is not None}
+
+
 def _strict(problem: Problem) -> Problem:
     return Problem(problem.file, problem.line, problem.field, f"(--strict) {problem.message}")
 
@@ -199,8 +212,12 @@ def prepare(
     *,
     resend_unknown: bool = False,
     retry_rejected: bool = False,
+    columns: Sequence[str] = (),
 ) -> Prepared:
-    """Freeze the audience on the first run; on later runs, sort out what the last one left."""
+    """Freeze the audience on the first run; on later runs, sort out what the last one left.
+
+    Each frozen recipient keeps the attributes named in ``columns``: the ones the
+    issue's merge fields use (see :func:`merge_columns`), not every column."""
     log: SendLogStore = SendLog(conn)
     store: Subscribers = SubscriberStore(conn)
     record = log.find(issue_id, list_name)
@@ -211,7 +228,7 @@ def prepare(
         # empty for this issue even after subscribers are imported.
         _check_mailable(list_name, states)
         suppressed = states.members - states.subscribed
-        record = log.freeze(issue_id, list_name, store.audience(list_name), suppressed)
+        record = log.freeze(issue_id, list_name, store.audience(list_name, columns), suppressed)
     log.mark_interrupted(record.id)
     unknown = log.requeue(record.id, "unknown") if resend_unknown else 0
     rejected = log.requeue(record.id, "rejected") if retry_rejected else 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from newsletter.csv_import import SUPPRESSION_REASONS, ParsedRow
@@ -40,8 +40,12 @@ MEMBERS_SQL = (
     "LEFT JOIN list_optouts o ON o.list_name = m.list_name AND o.email = u.email "
     "WHERE m.list_name = ? AND m.subscriber_id > ? ORDER BY m.subscriber_id LIMIT ?"
 )
+# The fourth column holds only the attributes asked for (?4, a JSON list of
+# names), as JSON, or NULL when none are: a send keeps what its issue uses.
 AUDIENCE_SQL = (
-    "SELECT u.id, u.email, u.first_name, u.last_name, u.attributes "
+    "SELECT u.id, u.email, u.first_name, u.last_name, CASE WHEN ?4 = '[]' THEN NULL ELSE "
+    "(SELECT json_group_object(j.key, j.value) FROM json_each(u.attributes) j "
+    "WHERE j.key IN (SELECT value FROM json_each(?4))) END "
     "FROM list_members m JOIN subscribers u ON u.id = m.subscriber_id "
     "WHERE m.list_name = ?1 AND m.subscriber_id > ?2 "
     "AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = u.email) "
@@ -360,16 +364,17 @@ class SubscriberStore:
         for r in self._batched(MEMBERS_SQL, list_name):
             yield Member(r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7])
 
-    def audience(self, list_name: str) -> Iterator[Recipient]:
-        """Who a send to ``list_name`` goes to: members minus suppressions, in batches."""
-        for r in self._batched(AUDIENCE_SQL, list_name):
+    def audience(self, list_name: str, columns: Sequence[str] = ()) -> Iterator[Recipient]:
+        """Who a send to ``list_name`` goes to: members minus suppressions, in batches,
+        each with the attributes named in ``columns`` (the ones the issue uses)."""
+        for r in self._batched(AUDIENCE_SQL, list_name, json.dumps(list(columns))):
             yield Recipient(r[1], r[2], r[3], decode_attributes(r[4]))
 
-    def _batched(self, sql: str, list_name: str) -> Iterator[sqlite3.Row]:
+    def _batched(self, sql: str, list_name: str, *more: object) -> Iterator[sqlite3.Row]:
         """Rows of ``sql`` (keyed on subscriber id, first column) in batches: flat memory."""
         last = 0
         while True:
-            rows = self.conn.execute(sql, (list_name, last, BATCH)).fetchall()
+            rows = self.conn.execute(sql, (list_name, last, BATCH, *more)).fetchall()
             if not rows:
                 return
             yield from rows
