@@ -228,10 +228,16 @@ def damaged(db: Path) -> None:
     connect(db).close()  # it opens: what fails is each command's first query
 
 
+def table_dropped(db: Path) -> None:
+    with contextlib.closing(connect(db, create=True)) as conn:
+        conn.execute("DROP TABLE suppressions")
+
+
 DATABASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "garbage": (garbage, "is not an intact SQLite database (file is not a database)"),
     "empty file": (empty, "is an empty file, not a newsletter database"),
     "folder": (folder, "(NEWSLETTER_DATABASE) is a folder"),
+    "table dropped": (table_dropped, "it lacks the table(s) suppressions"),
 }
 
 

@@ -918,3 +918,62 @@ def test_every_template_error_names_its_file(project: Path) -> None:
     with pytest.raises(TemplateError) as info:
         build_file(project / "issues" / EXAMPLE.name, project)
     assert str(info.value) == f"{templates / 'footer.mjml.j2'} is not UTF-8 text; save it as UTF-8"
+
+
+# ---------------------------------------------------- found by a second look
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://img.tracker.example/p.gif?who=[[EMAIL]]",
+        "https://www.example.org/news/[[first_name]]",
+        "https://www.example.org/{{x}}",
+    ],
+)
+def test_no_placeholder_or_merge_field_in_a_url(
+    project: Path, write_issue: Callable[..., Path], url: str
+) -> None:
+    data = example_data()
+    data["articles"][0]["image"]["src"] = url
+    data["articles"][1]["url"] = url
+    with pytest.raises(ValidationFailed) as failed:
+        build_file(write_issue(data), project)
+    fields = sorted(p.field for p in failed.value.problems)
+    assert fields == ["articles[0].image.src", "articles[1].url"], failed.value
+    assert all("cannot hold a merge field" in p.message for p in failed.value.problems)
+
+
+def test_an_address_at_an_imports_domain_is_not_remote_css(
+    project: Path, write_issue: Callable[..., Path]
+) -> None:
+    data = example_data()
+    data["articles"][0]["summary"] += "\nWrite to info@imports.example.org, `@font-face`.\n"
+    data["articles"][0]["source"] = "news@important.example.org"
+    build_file(write_issue(data), project)
+
+
+def test_an_empty_issue_file_is_one_problem(
+    project: Path, write_issue: Callable[..., Path]
+) -> None:
+    for text in ("", "---\n", "~\n"):
+        with pytest.raises(ValidationFailed, match=r"the file (holds nothing|is empty)"):
+            build_file(write_issue(text), project)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "{{ issue.subject | longdate }}",
+        "{{ 5 | wrap }}",
+        '{{ "%d" | format("x") }}',
+        '{% include "email.txt.j2" %}',
+    ],
+)
+def test_a_template_mistake_inside_a_filter_names_the_template_line(
+    project: Path, line: str
+) -> None:
+    template = project / "templates" / "email.txt.j2"
+    template.write_text(line + "\n" + template.read_text("utf-8"), "utf-8")
+    with pytest.raises(TemplateError, match=rf"^{re.escape(str(template))}:1: \w+"):
+        build_file(project / "issues" / EXAMPLE.name, project)

@@ -559,11 +559,18 @@ def _address(raw: str, normalise: Callable[[str], str]) -> str:
 def _smtp_transport(settings: Settings) -> SmtpTransport:
     import ssl
 
+    from newsletter.errors import ConfigError
     from newsletter.transports import SmtpConfig, SmtpTransport
 
-    context = ssl.create_default_context(
-        cafile=str(settings.smtp_ca_file) if settings.smtp_ca_file else None
-    )
+    try:
+        context = ssl.create_default_context(
+            cafile=str(settings.smtp_ca_file) if settings.smtp_ca_file else None
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"NEWSLETTER_SMTP_CA_FILE={settings.smtp_ca_file}: cannot read certificates from "
+            f"it ({exc.strerror or exc}); give a PEM file of CA certificates, or unset it"
+        ) from None
     return SmtpTransport(
         SmtpConfig(
             host=settings.smtp_host,
@@ -944,7 +951,9 @@ def _summarise(report: SendReport, dry_run: bool, transport: Transport) -> None:
             f"left out {report.record.duplicates} who have this issue from another list's send"
         )
     if r.stopped:
-        click.secho(f"stopped early: {r.stopped}. Run the same command to resume.", fg="yellow")
+        # A cap's own reason says when to run again ("tomorrow"); others resume now.
+        then = "" if "again" in r.stopped else " Run the same command to resume."
+        click.secho(f"stopped early: {r.stopped}.{then}", fg="yellow")
     for email, detail in report.unknown:
         click.secho(f"unknown: {email}: {detail}", fg="yellow")
 

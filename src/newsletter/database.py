@@ -153,6 +153,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
+_TABLES = frozenset(
+    {"subscribers", "list_members", "suppressions", "list_optouts", "sends", "deliveries"}
+    | {"slots", "locks", "suppression_log", "archive", "list_columns"}
+)
 
 
 def connect(path: Path, *, create: bool = False, busy_seconds: float = 30.0) -> sqlite3.Connection:
@@ -206,6 +210,16 @@ def connect(path: Path, *, create: bool = False, busy_seconds: float = 30.0) -> 
         conn.execute("PRAGMA foreign_keys=ON")
         if version < SCHEMA_VERSION:
             _migrate(conn)
+        missing = _TABLES - {
+            r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        if missing:
+            # A table dropped by hand or by a damaged copy: every command would
+            # fail on its first query with SQLite's own words.
+            raise ConfigError(
+                f"cannot use {_named(path)}: it lacks the table(s) {', '.join(sorted(missing))}"
+                "; it was damaged or edited by hand: restore it from a backup"
+            )
     except sqlite3.Error as exc:
         conn.close()
         raise ConfigError(f"cannot use {_named(path)}: {sqlite_problem(exc)}") from None

@@ -148,8 +148,10 @@ def _merge_fields(
         for found in merge_fields.scan(value):
             line = _line_of_offset(doc, path, value, found.start)
             if not (allowed and _may_personalise(path)):
-                if found.field is None:
-                    continue  # "[[citation needed]]" in a title is text, not a field
+                if found.field is None or path[-1] in ("url", "src", "website"):
+                    # "[[citation needed]]" in a title is text, not a field; a URL's
+                    # own check refuses any "[[" in it.
+                    continue
                 shown = value[found.start : found.end]
                 problems.append(
                     Problem(
@@ -255,6 +257,10 @@ def _check(doc: YamlDocument, model: type[M]) -> tuple[M | None, list[Problem]]:
     """The validated model (None if invalid) and every problem found."""
     problems = list(doc.problems)
     if doc.data is None:
+        if not problems:  # an empty file, or one holding only `---` or `~`
+            problems.append(
+                Problem(doc.file, 1, "", "the file holds nothing; write its `key: value` fields")
+            )
         return None, problems
     if not isinstance(doc.data, dict):
         problems.append(

@@ -176,6 +176,14 @@ def https_url(value: str) -> str:
     problem = url_character_problem(value)
     if problem:
         raise ValueError(problem)
+    # Per-recipient values never go into a URL an editor wrote: a tracker could
+    # learn each reader's address, and the link would not be the one checked.
+    for syntax in ("[[", "]]", "{{", "{%", "\ue000", "\ue001"):
+        if syntax in value:
+            raise ValueError(
+                f"contains {syntax!r}: a URL cannot hold a merge field, a placeholder or "
+                "template syntax; write the address as it is"
+            )
     parts = urlsplit(value)
     if parts.scheme.lower() != "https":
         shown = parts.scheme + ":" if parts.scheme else "no scheme"

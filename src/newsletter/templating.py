@@ -176,14 +176,23 @@ def _render(templates: Templates, env: jinja2.Environment, name: str, ctx: dict[
         )
         raise TemplateError(f"{bad} is not UTF-8 text; save it as UTF-8") from None
     except Exception as exc:
-        # Raised in the template's own frame (a filter given an argument it does
-        # not take, a division by zero): the template's mistake. Raised deeper,
-        # in our filters, it is a bug and keeps its traceback.
-        last = traceback.extract_tb(exc.__traceback__)[-1]
-        if not _is_template_frame(last.filename, templates.folder):
+        # Raised while a template ran (a filter given an argument it does not
+        # take or a value of the wrong kind, `| longdate` on text, a template
+        # that includes itself): the template's mistake, placed at its last line
+        # on the way. Raised with no template frame at all, it is a bug.
+        frames = [
+            f
+            for f in traceback.extract_tb(exc.__traceback__)
+            if _is_template_frame(f.filename, templates.folder)
+        ]
+        if not frames:
             raise
+        last = frames[-1]
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise TemplateError(
-            f"{last.filename}:{last.lineno}: {type(exc).__name__}: {exc}; fix the template"
+            f"{last.filename}:{last.lineno}: {type(exc).__name__}"
+            + (f": {detail}" if detail else "")
+            + "; fix the template"
         ) from None
 
 
