@@ -15,10 +15,11 @@ from newsletter.campaign import SendOptions
 from newsletter.compose import MessageTemplate
 from newsletter.csv_import import ParsedRow
 from newsletter.database import connect
+from newsletter.errors import CampaignAborted
 from newsletter.send_log import SendLog, SendRecord
 from newsletter.sending import SendReport, prepare, run_send
 from newsletter.subscribers import SubscriberStore
-from newsletter.transports import CampaignAborted, SmtpConfig, SmtpTransport
+from newsletter.transports import SmtpConfig, SmtpTransport
 from smtp_server import Server
 
 FAST = SendOptions(connections=3, retry_delays=(0.05, 0.05), max_wait=5, flush_interval=0.01)

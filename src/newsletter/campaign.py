@@ -27,10 +27,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from newsletter.compose import MessageTemplate
+from newsletter.errors import CampaignAborted, ConnectFailed
 from newsletter.ratelimit import Pacer
 from newsletter.send_log import Delivery, Outcome
 from newsletter.storage import SendLogStore
-from newsletter.transports import CampaignAborted, ConnectFailed, Envelope, Session, Transport
+from newsletter.transports import Envelope, Session, Transport
 
 
 @dataclass(frozen=True, slots=True)

@@ -853,7 +853,7 @@ def _run_campaign(
         finally:
             bar.stop()
 
-    from newsletter.transports import CampaignAborted
+    from newsletter.errors import CampaignAborted
 
     try:
         return asyncio.run(go())
@@ -1082,7 +1082,7 @@ def _send_test_copies(
             await session.close()
         return out
 
-    from newsletter.transports import ConnectFailed
+    from newsletter.errors import ConnectFailed
 
     try:
         results = asyncio.run(go())

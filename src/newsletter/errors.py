@@ -9,10 +9,22 @@ their traceback.
 
     NewsletterError
     ├── ConfigError          settings, the society file, missing folders
+    │   ├── NobodyMailable   (sending) every member of the list has left it
+    │   └── IdAlreadyUsed    (archive) another file was sent under this issue id
     ├── ValidationFailed     input files: carries every Problem found at once
     ├── TemplateError        Jinja or MJML could not render a template
     ├── BuildCheckFailed     the rendered email breaks a rule (size, remote CSS...)
-    └── OutputError          the build folder could not be written
+    ├── OutputError          the build folder could not be written
+    ├── CampaignAborted      the relay refuses the whole send (login, sender, TLS)
+    ├── LockHeld             another live process holds the lock (a send, the schedule)
+    └── SlotFailed           (scheduler) the due slot's issue could not be sent
+        └── SlotIncomplete   some of its lists, or part of one, were not sent
+
+    ConnectFailed            not a user's error: a transport could not open a
+                             connection; the campaign retries or gives up on it
+
+Errors whose message is made of their subsystem's own terms are defined there
+(marked above with the module); the rest are here.
 """
 
 from __future__ import annotations
@@ -78,3 +90,34 @@ class BuildCheckFailed(NewsletterError):
 
 class OutputError(NewsletterError):
     """The output folder could not be written."""
+
+
+class CampaignAborted(NewsletterError):
+    """The relay refuses the whole campaign: stop, and say how to resume."""
+
+    # How many of the send's recipients had been sent to (over all its runs) when
+    # the relay refused: 0 means the refusal came before anything went out.
+    sent = 0
+
+
+class LockHeld(NewsletterError):
+    """Another live process holds the lock; the message says which one, since and until when."""
+
+    def __init__(self, name: str, host: str, pid: str, since: float | None, until: float) -> None:
+        self.name, self.host, self.pid, self.since, self.until = name, host, pid, since, until
+        started = f" since {_stamp(since)}" if since is not None else ""
+        super().__init__(
+            f"another run (process {pid} on {host}) holds the {name!r} lock{started}; its "
+            f"lease lasts until {_stamp(until)} and is renewed while that run is alive. This "
+            "run does nothing: wait for that one to finish, or stop it, then run this again"
+        )
+
+
+def _stamp(when: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(when, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+class ConnectFailed(Exception):
+    """A connection could not be opened; nothing was sent on it (internal to sending)."""

@@ -13,7 +13,6 @@ process works on an issue's send to a list at a time).
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import socket
 import sqlite3
@@ -21,26 +20,9 @@ import threading
 import time
 from pathlib import Path
 
-from newsletter.errors import NewsletterError
+from newsletter.errors import LockHeld
 
 LEASE_SECONDS = 120.0
-
-
-class LockHeld(NewsletterError):
-    """Another live process holds the lock; the message says which one, since and until when."""
-
-    def __init__(self, name: str, host: str, pid: str, since: float | None, until: float) -> None:
-        self.name, self.host, self.pid, self.since, self.until = name, host, pid, since, until
-        started = f" since {_stamp(since)}" if since is not None else ""
-        super().__init__(
-            f"another run (process {pid} on {host}) holds the {name!r} lock{started}; its "
-            f"lease lasts until {_stamp(until)} and is renewed while that run is alive. This "
-            "run does nothing: wait for that one to finish, or stop it, then run this again"
-        )
-
-
-def _stamp(when: float) -> str:
-    return dt.datetime.fromtimestamp(when, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 class Lease:

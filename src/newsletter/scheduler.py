@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from newsletter import issue_ids
-from newsletter.errors import NewsletterError, ValidationFailed
+from newsletter.errors import CampaignAborted, LockHeld, NewsletterError, ValidationFailed
 from newsletter.loading import Loaded, load_issue, load_society, named_day
-from newsletter.locks import Lease, LockHeld
+from newsletter.locks import Lease
 from newsletter.schedule import Schedule, Slot, latest, slots_between
 from newsletter.sending import NobodyMailable, SendReport, check_merge_fields
-from newsletter.transports import CampaignAborted
 from newsletter.yaml_input import read_yaml
 
 LOCK_NAME = "schedule"

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from newsletter import merge_fields
 from newsletter.campaign import Campaign, Progress, RunResult, SendOptions
 from newsletter.compose import MessageTemplate
-from newsletter.errors import ConfigError, Problem, ValidationFailed
+from newsletter.errors import CampaignAborted, ConfigError, Problem, ValidationFailed
 from newsletter.send_log import SendLog, SendRecord
 from newsletter.storage import SendLogStore, Subscribers
 from newsletter.subscribers import ListStates, SubscriberStore
-from newsletter.transports import CampaignAborted, Transport
+from newsletter.transports import Transport
 
 
 @dataclass(slots=True)

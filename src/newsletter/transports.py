@@ -30,23 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from newsletter.errors import NewsletterError
+from newsletter.errors import CampaignAborted, ConnectFailed
 from newsletter.send_log import Outcome
 
 # Replies that mean "not now": slow down and try again later (RFC 5321 4.2).
 SLOW_DOWN = {421, 450, 451, 452, 454}
-
-
-class CampaignAborted(NewsletterError):
-    """The relay refuses the whole campaign: stop, and say how to resume."""
-
-    # How many of the send's recipients had been sent to (over all its runs) when
-    # the relay refused: 0 means the refusal came before anything went out.
-    sent = 0
-
-
-class ConnectFailed(Exception):
-    """A connection could not be opened; nothing was sent on it."""
 
 
 @dataclass(frozen=True, slots=True)
