@@ -13,7 +13,6 @@ the archive: no "view in browser" line, no personal links.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,14 @@ from newsletter.inliner import inline_css
 from newsletter.loading import Loaded, load_issue, load_society
 from newsletter.mjml_compile import compile_mjml
 from newsletter.models import Issue, Links, Recipient, RenderedIssue, Society
-from newsletter.templating import HTML_TEMPLATE, Templates, context, load_templates, render
+from newsletter.templating import (
+    HTML_TEMPLATE,
+    Templates,
+    context,
+    load_templates,
+    merge_field_place,
+    render,
+)
 
 INLINE_CSS = "inline.css"
 
@@ -202,21 +208,7 @@ def _template_uses(
     first template line that names it (the folder when none can be found)."""
     from_file = {u.field for u in loaded.merge_fields}
     return tuple(
-        merge_fields.FieldUse(f, *_template_line(templates.folder, f.name), "")
+        merge_fields.FieldUse(f, *merge_field_place(templates.folder, f.name), "")
         for _, f in rendered.merge_fields
         if f not in from_file
     )
-
-
-def _template_line(folder: Path, name: str) -> tuple[str, int | None]:
-    """Where a template calls ``merge_field`` with ``name``: (file, line)."""
-    call = re.compile(r"merge_field\(\s*['\"]" + re.escape(name) + r"['\"]")
-    for path in sorted(folder.rglob("*.j2")):
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError):
-            continue
-        for number, line in enumerate(lines, 1):
-            if call.search(line):
-                return str(path), number
-    return str(folder), None

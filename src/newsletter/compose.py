@@ -186,9 +186,9 @@ class MessageTemplate:
         # Header order as readers expect it; the per-recipient ones are spliced
         # between these fixed runs in personalise().
         self._from = _header("From", _mailbox(sender.name, sender.address))
-        # A subject with merge fields is encoded per recipient, one without once.
-        self._personal_subject = bool(merge_fields.SLOT.search(rendered.subject))
-        self._subject = b"" if self._personal_subject else _header("Subject", rendered.subject)
+        # A subject with merge fields is encoded per recipient (b"" here), one without once.
+        personal = merge_fields.SLOT.search(rendered.subject)
+        self._subject = b"" if personal else _header("Subject", rendered.subject)
         self._list_id = _header("MIME-Version", "1.0") + _header(
             "List-Id", f"{_phrase(sender.name)} <{sender.list_name}.{sender.domain}>"
         )
@@ -237,8 +237,7 @@ class MessageTemplate:
         )
         unsub = values[placeholders.UNSUBSCRIBE_URL]
         subject = self._subject or _header(
-            "Subject",
-            merge_fields.SLOT.sub(lambda m: values[m.group(0)], self.rendered.subject),
+            "Subject", placeholders.fill(self.rendered.subject, values, is_html=False)
         )
         mailto = f"mailto:{self.sender.unsubscribe_mailto}?subject={quote('unsubscribe')}"
         message = b"".join(

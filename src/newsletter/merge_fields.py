@@ -38,9 +38,6 @@ SYNTAX = "[[first_name]], or [[first_name|friend]] with the text used when there
 
 _OPEN = "[["
 _CLOSE = "]]"
-# The fixed placeholders of the templates ([[UNSUBSCRIBE_URL]]) and our slots
-# are upper case; editor text that holds one is refused by the models.
-_UPPER = re.compile(r"\[\[[A-Z][A-Z0-9_]*\]\]")
 SLOT, SLOT_OPEN, SLOT_CLOSE = placeholders.SLOT, placeholders.SLOT_OPEN, placeholders.SLOT_CLOSE
 
 
@@ -64,10 +61,6 @@ class FieldUse:
     line: int | None
     path: str  # the field, such as ``articles[2].summary``, or "" in a template
 
-    def where(self) -> str:
-        at = f"{self.file}:{self.line}" if self.line is not None else self.file
-        return f"{at}: {self.path}" if self.path else at
-
 
 @dataclass(frozen=True, slots=True)
 class Found:
@@ -86,9 +79,11 @@ def scan(text: str) -> list[Found]:
     while (start := text.find(_OPEN, pos)) >= 0:
         while text.startswith("[", start + 2):
             start += 1  # "[[[x]]...": the first bracket is the text's (a link's text)
-        upper = _UPPER.match(text, start)
+        # A template placeholder ([[UNSUBSCRIBE_URL]]): editor text that holds
+        # one is refused by the models.
+        upper = placeholders.LEFTOVER.match(text, start)
         if upper:
-            pos = upper.end()  # a placeholder: the models report it
+            pos = upper.end()
             continue
         line_end = text.find("\n", start)
         line_end = len(text) if line_end < 0 else line_end
@@ -299,21 +294,13 @@ def fill_general(text: str) -> str:
     """Editor text with each merge field replaced by its fallback (the archive's subject)."""
     slots = Slots()
     substituted = slots.substitute(text)
-    for slot, value in general(slots.table()).items():
-        substituted = substituted.replace(slot, value)
-    return substituted.strip()
+    return placeholders.fill(substituted, general(slots.table()), is_html=False).strip()
 
 
 def known_fields(columns: Iterable[str]) -> list[str]:
     """The merge-field names a list offers: the built-in ones and one per column whose
     name can be written as a field."""
     return list(dict.fromkeys([*BUILT_IN, *(k for c in columns if valid_name(k := key(c)))]))
-
-
-def unknown(used: Iterable[MergeField], columns: Iterable[str]) -> list[str]:
-    """The names in ``used`` that a list with these columns cannot fill, in order."""
-    offered = set(known_fields(columns))
-    return list(dict.fromkeys(f.name for f in used if f.name not in offered))
 
 
 def column_for(name: str, columns: Iterable[str]) -> str | None:

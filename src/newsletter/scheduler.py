@@ -194,17 +194,10 @@ def issue_problems(
     the files' problems and, given the database, a merge field one of ``lists`` lacks."""
     if choice.problems or choice.path is None:
         return choice.problems
-    loaded: Loaded[Any] | None = None
-    try:
-        loaded = load_issue(choice.path)
-        problems = [str(p) for p in loaded.refused_by_send]
-    except ValidationFailed as exc:
-        problems = [str(p) for p in exc.problems]
-    except NewsletterError as exc:
-        problems = [str(exc)]
+    loaded, problems = _load(load_issue, choice.path)
     problems += _id_clashes(choice.path)
     if society_file is not None:
-        problems += _load_problems(load_society, society_file)
+        problems += _load(load_society, society_file)[1]
     if loaded is not None and conn is not None and loaded.merge_fields:
         for name in lists:
             try:
@@ -220,15 +213,16 @@ def _id_clashes(path: Path) -> list[str]:
     return [str(p) for p in issue_ids.clashes(path)] if path.is_file() else []
 
 
-def _load_problems(load: Callable[[Path], Loaded[Any]], path: Path) -> list[str]:
-    """Why the file at ``path`` cannot go into a send: invalid, or refused (bidi controls)."""
+def _load(load: Callable[[Path], Loaded[Any]], path: Path) -> tuple[Loaded[Any] | None, list[str]]:
+    """The file at ``path`` loaded (None when invalid), and why it cannot go into a send:
+    invalid, or refused (bidi controls)."""
     try:
         loaded = load(path)
     except ValidationFailed as exc:
-        return [str(p) for p in exc.problems]
+        return None, [str(p) for p in exc.problems]
     except NewsletterError as exc:
-        return [str(exc)]
-    return [str(p) for p in loaded.refused_by_send]
+        return None, [str(exc)]
+    return loaded, [str(p) for p in loaded.refused_by_send]
 
 
 def _starts_with_day(path: Path, wanted: str) -> bool:
@@ -366,7 +360,7 @@ def _send_slot(
         raise
     problems = [str(p) for p in loaded.refused_by_send] + clashes
     if society_file is not None:
-        problems += _load_problems(load_society, society_file)
+        problems += _load(load_society, society_file)[1]
     if problems:
         slots.set(slot, "failed", detail="; ".join(problems))
         raise SlotFailed(when, problems)

@@ -165,16 +165,18 @@ def check_merge_fields(
     if problems:
         raise ValidationFailed(problems, outcome="nothing was sent")
     bare = [u for u in uses if not u.field.fallback and u.field.name != "email"]
-    stored = list(
-        dict.fromkeys(merge_fields.column_for(u.field.name, columns) or u.field.name for u in bare)
-    )
+    # The field's stored name: a column's, or first_name / last_name.
+    stored = {
+        u.field.name: merge_fields.column_for(u.field.name, columns) or u.field.name for u in bare
+    }
     if not stored:
         return []
-    total, counts = SendLog(conn).empty_values(issue_id, list_name, stored)
-    empty = dict(zip(stored, counts, strict=True))
+    names = list(dict.fromkeys(stored.values()))
+    total, counts = SendLog(conn).empty_values(issue_id, list_name, names)
+    empty = dict(zip(names, counts, strict=True))
     found: list[Problem] = []
     for u in bare:
-        n = empty[merge_fields.column_for(u.field.name, columns) or u.field.name]
+        n = empty[stored[u.field.name]]
         if n:
             found.append(
                 Problem(

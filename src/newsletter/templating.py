@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,16 +213,33 @@ def find_in_templates(folder: Path, name: str, needle: str, *, also: tuple[str, 
     read again rather than kept."""
     if not needle:
         return str(folder / name)
-    names = [*_referenced(folder, name), *also]
+    wanted = needle.lower()
+    place = _first_line(folder, [*_referenced(folder, name), *also], lambda s: wanted in s.lower())
+    return f"{place[0]}:{place[1]}" if place else str(folder / name)
+
+
+def merge_field_place(folder: Path, name: str) -> tuple[str, int | None]:
+    """(file, line) of the first ``merge_field("name"...)`` call in the templates (the
+    folder and None when there is none), to place a field only a template uses."""
+    call = re.compile(r"merge_field\(\s*['\"]" + re.escape(name) + r"['\"]")
+    names = [*_referenced(folder, HTML_TEMPLATE), *_referenced(folder, TEXT_TEMPLATE)]
+    place = _first_line(folder, list(dict.fromkeys(names)), lambda s: bool(call.search(s)))
+    return (str(place[0]), place[1]) if place else (str(folder), None)
+
+
+def _first_line(
+    folder: Path, names: list[str], matches: Callable[[str], bool]
+) -> tuple[Path, int] | None:
+    """The first (file, line number) among the templates ``names`` whose line ``matches``."""
     for file in names:
         try:
             lines = (folder / file).read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError):
             continue
         for number, line in enumerate(lines, 1):
-            if needle.lower() in line.lower():
-                return f"{folder / file}:{number}"
-    return str(folder / name)
+            if matches(line):
+                return folder / file, number
+    return None
 
 
 def _referenced(folder: Path, name: str) -> list[str]:
