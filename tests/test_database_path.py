@@ -180,20 +180,23 @@ def serve(project: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], st
     raise AssertionError("the server did not start: " + "".join(lines))
 
 
+def one_click(base: str, email: str) -> urllib.request.Request:
+    """The RFC 8058 one-click POST a mail client makes for ``email`` on research-news."""
+    token = tokens.make(SECRET.encode(), tokens.Kind.UNSUBSCRIBE, "research-news", email, NOW)
+    return urllib.request.Request(
+        f"{base}/unsubscribe/{token}",
+        data=b"List-Unsubscribe=One-Click",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+
+
 def test_serve_says_which_database_it_uses_and_opts_out_there(project: Path) -> None:
     db = project / "db.sqlite3"
     env = env_for(db, NEWSLETTER_PUBLIC_URL="https://news.example.org")
     import_list(project, env, "ann@example.org", "bob@example.org")
     proc, base, lines = serve(project, env)
     try:
-        token = tokens.make(
-            SECRET.encode(), tokens.Kind.UNSUBSCRIBE, "research-news", "ann@example.org", NOW
-        )
-        request = urllib.request.Request(
-            f"{base}/unsubscribe/{token}",
-            data=b"List-Unsubscribe=One-Click",
-            headers={"Content-Type": "application/x-www-form-urlencoded"},
-        )
+        request = one_click(base, "ann@example.org")
         with urllib.request.urlopen(request, timeout=10) as answer:
             assert answer.status == 200
     finally:
@@ -214,14 +217,7 @@ def test_serve_answers_503_when_its_database_is_gone(project: Path) -> None:
     try:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
-        token = tokens.make(
-            SECRET.encode(), tokens.Kind.UNSUBSCRIBE, "research-news", "ann@example.org", NOW
-        )
-        request = urllib.request.Request(
-            f"{base}/unsubscribe/{token}",
-            data=b"List-Unsubscribe=One-Click",
-            headers={"Content-Type": "application/x-www-form-urlencoded"},
-        )
+        request = one_click(base, "ann@example.org")
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code == 503
