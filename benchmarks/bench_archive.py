@@ -34,13 +34,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from newsletter import tokens  # noqa: E402
-from newsletter.archive_store import ArchivedIssue, ArchiveStore, Source  # noqa: E402
-from newsletter.build import web_version  # noqa: E402
-from newsletter.csv_import import ParsedRow  # noqa: E402
-from newsletter.database import connect  # noqa: E402
-from newsletter.loading import load_issue, load_society  # noqa: E402
-from newsletter.subscribers import SubscriberStore  # noqa: E402
-from newsletter.templating import load_templates  # noqa: E402
+from newsletter.audience.csv_import import ParsedRow  # noqa: E402
+from newsletter.render.loading import load_issue, load_society  # noqa: E402
+from newsletter.render.pipeline import web_version  # noqa: E402
+from newsletter.render.templating import load_templates  # noqa: E402
+from newsletter.storage.sqlite.archive import ArchivedIssue, ArchiveStore, Source  # noqa: E402
+from newsletter.storage.sqlite.connection import connect  # noqa: E402
+from newsletter.storage.sqlite.subscribers import SubscriberStore  # noqa: E402
 
 BASE_COMMIT = "b918dc3"
 ISSUES = 150

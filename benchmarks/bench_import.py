@@ -35,9 +35,9 @@ def write_csv(path: Path, rows: int) -> None:
 
 
 def child(csv_path: Path, db_path: Path, rounds: int) -> None:
-    from newsletter.csv_import import read_csv
-    from newsletter.database import connect
-    from newsletter.subscribers import SubscriberStore
+    from newsletter.audience.csv_import import read_csv
+    from newsletter.storage.sqlite.connection import connect
+    from newsletter.storage.sqlite.subscribers import SubscriberStore
 
     store = SubscriberStore(connect(db_path, create=True))
     for n in range(rounds):

@@ -22,12 +22,13 @@ import pytest
 import uvicorn
 
 from conftest import EXAMPLE, REPO, TEST_KEY, run_cli
-from newsletter import issue_ids, tokens
-from newsletter.archive import Archive, Page
-from newsletter.archive_store import ArchivedIssue, ArchiveStore, Source
-from newsletter.database import connect
-from newsletter.loading import load_society
-from newsletter.web import WebConfig, create_app, store_per_thread
+from newsletter import tokens
+from newsletter.render import issue_ids
+from newsletter.render.loading import load_society
+from newsletter.storage.sqlite.archive import ArchivedIssue, ArchiveStore, Source
+from newsletter.storage.sqlite.connection import connect
+from newsletter.web.app import WebConfig, create_app, store_per_thread
+from newsletter.web.archive import Archive, Page
 from smtp_server import Server
 
 ID = "2020-12-23"

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLE, REPO, build_file, example_data, ten_article_data
-from newsletter.build import BuildResult
-from newsletter.checks import SIZE_FAIL, SIZE_WARN, check_message
 from newsletter.errors import BuildCheckFailed, TemplateError
-from newsletter.output import write_build
+from newsletter.render.checks import SIZE_FAIL, SIZE_WARN, check_message
+from newsletter.render.output import write_build
+from newsletter.render.pipeline import BuildResult
 
 GOLDEN = REPO / "tests" / "golden"
 
@@ -247,9 +247,9 @@ def test_checks_catch_scripts_and_remote_fetches_in_attributes(example: BuildRes
 
 
 def test_web_version_has_no_view_in_browser_line_and_no_personal_links(project: Path) -> None:
-    from newsletter.build import web_version
-    from newsletter.loading import load_issue, load_society
-    from newsletter.templating import load_templates
+    from newsletter.render.loading import load_issue, load_society
+    from newsletter.render.pipeline import web_version
+    from newsletter.render.templating import load_templates
 
     email_html = build_file(project / "issues" / EXAMPLE.name, project).html
     assert "View this email in your browser" in email_html

@@ -24,10 +24,10 @@ import click
 import pytest
 
 from conftest import EXAMPLE, REPO, run_cli
+from newsletter.audience.csv_import import read_csv
 from newsletter.cli import main
-from newsletter.csv_import import read_csv
-from newsletter.database import connect
-from newsletter.subscribers import SubscriberStore
+from newsletter.storage.sqlite.connection import connect
+from newsletter.storage.sqlite.subscribers import SubscriberStore
 from smtp_server import Server
 
 SECRET = "test-secret-for-the-suite-0123456789"  # noqa: S105 - a test key
@@ -471,7 +471,7 @@ def test_serve_refuses_an_address_it_cannot_listen_on_in_one_line(tmp_path: Path
 
 
 def test_a_wrong_query_is_a_bug_and_keeps_its_traceback(tmp_path: Path) -> None:
-    from newsletter.database import environment_problem
+    from newsletter.storage.sqlite.connection import environment_problem
 
     conn = connect(tmp_path / "db.sqlite3", create=True)
     with contextlib.closing(conn), pytest.raises(sqlite3.OperationalError) as wrong:

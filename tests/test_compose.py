@@ -14,10 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import EXAMPLE, TEST_KEY, build_file, sender
-from newsletter import placeholders, tokens
-from newsletter.build import BuildResult
-from newsletter.compose import MessageTemplate, qp_encode, recipient_values
+from newsletter import tokens
+from newsletter.delivery.message import MessageTemplate, qp_encode, recipient_values
 from newsletter.models import Recipient, RenderedIssue
+from newsletter.render import placeholders
+from newsletter.render.pipeline import BuildResult
 
 
 @pytest.fixture

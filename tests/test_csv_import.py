@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from newsletter.csv_import import ParsedRow, read_csv
+from newsletter.audience.csv_import import ParsedRow, read_csv
 from newsletter.errors import Problem, ValidationFailed
 
 MAX_CELL = 1000  # csv_import.MAX_CELL, as the README documents it
@@ -227,7 +227,7 @@ def test_a_header_line_that_never_ends_fails_at_once(tmp_path: Path) -> None:
 
     script = (
         "from pathlib import Path\n"
-        "from newsletter.csv_import import read_csv\n"
+        "from newsletter.audience.csv_import import read_csv\n"
         "from newsletter.errors import ValidationFailed\n"
         "try:\n"
         "    list(read_csv(Path('/dev/zero')))\n"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from newsletter import database
-from newsletter.database import SCHEMA_VERSION, connect
-from newsletter.subscribers import SubscriberStore
+from newsletter.storage.sqlite import connection as database
+from newsletter.storage.sqlite.connection import SCHEMA_VERSION, connect
+from newsletter.storage.sqlite.subscribers import SubscriberStore
 
 
 def test_new_database_has_the_current_schema(tmp_path: Path) -> None:

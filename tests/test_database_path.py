@@ -20,8 +20,8 @@ import pytest
 
 from conftest import EXAMPLE, run_cli
 from newsletter import tokens
-from newsletter.database import connect
-from newsletter.subscribers import SubscriberStore
+from newsletter.storage.sqlite.connection import connect
+from newsletter.storage.sqlite.subscribers import SubscriberStore
 from smtp_server import Server
 
 SECRET = "test-secret-for-the-suite-0123456789"  # noqa: S105 - a test key

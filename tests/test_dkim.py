@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from conftest import EXAMPLE, build_file, sender
-from newsletter import dkim_sign
-from newsletter.compose import MessageTemplate
+from newsletter.delivery import dkim_sign
+from newsletter.delivery.message import MessageTemplate
 from newsletter.errors import ConfigError
 from newsletter.models import Recipient
 

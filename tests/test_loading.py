@@ -9,7 +9,7 @@ import pytest
 
 from conftest import EXAMPLE, REPO, example_data
 from newsletter.errors import ValidationFailed
-from newsletter.loading import load_issue, load_society
+from newsletter.render.loading import load_issue, load_society
 
 
 def problems_of(path: Path) -> list[str]:

@@ -6,7 +6,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from newsletter import markdown
+from newsletter.render import markdown
 
 
 class _Tags(HTMLParser):

@@ -25,14 +25,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import EXAMPLE, build_file, run_cli, sender
-from newsletter import merge_fields
-from newsletter.build import BuildResult
-from newsletter.compose import MessageTemplate
-from newsletter.database import connect
+from newsletter.delivery.message import MessageTemplate
+from newsletter.delivery.sending import check_merge_fields, prepare
 from newsletter.errors import TemplateError, ValidationFailed
 from newsletter.models import Recipient
-from newsletter.sending import check_merge_fields, prepare
-from newsletter.subscribers import SubscriberStore
+from newsletter.render import merge_fields
+from newsletter.render.pipeline import BuildResult
+from newsletter.storage.sqlite.connection import connect
+from newsletter.storage.sqlite.subscribers import SubscriberStore
 from smtp_server import Server
 
 SECRET = "test-secret-for-the-suite-0123456789"  # noqa: S105 - a test key
@@ -180,9 +180,9 @@ def test_the_example_greets_the_sample_subscriber(project: Path) -> None:
 
 
 def test_the_archive_shows_the_fallback(project: Path) -> None:
-    from newsletter.build import web_version
-    from newsletter.loading import load_issue, load_society
-    from newsletter.templating import load_templates
+    from newsletter.render.loading import load_issue, load_society
+    from newsletter.render.pipeline import web_version
+    from newsletter.render.templating import load_templates
 
     issue = load_issue(project / "issues" / EXAMPLE.name).value
     society = load_society(project / "society.yaml").value
@@ -373,7 +373,7 @@ def db(tmp_path: Path) -> Iterator[sqlite3.Connection]:
 def import_csv(
     conn: sqlite3.Connection, tmp_path: Path, text: str, list_name: str = "news"
 ) -> None:
-    from newsletter.csv_import import read_csv
+    from newsletter.audience.csv_import import read_csv
 
     path = tmp_path / "list.csv"
     path.write_text(text, "utf-8")
@@ -434,7 +434,7 @@ def personal_path(result: BuildResult) -> str:
 def test_a_send_frozen_before_the_upgrade_reads_attributes_from_the_subscriber(
     personal: BuildResult, db: sqlite3.Connection, tmp_path: Path
 ) -> None:
-    from newsletter.send_log import SendLog
+    from newsletter.storage.sqlite.send_log import SendLog
 
     import_csv(db, tmp_path, "email,first_name,town\nann@example.org,Ann,Leeds\n")
     record = prepare(db, personal.issue_id, "news").record
@@ -444,7 +444,7 @@ def test_a_send_frozen_before_the_upgrade_reads_attributes_from_the_subscriber(
 
 
 def test_migration_3_records_the_columns_lists_already_have(tmp_path: Path) -> None:
-    from newsletter.database import SCHEMA_VERSION
+    from newsletter.storage.sqlite.connection import SCHEMA_VERSION
 
     path = tmp_path / "old.sqlite3"
     conn = connect(path, create=True)
@@ -800,8 +800,8 @@ def test_editor_text_may_not_hold_the_slot_characters(
 def test_a_send_keeps_only_the_columns_its_issue_uses_and_reads_the_lists_own(
     personal: BuildResult, db: sqlite3.Connection, tmp_path: Path
 ) -> None:
-    from newsletter.send_log import SendLog
-    from newsletter.sending import merge_columns
+    from newsletter.delivery.sending import merge_columns
+    from newsletter.storage.sqlite.send_log import SendLog
 
     import_csv(db, tmp_path, "email,Town,Shoe size\nann@example.org,Leeds,7\n", "a")
     import_csv(db, tmp_path, "email,town!\nann@example.org,York\n", "b")  # also [[town]]

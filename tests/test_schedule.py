@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from conftest import example_data, run_cli
-from newsletter.campaign import RunResult
-from newsletter.database import connect
+from newsletter.delivery.campaign import RunResult
+from newsletter.delivery.sending import SendReport
 from newsletter.errors import NewsletterError
-from newsletter.locks import Lease
-from newsletter.schedule import instant, latest, parse_schedule, upcoming
-from newsletter.scheduler import SlotFailed, Slots, check_and_send
-from newsletter.send_log import SendRecord
-from newsletter.sending import SendReport
+from newsletter.schedule.runner import SlotFailed, Slots, check_and_send
+from newsletter.schedule.slots import instant, latest, parse_schedule, upcoming
+from newsletter.storage.sqlite.connection import connect
+from newsletter.storage.sqlite.leases import Lease
+from newsletter.storage.sqlite.send_log import SendRecord
 
 NY = "America/New_York"
 UTC = dt.UTC
@@ -337,7 +337,7 @@ def test_a_stop_during_one_list_leaves_the_others_for_the_next_run(
 
 
 def test_the_file_named_after_the_day_is_its_issue(write_issue: Callable[..., Path]) -> None:
-    from newsletter.scheduler import find_issue
+    from newsletter.schedule.runner import find_issue
 
     data = example_data()
     data["date"] = "2026-12-10"
@@ -384,7 +384,7 @@ def test_last_weeks_date_in_this_weeks_file_fails_the_slot_until_fixed(
 def test_two_files_for_one_day(
     project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
 ) -> None:
-    from newsletter.scheduler import find_issue
+    from newsletter.schedule.runner import find_issue
 
     issues = project / "issues"
     day = dt.date(2026, 12, 3)
@@ -508,7 +508,7 @@ def test_a_file_named_for_the_day_and_more_with_a_stale_date_fails_the_slot(
     project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
 ) -> None:
     """`2026-12-03-appeal.yaml` copied from last week: not a quiet week that exits 0."""
-    from newsletter.scheduler import find_issue
+    from newsletter.schedule.runner import find_issue
 
     issues = project / "issues"
     data = example_data()
@@ -559,8 +559,8 @@ def test_a_cron_line_that_never_runs_is_a_settings_error(project: Path) -> None:
 def test_a_slot_whose_every_list_has_left_is_done_and_says_nothing_went_out(
     project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
 ) -> None:
-    from newsletter.sending import NobodyMailable
-    from newsletter.subscribers import ListStates
+    from newsletter.delivery.sending import NobodyMailable
+    from newsletter.storage.sqlite.subscribers import ListStates
 
     issue_for(write_issue, "2026-12-03")
     calls: list[str] = []
@@ -593,7 +593,7 @@ def test_a_slot_whose_every_list_has_left_is_done_and_says_nothing_went_out(
 def test_a_copy_that_keeps_last_weeks_id_and_date_has_both_problems_reported_at_once(
     project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
 ) -> None:
-    from newsletter.scheduler import find_issue, issue_problems
+    from newsletter.schedule.runner import find_issue, issue_problems
 
     issue_for(write_issue, "2026-11-26")
     copied = {"id": "2026-11-26", **example_data(), "date": "2026-11-26"}

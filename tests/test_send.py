@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLE, build_file, sender
-from newsletter.campaign import SendOptions
-from newsletter.compose import MessageTemplate
-from newsletter.csv_import import ParsedRow
-from newsletter.database import connect
+from newsletter.audience.csv_import import ParsedRow
+from newsletter.delivery.campaign import SendOptions
+from newsletter.delivery.message import MessageTemplate
+from newsletter.delivery.sending import SendReport, prepare, run_send
+from newsletter.delivery.transports import SmtpConfig, SmtpTransport
 from newsletter.errors import CampaignAborted
-from newsletter.send_log import SendLog, SendRecord
-from newsletter.sending import SendReport, prepare, run_send
-from newsletter.subscribers import SubscriberStore
-from newsletter.transports import SmtpConfig, SmtpTransport
+from newsletter.storage.sqlite.connection import connect
+from newsletter.storage.sqlite.send_log import SendLog, SendRecord
+from newsletter.storage.sqlite.subscribers import SubscriberStore
 from smtp_server import Server
 
 FAST = SendOptions(connections=3, retry_delays=(0.05, 0.05), max_wait=5, flush_interval=0.01)
@@ -352,7 +352,7 @@ def test_pacing_spaces_messages_out(
 
 def test_claims_use_the_state_index_not_a_walk_over_the_send(db: sqlite3.Connection) -> None:
     """A claim must not pass every recipient already sent (it made 1M sends quadratic)."""
-    from newsletter import send_log
+    from newsletter.storage.sqlite import send_log
 
     query = send_log._SELECT + "WHERE send_id = ? AND state = 'pending' ORDER BY seq LIMIT ?"
     plan = " ".join(str(tuple(r)) for r in db.execute("EXPLAIN QUERY PLAN " + query, (1, 5)))
@@ -364,7 +364,7 @@ def test_claims_use_the_state_index_not_a_walk_over_the_send(db: sqlite3.Connect
 
 
 def test_a_freeze_leaves_out_who_another_lists_send_has(db: sqlite3.Connection) -> None:
-    from newsletter.sending import preview
+    from newsletter.delivery.sending import preview
 
     shared = addresses(6)
     subscribe(db, [*shared, "only-a@example.org"], "a")
@@ -424,7 +424,7 @@ def test_two_sends_of_one_issue_at_once_never_share_an_address(
 def test_dry_run_copy_counts_what_the_real_freeze_leaves_out(
     db: sqlite3.Connection, tmp_path: Path
 ) -> None:
-    from newsletter.sending import dry_run_copy, preview
+    from newsletter.delivery.sending import dry_run_copy, preview
 
     shared = addresses(8)
     subscribe(db, shared, "a")
@@ -443,7 +443,7 @@ def test_dry_run_copy_counts_what_the_real_freeze_leaves_out(
 
 def test_the_dedupe_looks_up_keys_and_never_scans_per_member(db: sqlite3.Connection) -> None:
     """A 1,000,000-recipient freeze must not turn quadratic: every lookup uses a key."""
-    from newsletter import send_log
+    from newsletter.storage.sqlite import send_log
 
     db.execute("CREATE TEMP TABLE freeze_others (email TEXT PRIMARY KEY) WITHOUT ROWID")
     plan = " ".join(

@@ -393,7 +393,7 @@ def test_sigterm_during_a_scheduled_send_leaves_nobody_in_doubt(
 
 
 def test_sending_to_an_empty_list_freezes_nothing(project: Path, server: Server) -> None:
-    from newsletter.database import connect
+    from newsletter.storage.sqlite.connection import connect
 
     env = env_for(server, project)
     connect(project / "newsletter.sqlite3", create=True).close()  # a database with no list
@@ -410,7 +410,7 @@ def test_sending_to_an_empty_list_freezes_nothing(project: Path, server: Server)
 
 
 def test_a_second_process_cannot_work_on_the_same_send(project: Path, server: Server) -> None:
-    from newsletter.locks import Lease
+    from newsletter.storage.sqlite.leases import Lease
 
     env = env_for(server, project)
     write_csv(project, 3)
@@ -566,7 +566,7 @@ def test_a_second_send_is_told_about_the_lock_before_anything_else(
 ) -> None:
     import socket
 
-    from newsletter.locks import Lease
+    from newsletter.storage.sqlite.leases import Lease
 
     env = env_for(server, project)
     emails = write_csv(project, 3)
@@ -658,8 +658,8 @@ def test_options_that_do_not_go_together_are_refused(project: Path) -> None:
 
 
 def test_only_a_stopped_campaign_is_told_to_resume(project: Path, server: Server) -> None:
-    from newsletter.database import connect
-    from newsletter.locks import Lease
+    from newsletter.storage.sqlite.connection import connect
+    from newsletter.storage.sqlite.leases import Lease
 
     resume = "Run the same command again to resume"
     env = env_for(server, project)
@@ -695,7 +695,7 @@ def test_only_a_stopped_campaign_is_told_to_resume(project: Path, server: Server
 def test_a_scheduled_list_that_cannot_be_sent_holds_back_no_other(
     project: Path, server: Server
 ) -> None:
-    from newsletter.locks import Lease
+    from newsletter.storage.sqlite.leases import Lease
 
     env = schedule_env(server, project, "2020-12-23T09:30:00-05:00")
     env["NEWSLETTER_SCHEDULE_LISTS"] = "a,b"
@@ -822,8 +822,8 @@ def test_send_due_refuses_options_it_would_ignore(project: Path, extra: list[str
 
 def everyone_leaves(project: Path, list_name: str, emails: list[str]) -> None:
     """The first three leave the list (its unsubscribe link), the rest are suppressed."""
-    from newsletter.database import connect
-    from newsletter.subscribers import SubscriberStore
+    from newsletter.storage.sqlite.connection import connect
+    from newsletter.storage.sqlite.subscribers import SubscriberStore
 
     store = SubscriberStore(connect(project / "newsletter.sqlite3"))
     for e in emails[:3]:
@@ -932,8 +932,8 @@ def test_the_send_summary_tells_leaving_a_list_from_suppression(
     env = env_for(server, project)
     emails = write_csv(project, 6)
     run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
-    from newsletter.database import connect
-    from newsletter.subscribers import SubscriberStore
+    from newsletter.storage.sqlite.connection import connect
+    from newsletter.storage.sqlite.subscribers import SubscriberStore
 
     store = SubscriberStore(connect(project / "newsletter.sqlite3"))
     for e in emails[:3]:

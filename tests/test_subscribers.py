@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from newsletter.csv_import import ParsedRow, read_csv
-from newsletter.database import connect
+from newsletter.audience.csv_import import ParsedRow, read_csv
 from newsletter.errors import Problem, ValidationFailed
-from newsletter.subscribers import SubscriberStore
+from newsletter.storage.sqlite.connection import connect
+from newsletter.storage.sqlite.subscribers import SubscriberStore
 
 
 @pytest.fixture
@@ -131,7 +131,7 @@ def test_audience_streams_in_batches(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["AUDIENCE_SQL", "MEMBERS_SQL"])
 def test_batches_follow_the_primary_key_without_sorting(store: SubscriberStore, name: str) -> None:
-    from newsletter import subscribers
+    from newsletter.storage.sqlite import subscribers
 
     query = getattr(subscribers, name)
     params = ("x", 0, 5, '["town"]') if name == "AUDIENCE_SQL" else ("x", 0, 5)
@@ -383,7 +383,7 @@ def test_unsuppress(project: Path) -> None:
 
 
 def test_problems_beyond_the_cap_are_counted_not_held(store: SubscriberStore) -> None:
-    from newsletter.subscribers import MAX_PROBLEMS
+    from newsletter.storage.sqlite.subscribers import MAX_PROBLEMS
 
     yielded = []
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLE, TEST_KEY, build_file, sender
-from newsletter import placeholders, tokens
-from newsletter.compose import MessageTemplate, Sender
+from newsletter import tokens
+from newsletter.delivery.message import MessageTemplate, Sender
 from newsletter.models import Recipient, RenderedIssue
+from newsletter.render import placeholders
 
 KEY = b"k" * 32
 

@@ -25,14 +25,14 @@ from starlette.types import ASGIApp
 
 from conftest import EXAMPLE, REPO, TEST_KEY, build_file, sender
 from newsletter import tokens
-from newsletter.archive import Archive
-from newsletter.compose import MessageTemplate
-from newsletter.csv_import import ParsedRow
-from newsletter.database import connect
-from newsletter.loading import load_society
+from newsletter.audience.csv_import import ParsedRow
+from newsletter.delivery.message import MessageTemplate
 from newsletter.models import Recipient
-from newsletter.subscribers import SubscriberStore
-from newsletter.web import SECURITY_HEADERS, WebConfig, create_app, store_per_thread
+from newsletter.render.loading import load_society
+from newsletter.storage.sqlite.connection import connect
+from newsletter.storage.sqlite.subscribers import SubscriberStore
+from newsletter.web.app import SECURITY_HEADERS, WebConfig, create_app, store_per_thread
+from newsletter.web.archive import Archive
 
 EMAILS = ["ann@example.org", "bob@example.org"]
 NOW = dt.datetime(2026, 12, 3, 9, 30, tzinfo=dt.UTC)
@@ -745,7 +745,7 @@ def test_personal_pages_are_never_cached_but_a_page_may_choose(tmp_path: Path) -
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
-    from newsletter.web import _SecurityHeaders
+    from newsletter.web.app import _SecurityHeaders
 
     def app(base: str) -> ASGIApp:
         inner = Starlette(

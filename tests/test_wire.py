@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from newsletter.send_log import Outcome
-from newsletter.transports import Envelope, SmtpConfig, SmtpTransport
+from newsletter.delivery.transports import Envelope, SmtpConfig, SmtpTransport
+from newsletter.storage.sqlite.send_log import Outcome
 
 Script = Callable[[bytes], bytes | None]  # command line in, reply out (None: close)
 

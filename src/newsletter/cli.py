@@ -23,15 +23,15 @@ if TYPE_CHECKING:
     import datetime as dt
     import sqlite3
 
-    from newsletter.build import BuildResult
-    from newsletter.campaign import Progress as CampaignProgress
-    from newsletter.compose import MessageTemplate, Sender
+    from newsletter.delivery.campaign import Progress as CampaignProgress
+    from newsletter.delivery.message import MessageTemplate, Sender
+    from newsletter.delivery.sending import Prepared, Preview, SendReport
+    from newsletter.delivery.transports import SmtpTransport, Transport
     from newsletter.models import Recipient
-    from newsletter.scheduler import DueResult
-    from newsletter.sending import Prepared, Preview, SendReport
+    from newsletter.render.pipeline import BuildResult
+    from newsletter.schedule.runner import DueResult
     from newsletter.settings import Settings
-    from newsletter.subscribers import SubscriberStore
-    from newsletter.transports import SmtpTransport, Transport
+    from newsletter.storage.sqlite.subscribers import SubscriberStore
 
 
 def _fail(exc: Exception | str) -> NoReturn:
@@ -50,7 +50,7 @@ def _problem(exc: Exception) -> str | None:
     if isinstance(exc, NewsletterError):
         return str(exc)
     if isinstance(exc, sqlite3.Error):
-        from newsletter.database import environment_problem
+        from newsletter.storage.sqlite.connection import environment_problem
 
         return environment_problem(exc, _database_path())  # None for a wrong query
     return None
@@ -107,7 +107,7 @@ def _settings() -> Settings:
 
 
 def _sender(settings: Settings, list_name: str | None = None) -> Sender:
-    from newsletter.compose import Sender
+    from newsletter.delivery.message import Sender
 
     return Sender(
         name=settings.sender_name,
@@ -123,8 +123,8 @@ def _sender(settings: Settings, list_name: str | None = None) -> Sender:
 def _build(
     settings: Settings, issue_file: Path, strict: bool, list_name: str | None = None
 ) -> BuildResult:
-    from newsletter.build import BuildInputs, build
     from newsletter.models import Recipient
+    from newsletter.render.pipeline import BuildInputs, build
 
     preview_name, preview_addr = settings.preview_mailbox
     # "Sam Sample", or "Sample, Sam" as address books write it.
@@ -158,7 +158,7 @@ def _build(
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
 def build(issue_file: Path, out_dir: Path | None, strict: bool) -> None:
     """Build ISSUE_FILE into OUT/<issue-id>/: index.html, index.txt, issue.mjml, preview.eml."""
-    from newsletter.output import write_build
+    from newsletter.render.output import write_build
 
     settings = _settings()
     result = _build(settings, issue_file, strict)
@@ -180,8 +180,8 @@ def subscribers() -> None:
 
 def _store(*, create: bool = False) -> tuple[Settings, SubscriberStore]:
     """The settings and the subscriber store; the database must exist unless ``create``."""
-    from newsletter.database import connect
-    from newsletter.subscribers import SubscriberStore
+    from newsletter.storage.sqlite.connection import connect
+    from newsletter.storage.sqlite.subscribers import SubscriberStore
 
     settings = _settings()
     return settings, SubscriberStore(connect(settings.database, create=create))
@@ -189,7 +189,7 @@ def _store(*, create: bool = False) -> tuple[Settings, SubscriberStore]:
 
 def _require_database(settings: Settings) -> None:
     """Refuse a missing database now, not at the first send hours later."""
-    from newsletter.database import connect
+    from newsletter.storage.sqlite.connection import connect
 
     connect(settings.database).close()
 
@@ -217,7 +217,7 @@ DEFAULT_LIST_OPTION = click.option(
 
 
 def _encoding(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    from newsletter.csv_import import check_encoding
+    from newsletter.audience.csv_import import check_encoding
 
     try:
         return check_encoding(value)
@@ -268,7 +268,7 @@ def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool, encod
     without --skip-invalid, or a bad file); 3 good rows imported, bad rows
     skipped (--skip-invalid); 130 interrupted, nothing imported.
     """
-    from newsletter.csv_import import read_csv
+    from newsletter.audience.csv_import import read_csv
 
     try:
         _, store = _store(create=True)  # an import is how a database comes to exist
@@ -304,7 +304,7 @@ def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool, encod
     )
     if not (report.added or report.updated or report.duplicates or report.skipped):
         click.echo(f"{csv_file} has no rows after its header line.")
-    from newsletter.merge_fields import column_notes
+    from newsletter.render.merge_fields import column_notes
 
     for note in column_notes(report.columns):
         click.secho(f"note: {note}", fg="yellow")
@@ -355,7 +355,7 @@ def subscribers_count(list_name: str | None) -> None:
             f"{suppressed:,} suppressed" + (f" ({by_reason})" if by_reason else "")
         )
         if list_name:
-            from newsletter.merge_fields import known_fields
+            from newsletter.render.merge_fields import known_fields
 
             fields = ", ".join(f"[[{f}]]" for f in known_fields(store.columns(name)))
             click.echo(f"  merge fields an issue sent to {name} can use: {fields}")
@@ -391,7 +391,7 @@ def subscribers_export(list_name: str, out: Path) -> None:
     """Write a list as CSV (to OUT, or standard output): every member, every attribute,
     and each member's state in newsletter_state (subscribed, opted-out, suppressed),
     newsletter_reason and newsletter_since. Importing the file again keeps those states."""
-    from newsletter.csv_import import write_export
+    from newsletter.audience.csv_import import write_export
 
     _, store = _store()
     _known_list(store, list_name)
@@ -417,7 +417,7 @@ def subscribers_export(list_name: str, out: Path) -> None:
 @click.argument("emails", nargs=-1, required=True)
 def subscribers_remove(list_name: str, emails: tuple[str, ...]) -> None:
     """Take EMAILS off a list (they stay on other lists)."""
-    from newsletter.csv_import import normalise_address
+    from newsletter.audience.csv_import import normalise_address
 
     _, store = _store()
     removed = store.remove(list_name, [_address(e, normalise_address) for e in emails])
@@ -437,9 +437,9 @@ def subscribers_unsubscribe(email: str, reason: str) -> None:
 
     On a new installation this creates the database, so that a request that
     came by post or mail before the first import is kept (imports do not lift it)."""
-    from newsletter.csv_import import normalise_address
-    from newsletter.database import connect
-    from newsletter.subscribers import SubscriberStore
+    from newsletter.audience.csv_import import normalise_address
+    from newsletter.storage.sqlite.connection import connect
+    from newsletter.storage.sqlite.subscribers import SubscriberStore
 
     address = _address(email, normalise_address)
     settings = _settings()
@@ -461,7 +461,7 @@ def subscribers_unsubscribe(email: str, reason: str) -> None:
 
 
 def _reason(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    from newsletter.subscribers import lift_reason
+    from newsletter.storage.sqlite.subscribers import lift_reason
 
     try:
         return lift_reason(value)
@@ -483,7 +483,7 @@ def subscribers_unsuppress(email: str, reason: str) -> None:
 
     Opt-outs of single lists are separate and stay. Exit status 1 if EMAIL was
     not suppressed."""
-    from newsletter.csv_import import normalise_address
+    from newsletter.audience.csv_import import normalise_address
 
     _, store = _store()
     address = _address(email, normalise_address)
@@ -526,7 +526,7 @@ def subscribers_unsuppress(email: str, reason: str) -> None:
 def subscribers_show(email: str) -> None:
     """Everything about EMAIL: its lists and state on each, its suppression, and the
     history of suppressions and their lifting."""
-    from newsletter.csv_import import normalise_address
+    from newsletter.audience.csv_import import normalise_address
 
     _, store = _store()
     address = _address(email, normalise_address)
@@ -559,8 +559,8 @@ def _address(raw: str, normalise: Callable[[str], str]) -> str:
 def _smtp_transport(settings: Settings) -> SmtpTransport:
     import ssl
 
+    from newsletter.delivery.transports import SmtpConfig, SmtpTransport
     from newsletter.errors import ConfigError
-    from newsletter.transports import SmtpConfig, SmtpTransport
 
     try:
         context = ssl.create_default_context(
@@ -692,7 +692,7 @@ def _template(
     list_name: str | None,
     columns: dict[str, str] | None = None,
 ) -> MessageTemplate:
-    from newsletter.compose import MessageTemplate
+    from newsletter.delivery.message import MessageTemplate
 
     return MessageTemplate(
         result.rendered, _sender(settings, list_name), signer=_signer(settings), columns=columns
@@ -727,23 +727,23 @@ def _send_one(
     import tempfile
     import time
 
-    from newsletter.archive import check_source, record_send
-    from newsletter.archive_store import ArchiveStore, Source
-    from newsletter.database import connect
-    from newsletter.locks import Lease
-    from newsletter.sending import (
+    from newsletter.delivery.sending import (
         check_merge_fields,
         dry_run_copy,
         merge_columns,
         prepare,
         preview,
     )
-    from newsletter.transports import OutboxTransport
+    from newsletter.delivery.transports import OutboxTransport
+    from newsletter.storage.sqlite.archive import ArchiveStore, Source
+    from newsletter.storage.sqlite.connection import connect
+    from newsletter.storage.sqlite.leases import Lease
+    from newsletter.web.archive import check_source, record_send
 
     if not dry_run:
         _require_secret(settings)
     result = _build(settings, issue_file, strict=strict, list_name=name)
-    from newsletter.checks import refuse_unsendable
+    from newsletter.render.checks import refuse_unsendable
 
     refuse_unsendable(result.report)  # a preview may show bidi controls; a send may not
     transport: Transport
@@ -818,8 +818,8 @@ def _run_campaign(
     import asyncio
     import signal
 
-    from newsletter.campaign import Campaign, SendOptions
-    from newsletter.sending import run_send
+    from newsletter.delivery.campaign import Campaign, SendOptions
+    from newsletter.delivery.sending import run_send
 
     options = SendOptions(
         connections=settings.send_connections,
@@ -871,7 +871,7 @@ def _signer(settings: Settings) -> Callable[[bytes], bytes] | None:
         return None
     import functools
 
-    from newsletter import dkim_sign
+    from newsletter.delivery import dkim_sign
 
     from_domain = settings.sender_address.rpartition("@")[2].lower()
     domain = (settings.dkim_domain or from_domain).lower()
@@ -963,9 +963,9 @@ def _warn_test_copy_fields(settings: Settings, result: BuildResult, list_name: s
     is worth knowing now (the copy shows it empty)."""
     import contextlib
 
-    from newsletter.database import connect
+    from newsletter.delivery.sending import check_merge_fields
     from newsletter.errors import ValidationFailed
-    from newsletter.sending import check_merge_fields
+    from newsletter.storage.sqlite.connection import connect
 
     if not result.merge_uses or not settings.database.exists():
         return
@@ -986,9 +986,9 @@ def _test_recipients(settings: Settings, addresses: list[str]) -> list[Recipient
     editor sends one to themselves to see them); anyone else gets the fallbacks."""
     import contextlib
 
-    from newsletter.database import connect
     from newsletter.models import Recipient
-    from newsletter.subscribers import SubscriberStore
+    from newsletter.storage.sqlite.connection import connect
+    from newsletter.storage.sqlite.subscribers import SubscriberStore
 
     if not settings.database.exists():
         return [Recipient(a) for a in addresses]
@@ -1004,8 +1004,8 @@ def _test_copy_problems(settings: Settings, addresses: list[str], list_name: str
     Without a database (a first try-out) there is nobody to protect yet."""
     import contextlib
 
-    from newsletter.database import connect
-    from newsletter.subscribers import SubscriberStore
+    from newsletter.storage.sqlite.connection import connect
+    from newsletter.storage.sqlite.subscribers import SubscriberStore
 
     if not addresses or not settings.database.exists():
         return []
@@ -1041,8 +1041,8 @@ def _send_test_copies(
     import datetime as dt
     import secrets
 
-    from newsletter.csv_import import normalise_address
-    from newsletter.transports import Envelope, OutboxTransport
+    from newsletter.audience.csv_import import normalise_address
+    from newsletter.delivery.transports import Envelope, OutboxTransport
 
     checked: list[str] = []
     problems: list[str] = []
@@ -1099,8 +1099,8 @@ def _send_test_copies(
 @DEFAULT_LIST_OPTION
 def status(issue_id: str, list_name: str | None) -> None:
     """Counts by state and the last errors of the send of ISSUE_ID (id or file) to a list."""
-    from newsletter.database import connect
-    from newsletter.send_log import SendLog
+    from newsletter.storage.sqlite.connection import connect
+    from newsletter.storage.sqlite.send_log import SendLog
 
     settings = _settings()
     name = list_name or settings.list_name
@@ -1188,8 +1188,8 @@ def _check_due(
     import contextlib
     import datetime as dt
 
-    from newsletter.database import connect
-    from newsletter.scheduler import check_and_send
+    from newsletter.schedule.runner import check_and_send
+    from newsletter.storage.sqlite.connection import connect
 
     def send_issue(path: Path, list_name: str) -> SendReport:
         report, transport = _send_one(settings, path, list_name, strict=strict)
@@ -1232,9 +1232,9 @@ def schedule(ctx: click.Context) -> None:
         return
     import datetime as dt
 
-    from newsletter.database import connect
-    from newsletter.schedule import latest, upcoming
-    from newsletter.scheduler import Slots, find_issue, issue_problems
+    from newsletter.schedule.runner import Slots, find_issue, issue_problems
+    from newsletter.schedule.slots import latest, upcoming
+    from newsletter.storage.sqlite.connection import connect
 
     settings = _settings()
     plan = settings.parsed_schedule
@@ -1365,12 +1365,12 @@ def serve(host: str | None, port: int | None) -> None:
 
     import uvicorn
 
-    from newsletter.archive import Archive
-    from newsletter.database import connect
     from newsletter.errors import ConfigError
-    from newsletter.loading import load_society
-    from newsletter.subscribers import SubscriberStore
-    from newsletter.web import WebConfig, create_app, store_per_thread
+    from newsletter.render.loading import load_society
+    from newsletter.storage.sqlite.connection import connect
+    from newsletter.storage.sqlite.subscribers import SubscriberStore
+    from newsletter.web.app import WebConfig, create_app, store_per_thread
+    from newsletter.web.archive import Archive
 
     settings = _settings()
     if settings.secret_key is None:

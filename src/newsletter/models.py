@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 if TYPE_CHECKING:
-    from newsletter.merge_fields import MergeField
+    from newsletter.render.merge_fields import MergeField
 
 SUBJECT_MAX = 150
 PREHEADER_MAX = 200
@@ -307,7 +307,7 @@ class Links:
 class RenderedIssue:
     """An issue rendered once: HTML and text with per-recipient placeholders left in.
 
-    The placeholders are the closed set in :mod:`newsletter.placeholders`;
+    The placeholders are the closed set in :mod:`newsletter.render.placeholders`;
     filling them is string substitution, never a second run of MJML or the
     inliner.
     """

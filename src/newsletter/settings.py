@@ -39,7 +39,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from newsletter.errors import ConfigError
 
 if TYPE_CHECKING:
-    from newsletter.schedule import Schedule
+    from newsletter.schedule.slots import Schedule
 from newsletter.models import bidi_characters, character_names, https_url
 
 PREFIX = "NEWSLETTER_"
@@ -266,7 +266,7 @@ class Settings(BaseSettings):
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, value: str) -> str:
-        from newsletter.schedule import time_zone
+        from newsletter.schedule.slots import time_zone
 
         return time_zone(value.strip()).key
 
@@ -277,14 +277,14 @@ class Settings(BaseSettings):
         # name and alongside every other problem.
         zone, hours = info.data.get("timezone"), info.data.get("catch_up_hours")
         if value is not None and zone is not None and hours is not None:
-            from newsletter.schedule import parse_schedule
+            from newsletter.schedule.slots import parse_schedule
 
             parse_schedule(value, zone, hours)
         return value
 
     @property
     def parsed_schedule(self) -> Schedule:
-        from newsletter.schedule import parse_schedule
+        from newsletter.schedule.slots import parse_schedule
 
         if self.schedule is None:
             raise ConfigError(

@@ -22,7 +22,7 @@ import sqlite3
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from newsletter.csv_import import SUPPRESSION_REASONS, ParsedRow
+from newsletter.audience.csv_import import SUPPRESSION_REASONS, ParsedRow
 from newsletter.errors import Problem
 from newsletter.models import Recipient
 

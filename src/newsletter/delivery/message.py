@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from email.utils import format_datetime, parseaddr
 from urllib.parse import quote
 
-from newsletter import merge_fields, placeholders, tokens
+from newsletter import tokens
 from newsletter.models import Recipient, RenderedIssue
+from newsletter.render import merge_fields, placeholders
 
 _SLOT = re.compile(
     "(" + "|".join([*(re.escape(p) for p in placeholders.ALL), merge_fields.SLOT.pattern]) + ")"

@@ -1,131 +1,20 @@
-"""Delivery stage: one prepared message to one recipient, over a transport.
+"""The SMTP wire: the rest of a session once connect, TLS and AUTH are done.
 
-Input: an :class:`Envelope` (sender, one recipient, the message bytes, ready
-for the wire). Output: an :class:`Outcome` per recipient, or an exception
-for what ends the campaign (authentication refused, sender refused).
-
-Transports behind one interface:
-
-- :class:`SmtpTransport` — a real relay. aiosmtplib opens the connection and
-  does TLS (implicit or STARTTLS, never silently plain) and AUTH. Then the
-  connection is handed to :class:`_Wire`, a small protocol that pipelines
-  MAIL, RCPT and DATA in one write when the server offers PIPELINING
-  (RFC 2920), waits for 354 before the body, and sends the body as it is:
-  messages from :mod:`newsletter.compose` are CRLF-only with no line starting
-  with ``.``, so the per-message normalising and dot-stuffing that aiosmtplib
-  would do over 60 KB are already paid once per issue. It also knows at which
-  step a failure happened, which is what separates "not sent, retry"
-  (before the body) from "fate unknown" (the body went out, no reply came).
-- :class:`OutboxTransport` — writes ``.eml`` files (the dry run).
-- :class:`MemoryTransport` — keeps messages in a list (tests, previews).
+Input: an open asyncio transport and :class:`Envelope` values. Output: an
+:class:`Outcome` per transaction. MAIL, RCPT and DATA go in one write when the
+server offers PIPELINING (RFC 2920); the body goes as it is (the message
+stage wrote it CRLF-only and dot-safe once per issue); and each failure knows
+its step, which separates "not sent, retry" from "fate unknown".
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol
 
-from newsletter.errors import CampaignAborted, ConnectFailed
-from newsletter.send_log import Outcome
-
-# Replies that mean "not now": slow down and try again later (RFC 5321 4.2).
-SLOW_DOWN = {421, 450, 451, 452, 454}
-
-
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    sender: str
-    recipient: str
-    data: bytes  # CRLF line ends, no line starting with '.', ends with CRLF
-
-
-class Session(Protocol):
-    @property
-    def usable(self) -> bool: ...
-
-    async def send(self, envelope: Envelope) -> Outcome: ...
-
-    async def close(self) -> None: ...
-
-
-class Transport(Protocol):
-    description: str  # for confirmation prompts and logs; never holds secrets
-
-    async def open(self) -> Session: ...
-
-
-# ---------------------------------------------------------------------------- SMTP
-
-
-@dataclass(frozen=True, slots=True)
-class SmtpConfig:
-    host: str
-    port: int
-    security: str  # "starttls" | "tls" | "none"
-    username: str | None = None
-    password: str | None = None
-    helo_name: str = "localhost"
-    timeout: float = 30.0  # per reply
-    message_timeout: float = 120.0  # per whole transaction
-    tls_context: ssl.SSLContext | None = None
-
-
-class SmtpTransport:
-    def __init__(self, config: SmtpConfig) -> None:
-        self.config = config
-        self.description = f"{config.host}:{config.port} ({config.security})"
-
-    async def open(self) -> Session:
-        import aiosmtplib
-
-        c = self.config
-        client = aiosmtplib.SMTP(
-            hostname=c.host,
-            port=c.port,
-            local_hostname=c.helo_name,
-            timeout=c.timeout,
-            use_tls=c.security == "tls",
-            # Explicit: aiosmtplib's default (None) would fall back to plain text
-            # when a server does not offer STARTTLS.
-            start_tls=c.security == "starttls",
-            tls_context=c.tls_context,
-        )
-        try:
-            await client.connect()
-            if client.is_ehlo_or_helo_needed:
-                await client.ehlo()
-            if c.username:
-                await client.login(c.username, c.password or "")
-        except aiosmtplib.SMTPAuthenticationError as exc:
-            client.close()
-            raise CampaignAborted(
-                f"the SMTP server {self.description} refused the login ({exc.code} "
-                f"{exc.message}); check NEWSLETTER_SMTP_USERNAME and NEWSLETTER_SMTP_PASSWORD"
-            ) from None
-        except aiosmtplib.SMTPException as exc:
-            client.close()
-            if c.security == "starttls" and "STARTTLS" in str(exc).upper():
-                raise CampaignAborted(
-                    f"{self.description} does not offer STARTTLS; set NEWSLETTER_SMTP_SECURITY "
-                    "to tls (port 465) or, on a trusted local relay only, none"
-                ) from None
-            raise ConnectFailed(f"{self.description}: {exc}") from None
-        except (OSError, TimeoutError) as exc:
-            client.close()
-            raise ConnectFailed(f"{self.description}: {exc}") from None
-        transport = client.transport
-        assert isinstance(transport, asyncio.Transport)
-        pipelining = client.supports_extension("pipelining")
-        wire = _Wire(
-            transport, pipelining=pipelining, timeout=c.timeout, message_timeout=c.message_timeout
-        )
-        transport.set_protocol(wire)
-        return wire
+from newsletter.delivery.transports.base import SLOW_DOWN, Envelope
+from newsletter.errors import CampaignAborted
+from newsletter.storage.sqlite.send_log import Outcome
 
 
 class _Disconnected(Exception):
@@ -136,7 +25,7 @@ class _ProtocolError(_Disconnected):
     """The server answered something that is not an SMTP reply: treated as a lost connection."""
 
 
-class _Wire(asyncio.Protocol):
+class Wire(asyncio.Protocol):
     """The rest of an SMTP session after connect/TLS/AUTH: transactions, then QUIT."""
 
     def __init__(
@@ -309,68 +198,3 @@ class _Wire(asyncio.Protocol):
             pass
         finally:
             self.transport.close()
-
-
-# ---------------------------------------------------------------- file and memory
-
-
-class OutboxTransport:
-    """Writes the first ``keep`` messages as .eml files and counts the rest; sends nothing."""
-
-    def __init__(self, folder: Path, keep: int = 5) -> None:
-        self.folder = folder
-        self.keep = keep
-        self.count = 0
-        self.total_bytes = 0
-        self.description = f"outbox {folder} (dry run: nothing is sent)"
-
-    async def open(self) -> Session:
-        return _OutboxSession(self)
-
-
-@dataclass(slots=True)
-class _OutboxSession:
-    outbox: OutboxTransport
-    usable: bool = True
-
-    async def send(self, envelope: Envelope) -> Outcome:
-        box = self.outbox
-        box.count += 1
-        box.total_bytes += len(envelope.data)
-        if box.count <= box.keep:
-            box.folder.mkdir(parents=True, exist_ok=True)
-            name = f"{box.count:03d}-{envelope.recipient.replace('/', '_')}.eml"
-            (box.folder / name).write_bytes(envelope.data)
-        return Outcome("sent", 250, "written to the outbox (dry run)")
-
-    async def close(self) -> None:
-        return None
-
-
-@dataclass(slots=True)
-class MemoryTransport:
-    """Keeps every envelope; ``script`` may decide an outcome per recipient (tests)."""
-
-    sent: list[Envelope] = field(default_factory=list)
-    script: Callable[[Envelope], Outcome | None] | None = None
-    description: str = "memory"
-
-    async def open(self) -> Session:
-        return _MemorySession(self)
-
-
-@dataclass(slots=True)
-class _MemorySession:
-    box: MemoryTransport
-    usable: bool = True
-
-    async def send(self, envelope: Envelope) -> Outcome:
-        if self.box.script is not None:
-            scripted = self.box.script(envelope)
-            if scripted is not None:
-                return scripted
-        self.box.sent.append(envelope)
-        return Outcome("sent", 250, "kept in memory")
-
-    async def close(self) -> None:
-        return None

@@ -14,8 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from newsletter.build import BuildResult
 from newsletter.errors import OutputError
+from newsletter.render.pipeline import BuildResult
 
 
 def write_build(result: BuildResult, out_dir: Path) -> Path:

@@ -6,7 +6,7 @@ source file and its SHA-256) and the ``source_file`` / ``source_sha256`` of
 each send. The archive is written once per issue, by the first send that
 gets there (``INSERT OR IGNORE``): editing a file after it was sent never
 rewrites what the archive shows. The web pages only read; a PostgreSQL
-backend implements the same methods (:class:`newsletter.storage.IssueArchive`).
+backend implements the same methods (:class:`newsletter.storage.base.IssueArchive`).
 """
 
 from __future__ import annotations

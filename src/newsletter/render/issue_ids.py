@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from newsletter.errors import Problem
-from newsletter.yaml_input import read_yaml
+from newsletter.render.yaml_input import read_yaml
 
 SUFFIXES = (".yaml", ".yml")
 _ID_LINE = re.compile(r"^id[ \t]*:[ \t]*(?P<q>['\"]?)(?P<value>[^'\"#\s]*)(?P=q)", re.MULTILINE)

@@ -26,9 +26,9 @@ from typing import Any
 import jinja2
 from markupsafe import Markup, escape
 
-from newsletter import markdown, merge_fields, placeholders
 from newsletter.errors import ConfigError, TemplateError
 from newsletter.models import Issue, Links, Society
+from newsletter.render import markdown, merge_fields, placeholders
 
 HTML_TEMPLATE = "email.mjml.j2"
 TEXT_TEMPLATE = "email.txt.j2"

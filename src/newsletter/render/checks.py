@@ -25,9 +25,9 @@ from html import unescape
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from newsletter import placeholders
 from newsletter.errors import BuildCheckFailed
-from newsletter.templating import HTML_TEMPLATE, LEFTOVER, TEXT_TEMPLATE, find_in_templates
+from newsletter.render import placeholders
+from newsletter.render.templating import HTML_TEMPLATE, LEFTOVER, TEXT_TEMPLATE, find_in_templates
 
 SIZE_FAIL = 100_000  # Gmail clips the HTML at about 102 KB and hides the rest
 SIZE_WARN = 90_000

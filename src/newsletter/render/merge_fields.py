@@ -25,8 +25,8 @@ import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from newsletter import placeholders
 from newsletter.models import BIDI_CONTROLS, Recipient
+from newsletter.render import placeholders
 
 # A letter, then letters, digits or '_'; any script, lower case (see valid_name).
 NAME = re.compile(r"[^\W\d_]\w{0,63}")

@@ -13,14 +13,14 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from newsletter import merge_fields
-from newsletter.campaign import Campaign, Progress, RunResult, SendOptions
-from newsletter.compose import MessageTemplate
+from newsletter.delivery.campaign import Campaign, Progress, RunResult, SendOptions
+from newsletter.delivery.message import MessageTemplate
+from newsletter.delivery.transports import Transport
 from newsletter.errors import CampaignAborted, ConfigError, Problem, ValidationFailed
-from newsletter.send_log import SendLog, SendRecord
-from newsletter.storage import SendLogStore, Subscribers
-from newsletter.subscribers import ListStates, SubscriberStore
-from newsletter.transports import Transport
+from newsletter.render import merge_fields
+from newsletter.storage.base import SendLogStore, Subscribers
+from newsletter.storage.sqlite.send_log import SendLog, SendRecord
+from newsletter.storage.sqlite.subscribers import ListStates, SubscriberStore
 
 
 @dataclass(slots=True)

@@ -54,12 +54,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from newsletter import tokens
-from newsletter.archive import Archive, ArchiveEntry, Page
-from newsletter.archive_store import ArchiveStore
-from newsletter.database import connect
 from newsletter.errors import ConfigError
 from newsletter.models import Society
-from newsletter.subscribers import SubscriberStore
+from newsletter.storage.sqlite.archive import ArchiveStore
+from newsletter.storage.sqlite.connection import connect
+from newsletter.storage.sqlite.subscribers import SubscriberStore
+from newsletter.web.archive import Archive, ArchiveEntry, Page
 
 log = logging.getLogger("newsletter.web")
 access_log = logging.getLogger("newsletter.web.access")

@@ -26,12 +26,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from newsletter.compose import MessageTemplate
+from newsletter.delivery.message import MessageTemplate
+from newsletter.delivery.ratelimit import Pacer
+from newsletter.delivery.transports import Envelope, Session, Transport
 from newsletter.errors import CampaignAborted, ConnectFailed
-from newsletter.ratelimit import Pacer
-from newsletter.send_log import Delivery, Outcome
-from newsletter.storage import SendLogStore
-from newsletter.transports import Envelope, Session, Transport
+from newsletter.storage.base import SendLogStore
+from newsletter.storage.sqlite.send_log import Delivery, Outcome
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,8 @@
 """Storage interfaces: what the send pipeline needs from a database, as Protocols.
 
-:class:`newsletter.subscribers.SubscriberStore`,
-:class:`newsletter.send_log.SendLog` and
-:class:`newsletter.archive_store.ArchiveStore` implement them on SQLite. A PostgreSQL
+:class:`newsletter.storage.sqlite.subscribers.SubscriberStore`,
+:class:`newsletter.storage.sqlite.send_log.SendLog` and
+:class:`newsletter.storage.sqlite.archive.ArchiveStore` implement them on SQLite. A PostgreSQL
 backend (several machines sending one campaign) implements the same methods;
 the one property every implementation must keep is that :meth:`claim` is
 atomic: two senders never claim the same recipient.
@@ -14,12 +14,18 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from newsletter.archive_store import ArchivedIssue, Published, Source, SourceUse, Summary
-    from newsletter.csv_import import ParsedRow
+    from newsletter.audience.csv_import import ParsedRow
     from newsletter.errors import Problem
     from newsletter.models import Recipient
-    from newsletter.send_log import Delivery, Outcome, SendRecord
-    from newsletter.subscribers import ImportReport, ListStates, Member, Suppression
+    from newsletter.storage.sqlite.archive import (
+        ArchivedIssue,
+        Published,
+        Source,
+        SourceUse,
+        Summary,
+    )
+    from newsletter.storage.sqlite.send_log import Delivery, Outcome, SendRecord
+    from newsletter.storage.sqlite.subscribers import ImportReport, ListStates, Member, Suppression
 
 
 class Subscribers(Protocol):

@@ -4,9 +4,9 @@ Input: the paths and values in :class:`BuildInputs`. Output: a
 :class:`BuildResult` with everything that goes into ``build/<id>/`` held in
 memory, and the checks' verdict. It runs the stages in order (load, template,
 MJML, inline, check, compose) and writes nothing: writing is
-:mod:`newsletter.output`'s job, and happens only once every stage passed.
+:mod:`newsletter.render.output`'s job, and happens only once every stage passed.
 An id that another file in the issue's folder also claims fails the build
-(:mod:`newsletter.issue_ids`). :func:`web_version` renders the same issue for
+(:mod:`newsletter.render.issue_ids`). :func:`web_version` renders the same issue for
 the archive: no "view in browser" line, no personal links.
 """
 
@@ -16,15 +16,15 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from newsletter import issue_ids, merge_fields, placeholders
-from newsletter.checks import CheckReport, Sources, check_message
-from newsletter.compose import MessageTemplate, Sender, recipient_values
+from newsletter.delivery.message import MessageTemplate, Sender, recipient_values
 from newsletter.errors import BuildCheckFailed, TemplateError, ValidationFailed
-from newsletter.inliner import inline_css
-from newsletter.loading import Loaded, load_issue, load_society
-from newsletter.mjml_compile import compile_mjml
 from newsletter.models import Issue, Links, Recipient, RenderedIssue, Society
-from newsletter.templating import (
+from newsletter.render import issue_ids, merge_fields, placeholders
+from newsletter.render.checks import CheckReport, Sources, check_message
+from newsletter.render.inliner import inline_css
+from newsletter.render.loading import Loaded, load_issue, load_society
+from newsletter.render.mjml_compile import compile_mjml
+from newsletter.render.templating import (
     HTML_TEMPLATE,
     Templates,
     context,

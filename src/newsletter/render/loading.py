@@ -22,10 +22,10 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from newsletter import markdown, merge_fields
 from newsletter.errors import ConfigError, Problem, ValidationFailed
 from newsletter.models import Issue, Society, bidi_characters, character_names
-from newsletter.yaml_input import PathKey, YamlDocument, format_path, read_yaml
+from newsletter.render import markdown, merge_fields
+from newsletter.render.yaml_input import PathKey, YamlDocument, format_path, read_yaml
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -1,6 +1,6 @@
 """Archive stage: issues as they were sent → web pages, an Atom feed, and their HTTP caching.
 
-Input: the archive store (:mod:`newsletter.archive_store`: the web version
+Input: the archive store (:mod:`newsletter.storage.sqlite.archive`: the web version
 each issue's first send froze, and which issues were delivered to someone),
 the society and the public URL. Output: :class:`Page` values (body, strong
 ETag, Last-Modified, max-age) for the index, each issue and the feed, and
@@ -36,15 +36,15 @@ from pathlib import Path
 from urllib.parse import quote
 from xml.sax.saxutils import escape
 
-from newsletter import issue_ids
-from newsletter.archive_store import ArchivedIssue, Published, Source
-from newsletter.build import web_version
 from newsletter.errors import ConfigError, NewsletterError
-from newsletter.loading import load_issue
-from newsletter.merge_fields import fill_general
 from newsletter.models import Issue, Society
-from newsletter.storage import IssueArchive
-from newsletter.templating import Templates, load_templates
+from newsletter.render import issue_ids
+from newsletter.render.loading import load_issue
+from newsletter.render.merge_fields import fill_general
+from newsletter.render.pipeline import web_version
+from newsletter.render.templating import Templates, load_templates
+from newsletter.storage.base import IssueArchive
+from newsletter.storage.sqlite.archive import ArchivedIssue, Published, Source
 
 log = logging.getLogger("newsletter.archive")
 

@@ -6,8 +6,8 @@ creates one; everyone else is refused a missing file with what to do. The
 database runs in WAL mode with ``synchronous=FULL``: a committed
 send-log row survives a crash of the process or of the machine, which is what
 "never send twice" rests on. Every other module reaches the database through
-the store classes in :mod:`newsletter.subscribers` and
-:mod:`newsletter.send_log`; a PostgreSQL backend would implement the same
+the store classes in :mod:`newsletter.storage.sqlite.subscribers` and
+:mod:`newsletter.storage.sqlite.send_log`; a PostgreSQL backend would implement the same
 methods.
 """
 
@@ -180,7 +180,9 @@ def connect(path: Path, *, create: bool = False, busy_seconds: float = 30.0) -> 
     try:
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, isolation_level=None, timeout=busy_seconds)
+            conn = sqlite3.connect(
+                path, isolation_level=None, timeout=busy_seconds, check_same_thread=False
+            )
         else:
             # mode=rw: a file removed since the check above is not made again.
             conn = sqlite3.connect(
@@ -188,6 +190,9 @@ def connect(path: Path, *, create: bool = False, busy_seconds: float = 30.0) -> 
                 isolation_level=None,
                 timeout=busy_seconds,
                 uri=True,
+                # One thread at a time uses a store, but not always the one that
+                # opened it: a send hands its log to a database thread.
+                check_same_thread=False,
             )
     except (OSError, sqlite3.Error) as exc:
         raise ConfigError(

@@ -1,6 +1,6 @@
 """Scheduled sends: is a send due now, and if so, send it, once, whoever else is running.
 
-Input: a :class:`~newsletter.schedule.Schedule`, the issues folder, the
+Input: a :class:`~newsletter.schedule.slots.Schedule`, the issues folder, the
 database, the current time and a ``send_issue`` function (the same one
 ``newsletter send`` uses). Output: a :class:`DueResult` saying what
 happened. ``newsletter send --due`` (cron, systemd timers) calls
@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from newsletter import issue_ids
+from newsletter.delivery.sending import NobodyMailable, SendReport, check_merge_fields
 from newsletter.errors import CampaignAborted, LockHeld, NewsletterError, ValidationFailed
-from newsletter.loading import Loaded, load_issue, load_society, named_day
-from newsletter.locks import Lease
-from newsletter.schedule import Schedule, Slot, latest, slots_between
-from newsletter.sending import NobodyMailable, SendReport, check_merge_fields
-from newsletter.yaml_input import read_yaml
+from newsletter.render import issue_ids
+from newsletter.render.loading import Loaded, load_issue, load_society, named_day
+from newsletter.render.yaml_input import read_yaml
+from newsletter.schedule.slots import Schedule, Slot, latest, slots_between
+from newsletter.storage.sqlite.leases import Lease
 
 LOCK_NAME = "schedule"
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from newsletter.models import Recipient
-from newsletter.subscribers import decode_attributes
+from newsletter.storage.sqlite.subscribers import decode_attributes
 
 STATES = ("pending", "sending", "sent", "rejected", "deferred", "unknown", "suppressed")
 # INDEXED BY: without statistics SQLite prefers the primary key (send_id, seq)

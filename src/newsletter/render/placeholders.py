@@ -1,7 +1,7 @@
 """Personalisation stage: fill the per-recipient placeholders of a rendered issue.
 
 Input: text or HTML rendered once per issue, holding placeholders from the
-closed set below (and the merge-field slots of :mod:`newsletter.merge_fields`),
+closed set below (and the merge-field slots of :mod:`newsletter.render.merge_fields`),
 and the values for one recipient. Output: the text for that
 recipient. The placeholders are not Jinja syntax, so the template engine,
 MJML and the inliner pass them through untouched; values are HTML-escaped
@@ -20,7 +20,7 @@ EMAIL = "[[EMAIL]]"
 
 ALL = (UNSUBSCRIBE_URL, PREFERENCES_URL, EMAIL)
 LEFTOVER = re.compile(r"\[\[[A-Z][A-Z0-9_]*\]\]")
-# A merge field's slot (newsletter.merge_fields): a number between two
+# A merge field's slot (newsletter.render.merge_fields): a number between two
 # private-use characters, which nothing between the template and the message
 # changes; editor text may not hold them (models).
 SLOT_OPEN, SLOT_CLOSE = "\ue000", "\ue001"

@@ -1,0 +1,82 @@
+"""The SMTP transport: a real relay, reached through aiosmtplib, then the wire.
+
+aiosmtplib opens the connection and does TLS (implicit or STARTTLS, never
+silently plain) and AUTH; the connection is then handed to
+:class:`~newsletter.delivery.transports.wire.Wire` for the transactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+
+from newsletter.delivery.transports.base import Session
+from newsletter.delivery.transports.wire import Wire
+from newsletter.errors import CampaignAborted, ConnectFailed
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    host: str
+    port: int
+    security: str  # "starttls" | "tls" | "none"
+    username: str | None = None
+    password: str | None = None
+    helo_name: str = "localhost"
+    timeout: float = 30.0  # per reply
+    message_timeout: float = 120.0  # per whole transaction
+    tls_context: ssl.SSLContext | None = None
+
+
+class SmtpTransport:
+    def __init__(self, config: SmtpConfig) -> None:
+        self.config = config
+        self.description = f"{config.host}:{config.port} ({config.security})"
+
+    async def open(self) -> Session:
+        import aiosmtplib
+
+        c = self.config
+        client = aiosmtplib.SMTP(
+            hostname=c.host,
+            port=c.port,
+            local_hostname=c.helo_name,
+            timeout=c.timeout,
+            use_tls=c.security == "tls",
+            # Explicit: aiosmtplib's default (None) would fall back to plain text
+            # when a server does not offer STARTTLS.
+            start_tls=c.security == "starttls",
+            tls_context=c.tls_context,
+        )
+        try:
+            await client.connect()
+            if client.is_ehlo_or_helo_needed:
+                await client.ehlo()
+            if c.username:
+                await client.login(c.username, c.password or "")
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            client.close()
+            raise CampaignAborted(
+                f"the SMTP server {self.description} refused the login ({exc.code} "
+                f"{exc.message}); check NEWSLETTER_SMTP_USERNAME and NEWSLETTER_SMTP_PASSWORD"
+            ) from None
+        except aiosmtplib.SMTPException as exc:
+            client.close()
+            if c.security == "starttls" and "STARTTLS" in str(exc).upper():
+                raise CampaignAborted(
+                    f"{self.description} does not offer STARTTLS; set NEWSLETTER_SMTP_SECURITY "
+                    "to tls (port 465) or, on a trusted local relay only, none"
+                ) from None
+            raise ConnectFailed(f"{self.description}: {exc}") from None
+        except (OSError, TimeoutError) as exc:
+            client.close()
+            raise ConnectFailed(f"{self.description}: {exc}") from None
+        transport = client.transport
+        assert isinstance(transport, asyncio.Transport)
+        pipelining = client.supports_extension("pipelining")
+        wire = Wire(
+            transport, pipelining=pipelining, timeout=c.timeout, message_timeout=c.message_timeout
+        )
+        transport.set_protocol(wire)
+        return wire
