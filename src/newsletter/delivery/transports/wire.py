@@ -134,10 +134,13 @@ class Wire(asyncio.Protocol):
                     code = int(self._buffer[code_at : code_at + 3])
                 except ValueError:
                     code = 0  # garbage from the server: treated as a failure below
-                lines = bytes(self._buffer[:offset]).split(b"\n")[:-1]
+                if code_at == 0:  # one line: the usual reply
+                    text = self._buffer[4:offset].strip().decode("utf-8", "replace")
+                else:
+                    lines = bytes(self._buffer[:offset]).split(b"\n")[:-1]
+                    text = " ".join(line[4:].strip().decode("utf-8", "replace") for line in lines)
                 del self._buffer[:offset]
                 self._scanned = 0
-                text = " ".join(line[4:].strip().decode("utf-8", "replace") for line in lines)
                 return code, text
 
     async def _reply(self) -> tuple[int, str]:
