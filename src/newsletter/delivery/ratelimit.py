@@ -1,12 +1,12 @@
 """Pacing: how fast messages may leave, as a token bucket that backs off.
 
 Input: a rate in messages per second (None for no limit), an optional
-per-hour cap, and a clock. Output: :meth:`Pacer.acquire` returns when the
-next message may go. When the relay says "slow down" (421, 451, 454 or
-timeouts) the rate halves, down to one message every two seconds, and grows
-back by a tenth of the configured rate per second of good replies (additive
-increase, multiplicative decrease: providers throttle senders that keep
-pushing).
+per-hour cap, and a clock and a sleep (real time unless a test injects its
+own). Output: :meth:`Pacer.acquire` returns when the next message may go.
+When the relay says "slow down" (421, 451, 454 or timeouts) the rate halves,
+down to one message every two seconds, and grows back by a tenth of the
+configured rate per second of good replies (additive increase,
+multiplicative decrease: providers throttle senders that keep pushing).
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 MIN_RATE = 0.5
+# A wait of exactly (1 - tokens) / rate can refill to 0.999...: that is a token.
+# Without the slack, a clock that advances by exactly the wait (an injected
+# one, or a coarse one) would wait again for an amount it cannot add, for ever.
+_ROUNDING = 1e-9
 
 
 class Pacer:
@@ -62,8 +66,8 @@ class Pacer:
                 burst = max(1.0, self.rate)
                 self._tokens = min(burst, self._tokens + (now - self._last) * self.rate)
                 self._last = now
-                if self._tokens >= 1.0:
-                    self._tokens -= 1.0
+                if self._tokens >= 1.0 - _ROUNDING:
+                    self._tokens = max(0.0, self._tokens - 1.0)
                     return
                 await self._sleep((1.0 - self._tokens) / self.rate)
 

@@ -1,7 +1,8 @@
 """The SMTP transport: a real relay, reached through aiosmtplib, then the wire.
 
 aiosmtplib opens the connection and does TLS (implicit or STARTTLS, never
-silently plain) and AUTH; the connection is then handed to
+silently plain) and AUTH; whether STARTTLS is there is read from the server's
+EHLO extension list, not from an error's text. The connection is then handed to
 :class:`~newsletter.delivery.transports.wire.Wire` for the transactions.
 """
 
@@ -44,14 +45,26 @@ class SmtpTransport:
             local_hostname=c.helo_name,
             timeout=c.timeout,
             use_tls=c.security == "tls",
-            # Explicit: aiosmtplib's default (None) would fall back to plain text
-            # when a server does not offer STARTTLS.
-            start_tls=c.security == "starttls",
+            # Never aiosmtplib's own STARTTLS: its default (None) would fall back
+            # to plain text when a server does not offer it. We ask for it below,
+            # from the server's extension list, and refuse when it is missing.
+            start_tls=False,
             tls_context=c.tls_context,
         )
         try:
             await client.connect()
             if client.is_ehlo_or_helo_needed:
+                await client.ehlo()
+            if c.security == "starttls":
+                if not client.supports_extension("starttls"):
+                    client.close()
+                    raise CampaignAborted(
+                        f"{self.description} does not offer STARTTLS; set "
+                        "NEWSLETTER_SMTP_SECURITY to tls (port 465) or, on a trusted local "
+                        "relay only, none"
+                    )
+                await client.starttls()
+                # RFC 3207 4.2: what the server said before TLS is forgotten; ask again.
                 await client.ehlo()
             if c.username:
                 await client.login(c.username, c.password or "")
@@ -62,12 +75,9 @@ class SmtpTransport:
                 f"{exc.message}); check NEWSLETTER_SMTP_USERNAME and NEWSLETTER_SMTP_PASSWORD"
             ) from None
         except aiosmtplib.SMTPException as exc:
+            # Includes a STARTTLS the server offered and then refused (454): a
+            # connection failure, retried later, and never a plain-text session.
             client.close()
-            if c.security == "starttls" and "STARTTLS" in str(exc).upper():
-                raise CampaignAborted(
-                    f"{self.description} does not offer STARTTLS; set NEWSLETTER_SMTP_SECURITY "
-                    "to tls (port 465) or, on a trusted local relay only, none"
-                ) from None
             raise ConnectFailed(f"{self.description}: {exc}") from None
         except (OSError, TimeoutError) as exc:
             client.close()

@@ -5,6 +5,10 @@ Input: an open asyncio transport and :class:`Envelope` values. Output: an
 server offers PIPELINING (RFC 2920); the body goes as it is (the message
 stage wrote it CRLF-only and dot-safe once per issue); and each failure knows
 its step, which separates "not sent, retry" from "fate unknown".
+
+What the server may make it hold is bounded: a reply line longer than
+:data:`MAX_LINE`, a reply longer than :data:`MAX_REPLY` or more than
+:data:`MAX_QUEUED` replies nobody asked for end the session as a protocol error.
 """
 
 from __future__ import annotations
@@ -16,6 +20,15 @@ from newsletter.delivery.transports.base import SLOW_DOWN, Envelope
 from newsletter.errors import CampaignAborted
 from newsletter.storage.sqlite.send_log import Outcome
 
+# RFC 5321 4.5.3.1.5 allows 512 octets a reply line; real servers stay far
+# below. Generous headroom, yet a server that streams without end (no CRLF, or
+# "250-" lines for ever) costs at most this much memory before it is dropped.
+MAX_LINE = 4 * 1024
+MAX_REPLY = 64 * 1024
+# A pipelined transaction waits for at most three replies; a few more may come
+# unasked (a 421 before closing). Many more is a server out of step.
+MAX_QUEUED = 32
+
 
 class _Disconnected(Exception):
     pass
@@ -23,6 +36,14 @@ class _Disconnected(Exception):
 
 class _ProtocolError(_Disconnected):
     """The server answered something that is not an SMTP reply: treated as a lost connection."""
+
+
+class _Overflow(_ProtocolError):
+    """The server sent a reply longer than any SMTP reply needs: treated as a lost connection."""
+
+
+class _Unasked(_ProtocolError):
+    """The server sent many more replies than there were commands: treated as a lost connection."""
 
 
 class Wire(asyncio.Protocol):
@@ -44,17 +65,41 @@ class Wire(asyncio.Protocol):
         self._replies: deque[tuple[int, str]] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._lost = False
+        self._scanned = 0  # where the unread part of a multi-line reply starts
+        self._dropped: type[_ProtocolError] | None = None  # why the wire dropped the session
         self._body_sent = False
 
     # -- asyncio.Protocol -----------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if self._dropped is not None:
+            return  # already dropped: whatever was still in flight is ignored
         self._buffer.extend(data)
         while True:
             reply = self._parse_one()
             if reply is None:
                 break
             self._replies.append(reply)
+        # What is left is the start of a reply; on the usual path (one whole
+        # reply a read) nothing is left and the checks cost one test.
+        if self._buffer and self._too_long():
+            self._drop(_Overflow)
+        elif len(self._replies) > MAX_QUEUED:
+            self._drop(_Unasked)
         self._wake()
+
+    def _too_long(self) -> bool:
+        size = len(self._buffer)
+        last_line = size - (self._buffer.rfind(b"\n") + 1)
+        return size > MAX_REPLY or last_line > MAX_LINE
+
+    def _drop(self, why: type[_ProtocolError]) -> None:
+        """End the session: the waiting step sees ``why``, a protocol error (see :meth:`send`)."""
+        self._dropped = why
+        self._lost = True
+        self._buffer.clear()
+        self._scanned = 0
+        self._replies.clear()
+        self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -70,24 +115,38 @@ class Wire(asyncio.Protocol):
             self._waiter.set_result(None)
 
     def _parse_one(self) -> tuple[int, str] | None:
-        offset, lines = 0, []
+        # Lines already seen to be continuations ("250-...") are not read
+        # again when more data comes: a reply sent a line a packet costs
+        # linear time, not quadratic.
+        offset = self._scanned
         while True:
             end = self._buffer.find(b"\n", offset)
             if end < 0:
+                self._scanned = offset
                 return None
-            line = bytes(self._buffer[offset : end + 1])
-            offset = end + 1
-            lines.append(line[4:].strip().decode("utf-8", "replace"))
-            if line[3:4] != b"-":
+            if end + 1 - offset > MAX_LINE:
+                self._drop(_Overflow)
+                return None
+            last = end - offset < 3 or self._buffer[offset + 3] != 0x2D  # "-": more lines
+            code_at, offset = offset, end + 1
+            if last:
                 try:
-                    code = int(line[:3])
+                    code = int(self._buffer[code_at : code_at + 3])
                 except ValueError:
                     code = 0  # garbage from the server: treated as a failure below
+                if code_at == 0:  # one line: the usual reply
+                    text = self._buffer[4:offset].strip().decode("utf-8", "replace")
+                else:
+                    lines = bytes(self._buffer[:offset]).split(b"\n")[:-1]
+                    text = " ".join(line[4:].strip().decode("utf-8", "replace") for line in lines)
                 del self._buffer[:offset]
-                return code, " ".join(lines)
+                self._scanned = 0
+                return code, text
 
     async def _reply(self) -> tuple[int, str]:
         while not self._replies:
+            if self._dropped is not None:
+                raise self._dropped
             if self._lost:
                 raise _Disconnected
             self._waiter = asyncio.get_running_loop().create_future()
@@ -99,6 +158,8 @@ class Wire(asyncio.Protocol):
         return self._replies.popleft()
 
     def _write(self, data: bytes) -> None:
+        if self._dropped is not None:
+            raise self._dropped
         if self._lost or self.transport.is_closing():
             raise _Disconnected
         self.transport.write(data)
@@ -116,6 +177,8 @@ class Wire(asyncio.Protocol):
             what = {
                 TimeoutError: "no reply in time",
                 _ProtocolError: "a reply that is not SMTP",
+                _Overflow: "a reply longer than SMTP allows",
+                _Unasked: "more replies than commands",
             }.get(type(exc), "connection lost")
             if self._body_sent:
                 # The server may have queued it before the reply was lost (RFC 5321 4.1.1.4).
