@@ -62,12 +62,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from newsletter.audience.csv_import import ParsedRow  # noqa: E402
+from newsletter.build import BuildInputs, build  # noqa: E402
 from newsletter.delivery.campaign import Campaign, Progress, SendOptions  # noqa: E402
 from newsletter.delivery.message import MessageTemplate, Sender  # noqa: E402
 from newsletter.delivery.sending import dry_run_copy, prepare, run_send  # noqa: E402
 from newsletter.delivery.transports import OutboxTransport, SmtpConfig, SmtpTransport  # noqa: E402
 from newsletter.models import Recipient  # noqa: E402
-from newsletter.render.pipeline import BuildInputs, build  # noqa: E402
 from newsletter.storage.sqlite.connection import connect  # noqa: E402
 from newsletter.storage.sqlite.send_log import SendLog  # noqa: E402
 from newsletter.storage.sqlite.subscribers import SubscriberStore  # noqa: E402

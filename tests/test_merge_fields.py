@@ -25,12 +25,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import EXAMPLE, build_file, run_cli, sender
+from newsletter.build import BuildResult
 from newsletter.delivery.message import MessageTemplate
 from newsletter.delivery.sending import check_merge_fields, prepare
 from newsletter.errors import TemplateError, ValidationFailed
 from newsletter.models import Recipient
 from newsletter.render import merge_fields
-from newsletter.render.pipeline import BuildResult
 from newsletter.storage.sqlite.connection import connect
 from newsletter.storage.sqlite.subscribers import SubscriberStore
 from smtp_server import Server

@@ -23,12 +23,12 @@ if TYPE_CHECKING:
     import datetime as dt
     import sqlite3
 
+    from newsletter.build import BuildResult
     from newsletter.delivery.campaign import Progress as CampaignProgress
     from newsletter.delivery.message import MessageTemplate, Sender
     from newsletter.delivery.sending import Prepared, Preview, SendReport
     from newsletter.delivery.transports import SmtpTransport, Transport
     from newsletter.models import Recipient
-    from newsletter.render.pipeline import BuildResult
     from newsletter.schedule.runner import DueResult
     from newsletter.settings import Settings
     from newsletter.storage.sqlite.subscribers import SubscriberStore
@@ -123,8 +123,8 @@ def _sender(settings: Settings, list_name: str | None = None) -> Sender:
 def _build(
     settings: Settings, issue_file: Path, strict: bool, list_name: str | None = None
 ) -> BuildResult:
+    from newsletter.build import BuildInputs, build
     from newsletter.models import Recipient
-    from newsletter.render.pipeline import BuildInputs, build
 
     preview_name, preview_addr = settings.preview_mailbox
     # "Sam Sample", or "Sample, Sam" as address books write it.
