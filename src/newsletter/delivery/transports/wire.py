@@ -14,7 +14,7 @@ from collections import deque
 
 from newsletter.delivery.transports.base import SLOW_DOWN, Envelope
 from newsletter.errors import CampaignAborted
-from newsletter.storage.sqlite.send_log import Outcome
+from newsletter.models import Outcome
 
 
 class _Disconnected(Exception):
