@@ -612,3 +612,31 @@ def test_a_copy_that_keeps_last_weeks_id_and_date_has_both_problems_reported_at_
     with pytest.raises(SlotFailed):
         run_at(utc(2026, 12, 3, 14, 15), project, conn, db_path, sender)
     assert sender.calls == []
+
+
+def test_a_database_failing_during_a_slot_is_reported_not_taken_for_the_lists_fault(
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage
+) -> None:
+    """A store raising StorageBusy mid-send ends the run with that error; the slot stays
+    'sending' (what went out is in the send log), never 'failed' ("nothing was sent")."""
+    from newsletter.errors import StorageBusy
+
+    issue_for(write_issue, "2026-12-03")
+    calls: list[str] = []
+
+    def busy(path: Path, list_name: str) -> SendReport:
+        calls.append(list_name)
+        raise StorageBusy("cannot use the database: database is locked")
+
+    with pytest.raises(StorageBusy):
+        check_and_send(
+            schedule=parse_schedule("Thu 09:00", NY, 6),
+            lists=["one", "two"],
+            issues_dir=project / "issues",
+            storage=conn,
+            now=utc(2026, 12, 3, 14, 0),
+            send_issue=busy,
+        )
+    assert calls == ["one"]
+    assert conn.slots.recent(1)[0][3] == "sending"
+    assert conn.conn.execute("SELECT count(*) FROM locks").fetchone()[0] == 0  # lease freed

@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from newsletter.delivery.sending import NobodyMailable, SendReport, check_merge_fields
-from newsletter.errors import CampaignAborted, LockHeld, NewsletterError, ValidationFailed
+from newsletter.errors import (
+    CampaignAborted,
+    LockHeld,
+    NewsletterError,
+    StorageError,
+    ValidationFailed,
+)
 from newsletter.render import issue_ids
 from newsletter.render.loading import Loaded, load_issue, load_society, named_day
 from newsletter.render.yaml_input import read_yaml
@@ -377,6 +383,10 @@ def _send_lists(
         except NobodyMailable as exc:
             nobody[name] = f"nobody to send to on {name}: {exc.summary}"
             continue
+        except StorageError:
+            # The database failing is no fault of this list: the slot stays as it is
+            # (what went out is in the send log) and the run reports it, as before.
+            raise
         except NewsletterError as exc:
             # One list that cannot be sent (empty, its send locked by a run by
             # hand) does not hold back the others, and is not hidden by them.
