@@ -23,6 +23,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
+from newsletter.build import BuildInputs, build  # noqa: E402
 from newsletter.delivery.message import MessageTemplate, Sender, recipient_values  # noqa: E402
 from newsletter.models import Recipient, RenderedIssue  # noqa: E402
 from newsletter.render import placeholders  # noqa: E402
@@ -31,7 +32,7 @@ from newsletter.render.inliner import inline_css  # noqa: E402
 from newsletter.render.loading import load_issue, load_society  # noqa: E402
 from newsletter.render.markdown import _tokens as markdown_tokens  # noqa: E402
 from newsletter.render.mjml_compile import compile_mjml  # noqa: E402
-from newsletter.render.pipeline import BuildInputs, build, issue_links  # noqa: E402
+from newsletter.render.pipeline import issue_links  # noqa: E402
 from newsletter.render.templating import context, load_templates, render  # noqa: E402
 
 ISSUE = REPO / "tests" / "data" / "ten-articles.yaml"

@@ -22,7 +22,7 @@ Exit status 2 when they cannot be had.
    median of 3 runs. Target: our end-to-end rate at least 0.5 of it.
 3. Profile: where the time of a 3,000-message send goes (cProfile, top 15).
 4. Memory: for each --dry-run-sizes, a child process runs the dry-run path of
-   `newsletter send --dry-run` (dry_run_copy to a scratch database, prepare,
+   `newsletter send --dry-run` (storage.scratch_copy, prepare,
    run_send with the outbox transport) over a database of that many
    subscribers, and reports its peak RSS (VmHWM). Targets: under 150 MB for
    the largest size, and no more than 20 MB above the smallest. A run that
@@ -62,15 +62,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from newsletter.audience.csv_import import ParsedRow  # noqa: E402
+from newsletter.build import BuildInputs, build  # noqa: E402
 from newsletter.delivery.campaign import Campaign, Progress, SendOptions  # noqa: E402
 from newsletter.delivery.message import MessageTemplate, Sender  # noqa: E402
-from newsletter.delivery.sending import dry_run_copy, prepare, run_send  # noqa: E402
+from newsletter.delivery.sending import prepare, run_send  # noqa: E402
 from newsletter.delivery.transports import OutboxTransport, SmtpConfig, SmtpTransport  # noqa: E402
 from newsletter.models import Recipient  # noqa: E402
-from newsletter.render.pipeline import BuildInputs, build  # noqa: E402
+from newsletter.storage import open_storage  # noqa: E402
 from newsletter.storage.sqlite.connection import connect  # noqa: E402
-from newsletter.storage.sqlite.send_log import SendLog  # noqa: E402
-from newsletter.storage.sqlite.subscribers import SubscriberStore  # noqa: E402
 
 ISSUE = REPO / "issues" / "2020-12-23.yaml"
 LIST = "research-news"
@@ -207,10 +206,10 @@ def mean_size(template: MessageTemplate, n: int) -> int:
 
 
 def imported_db(folder: Path, n: int) -> Any:
-    conn = connect(folder / "newsletter.sqlite3", create=True)
-    report = SubscriberStore(conn).import_rows(LIST, parsed_rows(n), skip_invalid=False)
+    storage = open_storage(folder / "newsletter.sqlite3", create=True)
+    report = storage.subscribers.import_rows(LIST, parsed_rows(n), skip_invalid=False)
     assert report.committed and report.added == n, report
-    return conn
+    return storage
 
 
 # ---------------------------------------------------------------------- real send
@@ -243,7 +242,7 @@ def bench_our_send(root: Path, template: MessageTemplate, n: int, connections: i
         report = smtp_send(conn, template, sink.port, connections)
         elapsed = time.perf_counter() - start
         received = sink.stop()
-    counts = SendLog(conn).counts(report.record.id)
+    counts = conn.send_log.counts(report.record.id)
     conn.close()
     assert counts["sent"] == n, f"the send log does not say all {n:,} were sent: {counts}"
     assert received == n, f"smtp-sink counted {received:,} messages, not {n:,}"
@@ -364,11 +363,11 @@ def child_dry_run(folder: Path, n: int, budget: float) -> None:
     """
     template = make_template()
     after_build = rss_mb("VmRSS")
-    real = connect(folder / "newsletter.sqlite3", create=True)
+    real = open_storage(folder / "newsletter.sqlite3")
     scratch_dir = folder / "dry-run"
-    scratch = connect(scratch_dir / "dry-run.sqlite3", create=True)
     started = time.perf_counter()
-    dry_run_copy(real, scratch, template.rendered.issue_id, LIST)
+    copy = real.scratch_copy(template.rendered.issue_id, LIST)
+    scratch = copy.__enter__()
     prepared = prepare(scratch, template.rendered.issue_id, LIST)
     run_started = time.perf_counter()
     outbox = OutboxTransport(scratch_dir / "outbox", keep=5)
@@ -405,6 +404,7 @@ def child_dry_run(folder: Path, n: int, budget: float) -> None:
         )
     )
     run_s = time.perf_counter() - run_started
+    copy.__exit__(None, None, None)  # the scratch copy is deleted, as the CLI's is
     done = {
         "sent": report.result.counts["sent"],
         "stopped": report.result.stopped,

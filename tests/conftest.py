@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
+from newsletter.build import BuildInputs, BuildResult, build
 from newsletter.delivery.message import Sender
 from newsletter.models import Recipient
-from newsletter.render.pipeline import BuildInputs, BuildResult, build
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "issues" / "2020-12-23.yaml"

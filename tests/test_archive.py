@@ -25,9 +25,10 @@ from conftest import EXAMPLE, REPO, TEST_KEY, run_cli
 from newsletter import tokens
 from newsletter.render import issue_ids
 from newsletter.render.loading import load_society
+from newsletter.storage import open_storage
 from newsletter.storage.sqlite.archive import ArchivedIssue, ArchiveStore, Source
 from newsletter.storage.sqlite.connection import connect
-from newsletter.web.app import WebConfig, create_app, store_per_thread
+from newsletter.web.app import WebConfig, create_app
 from newsletter.web.archive import Archive, Page
 from smtp_server import Server
 
@@ -72,7 +73,7 @@ def serving(
 ) -> Iterator[tuple[str, Archive]]:
     society = load_society(project / "society.yaml").value
     archive = Archive(project / "issues", project / "templates", society, public_url)
-    app = create_app(WebConfig(TEST_KEY, society, store_per_thread(db), archive))
+    app = create_app(WebConfig(TEST_KEY, society, open_storage(db), archive))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLE, REPO, build_file, example_data, ten_article_data
+from newsletter.build import BuildResult
 from newsletter.errors import BuildCheckFailed, TemplateError
 from newsletter.render.checks import SIZE_FAIL, SIZE_WARN, check_message
 from newsletter.render.output import write_build
-from newsletter.render.pipeline import BuildResult
 
 GOLDEN = REPO / "tests" / "golden"
 

@@ -46,6 +46,7 @@ ARGS: dict[tuple[str, ...], list[tuple[str, ...]]] = {
         ("send", "--due"),
     ],
     ("status",): [("status", "2020-12-23")],
+    ("db", "migrate"): [("db", "migrate")],
     ("schedule",): [("schedule",)],
     ("schedule", "run"): [("schedule", "run", "--poll", "1")],
     ("serve",): [("serve", "--port", "0")],

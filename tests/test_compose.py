@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 from conftest import EXAMPLE, TEST_KEY, build_file, sender
 from newsletter import tokens
+from newsletter.build import BuildResult
 from newsletter.delivery.message import MessageTemplate, qp_encode, recipient_values
 from newsletter.models import Recipient, RenderedIssue
 from newsletter.render import placeholders
-from newsletter.render.pipeline import BuildResult
 
 
 @pytest.fixture

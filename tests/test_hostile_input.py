@@ -23,13 +23,14 @@ from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
 from conftest import EXAMPLE, REPO, build_file, example_data, run_cli
+from newsletter.build import BuildResult
 from newsletter.errors import BuildCheckFailed, TemplateError, ValidationFailed
 from newsletter.models import PREHEADER_MAX, SUBJECT_MAX, TITLE_MAX, Line
 from newsletter.render import markdown
 from newsletter.render.checks import Sources, check_message
 from newsletter.render.inliner import double_quote_attributes
 from newsletter.render.loading import load_issue, load_society
-from newsletter.render.pipeline import BuildResult, web_version
+from newsletter.render.pipeline import web_version
 from newsletter.render.templating import load_templates
 
 # --------------------------------------------------------------------------

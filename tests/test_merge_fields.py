@@ -25,12 +25,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import EXAMPLE, build_file, run_cli, sender
+from newsletter.build import BuildResult
 from newsletter.delivery.message import MessageTemplate
 from newsletter.delivery.sending import check_merge_fields, prepare
 from newsletter.errors import TemplateError, ValidationFailed
 from newsletter.models import Recipient
 from newsletter.render import merge_fields
-from newsletter.render.pipeline import BuildResult
+from newsletter.storage.sqlite import SqliteStorage
 from newsletter.storage.sqlite.connection import connect
 from newsletter.storage.sqlite.subscribers import SubscriberStore
 from smtp_server import Server
@@ -364,25 +365,26 @@ def test_no_subscriber_value_becomes_markup_or_a_header(
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[sqlite3.Connection]:
-    conn = connect(tmp_path / "db.sqlite3", create=True)
-    yield conn
-    conn.close()
+def db(tmp_path: Path) -> Iterator[SqliteStorage]:
+    storage = SqliteStorage.open(tmp_path / "db.sqlite3", create=True)
+    yield storage
+    storage.close()
 
 
 def import_csv(
-    conn: sqlite3.Connection, tmp_path: Path, text: str, list_name: str = "news"
+    conn: sqlite3.Connection | SqliteStorage, tmp_path: Path, text: str, list_name: str = "news"
 ) -> None:
     from newsletter.audience.csv_import import read_csv
 
     path = tmp_path / "list.csv"
     path.write_text(text, "utf-8")
-    report = SubscriberStore(conn).import_rows(list_name, read_csv(path), skip_invalid=False)
+    store = conn.subscribers if isinstance(conn, SqliteStorage) else SubscriberStore(conn)
+    report = store.import_rows(list_name, read_csv(path), skip_invalid=False)
     assert report.committed, report.problems
 
 
 def test_a_field_the_list_never_had_is_an_error_with_its_place(
-    personal: BuildResult, db: sqlite3.Connection, tmp_path: Path
+    personal: BuildResult, db: SqliteStorage, tmp_path: Path
 ) -> None:
     import_csv(db, tmp_path, "email,first_name,city\nann@example.org,Ann,Leeds\n")
     with pytest.raises(ValidationFailed) as failed:
@@ -394,7 +396,7 @@ def test_a_field_the_list_never_had_is_an_error_with_its_place(
 
 
 def test_an_empty_column_still_counts_as_imported(
-    personal: BuildResult, db: sqlite3.Connection, tmp_path: Path
+    personal: BuildResult, db: SqliteStorage, tmp_path: Path
 ) -> None:
     # Nobody has a town: the column was there, so [[town|everyone]] is fine.
     import_csv(db, tmp_path, "email,first_name,last_name,Town\nann@example.org,Ann,Lee,\n")
@@ -402,7 +404,7 @@ def test_an_empty_column_still_counts_as_imported(
 
 
 def test_recipients_without_a_value_are_counted_and_strict_refuses(
-    personal: BuildResult, db: sqlite3.Connection, tmp_path: Path
+    personal: BuildResult, db: SqliteStorage, tmp_path: Path
 ) -> None:
     import_csv(
         db,
@@ -419,7 +421,7 @@ def test_recipients_without_a_value_are_counted_and_strict_refuses(
         check_merge_fields(db, personal.issue_id, "news", personal.merge_uses, strict=True)
     # Once frozen, only those still to be mailed are counted.
     record = prepare(db, personal.issue_id, "news").record
-    db.execute(
+    db.conn.execute(
         "UPDATE deliveries SET state = 'sent' WHERE send_id = ? AND email = 'bob@example.org'",
         (record.id,),
     )
@@ -432,14 +434,13 @@ def personal_path(result: BuildResult) -> str:
 
 
 def test_a_send_frozen_before_the_upgrade_reads_attributes_from_the_subscriber(
-    personal: BuildResult, db: sqlite3.Connection, tmp_path: Path
+    personal: BuildResult, db: SqliteStorage, tmp_path: Path
 ) -> None:
-    from newsletter.storage.sqlite.send_log import SendLog
 
     import_csv(db, tmp_path, "email,first_name,town\nann@example.org,Ann,Leeds\n")
     record = prepare(db, personal.issue_id, "news").record
-    db.execute("UPDATE deliveries SET attributes = NULL")  # as version 2 froze it
-    (delivery,) = SendLog(db).claim(record.id, 10, now=0)
+    db.conn.execute("UPDATE deliveries SET attributes = NULL")  # as version 2 froze it
+    (delivery,) = db.send_log.claim(record.id, 10, now=0)
     assert delivery.recipient.attributes == {"town": "Leeds"}
 
 
@@ -652,7 +653,7 @@ def test_column_names_in_any_script_and_the_ones_that_cannot_be_fields() -> None
 
 
 def test_the_count_leaves_out_whom_another_lists_send_reached(
-    personal: BuildResult, db: sqlite3.Connection, tmp_path: Path
+    personal: BuildResult, db: SqliteStorage, tmp_path: Path
 ) -> None:
     import_csv(db, tmp_path, "email,last_name,town\nann@example.org,Lee,\nbob@example.org,,\n", "a")
     import_csv(
@@ -666,9 +667,9 @@ def test_the_count_leaves_out_whom_another_lists_send_reached(
         check_merge_fields(db, personal.issue_id, "a", personal.merge_uses, strict=True)
 
 
-def test_an_export_keeps_a_column_nobody_filled(db: sqlite3.Connection, tmp_path: Path) -> None:
+def test_an_export_keeps_a_column_nobody_filled(db: SqliteStorage, tmp_path: Path) -> None:
     import_csv(db, tmp_path, "email,Nickname\nann@example.org,\n")
-    assert SubscriberStore(db).attribute_names("news") == ["nickname"]
+    assert db.subscribers.attribute_names("news") == ["nickname"]
 
 
 def test_a_template_field_is_placed_at_its_line(project: Path) -> None:
@@ -798,17 +799,16 @@ def test_editor_text_may_not_hold_the_slot_characters(
 
 
 def test_a_send_keeps_only_the_columns_its_issue_uses_and_reads_the_lists_own(
-    personal: BuildResult, db: sqlite3.Connection, tmp_path: Path
+    personal: BuildResult, db: SqliteStorage, tmp_path: Path
 ) -> None:
     from newsletter.delivery.sending import merge_columns
-    from newsletter.storage.sqlite.send_log import SendLog
 
     import_csv(db, tmp_path, "email,Town,Shoe size\nann@example.org,Leeds,7\n", "a")
     import_csv(db, tmp_path, "email,town!\nann@example.org,York\n", "b")  # also [[town]]
-    columns = merge_columns(db, "b", personal.merge_uses)
+    columns = merge_columns(db.subscribers, "b", personal.merge_uses)
     assert columns == {"town": "town!"}
     record = prepare(db, personal.issue_id, "b", columns=list(columns.values())).record
-    (delivery,) = SendLog(db).claim(record.id, 10, now=0)
+    (delivery,) = db.send_log.claim(record.id, 10, now=0)
     assert delivery.recipient.attributes == {"town!": "York"}  # no shoe size kept
     template = MessageTemplate(personal.rendered, sender(), columns=columns)
     text, _ = parts(parse(template.personalise(delivery.recipient, date=WHEN)))

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
@@ -29,9 +28,8 @@ from newsletter.delivery.ratelimit import MIN_RATE, Pacer
 from newsletter.delivery.sending import prepare
 from newsletter.delivery.transports import Envelope, MemoryTransport, Session, Transport
 from newsletter.errors import CampaignAborted, ConnectFailed
-from newsletter.storage.sqlite.connection import connect
-from newsletter.storage.sqlite.send_log import Outcome, SendLog
-from newsletter.storage.sqlite.subscribers import SubscriberStore
+from newsletter.models import Outcome
+from newsletter.storage import Storage, open_storage
 
 SENDER = "bounces@example.org"
 # Every deferral halves the pacer's rate (down to 0.5 a second), and the
@@ -54,28 +52,30 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> MessageTemplate:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> sqlite3.Connection:
-    return connect(tmp_path / "send.sqlite3", create=True)
+def db(tmp_path: Path) -> Iterator[Storage]:
+    storage = open_storage(tmp_path / "send.sqlite3", create=True)
+    yield storage
+    storage.close()
 
 
 def addresses(n: int) -> list[str]:
     return [f"reader{i:04d}@example.org" for i in range(n)]
 
 
-def frozen_send(db: sqlite3.Connection, n: int) -> int:
+def frozen_send(db: Storage, n: int) -> int:
     """Subscribe ``n`` readers and freeze a send of the example issue to them; its id."""
     rows = [ParsedRow(i + 2, e, f"Reader{i}", "Test") for i, e in enumerate(addresses(n))]
-    assert SubscriberStore(db).import_rows("research-news", rows, skip_invalid=False).committed
+    assert db.subscribers.import_rows("research-news", rows, skip_invalid=False).committed
     return prepare(db, "2020-12-23", "research-news").record.id
 
 
-def final(db: sqlite3.Connection, send_id: int) -> dict[str, int]:
+def final(db: Storage, send_id: int) -> dict[str, int]:
     """The send log's count per state, states with none left out."""
-    return {state: n for state, n in SendLog(db).counts(send_id).items() if n}
+    return {state: n for state, n in db.send_log.counts(send_id).items() if n}
 
 
 def campaign(
-    db: sqlite3.Connection,
+    db: Storage,
     send_id: int,
     template: MessageTemplate,
     transport: Transport,
@@ -84,19 +84,19 @@ def campaign(
 ) -> Campaign:
     opts = replace(SendOptions(connections=2, flush_interval=0.01), **options)
     return Campaign(
-        SendLog(db), send_id, template, transport, opts, envelope_sender=SENDER, clock=clock
+        db.send_log, send_id, template, transport, opts, envelope_sender=SENDER, clock=clock
     )
 
 
-def in_state(db: sqlite3.Connection, send_id: int, state: str) -> list[str]:
-    return [email for email, _ in SendLog(db).in_state(send_id, state)]
+def in_state(db: Storage, send_id: int, state: str) -> list[str]:
+    return [email for email, _ in db.send_log.in_state(send_id, state)]
 
 
 # ------------------------------------------------------------ the error threshold
 
 
 def test_deferrals_in_a_row_stop_the_run_with_the_reason(
-    db: sqlite3.Connection, template: MessageTemplate
+    db: Storage, template: MessageTemplate
 ) -> None:
     send_id = frozen_send(db, 20)
     box = MemoryTransport(script=lambda e: Outcome("deferred", 451, "4.7.1 try later"))
@@ -115,7 +115,7 @@ def test_deferrals_in_a_row_stop_the_run_with_the_reason(
 
 
 def test_a_success_resets_the_count_of_errors_in_a_row(
-    db: sqlite3.Connection, template: MessageTemplate
+    db: Storage, template: MessageTemplate
 ) -> None:
     send_id = frozen_send(db, 20)
 
@@ -144,7 +144,7 @@ def test_a_success_resets_the_count_of_errors_in_a_row(
 
 
 def test_a_refused_sender_aborts_and_only_what_was_sent_is_marked_sent(
-    db: sqlite3.Connection, template: MessageTemplate
+    db: Storage, template: MessageTemplate
 ) -> None:
     send_id = frozen_send(db, 30)
 
@@ -192,7 +192,7 @@ class FlakyTransport:
 
 
 def test_reconnect_backs_off_longer_each_time_and_the_run_carries_on(
-    db: sqlite3.Connection, template: MessageTemplate
+    db: Storage, template: MessageTemplate
 ) -> None:
     send_id = frozen_send(db, 4)
     flaky = FlakyTransport(failures=2)
@@ -207,7 +207,7 @@ def test_reconnect_backs_off_longer_each_time_and_the_run_carries_on(
 
 
 def test_a_stop_during_the_back_off_ends_the_run_promptly(
-    db: sqlite3.Connection, template: MessageTemplate
+    db: Storage, template: MessageTemplate
 ) -> None:
     send_id = frozen_send(db, 6)
     flaky = FlakyTransport(failures=1000)
@@ -227,7 +227,7 @@ def test_a_stop_during_the_back_off_ends_the_run_promptly(
 
 
 def test_connections_that_keep_failing_count_as_errors_in_a_row(
-    db: sqlite3.Connection, template: MessageTemplate
+    db: Storage, template: MessageTemplate
 ) -> None:
     send_id = frozen_send(db, 3)
     flaky = FlakyTransport(failures=1000)
@@ -245,7 +245,7 @@ def test_connections_that_keep_failing_count_as_errors_in_a_row(
 
 
 def test_deferred_retries_due_later_than_max_wait_end_the_run(
-    db: sqlite3.Connection, template: MessageTemplate
+    db: Storage, template: MessageTemplate
 ) -> None:
     send_id = frozen_send(db, 5)
     busy = "reader0002@example.org"
@@ -262,11 +262,11 @@ def test_deferred_retries_due_later_than_max_wait_end_the_run(
     )
     assert final(db, send_id) == {"sent": 4, "deferred": 1}
     assert in_state(db, send_id, "deferred") == [busy]
-    assert SendLog(db).next_retry(send_id) == NOON + 1200.0  # the retry time, from the clock
+    assert db.send_log.next_retry(send_id) == NOON + 1200.0  # the retry time, from the clock
 
 
 def test_deferred_retries_due_within_max_wait_are_waited_for(
-    db: sqlite3.Connection, template: MessageTemplate
+    db: Storage, template: MessageTemplate
 ) -> None:
     send_id = frozen_send(db, 5)
     busy = "reader0002@example.org"
@@ -290,7 +290,7 @@ def test_deferred_retries_due_within_max_wait_are_waited_for(
 
 
 def test_a_worker_that_raises_ends_the_run_records_what_it_can_and_re_raises(
-    db: sqlite3.Connection, template: MessageTemplate
+    db: Storage, template: MessageTemplate
 ) -> None:
     send_id = frozen_send(db, 20)
     doomed = "reader0005@example.org"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,10 +12,11 @@ from conftest import example_data, run_cli
 from newsletter.delivery.campaign import RunResult
 from newsletter.delivery.sending import SendReport
 from newsletter.errors import NewsletterError
-from newsletter.schedule.runner import SlotFailed, Slots, check_and_send
+from newsletter.schedule.runner import SlotFailed, check_and_send
 from newsletter.schedule.slots import instant, latest, parse_schedule, upcoming
+from newsletter.storage.sqlite import SqliteStorage
 from newsletter.storage.sqlite.connection import connect
-from newsletter.storage.sqlite.leases import Lease
+from newsletter.storage.sqlite.leases import SqliteLease as Lease
 from newsletter.storage.sqlite.send_log import SendRecord
 
 NY = "America/New_York"
@@ -103,8 +103,8 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def conn(db_path: Path) -> sqlite3.Connection:
-    return connect(db_path, create=True)
+def conn(db_path: Path) -> SqliteStorage:
+    return SqliteStorage.open(db_path, create=True)
 
 
 def issue_for(write_issue: Callable[..., Path], day: str) -> Path:
@@ -114,21 +114,20 @@ def issue_for(write_issue: Callable[..., Path], day: str) -> Path:
 
 
 def run_at(
-    now: dt.datetime, project: Path, conn: sqlite3.Connection, db_path: Path, sender: Recorder
+    now: dt.datetime, project: Path, conn: SqliteStorage, db_path: Path, sender: Recorder
 ) -> object:
     return check_and_send(
         schedule=parse_schedule("Thu 09:00", NY, 6),
         lists=["research-news"],
         issues_dir=project / "issues",
-        conn=conn,
-        db_path=db_path,
+        storage=conn,
         now=now,
         send_issue=sender,
     )
 
 
 def test_due_issue_is_sent_once(
-    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage, db_path: Path
 ) -> None:
     issue_for(write_issue, "2026-12-03")
     sender = Recorder()
@@ -142,7 +141,7 @@ def test_due_issue_is_sent_once(
 
 
 def test_machine_down_then_back_within_the_window_and_after_it(
-    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage, db_path: Path
 ) -> None:
     issue_for(write_issue, "2026-12-03")
     issue_for(write_issue, "2026-12-10")
@@ -157,21 +156,21 @@ def test_machine_down_then_back_within_the_window_and_after_it(
 
 
 def test_interrupted_send_is_resumed_by_the_next_run(
-    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage, db_path: Path
 ) -> None:
     issue_for(write_issue, "2026-12-03")
     failing = Recorder(exit_code=3)
     first = run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, failing)
     assert first.state == "incomplete"  # type: ignore[attr-defined]
     # a restart mid-send leaves the slot "sending": the next run goes on with it
-    Slots(conn).set(first.slot, "sending")  # type: ignore[attr-defined]
+    conn.slots.set(first.slot, "sending")  # type: ignore[attr-defined]
     sender = Recorder()
     second = run_at(utc(2026, 12, 3, 14, 5), project, conn, db_path, sender)
     assert second.state == "sent" and sender.calls  # type: ignore[attr-defined]
 
 
 def test_overlapping_runs_cannot_both_send(
-    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage, db_path: Path
 ) -> None:
     issue_for(write_issue, "2026-12-03")
     now = utc(2026, 12, 3, 14, 0)
@@ -198,7 +197,7 @@ def test_overlapping_runs_cannot_both_send(
 
 
 def test_no_issue_due_sends_nothing_and_says_so(
-    project: Path, conn: sqlite3.Connection, db_path: Path
+    project: Path, conn: SqliteStorage, db_path: Path
 ) -> None:
     sender = Recorder()
     result = run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender)
@@ -207,7 +206,7 @@ def test_no_issue_due_sends_nothing_and_says_so(
 
 
 def test_invalid_issue_fails_before_any_mail(
-    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage, db_path: Path
 ) -> None:
     (project / "issues" / "2026-12-03.yaml").write_text(
         "subject: [broken\ndate: 2026-12-03\n", encoding="utf-8"
@@ -216,11 +215,11 @@ def test_invalid_issue_fails_before_any_mail(
     with pytest.raises(SlotFailed, match="YAML syntax error"):
         run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender)
     assert sender.calls == []
-    assert Slots(conn).recent(1)[0][3] == "failed"
+    assert conn.slots.recent(1)[0][3] == "failed"
 
 
 def test_issue_found_by_its_date_field(
-    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage, db_path: Path
 ) -> None:
     data = example_data()
     data["date"] = "2026-12-03"
@@ -281,24 +280,24 @@ def test_bad_cron_lines(spec: str, message: str) -> None:
 
 
 def test_window_passing_on_an_unfinished_send_and_several_missed_slots(
-    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage, db_path: Path
 ) -> None:
     issue_for(write_issue, "2026-12-03")
     failing = Recorder(exit_code=3)
     assert run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, failing).state == "incomplete"  # type: ignore[attr-defined]
     late = run_at(utc(2026, 12, 3, 21, 0), project, conn, db_path, Recorder())  # 7 h on
     assert late.state == "missed" and "left unfinished" in late.message  # type: ignore[attr-defined]
-    assert Slots(conn).state(late.slot) == "expired"  # type: ignore[attr-defined]
+    assert conn.slots.state(late.slot) == "expired"  # type: ignore[attr-defined]
     # down for two weeks: both slots are recorded and reported, none is sent
     sender = Recorder()
     back = run_at(utc(2026, 12, 18, 12, 0), project, conn, db_path, sender)
     assert back.state == "missed" and back.message.count("was missed") == 2  # type: ignore[attr-defined]
-    assert [r[3] for r in Slots(conn).recent(3)] == ["missed", "missed", "expired"]
+    assert [r[3] for r in conn.slots.recent(3)] == ["missed", "missed", "expired"]
     assert sender.calls == []
 
 
 def test_an_issue_added_late_in_the_window_still_goes_out(
-    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage, db_path: Path
 ) -> None:
     sender = Recorder()
     first = run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender)
@@ -309,7 +308,7 @@ def test_an_issue_added_late_in_the_window_still_goes_out(
 
 
 def test_a_stop_during_one_list_leaves_the_others_for_the_next_run(
-    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage, db_path: Path
 ) -> None:
     issue_for(write_issue, "2026-12-03")
     calls: list[str] = []
@@ -324,8 +323,7 @@ def test_a_stop_during_one_list_leaves_the_others_for_the_next_run(
         schedule=parse_schedule("Thu 09:00", NY, 6),
         lists=["one", "two"],
         issues_dir=project / "issues",
-        conn=conn,
-        db_path=db_path,
+        storage=conn,
         now=utc(2026, 12, 3, 14, 0),
         send_issue=stopped_send,
     )
@@ -333,7 +331,7 @@ def test_a_stop_during_one_list_leaves_the_others_for_the_next_run(
     # and the slot says why, for `newsletter schedule`
     why = "one not finished: 1 deferred; stopped: stopped by SIGTERM; not started on two"
     assert why in result.message
-    assert why in Slots(conn).recent(1)[0][4]
+    assert why in conn.slots.recent(1)[0][4]
 
 
 def test_the_file_named_after_the_day_is_its_issue(write_issue: Callable[..., Path]) -> None:
@@ -361,7 +359,7 @@ def copied_from_last_week(write_issue: Callable[..., Path]) -> Path:
 
 
 def test_last_weeks_date_in_this_weeks_file_fails_the_slot_until_fixed(
-    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage, db_path: Path
 ) -> None:
     path = copied_from_last_week(write_issue)
     sender = Recorder()
@@ -372,7 +370,7 @@ def test_last_weeks_date_in_this_weeks_file_fails_the_slot_until_fixed(
     (problem,) = info.value.problems
     assert problem.startswith(f"{path}:{line}: date: is 2026-11-26, but the file is named for")
     assert sender.calls == []
-    (_key, day, _, state, detail) = Slots(conn).recent(1)[0]
+    (_key, day, _, state, detail) = conn.slots.recent(1)[0]
     assert (day, state) == ("2026-12-03", "failed") and "2026-11-26" in detail
     # the editor fixes the date: the next look, still in the window, sends it
     path.write_text(path.read_text(encoding="utf-8").replace("2026-11-26", "2026-12-03"))
@@ -382,7 +380,7 @@ def test_last_weeks_date_in_this_weeks_file_fails_the_slot_until_fixed(
 
 
 def test_two_files_for_one_day(
-    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage, db_path: Path
 ) -> None:
     from newsletter.schedule.runner import find_issue
 
@@ -396,7 +394,7 @@ def test_two_files_for_one_day(
     assert both.path is None and "more than one issue is dated 2026-12-03" in both.problems[0]
     with pytest.raises(NewsletterError, match=r"appeal\.yaml, .*gala\.yaml"):
         run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, Recorder())
-    assert Slots(conn).recent(1)[0][3] == "failed"
+    assert conn.slots.recent(1)[0][3] == "failed"
     # the file named after the day wins over files that are only dated for it
     weekly = issue_for(write_issue, "2026-12-03")
     chosen = find_issue(issues, day)
@@ -411,7 +409,7 @@ def test_two_files_for_one_day(
 
 
 def test_next_weeks_copy_does_not_disturb_this_week(
-    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage, db_path: Path
 ) -> None:
     """Copying this week's file to start next week's before this week's send is normal."""
     issue_for(write_issue, "2026-12-03")
@@ -482,7 +480,7 @@ def test_poll_longer_than_the_catch_up_window_is_refused(project: Path) -> None:
 
 
 def test_a_disguised_subject_fails_the_slot(
-    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage, db_path: Path
 ) -> None:
     data = example_data()
     data["date"] = "2026-12-03"
@@ -491,11 +489,11 @@ def test_a_disguised_subject_fails_the_slot(
     sender = Recorder()
     with pytest.raises(SlotFailed, match="U\\+202E RIGHT-TO-LEFT OVERRIDE"):
         run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender)
-    assert sender.calls == [] and Slots(conn).recent(1)[0][3] == "failed"
+    assert sender.calls == [] and conn.slots.recent(1)[0][3] == "failed"
 
 
 def test_a_missing_issues_folder_is_an_error_not_a_quiet_week(
-    project: Path, conn: sqlite3.Connection, db_path: Path
+    project: Path, conn: SqliteStorage, db_path: Path
 ) -> None:
     import shutil
 
@@ -505,7 +503,7 @@ def test_a_missing_issues_folder_is_an_error_not_a_quiet_week(
 
 
 def test_a_file_named_for_the_day_and_more_with_a_stale_date_fails_the_slot(
-    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage, db_path: Path
 ) -> None:
     """`2026-12-03-appeal.yaml` copied from last week: not a quiet week that exits 0."""
     from newsletter.schedule.runner import find_issue
@@ -519,7 +517,7 @@ def test_a_file_named_for_the_day_and_more_with_a_stale_date_fails_the_slot(
         run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, sender)
     (problem,) = info.value.problems
     assert problem.startswith(f"{path} is named for 2026-12-03 but has `date: 2026-11-26`")
-    assert sender.calls == [] and Slots(conn).recent(1)[0][3] == "failed"
+    assert sender.calls == [] and conn.slots.recent(1)[0][3] == "failed"
     # a broken file of that name fails loudly too (it may well be today's issue)
     path.write_text('subject: "unclosed\ndate: [\n', encoding="utf-8")
     broken = find_issue(issues, dt.date(2026, 12, 3))
@@ -557,7 +555,7 @@ def test_a_cron_line_that_never_runs_is_a_settings_error(project: Path) -> None:
 
 
 def test_a_slot_whose_every_list_has_left_is_done_and_says_nothing_went_out(
-    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage, db_path: Path
 ) -> None:
     from newsletter.delivery.sending import NobodyMailable
     from newsletter.storage.sqlite.subscribers import ListStates
@@ -574,8 +572,7 @@ def test_a_slot_whose_every_list_has_left_is_done_and_says_nothing_went_out(
             schedule=parse_schedule("Thu 09:00", NY, 6),
             lists=["one", "two"],
             issues_dir=project / "issues",
-            conn=conn,
-            db_path=db_path,
+            storage=conn,
             now=now,
             send_issue=everyone_left,
         )
@@ -591,7 +588,7 @@ def test_a_slot_whose_every_list_has_left_is_done_and_says_nothing_went_out(
 
 
 def test_a_copy_that_keeps_last_weeks_id_and_date_has_both_problems_reported_at_once(
-    project: Path, write_issue: Callable[..., Path], conn: sqlite3.Connection, db_path: Path
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage, db_path: Path
 ) -> None:
     from newsletter.schedule.runner import find_issue, issue_problems
 
@@ -615,3 +612,31 @@ def test_a_copy_that_keeps_last_weeks_id_and_date_has_both_problems_reported_at_
     with pytest.raises(SlotFailed):
         run_at(utc(2026, 12, 3, 14, 15), project, conn, db_path, sender)
     assert sender.calls == []
+
+
+def test_a_database_failing_during_a_slot_is_reported_not_taken_for_the_lists_fault(
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage
+) -> None:
+    """A store raising StorageBusy mid-send ends the run with that error; the slot stays
+    'sending' (what went out is in the send log), never 'failed' ("nothing was sent")."""
+    from newsletter.errors import StorageBusy
+
+    issue_for(write_issue, "2026-12-03")
+    calls: list[str] = []
+
+    def busy(path: Path, list_name: str) -> SendReport:
+        calls.append(list_name)
+        raise StorageBusy("cannot use the database: database is locked")
+
+    with pytest.raises(StorageBusy):
+        check_and_send(
+            schedule=parse_schedule("Thu 09:00", NY, 6),
+            lists=["one", "two"],
+            issues_dir=project / "issues",
+            storage=conn,
+            now=utc(2026, 12, 3, 14, 0),
+            send_issue=busy,
+        )
+    assert calls == ["one"]
+    assert conn.slots.recent(1)[0][3] == "sending"
+    assert conn.conn.execute("SELECT count(*) FROM locks").fetchone()[0] == 0  # lease freed

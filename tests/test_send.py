@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +16,8 @@ from newsletter.delivery.message import MessageTemplate
 from newsletter.delivery.sending import SendReport, prepare, run_send
 from newsletter.delivery.transports import SmtpConfig, SmtpTransport
 from newsletter.errors import CampaignAborted
-from newsletter.storage.sqlite.connection import connect
-from newsletter.storage.sqlite.send_log import SendLog, SendRecord
-from newsletter.storage.sqlite.subscribers import SubscriberStore
+from newsletter.storage.base import SendRecord
+from newsletter.storage.sqlite import SqliteStorage
 from smtp_server import Server
 
 FAST = SendOptions(connections=3, retry_delays=(0.05, 0.05), max_wait=5, flush_interval=0.01)
@@ -40,17 +38,17 @@ def template(project: Path) -> MessageTemplate:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> sqlite3.Connection:
-    return connect(tmp_path / "test.sqlite3", create=True)
+def db(tmp_path: Path) -> SqliteStorage:
+    return SqliteStorage.open(tmp_path / "test.sqlite3", create=True)
 
 
 def addresses(n: int) -> list[str]:
     return [f"reader{i:04d}@example.org" for i in range(n)]
 
 
-def subscribe(db: sqlite3.Connection, emails: list[str], list_name: str = "research-news") -> None:
+def subscribe(db: SqliteStorage, emails: list[str], list_name: str = "research-news") -> None:
     rows = [ParsedRow(i + 2, e, f"Reader{i}", "Test") for i, e in enumerate(emails)]
-    report = SubscriberStore(db).import_rows(list_name, rows, skip_invalid=False)
+    report = db.subscribers.import_rows(list_name, rows, skip_invalid=False)
     assert report.committed
 
 
@@ -60,7 +58,7 @@ def smtp(server: Server, **kw: object) -> SmtpTransport:
 
 
 def run(
-    db: sqlite3.Connection,
+    db: SqliteStorage,
     template: MessageTemplate,
     server: Server,
     options: SendOptions = FAST,
@@ -75,7 +73,7 @@ def run(
 
 
 def test_every_recipient_gets_exactly_one_message(
-    db: sqlite3.Connection, template: MessageTemplate, server: Server
+    db: SqliteStorage, template: MessageTemplate, server: Server
 ) -> None:
     emails = addresses(40)
     subscribe(db, emails)
@@ -100,7 +98,7 @@ def test_every_recipient_gets_exactly_one_message(
 
 
 def test_pipelined_transactions(
-    db: sqlite3.Connection, template: MessageTemplate, server: Server
+    db: SqliteStorage, template: MessageTemplate, server: Server
 ) -> None:
     server.handler.behaviour.pipelining = True
     server.handler.behaviour.reject = {"reader0003@example.org": (550, "no such user")}
@@ -111,7 +109,7 @@ def test_pipelined_transactions(
 
 
 def test_550_is_final_and_451_is_retried(
-    db: sqlite3.Connection, template: MessageTemplate, server: Server
+    db: SqliteStorage, template: MessageTemplate, server: Server
 ) -> None:
     emails = addresses(10)
     subscribe(db, emails)
@@ -123,7 +121,7 @@ def test_550_is_final_and_451_is_retried(
     c = report.result.counts
     assert (c["sent"], c["rejected"], c["deferred"]) == (8, 1, 1)
     assert report.exit_code == 3
-    log = SendLog(db)
+    log = db.send_log
     assert log.in_state(report.record.id, "rejected")[0][0] == emails[2]
     # the relay recovers: a new run retries only the deferred one
     b.reject = {emails[2]: (550, "5.1.1 no such user")}
@@ -139,7 +137,7 @@ def test_550_is_final_and_451_is_retried(
 
 
 def test_deferred_recipient_is_retried_within_the_run(
-    db: sqlite3.Connection, template: MessageTemplate, server: Server
+    db: SqliteStorage, template: MessageTemplate, server: Server
 ) -> None:
     emails = addresses(5)
     subscribe(db, emails)
@@ -169,7 +167,7 @@ def test_deferred_recipient_is_retried_within_the_run(
 
 
 def test_421_closes_the_connection_and_the_send_carries_on(
-    db: sqlite3.Connection, template: MessageTemplate, server: Server
+    db: SqliteStorage, template: MessageTemplate, server: Server
 ) -> None:
     emails = addresses(12)
     subscribe(db, emails)
@@ -184,7 +182,7 @@ def test_421_closes_the_connection_and_the_send_carries_on(
 
 
 def test_connection_dropped_after_the_body_is_unknown_and_reported(
-    db: sqlite3.Connection, template: MessageTemplate, server: Server
+    db: SqliteStorage, template: MessageTemplate, server: Server
 ) -> None:
     emails = addresses(6)
     subscribe(db, emails)
@@ -204,7 +202,7 @@ def test_connection_dropped_after_the_body_is_unknown_and_reported(
 
 
 def test_slow_server_times_out_as_unknown(
-    db: sqlite3.Connection, template: MessageTemplate, server: Server
+    db: SqliteStorage, template: MessageTemplate, server: Server
 ) -> None:
     subscribe(db, addresses(1))
     server.handler.behaviour.delay = 2.0
@@ -222,10 +220,10 @@ def test_slow_server_times_out_as_unknown(
 
 
 def test_suppressed_addresses_are_never_mailed(
-    db: sqlite3.Connection, template: MessageTemplate, server: Server
+    db: SqliteStorage, template: MessageTemplate, server: Server
 ) -> None:
     emails = addresses(4)
-    store = SubscriberStore(db)
+    store = db.subscribers
     store.suppress(emails[0], "unsubscribed")
     subscribe(db, emails)  # re-imported after unsubscribing: still suppressed
     report = run(db, template, server, SendOptions(connections=1, flush_interval=0.01))
@@ -233,14 +231,14 @@ def test_suppressed_addresses_are_never_mailed(
     assert server.handler.to(emails[0]) == []
     # unsubscribing while a send is under way takes effect for the rest of it
     store.suppress(emails[3], "complained")
-    db.execute("UPDATE deliveries SET state = 'pending' WHERE seq = 2")  # as if not yet sent
+    db.conn.execute("UPDATE deliveries SET state = 'pending' WHERE seq = 2")  # as if not yet sent
     server.handler.received.clear()
     again = run(db, template, server)
     assert again.result.counts["suppressed"] == 1
     assert server.handler.to(emails[3]) == []
 
 
-def test_tls_and_auth(db: sqlite3.Connection, template: MessageTemplate) -> None:
+def test_tls_and_auth(db: SqliteStorage, template: MessageTemplate) -> None:
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")
@@ -277,7 +275,7 @@ def test_tls_and_auth(db: sqlite3.Connection, template: MessageTemplate) -> None
             )
         assert "refused the login" in str(info.value)
         assert "s3cret" not in str(info.value) and "wrong" not in str(info.value)
-        assert SendLog(db).counts(prepared.record.id)["pending"] == 3  # nothing lost
+        assert db.send_log.counts(prepared.record.id)["pending"] == 3  # nothing lost
         report = asyncio.run(
             run_send(
                 db,
@@ -294,7 +292,7 @@ def test_tls_and_auth(db: sqlite3.Connection, template: MessageTemplate) -> None
 
 
 def test_plain_server_without_starttls_is_refused(
-    db: sqlite3.Connection, template: MessageTemplate, server: Server
+    db: SqliteStorage, template: MessageTemplate, server: Server
 ) -> None:
     subscribe(db, addresses(2))
     prepared = prepare(db, "2020-12-23", "research-news")
@@ -307,7 +305,7 @@ def test_plain_server_without_starttls_is_refused(
         )
     assert "does not offer STARTTLS" in str(info.value)
     assert server.handler.received == []
-    assert SendLog(db).counts(prepared.record.id)["pending"] == 2
+    assert db.send_log.counts(prepared.record.id)["pending"] == 2
 
 
 def ssl_server_context(cert: object) -> ssl.SSLContext:
@@ -325,7 +323,7 @@ def ssl_client_context(ca: object) -> ssl.SSLContext:
 
 
 def test_day_cap_stops_the_run_and_counts_earlier_sends(
-    db: sqlite3.Connection, template: MessageTemplate, server: Server
+    db: SqliteStorage, template: MessageTemplate, server: Server
 ) -> None:
     subscribe(db, addresses(10))
     capped = SendOptions(connections=2, per_day=4, flush_interval=0.01)
@@ -339,7 +337,7 @@ def test_day_cap_stops_the_run_and_counts_earlier_sends(
 
 
 def test_pacing_spaces_messages_out(
-    db: sqlite3.Connection, template: MessageTemplate, server: Server
+    db: SqliteStorage, template: MessageTemplate, server: Server
 ) -> None:
     import time
 
@@ -350,12 +348,12 @@ def test_pacing_spaces_messages_out(
     assert time.monotonic() - started >= 0.45  # 6 messages at 10/s, one token to start
 
 
-def test_claims_use_the_state_index_not_a_walk_over_the_send(db: sqlite3.Connection) -> None:
+def test_claims_use_the_state_index_not_a_walk_over_the_send(db: SqliteStorage) -> None:
     """A claim must not pass every recipient already sent (it made 1M sends quadratic)."""
     from newsletter.storage.sqlite import send_log
 
     query = send_log._SELECT + "WHERE send_id = ? AND state = 'pending' ORDER BY seq LIMIT ?"
-    plan = " ".join(str(tuple(r)) for r in db.execute("EXPLAIN QUERY PLAN " + query, (1, 5)))
+    plan = " ".join(str(tuple(r)) for r in db.conn.execute("EXPLAIN QUERY PLAN " + query, (1, 5)))
     assert "USING INDEX deliveries_by_state (send_id=? AND state=?)" in plan
     assert "TEMP B-TREE" not in plan  # and no sort
 
@@ -363,24 +361,28 @@ def test_claims_use_the_state_index_not_a_walk_over_the_send(db: sqlite3.Connect
 # ------------------------------------------------------------ one issue, several lists
 
 
-def test_a_freeze_leaves_out_who_another_lists_send_has(db: sqlite3.Connection) -> None:
+def test_a_freeze_leaves_out_who_another_lists_send_has(db: SqliteStorage) -> None:
     from newsletter.delivery.sending import preview
 
     shared = addresses(6)
     subscribe(db, [*shared, "only-a@example.org"], "a")
     subscribe(db, [*shared, "only-b@example.org"], "b")
     a = prepare(db, "2020-12-23", "a").record
-    log = SendLog(db)
+    log = db.send_log
     # a's send is under way: its rows are in every state a delivery passes through
     states = ["pending", "sending", "sent", "deferred", "unknown", "rejected"]
     for seq, state in enumerate(states):
-        db.execute(
+        db.conn.execute(
             "UPDATE deliveries SET state = ? WHERE send_id = ? AND seq = ?", (state, a.id, seq)
         )
     # someone who left list a after it froze was never sent a's copy: b sends it
-    db.execute("UPDATE deliveries SET state = 'suppressed' WHERE send_id = ? AND seq = 6", (a.id,))
-    db.execute("UPDATE deliveries SET email = ? WHERE send_id = ? AND seq = 6", (shared[0], a.id))
-    db.execute(
+    db.conn.execute(
+        "UPDATE deliveries SET state = 'suppressed' WHERE send_id = ? AND seq = 6", (a.id,)
+    )
+    db.conn.execute(
+        "UPDATE deliveries SET email = ? WHERE send_id = ? AND seq = 6", (shared[0], a.id)
+    )
+    db.conn.execute(
         "UPDATE deliveries SET email = 'gone@example.org' WHERE send_id = ? AND seq = 0", (a.id,)
     )
     planned = preview(db, "2020-12-23", "b")
@@ -399,14 +401,14 @@ def test_a_freeze_leaves_out_who_another_lists_send_has(db: sqlite3.Connection) 
 
 
 def test_two_sends_of_one_issue_at_once_never_share_an_address(
-    db: sqlite3.Connection, template: MessageTemplate, server: Server, tmp_path: Path
+    db: SqliteStorage, template: MessageTemplate, server: Server, tmp_path: Path
 ) -> None:
     """Both lists' sends under way together (the second frozen while the first runs)."""
     shared = addresses(30)
     subscribe(db, shared, "a")
     subscribe(db, [*shared[10:], "extra@example.org"], "b")
     a = prepare(db, "2020-12-23", "a")
-    other = connect(tmp_path / "test.sqlite3")  # another process's connection
+    other = db.reopen()  # another process's connection
     b = prepare(other, "2020-12-23", "b")
     assert b.record.duplicates == 20 and b.record.audience == 1
 
@@ -422,33 +424,35 @@ def test_two_sends_of_one_issue_at_once_never_share_an_address(
 
 
 def test_dry_run_copy_counts_what_the_real_freeze_leaves_out(
-    db: sqlite3.Connection, tmp_path: Path
+    db: SqliteStorage, tmp_path: Path
 ) -> None:
-    from newsletter.delivery.sending import dry_run_copy, preview
+    from newsletter.delivery.sending import preview
 
     shared = addresses(8)
     subscribe(db, shared, "a")
     subscribe(db, [*shared[:5], "b-only@example.org"], "b")
-    SubscriberStore(db).opt_out("b", "b-only@example.org")
+    db.subscribers.opt_out("b", "b-only@example.org")
     prepare(db, "2020-12-23", "a")
-    scratch = connect(tmp_path / "scratch.sqlite3", create=True)
-    dry_run_copy(db, scratch, "2020-12-23", "b")
-    in_copy = preview(scratch, "2020-12-23", "b")
-    assert in_copy == preview(db, "2020-12-23", "b")
-    assert (in_copy.duplicates, in_copy.audience, in_copy.suppressed) == (5, 0, 1)
-    frozen = prepare(scratch, "2020-12-23", "b").record
-    assert (frozen.duplicates, frozen.audience) == (5, 0)
-    assert SendLog(db).find("2020-12-23", "b") is None  # the real log is untouched
+    with db.scratch_copy("2020-12-23", "b") as scratch:
+        in_copy = preview(scratch, "2020-12-23", "b")
+        assert in_copy == preview(db, "2020-12-23", "b")
+        assert (in_copy.duplicates, in_copy.audience, in_copy.suppressed) == (5, 0, 1)
+        frozen = prepare(scratch, "2020-12-23", "b").record
+        assert (frozen.duplicates, frozen.audience) == (5, 0)
+        copy = scratch.path
+        assert copy.exists()
+    assert not copy.exists()  # deleted on exit
+    assert db.send_log.find("2020-12-23", "b") is None  # the real log is untouched
 
 
-def test_the_dedupe_looks_up_keys_and_never_scans_per_member(db: sqlite3.Connection) -> None:
+def test_the_dedupe_looks_up_keys_and_never_scans_per_member(db: SqliteStorage) -> None:
     """A 1,000,000-recipient freeze must not turn quadratic: every lookup uses a key."""
     from newsletter.storage.sqlite import send_log
 
-    db.execute("CREATE TEMP TABLE freeze_others (email TEXT PRIMARY KEY) WITHOUT ROWID")
+    db.conn.execute("CREATE TEMP TABLE freeze_others (email TEXT PRIMARY KEY) WITHOUT ROWID")
     plan = " ".join(
         str(tuple(r))
-        for r in db.execute(
+        for r in db.conn.execute(
             "EXPLAIN QUERY PLAN SELECT email FROM temp.freeze_others "
             "WHERE email IN (SELECT value FROM json_each(?))",
             ("[]",),
@@ -456,7 +460,7 @@ def test_the_dedupe_looks_up_keys_and_never_scans_per_member(db: sqlite3.Connect
     )
     assert "SEARCH temp.freeze_others USING PRIMARY KEY (email=?)" in plan
     sql = "SELECT count(*) " + send_log._AUDIENCE + "AND u.email IN " + send_log._OTHERS_HAVE
-    plan = " ".join(str(tuple(r)) for r in db.execute("EXPLAIN QUERY PLAN " + sql, ("x", "b")))
+    plan = " ".join(str(tuple(r)) for r in db.conn.execute("EXPLAIN QUERY PLAN " + sql, ("x", "b")))
     assert "LIST SUBQUERY" in plan  # built once, then looked up
     assert "SCAN d" not in plan and "SCAN deliveries" not in plan
 
@@ -465,7 +469,7 @@ def test_two_freezes_of_one_issue_at_the_same_moment_take_turns(tmp_path: Path) 
     import threading
 
     path = tmp_path / "race.sqlite3"
-    setup = connect(path, create=True)
+    setup = SqliteStorage.open(path, create=True)
     shared = [f"r{i:05d}@example.org" for i in range(12000)]  # more than two freeze batches
     subscribe(setup, shared, "a")
     subscribe(setup, shared, "b")
@@ -473,7 +477,7 @@ def test_two_freezes_of_one_issue_at_the_same_moment_take_turns(tmp_path: Path) 
     records: dict[str, SendRecord] = {}
 
     def freeze(list_name: str) -> None:
-        conn = connect(path)
+        conn = SqliteStorage.open(path)
         start.wait()
         records[list_name] = prepare(conn, "2020-12-23", list_name).record
 
@@ -484,5 +488,5 @@ def test_two_freezes_of_one_issue_at_the_same_moment_take_turns(tmp_path: Path) 
         t.join()
     audiences = sorted((r.audience, r.duplicates) for r in records.values())
     assert audiences == [(0, 12000), (12000, 0)]  # one took everyone, the other nobody
-    rows = setup.execute("SELECT count(*), count(DISTINCT email) FROM deliveries").fetchone()
+    rows = setup.conn.execute("SELECT count(*), count(DISTINCT email) FROM deliveries").fetchone()
     assert tuple(rows) == (12000, 12000)

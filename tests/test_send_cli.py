@@ -410,7 +410,7 @@ def test_sending_to_an_empty_list_freezes_nothing(project: Path, server: Server)
 
 
 def test_a_second_process_cannot_work_on_the_same_send(project: Path, server: Server) -> None:
-    from newsletter.storage.sqlite.leases import Lease
+    from newsletter.storage.sqlite.leases import SqliteLease as Lease
 
     env = env_for(server, project)
     write_csv(project, 3)
@@ -566,7 +566,7 @@ def test_a_second_send_is_told_about_the_lock_before_anything_else(
 ) -> None:
     import socket
 
-    from newsletter.storage.sqlite.leases import Lease
+    from newsletter.storage.sqlite.leases import SqliteLease as Lease
 
     env = env_for(server, project)
     emails = write_csv(project, 3)
@@ -659,7 +659,7 @@ def test_options_that_do_not_go_together_are_refused(project: Path) -> None:
 
 def test_only_a_stopped_campaign_is_told_to_resume(project: Path, server: Server) -> None:
     from newsletter.storage.sqlite.connection import connect
-    from newsletter.storage.sqlite.leases import Lease
+    from newsletter.storage.sqlite.leases import SqliteLease as Lease
 
     resume = "Run the same command again to resume"
     env = env_for(server, project)
@@ -695,7 +695,7 @@ def test_only_a_stopped_campaign_is_told_to_resume(project: Path, server: Server
 def test_a_scheduled_list_that_cannot_be_sent_holds_back_no_other(
     project: Path, server: Server
 ) -> None:
-    from newsletter.storage.sqlite.leases import Lease
+    from newsletter.storage.sqlite.leases import SqliteLease as Lease
 
     env = schedule_env(server, project, "2020-12-23T09:30:00-05:00")
     env["NEWSLETTER_SCHEDULE_LISTS"] = "a,b"

@@ -29,9 +29,10 @@ from newsletter.audience.csv_import import ParsedRow
 from newsletter.delivery.message import MessageTemplate
 from newsletter.models import Recipient
 from newsletter.render.loading import load_society
+from newsletter.storage import open_storage
 from newsletter.storage.sqlite.connection import connect
 from newsletter.storage.sqlite.subscribers import SubscriberStore
-from newsletter.web.app import SECURITY_HEADERS, WebConfig, create_app, store_per_thread
+from newsletter.web.app import SECURITY_HEADERS, WebConfig, create_app
 from newsletter.web.archive import Archive
 
 EMAILS = ["ann@example.org", "bob@example.org"]
@@ -114,7 +115,7 @@ def make_site(tmp_path: Path, public_url: str | None = None) -> Iterator[Site]:
             WebConfig(
                 TEST_KEY,
                 society,
-                store_per_thread(db, busy_seconds=0.5),
+                open_storage(db, busy_seconds=0.5),
                 archive,
                 public_url=public_url or base,
                 clock=clock,

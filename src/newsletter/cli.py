@@ -2,8 +2,9 @@
 
 No logic lives here. Heavy modules are imported inside the command that needs
 them, so ``newsletter --help`` stays fast. Errors a user can cause are caught
-in one place, :class:`_Commands`, for every command: a :class:`NewsletterError`,
-or SQLite failing because of the file or the machine. Each is printed as one
+in one place, :class:`_Commands`, for every command: a :class:`NewsletterError`
+(the stores turn a database failing because of the file or the machine into
+one, :class:`~newsletter.errors.StorageError`). Each is printed as one
 error (exit 1) without a traceback; anything else is a bug and keeps its
 traceback.
 """
@@ -21,17 +22,16 @@ from newsletter import __version__
 
 if TYPE_CHECKING:
     import datetime as dt
-    import sqlite3
 
+    from newsletter.build import BuildResult
     from newsletter.delivery.campaign import Progress as CampaignProgress
     from newsletter.delivery.message import MessageTemplate, Sender
     from newsletter.delivery.sending import Prepared, Preview, SendReport
     from newsletter.delivery.transports import SmtpTransport, Transport
     from newsletter.models import Recipient
-    from newsletter.render.pipeline import BuildResult
     from newsletter.schedule.runner import DueResult
     from newsletter.settings import Settings
-    from newsletter.storage.sqlite.subscribers import SubscriberStore
+    from newsletter.storage.base import Storage, Subscribers
 
 
 def _fail(exc: Exception | str) -> NoReturn:
@@ -43,27 +43,9 @@ def _fail(exc: Exception | str) -> NoReturn:
 
 def _problem(exc: Exception) -> str | None:
     """The message for an error a user (or the machine) can cause, or None for a bug."""
-    import sqlite3
-
     from newsletter.errors import NewsletterError
 
-    if isinstance(exc, NewsletterError):
-        return str(exc)
-    if isinstance(exc, sqlite3.Error):
-        from newsletter.storage.sqlite.connection import environment_problem
-
-        return environment_problem(exc, _database_path())  # None for a wrong query
-    return None
-
-
-def _database_path() -> Path | None:
-    """The database the settings name, for an SQLite error, which does not say."""
-    from newsletter.errors import NewsletterError
-
-    try:
-        return _settings().database
-    except NewsletterError:
-        return None
+    return str(exc) if isinstance(exc, NewsletterError) else None
 
 
 def _next_step(exc: Exception | str) -> str | None:
@@ -79,7 +61,8 @@ RESUME = "Run the same command again to resume once that is fixed; nobody is sen
 
 class _Commands(click.Group):
     """The one place where an error a user can cause, from any command, becomes its
-    error line: a NewsletterError, or SQLite failing because of the file or the machine."""
+    error line: a NewsletterError (a database failing because of the file or the machine
+    is one: the stores raise StorageError)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -123,8 +106,8 @@ def _sender(settings: Settings, list_name: str | None = None) -> Sender:
 def _build(
     settings: Settings, issue_file: Path, strict: bool, list_name: str | None = None
 ) -> BuildResult:
+    from newsletter.build import BuildInputs, build
     from newsletter.models import Recipient
-    from newsletter.render.pipeline import BuildInputs, build
 
     preview_name, preview_addr = settings.preview_mailbox
     # "Sam Sample", or "Sample, Sam" as address books write it.
@@ -178,20 +161,22 @@ def subscribers() -> None:
     """Manage subscriber lists and the suppression list (in NEWSLETTER_DATABASE)."""
 
 
-def _store(*, create: bool = False) -> tuple[Settings, SubscriberStore]:
+def _store(*, create: bool = False) -> tuple[Settings, Subscribers]:
     """The settings and the subscriber store; the database must exist unless ``create``."""
-    from newsletter.storage.sqlite.connection import connect
-    from newsletter.storage.sqlite.subscribers import SubscriberStore
-
     settings = _settings()
-    return settings, SubscriberStore(connect(settings.database, create=create))
+    return settings, _open(settings, create=create).subscribers
+
+
+def _open(settings: Settings, *, create: bool = False) -> Storage:
+    """The database NEWSLETTER_DATABASE names, migrated; it must exist unless ``create``."""
+    from newsletter.storage import open_storage
+
+    return open_storage(settings.database, create=create)
 
 
 def _require_database(settings: Settings) -> None:
     """Refuse a missing database now, not at the first send hours later."""
-    from newsletter.storage.sqlite.connection import connect
-
-    connect(settings.database).close()
+    _open(settings).close()
 
 
 def _list_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -238,7 +223,7 @@ def _actor() -> str:
     return f"cli:{user}@{socket.gethostname()}"
 
 
-def _known_list(store: SubscriberStore, list_name: str) -> None:
+def _known_list(store: Subscribers, list_name: str) -> None:
     names = [name for name, _ in store.lists()]
     if list_name not in names:
         known = ", ".join(names) or "none yet"
@@ -438,13 +423,11 @@ def subscribers_unsubscribe(email: str, reason: str) -> None:
     On a new installation this creates the database, so that a request that
     came by post or mail before the first import is kept (imports do not lift it)."""
     from newsletter.audience.csv_import import normalise_address
-    from newsletter.storage.sqlite.connection import connect
-    from newsletter.storage.sqlite.subscribers import SubscriberStore
 
     address = _address(email, normalise_address)
     settings = _settings()
     new = not settings.database.exists()
-    store = SubscriberStore(connect(settings.database, create=True))
+    store = _open(settings, create=True).subscribers
     if new:
         click.secho(
             f"note: there was no database at {settings.database.absolute()} "
@@ -461,7 +444,7 @@ def subscribers_unsubscribe(email: str, reason: str) -> None:
 
 
 def _reason(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    from newsletter.storage.sqlite.subscribers import lift_reason
+    from newsletter.storage.base import lift_reason
 
     try:
         return lift_reason(value)
@@ -724,20 +707,16 @@ def _send_one(
 ) -> tuple[SendReport, Transport]:
     """Build, start or resume, and run one send: the path of `send` and of scheduled sends."""
     import contextlib
-    import tempfile
     import time
 
     from newsletter.delivery.sending import (
         check_merge_fields,
-        dry_run_copy,
         merge_columns,
         prepare,
         preview,
     )
     from newsletter.delivery.transports import OutboxTransport
-    from newsletter.storage.sqlite.archive import ArchiveStore, Source
-    from newsletter.storage.sqlite.connection import connect
-    from newsletter.storage.sqlite.leases import Lease
+    from newsletter.storage.base import Source
     from newsletter.web.archive import check_source, record_send
 
     if not dry_run:
@@ -749,45 +728,42 @@ def _send_one(
     transport: Transport
     with contextlib.ExitStack() as stack:
         # Closed at the end: `schedule run` sends week after week in one process.
-        real = stack.enter_context(contextlib.closing(connect(settings.database)))
+        real = _open(settings)
+        stack.callback(real.close)
         if dry_run:
             box = outbox or settings.out_dir / result.issue_id / "outbox"
             transport = OutboxTransport(box, keep=5)
-            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="newsletter-dry-"))
-            conn = stack.enter_context(
-                contextlib.closing(connect(Path(scratch) / "dry-run.sqlite3", create=True))
-            )
-            dry_run_copy(real, conn, result.issue_id, name)
+            storage = stack.enter_context(real.scratch_copy(result.issue_id, name))
         else:
             # One process per send, checked before anything is read or asked: a
             # second one would show a preview of rows the first is changing, and
             # would take its in-flight rows for dead ones.
-            lease = Lease(settings.database, f"send:{result.issue_id}:{name}")
+            lease = real.lease(f"send:{result.issue_id}:{name}")
             lease.acquire(time.time())
             stack.callback(lease.release)
             transport = _smtp_transport(settings)
-            conn = real
+            storage = real
         # Before anything is asked or sent: a field the list cannot fill is an error.
         for note in check_merge_fields(
-            conn, result.issue_id, name, result.merge_uses, strict=strict
+            storage, result.issue_id, name, result.merge_uses, strict=strict
         ):
             click.secho(f"note: {note}", fg="yellow")
         # An id sent before from another file is refused, not "resumed" (a dry run too).
         source = Source.of(issue_file)
-        for note in check_source(ArchiveStore(real), result.issue_id, source):
+        for note in check_source(real.archive, result.issue_id, source):
             click.secho(f"note: {note}", fg="yellow")
         # Read, ask, and only then write: declining changes nothing (and frees the lock).
-        planned = preview(conn, result.issue_id, name)
+        planned = preview(storage, result.issue_id, name)
         _describe_send(planned, result.issue_id, name, transport.description, len(result.eml))
         if confirm:
             click.confirm(
                 f"Send {result.issue_id} to the list {name!r} through {transport.description}?",
                 abort=True,
             )
-        columns = merge_columns(conn, name, result.merge_uses)
+        columns = merge_columns(storage.subscribers, name, result.merge_uses)
         template = _template(settings, result, name, columns)
         prepared = prepare(
-            conn,
+            storage,
             result.issue_id,
             name,
             resend_unknown=resend_unknown,
@@ -797,7 +773,7 @@ def _send_one(
         if not dry_run:
             # The archive shows what was sent: the first send keeps the web version.
             record_send(
-                ArchiveStore(conn),
+                storage.archive,
                 prepared.record.id,
                 result.issue,
                 result.society,
@@ -805,11 +781,11 @@ def _send_one(
                 settings.public_url,
                 source,
             )
-        return _run_campaign(conn, prepared, template, transport, settings), transport
+        return _run_campaign(storage, prepared, template, transport, settings), transport
 
 
 def _run_campaign(
-    conn: sqlite3.Connection,
+    storage: Storage,
     prepared: Prepared,
     template: MessageTemplate,
     transport: Transport,
@@ -841,7 +817,7 @@ def _run_campaign(
     async def go() -> SendReport:
         try:
             return await run_send(
-                conn,
+                storage,
                 prepared,
                 template,
                 transport,
@@ -965,13 +941,12 @@ def _warn_test_copy_fields(settings: Settings, result: BuildResult, list_name: s
 
     from newsletter.delivery.sending import check_merge_fields
     from newsletter.errors import ValidationFailed
-    from newsletter.storage.sqlite.connection import connect
 
     if not result.merge_uses or not settings.database.exists():
         return
-    with contextlib.closing(connect(settings.database)) as conn:
+    with contextlib.closing(_open(settings)) as storage:
         try:
-            check_merge_fields(conn, result.issue_id, list_name, result.merge_uses)
+            check_merge_fields(storage, result.issue_id, list_name, result.merge_uses)
         except ValidationFailed as exc:
             for problem in exc.problems:
                 click.secho(
@@ -987,13 +962,11 @@ def _test_recipients(settings: Settings, addresses: list[str]) -> list[Recipient
     import contextlib
 
     from newsletter.models import Recipient
-    from newsletter.storage.sqlite.connection import connect
-    from newsletter.storage.sqlite.subscribers import SubscriberStore
 
     if not settings.database.exists():
         return [Recipient(a) for a in addresses]
-    with contextlib.closing(connect(settings.database)) as conn:
-        store = SubscriberStore(conn)
+    with contextlib.closing(_open(settings)) as storage:
+        store = storage.subscribers
         return [store.recipient(a) or Recipient(a) for a in addresses]
 
 
@@ -1004,14 +977,11 @@ def _test_copy_problems(settings: Settings, addresses: list[str], list_name: str
     Without a database (a first try-out) there is nobody to protect yet."""
     import contextlib
 
-    from newsletter.storage.sqlite.connection import connect
-    from newsletter.storage.sqlite.subscribers import SubscriberStore
-
     if not addresses or not settings.database.exists():
         return []
     problems = []
-    with contextlib.closing(connect(settings.database)) as conn:
-        store = SubscriberStore(conn)
+    with contextlib.closing(_open(settings)) as storage:
+        store = storage.subscribers
         for address in dict.fromkeys(addresses):
             info = store.suppression_info(address)
             if info is not None:
@@ -1099,13 +1069,10 @@ def _send_test_copies(
 @DEFAULT_LIST_OPTION
 def status(issue_id: str, list_name: str | None) -> None:
     """Counts by state and the last errors of the send of ISSUE_ID (id or file) to a list."""
-    from newsletter.storage.sqlite.connection import connect
-    from newsletter.storage.sqlite.send_log import SendLog
-
     settings = _settings()
     name = list_name or settings.list_name
     issue_id = Path(issue_id).stem if issue_id.endswith((".yaml", ".yml")) else issue_id
-    log = SendLog(connect(settings.database))
+    log = _open(settings).send_log
     record = log.find(issue_id, name)
     if record is None:
         others = log.lists_sent(issue_id)
@@ -1178,6 +1145,31 @@ class _ProgressBar:
             self._progress.stop()
 
 
+# -------------------------------------------------------------------------- db
+
+
+@main.group()
+def db() -> None:
+    """Look after the database itself (NEWSLETTER_DATABASE)."""
+
+
+@db.command("migrate")
+def db_migrate() -> None:
+    """Bring a database made by an older version up to the current schema.
+
+    Every command does this too when it opens the database, under the write lock;
+    this does it on its own, say before a deployment's services start."""
+    from newsletter.storage import migrate
+
+    settings = _settings()
+    before, after = migrate(settings.database)
+    where = settings.database.absolute()
+    if before == after:
+        click.echo(f"the database {where} is already up to date (schema {after})")
+    else:
+        click.echo(f"migrated the database {where} from schema {before} to schema {after}")
+
+
 # -------------------------------------------------------------------- schedule
 
 
@@ -1189,20 +1181,18 @@ def _check_due(
     import datetime as dt
 
     from newsletter.schedule.runner import check_and_send
-    from newsletter.storage.sqlite.connection import connect
 
     def send_issue(path: Path, list_name: str) -> SendReport:
         report, transport = _send_one(settings, path, list_name, strict=strict)
         _summarise(report, False, transport)
         return report
 
-    with contextlib.closing(connect(settings.database)) as conn:
+    with contextlib.closing(_open(settings)) as storage:
         return check_and_send(
             schedule=settings.parsed_schedule,
             lists=settings.scheduled_lists,
             issues_dir=settings.issues_dir,
-            conn=conn,
-            db_path=settings.database,
+            storage=storage,
             now=now or dt.datetime.now(dt.UTC),
             send_issue=send_issue,
             society_file=settings.society_file,
@@ -1232,9 +1222,8 @@ def schedule(ctx: click.Context) -> None:
         return
     import datetime as dt
 
-    from newsletter.schedule.runner import Slots, find_issue, issue_problems
+    from newsletter.schedule.runner import find_issue, issue_problems
     from newsletter.schedule.slots import latest, upcoming
-    from newsletter.storage.sqlite.connection import connect
 
     settings = _settings()
     plan = settings.parsed_schedule
@@ -1243,8 +1232,8 @@ def schedule(ctx: click.Context) -> None:
         f"schedule: {plan.describe()}, catch-up {plan.catch_up}, "
         f"lists: {', '.join(settings.scheduled_lists)}"
     )
-    conn = connect(settings.database)
-    slots = Slots(conn)
+    storage = _open(settings)
+    slots = storage.slots
     due = latest(plan, now, within=plan.catch_up)
     # A slot whose window is still open is shown with the ones to come.
     current = [due] if due is not None and slots.state(due) != "done" else []
@@ -1254,7 +1243,7 @@ def schedule(ctx: click.Context) -> None:
         label = "  due now" if slot is due else ""
         click.echo(f"  {local}  ({slot.key})  {choice.path or 'no issue file yet'}{label}")
         for problem in issue_problems(
-            choice, settings.society_file, conn=conn, lists=settings.scheduled_lists
+            choice, settings.society_file, storage=storage, lists=settings.scheduled_lists
         ):
             click.secho(f"      cannot be sent: {problem}", fg="red")
         for note in choice.notes:
@@ -1360,16 +1349,14 @@ def schedule_run(poll: float, strict: bool) -> None:
 def serve(host: str | None, port: int | None) -> None:
     """Serve the unsubscribe, undo and preferences pages behind the links in every email,
     and the archive of sent issues with its feed (put HTTPS in front)."""
-    import contextlib
     import logging
 
     import uvicorn
 
     from newsletter.errors import ConfigError
     from newsletter.render.loading import load_society
-    from newsletter.storage.sqlite.connection import connect
-    from newsletter.storage.sqlite.subscribers import SubscriberStore
-    from newsletter.web.app import WebConfig, create_app, store_per_thread
+    from newsletter.storage import open_storage
+    from newsletter.web.app import WebConfig, create_app
     from newsletter.web.archive import Archive
 
     settings = _settings()
@@ -1380,8 +1367,9 @@ def serve(host: str | None, port: int | None) -> None:
     society = load_society(settings.society_file).value
     # Checked before listening: pages on a missing database would answer
     # "nothing changed" to every opt-out.
-    with contextlib.closing(connect(settings.database)) as conn:
-        lists = SubscriberStore(conn).lists()
+    # Each server thread reopens it, waiting less for a writer than a command does.
+    storage = open_storage(settings.database, busy_seconds=20.0)
+    lists = storage.subscribers.lists()
     host = host or settings.serve_host
     port = port if port is not None else settings.serve_port
     _check_listen(host, port)
@@ -1397,7 +1385,7 @@ def serve(host: str | None, port: int | None) -> None:
         WebConfig(
             settings.token_key,
             society,
-            store_per_thread(settings.database),
+            storage,
             archive,
             public_url=settings.public_url,
         )

@@ -17,6 +17,10 @@ their traceback.
     ├── OutputError          the build folder could not be written
     ├── CampaignAborted      the relay refuses the whole send (login, sender, TLS)
     ├── LockHeld             another live process holds the lock (a send, the schedule)
+    ├── LeaseLost            a holder's renewal found its lease taken by another run
+    ├── StorageError         the database failed because of the file or the machine
+    │   ├── StorageBusy      another process holds it past the wait (the web: 503)
+    │   └── StorageUnavailable  damaged, not ours, unreadable, full disk
     └── SlotFailed           (scheduler) the due slot's issue could not be sent
         └── SlotIncomplete   some of its lists, or part of one, were not sent
 
@@ -111,6 +115,36 @@ class LockHeld(NewsletterError):
             f"lease lasts until {_stamp(until)} and is renewed while that run is alive. This "
             "run does nothing: wait for that one to finish, or stop it, then run this again"
         )
+
+
+class LeaseLost(NewsletterError):
+    """The lease was found held by another run when its holder renewed it (it had run out:
+    the holder was paused, or its clock or database connection stalled)."""
+
+    def __init__(self, name: str, holder: str | None) -> None:
+        self.name, self.holder = name, holder
+        by = f" by {holder}" if holder else ""
+        super().__init__(
+            f"this run lost the {name!r} lock{by}: it stopped taking new recipients and "
+            "recorded what was in flight. Check that the other run is the only one, then "
+            "run this again to resume"
+        )
+
+
+class StorageError(NewsletterError):
+    """The database cannot be used because of the file or the machine, not a query's bug.
+
+    Raised by the stores in :mod:`newsletter.storage` instead of the driver's own
+    errors; the message names the database and says what to do. A mistake in a
+    query is not one of these: it stays the driver's exception, with its traceback."""
+
+
+class StorageBusy(StorageError):
+    """Another process held the database longer than we wait; trying again later helps."""
+
+
+class StorageUnavailable(StorageError):
+    """The database is damaged, not ours, not readable or writable, or its disk is full."""
 
 
 def _stamp(when: float) -> str:

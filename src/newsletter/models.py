@@ -14,7 +14,7 @@ import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 from urllib.parse import quote, urlsplit
 
 from pydantic import (
@@ -293,6 +293,37 @@ class Recipient:
     @property
     def display_name(self) -> str:
         return " ".join(p for p in (self.first_name, self.last_name) if p)
+
+
+# Where one recipient of a send stands (the send log's ``deliveries.state``):
+# pending → sending → sent | rejected | deferred; ``unknown`` when a run died
+# during its transaction; ``suppressed`` when they left after the freeze.
+DeliveryState = Literal[
+    "pending", "sending", "sent", "rejected", "deferred", "unknown", "suppressed"
+]
+DELIVERY_STATES: tuple[DeliveryState, ...] = (
+    "pending", "sending", "sent", "rejected", "deferred", "unknown", "suppressed",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A recipient claimed for one SMTP transaction: its place in the frozen audience
+    (``seq``), whom to write to, and how many attempts this one makes (counting it)."""
+
+    seq: int
+    recipient: Recipient
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one recipient in one SMTP transaction (a transport's answer)."""
+
+    state: str  # sent | rejected | deferred | unknown
+    code: int | None = None
+    detail: str = ""
+    retry_at: float | None = None  # for deferred: when it may go again (unix time)
 
 
 @dataclass(frozen=True, slots=True)

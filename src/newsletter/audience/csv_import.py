@@ -44,7 +44,7 @@ from newsletter.errors import Problem, ValidationFailed
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from newsletter.storage.sqlite.subscribers import Member
+    from newsletter.storage.base import Member
 
 KNOWN = ("email", "first_name", "last_name")
 NOTHING_IMPORTED = "nothing was imported"

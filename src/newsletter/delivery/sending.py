@@ -1,15 +1,15 @@
 """Send pipeline: an issue and a list → a started or resumed send, run to its end.
 
-Input: the rendered issue, the database, the list name, a transport and the
-options. Output: a :class:`SendReport`. This is the one code path of every
-send: a real one (SMTP transport, the project database), a dry run (an
-outbox transport and a throw-away database, so the real send log is not
+Input: the rendered issue, a :class:`newsletter.storage.base.Storage`, the list
+name, a transport and the options. Output: a :class:`SendReport`. This is the
+one code path of every send: a real one (SMTP transport, the project database),
+a dry run (an outbox transport and the storage's scratch copy, ``with
+storage.scratch_copy(issue, list) as scratch``, so the real send log is not
 touched), and tests (a memory transport).
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -18,9 +18,7 @@ from newsletter.delivery.message import MessageTemplate
 from newsletter.delivery.transports import Transport
 from newsletter.errors import CampaignAborted, ConfigError, Problem, ValidationFailed
 from newsletter.render import merge_fields
-from newsletter.storage.base import SendLogStore, Subscribers
-from newsletter.storage.sqlite.send_log import SendLog, SendRecord
-from newsletter.storage.sqlite.subscribers import ListStates, SubscriberStore
+from newsletter.storage.base import ListStates, SendRecord, Storage, Subscribers
 
 
 @dataclass(slots=True)
@@ -102,9 +100,10 @@ def _check_mailable(list_name: str, states: ListStates) -> None:
         raise NobodyMailable(list_name, states)
 
 
-def preview(conn: sqlite3.Connection, issue_id: str, list_name: str) -> Preview:
-    log = SendLog(conn)
-    store = SubscriberStore(conn)
+def preview(storage: Storage, issue_id: str, list_name: str) -> Preview:
+    """What :func:`prepare` and the run would do now, read only."""
+    log = storage.send_log
+    store = storage.subscribers
     record = log.find(issue_id, list_name)
     if record is not None:
         counts = log.counts(record.id)
@@ -129,7 +128,7 @@ def preview(conn: sqlite3.Connection, issue_id: str, list_name: str) -> Preview:
 
 
 def check_merge_fields(
-    conn: sqlite3.Connection,
+    storage: Storage,
     issue_id: str,
     list_name: str,
     uses: Sequence[merge_fields.FieldUse],
@@ -145,8 +144,8 @@ def check_merge_fields(
     the frozen send's recipients not mailed yet. Returns the notes."""
     if not uses:
         return []
-    store = SubscriberStore(conn)
-    if not store.count(list_name)[0] and not SendLog(conn).find(issue_id, list_name):
+    store = storage.subscribers
+    if not store.count(list_name)[0] and not storage.send_log.find(issue_id, list_name):
         return []  # no such list (a misspelt --list): the preview says so, plainly
     columns = store.columns(list_name)
     offered = merge_fields.known_fields(columns)
@@ -172,7 +171,7 @@ def check_merge_fields(
     if not stored:
         return []
     names = list(dict.fromkeys(stored.values()))
-    total, counts = SendLog(conn).empty_values(issue_id, list_name, names)
+    total, counts = storage.send_log.empty_values(issue_id, list_name, names)
     empty = dict(zip(names, counts, strict=True))
     found: list[Problem] = []
     for u in bare:
@@ -194,11 +193,11 @@ def check_merge_fields(
 
 
 def merge_columns(
-    conn: sqlite3.Connection, list_name: str, uses: Sequence[merge_fields.FieldUse]
+    subscribers: Subscribers, list_name: str, uses: Sequence[merge_fields.FieldUse]
 ) -> dict[str, str]:
     """Field name → the stored column of ``list_name`` that fills it, for every attribute
     field the issue uses: a send reads that column, and freezes only those."""
-    columns = SubscriberStore(conn).columns(list_name)
+    columns = subscribers.columns(list_name)
     found = {u.field.name: merge_fields.column_for(u.field.name, columns) for u in uses}
     return {name: column for name, column in found.items() if column is not None}
 
@@ -208,7 +207,7 @@ def _strict(problem: Problem) -> Problem:
 
 
 def prepare(
-    conn: sqlite3.Connection,
+    storage: Storage,
     issue_id: str,
     list_name: str,
     *,
@@ -220,8 +219,8 @@ def prepare(
 
     Each frozen recipient keeps the attributes named in ``columns``: the ones the
     issue's merge fields use (see :func:`merge_columns`), not every column."""
-    log: SendLogStore = SendLog(conn)
-    store: Subscribers = SubscriberStore(conn)
+    log = storage.send_log
+    store = storage.subscribers
     record = log.find(issue_id, list_name)
     resumed = record is not None
     if record is None:
@@ -239,7 +238,7 @@ def prepare(
 
 
 async def run_send(
-    conn: sqlite3.Connection,
+    storage: Storage,
     prepared: Prepared,
     template: MessageTemplate,
     transport: Transport,
@@ -249,7 +248,7 @@ async def run_send(
     on_start: Callable[[Campaign], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> SendReport:
-    log = SendLog(conn)
+    log = storage.send_log
     campaign = Campaign(
         log,
         prepared.record.id,
@@ -274,62 +273,3 @@ async def run_send(
         requeued_unknown=prepared.requeued_unknown,
         requeued_rejected=prepared.requeued_rejected,
     )
-
-
-def dry_run_copy(
-    real: sqlite3.Connection, scratch: sqlite3.Connection, issue_id: str, list_name: str
-) -> None:
-    """Fill a throw-away database with what a send of ``issue_id`` to ``list_name`` reads.
-
-    The dry run then takes the same path as a real send, on the copy: the real
-    send log gets no rows, and a send already under way is previewed as its
-    resume would go. Copying is done by SQLite on disk, so memory stays flat
-    for any list size.
-    """
-    path = real.execute("PRAGMA database_list").fetchone()[2]
-    scratch.execute("ATTACH DATABASE ? AS src", (path,))
-    try:
-        with scratch:
-            scratch.execute("BEGIN")
-            scratch.execute("INSERT INTO suppressions SELECT * FROM src.suppressions")
-            scratch.execute(
-                "INSERT INTO list_optouts SELECT * FROM src.list_optouts WHERE list_name = ?",
-                (list_name,),
-            )
-            # Every list's send of this issue: a new send leaves out whoever
-            # another list's send already has, and the dry run must count them.
-            scratch.execute(
-                "INSERT INTO sends SELECT * FROM src.sends WHERE issue_id = ?", (issue_id,)
-            )
-            scratch.execute(
-                "INSERT INTO deliveries SELECT d.* FROM src.sends s "
-                "JOIN src.deliveries d ON d.send_id = s.id WHERE s.issue_id = ?",
-                (issue_id,),
-            )
-            send = scratch.execute(
-                "SELECT id FROM sends WHERE issue_id = ? AND list_name = ?",
-                (issue_id, list_name),
-            ).fetchone()
-            if send is None:
-                scratch.execute(
-                    "INSERT INTO subscribers SELECT u.* FROM src.subscribers u "
-                    "JOIN src.list_members m ON m.subscriber_id = u.id WHERE m.list_name = ?",
-                    (list_name,),
-                )
-                scratch.execute(
-                    "INSERT INTO list_members SELECT * FROM src.list_members WHERE list_name = ?",
-                    (list_name,),
-                )
-            else:
-                # Rows frozen before attributes were kept read them from the subscriber.
-                scratch.execute(
-                    "INSERT INTO subscribers SELECT u.* FROM src.subscribers u WHERE u.email IN "
-                    "(SELECT email FROM deliveries WHERE send_id = ? AND attributes IS NULL)",
-                    (send[0],),
-                )
-            scratch.execute(
-                "INSERT INTO list_columns SELECT * FROM src.list_columns WHERE list_name = ?",
-                (list_name,),
-            )
-    finally:
-        scratch.execute("DETACH DATABASE src")

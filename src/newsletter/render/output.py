@@ -13,9 +13,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from newsletter.errors import OutputError
-from newsletter.render.pipeline import BuildResult
+
+if TYPE_CHECKING:
+    from newsletter.build import BuildResult
 
 
 def write_build(result: BuildResult, out_dir: Path) -> Path:

@@ -1,16 +1,16 @@
 """Scheduled sends: is a send due now, and if so, send it, once, whoever else is running.
 
-Input: a :class:`~newsletter.schedule.slots.Schedule`, the issues folder, the
-database, the current time and a ``send_issue`` function (the same one
-``newsletter send`` uses). Output: a :class:`DueResult` saying what
-happened. ``newsletter send --due`` (cron, systemd timers) calls
+Input: a :class:`~newsletter.schedule.slots.Schedule`, the issues folder, a
+:class:`~newsletter.storage.base.Storage`, the current time and a
+``send_issue`` function (the same one ``newsletter send`` uses). Output: a
+:class:`DueResult` saying what happened. ``newsletter send --due`` (cron, systemd timers) calls
 :func:`check_and_send` once; ``newsletter schedule run`` calls it in a loop.
 
 Exactly once, across restarts and overlaps:
 
-- a lease in the database (:class:`Lease`) lets one run at a time act on the
+- a lease in the database (``storage.lease``) lets one run at a time act on the
   schedule; a run that dies loses its lease after ``LEASE_SECONDS``;
-- each slot's fate is recorded (``slots`` table), so a slot already sent is
+- each slot's fate is recorded (``storage.slots``), so a slot already sent is
   left alone and an interrupted one is resumed (the send log does the rest);
 - a slot is only acted on within its catch-up window: after that it is
   recorded as missed and reported, never sent days late.
@@ -19,19 +19,24 @@ Exactly once, across restarts and overlaps:
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from newsletter.delivery.sending import NobodyMailable, SendReport, check_merge_fields
-from newsletter.errors import CampaignAborted, LockHeld, NewsletterError, ValidationFailed
+from newsletter.errors import (
+    CampaignAborted,
+    LockHeld,
+    NewsletterError,
+    StorageError,
+    ValidationFailed,
+)
 from newsletter.render import issue_ids
 from newsletter.render.loading import Loaded, load_issue, load_society, named_day
 from newsletter.render.yaml_input import read_yaml
 from newsletter.schedule.slots import Schedule, Slot, latest, slots_between
-from newsletter.storage.sqlite.leases import Lease
+from newsletter.storage.base import SlotStore, Storage
 
 LOCK_NAME = "schedule"
 
@@ -187,7 +192,7 @@ def issue_problems(
     choice: IssueChoice,
     society_file: Path | None = None,
     *,
-    conn: sqlite3.Connection | None = None,
+    storage: Storage | None = None,
     lists: Sequence[str] = (),
 ) -> list[str]:
     """What would stop the send of ``choice`` if it were due now, to show ahead of time:
@@ -198,10 +203,10 @@ def issue_problems(
     problems += _id_clashes(choice.path)
     if society_file is not None:
         problems += _load(load_society, society_file)[1]
-    if loaded is not None and conn is not None and loaded.merge_fields:
+    if loaded is not None and storage is not None and loaded.merge_fields:
         for name in lists:
             try:
-                check_merge_fields(conn, loaded.value.id, name, loaded.merge_fields)
+                check_merge_fields(storage, loaded.value.id, name, loaded.merge_fields)
             except ValidationFailed as exc:
                 problems += [f"list {name}: {p}" for p in exc.problems]
     return problems
@@ -253,49 +258,12 @@ def _date_field(path: Path) -> str | None:
     return date
 
 
-class Slots:
-    """The record of what became of each slot."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-    def state(self, slot: Slot) -> str | None:
-        row = self.conn.execute("SELECT state FROM slots WHERE key = ?", (slot.key,)).fetchone()
-        return None if row is None else str(row[0])
-
-    def set(self, slot: Slot, state: str, issue_id: str | None = None, detail: str = "") -> None:
-        with self.conn:
-            self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.execute(
-                "INSERT INTO slots (key, local_day, issue_id, state, detail, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
-                "issue_id = coalesce(excluded.issue_id, slots.issue_id), state = excluded.state, "
-                "detail = excluded.detail, updated_at = excluded.updated_at",
-                (
-                    slot.key,
-                    slot.local_day.isoformat(),
-                    issue_id,
-                    state,
-                    detail[:2000],
-                    dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                ),
-            )
-
-    def recent(self, limit: int = 10) -> list[tuple[str, str, str | None, str, str]]:
-        rows = self.conn.execute(
-            "SELECT key, local_day, issue_id, state, detail FROM slots ORDER BY key DESC LIMIT ?",
-            (limit,),
-        )
-        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
-
-
 def check_and_send(
     *,
     schedule: Schedule,
     lists: list[str],
     issues_dir: Path,
-    conn: sqlite3.Connection,
-    db_path: Path,
+    storage: Storage,
     now: dt.datetime,
     send_issue: Callable[[Path, str], SendReport],
     society_file: Path | None = None,
@@ -304,7 +272,7 @@ def check_and_send(
 
     ``society_file`` is checked with the issue, so that a problem in it fails
     the slot once rather than every list's send in turn."""
-    slots = Slots(conn)
+    slots = storage.slots
     slot = latest(schedule, now, within=schedule.catch_up)
     if slot is None:
         return _nothing_or_missed(schedule, slots, now)
@@ -312,7 +280,7 @@ def check_and_send(
         return DueResult("done-already", f"the slot {_when(schedule, slot)} was handled", slot)
     # "no-issue" and "failed" are looked at again while the window lasts: the
     # editor may add or fix the file in time.
-    lease = Lease(db_path, LOCK_NAME)
+    lease = storage.lease(LOCK_NAME)
     try:
         lease.acquire(now.timestamp())
     except LockHeld as exc:
@@ -326,7 +294,7 @@ def check_and_send(
 def _send_slot(
     schedule: Schedule,
     slot: Slot,
-    slots: Slots,
+    slots: SlotStore,
     lists: list[str],
     issues_dir: Path,
     send_issue: Callable[[Path, str], SendReport],
@@ -393,7 +361,7 @@ def _send_slot(
 def _send_lists(
     when: str,
     slot: Slot,
-    slots: Slots,
+    slots: SlotStore,
     issue_id: str,
     path: Path,
     lists: list[str],
@@ -415,6 +383,10 @@ def _send_lists(
         except NobodyMailable as exc:
             nobody[name] = f"nobody to send to on {name}: {exc.summary}"
             continue
+        except StorageError:
+            # The database failing is no fault of this list: the slot stays as it is
+            # (what went out is in the send log) and the run reports it, as before.
+            raise
         except NewsletterError as exc:
             # One list that cannot be sent (empty, its send locked by a run by
             # hand) does not hold back the others, and is not hidden by them.
@@ -446,7 +418,7 @@ def _unfinished(report: SendReport) -> str:
     return f"{report.record.list_name} not finished: {left or 'nothing left'}{stopped}"
 
 
-def _nothing_or_missed(schedule: Schedule, slots: Slots, now: dt.datetime) -> DueResult:
+def _nothing_or_missed(schedule: Schedule, slots: SlotStore, now: dt.datetime) -> DueResult:
     if not slots.recent(1):
         # A first run knows of no earlier slot it was meant to keep: a slot
         # before the schedule was set up is not "missed".

@@ -1,34 +1,242 @@
-"""Storage interfaces: what the send pipeline needs from a database, as Protocols.
+"""Storage interface: what every stage needs from a database, as Protocols and records.
 
-:class:`newsletter.storage.sqlite.subscribers.SubscriberStore`,
-:class:`newsletter.storage.sqlite.send_log.SendLog` and
-:class:`newsletter.storage.sqlite.archive.ArchiveStore` implement them on SQLite. A PostgreSQL
-backend (several machines sending one campaign) implements the same methods;
-the one property every implementation must keep is that :meth:`claim` is
-atomic: two senders never claim the same recipient.
+Input: nothing (the interface). Output: the Protocols :class:`Storage` (one open
+database) with its stores :class:`Subscribers`, :class:`SendLogStore`,
+:class:`IssueArchive`, :class:`SlotStore` and its :class:`Lease`s, and the
+records (frozen dataclasses) that cross them. Stages take a ``Storage`` or the
+narrow store they need, never a connection or a path.
+
+:mod:`newsletter.storage.sqlite` implements it on one SQLite file; a PostgreSQL
+backend (several machines sending one campaign) implements the same methods and
+keeps the guarantees each docstring states. The ones the product rests on:
+
+- **claim** is atomic: two senders never get the same recipient, and the rows
+  are committed ``sending`` before it returns;
+- **sending** after a crash means *fate unknown*: :meth:`SendLogStore.mark_interrupted`
+  turns such rows ``unknown``, never silently ``pending``;
+- **freeze** writes all of a send's rows or none, once per issue and list;
+- a **lease** expires ``ttl`` seconds after its last renewal, and its holder
+  learns when it lost it.
+
+Errors: a store raises :class:`newsletter.errors.StorageBusy` or
+:class:`newsletter.errors.StorageUnavailable` when the database cannot be used
+(never the driver's own exception); a bug in a query stays a plain exception.
+Threads: a store is used by one thread at a time, though not always the one
+that opened it (a send hands its log to a database thread); a second thread
+that needs the database at the same time takes :meth:`Storage.reopen`.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import unicodedata
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Protocol
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from newsletter.errors import Problem
+from newsletter.models import Delivery, Outcome, Recipient
 
 if TYPE_CHECKING:
     from newsletter.audience.csv_import import ParsedRow
-    from newsletter.errors import Problem
-    from newsletter.models import Recipient
-    from newsletter.storage.sqlite.archive import (
-        ArchivedIssue,
-        Published,
-        Source,
-        SourceUse,
-        Summary,
-    )
-    from newsletter.storage.sqlite.send_log import Delivery, Outcome, SendRecord
-    from newsletter.storage.sqlite.subscribers import ImportReport, ListStates, Member, Suppression
+
+__all__ = [
+    "LEASE_SECONDS",
+    "MAX_LIFT_REASON",
+    "ArchivedIssue",
+    "Delivery",
+    "ImportReport",
+    "IssueArchive",
+    "Lease",
+    "ListStates",
+    "Member",
+    "Outcome",
+    "Published",
+    "SendLogStore",
+    "SendRecord",
+    "SlotKey",
+    "SlotState",
+    "SlotStore",
+    "Source",
+    "SourceUse",
+    "Storage",
+    "Subscribers",
+    "Summary",
+    "Suppression",
+    "lift_reason",
+]
+
+LEASE_SECONDS = 120.0
+MAX_LIFT_REASON = 200
+
+# What became of a schedule slot (``newsletter schedule`` shows it).
+SlotState = Literal["sending", "done", "incomplete", "missed", "expired", "no-issue", "failed"]
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class SendRecord:
+    """One send: an issue to a list, frozen once; ``audience`` rows in its log."""
+
+    id: int
+    issue_id: str
+    list_name: str
+    created_at: str
+    audience: int
+    suppressed: int
+    duplicates: int = 0  # left out: another list's send of this issue has them
+
+
+@dataclass(slots=True)
+class ImportReport:
+    list_name: str
+    added: int = 0  # new on this list
+    updated: int = 0  # already on this list; the file's columns refreshed
+    duplicates: int = 0  # the same address again further down the file
+    suppressed: int = 0  # on the list now, but will never be mailed (opted out or suppressed)
+    opted_out: int = 0  # of those, opted out of this list by the file's newsletter_state
+    newly_suppressed: int = 0  # suppressed by the file's newsletter_state
+    skipped: int = 0  # bad rows (records): each has one or more problems
+    problems: list[Problem] = field(default_factory=list)  # the first MAX_PROBLEMS
+    more_problems: int = 0  # problems beyond those
+    committed: bool = False
+    columns: list[str] = field(default_factory=list)  # the file's own, beyond email and names
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    email: str
+    first_name: str
+    last_name: str
+    attributes: dict[str, str]
+    suppressed: str | None  # the reason, if the address is suppressed (every list)
+    suppressed_since: str | None = None
+    opted_out_since: str | None = None  # when it left this list, if it did
+
+    @property
+    def state(self) -> str:
+        """subscribed (will be mailed), opted-out (of this list) or suppressed (every list)."""
+        if self.suppressed:
+            return "suppressed"
+        return "opted-out" if self.opted_out_since else "subscribed"
+
+
+@dataclass(frozen=True, slots=True)
+class ListStates:
+    """A list's members by state; each member is counted once (suppressed first)."""
+
+    subscribed: int  # will be mailed
+    opted_out: int  # left this list
+    suppressed: dict[str, int]  # by reason
+
+    @property
+    def members(self) -> int:
+        return self.subscribed + self.opted_out + sum(self.suppressed.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Suppression:
+    email: str
+    reason: str
+    list_name: str | None  # where the request came from, if known
+    since: str
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """An issue file as a send used it: the path as given, and the SHA-256 of its bytes."""
+
+    file: str
+    sha256: str
+
+    @classmethod
+    def of(cls, path: Path) -> Source:
+        return cls(str(path), hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+@dataclass(frozen=True, slots=True)
+class ArchivedIssue:
+    issue_id: str
+    subject: str
+    date: str  # YYYY-MM-DD
+    preheader: str
+    html: str  # the web version
+    source: Source
+    frozen_at: str = ""  # ISO time, UTC; empty: now, when it is frozen
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """An issue delivered to at least one person: a line of the archive's index."""
+
+    issue_id: str
+    first_sent: str  # ISO time the first send of it started
+    # False for a send made before the archive kept what was sent: its page is
+    # then rendered from the issue file.
+    archived: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """An archive row without its HTML."""
+
+    issue_id: str
+    subject: str
+    date: str
+    preheader: str
+    frozen_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class SourceUse:
+    """Where an issue id was used before: one send, or the archive row."""
+
+    what: str  # "the send to LIST" or "the archive"
+    source: Source | None  # None: recorded before sends kept their source
+    at: str
+
+
+class SlotKey(Protocol):
+    """A schedule slot as the slot store keys it (``schedule.slots.Slot`` is one)."""
+
+    @property
+    def key(self) -> str: ...  # the slot's instant, UTC, e.g. 2026-12-03T14:00Z
+
+    @property
+    def local_day(self) -> dt.date: ...
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def lift_reason(text: str) -> str:
+    """The reason given for lifting a suppression, stripped; ValueError unless it is one
+    line of at most MAX_LIFT_REASON characters (it goes into the log, and onto screens)."""
+    reason = text.strip()
+    if any(unicodedata.category(ch) in ("Cc", "Cf") for ch in reason):
+        raise ValueError("must be one line of text, without control or direction characters")
+    if not reason:
+        raise ValueError("say why the address may be mailed again")
+    if len(reason) > MAX_LIFT_REASON:
+        raise ValueError(f"is {len(reason)} characters; at most {MAX_LIFT_REASON}")
+    return reason
+
+
+# ---------------------------------------------------------------- stores
 
 
 class Subscribers(Protocol):
+    """Lists, their members, opt-outs (one list) and suppressions (every list).
+
+    Each member of a list is subscribed, opted out of that list, or suppressed
+    (unsubscribed, bounced, complained). Every change commits before the method
+    returns; no import lifts an opt-out or a suppression."""
+
     def import_rows(
         self,
         list_name: str,
@@ -36,55 +244,305 @@ class Subscribers(Protocol):
         *,
         skip_invalid: bool,
         actor: str = "import",
-    ) -> ImportReport: ...
-    def lists(self) -> list[tuple[str, int]]: ...
-    def count(self, list_name: str) -> tuple[int, int]: ...
-    def states(self, list_name: str) -> ListStates: ...
-    def attribute_names(self, list_name: str) -> list[str]: ...
-    def columns(self, list_name: str) -> list[str]: ...
-    def recipient(self, email: str) -> Recipient | None: ...
-    def members(self, list_name: str) -> Iterator[Member]: ...
-    def audience(self, list_name: str, columns: Sequence[str] = ()) -> Iterator[Recipient]: ...
-    def suppression(self, email: str) -> str | None: ...
-    def suppression_info(self, email: str) -> Suppression | None: ...
-    def suppression_history(self, email: str) -> list[tuple[str, str, str, str | None, str]]: ...
-    def remove(self, list_name: str, emails: Iterable[str]) -> int: ...
+    ) -> ImportReport:
+        """Add rows to a list: every good row or, when a bad one is found and bad rows are
+        not skipped, none (one transaction, ``report.committed`` says which). Columns a row
+        lacks keep their stored values; an export's state column is recorded by ``actor``.
+        The rows are read and checked before the write lock is taken."""
+        ...
+
+    def lists(self) -> list[tuple[str, int]]:
+        """Every list with its number of members (any state), by name."""
+        ...
+
+    def count(self, list_name: str) -> tuple[int, int]:
+        """(members, of whom suppressed or opted out)."""
+        ...
+
+    def states(self, list_name: str) -> ListStates:
+        """The members of ``list_name`` by state; each counted once, suppressed first."""
+        ...
+
+    def attribute_names(self, list_name: str) -> list[str]:
+        """Every attribute a member has and every column the list was imported with,
+        sorted: the export's columns."""
+        ...
+
+    def columns(self, list_name: str) -> list[str]:
+        """The columns ``list_name`` was ever imported with, beyond email and names, in the
+        order they came (empty ones too): the merge fields a send to it can use."""
+        ...
+
+    def recipient(self, email: str) -> Recipient | None:
+        """The subscriber ``email`` (normalised) with every attribute, or None."""
+        ...
+
+    def members(self, list_name: str) -> Iterator[Member]:
+        """Every member with its state, in a stable order; memory stays flat."""
+        ...
+
+    def audience(self, list_name: str, columns: Sequence[str] = ()) -> Iterator[Recipient]:
+        """Who a send to ``list_name`` goes to now: members less suppressed and opted-out
+        ones, in a stable order, each with only the attributes named in ``columns``."""
+        ...
+
+    def suppression(self, email: str) -> str | None:
+        """Why ``email`` is suppressed, or None."""
+        ...
+
+    def suppression_info(self, email: str) -> Suppression | None:
+        """Why and since when ``email`` is suppressed, or None."""
+        ...
+
+    def suppression_history(self, email: str) -> list[tuple[str, str, str, str | None, str]]:
+        """The suppression log of ``email``, oldest first: (when, action, reason, list, who)."""
+        ...
+
+    def remove(self, list_name: str, emails: Iterable[str]) -> int:
+        """Take addresses off a list (one transaction); how many were on it."""
+        ...
+
     def suppress(
         self, email: str, reason: str, *, list_name: str | None = None, actor: str = "cli"
-    ) -> bool: ...
-    def unsuppress(self, email: str, *, reason: str, actor: str) -> str | None: ...
-    def choose_lists(self, email: str, wanted: Collection[str], *, actor: str) -> str | None: ...
+    ) -> bool:
+        """Never mail ``email`` again, on any list; False if it already was, for this reason
+        or a weightier one (complained > bounced > unsubscribed replaces a lighter one).
+        Logged with ``actor``."""
+        ...
+
+    def unsuppress(self, email: str, *, reason: str, actor: str) -> str | None:
+        """Lift the suppression (logged with ``reason`` and ``actor``); the reason it had, or
+        None. ValueError unless ``reason`` passes :func:`lift_reason`."""
+        ...
+
+    def opt_out(self, list_name: str, email: str) -> bool:
+        """``email`` leaves ``list_name``: no later send to it reaches them, even after a
+        re-import. False if it had left already."""
+        ...
+
+    def opt_in(self, list_name: str, email: str) -> bool:
+        """Undo :meth:`opt_out`; False if it had not left."""
+        ...
+
+    def lists_of(self, email: str) -> list[tuple[str, bool]]:
+        """The lists ``email`` is a member of, by name, each with whether it left it."""
+        ...
+
+    def choose_lists(self, email: str, wanted: Collection[str], *, actor: str) -> str | None:
+        """Save a preferences form in one transaction; the suppression reason after.
+
+        Stays on the lists in ``wanted`` it is a member of, leaves the others;
+        leaving every one suppresses it (``unsubscribed``); choosing one lifts an
+        ``unsubscribed`` suppression, never ``bounced`` or ``complained``."""
+        ...
 
 
 class SendLogStore(Protocol):
-    def find(self, issue_id: str, list_name: str) -> SendRecord | None: ...
-    def lists_sent(self, issue_id: str) -> list[str]: ...
+    """The durable record of every recipient's fate in each send.
+
+    A recipient moves ``pending → sending → sent | rejected | deferred``; every
+    move is committed before the method returns. ``sending`` is committed before
+    its transaction starts, so after a crash the rows still ``sending`` are
+    exactly those whose fate is unknown."""
+
+    def find(self, issue_id: str, list_name: str) -> SendRecord | None:
+        """The send of ``issue_id`` to ``list_name``, or None if it was never frozen."""
+        ...
+
+    def lists_sent(self, issue_id: str) -> list[str]:
+        """The lists ``issue_id`` has a send to (started, finished or not), by name."""
+        ...
+
     def freeze(
         self, issue_id: str, list_name: str, audience: Iterable[Recipient], suppressed: int
-    ) -> SendRecord: ...
-    def duplicates(
-        self, issue_id: str, list_name: str, first: int = 5
-    ) -> tuple[int, list[str]]: ...
+    ) -> SendRecord:
+        """Record who this send goes to: all rows or none, once per issue and list (a
+        second freeze of the same pair fails). Leaves out, and counts in ``duplicates``,
+        every address another list's send of ``issue_id`` has (any state but
+        ``suppressed``); two freezes of one issue take turns, so each sees the other's rows."""
+        ...
+
+    def duplicates(self, issue_id: str, list_name: str, first: int = 5) -> tuple[int, list[str]]:
+        """What :meth:`freeze` would leave out now, read only: how many, and the first
+        ``first`` addresses it would keep (when any are left out)."""
+        ...
+
     def empty_values(
         self, issue_id: str, list_name: str, fields: Sequence[str]
-    ) -> tuple[int, list[int]]: ...
-    def mark_interrupted(self, send_id: int) -> int: ...
-    def make_deferred_due(self, send_id: int) -> None: ...
-    def requeue(self, send_id: int, state: str) -> int: ...
-    def claim(self, send_id: int, limit: int, now: float) -> list[Delivery]: ...
-    def record(self, send_id: int, outcomes: Iterable[tuple[int, Outcome]]) -> None: ...
-    def release(self, send_id: int, seqs: Iterable[int]) -> None: ...
-    def counts(self, send_id: int) -> dict[str, int]: ...
-    def in_state(self, send_id: int, state: str, limit: int = 1000) -> list[tuple[str, str]]: ...
-    def last_errors(self, send_id: int, limit: int = 10) -> list[tuple[str, str, str, str]]: ...
-    def sent_since(self, since: float) -> int: ...
-    def next_retry(self, send_id: int) -> float | None: ...
+    ) -> tuple[int, list[int]]:
+        """(whom the send would mail now, how many of them have no value for each of
+        ``fields``). Before the freeze: the audience less :meth:`duplicates`; after: its
+        recipients still to be mailed. Blank and invisible-only values are no value."""
+        ...
+
+    def mark_interrupted(self, send_id: int) -> int:
+        """Turn rows left ``sending`` by a dead run into ``unknown`` (they may have been
+        delivered; never back to ``pending``); how many. Call only while holding the
+        send's lease, so no live run's rows are taken for dead ones."""
+        ...
+
+    def make_deferred_due(self, send_id: int) -> None:
+        """Make every deferred recipient due now (a new run retries them straight away)."""
+        ...
+
+    def requeue(self, send_id: int, state: str) -> int:
+        """Put every recipient in ``state`` (``unknown`` or ``rejected``) back to
+        ``pending``, when the user asks; how many."""
+        ...
+
+    def claim(self, send_id: int, limit: int, now: float) -> list[Delivery]:
+        """Take up to ``limit`` due recipients (pending, then deferred due by ``now``),
+        atomically: two senders never get the same one. They are committed ``sending``
+        (attempts counted) before this returns. Someone who left or was suppressed since
+        the freeze is marked ``suppressed``, not returned. Empty: nothing is due."""
+        ...
+
+    def record(self, send_id: int, outcomes: Iterable[tuple[int, Outcome]]) -> None:
+        """Commit the outcomes of finished transactions (by seq), as one batch; only rows
+        still ``sending`` change."""
+        ...
+
+    def release(self, send_id: int, seqs: Iterable[int]) -> None:
+        """Claimed but never attempted (the run is stopping): back to ``pending``, their
+        attempt uncounted; only rows still ``sending`` change."""
+        ...
+
+    def counts(self, send_id: int) -> dict[str, int]:
+        """Recipients by state, every state present (0 when none)."""
+        ...
+
+    def in_state(self, send_id: int, state: str, limit: int = 1000) -> list[tuple[str, str]]:
+        """(address, detail) of recipients in ``state``, in audience order."""
+        ...
+
+    def last_errors(self, send_id: int, limit: int = 10) -> list[tuple[str, str, str, str]]:
+        """(time, address, state, detail) of the latest failures, newest first."""
+        ...
+
+    def sent_since(self, since: float) -> int:
+        """Messages every send has sent since ``since`` (unix time): the hour and day caps."""
+        ...
+
+    def next_retry(self, send_id: int) -> float | None:
+        """When the earliest deferred recipient is due (unix time), or None."""
+        ...
 
 
 class IssueArchive(Protocol):
-    def published(self) -> list[Published]: ...
-    def summaries(self) -> dict[str, Summary]: ...
-    def get(self, issue_id: str) -> ArchivedIssue | None: ...
-    def uses(self, issue_id: str) -> list[SourceUse]: ...
-    def freeze(self, issue: ArchivedIssue) -> ArchivedIssue: ...
-    def record_source(self, send_id: int, source: Source) -> None: ...
+    """The archive of sent issues (written once per issue), and where each send came from."""
+
+    def published(self) -> list[Published]:
+        """Every issue delivered to someone (a row ``sent``), in issue-id order. Asked on
+        every request: an implementation may cache it until the database changes."""
+        ...
+
+    def summaries(self) -> dict[str, Summary]:
+        """Every archive row but its HTML, by issue id."""
+        ...
+
+    def get(self, issue_id: str) -> ArchivedIssue | None:
+        """The archive's copy of ``issue_id``, or None."""
+        ...
+
+    def uses(self, issue_id: str) -> list[SourceUse]:
+        """Every earlier use of ``issue_id``: its sends (any list), then its archive row."""
+        ...
+
+    def freeze(self, issue: ArchivedIssue) -> ArchivedIssue:
+        """Keep ``issue`` unless a copy is kept already (the first writer wins, committed);
+        the copy kept."""
+        ...
+
+    def record_source(self, send_id: int, source: Source) -> None:
+        """Note the file a send was started from; a resume keeps the first one noted."""
+        ...
+
+
+class SlotStore(Protocol):
+    """What became of each schedule slot (one row per slot, its latest state)."""
+
+    def state(self, slot: SlotKey) -> str | None:
+        """The slot's recorded state, or None if no run acted on it."""
+        ...
+
+    def set(
+        self, slot: SlotKey, state: SlotState, issue_id: str | None = None, detail: str = ""
+    ) -> None:
+        """Record the slot's state (committed); an issue id once set is kept when
+        ``issue_id`` is None. ``detail`` is cut to 2,000 characters."""
+        ...
+
+    def recent(self, limit: int = 10) -> list[tuple[str, str, str | None, str, str]]:
+        """The latest slots, newest first: (key, local day, issue id, state, detail)."""
+        ...
+
+
+class Lease(Protocol):
+    """A named lock that one run at a time holds, with an expiry.
+
+    :meth:`acquire` takes it unless another live holder has it; the holder renews it
+    in the background every ``ttl / 4``; it expires ``ttl`` seconds after the last
+    renewal, so a holder that dies (kill -9, power cut) frees it within ``ttl`` (at
+    once, when it ran on this machine and its process is gone)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def ttl(self) -> float: ...
+
+    def acquire(self, now: float) -> None:
+        """Take the lease, or raise :class:`newsletter.errors.LockHeld` naming the live
+        holder (host, process, since when, until when). Taking it again is a renewal."""
+        ...
+
+    @property
+    def lost(self) -> str | None:
+        """None while the lease is ours; once a renewal found it taken (it had run out and
+        another run acquired it), that holder: the run must stop claiming, record what
+        is in flight and end."""
+        ...
+
+    def check(self) -> None:
+        """Raise :class:`newsletter.errors.LeaseLost` if :attr:`lost` says so."""
+        ...
+
+    def release(self) -> None:
+        """Stop renewing and free the lease if it is still ours (never another's)."""
+        ...
+
+
+class Storage(Protocol):
+    """One open database: its stores, leases, and the dry run's scratch copy."""
+
+    @property
+    def subscribers(self) -> Subscribers: ...
+    @property
+    def send_log(self) -> SendLogStore: ...
+    @property
+    def archive(self) -> IssueArchive: ...
+    @property
+    def slots(self) -> SlotStore: ...
+
+    def lease(self, name: str, ttl: float = LEASE_SECONDS) -> Lease:
+        """A lease named ``name`` on this database (not yet acquired)."""
+        ...
+
+    def scratch_copy(self, issue_id: str, list_name: str) -> AbstractContextManager[Storage]:
+        """A throw-away database holding what a send of ``issue_id`` to ``list_name``
+        reads (its list, suppressions, opt-outs, columns, and every list's send of the
+        issue), for the dry run: the same code path then writes there, never here. It
+        is deleted on exit; memory stays flat for any list size."""
+        ...
+
+    def reopen(self) -> Storage:
+        """A second, independent connection to the same database (for another thread);
+        it never creates one. The caller closes it."""
+        ...
+
+    def schema_version(self) -> int:
+        """The schema version the database records (the current one once opened)."""
+        ...
+
+    def close(self) -> None:
+        """Close the connection; the stores must not be used after."""
+        ...

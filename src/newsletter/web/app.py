@@ -1,7 +1,8 @@
 """Web stage: the pages behind the links in every email (``newsletter serve``).
 
-Input: HTTP requests carrying a token from :mod:`newsletter.tokens`. Output:
-small server-rendered pages, and changes to the subscriber store.
+Input: HTTP requests carrying a token from :mod:`newsletter.tokens`, and a
+:class:`~newsletter.storage.base.Storage` that each server thread reopens for
+itself. Output: small server-rendered pages, and changes to the subscriber store.
 
 - ``POST /unsubscribe/<token>`` with ``List-Unsubscribe=One-Click`` (RFC 8058,
   as Gmail and Yahoo send it: no cookies, no login) takes the address off
@@ -37,12 +38,10 @@ import email
 import email.policy
 import html
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -54,11 +53,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from newsletter import tokens
-from newsletter.errors import ConfigError
+from newsletter.errors import ConfigError, StorageBusy, StorageError
 from newsletter.models import Society
-from newsletter.storage.sqlite.archive import ArchiveStore
-from newsletter.storage.sqlite.connection import connect
-from newsletter.storage.sqlite.subscribers import SubscriberStore
+from newsletter.storage.base import IssueArchive, Storage, Subscribers
 from newsletter.web.archive import Archive, ArchiveEntry, Page
 
 log = logging.getLogger("newsletter.web")
@@ -95,27 +92,13 @@ def _utc_now() -> dt.datetime:
 class WebConfig:
     token_key: bytes
     society: Society
-    store: Callable[[], SubscriberStore]  # a store on a connection for this thread
+    # The database; each server thread works on its own storage.reopen() of it.
+    storage: Storage
     archive: Archive | None = None
     # The https base of every link, form and redirect (NEWSLETTER_PUBLIC_URL); it
     # may have a path, such as https://host/news, behind a proxy that strips it.
     public_url: str = "https://news.example.org"
     clock: Callable[[], dt.datetime] = field(default=_utc_now)
-
-
-def store_per_thread(db_path: Path, *, busy_seconds: float = 20.0) -> Callable[[], SubscriberStore]:
-    """SQLite connections belong to one thread: one store per thread that asks."""
-    local = threading.local()
-
-    def store() -> SubscriberStore:
-        if not hasattr(local, "store"):
-            # Never create: a database gone missing answers 503, it is not replaced
-            # by an empty one that would answer "already unsubscribed".
-            local.store = SubscriberStore(connect(db_path, create=False, busy_seconds=busy_seconds))
-        found: SubscriberStore = local.store
-        return found
-
-    return store
 
 
 def _guarded(
@@ -128,14 +111,15 @@ def _guarded(
             return await handler(request)
         except _TooLarge:
             return PlainTextResponse("Request too large.\n", status_code=413)
-        except (sqlite3.OperationalError, ConfigError) as exc:
-            if "locked" in str(exc):  # a writer holds it (connect wraps that too)
-                log.warning("database busy; answered 503")
-                return PlainTextResponse(
-                    "Busy, nothing was changed; please try again in a minute.\n",
-                    status_code=503,
-                    headers={"retry-after": "60"},
-                )
+        except StorageBusy:
+            # A writer (a send freezing its audience, an import) holds it.
+            log.warning("database busy; answered 503")
+            return PlainTextResponse(
+                "Busy, nothing was changed; please try again in a minute.\n",
+                status_code=503,
+                headers={"retry-after": "60"},
+            )
+        except (StorageError, ConfigError) as exc:
             # Not a lock that will pass: a database from a newer version, a full disk, a
             # missing file. The operator needs to know which; the messages hold no address.
             log.error("database unusable, answered 503: %s", exc)
@@ -261,6 +245,7 @@ class _Pages:
     def __init__(self, config: WebConfig) -> None:
         self.config = config
         self.base = config.public_url.rstrip("/")
+        self._local = threading.local()  # each server thread's own storage
 
     def _subject(self, request: Request, *kinds: tokens.Kind) -> tokens.TokenSubject | None:
         subject = tokens.read(self.config.token_key, str(request.path_params["token"]))
@@ -305,7 +290,7 @@ class _Pages:
         if not one_click and form.get("confirm") != "yes":
             return self._page("Nothing changed", "<p>The request was incomplete.</p>", 400)
 
-        def apply(store: SubscriberStore) -> tuple[bool, str | None]:
+        def apply(store: Subscribers) -> tuple[bool, str | None]:
             return store.opt_out(subject.list_name, subject.email), store.suppression(subject.email)
 
         changed, suppressed = await self._db(apply)
@@ -363,7 +348,7 @@ class _Pages:
         if form.get("confirm") != "yes":
             return self._page("Nothing changed", "<p>The request was incomplete.</p>", 400)
 
-        def apply(store: SubscriberStore) -> tuple[bool, bool, str | None]:
+        def apply(store: Subscribers) -> tuple[bool, bool, str | None]:
             changed = store.opt_in(subject.list_name, subject.email)
             member = any(name == subject.list_name for name, _ in store.lists_of(subject.email))
             return changed, member, store.suppression(subject.email)
@@ -490,7 +475,7 @@ class _Pages:
             k.removeprefix("list:") for k, v in form.items() if k.startswith("list:") and v == "on"
         }
 
-        def apply(store: SubscriberStore) -> tuple[list[tuple[str, bool]], str | None]:
+        def apply(store: Subscribers) -> tuple[list[tuple[str, bool]], str | None]:
             if saving:
                 suppressed = store.choose_lists(subject.email, wanted, actor="web")
                 return store.lists_of(subject.email), suppressed
@@ -636,7 +621,7 @@ class _Pages:
                 ).body
             )
 
-        page = await self._db(lambda store: archive.index_page(_archive_store(store), render))
+        page = await self._archive_db(lambda store: archive.index_page(store, render))
         return _public(request, page)
 
     async def issue(self, request: Request) -> Response:
@@ -644,7 +629,7 @@ class _Pages:
         issue_id = str(request.path_params["issue_id"])
         if archive is None:
             return self._page("Not found", "<p>There is no issue by that name.</p>", 404)
-        page = await self._db(lambda store: archive.issue_page(_archive_store(store), issue_id))
+        page = await self._archive_db(lambda store: archive.issue_page(store, issue_id))
         if page is None:
             return self._page("Not found", "<p>There is no issue by that name.</p>", 404)
         return _public(request, page)
@@ -653,13 +638,27 @@ class _Pages:
         archive = self.config.archive
         if archive is None:
             return PlainTextResponse("no archive\n", status_code=404)
-        page = await self._db(lambda store: archive.feed_page(_archive_store(store)))
+        page = await self._archive_db(archive.feed_page)
         return _public(request, page)
 
-    async def _db(self, work: Callable[[SubscriberStore], T]) -> T:
+    async def _db(self, work: Callable[[Subscribers], T]) -> T:
         """Database work off the event loop: a write waiting for a send's lock must not
         stall every other request."""
-        return await run_in_threadpool(lambda: work(self.config.store()))
+        return await run_in_threadpool(lambda: work(self._storage().subscribers))
+
+    async def _archive_db(self, work: Callable[[IssueArchive], T]) -> T:
+        return await run_in_threadpool(lambda: work(self._storage().archive))
+
+    def _storage(self) -> Storage:
+        """This thread's own connection to the database, opened at its first request.
+
+        Never created: a database gone missing answers 503, it is not replaced by an
+        empty one that would answer "already unsubscribed". Each has its own archive
+        store, which remembers the last version it read."""
+        found: Storage | None = getattr(self._local, "storage", None)
+        if found is None:
+            found = self._local.storage = self.config.storage.reopen()
+        return found
 
     def _newsletter(self, subject: tokens.TokenSubject) -> str:
         return f"{self.config.society.newsletter_name} ({subject.list_name})"
@@ -689,17 +688,6 @@ border-radius:4px;cursor:pointer}}button:focus{{outline:3px solid #f0b400}}</sty
 """,
             status_code=status,
         )
-
-
-_ARCHIVE_STORES = threading.local()
-
-
-def _archive_store(store: SubscriberStore) -> ArchiveStore:
-    """One archive store per thread's connection: it remembers the last version it read."""
-    found: ArchiveStore | None = getattr(_ARCHIVE_STORES, "store", None)
-    if found is None or found.conn is not store.conn:
-        found = _ARCHIVE_STORES.store = ArchiveStore(store.conn)
-    return found
 
 
 def _public(request: Request, page: Page) -> Response:
@@ -758,7 +746,7 @@ def _e(text: str) -> str:
     return html.escape(text, quote=True)
 
 
-def _state(store: SubscriberStore, subject: tokens.TokenSubject) -> tuple[bool, str | None]:
+def _state(store: Subscribers, subject: tokens.TokenSubject) -> tuple[bool, str | None]:
     """Whether the address has left the token's list, and why it is suppressed, if it is."""
     left = any(name == subject.list_name and out for name, out in store.lists_of(subject.email))
     return left, store.suppression(subject.email)

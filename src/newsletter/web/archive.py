@@ -1,6 +1,6 @@
 """Archive stage: issues as they were sent → web pages, an Atom feed, and their HTTP caching.
 
-Input: the archive store (:mod:`newsletter.storage.sqlite.archive`: the web version
+Input: the archive store (:class:`newsletter.storage.base.IssueArchive`: the web version
 each issue's first send froze, and which issues were delivered to someone),
 the society and the public URL. Output: :class:`Page` values (body, strong
 ETag, Last-Modified, max-age) for the index, each issue and the feed, and
@@ -43,8 +43,7 @@ from newsletter.render.loading import load_issue
 from newsletter.render.merge_fields import fill_general
 from newsletter.render.pipeline import web_version
 from newsletter.render.templating import Templates, load_templates
-from newsletter.storage.base import IssueArchive
-from newsletter.storage.sqlite.archive import ArchivedIssue, Published, Source
+from newsletter.storage.base import ArchivedIssue, IssueArchive, Published, Source
 
 log = logging.getLogger("newsletter.archive")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from newsletter.storage.sqlite.send_log import Outcome
+from newsletter.models import Outcome
 
 # Replies that mean "not now": slow down and try again later (RFC 5321 4.2).
 SLOW_DOWN = {421, 450, 451, 452, 454}

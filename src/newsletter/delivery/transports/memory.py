@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from newsletter.delivery.transports.base import Envelope, Session
-from newsletter.storage.sqlite.send_log import Outcome
+from newsletter.models import Outcome
 
 
 @dataclass(slots=True)

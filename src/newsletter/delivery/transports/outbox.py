@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from newsletter.delivery.transports.base import Envelope, Session
-from newsletter.storage.sqlite.send_log import Outcome
+from newsletter.models import Outcome
 
 
 class OutboxTransport:

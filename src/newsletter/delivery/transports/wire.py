@@ -18,7 +18,7 @@ from collections import deque
 
 from newsletter.delivery.transports.base import SLOW_DOWN, Envelope
 from newsletter.errors import CampaignAborted
-from newsletter.storage.sqlite.send_log import Outcome
+from newsletter.models import Outcome
 
 # RFC 5321 4.5.3.1.5 allows 512 octets a reply line; real servers stay far
 # below. Generous headroom, yet a server that streams without end (no CRLF, or

@@ -1,4 +1,4 @@
-"""Storage: the archive of sent issues, and where each send's issue came from.
+"""SQLite archive: the sent issues, and where each send's issue came from.
 
 Input: an open database connection. Output: the rows of the ``archive``
 table (the web version of each issue as its first send froze it, with the
@@ -12,71 +12,22 @@ backend implements the same methods (:class:`newsletter.storage.base.IssueArchiv
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import sqlite3
-from dataclasses import dataclass
-from pathlib import Path
 
+from newsletter.storage.base import ArchivedIssue, Published, Source, SourceUse, Summary
+from newsletter.storage.sqlite.connection import translated
 
-@dataclass(frozen=True, slots=True)
-class Source:
-    """An issue file as a send used it: the path as given, and the SHA-256 of its bytes."""
-
-    file: str
-    sha256: str
-
-    @classmethod
-    def of(cls, path: Path) -> Source:
-        return cls(str(path), hashlib.sha256(path.read_bytes()).hexdigest())
-
-
-@dataclass(frozen=True, slots=True)
-class ArchivedIssue:
-    issue_id: str
-    subject: str
-    date: str  # YYYY-MM-DD
-    preheader: str
-    html: str  # the web version
-    source: Source
-    frozen_at: str = ""  # ISO time, UTC; empty: now, when it is frozen
-
-
-@dataclass(frozen=True, slots=True)
-class Published:
-    """An issue delivered to at least one person: a line of the archive's index."""
-
-    issue_id: str
-    first_sent: str  # ISO time the first send of it started
-    # False for a send made before the archive kept what was sent: its page is
-    # then rendered from the issue file.
-    archived: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Summary:
-    """An archive row without its HTML."""
-
-    issue_id: str
-    subject: str
-    date: str
-    preheader: str
-    frozen_at: str
-
-
-@dataclass(frozen=True, slots=True)
-class SourceUse:
-    """Where an issue id was used before: one send, or the archive row."""
-
-    what: str  # "the send to LIST" or "the archive"
-    source: Source | None  # None: recorded before sends kept their source
-    at: str
+__all__ = ["ArchiveStore", "ArchivedIssue", "Published", "Source", "SourceUse", "Summary"]
 
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
+@translated
 class ArchiveStore:
+    """The archive on SQLite (:class:`newsletter.storage.base.IssueArchive`)."""
+
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self._published: tuple[tuple[int, int], list[Published]] | None = None

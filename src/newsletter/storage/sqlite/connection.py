@@ -1,23 +1,41 @@
-"""Storage: the SQLite database that holds subscribers, suppressions and send logs.
+"""SQLite connection: opens the one database file, migrates its schema, names its errors.
 
 Input: a path. Output: an open :class:`sqlite3.Connection` with the schema in
-place. Only a caller that means to start a database (``subscribers import``)
-creates one; everyone else is refused a missing file with what to do. The
-database runs in WAL mode with ``synchronous=FULL``: a committed
-send-log row survives a crash of the process or of the machine, which is what
-"never send twice" rests on. Every other module reaches the database through
-the store classes in :mod:`newsletter.storage.sqlite.subscribers` and
-:mod:`newsletter.storage.sqlite.send_log`; a PostgreSQL backend would implement the same
-methods.
+place (migrated under the write lock when it is older), and :func:`translated`,
+which turns SQLite's errors at every store's boundary into
+:class:`newsletter.errors.StorageBusy` or
+:class:`newsletter.errors.StorageUnavailable`. Only a caller that means to start
+a database (``subscribers import``) creates one; everyone else is refused a
+missing file with what to do. The database runs in WAL mode with
+``synchronous=FULL``: a committed send-log row survives a crash of the process
+or of the machine, which is what "never send twice" rests on. Every other
+module reaches the database through the stores of
+:class:`newsletter.storage.sqlite.storage.SqliteStorage`; a PostgreSQL backend
+implements the same Protocols (:mod:`newsletter.storage.base`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import re
 import sqlite3
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
-from newsletter.errors import ConfigError
+from newsletter.errors import ConfigError, StorageBusy, StorageError, StorageUnavailable
+
+T = TypeVar("T")
+
+
+class Connection(sqlite3.Connection):
+    """An SQLite connection that knows the database it stands for, to name it in errors
+    (a dry run's scratch copy names the real database, which the user knows)."""
+
+    db_path: Path | None = None
+
 
 # The base schema is version 1; each later version is one entry in _MIGRATIONS,
 # applied in order inside one write transaction, so two processes opening an
@@ -159,7 +177,14 @@ _TABLES = frozenset(
 )
 
 
-def connect(path: Path, *, create: bool = False, busy_seconds: float = 30.0) -> sqlite3.Connection:
+def connect(path: Path, *, create: bool = False, busy_seconds: float = 30.0) -> Connection:
+    """Open the database at ``path`` (see :func:`open_connection`)."""
+    return open_connection(path, create=create, busy_seconds=busy_seconds)[0]
+
+
+def open_connection(
+    path: Path, *, create: bool = False, busy_seconds: float = 30.0
+) -> tuple[Connection, int]:
     """Open the database at ``path``; wait up to ``busy_seconds`` for another writer.
 
     A missing database is refused unless ``create`` is given: a wrong
@@ -168,7 +193,8 @@ def connect(path: Path, *, create: bool = False, busy_seconds: float = 30.0) -> 
     would never reach the real one. For the same reason an empty file (or an
     SQLite database without tables) is only made a newsletter database by a
     caller that may create one, and another program's database never is.
-    Nothing is written to a file before it is known to be ours.
+    Nothing is written to a file before it is known to be ours. Returns the
+    connection and the schema version the file had before it was migrated.
     """
     if path.is_dir():
         raise ConfigError(
@@ -181,7 +207,11 @@ def connect(path: Path, *, create: bool = False, busy_seconds: float = 30.0) -> 
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
-                path, isolation_level=None, timeout=busy_seconds, check_same_thread=False
+                path,
+                isolation_level=None,
+                timeout=busy_seconds,
+                check_same_thread=False,
+                factory=Connection,
             )
         else:
             # mode=rw: a file removed since the check above is not made again.
@@ -193,12 +223,15 @@ def connect(path: Path, *, create: bool = False, busy_seconds: float = 30.0) -> 
                 # One thread at a time uses a store, but not always the one that
                 # opened it: a send hands its log to a database thread.
                 check_same_thread=False,
+                factory=Connection,
             )
     except (OSError, sqlite3.Error) as exc:
-        raise ConfigError(
+        raise StorageUnavailable(
             f"cannot open the database {path.absolute()} (NEWSLETTER_DATABASE): "
             f"{getattr(exc, 'strerror', None) or exc}; check the path and its permissions"
         ) from None
+    assert isinstance(conn, Connection)
+    conn.db_path = path
     conn.row_factory = sqlite3.Row
     try:
         # Read before anything is written: WAL mode alone would write a header.
@@ -227,11 +260,17 @@ def connect(path: Path, *, create: bool = False, busy_seconds: float = 30.0) -> 
             )
     except sqlite3.Error as exc:
         conn.close()
-        raise ConfigError(f"cannot use {_named(path)}: {sqlite_problem(exc)}") from None
+        message = f"cannot use {_named(path)}: {sqlite_problem(exc)}"
+        kind = _primary(exc)
+        if kind in _BUSY:
+            raise StorageBusy(message) from None
+        if kind in _ENVIRONMENT:
+            raise StorageUnavailable(message) from None
+        raise ConfigError(message) from None
     except BaseException:
         conn.close()
         raise
-    return conn
+    return conn, version
 
 
 def missing_database(path: Path) -> str:
@@ -273,10 +312,7 @@ def sqlite_problem(exc: sqlite3.Error) -> str:
     """What a failure of SQLite says about the database file, and what to do."""
     kind = _primary(exc)
     if kind in ("NOTADB", "CORRUPT"):
-        return (
-            f"it is not an intact SQLite database ({exc}); point NEWSLETTER_DATABASE at the "
-            "newsletter database, or restore it from a backup"
-        )
+        return _not_intact(str(exc))
     if kind in ("READONLY", "PERM", "CANTOPEN"):
         return (
             f"{exc}; the file and its folder must be writable by this user (SQLite keeps "
@@ -289,12 +325,96 @@ def sqlite_problem(exc: sqlite3.Error) -> str:
     return str(exc)
 
 
+def _not_intact(said: str) -> str:
+    return (
+        f"it is not an intact SQLite database ({said}); point NEWSLETTER_DATABASE at the "
+        "newsletter database, or restore it from a backup"
+    )
+
+
+def check_intact(conn: sqlite3.Connection, path: Path) -> None:
+    """Read every page (``PRAGMA quick_check``); StorageUnavailable if one is damaged."""
+    with errors_named(path):
+        found = [str(row[0]) for row in conn.execute("PRAGMA quick_check(1)")]
+    if found != ["ok"]:
+        raise StorageUnavailable(
+            f"cannot use {_named(path)}: {_not_intact('database disk image is malformed')}"
+        )
+
+
 def environment_problem(exc: sqlite3.Error, path: Path | None = None) -> str | None:
     """The message for an SQLite failure caused by the file or the machine (damage,
     permissions, a full disk, another program's lock), or None for a bug in a query."""
     if _primary(exc) not in _ENVIRONMENT:
         return None
     return f"cannot use {_named(path)}: {sqlite_problem(exc)}"
+
+
+def storage_error(exc: sqlite3.Error, path: Path | None) -> StorageError | None:
+    """Our error for an SQLite failure caused by the file or the machine, or None for a
+    bug in a query (which keeps its own exception and traceback)."""
+    message = environment_problem(exc, path)
+    if message is None:
+        return None
+    return StorageBusy(message) if _primary(exc) in _BUSY else StorageUnavailable(message)
+
+
+@contextlib.contextmanager
+def errors_named(path: Path | None) -> Iterator[None]:
+    """Inside: SQLite's errors leave as :class:`StorageError` naming ``path`` (for code
+    that is no store method, such as the dry run's copy)."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        ours = storage_error(exc, path)
+        if ours is None:
+            raise
+        raise ours from exc
+
+
+def translated(cls: type[T]) -> type[T]:
+    """Wrap every public method of a store class so that SQLite's errors leave it as
+    :class:`StorageError` (see :func:`storage_error`); generators are wrapped too."""
+    for name, member in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(member):
+            setattr(cls, name, _translating(member))
+    return cls
+
+
+def _where(store: object) -> Path | None:
+    """The database a store works on: its own path, or its connection's."""
+    found = getattr(store, "db_path", None)
+    if found is None:
+        found = getattr(getattr(store, "conn", None), "db_path", None)
+    return found if isinstance(found, Path) else None
+
+
+def _translating(method: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream(self: object, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from method(self, *args, **kwargs)
+            except sqlite3.Error as exc:
+                ours = storage_error(exc, _where(self))
+                if ours is None:
+                    raise
+                raise ours from exc
+
+        return stream
+
+    @functools.wraps(method)
+    def call(self: object, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            ours = storage_error(exc, _where(self))
+            if ours is None:
+                raise
+            raise ours from exc
+
+    return call
 
 
 def _named(path: Path | None) -> str:
@@ -313,6 +433,7 @@ def _primary(exc: sqlite3.Error) -> str:
 _ENVIRONMENT = frozenset(
     {"NOTADB", "CORRUPT", "READONLY", "PERM", "CANTOPEN", "BUSY", "LOCKED", "FULL", "IOERR"}
 )
+_BUSY = frozenset({"BUSY", "LOCKED"})
 _BASE_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
 
 

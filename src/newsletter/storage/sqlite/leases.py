@@ -1,14 +1,16 @@
-"""Locks: a lease in the database that one process at a time may hold.
+"""SQLite leases: a lock row with an expiry that one process at a time may hold.
 
-Input: the database path and a lock name. Output: :class:`Lease`, which
-raises :class:`LockHeld` when another live process holds the name. The
-holder renews the lease from a background thread; a holder that dies (kill
--9, power cut) stops renewing, and after ``LEASE_SECONDS`` the lease is free
+Input: the database path and a lock name. Output: :class:`SqliteLease`
+(:class:`newsletter.storage.base.Lease`), which raises :class:`LockHeld` when
+another live process holds the name. The holder renews the lease from a
+background thread every ``ttl / 4``; a holder that dies (kill -9, power cut)
+stops renewing, and ``ttl`` seconds after its last renewal the lease is free
 (at once, when the dead holder ran on this machine and its process is gone).
-The row names its holder (``host:pid:...``) and when it took the lock, so
-:class:`LockHeld` can say which process to wait for.
-Used for the schedule (one run acts on a slot) and for each send (one
-process works on an issue's send to a list at a time).
+A renewal that finds the row no longer its own stops renewing and sets
+:attr:`SqliteLease.lost`. The row names its holder (``host:pid:...``) and when
+it took the lock, so :class:`LockHeld` can say which process to wait for.
+Used for the schedule (one run acts on a slot) and for each send (one process
+works on an issue's send to a list at a time).
 """
 
 from __future__ import annotations
@@ -20,24 +22,34 @@ import threading
 import time
 from pathlib import Path
 
-from newsletter.errors import LockHeld
+from newsletter.errors import LeaseLost, LockHeld
+from newsletter.storage.base import LEASE_SECONDS
+from newsletter.storage.sqlite.connection import translated
 
-LEASE_SECONDS = 120.0
+__all__ = ["LEASE_SECONDS", "SqliteLease"]
 
 
-class Lease:
-    """A lock row with an expiry, renewed by a background thread while held."""
+@translated
+class SqliteLease:
+    """A lock row with an expiry, renewed by a background thread while held.
 
-    def __init__(self, db_path: Path, name: str, ttl: float = LEASE_SECONDS) -> None:
+    Each step opens its own short connection: the renewal thread never shares
+    one with the thread that holds the lease."""
+
+    def __init__(
+        self, db_path: Path, name: str, ttl: float = LEASE_SECONDS, *, busy_seconds: float = 30.0
+    ) -> None:
         self.db_path = db_path
         self.name = name
         self.ttl = ttl
+        self.busy_seconds = busy_seconds
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self)}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lost: str | None = None
 
     def _conn(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=30)
+        conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=self.busy_seconds)
         conn.execute("PRAGMA synchronous=FULL")
         return conn
 
@@ -68,19 +80,34 @@ class Lease:
             conn.execute("COMMIT")
         finally:
             conn.close()
+        self._lost = None
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew, daemon=True, name="lease")
         self._thread.start()
+
+    @property
+    def lost(self) -> str | None:
+        return self._lost
+
+    def check(self) -> None:
+        if self._lost is not None:
+            raise LeaseLost(self.name, self._lost)
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 4):
             try:
                 conn = self._conn()
                 try:
-                    conn.execute(
+                    renewed = conn.execute(
                         "UPDATE locks SET expires = ? WHERE name = ? AND owner = ?",
                         (time.time() + self.ttl, self.name, self.owner),
-                    )
+                    ).rowcount
+                    if not renewed:
+                        row = conn.execute(
+                            "SELECT owner FROM locks WHERE name = ?", (self.name,)
+                        ).fetchone()
+                        self._lost = _holder(row[0]) if row is not None else "nobody (freed)"
+                        return
                 finally:
                     conn.close()
             except sqlite3.Error:
@@ -97,6 +124,11 @@ class Lease:
             conn.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (self.name, self.owner))
         finally:
             conn.close()
+
+
+def _holder(owner: str) -> str:
+    host, _, rest = owner.partition(":")
+    return f"process {rest.partition(':')[0]} on {host}"
 
 
 def _dead_here(owner: str) -> bool:

@@ -1,4 +1,4 @@
-"""Send log: the durable record of every recipient's fate in one send.
+"""SQLite send log: the durable record of every recipient's fate in one send.
 
 Input: an open database connection, the send's issue and list, and outcomes.
 Output: claimed recipients and counts. The first send of an issue to a list
@@ -22,12 +22,15 @@ import datetime as dt
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
-from newsletter.models import Recipient
+from newsletter.models import DELIVERY_STATES, Delivery, Outcome, Recipient
+from newsletter.storage.base import SendRecord
+from newsletter.storage.sqlite.connection import translated
 from newsletter.storage.sqlite.subscribers import decode_attributes
 
-STATES = ("pending", "sending", "sent", "rejected", "deferred", "unknown", "suppressed")
+__all__ = ["FREEZE_BATCH", "HAS_IT", "STATES", "Delivery", "Outcome", "SendLog", "SendRecord"]
+
+STATES = DELIVERY_STATES
 # INDEXED BY: without statistics SQLite prefers the primary key (send_id, seq)
 # for "ORDER BY seq" and filters on state, which walks past every recipient
 # already sent on every claim: a 1,000,000-recipient send slowed from 3,400 to
@@ -78,39 +81,14 @@ _EMPTY = (
 HAS_IT = ("pending", "sending", "sent", "deferred", "unknown", "rejected")
 
 
-@dataclass(frozen=True, slots=True)
-class SendRecord:
-    id: int
-    issue_id: str
-    list_name: str
-    created_at: str
-    audience: int
-    suppressed: int
-    duplicates: int = 0  # left out: another list's send of this issue has them
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    seq: int
-    recipient: Recipient
-    attempts: int
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What became of one recipient in one SMTP transaction."""
-
-    state: str  # sent | rejected | deferred | unknown
-    code: int | None = None
-    detail: str = ""
-    retry_at: float | None = None  # for deferred: when it may go again (unix time)
-
-
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
+@translated
 class SendLog:
+    """The send log on SQLite (:class:`newsletter.storage.base.SendLogStore`)."""
+
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
 
@@ -392,7 +370,7 @@ class SendLog:
             )
 
     def counts(self, send_id: int) -> dict[str, int]:
-        found = dict.fromkeys(STATES, 0)
+        found: dict[str, int] = dict.fromkeys(STATES, 0)
         for state, n in self.conn.execute(
             "SELECT state, count(*) FROM deliveries WHERE send_id = ? GROUP BY state", (send_id,)
         ):

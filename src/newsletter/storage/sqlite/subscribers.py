@@ -1,4 +1,4 @@
-"""Subscriber store: lists, members, opt-outs and the suppression list, in the database.
+"""SQLite subscriber store: lists, members, opt-outs and the suppression list, in the database.
 
 Input: an open database connection and parsed rows or addresses. Output:
 counts, members with their state, and :class:`Recipient` streams. Imports are
@@ -20,11 +20,30 @@ import datetime as dt
 import json
 import sqlite3
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 from newsletter.audience.csv_import import SUPPRESSION_REASONS, ParsedRow
 from newsletter.errors import Problem
 from newsletter.models import Recipient
+from newsletter.storage.base import (
+    MAX_LIFT_REASON,
+    ImportReport,
+    ListStates,
+    Member,
+    Suppression,
+    lift_reason,
+)
+from newsletter.storage.sqlite.connection import translated
+
+__all__ = [
+    "MAX_LIFT_REASON",
+    "ImportReport",
+    "ListStates",
+    "Member",
+    "SubscriberStore",
+    "Suppression",
+    "decode_attributes",
+    "lift_reason",
+]
 
 BATCH = 1000
 MAX_PROBLEMS = 10_000  # kept for the report; more are counted, not held (flat memory)
@@ -54,24 +73,6 @@ AUDIENCE_SQL = (
 )
 
 
-MAX_LIFT_REASON = 200
-
-
-def lift_reason(text: str) -> str:
-    """The reason given for lifting a suppression, stripped; ValueError unless it is one
-    line of at most MAX_LIFT_REASON characters (it goes into the log, and onto screens)."""
-    import unicodedata
-
-    reason = text.strip()
-    if any(unicodedata.category(ch) in ("Cc", "Cf") for ch in reason):
-        raise ValueError("must be one line of text, without control or direction characters")
-    if not reason:
-        raise ValueError("say why the address may be mailed again")
-    if len(reason) > MAX_LIFT_REASON:
-        raise ValueError(f"is {len(reason)} characters; at most {MAX_LIFT_REASON}")
-    return reason
-
-
 def decode_attributes(stored: str | None) -> dict[str, str]:
     """Stored attributes (a JSON object) as a recipient carries them: text values only."""
     if not stored or stored == "{}":
@@ -84,62 +85,10 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-@dataclass(slots=True)
-class ImportReport:
-    list_name: str
-    added: int = 0  # new on this list
-    updated: int = 0  # already on this list; the file's columns refreshed
-    duplicates: int = 0  # the same address again further down the file
-    suppressed: int = 0  # on the list now, but will never be mailed (opted out or suppressed)
-    opted_out: int = 0  # of those, opted out of this list by the file's newsletter_state
-    newly_suppressed: int = 0  # suppressed by the file's newsletter_state
-    skipped: int = 0  # bad rows (records): each has one or more problems
-    problems: list[Problem] = field(default_factory=list)  # the first MAX_PROBLEMS
-    more_problems: int = 0  # problems beyond those
-    committed: bool = False
-    columns: list[str] = field(default_factory=list)  # the file's own, beyond email and names
-
-
-@dataclass(frozen=True, slots=True)
-class Member:
-    email: str
-    first_name: str
-    last_name: str
-    attributes: dict[str, str]
-    suppressed: str | None  # the reason, if the address is suppressed (every list)
-    suppressed_since: str | None = None
-    opted_out_since: str | None = None  # when it left this list, if it did
-
-    @property
-    def state(self) -> str:
-        """subscribed (will be mailed), opted-out (of this list) or suppressed (every list)."""
-        if self.suppressed:
-            return "suppressed"
-        return "opted-out" if self.opted_out_since else "subscribed"
-
-
-@dataclass(frozen=True, slots=True)
-class ListStates:
-    """A list's members by state; each member is counted once (suppressed first)."""
-
-    subscribed: int  # will be mailed
-    opted_out: int  # left this list
-    suppressed: dict[str, int]  # by reason
-
-    @property
-    def members(self) -> int:
-        return self.subscribed + self.opted_out + sum(self.suppressed.values())
-
-
-@dataclass(frozen=True, slots=True)
-class Suppression:
-    email: str
-    reason: str
-    list_name: str | None  # where the request came from, if known
-    since: str
-
-
+@translated
 class SubscriberStore:
+    """Subscribers on SQLite (:class:`newsletter.storage.base.Subscribers`)."""
+
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
 

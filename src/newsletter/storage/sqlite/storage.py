@@ -1,0 +1,81 @@
+"""SQLite storage: one database file behind the :class:`newsletter.storage.base.Storage`
+interface.
+
+Input: a path (or an open connection). Output: :class:`SqliteStorage`, whose
+stores (subscribers, send log, archive, slots) share one connection, whose
+leases open their own, and whose :meth:`SqliteStorage.scratch_copy` is the dry
+run's throw-away copy. One thread at a time uses it, though not always the
+one that opened it (the connection is opened with ``check_same_thread=False``:
+a send hands its log to a database thread); a second thread takes
+:meth:`SqliteStorage.reopen`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from newsletter.storage.base import LEASE_SECONDS
+from newsletter.storage.sqlite.archive import ArchiveStore
+from newsletter.storage.sqlite.connection import (
+    Connection,
+    errors_named,
+    open_connection,
+    translated,
+)
+from newsletter.storage.sqlite.dry_run import copy_for_send
+from newsletter.storage.sqlite.leases import SqliteLease
+from newsletter.storage.sqlite.send_log import SendLog
+from newsletter.storage.sqlite.slots import SlotLog
+from newsletter.storage.sqlite.subscribers import SubscriberStore
+
+
+@translated
+class SqliteStorage:
+    """One open SQLite database and its stores."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, *, busy_seconds: float = 30.0) -> None:
+        self.conn = conn
+        self.path = path
+        self.busy_seconds = busy_seconds
+        self.subscribers = SubscriberStore(conn)
+        self.send_log = SendLog(conn)
+        self.archive = ArchiveStore(conn)
+        self.slots = SlotLog(conn)
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = False, busy_seconds: float = 30.0) -> SqliteStorage:
+        """Open (and migrate) the database at ``path``; see :func:`open_connection`."""
+        conn, _ = open_connection(path, create=create, busy_seconds=busy_seconds)
+        return cls(conn, path, busy_seconds=busy_seconds)
+
+    def lease(self, name: str, ttl: float = LEASE_SECONDS) -> SqliteLease:
+        return SqliteLease(self.path, name, ttl, busy_seconds=self.busy_seconds)
+
+    @contextlib.contextmanager
+    def scratch_copy(self, issue_id: str, list_name: str) -> Iterator[SqliteStorage]:
+        with tempfile.TemporaryDirectory(prefix="newsletter-dry-") as folder:
+            path = Path(folder) / "dry-run.sqlite3"
+            conn, _ = open_connection(path, create=True, busy_seconds=self.busy_seconds)
+            try:
+                # Its errors name the real database: the scratch file is ours, not the user's.
+                named = getattr(self.conn, "db_path", None)
+                if isinstance(conn, Connection):
+                    conn.db_path = named
+                with errors_named(named):
+                    copy_for_send(self.conn, conn, issue_id, list_name)
+                yield SqliteStorage(conn, path, busy_seconds=self.busy_seconds)
+            finally:
+                conn.close()
+
+    def reopen(self) -> SqliteStorage:
+        return SqliteStorage.open(self.path, busy_seconds=self.busy_seconds)
+
+    def schema_version(self) -> int:
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def close(self) -> None:
+        self.conn.close()
