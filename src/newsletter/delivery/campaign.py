@@ -250,9 +250,10 @@ class Campaign:
         The depth lasts the workers three calls in the thread (a claim can wait behind a
         flush) at the rate they would take recipients if never kept waiting. (The rate
         they do take them at would not do: while the queue runs dry it is the rate of
-        the claims, and the depth would never grow.) The window is 2 * connections +
-        flush_every while that depth is at most the connection count, and grows by what
-        the depth needs past it, by at most :data:`SLACK` times the connections."""
+        the claims, and the depth would never grow.) The window is the larger of
+        2 * connections + flush_every (as before) and connections + depth +
+        flush_every / 2: a deep queue first takes its room from the outcomes that wait
+        for a flush (the flush comes sooner), and only past that widens the window."""
         connections = self.options.connections
         wanted = math.ceil(3 * self._take_rate * self._commit_time)
         depth = max(connections, min(wanted, (SLACK + 1) * connections))
@@ -267,27 +268,31 @@ class Campaign:
         after ``flush_interval`` seconds, or when the outcomes waiting for it hold the
         room a claim needs; a claim when the queue is down by half its depth (3/4 of the
         connection count at least) and the window has that room, or when it is empty.
-        When both are due they take turns."""
+        When both are due they take turns. On a stop it claims no more, and goes on
+        flushing until the messages in flight are done."""
         drained = False  # the last claim found nothing due
         claimed_last = False
-        while not self._stopping.is_set():
+        while True:
             self._wake.clear()
+            stopping = self._stopping.is_set()
+            queued = self._queue.qsize()
+            if stopping and not queued and not self._working:
+                return
             if self._taken and self._busy > 0:
                 rate = self.options.connections * self._taken / self._busy
                 self._take_rate = _ewma(self._take_rate, rate)
                 self._taken, self._busy = 0, 0.0
             depth, window = self._depth()
-            queued = self._queue.qsize()
             room = window - self._open
             least = max(self._min_claim, depth // 2)
             needed = least if queued else 1
             want = min(depth - queued, room)
-            claim = not drained and want >= needed
+            claim = not (stopping or drained) and want >= needed
             waited = time.monotonic() - self._oldest
             flush = bool(self._results) and (
                 len(self._results) >= self.options.flush_every
                 or waited >= self.options.flush_interval
-                or (not drained and depth - queued >= needed > room)
+                or (not (stopping or drained) and depth - queued >= needed > room)
             )
             if claim and (not flush or not claimed_last):
                 drained = not await self._claim(want)
