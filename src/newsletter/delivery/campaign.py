@@ -307,12 +307,16 @@ class Campaign:
                 if not await self._wait_for_retries():
                     return
                 drained = False
+            elif self._results:
+                # A timer, not wait_for: this wait comes twice a message.
+                loop = asyncio.get_running_loop()
+                due = loop.call_later(self.options.flush_interval - waited, self._wake.set)
+                try:
+                    await self._wake.wait()
+                finally:
+                    due.cancel()
             else:
-                timeout = None
-                if self._results:
-                    timeout = max(0.001, self.options.flush_interval - waited)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                await self._wake.wait()
 
     async def _wait_for_retries(self) -> bool:
         """Wait until a deferred recipient is due; False when the run should end."""
