@@ -48,6 +48,7 @@ class SlowLog(SendLog):
         self.threads: set[str] = set()
         self.most_sending = 0
         self.fail: str | None = None  # a method that raises Broken
+        self.fail_once = False
         self.during_commit: Callable[[], None] | None = None  # called in the thread
         self._busy = threading.Lock()
 
@@ -58,6 +59,8 @@ class SlowLog(SendLog):
             if self.during_commit is not None:
                 self.during_commit()
             if self.fail == name:
+                if self.fail_once:
+                    self.fail = None
                 raise Broken(f"{name} failed")
             time.sleep(self.delay)
         finally:
@@ -193,6 +196,29 @@ def test_a_store_error_in_the_thread_ends_the_run_with_it(
     assert counts["sent"] + counts["sending"] + counts["pending"] == 200
     assert counts["sent"] + counts["sending"] >= len(relay.box.sent) >= counts["sent"]
     assert counts["sending"] <= WIDEST
+
+
+def test_a_failed_flush_keeps_its_outcomes_for_the_last_one(
+    tmp_path: Path, template: MessageTemplate
+) -> None:
+    log, send_id = send_log(tmp_path / "db.sqlite3", 300, 0.01)
+    relay = RelayTransport(seconds=0.002)
+    run = campaign(log, send_id, template, relay)
+
+    def fail_after_100(envelope: Envelope) -> None:
+        if len(relay.box.sent) == 100:
+            log.fail, log.fail_once = "record", True
+
+    relay.before_send = fail_after_100
+    with pytest.raises(Broken, match="record failed"):
+        asyncio.run(run.run())
+    counts = log.counts(send_id)
+    # The batch that failed was written by the run's last flush, with every outcome
+    # that came after it: only the messages cut off mid-transaction are in doubt.
+    assert counts["sent"] == len(relay.box.sent) >= 100
+    assert counts["sending"] <= CONNECTIONS
+    assert counts["sent"] + counts["sending"] + counts["pending"] == 300
+    assert not send_threads()
 
 
 def test_a_stop_during_a_slow_commit_releases_and_records_everything(
