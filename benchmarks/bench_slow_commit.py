@@ -197,8 +197,11 @@ def main() -> None:
             "a relay in memory; each commit of the send log sleeps the delay first"
         )
         for relay_s in relays:
-            ideal = args.connections / relay_s
-            print(f"relay {relay_s * 1000:g} ms a message (at most {ideal:,.0f} msg/s):")
+            if relay_s > 0:
+                ideal = f"at most {args.connections / relay_s:,.0f} msg/s"
+            else:
+                ideal = "no wait: the campaign's own cost"
+            print(f"relay {relay_s * 1000:g} ms a message ({ideal}):")
             for name, code in codes.items():
                 base = 0.0
                 for delay_s in delays:
