@@ -5,16 +5,61 @@ a :class:`Transport` and :class:`SendOptions`. Output: a :class:`RunResult`.
 
 How it keeps "never twice, never skipped":
 
-- recipients are claimed from the log in small batches and committed as
+- recipients are claimed from the log in batches and committed as
   ``sending`` before any of them is handed to a connection;
 - outcomes are committed in batches of at most ``flush_every`` (and at least
-  every ``flush_interval`` seconds), so after a crash the rows still in
-  ``sending`` are at most the queue, the connections and one batch
-  (8 + 8 + 64 = 80 with the defaults) and are reported as unknown;
+  every ``flush_interval`` seconds); a batch whose commit fails stays for the
+  next one;
 - a connection that fails before the message body went out gives
   ``deferred`` (retried, no doubt); one that fails after gives ``unknown``;
 - a stop (Ctrl-C, SIGTERM, too many errors) lets the messages in flight
-  finish, puts the claimed-but-unstarted back to ``pending`` and commits.
+  finish, puts the claimed-but-unstarted back to ``pending`` and commits
+  before :meth:`Campaign.run` returns.
+
+The event loop never waits on the database while it sends: every store call
+of a run (claim, record, release, next_retry, counts) goes to one
+:class:`~newsletter.delivery.log_thread.LogThread` and is awaited, so SMTP
+sessions go on while a commit (an fsync, a round trip across a network) is
+under way. That thread is the only one that touches the store during the run
+and ends with it, on errors and cancellation too; a store error raised there
+ends the run with that error. The constructor's two reads (counts and, with
+a cap, sent_since) stay synchronous: no SMTP has started yet. One task, the
+pump, makes every call, one at a time, so a flush never waits behind more
+than the one call under way; workers never wait on the store (what they
+cannot start on a stop is released in one commit as the run ends).
+
+The unknown window after a crash is the rows this run holds in ``sending``
+(claimed, or being claimed, and not yet committed out). It is a window on
+claims: a claim reserves its rows before it goes to the thread, a row leaves
+only once its outcome or its release is committed, and no claim takes the
+window past its size, which is
+
+- **2 * connections + flush_every** (8 + 8 + 64 = 80 with the defaults, the
+  bound before the thread) while commits are quick, and
+- at most **10 * connections + flush_every / 2** (112) when they are slow,
+  as the queue deepens to cover them (below).
+
+Claims are sized to the commit latency: the queue's depth is what the
+connections would take during three calls in the thread (their rate when
+never kept waiting, measured, times the measured call time), at least the
+connection count (as before) and at most ``SLACK + 1`` times it (9 * 8 = 72).
+A claim goes out as soon as the queue is down by half its depth (at least
+3/4 of the connection count: one recipient per commit would cost more than
+the message) or empty, so the next claim is in the thread while the queue
+drains. The window makes room for a deep queue by flushing outcomes before
+``flush_every`` ("flush under pressure") and grows only when that is not
+enough. When a flush and a claim are both due they take turns.
+
+Little's law sets the limit: the rate is at most the window over the time a
+row stays in it (two commits at least, a claim and a flush), and one thread
+makes at most 1/latency commits a second, so with 50 ms commits a run keeps
+some 400-450 messages a second (against ~100 with the store called in the
+loop), enough for 8 connections to a relay that takes 20 ms a message
+(``benchmarks/bench_slow_commit.py``). A flush and the next claim are not
+merged into one transaction, though that would halve the commits: it needs
+a new store operation, and its failure would tie outcomes that must be kept
+for the next flush to a claim whose rows the run never got; the window above
+is enough for the rates a relay allows.
 """
 
 from __future__ import annotations
@@ -22,16 +67,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
+from newsletter.delivery.log_thread import LogThread
 from newsletter.delivery.message import MessageTemplate
 from newsletter.delivery.ratelimit import Pacer
 from newsletter.delivery.transports import Envelope, Session, Transport
 from newsletter.errors import CampaignAborted, ConnectFailed
 from newsletter.storage.base import SendLogStore
 from newsletter.storage.sqlite.send_log import Delivery, Outcome
+
+P = ParamSpec("P")
+T = TypeVar("T")
+# How far past the connection count the queue may grow to cover slow commits (the
+# unknown window grows by as much; module docstring).
+SLACK = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +149,19 @@ class Campaign:
         self._day_left: int | None = None
         if options.per_day:
             self._day_left = options.per_day - log.sent_since(now - 86400)
-        self._queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=options.connections)
-        self._room = asyncio.Event()
+        # The queue's depth is kept by the pump, within the window (module docstring).
+        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._min_claim = max(1, options.connections * 3 // 4)
+        self._open = 0  # rows of the window: claimed (or being claimed), not committed out
+        self._working = 0  # deliveries taken from the queue and not done with
+        self._commit_time = 0.0  # seconds a call takes in the thread (moving average)
+        self._take_rate = 0.0  # deliveries a second the workers could take, busy all the time
+        self._taken = 0  # deliveries the workers finished since the last claim went out
+        self._busy = 0.0  # seconds they spent on them (sending, pacing, reconnecting)
+        self._unstarted: list[int] = []  # claimed, never attempted: released as the run ends
+        self._oldest = 0.0  # when the oldest outcome not yet committed came (monotonic)
+        self._wake = asyncio.Event()  # something the pump may act on changed
+        self._db: LogThread | None = None
         self._abort: CampaignAborted | None = None
         self._results: list[tuple[int, Outcome]] = []
         self._errors_in_a_row = 0
@@ -111,42 +176,57 @@ class Campaign:
         if self._stop_reason is None:
             self._stop_reason = reason
         self._stopping.set()
+        self._wake.set()
 
     async def run(self) -> RunResult:
         started = time.monotonic()
-        workers = [asyncio.create_task(self._worker()) for _ in range(self.options.connections)]
-        flusher = asyncio.create_task(self._flusher())
+        db = self._db = LogThread()
         try:
-            # The feeder ends when nothing is left; a worker only ends on a bug,
-            # and then the run must end too, not wait for a queue nobody reads.
-            feeder = asyncio.create_task(self._feed())
-            await self._until_first(feeder, workers)
-            joined = asyncio.create_task(self._queue.join())
-            await self._until_first(joined, workers)
+            workers = [asyncio.create_task(self._worker()) for _ in range(self.options.connections)]
+            tasks = list(workers)
+            try:
+                # The pump ends when nothing is left or on a stop; then the queue
+                # drains. A worker only ends on a bug, and then the run must end
+                # too, not wait for a queue nobody reads.
+                tasks.append(asyncio.create_task(self._pump()))
+                await self._until_first(tasks[-1], workers)
+                tasks.append(asyncio.create_task(self._queue.join()))
+                await self._until_first(tasks[-1], workers)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                try:
+                    await self._flush()
+                finally:
+                    await self._release_unstarted()
+            if self._abort is not None:
+                raise self._abort
+            counts = await db.call(self.log.counts, self.send_id)
         finally:
-            for task in (*workers, flusher):
-                task.cancel()
-            await asyncio.gather(*workers, flusher, return_exceptions=True)
-            self._flush()
-            self._release_queued()
-        if self._abort is not None:
-            raise self._abort
+            self._db = None
+            db.close()
         return RunResult(
-            counts=self.log.counts(self.send_id),
+            counts=counts,
             attempted=self._attempted,
             elapsed=time.monotonic() - started,
             stopped=self._stop_reason,
         )
 
+    @property
+    def _thread(self) -> LogThread:
+        assert self._db is not None, "the store is only called during run()"
+        return self._db
+
     async def _until_first(
-        self, main: asyncio.Task[None], workers: list[asyncio.Task[None]]
+        self, main: asyncio.Task[None], helpers: list[asyncio.Task[None]]
     ) -> None:
-        done, _ = await asyncio.wait([main, *workers], return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([main, *helpers], return_when=asyncio.FIRST_COMPLETED)
         if main not in done:
             main.cancel()
             self.stop("a worker failed")
             for task in done:
-                task.result()  # re-raises the bug, after the finally above records what it can
+                task.result()  # re-raises the error, after run() records what it can
         main.result()
 
     async def _unless_stopped(self, awaitable: Awaitable[object]) -> bool:
@@ -163,61 +243,155 @@ class Campaign:
             await task
         return False
 
-    # -- feeding the queue ----------------------------------------------------
-    async def _feed(self) -> None:
-        # Claim in batches of at least 3/4 of the queue: every claim is one
-        # durable commit, and one message per commit would cost more than the
-        # message itself. The queue stays as small as the connection count.
-        batch = max(1, self._queue.maxsize * 3 // 4)
-        while not self._stopping.is_set():
-            free = self._queue.maxsize - self._queue.qsize()
-            if free < batch and self._queue.qsize() > 0:
-                self._room.clear()
-                await self._room.wait()
-                continue
-            claimed = self.log.claim(self.send_id, free, self.clock())
-            if claimed:
-                for delivery in claimed:
-                    self._queue.put_nowait(delivery)
-                continue
-            # Nothing is due now: let the work in flight finish, then wait for
-            # deferred retries that come due soon, or end the run.
-            await self._queue.join()
-            self._flush()
-            retry_at = self.log.next_retry(self.send_id)
-            if retry_at is None:
-                return
-            wait = retry_at - self.clock()
-            if wait > self.options.max_wait:
-                self.stop(
-                    f"deferred recipients are due for another try in {wait:.0f} s, later than "
-                    f"a run waits (NEWSLETTER_SEND_MAX_WAIT, {self.options.max_wait:.0f} s)"
-                )
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), max(0.01, wait))
+    # -- the pump: every call to the store ---------------------------------------
+    def _depth(self) -> tuple[int, int]:
+        """(how many claimed recipients the queue should hold, the window now).
 
-    def _release_queued(self) -> None:
-        left: list[int] = []
+        The depth lasts the workers three calls in the thread (a claim can wait behind a
+        flush) at the rate they would take recipients if never kept waiting. (The rate
+        they do take them at would not do: while the queue runs dry it is the rate of
+        the claims, and the depth would never grow.) The window is the larger of
+        2 * connections + flush_every (as before) and connections + depth +
+        flush_every / 2: a deep queue first takes its room from the outcomes that wait
+        for a flush (the flush comes sooner), and only past that widens the window."""
+        connections = self.options.connections
+        wanted = math.ceil(3 * self._take_rate * self._commit_time)
+        depth = max(connections, min(wanted, (SLACK + 1) * connections))
+        flush_every = self.options.flush_every
+        return depth, max(2 * connections + flush_every, connections + depth + flush_every // 2)
+
+    async def _pump(self) -> None:
+        """Claim ahead and commit outcomes, one call in the thread at a time.
+
+        One task decides every call, so that none waits behind another for long, and
+        each carries as many rows as it may: a flush is due at ``flush_every`` outcomes,
+        after ``flush_interval`` seconds, or when the outcomes waiting for it hold the
+        room a claim needs; a claim when the queue is down by half its depth (3/4 of the
+        connection count at least) and the window has that room, or when it is empty.
+        When both are due they take turns. On a stop it claims no more, and goes on
+        flushing until the messages in flight are done."""
+        drained = False  # the last claim found nothing due
+        claimed_last = False
+        while True:
+            self._wake.clear()
+            stopping = self._stopping.is_set()
+            queued = self._queue.qsize()
+            if stopping and not queued and not self._working:
+                return
+            if self._taken and self._busy > 0:
+                rate = self.options.connections * self._taken / self._busy
+                self._take_rate = _ewma(self._take_rate, rate)
+                self._taken, self._busy = 0, 0.0
+            depth, window = self._depth()
+            room = window - self._open
+            least = max(self._min_claim, depth // 2)
+            needed = least if queued else 1
+            want = min(depth - queued, room)
+            claim = not (stopping or drained) and want >= needed
+            waited = time.monotonic() - self._oldest
+            flush = bool(self._results) and (
+                len(self._results) >= self.options.flush_every
+                or waited >= self.options.flush_interval
+                or (not (stopping or drained) and depth - queued >= needed > room)
+            )
+            if claim and (not flush or not claimed_last):
+                drained = not await self._claim(want)
+                claimed_last = True
+            elif flush:
+                await self._flush()
+                claimed_last = False
+            elif drained and not queued and not self._working:
+                # Nothing was due: the work in flight is done and committed. Wait for
+                # deferred retries that come due soon, or end the run.
+                await self._flush()
+                if not await self._wait_for_retries():
+                    return
+                drained = False
+            elif self._results:
+                # A timer, not wait_for: this wait comes twice a message.
+                loop = asyncio.get_running_loop()
+                due = loop.call_later(self.options.flush_interval - waited, self._wake.set)
+                try:
+                    await self._wake.wait()
+                finally:
+                    due.cancel()
+            else:
+                await self._wake.wait()
+
+    async def _wait_for_retries(self) -> bool:
+        """Wait until a deferred recipient is due; False when the run should end."""
+        retry_at = await self._call(self.log.next_retry, self.send_id)
+        if retry_at is None:
+            return False
+        wait = retry_at - self.clock()
+        if wait > self.options.max_wait:
+            self.stop(
+                f"deferred recipients are due for another try in {wait:.0f} s, later than "
+                f"a run waits (NEWSLETTER_SEND_MAX_WAIT, {self.options.max_wait:.0f} s)"
+            )
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), max(0.01, wait))
+        return True
+
+    async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """One call in the thread, timed: the depth follows how long calls take."""
+        started = time.monotonic()
+        result = await self._thread.call(fn, *args, **kwargs)
+        self._commit_time = _ewma(self._commit_time, time.monotonic() - started)
+        return result
+
+    async def _claim(self, limit: int) -> list[Delivery]:
+        """Claim up to ``limit`` recipients in the thread and queue them."""
+        self._open += limit  # reserved before the claim can commit anything
+        started = time.monotonic()
+        future = self._thread.submit(self.log.claim, self.send_id, limit, self.clock())
+        try:
+            claimed = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The claim commits in the thread all the same: wait for it, so that its
+            # rows are in the queue and go back to pending when the run ends.
+            with contextlib.suppress(Exception):
+                self._admit(limit, await asyncio.shield(future))
+            raise
+        except BaseException:
+            self._open -= limit  # nothing was claimed
+            raise
+        self._admit(limit, claimed)
+        self._commit_time = _ewma(self._commit_time, time.monotonic() - started)
+        return claimed
+
+    def _admit(self, reserved: int, claimed: list[Delivery]) -> None:
+        self._open += len(claimed) - reserved
+        for delivery in claimed:
+            self._queue.put_nowait(delivery)
+
+    async def _release_unstarted(self) -> None:
         while not self._queue.empty():
-            left.append(self._queue.get_nowait().seq)
-        if left:
-            self.log.release(self.send_id, left)
+            self._unstarted.append(self._queue.get_nowait().seq)
+        if self._unstarted:
+            left, self._unstarted = self._unstarted, []
+            await self._call(self.log.release, self.send_id, left)
+            self._committed(len(left))
 
     # -- workers --------------------------------------------------------------
     async def _worker(self) -> None:
+        # A worker never waits on the store: what it cannot start is put back
+        # to pending in one commit when the run ends (it only happens on a stop).
         session: Session | None = None
         try:
             while True:
                 delivery = await self._queue.get()
-                self._room.set()
+                self._working += 1
+                self._wake.set()
+                took = time.monotonic()
                 try:
                     if self._stopping.is_set():
-                        self.log.release(self.send_id, [delivery.seq])
+                        self._unstarted.append(delivery.seq)
                         continue
                     if self._day_left is not None:
                         if self._day_left <= 0:
-                            self.log.release(self.send_id, [delivery.seq])
+                            self._unstarted.append(delivery.seq)
                             self.stop(
                                 f"the cap of {self.options.per_day} messages a day is reached; "
                                 "run the same command again tomorrow to continue"
@@ -233,18 +407,22 @@ class Campaign:
                     if session is None or (
                         self.pacer.active and not await self._unless_stopped(self.pacer.acquire())
                     ):
-                        self.log.release(self.send_id, [delivery.seq])
+                        self._unstarted.append(delivery.seq)
                         continue
                     outcome = await self._send(session, delivery)
                     if outcome is None:
-                        self.log.release(self.send_id, [delivery.seq])
+                        self._unstarted.append(delivery.seq)
                     else:
                         self._settle(delivery, outcome)
                     if not session.usable:
                         await session.close()
                         session = None
                 finally:
+                    self._working -= 1
+                    self._wake.set()  # the pump may be waiting for the last one to finish
                     self._queue.task_done()
+                    self._taken += 1
+                    self._busy += time.monotonic() - took
         finally:
             if session is not None:
                 await session.close()
@@ -294,13 +472,14 @@ class Campaign:
             self.pacer.went_well()
         elif outcome.state in ("deferred", "unknown"):
             self._error(f"{delivery.recipient.email}: {outcome.code or ''} {outcome.detail}")
+        if not self._results:
+            self._oldest = time.monotonic()
         self._results.append((delivery.seq, outcome))
         self.progress.done += 1
         self.progress.by_state[outcome.state] = self.progress.by_state.get(outcome.state, 0) + 1
         if self.on_progress is not None:
             self.on_progress(self.progress)
-        if len(self._results) >= self.options.flush_every:
-            self._flush()
+        self._wake.set()
 
     def _error(self, what: str) -> bool:
         """Count an error; True when there have been too many in a row (the run stops)."""
@@ -311,16 +490,40 @@ class Campaign:
         return False
 
     # -- committing outcomes --------------------------------------------------
-    async def _flusher(self) -> None:
-        while True:
-            await asyncio.sleep(self.options.flush_interval)
-            self._flush()
+    async def _flush(self) -> None:
+        if not self._results:
+            return
+        batch, self._results = self._results, []
+        started = time.monotonic()
+        future = self._thread.submit(self.log.record, self.send_id, batch)
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The commit goes on in the thread: wait for it, so that a failed one
+            # leaves its outcomes for the last flush of the run.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(future)
+            if future.exception() is None:
+                self._committed(len(batch))
+            else:
+                self._restore(batch)
+            raise
+        except BaseException:
+            self._restore(batch)  # not lost: the next flush writes them
+            raise
+        self._committed(len(batch))
+        self._commit_time = _ewma(self._commit_time, time.monotonic() - started)
 
-    def _flush(self) -> None:
-        if self._results:
-            batch, self._results = self._results, []
-            try:
-                self.log.record(self.send_id, batch)
-            except BaseException:
-                self._results[:0] = batch  # not lost: the next flush writes them
-                raise
+    def _restore(self, batch: list[tuple[int, Outcome]]) -> None:
+        if not self._results:
+            self._oldest = time.monotonic()
+        self._results[:0] = batch
+
+    def _committed(self, rows: int) -> None:
+        """``rows`` left ``sending`` for good: they leave the window."""
+        self._open -= rows
+
+
+def _ewma(old: float, sample: float) -> float:
+    """A moving average that follows a change within a few samples."""
+    return sample if old == 0.0 else 0.7 * old + 0.3 * sample
