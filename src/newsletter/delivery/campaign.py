@@ -78,8 +78,8 @@ from newsletter.delivery.message import MessageTemplate
 from newsletter.delivery.ratelimit import Pacer
 from newsletter.delivery.transports import Envelope, Session, Transport
 from newsletter.errors import CampaignAborted, ConnectFailed
+from newsletter.models import Delivery, Outcome
 from newsletter.storage.base import SendLogStore
-from newsletter.storage.sqlite.send_log import Delivery, Outcome
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -417,6 +417,10 @@ class Campaign:
                     if not session.usable:
                         await session.close()
                         session = None
+                    # A transport that never waits (the outbox, memory) would
+                    # otherwise run through the whole queue in one go, deaf to a
+                    # stop, a signal, a failed worker and the pump.
+                    await asyncio.sleep(0)
                 finally:
                     self._working -= 1
                     self._wake.set()  # the pump may be waiting for the last one to finish
