@@ -709,6 +709,7 @@ def _send_one(
     import contextlib
     import time
 
+    from newsletter.delivery.provenance import check_source, record_send
     from newsletter.delivery.sending import (
         check_merge_fields,
         merge_columns,
@@ -717,7 +718,6 @@ def _send_one(
     )
     from newsletter.delivery.transports import OutboxTransport
     from newsletter.storage.base import Source
-    from newsletter.web.archive import check_source, record_send
 
     if not dry_run:
         _require_secret(settings)
