@@ -38,15 +38,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from newsletter.audience.csv_import import ParsedRow  # noqa: E402
+from newsletter.build import BuildInputs, build  # noqa: E402
 from newsletter.delivery import campaign as new_campaign  # noqa: E402
 from newsletter.delivery.message import MessageTemplate, Sender  # noqa: E402
 from newsletter.delivery.sending import prepare  # noqa: E402
 from newsletter.delivery.transports import Envelope, MemoryTransport, Session  # noqa: E402
 from newsletter.models import Recipient  # noqa: E402
-from newsletter.render.pipeline import BuildInputs, build  # noqa: E402
-from newsletter.storage.sqlite.connection import connect  # noqa: E402
+from newsletter.storage.sqlite import SqliteStorage  # noqa: E402
 from newsletter.storage.sqlite.send_log import Delivery, Outcome, SendLog  # noqa: E402
-from newsletter.storage.sqlite.subscribers import SubscriberStore  # noqa: E402
 
 ISSUE = REPO / "issues" / "2020-12-23.yaml"
 LIST = "research-news"
@@ -152,14 +151,15 @@ def one_run(
     path = folder / "send.sqlite3"
     for leftover in folder.glob("send.sqlite3*"):
         leftover.unlink()
-    conn = connect(path, create=True)
+    storage = SqliteStorage.open(path, create=True)
+    conn = storage.conn
     try:
         rows = (
             ParsedRow(i + 2, f"reader{i:06d}@example.org", "Reader", "Bench")
             for i in range(messages)
         )
-        assert SubscriberStore(conn).import_rows(LIST, rows, skip_invalid=False).committed
-        record = prepare(conn, template.rendered.issue_id, LIST).record
+        assert storage.subscribers.import_rows(LIST, rows, skip_invalid=False).committed
+        record = prepare(storage, template.rendered.issue_id, LIST).record
         relay = Relay(relay_s)
         run = code.Campaign(
             SlowLog(conn, delay_s),
