@@ -24,11 +24,12 @@ if TYPE_CHECKING:
     import datetime as dt
 
     from newsletter.build import BuildResult
+    from newsletter.delivery.campaign import Campaign, SendOptions
     from newsletter.delivery.campaign import Progress as CampaignProgress
     from newsletter.delivery.message import MessageTemplate, Sender
-    from newsletter.delivery.sending import Prepared, Preview, SendReport
+    from newsletter.delivery.send_issue import SendPlan, SendRequest
+    from newsletter.delivery.sending import SendReport
     from newsletter.delivery.transports import SmtpTransport, Transport
-    from newsletter.models import Recipient
     from newsletter.schedule.runner import DueResult
     from newsletter.settings import Settings
     from newsletter.storage.base import Storage, Subscribers
@@ -52,11 +53,6 @@ def _next_step(exc: Exception | str) -> str | None:
     """What to do next, said after the error only where it is true (see NewsletterError)."""
     step: str | None = getattr(exc, "next_step", None)
     return step
-
-
-# Said after a relay's refusal ends a recorded send: the refusal (a login, the
-# sender, no STARTTLS) does not go away by itself, but the send log keeps the place.
-RESUME = "Run the same command again to resume once that is fixed; nobody is sent twice."
 
 
 class _Commands(click.Group):
@@ -606,6 +602,8 @@ def send(
     due: bool,
 ) -> None:
     """Send ISSUE_FILE to a subscriber list; run it again to resume."""
+    from newsletter.delivery.send_issue import SendRequest
+
     if due:
         if issue_file is not None or dry_run or test_to or list_name or outbox:
             raise click.UsageError(
@@ -631,30 +629,21 @@ def send(
             )
         if not dry_run:
             _require_secret(settings)
-        result = _build(settings, issue_file, strict=strict, list_name=list_name)
-        _warn_test_copy_fields(settings, result, list_name or settings.list_name)
-        _send_test_copies(
-            settings,
-            _template(settings, result, list_name),
-            test_to,
-            dry_run,
-            list_name or settings.list_name,
-        )
+        _send_test_copies(settings, issue_file, test_to, list_name, dry_run=dry_run, strict=strict)
         return
     if not dry_run and not settings.unsubscribe_mailto:
         _mailto_reminder(settings)
-    report, transport = _send_one(
-        settings,
+    request = SendRequest(
         issue_file,
         list_name or settings.list_name,
         dry_run=dry_run,
         outbox=outbox,
         resend_unknown=resend_unknown,
         retry_rejected=retry_rejected,
-        confirm=not (yes or dry_run),
         strict=strict,
     )
-    _summarise(report, dry_run, transport)
+    report = _send_one(settings, request, confirm=not (yes or dry_run))
+    _summarise(report, dry_run)
     sys.exit(report.exit_code)
 
 
@@ -669,17 +658,10 @@ def _mailto_reminder(settings: Settings) -> None:
     )
 
 
-def _template(
-    settings: Settings,
-    result: BuildResult,
-    list_name: str | None,
-    columns: dict[str, str] | None = None,
-) -> MessageTemplate:
+def _template(settings: Settings, result: BuildResult, list_name: str | None) -> MessageTemplate:
     from newsletter.delivery.message import MessageTemplate
 
-    return MessageTemplate(
-        result.rendered, _sender(settings, list_name), signer=_signer(settings), columns=columns
-    )
+    return MessageTemplate(result.rendered, _sender(settings, list_name), signer=_signer(settings))
 
 
 def _require_secret(settings: Settings) -> None:
@@ -693,111 +675,10 @@ def _require_secret(settings: Settings) -> None:
         )
 
 
-def _send_one(
-    settings: Settings,
-    issue_file: Path,
-    name: str,
-    *,
-    dry_run: bool = False,
-    outbox: Path | None = None,
-    resend_unknown: bool = False,
-    retry_rejected: bool = False,
-    confirm: bool = False,
-    strict: bool = False,
-) -> tuple[SendReport, Transport]:
-    """Build, start or resume, and run one send: the path of `send` and of scheduled sends."""
-    import contextlib
-    import time
+def _send_options(settings: Settings) -> SendOptions:
+    from newsletter.delivery.campaign import SendOptions
 
-    from newsletter.delivery.provenance import check_source, record_send
-    from newsletter.delivery.sending import (
-        check_merge_fields,
-        merge_columns,
-        prepare,
-        preview,
-    )
-    from newsletter.delivery.transports import OutboxTransport
-    from newsletter.storage.base import Source
-
-    if not dry_run:
-        _require_secret(settings)
-    result = _build(settings, issue_file, strict=strict, list_name=name)
-    from newsletter.render.checks import refuse_unsendable
-
-    refuse_unsendable(result.report)  # a preview may show bidi controls; a send may not
-    transport: Transport
-    with contextlib.ExitStack() as stack:
-        # Closed at the end: `schedule run` sends week after week in one process.
-        real = _open(settings)
-        stack.callback(real.close)
-        if dry_run:
-            box = outbox or settings.out_dir / result.issue_id / "outbox"
-            transport = OutboxTransport(box, keep=5)
-            storage = stack.enter_context(real.scratch_copy(result.issue_id, name))
-        else:
-            # One process per send, checked before anything is read or asked: a
-            # second one would show a preview of rows the first is changing, and
-            # would take its in-flight rows for dead ones.
-            lease = real.lease(f"send:{result.issue_id}:{name}")
-            lease.acquire(time.time())
-            stack.callback(lease.release)
-            transport = _smtp_transport(settings)
-            storage = real
-        # Before anything is asked or sent: a field the list cannot fill is an error.
-        for note in check_merge_fields(
-            storage, result.issue_id, name, result.merge_uses, strict=strict
-        ):
-            click.secho(f"note: {note}", fg="yellow")
-        # An id sent before from another file is refused, not "resumed" (a dry run too).
-        source = Source.of(issue_file)
-        for note in check_source(real.archive, result.issue_id, source):
-            click.secho(f"note: {note}", fg="yellow")
-        # Read, ask, and only then write: declining changes nothing (and frees the lock).
-        planned = preview(storage, result.issue_id, name)
-        _describe_send(planned, result.issue_id, name, transport.description, len(result.eml))
-        if confirm:
-            click.confirm(
-                f"Send {result.issue_id} to the list {name!r} through {transport.description}?",
-                abort=True,
-            )
-        columns = merge_columns(storage.subscribers, name, result.merge_uses)
-        template = _template(settings, result, name, columns)
-        prepared = prepare(
-            storage,
-            result.issue_id,
-            name,
-            resend_unknown=resend_unknown,
-            retry_rejected=retry_rejected,
-            columns=list(columns.values()),
-        )
-        if not dry_run:
-            # The archive shows what was sent: the first send keeps the web version.
-            record_send(
-                storage.archive,
-                prepared.record.id,
-                result.issue,
-                result.society,
-                settings.templates_dir,
-                settings.public_url,
-                source,
-            )
-        return _run_campaign(storage, prepared, template, transport, settings), transport
-
-
-def _run_campaign(
-    storage: Storage,
-    prepared: Prepared,
-    template: MessageTemplate,
-    transport: Transport,
-    settings: Settings,
-) -> SendReport:
-    import asyncio
-    import signal
-
-    from newsletter.delivery.campaign import Campaign, SendOptions
-    from newsletter.delivery.sending import run_send
-
-    options = SendOptions(
+    return SendOptions(
         connections=settings.send_connections,
         rate=settings.send_rate,
         per_hour=settings.send_per_hour,
@@ -805,6 +686,18 @@ def _run_campaign(
         max_consecutive_errors=settings.send_max_errors,
         max_wait=settings.send_max_wait,
     )
+
+
+def _send_one(settings: Settings, request: SendRequest, *, confirm: bool = False) -> SendReport:
+    """One send, by hand or scheduled: the send use case wired to the settings and the
+    terminal (notes, the plan, the question, Ctrl-C and SIGTERM, the progress bar)."""
+    import asyncio
+    import signal
+
+    from newsletter.delivery.send_issue import SendDeclined, SendHooks, send_issue
+
+    if not request.dry_run:
+        _require_secret(settings)
     bar = _ProgressBar(enabled=sys.stderr.isatty())
 
     def on_start(campaign: Campaign) -> None:
@@ -814,31 +707,38 @@ def _run_campaign(
             loop.add_signal_handler(sig, campaign.stop, f"stopped by {sig.name}")
         bar.start(campaign.progress.total)
 
-    async def go() -> SendReport:
-        try:
-            return await run_send(
-                storage,
-                prepared,
-                template,
-                transport,
-                options,
-                envelope_sender=settings.envelope_sender,
-                on_start=on_start,
-                on_progress=bar.update,
-            )
-        finally:
-            bar.stop()
+    def ask(plan: SendPlan) -> bool:
+        return click.confirm(
+            f"Send {plan.issue_id} to the list {plan.list_name!r} through {plan.via}?"
+        )
 
-    from newsletter.errors import CampaignAborted
-
+    hooks = SendHooks(
+        note=lambda note: click.secho(f"note: {note}", fg="yellow"),
+        plan=_describe_send,
+        confirm=ask if confirm else None,
+        on_start=on_start,
+        on_progress=bar.update,
+    )
     try:
-        return asyncio.run(go())
-    except CampaignAborted as exc:
-        # Only here is a relay's refusal the end of a send in the log, which the
-        # same command resumes; every error before (settings, the issue, the
-        # lock, an empty list) and a test copy's refusal have nothing to resume.
-        exc.next_step = RESUME
-        raise
+        return send_issue(
+            request,
+            build=lambda: _build(
+                settings, request.issue_file, request.strict, list_name=request.list_name
+            ),
+            open_storage=lambda: _open(settings),
+            transport=lambda: _smtp_transport(settings),
+            sender=_sender(settings, request.list_name),
+            options=_send_options(settings),
+            envelope_sender=settings.envelope_sender,
+            templates_dir=settings.templates_dir,
+            out_dir=settings.out_dir,
+            signer=lambda: _signer(settings),
+            hooks=hooks,
+        )
+    except SendDeclined:
+        raise click.Abort from None  # "Aborted!", exit status 1, as click.confirm's own
+    finally:
+        bar.stop()
 
 
 def _signer(settings: Settings) -> Callable[[bytes], bytes] | None:
@@ -870,7 +770,8 @@ def _signer(settings: Settings) -> Callable[[bytes], bytes] | None:
     return functools.partial(dkim_sign.sign, key=key)
 
 
-def _describe_send(planned: Preview, issue_id: str, name: str, via: str, size: int) -> None:
+def _describe_send(plan: SendPlan) -> None:
+    planned = plan.preview
     c = planned.counts
     verb = "resuming" if planned.resumed else "starting"
     if planned.opted_out is None:
@@ -882,8 +783,8 @@ def _describe_send(planned: Preview, issue_id: str, name: str, via: str, size: i
             f"{planned.opted_out} who left the list (left out)"
         )
     click.echo(
-        f"{verb} {issue_id} to {name}: {planned.audience} recipient(s), {left_out}; "
-        f"message about {size / 1000:.1f} kB; via {via}"
+        f"{verb} {plan.issue_id} to {plan.list_name}: {planned.audience} recipient(s), "
+        f"{left_out}; message about {plan.message_size / 1000:.1f} kB; via {plan.via}"
     )
     click.echo(
         f"  to send now: {c['pending']} pending, {c['deferred']} deferred; already: "
@@ -905,7 +806,7 @@ def _describe_send(planned: Preview, issue_id: str, name: str, via: str, size: i
         )
 
 
-def _summarise(report: SendReport, dry_run: bool, transport: Transport) -> None:
+def _summarise(report: SendReport, dry_run: bool) -> None:
     r = report.result
     c = r.counts
     if dry_run:
@@ -913,7 +814,7 @@ def _summarise(report: SendReport, dry_run: bool, transport: Transport) -> None:
             f"dry run: {r.attempted} message(s) would be sent now, "
             f"{report.record.audience} in the whole send; nothing was sent or recorded"
         )
-        click.echo(f"sample messages written to {getattr(transport, 'folder', '?')}/")
+        click.echo(f"sample messages written to {report.outbox or '?'}/")
         return
     click.echo(
         f"sent {c['sent']}, rejected {c['rejected']}, "
@@ -934,133 +835,60 @@ def _summarise(report: SendReport, dry_run: bool, transport: Transport) -> None:
         click.secho(f"unknown: {email}: {detail}", fg="yellow")
 
 
-def _warn_test_copy_fields(settings: Settings, result: BuildResult, list_name: str) -> None:
-    """A test copy goes whatever the list offers, but a field the real send would refuse
-    is worth knowing now (the copy shows it empty)."""
-    import contextlib
-
-    from newsletter.delivery.sending import check_merge_fields
-    from newsletter.errors import ValidationFailed
-
-    if not result.merge_uses or not settings.database.exists():
-        return
-    with contextlib.closing(_open(settings)) as storage:
-        try:
-            check_merge_fields(storage, result.issue_id, list_name, result.merge_uses)
-        except ValidationFailed as exc:
-            for problem in exc.problems:
-                click.secho(
-                    f"warning: {problem} (`send` refuses this; the test copy shows it empty)",
-                    fg="yellow",
-                    err=True,
-                )
-
-
-def _test_recipients(settings: Settings, addresses: list[str]) -> list[Recipient]:
-    """A test copy to someone in the database shows their own merge-field values (an
-    editor sends one to themselves to see them); anyone else gets the fallbacks."""
-    import contextlib
-
-    from newsletter.models import Recipient
-
-    if not settings.database.exists():
-        return [Recipient(a) for a in addresses]
-    with contextlib.closing(_open(settings)) as storage:
-        store = storage.subscribers
-        return [store.recipient(a) or Recipient(a) for a in addresses]
-
-
-def _test_copy_problems(settings: Settings, addresses: list[str], list_name: str) -> list[str]:
-    """Suppressed addresses (refused) and opt-outs of ``list_name`` (a warning each).
-
-    A test copy is real mail: someone who complained or bounced must not get it.
-    Without a database (a first try-out) there is nobody to protect yet."""
-    import contextlib
-
-    if not addresses or not settings.database.exists():
-        return []
-    problems = []
-    with contextlib.closing(_open(settings)) as storage:
-        store = storage.subscribers
-        for address in dict.fromkeys(addresses):
-            info = store.suppression_info(address)
-            if info is not None:
-                problems.append(
-                    f"--to {address} is suppressed ({info.reason} since {info.since}) and "
-                    "is never mailed; if the person asked to be mailed again, lift it with "
-                    f"`newsletter subscribers unsuppress {address} --reason TEXT`"
-                )
-            elif (list_name, True) in store.lists_of(address):
-                click.secho(
-                    f"warning: {address} opted out of {list_name}; the test copy goes to it "
-                    "all the same",
-                    fg="yellow",
-                    err=True,
-                )
-    return problems
-
-
 def _send_test_copies(
     settings: Settings,
-    template: MessageTemplate,
+    issue_file: Path,
     addresses: tuple[str, ...],
+    list_name: str | None,
+    *,
     dry_run: bool,
-    list_name: str,
+    strict: bool,
 ) -> None:
-    import asyncio
-    import datetime as dt
-    import secrets
+    """`send --to`: the test-copy checks and send (delivery.test_copies), printed."""
+    import contextlib
 
-    from newsletter.audience.csv_import import normalise_address
-    from newsletter.delivery.transports import Envelope, OutboxTransport
+    from newsletter.delivery import test_copies
+    from newsletter.delivery.transports import OutboxTransport
+    from newsletter.errors import ConnectFailed
 
-    checked: list[str] = []
-    problems: list[str] = []
-    for raw in addresses:
-        try:
-            checked.append(normalise_address(raw))
-        except ValueError as exc:
-            problems.append(f"--to {raw!r} is not a valid address: {exc}")
-    problems += _test_copy_problems(settings, checked, list_name)
-    if problems:
-        _fail("no test copy was sent:\n" + "\n".join(f"  {p}" for p in problems))
-    recipients = _test_recipients(settings, list(dict.fromkeys(checked)))  # one copy each
+    name = list_name or settings.list_name
+    result = _build(settings, issue_file, strict=strict, list_name=list_name)
+    with contextlib.ExitStack() as stack:
+        # Without a database (a first try-out) there is nobody to protect yet.
+        storage = _open(settings) if settings.database.exists() else None
+        if storage is not None:
+            stack.callback(storage.close)
+        for problem in test_copies.field_warnings(
+            storage, result.issue_id, name, result.merge_uses
+        ):
+            click.secho(
+                f"warning: {problem} (`send` refuses this; the test copy shows it empty)",
+                fg="yellow",
+                err=True,
+            )
+        template = _template(settings, result, list_name)
+        check = test_copies.check_addresses(storage, addresses, name)
+        for warning in check.warnings:
+            click.secho(f"warning: {warning}", fg="yellow", err=True)
+        if check.problems:
+            _fail("no test copy was sent:\n" + "\n".join(f"  {p}" for p in check.problems))
+        to = test_copies.recipients(storage, check.addresses)
     transport: Transport = (
         # Every test copy asked for is written (a send's dry run keeps five samples).
-        OutboxTransport(
-            settings.out_dir / template.rendered.issue_id / "test-copies", keep=len(recipients)
-        )
+        OutboxTransport(settings.out_dir / result.issue_id / "test-copies", keep=len(to))
         if dry_run
         else _smtp_transport(settings)
     )
-
-    async def go() -> list[tuple[str, str]]:
-        session = await transport.open()
-        out = []
-        try:
-            for r in recipients:
-                # Never the real message's id: a receiver would drop the real
-                # one later as a duplicate of the test copy.
-                data = template.personalise(
-                    r,
-                    date=dt.datetime.now(dt.UTC),
-                    message_id=template.test_message_id(secrets.token_hex(8)),
-                )
-                outcome = await session.send(Envelope(settings.envelope_sender, r.email, data))
-                out.append((r.email, f"{outcome.state} {outcome.code or ''} {outcome.detail}"))
-        finally:
-            await session.close()
-        return out
-
-    from newsletter.errors import ConnectFailed
-
     try:
-        results = asyncio.run(go())
-    except ConnectFailed as exc:
+        results = test_copies.send_copies(
+            template, to, transport, envelope_sender=settings.envelope_sender
+        )
+    except ConnectFailed as exc:  # not a NewsletterError: the transport's own, said as one
         _fail(exc)
-    for email, what in results:
-        click.echo(f"test copy to {email}: {what}")
-    if any(" sent " not in f" {w} " for _, w in results):
+    for copy in results:
+        o = copy.outcome
+        click.echo(f"test copy to {copy.email}: {o.state} {o.code or ''} {o.detail}")
+    if not all(copy.sent for copy in results):
         sys.exit(3)
 
 
@@ -1180,11 +1008,12 @@ def _check_due(
     import contextlib
     import datetime as dt
 
+    from newsletter.delivery.send_issue import SendRequest
     from newsletter.schedule.runner import check_and_send
 
     def send_issue(path: Path, list_name: str) -> SendReport:
-        report, transport = _send_one(settings, path, list_name, strict=strict)
-        _summarise(report, False, transport)
+        report = _send_one(settings, SendRequest(path, list_name, strict=strict))
+        _summarise(report, False)
         return report
 
     with contextlib.closing(_open(settings)) as storage:

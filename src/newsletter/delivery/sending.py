@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from newsletter.delivery.campaign import Campaign, Progress, RunResult, SendOptions
 from newsletter.delivery.message import MessageTemplate
@@ -29,6 +30,7 @@ class SendReport:
     unknown: list[tuple[str, str]] = field(default_factory=list)  # left in doubt, by address
     requeued_unknown: int = 0
     requeued_rejected: int = 0
+    outbox: Path | None = None  # a dry run's samples: where they were written
 
     @property
     def exit_code(self) -> int:
@@ -247,7 +249,9 @@ async def run_send(
     envelope_sender: str,
     on_start: Callable[[Campaign], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    guard: Callable[[], str | None] | None = None,
 ) -> SendReport:
+    """Run the prepared send; ``guard`` is the :class:`Campaign`'s (the send's lease)."""
     log = storage.send_log
     campaign = Campaign(
         log,
@@ -257,6 +261,7 @@ async def run_send(
         options,
         envelope_sender=envelope_sender,
         on_progress=on_progress,
+        guard=guard,
     )
     if on_start is not None:
         on_start(campaign)
