@@ -1117,12 +1117,22 @@ def schedule_run(poll: float, strict: bool) -> None:
     import datetime as dt
     import signal
     import threading
-    import traceback
+
+    from newsletter.schedule.runner import run_schedule
 
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
         stop.set()
+
+    def each_look() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
+    def complain(line: str, trace: str | None) -> None:
+        click.secho(line, fg="red", err=True)
+        if trace is not None:
+            click.echo(trace, err=True, nl=False)
 
     settings = _settings()
     plan = settings.parsed_schedule
@@ -1134,33 +1144,15 @@ def schedule_run(poll: float, strict: bool) -> None:
         )
     _require_database(settings)
     click.echo(f"scheduler: {plan.describe()}; Ctrl-C or SIGTERM to stop")
-    said = ""  # say each thing once, not at every poll
-    while not stop.is_set():
-        # (Re)installed each time: a send's event loop takes the signals over
-        # (to finish the messages in flight) and resets them when it ends.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, on_signal)
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        try:
-            result = _check_due(settings, _now_override(), strict=strict)
-            if result.state not in ("nothing-due", "done-already") and result.message != said:
-                click.echo(f"{stamp} {result.message}")
-                said = result.message
-            if any((r.result.stopped or "").startswith("stopped by SIG") for r in result.reports):
-                stop.set()  # the signal arrived during the send, which has stopped cleanly
-        except Exception as exc:  # noqa: BLE001 - a long-running service must outlive a bug
-            problem = _problem(exc)
-            if problem is None:
-                click.secho(
-                    f"{stamp} unexpected error: {exc!r}; the scheduler goes on", fg="red", err=True
-                )
-                traceback.print_exc()
-            elif problem != said:
-                # A failed send (or a database that fails) is logged once; the
-                # scheduler keeps going for the next look.
-                click.secho(f"{stamp} error: {problem}", fg="red", err=True)
-                said = problem
-        stop.wait(poll)
+    run_schedule(
+        lambda: _check_due(settings, _now_override(), strict=strict),
+        poll=poll,
+        stop=stop,
+        say=click.echo,
+        complain=complain,
+        problem_of=_problem,
+        each_look=each_look,
+    )
     click.echo("scheduler: stopped")
 
 
