@@ -24,12 +24,12 @@ if TYPE_CHECKING:
     import datetime as dt
 
     from newsletter.build import BuildResult
-    from newsletter.delivery.campaign import Campaign, SendOptions
+    from newsletter.delivery.campaign import Campaign
     from newsletter.delivery.campaign import Progress as CampaignProgress
-    from newsletter.delivery.message import MessageTemplate, Sender
+    from newsletter.delivery.message import MessageTemplate
     from newsletter.delivery.send_issue import SendPlan, SendRequest
     from newsletter.delivery.sending import SendReport
-    from newsletter.delivery.transports import SmtpTransport, Transport
+    from newsletter.delivery.transports import Transport
     from newsletter.schedule.runner import DueResult
     from newsletter.settings import Settings
     from newsletter.storage.base import Storage, Subscribers
@@ -85,41 +85,13 @@ def _settings() -> Settings:
     return load_settings()
 
 
-def _sender(settings: Settings, list_name: str | None = None) -> Sender:
-    from newsletter.delivery.message import Sender
-
-    return Sender(
-        name=settings.sender_name,
-        address=settings.sender_address,
-        list_name=list_name or settings.list_name,
-        public_url=settings.public_url,
-        token_key=settings.token_key,
-        unsubscribe_mailto=settings.unsubscribe_address,
-        reply_to=settings.reply_to,
-    )
-
-
 def _build(
     settings: Settings, issue_file: Path, strict: bool, list_name: str | None = None
 ) -> BuildResult:
-    from newsletter.build import BuildInputs, build
-    from newsletter.models import Recipient
+    from newsletter import wiring
+    from newsletter.build import build
 
-    preview_name, preview_addr = settings.preview_mailbox
-    # "Sam Sample", or "Sample, Sam" as address books write it.
-    last, comma, first = preview_name.partition(",")
-    if not comma:
-        first, _, last = preview_name.partition(" ")
-    result = build(
-        BuildInputs(
-            issue_file=issue_file,
-            society_file=settings.society_file,
-            templates_dir=settings.templates_dir,
-            sender=_sender(settings, list_name),
-            preview_recipient=Recipient(preview_addr, first.strip(), last.strip()),
-            strict=strict,
-        )
-    )
+    result = build(wiring.build_inputs(settings, issue_file, strict, list_name))
     for warning in result.report.warnings:
         click.secho(f"warning: {warning}", fg="yellow", err=True)
     return result
@@ -372,7 +344,7 @@ def subscribers_export(list_name: str, out: Path) -> None:
     """Write a list as CSV (to OUT, or standard output): every member, every attribute,
     and each member's state in newsletter_state (subscribed, opted-out, suppressed),
     newsletter_reason and newsletter_since. Importing the file again keeps those states."""
-    from newsletter.audience.csv_import import write_export
+    from newsletter.audience.csv_import import export_to_file, write_export
 
     _, store = _store()
     _known_list(store, list_name)
@@ -380,17 +352,7 @@ def subscribers_export(list_name: str, out: Path) -> None:
     if str(out) == "-":
         write_export(sys.stdout, attributes, store.members(list_name))
         return
-    partial = out.with_name(f".{out.name}.partial")
-    try:
-        with partial.open("w", encoding="utf-8", newline="") as fh:
-            write_export(fh, attributes, store.members(list_name))
-        partial.replace(out)  # the whole file or, on any failure, none
-    except OSError as exc:
-        partial.unlink(missing_ok=True)
-        _fail(f"cannot write {out}: {exc.strerror or exc}; nothing was written")
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    export_to_file(out, attributes, store.members(list_name))
 
 
 @subscribers.command("remove")
@@ -535,36 +497,6 @@ def _address(raw: str, normalise: Callable[[str], str]) -> str:
 # ------------------------------------------------------------------------ send
 
 
-def _smtp_transport(settings: Settings) -> SmtpTransport:
-    import ssl
-
-    from newsletter.delivery.transports import SmtpConfig, SmtpTransport
-    from newsletter.errors import ConfigError
-
-    try:
-        context = ssl.create_default_context(
-            cafile=str(settings.smtp_ca_file) if settings.smtp_ca_file else None
-        )
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"NEWSLETTER_SMTP_CA_FILE={settings.smtp_ca_file}: cannot read certificates from "
-            f"it ({exc.strerror or exc}); give a PEM file of CA certificates, or unset it"
-        ) from None
-    return SmtpTransport(
-        SmtpConfig(
-            host=settings.smtp_host,
-            port=settings.smtp_port_or_default,
-            security=settings.smtp_security,
-            username=settings.smtp_username,
-            password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
-            helo_name=settings.smtp_helo_name or settings.sender_address.rpartition("@")[2],
-            timeout=settings.smtp_timeout,
-            message_timeout=settings.send_message_timeout,
-            tls_context=context if settings.smtp_security != "none" else None,
-        )
-    )
-
-
 @main.command()
 @click.argument("issue_file", type=click.Path(path_type=Path, dir_okay=False), required=False)
 @DEFAULT_LIST_OPTION
@@ -602,6 +534,7 @@ def send(
     due: bool,
 ) -> None:
     """Send ISSUE_FILE to a subscriber list; run it again to resume."""
+    from newsletter import wiring
     from newsletter.delivery.send_issue import SendRequest
 
     if due:
@@ -628,7 +561,7 @@ def send(
                 "--retry-rejected belong to a real send"
             )
         if not dry_run:
-            _require_secret(settings)
+            wiring.require_secret(settings)
         _send_test_copies(settings, issue_file, test_to, list_name, dry_run=dry_run, strict=strict)
         return
     if not dry_run and not settings.unsubscribe_mailto:
@@ -659,32 +592,11 @@ def _mailto_reminder(settings: Settings) -> None:
 
 
 def _template(settings: Settings, result: BuildResult, list_name: str | None) -> MessageTemplate:
+    from newsletter import wiring
     from newsletter.delivery.message import MessageTemplate
 
-    return MessageTemplate(result.rendered, _sender(settings, list_name), signer=_signer(settings))
-
-
-def _require_secret(settings: Settings) -> None:
-    """Real mail (a send or a test copy) carries links the live server must accept."""
-    from newsletter.errors import ConfigError
-
-    if settings.secret_key is None:
-        raise ConfigError(
-            "NEWSLETTER_SECRET_KEY is not set: unsubscribe links would not be secure. "
-            'Make one with: python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
-        )
-
-
-def _send_options(settings: Settings) -> SendOptions:
-    from newsletter.delivery.campaign import SendOptions
-
-    return SendOptions(
-        connections=settings.send_connections,
-        rate=settings.send_rate,
-        per_hour=settings.send_per_hour,
-        per_day=settings.send_per_day,
-        max_consecutive_errors=settings.send_max_errors,
-        max_wait=settings.send_max_wait,
+    return MessageTemplate(
+        result.rendered, wiring.sender(settings, list_name), signer=_signer(settings)
     )
 
 
@@ -694,10 +606,11 @@ def _send_one(settings: Settings, request: SendRequest, *, confirm: bool = False
     import asyncio
     import signal
 
+    from newsletter import wiring
     from newsletter.delivery.send_issue import SendDeclined, SendHooks, send_issue
 
     if not request.dry_run:
-        _require_secret(settings)
+        wiring.require_secret(settings)
     bar = _ProgressBar(enabled=sys.stderr.isatty())
 
     def on_start(campaign: Campaign) -> None:
@@ -726,9 +639,9 @@ def _send_one(settings: Settings, request: SendRequest, *, confirm: bool = False
                 settings, request.issue_file, request.strict, list_name=request.list_name
             ),
             open_storage=lambda: _open(settings),
-            transport=lambda: _smtp_transport(settings),
-            sender=_sender(settings, request.list_name),
-            options=_send_options(settings),
+            transport=lambda: wiring.smtp_transport(settings),
+            sender=wiring.sender(settings, request.list_name),
+            options=wiring.send_options(settings),
             envelope_sender=settings.envelope_sender,
             templates_dir=settings.templates_dir,
             out_dir=settings.out_dir,
@@ -742,32 +655,13 @@ def _send_one(settings: Settings, request: SendRequest, *, confirm: bool = False
 
 
 def _signer(settings: Settings) -> Callable[[bytes], bytes] | None:
-    """DKIM signing when a key is configured (the preview in build/ is never signed)."""
-    if settings.dkim_key_file is None or settings.dkim_selector is None:
-        return None
-    import functools
+    """DKIM signing when a key is configured; its warnings are said when it is made."""
+    from newsletter import wiring
 
-    from newsletter.delivery import dkim_sign
-
-    from_domain = settings.sender_address.rpartition("@")[2].lower()
-    domain = (settings.dkim_domain or from_domain).lower()
-    key = dkim_sign.load_key(settings.dkim_key_file, settings.dkim_selector, domain)
-    if from_domain != domain and not from_domain.endswith("." + domain):
-        # DMARC passes on DKIM only when d= is the From domain or a parent of it.
-        click.secho(
-            f"warning: NEWSLETTER_DKIM_DOMAIN {domain!r} is not the From domain "
-            f"{from_domain!r} or a parent of it: DMARC will not count this signature",
-            fg="yellow",
-            err=True,
-        )
-    if key.weak:
-        click.secho(
-            f"warning: the DKIM key {settings.dkim_key_file} (NEWSLETTER_DKIM_KEY_FILE) is "
-            f"{key.bits}-bit RSA; use {dkim_sign.GOOD_BITS} bits, as receivers recommend",
-            fg="yellow",
-            err=True,
-        )
-    return functools.partial(dkim_sign.sign, key=key)
+    signer, warnings = wiring.signer(settings)
+    for warning in warnings:
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
+    return signer
 
 
 def _describe_send(plan: SendPlan) -> None:
@@ -847,6 +741,7 @@ def _send_test_copies(
     """`send --to`: the test-copy checks and send (delivery.test_copies), printed."""
     import contextlib
 
+    from newsletter import wiring
     from newsletter.delivery import test_copies
     from newsletter.delivery.transports import OutboxTransport
     from newsletter.errors import ConnectFailed
@@ -877,7 +772,7 @@ def _send_test_copies(
         # Every test copy asked for is written (a send's dry run keeps five samples).
         OutboxTransport(settings.out_dir / result.issue_id / "test-copies", keep=len(to))
         if dry_run
-        else _smtp_transport(settings)
+        else wiring.smtp_transport(settings)
     )
     try:
         results = test_copies.send_copies(
@@ -1051,8 +946,7 @@ def schedule(ctx: click.Context) -> None:
         return
     import datetime as dt
 
-    from newsletter.schedule.runner import find_issue, issue_problems
-    from newsletter.schedule.slots import latest, upcoming
+    from newsletter.schedule.runner import planned_slots
 
     settings = _settings()
     plan = settings.parsed_schedule
@@ -1062,22 +956,23 @@ def schedule(ctx: click.Context) -> None:
         f"lists: {', '.join(settings.scheduled_lists)}"
     )
     storage = _open(settings)
-    slots = storage.slots
-    due = latest(plan, now, within=plan.catch_up)
-    # A slot whose window is still open is shown with the ones to come.
-    current = [due] if due is not None and slots.state(due) != "done" else []
-    for slot in current + upcoming(plan, now, 5):
-        choice = find_issue(settings.issues_dir, slot.local_day)
+    for planned in planned_slots(
+        plan,
+        now,
+        storage=storage,
+        issues_dir=settings.issues_dir,
+        lists=settings.scheduled_lists,
+        society_file=settings.society_file,
+    ):
+        slot, choice = planned.slot, planned.choice
         local = slot.at.astimezone(plan.zone).strftime("%a %Y-%m-%d %H:%M %Z")
-        label = "  due now" if slot is due else ""
+        label = "  due now" if planned.due_now else ""
         click.echo(f"  {local}  ({slot.key})  {choice.path or 'no issue file yet'}{label}")
-        for problem in issue_problems(
-            choice, settings.society_file, storage=storage, lists=settings.scheduled_lists
-        ):
+        for problem in planned.problems:
             click.secho(f"      cannot be sent: {problem}", fg="red")
         for note in choice.notes:
             click.echo(f"      note: {note}")
-    recent = slots.recent(5)
+    recent = storage.slots.recent(5)
     if recent:
         click.echo("recent slots:")
         for key, day, issue_id, state, detail in recent:
@@ -1177,7 +1072,7 @@ def serve(host: str | None, port: int | None) -> None:
     from newsletter.errors import ConfigError
     from newsletter.render.loading import load_society
     from newsletter.storage import open_storage
-    from newsletter.web.app import WebConfig, create_app
+    from newsletter.web.app import WebConfig, check_listen, create_app
     from newsletter.web.archive import Archive
 
     settings = _settings()
@@ -1193,7 +1088,7 @@ def serve(host: str | None, port: int | None) -> None:
     lists = storage.subscribers.lists()
     host = host or settings.serve_host
     port = port if port is not None else settings.serve_port
-    _check_listen(host, port)
+    check_listen(host, port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("newsletter.serve").info(
         "database %s: %s list(s), %s member(s) in all",
@@ -1220,26 +1115,3 @@ def serve(host: str | None, port: int | None) -> None:
         log_level="info",
         access_log=False,  # it prints paths, tokens included: the app logs requests itself
     )
-
-
-def _check_listen(host: str, port: int) -> None:
-    """Refuse an address that cannot be listened on now, as one error line: uvicorn
-    would log it its own way and exit 3. (Taken in the moment between, uvicorn's
-    own message is what remains.)"""
-    import socket
-
-    from newsletter.errors import ConfigError
-
-    try:
-        # Every address the name stands for, as uvicorn binds them.
-        for family, kind, proto, _, address in socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        ):
-            with socket.socket(family, kind, proto) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(address)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc}; give another --host or "
-            "--port (or NEWSLETTER_SERVE_HOST, NEWSLETTER_SERVE_PORT)"
-        ) from None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +38,7 @@ from newsletter.errors import (
 from newsletter.render import issue_ids
 from newsletter.render.loading import Loaded, load_issue, load_society, named_day
 from newsletter.render.yaml_input import read_yaml
-from newsletter.schedule.slots import Schedule, Slot, latest, slots_between
+from newsletter.schedule.slots import Schedule, Slot, latest, slots_between, upcoming
 from newsletter.storage.base import SlotStore, Storage
 
 LOCK_NAME = "schedule"
@@ -218,6 +218,36 @@ def issue_problems(
             except ValidationFailed as exc:
                 problems += [f"list {name}: {p}" for p in exc.problems]
     return problems
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedSlot:
+    """A slot ahead (or due now), the issue it would send, and what would stop it."""
+
+    slot: Slot
+    choice: IssueChoice
+    problems: list[str]
+    due_now: bool
+
+
+def planned_slots(
+    schedule: Schedule,
+    now: dt.datetime,
+    *,
+    storage: Storage,
+    issues_dir: Path,
+    lists: Sequence[str],
+    society_file: Path | None = None,
+    count: int = 5,
+) -> Iterator[PlannedSlot]:
+    """``newsletter schedule``: the slot due now unless it is done (its window is still
+    open), then the next ``count``, each as it is looked at."""
+    due = latest(schedule, now, within=schedule.catch_up)
+    current = [due] if due is not None and storage.slots.state(due) != "done" else []
+    for slot in current + upcoming(schedule, now, count):
+        choice = find_issue(issues_dir, slot.local_day)
+        problems = issue_problems(choice, society_file, storage=storage, lists=lists)
+        yield PlannedSlot(slot, choice, problems, slot is due)
 
 
 def _id_clashes(path: Path) -> list[str]:
