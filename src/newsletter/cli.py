@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from newsletter.delivery.transports import Transport
     from newsletter.schedule.runner import DueResult
     from newsletter.settings import Settings
-    from newsletter.storage.base import Storage, Subscribers
+    from newsletter.storage.base import MemberState, Storage, Subscribers
 
 
 def _fail(exc: Exception | str) -> NoReturn:
@@ -314,7 +314,7 @@ def subscribers_count(list_name: str | None) -> None:
             click.echo(f"  merge fields an issue sent to {name} can use: {fields}")
 
 
-def _state_text(state: str, reason: str | None, since: str | None) -> str:
+def _state_text(state: MemberState, reason: str | None, since: str | None) -> str:
     day = f" since {since[:10]}" if since else ""
     if state == "suppressed":
         return f"suppressed ({reason}){day}"
