@@ -1,7 +1,12 @@
 """Command line: parses arguments, reads settings, wires the stages, prints, exits.
 
-No logic lives here. Heavy modules are imported inside the command that needs
-them, so ``newsletter --help`` stays fast. Errors a user can cause are caught
+No logic lives here: each command turns the settings into typed inputs
+(:mod:`newsletter.wiring`), calls its subsystem (a send is
+:func:`newsletter.delivery.send_issue.send_issue`, with callbacks for what it
+prints and asks; test copies :mod:`newsletter.delivery.test_copies`; the
+scheduler's loop :func:`newsletter.schedule.runner.run_schedule`), prints what
+comes back and sets the exit status. Heavy modules are imported inside the
+command that needs them, so ``newsletter --help`` stays fast. Errors a user can cause are caught
 in one place, :class:`_Commands`, for every command: a :class:`NewsletterError`
 (the stores turn a database failing because of the file or the machine into
 one, :class:`~newsletter.errors.StorageError`). Each is printed as one

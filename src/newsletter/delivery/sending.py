@@ -1,11 +1,13 @@
-"""Send pipeline: an issue and a list → a started or resumed send, run to its end.
+"""Send steps: an issue and a list → a started or resumed send, run to its end.
 
 Input: the rendered issue, a :class:`newsletter.storage.base.Storage`, the list
-name, a transport and the options. Output: a :class:`SendReport`. This is the
-one code path of every send: a real one (SMTP transport, the project database),
-a dry run (an outbox transport and the storage's scratch copy, ``with
+name, a transport and the options. Output: a :class:`SendReport`. These are the
+steps of every send (:func:`preview`, :func:`check_merge_fields`,
+:func:`prepare`, :func:`run_send`), which :mod:`newsletter.delivery.send_issue`
+runs in order for a real one (SMTP transport, the project database) and a dry
+run (an outbox transport and the storage's scratch copy, ``with
 storage.scratch_copy(issue, list) as scratch``, so the real send log is not
-touched), and tests (a memory transport).
+touched); tests also call them with a memory transport.
 """
 
 from __future__ import annotations
