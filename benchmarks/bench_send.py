@@ -12,19 +12,20 @@ configuration" puts them in /usr/sbin; the postfix daemon is not started.
 Exit status 2 when they cannot be had.
 
 1. Real send: builds issues/2020-12-23.yaml, imports N generated subscribers
-   into a fresh database, then times the code path of `newsletter send`:
-   sending.prepare (freezes the audience) and sending.run_send with the SMTP
-   transport over C connections to smtp-sink on 127.0.0.1. Prints messages
-   per second end to end (prepare included) and the run's own rate, and
-   checks that the send log has all N sent and that smtp-sink counted N.
+   into a fresh database, then times the function `newsletter send` calls,
+   delivery.send_issue.send_issue (the checks, the lease, the frozen audience,
+   the archive's web version, the campaign) with the SMTP transport over C
+   connections to smtp-sink on 127.0.0.1. Prints messages per second end to
+   end (all of that included) and the run's own rate, and checks that the
+   send log has all N sent and that smtp-sink counted N.
 2. Reference: smtp-source sends max(N, 20000) messages of our mean message
    size over C connections, each kept open (-d), to a fresh smtp-sink; the
    median of 3 runs. Target: our end-to-end rate at least 0.5 of it.
 3. Profile: where the time of a 3,000-message send goes (cProfile, top 15).
-4. Memory: for each --dry-run-sizes, a child process runs the dry-run path of
-   `newsletter send --dry-run` (storage.scratch_copy, prepare,
-   run_send with the outbox transport) over a database of that many
-   subscribers, and reports its peak RSS (VmHWM). Targets: under 150 MB for
+4. Memory: for each --dry-run-sizes, a child process runs `newsletter send
+   --dry-run`'s function (send_issue with dry_run: the storage's scratch copy,
+   the outbox transport) over a database of that many subscribers, and
+   reports its peak RSS (VmHWM). Targets: under 150 MB for
    the largest size, and no more than 20 MB above the smallest. A run that
    takes longer than --dry-run-budget seconds (0: no limit) is stopped as
    Ctrl-C would stop it; it is then reported as incomplete, with its peak RSS
@@ -37,7 +38,6 @@ Everything is written to a temporary directory (honours TMPDIR), removed at the 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import cProfile
 import datetime as dt
@@ -62,11 +62,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from newsletter.audience.csv_import import ParsedRow  # noqa: E402
-from newsletter.build import BuildInputs, build  # noqa: E402
+from newsletter.build import BuildInputs, BuildResult, build  # noqa: E402
 from newsletter.delivery.campaign import Campaign, Progress, SendOptions  # noqa: E402
 from newsletter.delivery.message import MessageTemplate, Sender  # noqa: E402
-from newsletter.delivery.sending import prepare, run_send  # noqa: E402
-from newsletter.delivery.transports import OutboxTransport, SmtpConfig, SmtpTransport  # noqa: E402
+from newsletter.delivery.send_issue import SendHooks, SendRequest, send_issue  # noqa: E402
+from newsletter.delivery.sending import SendReport  # noqa: E402
+from newsletter.delivery.transports import SmtpConfig, SmtpTransport, Transport  # noqa: E402
 from newsletter.models import Recipient  # noqa: E402
 from newsletter.storage import open_storage  # noqa: E402
 from newsletter.storage.sqlite.connection import connect  # noqa: E402
@@ -169,23 +170,52 @@ class Sink:
 # ---------------------------------------------------------------------- the issue
 
 
-def make_template() -> MessageTemplate:
-    sender = Sender(
-        name="MS Research News",
-        address="news@example.org",
-        list_name=LIST,
-        public_url="https://news.example.org",
-        token_key=b"bench_send.py token key: 32 bytes or more",
-        unsubscribe_mailto="unsubscribe@example.org",
-    )
+SENDER = Sender(
+    name="MS Research News",
+    address="news@example.org",
+    list_name=LIST,
+    public_url="https://news.example.org",
+    token_key=b"bench_send.py token key: 32 bytes or more",
+    unsubscribe_mailto="unsubscribe@example.org",
+)
+
+
+def make_build() -> BuildResult:
     inputs = BuildInputs(
         issue_file=ISSUE,
         society_file=REPO / "society.yaml",
         templates_dir=REPO / "templates",
-        sender=sender,
+        sender=SENDER,
         preview_recipient=Recipient("sam.sample@example.org", "Sam", "Sample"),
     )
-    return MessageTemplate(build(inputs).rendered, sender)
+    return build(inputs)
+
+
+def send(
+    db: Path,
+    built: BuildResult,
+    transport: Transport | None,
+    options: SendOptions,
+    hooks: SendHooks | None = None,
+) -> SendReport:
+    """What `newsletter send` does, through the same function; no transport: a dry run."""
+    request = SendRequest(ISSUE, LIST, dry_run=transport is None, outbox=db.parent / "outbox")
+    return send_issue(
+        request,
+        build=lambda: built,
+        open_storage=lambda: open_storage(db),
+        transport=lambda: transport or _no_transport(),
+        sender=SENDER,
+        options=options,
+        envelope_sender=ENVELOPE_SENDER,
+        templates_dir=REPO / "templates",
+        out_dir=db.parent / "out",
+        hooks=hooks or SendHooks(),
+    )
+
+
+def _no_transport() -> Transport:
+    raise AssertionError("a dry run never asks for the real transport")
 
 
 def subscriber(i: int) -> tuple[str, str, str]:
@@ -205,52 +235,43 @@ def mean_size(template: MessageTemplate, n: int) -> int:
     return round(sum(sizes) / len(sizes))
 
 
-def imported_db(folder: Path, n: int) -> Any:
-    storage = open_storage(folder / "newsletter.sqlite3", create=True)
+def imported_db(folder: Path, n: int) -> Path:
+    path = folder / "newsletter.sqlite3"
+    storage = open_storage(path, create=True)
     report = storage.subscribers.import_rows(LIST, parsed_rows(n), skip_invalid=False)
     assert report.committed and report.added == n, report
-    return storage
+    storage.close()
+    return path
 
 
 # ---------------------------------------------------------------------- real send
 
 
-def smtp_send(conn: Any, template: MessageTemplate, port: int, connections: int) -> Any:
+def smtp_send(db: Path, built: BuildResult, port: int, connections: int) -> SendReport:
     transport = SmtpTransport(SmtpConfig(host="127.0.0.1", port=port, security="none", timeout=30))
-    prepared = prepare(conn, template.rendered.issue_id, LIST)
-    return asyncio.run(
-        run_send(
-            conn,
-            prepared,
-            template,
-            transport,
-            SendOptions(connections=connections),
-            envelope_sender=ENVELOPE_SENDER,
-        )
-    )
+    return send(db, built, transport, SendOptions(connections=connections))
 
 
-def bench_our_send(root: Path, template: MessageTemplate, n: int, connections: int) -> float:
+def bench_our_send(root: Path, built: BuildResult, n: int, connections: int) -> float:
     folder = root / "send"
     folder.mkdir()
     start = time.perf_counter()
-    conn = imported_db(folder, n)
+    db = imported_db(folder, n)
     imported = time.perf_counter() - start
     print(f"  import of {n:,} subscribers (SubscriberStore.import_rows): {imported:.2f} s")
     with Sink(root) as sink:
         start = time.perf_counter()
-        report = smtp_send(conn, template, sink.port, connections)
+        report = smtp_send(db, built, sink.port, connections)
         elapsed = time.perf_counter() - start
         received = sink.stop()
-    counts = conn.send_log.counts(report.record.id)
-    conn.close()
+    counts = report.result.counts
     assert counts["sent"] == n, f"the send log does not say all {n:,} were sent: {counts}"
     assert received == n, f"smtp-sink counted {received:,} messages, not {n:,}"
     run = report.result
     print(
         f"  newsletter send  {n:,} messages, {connections} connections: {elapsed:.2f} s "
         f"end to end = {n / elapsed:,.0f} msg/s   (the run alone: {run.elapsed:.2f} s = "
-        f"{run.rate:,.0f} msg/s; prepare/freeze {elapsed - run.elapsed:.2f} s)"
+        f"{run.rate:,.0f} msg/s; checks, freeze and archive {elapsed - run.elapsed:.2f} s)"
     )
     print(f"  send log: {counts['sent']:,} sent, smtp-sink received {received:,}")
     return n / elapsed
@@ -284,18 +305,17 @@ def bench_smtp_source(root: Path, n: int, connections: int, size: int) -> float:
 # ---------------------------------------------------------------------- profile
 
 
-def profile_send(root: Path, template: MessageTemplate, connections: int) -> None:
+def profile_send(root: Path, built: BuildResult, connections: int) -> None:
     folder = root / "profile"
     folder.mkdir()
-    conn = imported_db(folder, PROFILE_MESSAGES)
+    db = imported_db(folder, PROFILE_MESSAGES)
     profiler = cProfile.Profile()
     with Sink(root) as sink:
         start = time.perf_counter()
         profiler.enable()
-        report = smtp_send(conn, template, sink.port, connections)
+        report = smtp_send(db, built, sink.port, connections)
         profiler.disable()
         elapsed = time.perf_counter() - start
-    conn.close()
     assert report.result.counts["sent"] == PROFILE_MESSAGES, report.result.counts
     print(f"profile of a send of {PROFILE_MESSAGES:,} messages ({elapsed:.2f} s under cProfile)")
     stats = pstats.Stats(profiler, stream=io.StringIO())
@@ -356,59 +376,52 @@ def child_make_db(folder: Path, n: int) -> None:
 
 
 def child_dry_run(folder: Path, n: int, budget: float) -> None:
-    """What `newsletter send --dry-run` does, on the database made by child_make_db.
+    """`newsletter send --dry-run`'s function, on the database made by child_make_db.
 
     The run is stopped (Campaign.stop, as Ctrl-C does) once it has taken ``budget`` seconds
     (0: never).
     """
-    template = make_template()
+    built = make_build()
     after_build = rss_mb("VmRSS")
-    real = open_storage(folder / "newsletter.sqlite3")
-    scratch_dir = folder / "dry-run"
     started = time.perf_counter()
-    copy = real.scratch_copy(template.rendered.issue_id, LIST)
-    scratch = copy.__enter__()
-    prepared = prepare(scratch, template.rendered.issue_id, LIST)
-    run_started = time.perf_counter()
-    outbox = OutboxTransport(scratch_dir / "outbox", keep=5)
+    run_started = [started]  # when the campaign starts (after the copy and prepare)
     campaigns: list[Campaign] = []
     samples: list[tuple[int, float]] = []  # (messages done, seconds into the run)
-    last = [run_started, 0.0]  # time and count of the last progress line
+    last = [started, 0.0]  # time and count of the last progress line
+
+    def start(campaign: Campaign) -> None:
+        campaigns.append(campaign)
+        run_started[0] = last[0] = time.perf_counter()
 
     def progress(p: Progress) -> None:
         now = time.perf_counter()
-        if budget and now - run_started > budget and campaigns:
+        if budget and now - run_started[0] > budget and campaigns:
             campaigns[0].stop("time budget")
         if p.done % max(n // 10, 1) and now - last[0] < 30 and p.done != n:
             return
-        samples.append((p.done, now - run_started))
+        samples.append((p.done, now - run_started[0]))
         rate = (p.done - last[1]) / (now - last[0]) if now > last[0] else 0.0
         print(
-            f"    {p.done:>9,} / {n:,}  {now - run_started:6.1f} s   {rate:7,.0f} msg/s since the "
-            f"last line   RSS {rss_mb('VmRSS'):.1f} MB",
+            f"    {p.done:>9,} / {n:,}  {now - run_started[0]:6.1f} s   {rate:7,.0f} msg/s since "
+            f"the last line   RSS {rss_mb('VmRSS'):.1f} MB",
             file=sys.stderr,
             flush=True,
         )
         last[:] = [now, p.done]
 
-    report = asyncio.run(
-        run_send(
-            scratch,
-            prepared,
-            template,
-            outbox,
-            SendOptions(),
-            envelope_sender=ENVELOPE_SENDER,
-            on_start=campaigns.append,
-            on_progress=progress,
-        )
+    # The scratch copy is made, and deleted at the end, as the CLI's is.
+    report = send(
+        folder / "newsletter.sqlite3",
+        built,
+        None,
+        SendOptions(),
+        SendHooks(on_start=start, on_progress=progress),
     )
-    run_s = time.perf_counter() - run_started
-    copy.__exit__(None, None, None)  # the scratch copy is deleted, as the CLI's is
+    run_s = time.perf_counter() - run_started[0]
     done = {
         "sent": report.result.counts["sent"],
         "stopped": report.result.stopped,
-        "copy_prepare_s": run_started - started,
+        "copy_prepare_s": run_started[0] - started,
         "run_s": run_s,
         "rss_after_build_mb": after_build,
         "peak_rss_mb": rss_mb(),
@@ -537,19 +550,19 @@ def main() -> None:
         sys.exit(2)
     import aiosmtplib  # noqa: F401  (imported by the first connection; not part of the timing)
 
-    template = make_template()
+    built = make_build()
     n, connections = args.subscribers, args.connections
-    size = mean_size(template, n)
+    size = mean_size(MessageTemplate(built.rendered, SENDER), n)
     print(f"send of {ISSUE.relative_to(REPO)} ({size:,} bytes per message on average)")
     with tempfile.TemporaryDirectory(prefix="bench-send-") as tmp:
         root = Path(tmp)
-        ours = bench_our_send(root, template, n, connections)
+        ours = bench_our_send(root, built, n, connections)
         theirs = bench_smtp_source(root, max(n, 20_000), connections, size)
         print(
             f"  ours / smtp-source: {ours / theirs:.2f}   target >= {RATIO_TARGET}   "
             f"ratio {ours / theirs / RATIO_TARGET:.2f}   {verdict(ours / theirs >= RATIO_TARGET)}"
         )
-        profile_send(root, template, connections)
+        profile_send(root, built, connections)
         if sizes:
             bench_memory(root, sizes, args.dry_run_budget)
     print(f"whole benchmark: {time.perf_counter() - began:.0f} s")

@@ -43,13 +43,9 @@ from newsletter.delivery import campaign as new_campaign  # noqa: E402
 from newsletter.delivery.message import MessageTemplate, Sender  # noqa: E402
 from newsletter.delivery.sending import prepare  # noqa: E402
 from newsletter.delivery.transports import Envelope, MemoryTransport, Session  # noqa: E402
-from newsletter.models import (  # noqa: E402
-    Delivery,
-    Outcome,
-    Recipient,
-)
+from newsletter.models import Recipient  # noqa: E402
 from newsletter.storage.sqlite import SqliteStorage  # noqa: E402
-from newsletter.storage.sqlite.send_log import SendLog  # noqa: E402
+from newsletter.storage.sqlite.send_log import Delivery, Outcome, SendLog  # noqa: E402
 
 ISSUE = REPO / "issues" / "2020-12-23.yaml"
 LIST = "research-news"
@@ -156,6 +152,7 @@ def one_run(
     for leftover in folder.glob("send.sqlite3*"):
         leftover.unlink()
     storage = SqliteStorage.open(path, create=True)
+    conn = storage.conn
     try:
         rows = (
             ParsedRow(i + 2, f"reader{i:06d}@example.org", "Reader", "Bench")
@@ -165,7 +162,7 @@ def one_run(
         record = prepare(storage, template.rendered.issue_id, LIST).record
         relay = Relay(relay_s)
         run = code.Campaign(
-            SlowLog(storage.conn, delay_s),
+            SlowLog(conn, delay_s),
             record.id,
             template,
             relay,
@@ -176,7 +173,7 @@ def one_run(
         assert result.counts["sent"] == messages == len(relay.box.sent), result.counts
         return float(result.rate)
     finally:
-        storage.close()
+        conn.close()
 
 
 def main() -> None:

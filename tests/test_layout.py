@@ -3,7 +3,11 @@
 - ``sqlite3`` is imported only under storage/sqlite/, and no string outside storage/
   looks like SQL: every stage reaches the database through the storage interface;
 - render/ imports nothing from delivery/, storage/, schedule/ or web/;
-- aiosmtplib is imported only by delivery/transports/smtp.py.
+- delivery/ imports nothing from web/, schedule/ or the CLI (web may import delivery);
+- storage/ imports nothing from delivery/, web/, schedule/, render/, the build or the CLI;
+- web/ and schedule/ import nothing from the CLI, and no stage reads the settings
+  (only cli.py and wiring.py, which turns them into each stage's typed inputs);
+- click is imported only by cli.py, aiosmtplib only by delivery/transports/smtp.py.
 
 Each failure names the file and line.
 """
@@ -102,6 +106,70 @@ def test_render_imports_no_later_stage() -> None:
     assert not wrong, "render/ comes before delivery, storage, schedule and web:\n" + "\n".join(
         wrong
     )
+
+
+def _names(name: str, targets: tuple[str, ...]) -> bool:
+    """Whether the imported ``name`` is one of the ``targets`` or inside one of them."""
+    return any(name == f"newsletter.{t}" or name.startswith(f"newsletter.{t}.") for t in targets)
+
+
+def _wrong_imports(folder: str, targets: tuple[str, ...]) -> list[str]:
+    """``file:line: imports name`` for each module under ``folder`` naming a target."""
+    found: dict[str, str] = {}  # file:line -> the first name it imports (one line each)
+    for path, tree in modules():
+        if path.startswith(folder):
+            for line, name in imports(tree):
+                if _names(name, targets):
+                    found.setdefault(f"src/newsletter/{path}:{line}", name)
+    return [f"{where}: imports {name}" for where, name in found.items()]
+
+
+def test_delivery_imports_neither_web_nor_schedule_nor_the_cli() -> None:
+    wrong = _wrong_imports("delivery/", ("web", "schedule", "cli"))
+    assert not wrong, "delivery/ comes before web, schedule and the CLI:\n" + "\n".join(wrong)
+
+
+def test_storage_imports_no_stage() -> None:
+    wrong = _wrong_imports("storage/", ("delivery", "web", "schedule", "render", "build", "cli"))
+    assert not wrong, "storage/ is below every stage:\n" + "\n".join(wrong)
+
+
+def test_web_and_schedule_import_nothing_from_the_cli() -> None:
+    wrong = _wrong_imports("web/", ("cli", "wiring")) + _wrong_imports(
+        "schedule/", ("cli", "wiring")
+    )
+    assert not wrong, "web/ and schedule/ are called by the CLI, not the other way:\n" + (
+        "\n".join(wrong)
+    )
+
+
+def test_only_the_cli_and_its_wiring_read_the_settings() -> None:
+    wrong = [
+        w
+        for folder in ("render/", "audience/", "delivery/", "schedule/", "web/", "storage/")
+        for w in _wrong_imports(folder, ("settings", "wiring", "cli"))
+    ]
+    assert not wrong, "stages take typed inputs, not the settings:\n" + "\n".join(wrong)
+
+
+def test_only_the_cli_imports_click() -> None:
+    wrong = [
+        f"src/newsletter/{path}:{line}: imports {name}"
+        for path, tree in modules()
+        if path != "cli.py"
+        for line, name in imports(tree)
+        if _top(name) == "click"
+    ]
+    assert not wrong, "click is for cli.py only:\n" + "\n".join(wrong)
+
+
+def test_the_import_rules_see_what_they_look_for() -> None:
+    found = dict(modules())
+    assert any(n == "click" for _, n in imports(found["cli.py"]))
+    assert any(_names(n, ("storage",)) for _, n in imports(found["delivery/send_issue.py"]))
+    assert any(_names(n, ("delivery",)) for _, n in imports(found["schedule/runner.py"]))
+    assert any(_names(n, ("settings",)) for _, n in imports(found["wiring.py"]))
+    assert not _names("newsletter.webhooks", ("web",))  # a name that only starts alike
 
 
 def test_only_the_smtp_transport_imports_aiosmtplib() -> None:

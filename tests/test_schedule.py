@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from conftest import example_data, run_cli
 from newsletter.delivery.campaign import RunResult
 from newsletter.delivery.sending import SendReport
 from newsletter.errors import NewsletterError
-from newsletter.schedule.runner import SlotFailed, check_and_send
+from newsletter.schedule.runner import DueResult, SlotFailed, check_and_send, run_schedule
 from newsletter.schedule.slots import instant, latest, parse_schedule, upcoming
 from newsletter.storage.sqlite import SqliteStorage
 from newsletter.storage.sqlite.connection import connect
@@ -640,3 +641,87 @@ def test_a_database_failing_during_a_slot_is_reported_not_taken_for_the_lists_fa
     assert calls == ["one"]
     assert conn.slots.recent(1)[0][3] == "sending"
     assert conn.conn.execute("SELECT count(*) FROM locks").fetchone()[0] == 0  # lease freed
+
+
+# ------------------------------------------------------------- the loop of `schedule run`
+
+
+class _Looks:
+    """Scripted looks for run_schedule: each a DueResult or an exception; then stop."""
+
+    def __init__(self, stop: threading.Event, script: list[DueResult | Exception]) -> None:
+        self.stop, self.script, self.armed = stop, list(script), 0
+
+    def look(self) -> DueResult:
+        step = self.script.pop(0)
+        if not self.script:
+            self.stop.set()
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+    def arm(self) -> None:
+        self.armed += 1
+
+
+def _loop(
+    script: list[DueResult | Exception],
+) -> tuple[list[str], list[tuple[str, str | None]], _Looks]:
+    stop = threading.Event()
+    looks = _Looks(stop, script)
+    said: list[str] = []
+    complained: list[tuple[str, str | None]] = []
+    run_schedule(
+        looks.look,
+        poll=0.001,
+        stop=stop,
+        say=said.append,
+        complain=lambda line, trace: complained.append((line, trace)),
+        problem_of=lambda exc: str(exc) if isinstance(exc, NewsletterError) else None,
+        each_look=looks.arm,
+        now=lambda: utc(2026, 12, 3, 14, 0),
+    )
+    return said, complained, looks
+
+
+def test_the_loop_says_each_thing_once_and_outlives_errors_and_bugs() -> None:
+    missed = DueResult("missed", "the slot was missed")
+    said, complained, looks = _loop(
+        [
+            DueResult("nothing-due", "nothing is due now"),
+            missed,
+            missed,  # the same again: not said twice
+            NewsletterError("the database is locked"),
+            NewsletterError("the database is locked"),  # said once
+            KeyError("a bug"),
+            KeyError("a bug"),  # a bug is said every time, each with its traceback
+            DueResult("done-already", "the slot was handled"),
+            missed,  # said again: something else was said in between
+        ]
+    )
+    assert said == [
+        "2026-12-03 14:00:00 UTC the slot was missed",
+        "2026-12-03 14:00:00 UTC the slot was missed",
+    ]
+    assert [line for line, _ in complained] == [
+        "2026-12-03 14:00:00 UTC error: the database is locked",
+        "2026-12-03 14:00:00 UTC unexpected error: KeyError('a bug'); the scheduler goes on",
+        "2026-12-03 14:00:00 UTC unexpected error: KeyError('a bug'); the scheduler goes on",
+    ]
+    assert complained[0][1] is None
+    for _, trace in complained[1:]:
+        assert trace is not None and trace.startswith("Traceback") and "KeyError" in trace
+    assert looks.armed == 9  # the signals are installed again before every look
+
+
+def test_the_loop_ends_after_a_send_stopped_by_a_signal() -> None:
+    record = SendRecord(1, "2026-12-03", "research-news", "2026-12-03T14:00:00", 10, 0)
+    stopped = SendReport(record, False, RunResult({}, 3, 0.1, stopped="stopped by SIGTERM"))
+    said, _, looks = _loop(
+        [
+            DueResult("incomplete", "2026-12-03: incomplete", reports=[stopped]),
+            DueResult("missed", "never looked at"),
+        ]
+    )
+    assert said == ["2026-12-03 14:00:00 UTC 2026-12-03: incomplete"]
+    assert looks.script == [DueResult("missed", "never looked at")]  # no second look

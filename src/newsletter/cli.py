@@ -1,7 +1,12 @@
 """Command line: parses arguments, reads settings, wires the stages, prints, exits.
 
-No logic lives here. Heavy modules are imported inside the command that needs
-them, so ``newsletter --help`` stays fast. Errors a user can cause are caught
+No logic lives here: each command turns the settings into typed inputs
+(:mod:`newsletter.wiring`), calls its subsystem (a send is
+:func:`newsletter.delivery.send_issue.send_issue`, with callbacks for what it
+prints and asks; test copies :mod:`newsletter.delivery.test_copies`; the
+scheduler's loop :func:`newsletter.schedule.runner.run_schedule`), prints what
+comes back and sets the exit status. Heavy modules are imported inside the
+command that needs them, so ``newsletter --help`` stays fast. Errors a user can cause are caught
 in one place, :class:`_Commands`, for every command: a :class:`NewsletterError`
 (the stores turn a database failing because of the file or the machine into
 one, :class:`~newsletter.errors.StorageError`). Each is printed as one
@@ -24,14 +29,15 @@ if TYPE_CHECKING:
     import datetime as dt
 
     from newsletter.build import BuildResult
+    from newsletter.delivery.campaign import Campaign
     from newsletter.delivery.campaign import Progress as CampaignProgress
-    from newsletter.delivery.message import MessageTemplate, Sender
-    from newsletter.delivery.sending import Prepared, Preview, SendReport
-    from newsletter.delivery.transports import SmtpTransport, Transport
-    from newsletter.models import Recipient
+    from newsletter.delivery.message import MessageTemplate
+    from newsletter.delivery.send_issue import SendPlan, SendRequest
+    from newsletter.delivery.sending import SendReport
+    from newsletter.delivery.transports import Transport
     from newsletter.schedule.runner import DueResult
     from newsletter.settings import Settings
-    from newsletter.storage.base import Storage, Subscribers
+    from newsletter.storage.base import MemberState, Storage, Subscribers
 
 
 def _fail(exc: Exception | str) -> NoReturn:
@@ -52,11 +58,6 @@ def _next_step(exc: Exception | str) -> str | None:
     """What to do next, said after the error only where it is true (see NewsletterError)."""
     step: str | None = getattr(exc, "next_step", None)
     return step
-
-
-# Said after a relay's refusal ends a recorded send: the refusal (a login, the
-# sender, no STARTTLS) does not go away by itself, but the send log keeps the place.
-RESUME = "Run the same command again to resume once that is fixed; nobody is sent twice."
 
 
 class _Commands(click.Group):
@@ -89,41 +90,13 @@ def _settings() -> Settings:
     return load_settings()
 
 
-def _sender(settings: Settings, list_name: str | None = None) -> Sender:
-    from newsletter.delivery.message import Sender
-
-    return Sender(
-        name=settings.sender_name,
-        address=settings.sender_address,
-        list_name=list_name or settings.list_name,
-        public_url=settings.public_url,
-        token_key=settings.token_key,
-        unsubscribe_mailto=settings.unsubscribe_address,
-        reply_to=settings.reply_to,
-    )
-
-
 def _build(
     settings: Settings, issue_file: Path, strict: bool, list_name: str | None = None
 ) -> BuildResult:
-    from newsletter.build import BuildInputs, build
-    from newsletter.models import Recipient
+    from newsletter import wiring
+    from newsletter.build import build
 
-    preview_name, preview_addr = settings.preview_mailbox
-    # "Sam Sample", or "Sample, Sam" as address books write it.
-    last, comma, first = preview_name.partition(",")
-    if not comma:
-        first, _, last = preview_name.partition(" ")
-    result = build(
-        BuildInputs(
-            issue_file=issue_file,
-            society_file=settings.society_file,
-            templates_dir=settings.templates_dir,
-            sender=_sender(settings, list_name),
-            preview_recipient=Recipient(preview_addr, first.strip(), last.strip()),
-            strict=strict,
-        )
-    )
+    result = build(wiring.build_inputs(settings, issue_file, strict, list_name))
     for warning in result.report.warnings:
         click.secho(f"warning: {warning}", fg="yellow", err=True)
     return result
@@ -346,7 +319,7 @@ def subscribers_count(list_name: str | None) -> None:
             click.echo(f"  merge fields an issue sent to {name} can use: {fields}")
 
 
-def _state_text(state: str, reason: str | None, since: str | None) -> str:
+def _state_text(state: MemberState, reason: str | None, since: str | None) -> str:
     day = f" since {since[:10]}" if since else ""
     if state == "suppressed":
         return f"suppressed ({reason}){day}"
@@ -376,7 +349,7 @@ def subscribers_export(list_name: str, out: Path) -> None:
     """Write a list as CSV (to OUT, or standard output): every member, every attribute,
     and each member's state in newsletter_state (subscribed, opted-out, suppressed),
     newsletter_reason and newsletter_since. Importing the file again keeps those states."""
-    from newsletter.audience.csv_import import write_export
+    from newsletter.audience.csv_import import export_to_file, write_export
 
     _, store = _store()
     _known_list(store, list_name)
@@ -384,17 +357,7 @@ def subscribers_export(list_name: str, out: Path) -> None:
     if str(out) == "-":
         write_export(sys.stdout, attributes, store.members(list_name))
         return
-    partial = out.with_name(f".{out.name}.partial")
-    try:
-        with partial.open("w", encoding="utf-8", newline="") as fh:
-            write_export(fh, attributes, store.members(list_name))
-        partial.replace(out)  # the whole file or, on any failure, none
-    except OSError as exc:
-        partial.unlink(missing_ok=True)
-        _fail(f"cannot write {out}: {exc.strerror or exc}; nothing was written")
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    export_to_file(out, attributes, store.members(list_name))
 
 
 @subscribers.command("remove")
@@ -539,36 +502,6 @@ def _address(raw: str, normalise: Callable[[str], str]) -> str:
 # ------------------------------------------------------------------------ send
 
 
-def _smtp_transport(settings: Settings) -> SmtpTransport:
-    import ssl
-
-    from newsletter.delivery.transports import SmtpConfig, SmtpTransport
-    from newsletter.errors import ConfigError
-
-    try:
-        context = ssl.create_default_context(
-            cafile=str(settings.smtp_ca_file) if settings.smtp_ca_file else None
-        )
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"NEWSLETTER_SMTP_CA_FILE={settings.smtp_ca_file}: cannot read certificates from "
-            f"it ({exc.strerror or exc}); give a PEM file of CA certificates, or unset it"
-        ) from None
-    return SmtpTransport(
-        SmtpConfig(
-            host=settings.smtp_host,
-            port=settings.smtp_port_or_default,
-            security=settings.smtp_security,
-            username=settings.smtp_username,
-            password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
-            helo_name=settings.smtp_helo_name or settings.sender_address.rpartition("@")[2],
-            timeout=settings.smtp_timeout,
-            message_timeout=settings.send_message_timeout,
-            tls_context=context if settings.smtp_security != "none" else None,
-        )
-    )
-
-
 @main.command()
 @click.argument("issue_file", type=click.Path(path_type=Path, dir_okay=False), required=False)
 @DEFAULT_LIST_OPTION
@@ -606,6 +539,9 @@ def send(
     due: bool,
 ) -> None:
     """Send ISSUE_FILE to a subscriber list; run it again to resume."""
+    from newsletter import wiring
+    from newsletter.delivery.send_issue import SendRequest
+
     if due:
         if issue_file is not None or dry_run or test_to or list_name or outbox:
             raise click.UsageError(
@@ -630,31 +566,22 @@ def send(
                 "--retry-rejected belong to a real send"
             )
         if not dry_run:
-            _require_secret(settings)
-        result = _build(settings, issue_file, strict=strict, list_name=list_name)
-        _warn_test_copy_fields(settings, result, list_name or settings.list_name)
-        _send_test_copies(
-            settings,
-            _template(settings, result, list_name),
-            test_to,
-            dry_run,
-            list_name or settings.list_name,
-        )
+            wiring.require_secret(settings)
+        _send_test_copies(settings, issue_file, test_to, list_name, dry_run=dry_run, strict=strict)
         return
     if not dry_run and not settings.unsubscribe_mailto:
         _mailto_reminder(settings)
-    report, transport = _send_one(
-        settings,
+    request = SendRequest(
         issue_file,
         list_name or settings.list_name,
         dry_run=dry_run,
         outbox=outbox,
         resend_unknown=resend_unknown,
         retry_rejected=retry_rejected,
-        confirm=not (yes or dry_run),
         strict=strict,
     )
-    _summarise(report, dry_run, transport)
+    report = _send_one(settings, request, confirm=not (yes or dry_run))
+    _summarise(report, dry_run)
     sys.exit(report.exit_code)
 
 
@@ -669,142 +596,26 @@ def _mailto_reminder(settings: Settings) -> None:
     )
 
 
-def _template(
-    settings: Settings,
-    result: BuildResult,
-    list_name: str | None,
-    columns: dict[str, str] | None = None,
-) -> MessageTemplate:
+def _template(settings: Settings, result: BuildResult, list_name: str | None) -> MessageTemplate:
+    from newsletter import wiring
     from newsletter.delivery.message import MessageTemplate
 
     return MessageTemplate(
-        result.rendered, _sender(settings, list_name), signer=_signer(settings), columns=columns
+        result.rendered, wiring.sender(settings, list_name), signer=_signer(settings)
     )
 
 
-def _require_secret(settings: Settings) -> None:
-    """Real mail (a send or a test copy) carries links the live server must accept."""
-    from newsletter.errors import ConfigError
-
-    if settings.secret_key is None:
-        raise ConfigError(
-            "NEWSLETTER_SECRET_KEY is not set: unsubscribe links would not be secure. "
-            'Make one with: python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
-        )
-
-
-def _send_one(
-    settings: Settings,
-    issue_file: Path,
-    name: str,
-    *,
-    dry_run: bool = False,
-    outbox: Path | None = None,
-    resend_unknown: bool = False,
-    retry_rejected: bool = False,
-    confirm: bool = False,
-    strict: bool = False,
-) -> tuple[SendReport, Transport]:
-    """Build, start or resume, and run one send: the path of `send` and of scheduled sends."""
-    import contextlib
-    import time
-
-    from newsletter.delivery.sending import (
-        check_merge_fields,
-        merge_columns,
-        prepare,
-        preview,
-    )
-    from newsletter.delivery.transports import OutboxTransport
-    from newsletter.storage.base import Source
-    from newsletter.web.archive import check_source, record_send
-
-    if not dry_run:
-        _require_secret(settings)
-    result = _build(settings, issue_file, strict=strict, list_name=name)
-    from newsletter.render.checks import refuse_unsendable
-
-    refuse_unsendable(result.report)  # a preview may show bidi controls; a send may not
-    transport: Transport
-    with contextlib.ExitStack() as stack:
-        # Closed at the end: `schedule run` sends week after week in one process.
-        real = _open(settings)
-        stack.callback(real.close)
-        if dry_run:
-            box = outbox or settings.out_dir / result.issue_id / "outbox"
-            transport = OutboxTransport(box, keep=5)
-            storage = stack.enter_context(real.scratch_copy(result.issue_id, name))
-        else:
-            # One process per send, checked before anything is read or asked: a
-            # second one would show a preview of rows the first is changing, and
-            # would take its in-flight rows for dead ones.
-            lease = real.lease(f"send:{result.issue_id}:{name}")
-            lease.acquire(time.time())
-            stack.callback(lease.release)
-            transport = _smtp_transport(settings)
-            storage = real
-        # Before anything is asked or sent: a field the list cannot fill is an error.
-        for note in check_merge_fields(
-            storage, result.issue_id, name, result.merge_uses, strict=strict
-        ):
-            click.secho(f"note: {note}", fg="yellow")
-        # An id sent before from another file is refused, not "resumed" (a dry run too).
-        source = Source.of(issue_file)
-        for note in check_source(real.archive, result.issue_id, source):
-            click.secho(f"note: {note}", fg="yellow")
-        # Read, ask, and only then write: declining changes nothing (and frees the lock).
-        planned = preview(storage, result.issue_id, name)
-        _describe_send(planned, result.issue_id, name, transport.description, len(result.eml))
-        if confirm:
-            click.confirm(
-                f"Send {result.issue_id} to the list {name!r} through {transport.description}?",
-                abort=True,
-            )
-        columns = merge_columns(storage.subscribers, name, result.merge_uses)
-        template = _template(settings, result, name, columns)
-        prepared = prepare(
-            storage,
-            result.issue_id,
-            name,
-            resend_unknown=resend_unknown,
-            retry_rejected=retry_rejected,
-            columns=list(columns.values()),
-        )
-        if not dry_run:
-            # The archive shows what was sent: the first send keeps the web version.
-            record_send(
-                storage.archive,
-                prepared.record.id,
-                result.issue,
-                result.society,
-                settings.templates_dir,
-                settings.public_url,
-                source,
-            )
-        return _run_campaign(storage, prepared, template, transport, settings), transport
-
-
-def _run_campaign(
-    storage: Storage,
-    prepared: Prepared,
-    template: MessageTemplate,
-    transport: Transport,
-    settings: Settings,
-) -> SendReport:
+def _send_one(settings: Settings, request: SendRequest, *, confirm: bool = False) -> SendReport:
+    """One send, by hand or scheduled: the send use case wired to the settings and the
+    terminal (notes, the plan, the question, Ctrl-C and SIGTERM, the progress bar)."""
     import asyncio
     import signal
 
-    from newsletter.delivery.campaign import Campaign, SendOptions
-    from newsletter.delivery.sending import run_send
+    from newsletter import wiring
+    from newsletter.delivery.send_issue import SendDeclined, SendHooks, send_issue
 
-    options = SendOptions(
-        connections=settings.send_connections,
-        rate=settings.send_rate,
-        per_hour=settings.send_per_hour,
-        per_day=settings.send_per_day,
-        max_consecutive_errors=settings.send_max_errors,
-        max_wait=settings.send_max_wait,
-    )
+    if not request.dry_run:
+        wiring.require_secret(settings)
     bar = _ProgressBar(enabled=sys.stderr.isatty())
 
     def on_start(campaign: Campaign) -> None:
@@ -814,63 +625,52 @@ def _run_campaign(
             loop.add_signal_handler(sig, campaign.stop, f"stopped by {sig.name}")
         bar.start(campaign.progress.total)
 
-    async def go() -> SendReport:
-        try:
-            return await run_send(
-                storage,
-                prepared,
-                template,
-                transport,
-                options,
-                envelope_sender=settings.envelope_sender,
-                on_start=on_start,
-                on_progress=bar.update,
-            )
-        finally:
-            bar.stop()
+    def ask(plan: SendPlan) -> bool:
+        return click.confirm(
+            f"Send {plan.issue_id} to the list {plan.list_name!r} through {plan.via}?"
+        )
 
-    from newsletter.errors import CampaignAborted
-
+    hooks = SendHooks(
+        note=lambda note: click.secho(f"note: {note}", fg="yellow"),
+        plan=_describe_send,
+        confirm=ask if confirm else None,
+        on_start=on_start,
+        on_progress=bar.update,
+    )
     try:
-        return asyncio.run(go())
-    except CampaignAborted as exc:
-        # Only here is a relay's refusal the end of a send in the log, which the
-        # same command resumes; every error before (settings, the issue, the
-        # lock, an empty list) and a test copy's refusal have nothing to resume.
-        exc.next_step = RESUME
-        raise
+        return send_issue(
+            request,
+            build=lambda: _build(
+                settings, request.issue_file, request.strict, list_name=request.list_name
+            ),
+            open_storage=lambda: _open(settings),
+            transport=lambda: wiring.smtp_transport(settings),
+            sender=wiring.sender(settings, request.list_name),
+            options=wiring.send_options(settings),
+            envelope_sender=settings.envelope_sender,
+            templates_dir=settings.templates_dir,
+            out_dir=settings.out_dir,
+            signer=lambda: _signer(settings),
+            hooks=hooks,
+        )
+    except SendDeclined:
+        raise click.Abort from None  # "Aborted!", exit status 1, as click.confirm's own
+    finally:
+        bar.stop()
 
 
 def _signer(settings: Settings) -> Callable[[bytes], bytes] | None:
-    """DKIM signing when a key is configured (the preview in build/ is never signed)."""
-    if settings.dkim_key_file is None or settings.dkim_selector is None:
-        return None
-    import functools
+    """DKIM signing when a key is configured; its warnings are said when it is made."""
+    from newsletter import wiring
 
-    from newsletter.delivery import dkim_sign
-
-    from_domain = settings.sender_address.rpartition("@")[2].lower()
-    domain = (settings.dkim_domain or from_domain).lower()
-    key = dkim_sign.load_key(settings.dkim_key_file, settings.dkim_selector, domain)
-    if from_domain != domain and not from_domain.endswith("." + domain):
-        # DMARC passes on DKIM only when d= is the From domain or a parent of it.
-        click.secho(
-            f"warning: NEWSLETTER_DKIM_DOMAIN {domain!r} is not the From domain "
-            f"{from_domain!r} or a parent of it: DMARC will not count this signature",
-            fg="yellow",
-            err=True,
-        )
-    if key.weak:
-        click.secho(
-            f"warning: the DKIM key {settings.dkim_key_file} (NEWSLETTER_DKIM_KEY_FILE) is "
-            f"{key.bits}-bit RSA; use {dkim_sign.GOOD_BITS} bits, as receivers recommend",
-            fg="yellow",
-            err=True,
-        )
-    return functools.partial(dkim_sign.sign, key=key)
+    signer, warnings = wiring.signer(settings)
+    for warning in warnings:
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
+    return signer
 
 
-def _describe_send(planned: Preview, issue_id: str, name: str, via: str, size: int) -> None:
+def _describe_send(plan: SendPlan) -> None:
+    planned = plan.preview
     c = planned.counts
     verb = "resuming" if planned.resumed else "starting"
     if planned.opted_out is None:
@@ -882,8 +682,8 @@ def _describe_send(planned: Preview, issue_id: str, name: str, via: str, size: i
             f"{planned.opted_out} who left the list (left out)"
         )
     click.echo(
-        f"{verb} {issue_id} to {name}: {planned.audience} recipient(s), {left_out}; "
-        f"message about {size / 1000:.1f} kB; via {via}"
+        f"{verb} {plan.issue_id} to {plan.list_name}: {planned.audience} recipient(s), "
+        f"{left_out}; message about {plan.message_size / 1000:.1f} kB; via {plan.via}"
     )
     click.echo(
         f"  to send now: {c['pending']} pending, {c['deferred']} deferred; already: "
@@ -905,7 +705,7 @@ def _describe_send(planned: Preview, issue_id: str, name: str, via: str, size: i
         )
 
 
-def _summarise(report: SendReport, dry_run: bool, transport: Transport) -> None:
+def _summarise(report: SendReport, dry_run: bool) -> None:
     r = report.result
     c = r.counts
     if dry_run:
@@ -913,7 +713,7 @@ def _summarise(report: SendReport, dry_run: bool, transport: Transport) -> None:
             f"dry run: {r.attempted} message(s) would be sent now, "
             f"{report.record.audience} in the whole send; nothing was sent or recorded"
         )
-        click.echo(f"sample messages written to {getattr(transport, 'folder', '?')}/")
+        click.echo(f"sample messages written to {report.outbox or '?'}/")
         return
     click.echo(
         f"sent {c['sent']}, rejected {c['rejected']}, "
@@ -934,133 +734,61 @@ def _summarise(report: SendReport, dry_run: bool, transport: Transport) -> None:
         click.secho(f"unknown: {email}: {detail}", fg="yellow")
 
 
-def _warn_test_copy_fields(settings: Settings, result: BuildResult, list_name: str) -> None:
-    """A test copy goes whatever the list offers, but a field the real send would refuse
-    is worth knowing now (the copy shows it empty)."""
-    import contextlib
-
-    from newsletter.delivery.sending import check_merge_fields
-    from newsletter.errors import ValidationFailed
-
-    if not result.merge_uses or not settings.database.exists():
-        return
-    with contextlib.closing(_open(settings)) as storage:
-        try:
-            check_merge_fields(storage, result.issue_id, list_name, result.merge_uses)
-        except ValidationFailed as exc:
-            for problem in exc.problems:
-                click.secho(
-                    f"warning: {problem} (`send` refuses this; the test copy shows it empty)",
-                    fg="yellow",
-                    err=True,
-                )
-
-
-def _test_recipients(settings: Settings, addresses: list[str]) -> list[Recipient]:
-    """A test copy to someone in the database shows their own merge-field values (an
-    editor sends one to themselves to see them); anyone else gets the fallbacks."""
-    import contextlib
-
-    from newsletter.models import Recipient
-
-    if not settings.database.exists():
-        return [Recipient(a) for a in addresses]
-    with contextlib.closing(_open(settings)) as storage:
-        store = storage.subscribers
-        return [store.recipient(a) or Recipient(a) for a in addresses]
-
-
-def _test_copy_problems(settings: Settings, addresses: list[str], list_name: str) -> list[str]:
-    """Suppressed addresses (refused) and opt-outs of ``list_name`` (a warning each).
-
-    A test copy is real mail: someone who complained or bounced must not get it.
-    Without a database (a first try-out) there is nobody to protect yet."""
-    import contextlib
-
-    if not addresses or not settings.database.exists():
-        return []
-    problems = []
-    with contextlib.closing(_open(settings)) as storage:
-        store = storage.subscribers
-        for address in dict.fromkeys(addresses):
-            info = store.suppression_info(address)
-            if info is not None:
-                problems.append(
-                    f"--to {address} is suppressed ({info.reason} since {info.since}) and "
-                    "is never mailed; if the person asked to be mailed again, lift it with "
-                    f"`newsletter subscribers unsuppress {address} --reason TEXT`"
-                )
-            elif (list_name, True) in store.lists_of(address):
-                click.secho(
-                    f"warning: {address} opted out of {list_name}; the test copy goes to it "
-                    "all the same",
-                    fg="yellow",
-                    err=True,
-                )
-    return problems
-
-
 def _send_test_copies(
     settings: Settings,
-    template: MessageTemplate,
+    issue_file: Path,
     addresses: tuple[str, ...],
+    list_name: str | None,
+    *,
     dry_run: bool,
-    list_name: str,
+    strict: bool,
 ) -> None:
-    import asyncio
-    import datetime as dt
-    import secrets
+    """`send --to`: the test-copy checks and send (delivery.test_copies), printed."""
+    import contextlib
 
-    from newsletter.audience.csv_import import normalise_address
-    from newsletter.delivery.transports import Envelope, OutboxTransport
-
-    checked: list[str] = []
-    problems: list[str] = []
-    for raw in addresses:
-        try:
-            checked.append(normalise_address(raw))
-        except ValueError as exc:
-            problems.append(f"--to {raw!r} is not a valid address: {exc}")
-    problems += _test_copy_problems(settings, checked, list_name)
-    if problems:
-        _fail("no test copy was sent:\n" + "\n".join(f"  {p}" for p in problems))
-    recipients = _test_recipients(settings, list(dict.fromkeys(checked)))  # one copy each
-    transport: Transport = (
-        # Every test copy asked for is written (a send's dry run keeps five samples).
-        OutboxTransport(
-            settings.out_dir / template.rendered.issue_id / "test-copies", keep=len(recipients)
-        )
-        if dry_run
-        else _smtp_transport(settings)
-    )
-
-    async def go() -> list[tuple[str, str]]:
-        session = await transport.open()
-        out = []
-        try:
-            for r in recipients:
-                # Never the real message's id: a receiver would drop the real
-                # one later as a duplicate of the test copy.
-                data = template.personalise(
-                    r,
-                    date=dt.datetime.now(dt.UTC),
-                    message_id=template.test_message_id(secrets.token_hex(8)),
-                )
-                outcome = await session.send(Envelope(settings.envelope_sender, r.email, data))
-                out.append((r.email, f"{outcome.state} {outcome.code or ''} {outcome.detail}"))
-        finally:
-            await session.close()
-        return out
-
+    from newsletter import wiring
+    from newsletter.delivery import test_copies
+    from newsletter.delivery.transports import OutboxTransport
     from newsletter.errors import ConnectFailed
 
+    name = list_name or settings.list_name
+    result = _build(settings, issue_file, strict=strict, list_name=list_name)
+    with contextlib.ExitStack() as stack:
+        # Without a database (a first try-out) there is nobody to protect yet.
+        storage = _open(settings) if settings.database.exists() else None
+        if storage is not None:
+            stack.callback(storage.close)
+        for problem in test_copies.field_warnings(
+            storage, result.issue_id, name, result.merge_uses
+        ):
+            click.secho(
+                f"warning: {problem} (`send` refuses this; the test copy shows it empty)",
+                fg="yellow",
+                err=True,
+            )
+        template = _template(settings, result, list_name)
+        check = test_copies.check_addresses(storage, addresses, name)
+        for warning in check.warnings:
+            click.secho(f"warning: {warning}", fg="yellow", err=True)
+        if check.problems:
+            _fail("no test copy was sent:\n" + "\n".join(f"  {p}" for p in check.problems))
+        to = test_copies.recipients(storage, check.addresses)
+    transport: Transport = (
+        # Every test copy asked for is written (a send's dry run keeps five samples).
+        OutboxTransport(settings.out_dir / result.issue_id / "test-copies", keep=len(to))
+        if dry_run
+        else wiring.smtp_transport(settings)
+    )
     try:
-        results = asyncio.run(go())
-    except ConnectFailed as exc:
+        results = test_copies.send_copies(
+            template, to, transport, envelope_sender=settings.envelope_sender
+        )
+    except ConnectFailed as exc:  # not a NewsletterError: the transport's own, said as one
         _fail(exc)
-    for email, what in results:
-        click.echo(f"test copy to {email}: {what}")
-    if any(" sent " not in f" {w} " for _, w in results):
+    for copy in results:
+        o = copy.outcome
+        click.echo(f"test copy to {copy.email}: {o.state} {o.code or ''} {o.detail}")
+    if not all(copy.sent for copy in results):
         sys.exit(3)
 
 
@@ -1180,11 +908,12 @@ def _check_due(
     import contextlib
     import datetime as dt
 
+    from newsletter.delivery.send_issue import SendRequest
     from newsletter.schedule.runner import check_and_send
 
     def send_issue(path: Path, list_name: str) -> SendReport:
-        report, transport = _send_one(settings, path, list_name, strict=strict)
-        _summarise(report, False, transport)
+        report = _send_one(settings, SendRequest(path, list_name, strict=strict))
+        _summarise(report, False)
         return report
 
     with contextlib.closing(_open(settings)) as storage:
@@ -1222,8 +951,7 @@ def schedule(ctx: click.Context) -> None:
         return
     import datetime as dt
 
-    from newsletter.schedule.runner import find_issue, issue_problems
-    from newsletter.schedule.slots import latest, upcoming
+    from newsletter.schedule.runner import planned_slots
 
     settings = _settings()
     plan = settings.parsed_schedule
@@ -1233,22 +961,23 @@ def schedule(ctx: click.Context) -> None:
         f"lists: {', '.join(settings.scheduled_lists)}"
     )
     storage = _open(settings)
-    slots = storage.slots
-    due = latest(plan, now, within=plan.catch_up)
-    # A slot whose window is still open is shown with the ones to come.
-    current = [due] if due is not None and slots.state(due) != "done" else []
-    for slot in current + upcoming(plan, now, 5):
-        choice = find_issue(settings.issues_dir, slot.local_day)
+    for planned in planned_slots(
+        plan,
+        now,
+        storage=storage,
+        issues_dir=settings.issues_dir,
+        lists=settings.scheduled_lists,
+        society_file=settings.society_file,
+    ):
+        slot, choice = planned.slot, planned.choice
         local = slot.at.astimezone(plan.zone).strftime("%a %Y-%m-%d %H:%M %Z")
-        label = "  due now" if slot is due else ""
+        label = "  due now" if planned.due_now else ""
         click.echo(f"  {local}  ({slot.key})  {choice.path or 'no issue file yet'}{label}")
-        for problem in issue_problems(
-            choice, settings.society_file, storage=storage, lists=settings.scheduled_lists
-        ):
+        for problem in planned.problems:
             click.secho(f"      cannot be sent: {problem}", fg="red")
         for note in choice.notes:
             click.echo(f"      note: {note}")
-    recent = slots.recent(5)
+    recent = storage.slots.recent(5)
     if recent:
         click.echo("recent slots:")
         for key, day, issue_id, state, detail in recent:
@@ -1288,12 +1017,22 @@ def schedule_run(poll: float, strict: bool) -> None:
     import datetime as dt
     import signal
     import threading
-    import traceback
+
+    from newsletter.schedule.runner import run_schedule
 
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
         stop.set()
+
+    def each_look() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
+    def complain(line: str, trace: str | None) -> None:
+        click.secho(line, fg="red", err=True)
+        if trace is not None:
+            click.echo(trace, err=True, nl=False)
 
     settings = _settings()
     plan = settings.parsed_schedule
@@ -1305,33 +1044,15 @@ def schedule_run(poll: float, strict: bool) -> None:
         )
     _require_database(settings)
     click.echo(f"scheduler: {plan.describe()}; Ctrl-C or SIGTERM to stop")
-    said = ""  # say each thing once, not at every poll
-    while not stop.is_set():
-        # (Re)installed each time: a send's event loop takes the signals over
-        # (to finish the messages in flight) and resets them when it ends.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, on_signal)
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        try:
-            result = _check_due(settings, _now_override(), strict=strict)
-            if result.state not in ("nothing-due", "done-already") and result.message != said:
-                click.echo(f"{stamp} {result.message}")
-                said = result.message
-            if any((r.result.stopped or "").startswith("stopped by SIG") for r in result.reports):
-                stop.set()  # the signal arrived during the send, which has stopped cleanly
-        except Exception as exc:  # noqa: BLE001 - a long-running service must outlive a bug
-            problem = _problem(exc)
-            if problem is None:
-                click.secho(
-                    f"{stamp} unexpected error: {exc!r}; the scheduler goes on", fg="red", err=True
-                )
-                traceback.print_exc()
-            elif problem != said:
-                # A failed send (or a database that fails) is logged once; the
-                # scheduler keeps going for the next look.
-                click.secho(f"{stamp} error: {problem}", fg="red", err=True)
-                said = problem
-        stop.wait(poll)
+    run_schedule(
+        lambda: _check_due(settings, _now_override(), strict=strict),
+        poll=poll,
+        stop=stop,
+        say=click.echo,
+        complain=complain,
+        problem_of=_problem,
+        each_look=each_look,
+    )
     click.echo("scheduler: stopped")
 
 
@@ -1356,7 +1077,7 @@ def serve(host: str | None, port: int | None) -> None:
     from newsletter.errors import ConfigError
     from newsletter.render.loading import load_society
     from newsletter.storage import open_storage
-    from newsletter.web.app import WebConfig, create_app
+    from newsletter.web.app import WebConfig, check_listen, create_app
     from newsletter.web.archive import Archive
 
     settings = _settings()
@@ -1372,7 +1093,7 @@ def serve(host: str | None, port: int | None) -> None:
     lists = storage.subscribers.lists()
     host = host or settings.serve_host
     port = port if port is not None else settings.serve_port
-    _check_listen(host, port)
+    check_listen(host, port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("newsletter.serve").info(
         "database %s: %s list(s), %s member(s) in all",
@@ -1399,26 +1120,3 @@ def serve(host: str | None, port: int | None) -> None:
         log_level="info",
         access_log=False,  # it prints paths, tokens included: the app logs requests itself
     )
-
-
-def _check_listen(host: str, port: int) -> None:
-    """Refuse an address that cannot be listened on now, as one error line: uvicorn
-    would log it its own way and exit 3. (Taken in the moment between, uvicorn's
-    own message is what remains.)"""
-    import socket
-
-    from newsletter.errors import ConfigError
-
-    try:
-        # Every address the name stands for, as uvicorn binds them.
-        for family, kind, proto, _, address in socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        ):
-            with socket.socket(family, kind, proto) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(address)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc}; give another --host or "
-            "--port (or NEWSLETTER_SERVE_HOST, NEWSLETTER_SERVE_PORT)"
-        ) from None

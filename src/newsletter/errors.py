@@ -10,7 +10,7 @@ their traceback.
     NewsletterError
     ├── ConfigError          settings, the society file, missing folders
     │   ├── NobodyMailable   (sending) every member of the list has left it
-    │   └── IdAlreadyUsed    (archive) another file was sent under this issue id
+    │   └── IdAlreadyUsed    (provenance) another file was sent under this issue id
     ├── ValidationFailed     input files: carries every Problem found at once
     ├── TemplateError        Jinja or MJML could not render a template
     ├── BuildCheckFailed     the rendered email breaks a rule (size, remote CSS...)
@@ -119,15 +119,27 @@ class LockHeld(NewsletterError):
 
 class LeaseLost(NewsletterError):
     """The lease was found held by another run when its holder renewed it (it had run out:
-    the holder was paused, or its clock or database connection stalled)."""
+    the holder was paused, or its clock or database connection stalled).
 
-    def __init__(self, name: str, holder: str | None) -> None:
-        self.name, self.holder = name, holder
-        by = f" by {holder}" if holder else ""
+    ``recorded`` says what the run recorded before it stopped (a send's counts), when
+    the run that lost it says so."""
+
+    def __init__(self, name: str, holder: str | None, recorded: str | None = None) -> None:
+        self.name, self.holder, self.recorded = name, holder, recorded
+        if recorded is None:
+            by = f" by {holder}" if holder else ""
+            super().__init__(
+                f"this run lost the {name!r} lock{by}: it stopped taking new recipients and "
+                "recorded what was in flight. Check that the other run is the only one, then "
+                "run this again to resume"
+            )
+            return
         super().__init__(
-            f"this run lost the {name!r} lock{by}: it stopped taking new recipients and "
-            "recorded what was in flight. Check that the other run is the only one, then "
-            "run this again to resume"
+            f"this run lost the {name!r} lock to {holder or 'another run'} (its lease had "
+            "run out: this process was paused, or its clock or its database stalled). It "
+            "stopped taking new recipients, let the messages in flight finish and recorded "
+            f"them: {recorded}. Run the same command again to resume once the other run is "
+            "done; nobody is sent twice"
         )
 
 

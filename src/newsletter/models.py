@@ -306,6 +306,11 @@ DELIVERY_STATES: tuple[DeliveryState, ...] = (
 )  # fmt: skip
 
 
+# What one SMTP transaction did to a recipient (a transport's answer): the states a
+# run records; ``pending``, ``sending`` and ``suppressed`` are the send log's own.
+OutcomeState = Literal["sent", "rejected", "deferred", "unknown"]
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """A recipient claimed for one SMTP transaction: its place in the frozen audience
@@ -320,7 +325,7 @@ class Delivery:
 class Outcome:
     """What became of one recipient in one SMTP transaction (a transport's answer)."""
 
-    state: str  # sent | rejected | deferred | unknown
+    state: OutcomeState
     code: int | None = None
     detail: str = ""
     retry_at: float | None = None  # for deferred: when it may go again (unix time)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, NoReturn, TextIO
 
-from newsletter.errors import Problem, ValidationFailed
+from newsletter.errors import OutputError, Problem, ValidationFailed
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -590,3 +590,22 @@ def write_export(out: TextIO, attributes: list[str], members: Iterable[Member]) 
                 since or "",
             ]
         )
+
+
+def export_to_file(path: Path, attributes: list[str], members: Iterable[Member]) -> None:
+    """:func:`write_export` into ``path``: the whole file or, on any failure, none (it is
+    written beside it first, then moved into place). Raises OutputError when it cannot
+    be written."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with partial.open("w", encoding="utf-8", newline="") as fh:
+            write_export(fh, attributes, members)
+        partial.replace(path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise OutputError(
+            f"cannot write {path}: {exc.strerror or exc}; nothing was written"
+        ) from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

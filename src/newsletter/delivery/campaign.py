@@ -14,7 +14,11 @@ How it keeps "never twice, never skipped":
   ``deferred`` (retried, no doubt); one that fails after gives ``unknown``;
 - a stop (Ctrl-C, SIGTERM, too many errors) lets the messages in flight
   finish, puts the claimed-but-unstarted back to ``pending`` and commits
-  before :meth:`Campaign.run` returns.
+  before :meth:`Campaign.run` returns;
+- a run that is no longer the only one stops the same way: the ``guard``
+  (the send's lease: who holds it now, once another run took it) is asked
+  before every claim and before each message starts, and
+  :attr:`RunResult.lost` says who took it.
 
 The event loop never waits on the database while it sends: every store call
 of a run (claim, record, release, next_retry, counts) goes to one
@@ -116,6 +120,7 @@ class RunResult:
     attempted: int  # transactions in this run
     elapsed: float
     stopped: str | None = None  # why the run ended early, if it did
+    lost: str | None = None  # who took the run's lease, when the guard stopped it
 
     @property
     def rate(self) -> float:
@@ -134,7 +139,10 @@ class Campaign:
         envelope_sender: str,
         clock: Callable[[], float] = time.time,
         on_progress: Callable[[Progress], None] | None = None,
+        guard: Callable[[], str | None] | None = None,
     ) -> None:
+        """``guard`` says, when asked, who else now holds the run's lease (None while
+        it is ours): the run then stops as on any stop (module docstring)."""
         self.log = log
         self.send_id = send_id
         self.template = template
@@ -143,6 +151,8 @@ class Campaign:
         self.envelope_sender = envelope_sender
         self.clock = clock
         self.on_progress = on_progress
+        self.guard = guard
+        self._lost: str | None = None
         now = clock()
         last_hour = log.sent_since(now - 3600) if options.per_hour else 0
         self.pacer = Pacer(options.rate, per_hour=options.per_hour, sent_last_hour=last_hour)
@@ -170,6 +180,15 @@ class Campaign:
         self._attempted = 0
         counts = log.counts(send_id)
         self.progress = Progress(total=counts["pending"] + counts["deferred"])
+
+    def _guarded(self) -> bool:
+        """Whether the lease was lost (the run stops): asked before each claim and message."""
+        if self._lost is None and self.guard is not None:
+            holder = self.guard()
+            if holder is not None:
+                self._lost = holder
+                self.stop(f"another run ({holder}) took this send's lock")
+        return self._lost is not None
 
     def stop(self, reason: str) -> None:
         """Finish what is in flight, then end the run (safe from a signal handler)."""
@@ -211,6 +230,7 @@ class Campaign:
             attempted=self._attempted,
             elapsed=time.monotonic() - started,
             stopped=self._stop_reason,
+            lost=self._lost,
         )
 
     @property
@@ -295,6 +315,8 @@ class Campaign:
                 or (not (stopping or drained) and depth - queued >= needed > room)
             )
             if claim and (not flush or not claimed_last):
+                if self._guarded():
+                    continue  # stopping now: no claim, the loop finishes what is in flight
                 drained = not await self._claim(want)
                 claimed_last = True
             elif flush:
@@ -386,7 +408,7 @@ class Campaign:
                 self._wake.set()
                 took = time.monotonic()
                 try:
-                    if self._stopping.is_set():
+                    if self._stopping.is_set() or self._guarded():
                         self._unstarted.append(delivery.seq)
                         continue
                     if self._day_left is not None:

@@ -1,17 +1,20 @@
-"""Send pipeline: an issue and a list → a started or resumed send, run to its end.
+"""Send steps: an issue and a list → a started or resumed send, run to its end.
 
 Input: the rendered issue, a :class:`newsletter.storage.base.Storage`, the list
-name, a transport and the options. Output: a :class:`SendReport`. This is the
-one code path of every send: a real one (SMTP transport, the project database),
-a dry run (an outbox transport and the storage's scratch copy, ``with
+name, a transport and the options. Output: a :class:`SendReport`. These are the
+steps of every send (:func:`preview`, :func:`check_merge_fields`,
+:func:`prepare`, :func:`run_send`), which :mod:`newsletter.delivery.send_issue`
+runs in order for a real one (SMTP transport, the project database) and a dry
+run (an outbox transport and the storage's scratch copy, ``with
 storage.scratch_copy(issue, list) as scratch``, so the real send log is not
-touched), and tests (a memory transport).
+touched); tests also call them with a memory transport.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from newsletter.delivery.campaign import Campaign, Progress, RunResult, SendOptions
 from newsletter.delivery.message import MessageTemplate
@@ -29,6 +32,7 @@ class SendReport:
     unknown: list[tuple[str, str]] = field(default_factory=list)  # left in doubt, by address
     requeued_unknown: int = 0
     requeued_rejected: int = 0
+    outbox: Path | None = None  # a dry run's samples: where they were written
 
     @property
     def exit_code(self) -> int:
@@ -247,7 +251,9 @@ async def run_send(
     envelope_sender: str,
     on_start: Callable[[Campaign], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    guard: Callable[[], str | None] | None = None,
 ) -> SendReport:
+    """Run the prepared send; ``guard`` is the :class:`Campaign`'s (the send's lease)."""
     log = storage.send_log
     campaign = Campaign(
         log,
@@ -257,6 +263,7 @@ async def run_send(
         options,
         envelope_sender=envelope_sender,
         on_progress=on_progress,
+        guard=guard,
     )
     if on_start is not None:
         on_start(campaign)

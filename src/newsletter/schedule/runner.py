@@ -4,7 +4,8 @@ Input: a :class:`~newsletter.schedule.slots.Schedule`, the issues folder, a
 :class:`~newsletter.storage.base.Storage`, the current time and a
 ``send_issue`` function (the same one ``newsletter send`` uses). Output: a
 :class:`DueResult` saying what happened. ``newsletter send --due`` (cron, systemd timers) calls
-:func:`check_and_send` once; ``newsletter schedule run`` calls it in a loop.
+:func:`check_and_send` once; ``newsletter schedule run`` calls it in a loop,
+:func:`run_schedule`, which says each thing once and outlives every error.
 
 Exactly once, across restarts and overlaps:
 
@@ -19,10 +20,12 @@ Exactly once, across restarts and overlaps:
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Sequence
+import threading
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from newsletter.delivery.sending import NobodyMailable, SendReport, check_merge_fields
 from newsletter.errors import (
@@ -35,15 +38,20 @@ from newsletter.errors import (
 from newsletter.render import issue_ids
 from newsletter.render.loading import Loaded, load_issue, load_society, named_day
 from newsletter.render.yaml_input import read_yaml
-from newsletter.schedule.slots import Schedule, Slot, latest, slots_between
+from newsletter.schedule.slots import Schedule, Slot, latest, slots_between, upcoming
 from newsletter.storage.base import SlotStore, Storage
 
 LOCK_NAME = "schedule"
 
+# What one look at the schedule did (DueResult.state).
+DueState = Literal[
+    "nothing-due", "done-already", "locked", "missed", "no-issue", "sent", "incomplete"
+]
+
 
 @dataclass(slots=True)
 class DueResult:
-    state: str  # nothing-due | done-already | locked | missed | no-issue | sent | incomplete
+    state: DueState
     message: str
     slot: Slot | None = None
     reports: list[SendReport] = field(default_factory=list)
@@ -212,6 +220,36 @@ def issue_problems(
     return problems
 
 
+@dataclass(frozen=True, slots=True)
+class PlannedSlot:
+    """A slot ahead (or due now), the issue it would send, and what would stop it."""
+
+    slot: Slot
+    choice: IssueChoice
+    problems: list[str]
+    due_now: bool
+
+
+def planned_slots(
+    schedule: Schedule,
+    now: dt.datetime,
+    *,
+    storage: Storage,
+    issues_dir: Path,
+    lists: Sequence[str],
+    society_file: Path | None = None,
+    count: int = 5,
+) -> Iterator[PlannedSlot]:
+    """``newsletter schedule``: the slot due now unless it is done (its window is still
+    open), then the next ``count``, each as it is looked at."""
+    due = latest(schedule, now, within=schedule.catch_up)
+    current = [due] if due is not None and storage.slots.state(due) != "done" else []
+    for slot in current + upcoming(schedule, now, count):
+        choice = find_issue(issues_dir, slot.local_day)
+        problems = issue_problems(choice, society_file, storage=storage, lists=lists)
+        yield PlannedSlot(slot, choice, problems, slot is due)
+
+
 def _id_clashes(path: Path) -> list[str]:
     """Other files in the folder that claim this issue's id: the build (and so the send)
     refuses them, so the slot reports them with the file's other problems, at once."""
@@ -349,7 +387,7 @@ def _send_slot(
     complete = not unfinished
     notes = [*unfinished, *nobody.values()]
     slots.set(slot, "done" if complete else "incomplete", issue.id, detail="; ".join(notes))
-    verb = "sent" if complete else "incomplete"
+    verb: DueState = "sent" if complete else "incomplete"
     # Every list's members may have left: done, but "sent" would claim mail went out.
     said = verb if reports else "done, nothing sent"
     message = f"{issue.id} for the slot {when}: {said}" + "".join(
@@ -452,3 +490,50 @@ def _nothing_or_missed(schedule: Schedule, slots: SlotStore, now: dt.datetime) -
 
 def _when(schedule: Schedule, slot: Slot) -> str:
     return slot.at.astimezone(schedule.zone).strftime("%a %Y-%m-%d %H:%M %Z")
+
+
+def run_schedule(
+    look: Callable[[], DueResult],
+    *,
+    poll: float,
+    stop: threading.Event,
+    say: Callable[[str], None],
+    complain: Callable[[str, str | None], None],
+    problem_of: Callable[[Exception], str | None],
+    each_look: Callable[[], None] | None = None,
+    now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+) -> None:
+    """``newsletter schedule run``: look every ``poll`` seconds until ``stop`` is set.
+
+    ``look`` is one :func:`check_and_send`; ``each_look`` runs before it (the CLI
+    installs its signal handlers again: a send's event loop takes the signals over
+    and resets them when it ends). What a look did is said (``say``, stamped) once,
+    not at every poll; an error a user can cause (``problem_of`` gives its message,
+    None for a bug) is complained of once, a bug each time with its traceback, and
+    the loop goes on: a long-running service must outlive both. A send stopped by a
+    signal (SIGTERM, Ctrl-C arrived during it) ends the loop."""
+    said = ""  # say each thing once, not at every poll
+    while not stop.is_set():
+        if each_look is not None:
+            each_look()
+        stamp = now().strftime("%Y-%m-%d %H:%M:%S UTC")
+        try:
+            result = look()
+            if result.state not in ("nothing-due", "done-already") and result.message != said:
+                say(f"{stamp} {result.message}")
+                said = result.message
+            if any((r.result.stopped or "").startswith("stopped by SIG") for r in result.reports):
+                stop.set()  # the signal arrived during the send, which has stopped cleanly
+        except Exception as exc:  # noqa: BLE001 - a long-running service must outlive a bug
+            problem = problem_of(exc)
+            if problem is None:
+                complain(
+                    f"{stamp} unexpected error: {exc!r}; the scheduler goes on",
+                    traceback.format_exc(),
+                )
+            elif problem != said:
+                # A failed send (or a database that fails) is said once; the
+                # scheduler keeps going for the next look.
+                complain(f"{stamp} error: {problem}", None)
+                said = problem
+        stop.wait(poll)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from newsletter.errors import Problem
-from newsletter.models import Delivery, Outcome, Recipient
+from newsletter.models import Delivery, DeliveryState, Outcome, Recipient
 
 if TYPE_CHECKING:
     from newsletter.audience.csv_import import ParsedRow
@@ -74,6 +74,10 @@ MAX_LIFT_REASON = 200
 
 # What became of a schedule slot (``newsletter schedule`` shows it).
 SlotState = Literal["sending", "done", "incomplete", "missed", "expired", "no-issue", "failed"]
+# Where a member of a list stands (Member.state; an export's newsletter_state column).
+MemberState = Literal["subscribed", "opted-out", "suppressed"]
+# The recipients a resumed send may queue again (--resend-unknown, --retry-rejected).
+RequeueState = Literal["unknown", "rejected"]
 
 
 # ---------------------------------------------------------------- records
@@ -119,7 +123,7 @@ class Member:
     opted_out_since: str | None = None  # when it left this list, if it did
 
     @property
-    def state(self) -> str:
+    def state(self) -> MemberState:
         """subscribed (will be mailed), opted-out (of this list) or suppressed (every list)."""
         if self.suppressed:
             return "suppressed"
@@ -385,7 +389,7 @@ class SendLogStore(Protocol):
         """Make every deferred recipient due now (a new run retries them straight away)."""
         ...
 
-    def requeue(self, send_id: int, state: str) -> int:
+    def requeue(self, send_id: int, state: RequeueState) -> int:
         """Put every recipient in ``state`` (``unknown`` or ``rejected``) back to
         ``pending``, when the user asks; how many."""
         ...
@@ -411,7 +415,9 @@ class SendLogStore(Protocol):
         """Recipients by state, every state present (0 when none)."""
         ...
 
-    def in_state(self, send_id: int, state: str, limit: int = 1000) -> list[tuple[str, str]]:
+    def in_state(
+        self, send_id: int, state: DeliveryState, limit: int = 1000
+    ) -> list[tuple[str, str]]:
         """(address, detail) of recipients in ``state``, in audience order."""
         ...
 
@@ -461,7 +467,7 @@ class IssueArchive(Protocol):
 class SlotStore(Protocol):
     """What became of each schedule slot (one row per slot, its latest state)."""
 
-    def state(self, slot: SlotKey) -> str | None:
+    def state(self, slot: SlotKey) -> SlotState | None:
         """The slot's recorded state, or None if no run acted on it."""
         ...
 

@@ -3,24 +3,22 @@
 Input: the archive store (:class:`newsletter.storage.base.IssueArchive`: the web version
 each issue's first send froze, and which issues were delivered to someone),
 the society and the public URL. Output: :class:`Page` values (body, strong
-ETag, Last-Modified, max-age) for the index, each issue and the feed, and
-the checks a send makes before it uses an issue id.
+ETag, Last-Modified, max-age) for the index, each issue and the feed.
 
-Sending side: :func:`check_source` refuses an issue id already sent from a
-different file, and :func:`record_send` keeps the web version (the email's
-HTML without its "view in browser" line and with every personal link made
-general) at the first send of an issue, first writer wins, so editing a sent
-file never rewrites the archive.
+This is the serving side. The sending side (refusing an issue id already sent
+from a different file, freezing the web version at an issue's first send) is
+:mod:`newsletter.delivery.provenance`: only a send uses it.
 
-Serving side: each request costs one indexed query (:meth:`ArchiveStore.published`)
+Each request costs one indexed query (:meth:`IssueArchive.published`)
 compared with the last answer; the index, the feed and each issue page are
 rendered once per change and kept, so a busy archive never parses YAML or
 runs MJML. Sends made before the archive kept what was sent have no archive
 row: their page is rendered once per server process from the one issue file
 that claims the id, and left out (with a log line) when no file or several
 files claim it, or when the one that does is not named for the id (it may be
-a copy that kept the id of a file tidied away). :func:`check_source` refuses
-to resume such a send from a file not named for its id, for the same reason.
+a copy that kept the id of a file tidied away).
+:func:`newsletter.delivery.provenance.check_source` refuses to resume such a
+send from a file not named for its id, for the same reason.
 """
 
 from __future__ import annotations
@@ -36,14 +34,14 @@ from pathlib import Path
 from urllib.parse import quote
 from xml.sax.saxutils import escape
 
-from newsletter.errors import ConfigError, NewsletterError
+from newsletter.errors import NewsletterError
 from newsletter.models import Issue, Society
 from newsletter.render import issue_ids
 from newsletter.render.loading import load_issue
 from newsletter.render.merge_fields import fill_general
 from newsletter.render.pipeline import web_version
 from newsletter.render.templating import Templates, load_templates
-from newsletter.storage.base import ArchivedIssue, IssueArchive, Published, Source
+from newsletter.storage.base import IssueArchive, Published
 
 log = logging.getLogger("newsletter.archive")
 
@@ -348,117 +346,6 @@ class Archive:
         except NewsletterError as exc:
             log.warning("issue %s cannot be shown: %s", issue_id, exc)
             return None
-
-
-# ------------------------------------------------------------------ sending side
-
-
-class IdAlreadyUsed(ConfigError):
-    """An issue id was sent before from a different file; nothing was sent."""
-
-
-def same_issue(earlier: Source, now: Source) -> bool:
-    """Whether ``now`` is the issue ``earlier`` was sent from: the same bytes (renamed or
-    moved), or the same file name (edited in place; moved and edited) unless the earlier
-    file is still there and is another file, such as week1/issue.yaml copied to
-    week2/issue.yaml. A path given another way (./issues/x.yaml, an absolute path from
-    cron) is still the same file."""
-    if earlier.sha256 == now.sha256:
-        return True
-    if Path(earlier.file).name != Path(now.file).name:
-        return False
-    try:
-        # A relative path is read from here, as every command is run from the project.
-        return not Path(earlier.file).is_file() or Path(earlier.file).samefile(now.file)
-    except OSError:
-        return True
-
-
-def check_source(store: IssueArchive, issue_id: str, source: Source) -> list[str]:
-    """Refuse ``issue_id`` if it was used before by a different file; return notes to show.
-
-    Raises :class:`IdAlreadyUsed` naming both files. A file edited since its send
-    started resumes, with a note that the archive keeps the version first sent."""
-    notes = []
-    for use in store.uses(issue_id):
-        if use.source is None:
-            # A send from before sends recorded their file: only the file named for the
-            # id is known to be its file; another may be a copy that kept its `id:`.
-            if Path(source.file).stem != issue_id:
-                raise IdAlreadyUsed(_unrecorded_clash(issue_id, source, use.what, use.at))
-            continue
-        if not same_issue(use.source, source):
-            raise IdAlreadyUsed(_clash(issue_id, source, use.what, use.source.file, use.at))
-        if use.source.sha256 != source.sha256 and use.what == "the archive":
-            notes.append(
-                f"{source.file} has changed since {issue_id} was first sent ({use.at}); "
-                "this send goes out as the file is now, but the archive keeps the version "
-                f"first sent, from {use.source.file} (SHA-256 {use.source.sha256[:12]}...)"
-            )
-    return notes
-
-
-def record_send(
-    store: IssueArchive,
-    send_id: int,
-    issue: Issue,
-    society: Society,
-    templates_dir: Path,
-    public_url: str,
-    source: Source,
-) -> ArchivedIssue:
-    """At a real send: note its source, and freeze the web version if nobody has yet."""
-    store.record_source(send_id, source)
-    kept = store.get(issue.id)
-    if kept is None:
-        html = web_version(issue, society, load_templates(templates_dir), public_url)
-        kept = store.freeze(
-            ArchivedIssue(
-                issue_id=issue.id,
-                # Nobody in particular reads the archive: merge fields show their fallback.
-                subject=fill_general(issue.subject),
-                date=issue.date.isoformat(),
-                preheader=fill_general(issue.preheader or ""),
-                html=html,
-                source=source,
-            )
-        )
-    if not same_issue(kept.source, source):  # another file got there first, just now
-        raise IdAlreadyUsed(
-            _clash(issue.id, source, "the archive", kept.source.file, kept.frozen_at)
-        )
-    return kept
-
-
-def _clash(issue_id: str, source: Source, what: str, other: str, at: str) -> str:
-    claim = issue_ids.claim_of(Path(source.file))
-    where = f"{source.file}:{claim.line}" if claim.line is not None else source.file
-    fix = (
-        f"change `id:` in {source.file}" + (f" (line {claim.line})" if claim.line else "")
-        if claim.line is not None
-        else f"add an `id:` line to {source.file}, or rename it"
-    )
-    return (
-        f"{where}: id: the issue id {issue_id!r} was already used by {what} (started "
-        f"{at[:16].replace('T', ' ')}), from {other}, a different file. Sending this file "
-        f"would be taken for a resume of that send and reach nobody new. Give this issue "
-        f"its own id: {fix}. Nothing was sent."
-    )
-
-
-def _unrecorded_clash(issue_id: str, source: Source, what: str, at: str) -> str:
-    claim = issue_ids.claim_of(Path(source.file))
-    where = f"{source.file}:{claim.line}" if claim.line is not None else source.file
-    name = f"{issue_id}{Path(source.file).suffix}"
-    return (
-        f"{where}: id: the issue id {issue_id!r} was already used by {what} (started "
-        f"{at[:16].replace('T', ' ')}), which was made by an older version of newsletter "
-        f"and did not record its file. This file is not named {name}, so it may be a copy "
-        "of that issue's file that kept its `id:`; sending it would be taken for a resume "
-        f"of that send and reach nobody new. If this file is the one that send was "
-        f"started from, name it {name} and send again; otherwise give this issue its own "
-        f"id: change `id:` in {source.file}. Nothing was sent."
-    )
 
 
 _EPOCH = "1970-01-01T00:00:00+00:00"

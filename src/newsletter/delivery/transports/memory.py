@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -11,11 +12,13 @@ from newsletter.models import Outcome
 
 @dataclass(slots=True)
 class MemoryTransport:
-    """Keeps every envelope; ``script`` may decide an outcome per recipient (tests)."""
+    """Keeps every envelope; ``script`` may decide an outcome per recipient (tests);
+    ``delay`` seconds per message make it wait as a relay does (other tasks run meanwhile)."""
 
     sent: list[Envelope] = field(default_factory=list)
     script: Callable[[Envelope], Outcome | None] | None = None
     description: str = "memory"
+    delay: float = 0.0
 
     async def open(self) -> Session:
         return _MemorySession(self)
@@ -27,6 +30,8 @@ class _MemorySession:
     usable: bool = True
 
     async def send(self, envelope: Envelope) -> Outcome:
+        if self.box.delay:
+            await asyncio.sleep(self.box.delay)
         if self.box.script is not None:
             scripted = self.box.script(envelope)
             if scripted is not None:

@@ -23,8 +23,8 @@ import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 
-from newsletter.models import DELIVERY_STATES, Delivery, Outcome, Recipient
-from newsletter.storage.base import SendRecord
+from newsletter.models import DELIVERY_STATES, Delivery, DeliveryState, Outcome, Recipient
+from newsletter.storage.base import RequeueState, SendRecord
 from newsletter.storage.sqlite.connection import translated
 from newsletter.storage.sqlite.subscribers import decode_attributes
 
@@ -287,7 +287,7 @@ class SendLog:
                 (send_id,),
             )
 
-    def requeue(self, send_id: int, state: str) -> int:
+    def requeue(self, send_id: int, state: RequeueState) -> int:
         """Put every recipient in ``state`` (unknown or rejected) back in the queue."""
         assert state in ("unknown", "rejected")
         with self.conn:
@@ -377,7 +377,9 @@ class SendLog:
             found[state] = n
         return found
 
-    def in_state(self, send_id: int, state: str, limit: int = 1000) -> list[tuple[str, str]]:
+    def in_state(
+        self, send_id: int, state: DeliveryState, limit: int = 1000
+    ) -> list[tuple[str, str]]:
         """(address, detail) of recipients in ``state``, in audience order."""
         rows = self.conn.execute(
             "SELECT email, coalesce(detail, '') FROM deliveries INDEXED BY deliveries_by_state "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+from typing import cast
 
 from newsletter.storage.base import SlotKey, SlotState
 from newsletter.storage.sqlite.connection import translated
@@ -21,9 +22,9 @@ class SlotLog:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
 
-    def state(self, slot: SlotKey) -> str | None:
+    def state(self, slot: SlotKey) -> SlotState | None:
         row = self.conn.execute("SELECT state FROM slots WHERE key = ?", (slot.key,)).fetchone()
-        return None if row is None else str(row[0])
+        return None if row is None else cast(SlotState, row[0])  # only set() writes it
 
     def set(
         self, slot: SlotKey, state: SlotState, issue_id: str | None = None, detail: str = ""

@@ -1,0 +1,245 @@
+"""Send use case: an issue file and a list → one send started or resumed, and run to its end.
+
+Input: a :class:`SendRequest` (what was asked), a way to build the issue and to
+open the :class:`~newsletter.storage.base.Storage`, the real transport (a dry
+run writes to an outbox instead, on the storage's scratch copy), the
+:class:`~newsletter.delivery.campaign.SendOptions`, the sender, and
+:class:`SendHooks`: a callback for everything a front end shows or asks (notes,
+the plan, the confirmation, the start and progress of the run). Output: a
+:class:`~newsletter.delivery.sending.SendReport`.
+
+:func:`send_issue` is the one path of every send: ``newsletter send`` (by hand,
+and the dry run), the scheduler's sends (through the same CLI wiring) and the
+send benchmark. In order: build the issue, refuse what may be previewed but not
+sent, open the database, take the send's lease (a real send: one process per
+issue and list) or the scratch copy (a dry run), check the merge fields and the
+file the id comes from, show the plan and ask; only then write (freeze the
+audience, keep the archive's web version) and run the campaign. Declining
+changes nothing and frees the lease (:class:`SendDeclined`). A run whose lease
+another run took stops claiming, records what was in flight and raises
+:class:`~newsletter.errors.LeaseLost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from newsletter.delivery.campaign import Campaign, Progress, SendOptions
+from newsletter.delivery.message import MessageTemplate, Sender
+from newsletter.delivery.provenance import check_source, record_send
+from newsletter.delivery.sending import (
+    Preview,
+    SendReport,
+    check_merge_fields,
+    merge_columns,
+    prepare,
+    preview,
+    run_send,
+)
+from newsletter.delivery.transports import OutboxTransport, Transport
+from newsletter.errors import CampaignAborted, LeaseLost
+from newsletter.render.checks import refuse_unsendable
+from newsletter.storage.base import LEASE_SECONDS, Lease, Source, Storage
+
+if TYPE_CHECKING:
+    from newsletter.build import BuildResult
+
+__all__ = [
+    "RESUME",
+    "SendDeclined",
+    "SendHooks",
+    "SendPlan",
+    "SendRequest",
+    "send_issue",
+]
+
+# Said after a relay's refusal ends a recorded send: the refusal (a login, the
+# sender, no STARTTLS) does not go away by itself, but the send log keeps the place.
+RESUME = "Run the same command again to resume once that is fixed; nobody is sent twice."
+
+Signer = Callable[[bytes], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    """What was asked: which issue to which list, and how."""
+
+    issue_file: Path
+    list_name: str
+    dry_run: bool = False
+    outbox: Path | None = None  # a dry run's samples (default: OUT/<issue-id>/outbox)
+    resend_unknown: bool = False
+    retry_rejected: bool = False
+    strict: bool = False  # a merge field some recipients have no value for is refused
+
+
+@dataclass(frozen=True, slots=True)
+class SendPlan:
+    """What the send is about to do, read without writing anything (shown, then asked)."""
+
+    issue_id: str
+    list_name: str
+    preview: Preview
+    via: str  # the transport's description
+    message_size: int  # bytes of the preview message
+
+
+class SendDeclined(Exception):
+    """The confirmation said no: nothing was written, and the lease is freed."""
+
+
+def _ignore(_: object) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class SendHooks:
+    """Everything a send shows or asks, in the order it happens.
+
+    ``note`` gets each note (a merge field some recipients lack, an edited
+    file); ``plan`` what is about to happen; ``confirm`` (when given) is asked
+    after the plan and may decline; ``on_start`` gets the campaign before it
+    runs (to install signal handlers, start a progress bar); ``on_progress``
+    its progress as outcomes arrive."""
+
+    note: Callable[[str], None] = _ignore
+    plan: Callable[[SendPlan], None] = _ignore
+    confirm: Callable[[SendPlan], bool] | None = None
+    on_start: Callable[[Campaign], None] | None = None
+    on_progress: Callable[[Progress], None] | None = None
+
+
+def _no_signer() -> Signer | None:
+    return None
+
+
+def send_issue(
+    request: SendRequest,
+    *,
+    build: Callable[[], BuildResult],
+    open_storage: Callable[[], Storage],
+    transport: Callable[[], Transport],
+    sender: Sender,
+    options: SendOptions,
+    envelope_sender: str,
+    templates_dir: Path,
+    out_dir: Path,
+    signer: Callable[[], Signer | None] = _no_signer,
+    hooks: SendHooks = SendHooks(),
+    lease_ttl: float = LEASE_SECONDS,
+) -> SendReport:
+    """Build, start or resume, and run one send of ``request``; the module docstring says how.
+
+    ``build`` builds the issue for ``request.list_name`` (``sender`` is that list's);
+    ``open_storage`` is called once the issue built, and what it opens is closed at
+    the end; ``transport`` makes the real transport once the lease is held (a dry
+    run never calls it); ``signer`` makes the DKIM signer once the send is
+    confirmed; ``templates_dir`` and ``sender.public_url`` render the archive's web
+    version at the first real send; ``out_dir`` holds the default outbox. Raises
+    :class:`SendDeclined` when ``hooks.confirm`` says no, :class:`LeaseLost` when
+    another run took the send's lease during the run, and the errors of each step
+    (every one a :class:`~newsletter.errors.NewsletterError`)."""
+    built = build()
+    refuse_unsendable(built.report)  # a preview may show bidi controls; a send may not
+    issue_id, name = built.issue_id, request.list_name
+    with contextlib.ExitStack() as stack:
+        # Closed at the end: `schedule run` sends week after week in one process.
+        real = open_storage()
+        stack.callback(real.close)
+        lease: Lease | None = None
+        outbox: Path | None = None
+        via: Transport
+        if request.dry_run:
+            outbox = request.outbox or out_dir / issue_id / "outbox"
+            via = OutboxTransport(outbox, keep=5)
+            storage = stack.enter_context(real.scratch_copy(issue_id, name))
+        else:
+            # One process per send, checked before anything is read or asked: a
+            # second one would show a preview of rows the first is changing, and
+            # would take its in-flight rows for dead ones.
+            lease = real.lease(f"send:{issue_id}:{name}", lease_ttl)
+            lease.acquire(time.time())
+            stack.callback(lease.release)
+            via = transport()
+            storage = real
+        # Before anything is asked or sent: a field the list cannot fill is an error.
+        for note in check_merge_fields(
+            storage, issue_id, name, built.merge_uses, strict=request.strict
+        ):
+            hooks.note(note)
+        # An id sent before from another file is refused, not "resumed" (a dry run too).
+        source = Source.of(request.issue_file)
+        for note in check_source(real.archive, issue_id, source):
+            hooks.note(note)
+        # Read, ask, and only then write: declining changes nothing (and frees the lease).
+        planned = preview(storage, issue_id, name)
+        plan = SendPlan(issue_id, name, planned, via.description, len(built.eml))
+        hooks.plan(plan)
+        if hooks.confirm is not None and not hooks.confirm(plan):
+            raise SendDeclined(f"the send of {issue_id} to {name} was not confirmed")
+        columns = merge_columns(storage.subscribers, name, built.merge_uses)
+        template = MessageTemplate(built.rendered, sender, signer=signer(), columns=columns)
+        prepared = prepare(
+            storage,
+            issue_id,
+            name,
+            resend_unknown=request.resend_unknown,
+            retry_rejected=request.retry_rejected,
+            columns=list(columns.values()),
+        )
+        if lease is not None:
+            # The archive shows what was sent: the first send keeps the web version.
+            record_send(
+                storage.archive,
+                prepared.record.id,
+                built.issue,
+                built.society,
+                templates_dir,
+                sender.public_url,
+                source,
+            )
+        try:
+            report = asyncio.run(
+                run_send(
+                    storage,
+                    prepared,
+                    template,
+                    via,
+                    options,
+                    envelope_sender=envelope_sender,
+                    on_start=hooks.on_start,
+                    on_progress=hooks.on_progress,
+                    guard=None if lease is None else _guard(lease),
+                )
+            )
+        except CampaignAborted as exc:
+            # Only here is a relay's refusal the end of a send in the log, which the
+            # same command resumes; every error before (settings, the issue, the
+            # lease, an empty list) and a test copy's refusal have nothing to resume.
+            exc.next_step = RESUME
+            raise
+        if lease is not None and report.result.lost is not None:
+            raise LeaseLost(lease.name, report.result.lost, _recorded(report))
+        report.outbox = outbox
+        return report
+
+
+def _guard(lease: Lease) -> Callable[[], str | None]:
+    """The campaign's guard: who holds the lease now, once it is not ours."""
+    return lambda: lease.lost
+
+
+def _recorded(report: SendReport) -> str:
+    """What a run that lost its lease leaves in the send log, for LeaseLost's message."""
+    c = report.result.counts
+    return (
+        f"this run made {report.result.attempted} attempt(s), and the send log now has "
+        f"{c['sent']} sent, {c['rejected']} rejected, {c['deferred']} deferred, "
+        f"{c['unknown']} unknown and {c['pending']} pending"
+    )

@@ -1,0 +1,137 @@
+"""Wiring: the settings → the typed inputs each stage takes.
+
+Input: a :class:`~newsletter.settings.Settings`. Output: the values the stages take
+instead of it: the :class:`~newsletter.delivery.message.Sender` of a list, the
+:class:`~newsletter.build.BuildInputs` of an issue, the SMTP transport, the
+DKIM signer (with the warnings its key and domain call for), the
+:class:`~newsletter.delivery.campaign.SendOptions`. No stage reads the settings
+itself; the CLI calls these, prints what they warn of, and passes the values on.
+A setting that cannot be used is a :class:`~newsletter.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+from newsletter.build import BuildInputs
+from newsletter.delivery import dkim_sign
+from newsletter.delivery.campaign import SendOptions
+from newsletter.delivery.message import Sender
+from newsletter.delivery.transports import SmtpConfig, SmtpTransport
+from newsletter.errors import ConfigError
+from newsletter.models import Recipient
+from newsletter.settings import Settings
+
+__all__ = [
+    "build_inputs",
+    "require_secret",
+    "send_options",
+    "sender",
+    "signer",
+    "smtp_transport",
+]
+
+
+def sender(settings: Settings, list_name: str | None = None) -> Sender:
+    """Who sends to ``list_name`` (default: NEWSLETTER_LIST_NAME), and where links point."""
+    return Sender(
+        name=settings.sender_name,
+        address=settings.sender_address,
+        list_name=list_name or settings.list_name,
+        public_url=settings.public_url,
+        token_key=settings.token_key,
+        unsubscribe_mailto=settings.unsubscribe_address,
+        reply_to=settings.reply_to,
+    )
+
+
+def build_inputs(
+    settings: Settings, issue_file: Path, strict: bool, list_name: str | None = None
+) -> BuildInputs:
+    """What the build of ``issue_file`` for ``list_name`` takes."""
+    preview_name, preview_addr = settings.preview_mailbox
+    # "Sam Sample", or "Sample, Sam" as address books write it.
+    last, comma, first = preview_name.partition(",")
+    if not comma:
+        first, _, last = preview_name.partition(" ")
+    return BuildInputs(
+        issue_file=issue_file,
+        society_file=settings.society_file,
+        templates_dir=settings.templates_dir,
+        sender=sender(settings, list_name),
+        preview_recipient=Recipient(preview_addr, first.strip(), last.strip()),
+        strict=strict,
+    )
+
+
+def require_secret(settings: Settings) -> None:
+    """Real mail (a send or a test copy) carries links the live server must accept."""
+    if settings.secret_key is None:
+        raise ConfigError(
+            "NEWSLETTER_SECRET_KEY is not set: unsubscribe links would not be secure. "
+            'Make one with: python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
+        )
+
+
+def smtp_transport(settings: Settings) -> SmtpTransport:
+    """The relay the settings name, with its TLS context (the CA file read now)."""
+    try:
+        context = ssl.create_default_context(
+            cafile=str(settings.smtp_ca_file) if settings.smtp_ca_file else None
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"NEWSLETTER_SMTP_CA_FILE={settings.smtp_ca_file}: cannot read certificates from "
+            f"it ({exc.strerror or exc}); give a PEM file of CA certificates, or unset it"
+        ) from None
+    return SmtpTransport(
+        SmtpConfig(
+            host=settings.smtp_host,
+            port=settings.smtp_port_or_default,
+            security=settings.smtp_security,
+            username=settings.smtp_username,
+            password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
+            helo_name=settings.smtp_helo_name or settings.sender_address.rpartition("@")[2],
+            timeout=settings.smtp_timeout,
+            message_timeout=settings.send_message_timeout,
+            tls_context=context if settings.smtp_security != "none" else None,
+        )
+    )
+
+
+def signer(settings: Settings) -> tuple[Callable[[bytes], bytes] | None, list[str]]:
+    """DKIM signing when a key is configured (the preview in build/ is never signed), and
+    the warnings to show: a d= that DMARC will not count, a weak key."""
+    if settings.dkim_key_file is None or settings.dkim_selector is None:
+        return None, []
+    from_domain = settings.sender_address.rpartition("@")[2].lower()
+    domain = (settings.dkim_domain or from_domain).lower()
+    key = dkim_sign.load_key(settings.dkim_key_file, settings.dkim_selector, domain)
+    warnings = []
+    if from_domain != domain and not from_domain.endswith("." + domain):
+        # DMARC passes on DKIM only when d= is the From domain or a parent of it.
+        warnings.append(
+            f"NEWSLETTER_DKIM_DOMAIN {domain!r} is not the From domain "
+            f"{from_domain!r} or a parent of it: DMARC will not count this signature"
+        )
+    if key.weak:
+        warnings.append(
+            f"the DKIM key {settings.dkim_key_file} (NEWSLETTER_DKIM_KEY_FILE) is "
+            f"{key.bits}-bit RSA; use {dkim_sign.GOOD_BITS} bits, as receivers recommend"
+        )
+    return functools.partial(dkim_sign.sign, key=key), warnings
+
+
+def send_options(settings: Settings) -> SendOptions:
+    """How fast and how patiently a send goes (NEWSLETTER_SEND_*)."""
+    return SendOptions(
+        connections=settings.send_connections,
+        rate=settings.send_rate,
+        per_hour=settings.send_per_hour,
+        per_day=settings.send_per_day,
+        max_consecutive_errors=settings.send_max_errors,
+        max_wait=settings.send_max_wait,
+    )
