@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trustme
@@ -13,7 +13,7 @@ import trustme
 from newsletter.delivery.transports import Envelope, SmtpConfig, SmtpTransport
 from newsletter.delivery.transports.wire import MAX_REPLY, Wire
 from newsletter.errors import CampaignAborted, ConnectFailed
-from newsletter.storage.sqlite.send_log import Outcome
+from newsletter.models import Outcome
 from smtp_server import Server
 
 Script = Callable[[bytes], bytes | None]  # command line in, reply out (None: close)
@@ -44,6 +44,15 @@ async def talk(script: Script, *, pipelining: bool = False) -> tuple[Outcome, bo
                 in_data = True
         writer.close()
 
+    return await one_transaction(handle)
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def one_transaction(handle: Handler) -> tuple[Outcome, bool]:
+    """One message through the wire to a server on 127.0.0.1 that ``handle`` plays;
+    the outcome, and whether the session is still usable after it."""
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     async with server:
@@ -223,18 +232,7 @@ def test_a_reply_split_into_single_bytes_is_read() -> None:
                     await say(b"250-fine\r\n250 ok\r\n")
             writer.close()
 
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        async with server:
-            session = await SmtpTransport(
-                SmtpConfig(host="127.0.0.1", port=port, security="none", timeout=2)
-            ).open()
-            outcome = await session.send(
-                Envelope("a@example.org", "b@example.org", b"Subject: x\r\n\r\nhi\r\n")
-            )
-            usable = session.usable
-            await session.close()
-        return outcome, usable
+        return await one_transaction(handle)
 
     outcome, usable = asyncio.run(scenario())
     assert (outcome.state, outcome.code, outcome.detail, usable) == (
