@@ -183,7 +183,7 @@ def connect(path: Path, *, create: bool = False, busy_seconds: float = 30.0) -> 
 
 
 def open_connection(
-    path: Path, *, create: bool = False, busy_seconds: float = 30.0
+    path: Path, *, create: bool = False, busy_seconds: float = 30.0, check_first: bool = False
 ) -> tuple[Connection, int]:
     """Open the database at ``path``; wait up to ``busy_seconds`` for another writer.
 
@@ -193,7 +193,9 @@ def open_connection(
     would never reach the real one. For the same reason an empty file (or an
     SQLite database without tables) is only made a newsletter database by a
     caller that may create one, and another program's database never is.
-    Nothing is written to a file before it is known to be ours. Returns the
+    Nothing is written to a file before it is known to be ours; with
+    ``check_first`` (``db migrate``) nor before every page was read intact
+    (:func:`check_intact`), so a damaged file keeps its schema. Returns the
     connection and the schema version the file had before it was migrated.
     """
     if path.is_dir():
@@ -238,10 +240,13 @@ def open_connection(
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             _check_unversioned(conn, path, create)
+        if check_first:
+            check_intact(conn, path)
         if version > SCHEMA_VERSION:
             raise ConfigError(
-                f"the database {path} was made by a newer version of newsletter "
-                f"(schema {version}); upgrade newsletter"
+                f"{_named(path)} was made by a newer version of newsletter (schema "
+                f"{version}; this one knows schema {SCHEMA_VERSION}): upgrade newsletter to "
+                "use it, or point NEWSLETTER_DATABASE at the database this version made"
             )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
