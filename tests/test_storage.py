@@ -248,3 +248,44 @@ def test_a_holder_whose_lease_was_taken_learns_it_and_frees_nothing(tmp_path: Pa
     lease.release()
     owner = storage.conn.execute("SELECT owner FROM locks WHERE name = 'schedule'").fetchone()
     assert owner[0] == "elsewhere:4242:1"  # the other run's lease stays
+
+
+# -- constraint violations are errors of the interface -------------------------------
+
+
+def test_a_second_freeze_of_one_send_is_send_exists_and_writes_nothing(tmp_path: Path) -> None:
+    from newsletter.errors import SendExists
+    from newsletter.models import Recipient
+
+    storage = SqliteStorage.open(tmp_path / "db.sqlite3", create=True)
+    first = storage.send_log.freeze("2026-12-03", "news", [Recipient("ann@example.org")], 0)
+    with pytest.raises(SendExists) as again:
+        storage.send_log.freeze("2026-12-03", "news", [Recipient("bob@example.org")], 0)
+    assert isinstance(again.value.__cause__, sqlite3.IntegrityError)  # the cause, kept
+    assert "the send of 2026-12-03 to the list 'news' is recorded already" in str(again.value)
+    assert storage.send_log.find("2026-12-03", "news") == first
+    rows = storage.conn.execute("SELECT email FROM deliveries").fetchall()
+    assert [r[0] for r in rows] == ["ann@example.org"]
+    assert not storage.conn.in_transaction
+    storage.close()
+
+
+def test_a_slot_state_that_is_none_is_a_value_error_and_writes_nothing(tmp_path: Path) -> None:
+    import datetime as dt
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Slot:
+        key: str
+        local_day: dt.date
+
+    storage = SqliteStorage.open(tmp_path / "db.sqlite3", create=True)
+    slot = Slot("2026-12-03T14:00Z", dt.date(2026, 12, 3))
+    with pytest.raises(ValueError, match="unknown slot state 'bogus'"):
+        storage.slots.set(slot, "bogus")  # type: ignore[arg-type]
+    assert storage.slots.state(slot) is None
+    storage.slots.set(slot, "done")
+    assert storage.slots.state(slot) == "done"
+    with pytest.raises(ValueError, match="only unknown or rejected"):
+        storage.send_log.requeue(1, "sent")  # type: ignore[arg-type]
+    storage.close()

@@ -363,7 +363,9 @@ class SendLogStore(Protocol):
         """Record who this send goes to: all rows or none, once per issue and list (a
         second freeze of the same pair fails). Leaves out, and counts in ``duplicates``,
         every address another list's send of ``issue_id`` has (any state but
-        ``suppressed``); two freezes of one issue take turns, so each sees the other's rows."""
+        ``suppressed``); two freezes of one issue take turns, so each sees the other's rows.
+        A second freeze of the same pair raises :class:`newsletter.errors.SendExists`
+        and writes nothing."""
         ...
 
     def duplicates(self, issue_id: str, list_name: str, first: int = 5) -> tuple[int, list[str]]:
@@ -391,7 +393,7 @@ class SendLogStore(Protocol):
 
     def requeue(self, send_id: int, state: RequeueState) -> int:
         """Put every recipient in ``state`` (``unknown`` or ``rejected``) back to
-        ``pending``, when the user asks; how many."""
+        ``pending``, when the user asks; how many. ValueError for any other state."""
         ...
 
     def claim(self, send_id: int, limit: int, now: float) -> list[Delivery]:
@@ -475,7 +477,8 @@ class SlotStore(Protocol):
         self, slot: SlotKey, state: SlotState, issue_id: str | None = None, detail: str = ""
     ) -> None:
         """Record the slot's state (committed); an issue id once set is kept when
-        ``issue_id`` is None. ``detail`` is cut to 2,000 characters."""
+        ``issue_id`` is None. ``detail`` is cut to 2,000 characters. ValueError (nothing
+        written) unless ``state`` is a :data:`SlotState`."""
         ...
 
     def recent(self, limit: int = 10) -> list[tuple[str, str, str | None, str, str]]:
