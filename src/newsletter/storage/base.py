@@ -492,7 +492,18 @@ class Lease(Protocol):
     :meth:`acquire` takes it unless another live holder has it; the holder renews it
     in the background every ``ttl / 4``; it expires ``ttl`` seconds after the last
     renewal, so a holder that dies (kill -9, power cut) frees it within ``ttl`` (at
-    once, when it ran on this machine and its process is gone)."""
+    once, when it ran on this machine and its process is gone: the same host name,
+    boot and PID namespace, so a container sharing the host name is not "this
+    machine"). A holder none of whose renewals succeeded for ``ttl`` seconds counts
+    it :attr:`lost`: it may have run out and been taken meanwhile.
+
+    Limit of the SQLite backend: expiry is judged by clocks of the clients. The
+    holder writes ``expires`` from its own ``time.time()`` and a taker compares it
+    with its own, so two machines whose clocks disagree by more than a few
+    seconds shorten or stretch each other's leases by that much (one machine, or
+    NTP-synchronised machines, is what it is meant for). A backend that serves
+    several machines (PostgreSQL) must lift it: write and compare expiry with the
+    database's clock (``now()``), never the client's."""
 
     @property
     def name(self) -> str: ...
@@ -507,8 +518,9 @@ class Lease(Protocol):
     @property
     def lost(self) -> str | None:
         """None while the lease is ours; once a renewal found it taken (it had run out and
-        another run acquired it), that holder: the run must stop claiming, record what
-        is in flight and end."""
+        another run acquired it), that holder; once no renewal succeeded for ``ttl``
+        seconds, a sentence saying so (whoever may hold it now is unknown). Either
+        way the run must stop claiming, record what is in flight and end."""
         ...
 
     def check(self) -> None:
