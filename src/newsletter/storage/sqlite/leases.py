@@ -186,7 +186,7 @@ def _machine() -> str:
     """This kernel and PID namespace (boot id/namespace inode), or "unknown"."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text("ascii").strip()
-        namespace = os.stat("/proc/self/ns/pid").st_ino
+        namespace = Path("/proc/self/ns/pid").stat().st_ino
     except OSError:
         return "unknown"
     return f"{boot}/{namespace}" if boot and ":" not in boot else "unknown"
@@ -199,7 +199,7 @@ def _dead_here(owner: str) -> bool:
     """True when the owner ran on this machine (host name, boot id and PID namespace) and
     its process is gone (kill -9, crash): its lease can be taken at once instead of after
     it runs out."""
-    host, pid_text, _, machine = (owner.split(":", 3) + ["", "", ""])[:4]
+    host, pid_text, _, machine = [*owner.split(":", 3), "", "", ""][:4]
     if host != socket.gethostname() or not pid_text.isdigit():
         return False
     if machine != _MACHINE or _MACHINE == "unknown":
