@@ -384,3 +384,27 @@ def test_a_dead_pid_frees_a_lease_only_on_this_host_boot_and_pid_namespace(
     assert lease.owner.endswith(f":{here}")
     lease.release()
     storage.close()
+
+
+def test_current_is_the_same_storage_until_the_file_is_removed_or_replaced(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "db.sqlite3"
+    storage = SqliteStorage.open(path, create=True)
+    assert storage.current() is storage
+    moved = tmp_path / "moved.sqlite3"
+    path.rename(moved)
+    with pytest.raises(StorageUnavailable, match="was removed while in use"):
+        storage.current()
+    assert not path.exists()  # not made again
+    backup = tmp_path / "backup.sqlite3"
+    other = SqliteStorage.open(backup, create=True)
+    other.subscribers.suppress("ann@example.org", "bounced")
+    other.close()  # the last connection: its WAL is folded into the file
+    shutil.copyfile(backup, path)  # another file at the path now
+    fresh = storage.current()
+    assert fresh is not storage and fresh.subscribers.suppression("ann@example.org") == "bounced"
+    assert fresh.current() is fresh
+    with pytest.raises(sqlite3.ProgrammingError):
+        storage.conn.execute("SELECT 1")  # the old one is closed
+    fresh.close()

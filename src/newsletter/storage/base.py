@@ -560,6 +560,14 @@ class Storage(Protocol):
         it never creates one. The caller closes it."""
         ...
 
+    def current(self) -> Storage:
+        """This storage while its database is still the one it opened; a new one, this one
+        closed, once another database took its place (a backup moved over the file);
+        :class:`newsletter.errors.StorageUnavailable` while it is gone (removed). Cheap:
+        a long-lived holder (each web thread) asks before each request, so nothing is
+        written into a database nobody reads any more."""
+        ...
+
     def schema_version(self) -> int:
         """The schema version the database records (the current one once opened)."""
         ...

@@ -35,6 +35,9 @@ class Connection(sqlite3.Connection):
     (a dry run's scratch copy names the real database, which the user knows)."""
 
     db_path: Path | None = None
+    # (st_dev, st_ino) of the file at db_path when it was opened: a file removed or
+    # replaced since (a backup moved over it) is told apart by a stat, see identity().
+    db_identity: tuple[int, int] | None = None
 
 
 # The base schema is version 1; each later version is one entry in _MIGRATIONS,
@@ -205,6 +208,9 @@ def open_connection(
         )
     if not create and not path.exists():
         raise ConfigError(missing_database(path))
+    # Taken before the file is opened: a file replaced in between is then found
+    # replaced at the first check (and reopened), never taken for the one we hold.
+    opened = identity(path)
     try:
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +240,7 @@ def open_connection(
         ) from None
     assert isinstance(conn, Connection)
     conn.db_path = path
+    conn.db_identity = opened or identity(path)  # created now: the file connect made
     conn.row_factory = sqlite3.Row
     try:
         # Read before anything is written: WAL mode alone would write a header.
@@ -276,6 +283,15 @@ def open_connection(
         conn.close()
         raise
     return conn, version
+
+
+def identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``, or None when there is none."""
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def missing_database(path: Path) -> str:
