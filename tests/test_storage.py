@@ -402,6 +402,8 @@ def test_current_is_the_same_storage_until_the_file_is_removed_or_replaced(
     other.subscribers.suppress("ann@example.org", "bounced")
     other.close()  # the last connection: its WAL is folded into the file
     shutil.copyfile(backup, path)  # another file at the path now
+    for stale in ("-wal", "-shm"):  # the moved file's, named after the path: not the copy's
+        Path(f"{path}{stale}").unlink(missing_ok=True)
     fresh = storage.current()
     assert fresh is not storage and fresh.subscribers.suppression("ann@example.org") == "bounced"
     assert fresh.current() is fresh

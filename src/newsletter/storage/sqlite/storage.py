@@ -88,9 +88,10 @@ class SqliteStorage:
             )
         if now == getattr(self.conn, "db_identity", now):
             return self
-        fresh = self.reopen()
+        # Closed first: while it is open, its -wal and -shm (named after the path, not
+        # the file) would be read as the new file's.
         self.close()
-        return fresh
+        return self.reopen()
 
     def schema_version(self) -> int:
         return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
