@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from newsletter.storage.sqlite import connection as database
 from newsletter.storage.sqlite.connection import SCHEMA_VERSION, connect
 from newsletter.storage.sqlite.subscribers import SubscriberStore
@@ -119,3 +121,68 @@ def test_a_weightier_reason_replaces_a_lighter_one_and_never_the_reverse(tmp_pat
         ("ann@example.org",),
     ).fetchall()
     assert [tuple(r) for r in log] == [("unsubscribed", "web"), ("complained", "cli:ed@host")]
+
+
+def _schema2(path: Path, deliveries: int) -> None:
+    """A database as version 2 left it, its one send with ``deliveries`` rows."""
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(database._SCHEMA)
+    for statement in database._MIGRATIONS[0]:
+        old.execute(statement)
+    old.execute("PRAGMA user_version=2")
+    old.execute(
+        "INSERT INTO sends (issue_id, list_name, created_at, audience, suppressed) "
+        "VALUES ('2026-01-01', 'news', '2026-01-01', ?, 0)",
+        (deliveries,),
+    )
+    old.executemany(
+        "INSERT INTO deliveries (send_id, seq, email, first_name, last_name, state) "
+        "VALUES (1, ?, ?, '', '', 'sent')",
+        [(i, f"r{i}@example.org") for i in range(deliveries)],
+    )
+    old.close()
+
+
+def test_db_migrate_reads_every_page_before_it_writes_one(tmp_path: Path) -> None:
+    """A schema-2 file whose send log is damaged: migration 3 would not read those pages,
+    so it would succeed and only the check after it would fail, leaving a half-known
+    file at schema 3. Checked first, the file keeps schema 2 and every byte."""
+    from newsletter.errors import StorageUnavailable
+    from newsletter.storage import migrate
+
+    path = tmp_path / "old.sqlite3"
+    _schema2(path, 2000)
+    conn = sqlite3.connect(path)
+    size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = [r[0] for r in conn.execute("SELECT pageno FROM dbstat WHERE name = 'deliveries'")]
+    conn.close()
+    assert len(pages) > 3
+    with path.open("r+b") as file:
+        for page in pages[1:]:  # the root page stays: the table opens
+            file.seek((page - 1) * size)
+            file.write(b"\xde\xad\xbe\xef" * (size // 4))
+    before = path.read_bytes()
+    with pytest.raises(StorageUnavailable, match="it is not an intact SQLite database"):
+        migrate(path)
+    assert path.read_bytes() == before
+    assert not Path(f"{path}-wal").exists() or Path(f"{path}-wal").stat().st_size == 0
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == 2
+    check.close()
+
+
+def test_a_database_from_a_newer_version_is_named_in_full_with_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from newsletter.errors import ConfigError
+
+    (tmp_path / "db.sqlite3").touch()
+    connect(tmp_path / "db.sqlite3", create=True).execute("PRAGMA user_version=99")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        connect(Path("db.sqlite3"))
+    assert str(refused.value) == (
+        f"the database {tmp_path / 'db.sqlite3'} (NEWSLETTER_DATABASE) was made by a newer "
+        f"version of newsletter (schema 99; this one knows schema {SCHEMA_VERSION}): upgrade "
+        "newsletter to use it, or point NEWSLETTER_DATABASE at the database this version made"
+    )

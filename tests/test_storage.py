@@ -248,3 +248,165 @@ def test_a_holder_whose_lease_was_taken_learns_it_and_frees_nothing(tmp_path: Pa
     lease.release()
     owner = storage.conn.execute("SELECT owner FROM locks WHERE name = 'schedule'").fetchone()
     assert owner[0] == "elsewhere:4242:1"  # the other run's lease stays
+
+
+# -- constraint violations are errors of the interface -------------------------------
+
+
+def test_a_second_freeze_of_one_send_is_send_exists_and_writes_nothing(tmp_path: Path) -> None:
+    from newsletter.errors import SendExists
+    from newsletter.models import Recipient
+
+    storage = SqliteStorage.open(tmp_path / "db.sqlite3", create=True)
+    first = storage.send_log.freeze("2026-12-03", "news", [Recipient("ann@example.org")], 0)
+    with pytest.raises(SendExists) as again:
+        storage.send_log.freeze("2026-12-03", "news", [Recipient("bob@example.org")], 0)
+    assert isinstance(again.value.__cause__, sqlite3.IntegrityError)  # the cause, kept
+    assert "the send of 2026-12-03 to the list 'news' is recorded already" in str(again.value)
+    assert storage.send_log.find("2026-12-03", "news") == first
+    rows = storage.conn.execute("SELECT email FROM deliveries").fetchall()
+    assert [r[0] for r in rows] == ["ann@example.org"]
+    assert not storage.conn.in_transaction
+    storage.close()
+
+
+def test_a_slot_state_that_is_none_is_a_value_error_and_writes_nothing(tmp_path: Path) -> None:
+    import datetime as dt
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Slot:
+        key: str
+        local_day: dt.date
+
+    storage = SqliteStorage.open(tmp_path / "db.sqlite3", create=True)
+    slot = Slot("2026-12-03T14:00Z", dt.date(2026, 12, 3))
+    with pytest.raises(ValueError, match="unknown slot state 'bogus'"):
+        storage.slots.set(slot, "bogus")  # type: ignore[arg-type]
+    assert storage.slots.state(slot) is None
+    storage.slots.set(slot, "done")
+    assert storage.slots.state(slot) == "done"
+    with pytest.raises(ValueError, match="only unknown or rejected"):
+        storage.send_log.requeue(1, "sent")  # type: ignore[arg-type]
+    storage.close()
+
+
+def test_a_holder_whose_renewals_keep_failing_counts_its_lease_lost(tmp_path: Path) -> None:
+    """Another program holds the write lock past the lease's ttl: no renewal succeeds, so
+    the lease may have run out and been taken; the holder must not go on as if it held it."""
+    path = tmp_path / "db.sqlite3"
+    SqliteStorage.open(path, create=True).close()
+    lease = SqliteLease(path, "send:x:news", ttl=0.4, busy_seconds=0.01)
+    lease.acquire(time.time())
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        deadline = time.monotonic() + 5
+        while lease.lost is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert lease.lost is not None and "could not renew it for" in lease.lost
+    assert "database is locked" in lease.lost
+    with pytest.raises(LeaseLost, match="this run lost the 'send:x:news' lock by whichever run"):
+        lease.check()
+    time.sleep(0.3)  # the database is free again: lost stays lost
+    assert lease.lost is not None
+    lease.release()
+
+
+def test_a_renewal_stuck_waiting_past_the_ttl_counts_the_lease_lost(tmp_path: Path) -> None:
+    """A renewal waiting for the write lock (busy_seconds longer than ttl) has not failed
+    yet, but the lease may have run out meanwhile: ``lost`` says so when ttl is over."""
+    path = tmp_path / "db.sqlite3"
+    SqliteStorage.open(path, create=True).close()
+    lease = SqliteLease(path, "schedule", ttl=0.4, busy_seconds=30)
+    lease.acquire(time.time())
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    try:
+        while lease.lost is None and time.monotonic() < started + 5:
+            time.sleep(0.02)
+        waited = time.monotonic() - started
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert lease.lost is not None and "could not renew it for" in lease.lost
+    assert waited < 3  # judged when ttl ran out, not when the 30 s wait ended
+    lease.release()
+
+
+def test_a_lease_never_creates_the_database(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    storage = SqliteStorage.open(path, create=True)
+    storage.close()
+    path.unlink()
+    with pytest.raises(StorageUnavailable, match="cannot use the database"):
+        storage.lease("schedule").acquire(time.time())
+    assert not path.exists()
+
+
+def test_a_dead_pid_frees_a_lease_only_on_this_host_boot_and_pid_namespace(
+    tmp_path: Path,
+) -> None:
+    """Containers may share a host name but not a PID namespace: a pid gone here says
+    nothing of a holder in another one, whose lease must run its course."""
+    import socket
+    import subprocess
+    import sys
+
+    from newsletter.storage.sqlite import leases
+
+    path = tmp_path / "db.sqlite3"
+    storage = SqliteStorage.open(path, create=True)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host, here = socket.gethostname(), leases._MACHINE
+    assert here != "unknown"  # Linux: boot id and PID namespace are readable
+    boot, _, namespace = here.partition("/")
+    other_namespace = f"{host}:{gone.pid}:1:{boot}/{int(namespace) + 1}"
+    other_boot = f"{host}:{gone.pid}:1:00000000-0000-0000-0000-000000000000/{namespace}"
+    older_version = f"{host}:{gone.pid}:1"
+    for owner in (other_namespace, other_boot, older_version):
+        storage.conn.execute(
+            "INSERT OR REPLACE INTO locks (name, owner, expires, since) VALUES ('s', ?, ?, ?)",
+            (owner, time.time() + 60, time.time()),
+        )
+        with pytest.raises(LockHeld, match=f"process {gone.pid} on {host}"):
+            storage.lease("s").acquire(time.time())
+    storage.conn.execute(
+        "UPDATE locks SET owner = ? WHERE name = 's'", (f"{host}:{gone.pid}:1:{here}",)
+    )
+    lease = storage.lease("s")
+    lease.acquire(time.time())  # dead, here: free at once
+    assert lease.owner.endswith(f":{here}")
+    lease.release()
+    storage.close()
+
+
+def test_current_is_the_same_storage_until_the_file_is_removed_or_replaced(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "db.sqlite3"
+    storage = SqliteStorage.open(path, create=True)
+    assert storage.current() is storage
+    moved = tmp_path / "moved.sqlite3"
+    path.rename(moved)
+    with pytest.raises(StorageUnavailable, match="was removed while in use"):
+        storage.current()
+    assert not path.exists()  # not made again
+    backup = tmp_path / "backup.sqlite3"
+    other = SqliteStorage.open(backup, create=True)
+    other.subscribers.suppress("ann@example.org", "bounced")
+    other.close()  # the last connection: its WAL is folded into the file
+    shutil.copyfile(backup, path)  # another file at the path now
+    for stale in ("-wal", "-shm"):  # the moved file's, named after the path: not the copy's
+        Path(f"{path}{stale}").unlink(missing_ok=True)
+    fresh = storage.current()
+    assert fresh is not storage and fresh.subscribers.suppression("ann@example.org") == "bounced"
+    assert fresh.current() is fresh
+    with pytest.raises(sqlite3.ProgrammingError):
+        storage.conn.execute("SELECT 1")  # the old one is closed
+    fresh.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import email
 import email.policy
@@ -10,6 +11,7 @@ import html
 import http.client
 import re
 import socket
+import sqlite3
 import threading
 import time
 import urllib.parse
@@ -1060,3 +1062,51 @@ def test_coming_back_from_everything_with_two_lists_gets_both(site: Site) -> Non
     _, body, _ = call(url, b"confirm=yes&list%3Aevents=on&list%3Aresearch-news=on", FORM)
     assert f"Saved. {EMAILS[0]} gets: events, research-news." in text_of(body)
     assert site.audience() == EMAILS and site.audience("events") == EMAILS
+
+
+# -- a database removed or replaced while serving ------------------------------------
+
+
+def _warm(site: Site) -> None:
+    """Requests that make the server threads open their connections to the database."""
+    for _ in range(3):
+        status, _, _ = call(f"{site.base}/unsubscribe/{token(EMAILS[1])}")
+        assert status == 200
+
+
+def test_a_database_removed_while_serving_answers_503_and_is_not_made_again(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    _warm(site)
+    site.db.unlink()  # rm newsletter.sqlite3, while serve runs
+    caplog.set_level("INFO", logger="newsletter.web")
+    status, body, _ = call(
+        f"{site.base}/unsubscribe/{token(EMAILS[0])}", b"List-Unsubscribe=One-Click", FORM
+    )
+    assert status == 503 and "nothing was changed" in body
+    assert not site.db.exists()
+    logged = " ".join(r.getMessage() for r in caplog.records if r.name == "newsletter.web")
+    assert "was removed while in use" in logged and str(site.db) in logged
+
+
+def test_a_database_replaced_while_serving_is_served_from_the_new_file(site: Site) -> None:
+    """A backup restored while serving (moved over the file, its old -wal and -shm
+    removed so that they are not applied to it): the opt-out goes into the file that is
+    there now, not into the unlinked one the threads had open."""
+    _warm(site)
+    backup = site.db.with_name("backup.sqlite3")
+    with (
+        contextlib.closing(sqlite3.connect(site.db)) as src,
+        contextlib.closing(sqlite3.connect(backup)) as dst,
+    ):
+        src.backup(dst)
+    backup.replace(site.db)  # rename(2): the old file is unlinked, the threads hold it
+    for stale in ("-wal", "-shm"):
+        Path(f"{site.db}{stale}").unlink(missing_ok=True)
+    status, _, _ = call(
+        f"{site.base}/unsubscribe/{token(EMAILS[0])}", b"List-Unsubscribe=One-Click", FORM
+    )
+    assert status == 200
+    assert site.audience() == [EMAILS[1]]  # read from the file at the path now
+    status, _, _ = call(f"{site.base}/unsubscribe/{token(EMAILS[0])}")
+    assert status == 200 and EMAILS[0] not in site.audience()

@@ -20,7 +20,8 @@ their traceback.
     ├── LeaseLost            a holder's renewal found its lease taken by another run
     ├── StorageError         the database failed because of the file or the machine
     │   ├── StorageBusy      another process holds it past the wait (the web: 503)
-    │   └── StorageUnavailable  damaged, not ours, unreadable, full disk
+    │   ├── StorageUnavailable  damaged, not ours, unreadable, full disk
+    │   └── SendExists       a send of this issue to this list was frozen already
     └── SlotFailed           (scheduler) the due slot's issue could not be sent
         └── SlotIncomplete   some of its lists, or part of one, were not sent
 
@@ -157,6 +158,18 @@ class StorageBusy(StorageError):
 
 class StorageUnavailable(StorageError):
     """The database is damaged, not ours, not readable or writable, or its disk is full."""
+
+
+class SendExists(StorageError):
+    """A second freeze of one issue to one list: the first one's rows stand (another run
+    froze it first, or the caller did not look for it)."""
+
+    def __init__(self, issue_id: str, list_name: str) -> None:
+        self.issue_id, self.list_name = issue_id, list_name
+        super().__init__(
+            f"the send of {issue_id} to the list {list_name!r} is recorded already (another "
+            "run may have started it just now); run the same command again to resume it"
+        )
 
 
 def _stamp(when: float) -> str:

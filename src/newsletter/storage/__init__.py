@@ -30,11 +30,10 @@ def migrate(path: Path) -> tuple[int, int]:
 
     Equal numbers: it was up to date. Never creates a database. Every page is read
     too: a damaged file is refused (StorageUnavailable), not called up to date."""
-    from newsletter.storage.sqlite.connection import SCHEMA_VERSION, check_intact, open_connection
+    from newsletter.storage.sqlite.connection import SCHEMA_VERSION, open_connection
 
-    conn, before = open_connection(path)
-    try:
-        check_intact(conn, path)
-    finally:
-        conn.close()
+    # Every page is read before the first write: a damaged file keeps its schema
+    # version, and its backup is not told a migration half-happened.
+    conn, before = open_connection(path, check_first=True)
+    conn.close()
     return before, SCHEMA_VERSION

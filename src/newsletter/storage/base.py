@@ -363,7 +363,9 @@ class SendLogStore(Protocol):
         """Record who this send goes to: all rows or none, once per issue and list (a
         second freeze of the same pair fails). Leaves out, and counts in ``duplicates``,
         every address another list's send of ``issue_id`` has (any state but
-        ``suppressed``); two freezes of one issue take turns, so each sees the other's rows."""
+        ``suppressed``); two freezes of one issue take turns, so each sees the other's rows.
+        A second freeze of the same pair raises :class:`newsletter.errors.SendExists`
+        and writes nothing."""
         ...
 
     def duplicates(self, issue_id: str, list_name: str, first: int = 5) -> tuple[int, list[str]]:
@@ -391,7 +393,7 @@ class SendLogStore(Protocol):
 
     def requeue(self, send_id: int, state: RequeueState) -> int:
         """Put every recipient in ``state`` (``unknown`` or ``rejected``) back to
-        ``pending``, when the user asks; how many."""
+        ``pending``, when the user asks; how many. ValueError for any other state."""
         ...
 
     def claim(self, send_id: int, limit: int, now: float) -> list[Delivery]:
@@ -475,7 +477,8 @@ class SlotStore(Protocol):
         self, slot: SlotKey, state: SlotState, issue_id: str | None = None, detail: str = ""
     ) -> None:
         """Record the slot's state (committed); an issue id once set is kept when
-        ``issue_id`` is None. ``detail`` is cut to 2,000 characters."""
+        ``issue_id`` is None. ``detail`` is cut to 2,000 characters. ValueError (nothing
+        written) unless ``state`` is a :data:`SlotState`."""
         ...
 
     def recent(self, limit: int = 10) -> list[tuple[str, str, str | None, str, str]]:
@@ -489,7 +492,18 @@ class Lease(Protocol):
     :meth:`acquire` takes it unless another live holder has it; the holder renews it
     in the background every ``ttl / 4``; it expires ``ttl`` seconds after the last
     renewal, so a holder that dies (kill -9, power cut) frees it within ``ttl`` (at
-    once, when it ran on this machine and its process is gone)."""
+    once, when it ran on this machine and its process is gone: the same host name,
+    boot and PID namespace, so a container sharing the host name is not "this
+    machine"). A holder none of whose renewals succeeded for ``ttl`` seconds counts
+    it :attr:`lost`: it may have run out and been taken meanwhile.
+
+    Limit of the SQLite backend: expiry is judged by clocks of the clients. The
+    holder writes ``expires`` from its own ``time.time()`` and a taker compares it
+    with its own, so two machines whose clocks disagree by more than a few
+    seconds shorten or stretch each other's leases by that much (one machine, or
+    NTP-synchronised machines, is what it is meant for). A backend that serves
+    several machines (PostgreSQL) must lift it: write and compare expiry with the
+    database's clock (``now()``), never the client's."""
 
     @property
     def name(self) -> str: ...
@@ -504,8 +518,9 @@ class Lease(Protocol):
     @property
     def lost(self) -> str | None:
         """None while the lease is ours; once a renewal found it taken (it had run out and
-        another run acquired it), that holder: the run must stop claiming, record what
-        is in flight and end."""
+        another run acquired it), that holder; once no renewal succeeded for ``ttl``
+        seconds, a sentence saying so (whoever may hold it now is unknown). Either
+        way the run must stop claiming, record what is in flight and end."""
         ...
 
     def check(self) -> None:
@@ -543,6 +558,14 @@ class Storage(Protocol):
     def reopen(self) -> Storage:
         """A second, independent connection to the same database (for another thread);
         it never creates one. The caller closes it."""
+        ...
+
+    def current(self) -> Storage:
+        """This storage while its database is still the one it opened; a new one, this one
+        closed, once another database took its place (a backup moved over the file);
+        :class:`newsletter.errors.StorageUnavailable` while it is gone (removed). Cheap:
+        a long-lived holder (each web thread) asks before each request, so nothing is
+        written into a database nobody reads any more."""
         ...
 
     def schema_version(self) -> int:

@@ -659,8 +659,11 @@ class _Pages:
         empty one that would answer "already unsubscribed". Each has its own archive
         store, which remembers the last version it read."""
         found: Storage | None = getattr(self._local, "storage", None)
-        if found is None:
-            found = self._local.storage = self.config.storage.reopen()
+        # Checked before each request: a database removed while serving answers 503
+        # (StorageUnavailable), one replaced by another file is served from the new one;
+        # an opt-out never goes into a file nobody reads.
+        found = self.config.storage.reopen() if found is None else found.current()
+        self._local.storage = found
         return found
 
     def _newsletter(self, subject: tokens.TokenSubject) -> str:

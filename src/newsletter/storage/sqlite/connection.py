@@ -35,6 +35,9 @@ class Connection(sqlite3.Connection):
     (a dry run's scratch copy names the real database, which the user knows)."""
 
     db_path: Path | None = None
+    # (st_dev, st_ino) of the file at db_path when it was opened: a file removed or
+    # replaced since (a backup moved over it) is told apart by a stat, see identity().
+    db_identity: tuple[int, int] | None = None
 
 
 # The base schema is version 1; each later version is one entry in _MIGRATIONS,
@@ -183,7 +186,7 @@ def connect(path: Path, *, create: bool = False, busy_seconds: float = 30.0) -> 
 
 
 def open_connection(
-    path: Path, *, create: bool = False, busy_seconds: float = 30.0
+    path: Path, *, create: bool = False, busy_seconds: float = 30.0, check_first: bool = False
 ) -> tuple[Connection, int]:
     """Open the database at ``path``; wait up to ``busy_seconds`` for another writer.
 
@@ -193,7 +196,9 @@ def open_connection(
     would never reach the real one. For the same reason an empty file (or an
     SQLite database without tables) is only made a newsletter database by a
     caller that may create one, and another program's database never is.
-    Nothing is written to a file before it is known to be ours. Returns the
+    Nothing is written to a file before it is known to be ours; with
+    ``check_first`` (``db migrate``) nor before every page was read intact
+    (:func:`check_intact`), so a damaged file keeps its schema. Returns the
     connection and the schema version the file had before it was migrated.
     """
     if path.is_dir():
@@ -203,6 +208,9 @@ def open_connection(
         )
     if not create and not path.exists():
         raise ConfigError(missing_database(path))
+    # Taken before the file is opened: a file replaced in between is then found
+    # replaced at the first check (and reopened), never taken for the one we hold.
+    opened = identity(path)
     try:
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,16 +240,20 @@ def open_connection(
         ) from None
     assert isinstance(conn, Connection)
     conn.db_path = path
+    conn.db_identity = opened or identity(path)  # created now: the file connect made
     conn.row_factory = sqlite3.Row
     try:
         # Read before anything is written: WAL mode alone would write a header.
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             _check_unversioned(conn, path, create)
+        if check_first:
+            check_intact(conn, path)
         if version > SCHEMA_VERSION:
             raise ConfigError(
-                f"the database {path} was made by a newer version of newsletter "
-                f"(schema {version}); upgrade newsletter"
+                f"{_named(path)} was made by a newer version of newsletter (schema "
+                f"{version}; this one knows schema {SCHEMA_VERSION}): upgrade newsletter to "
+                "use it, or point NEWSLETTER_DATABASE at the database this version made"
             )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
@@ -271,6 +283,15 @@ def open_connection(
         conn.close()
         raise
     return conn, version
+
+
+def identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``, or None when there is none."""
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def missing_database(path: Path) -> str:

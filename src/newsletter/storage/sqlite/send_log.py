@@ -22,7 +22,9 @@ import datetime as dt
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
+from typing import get_args
 
+from newsletter.errors import SendExists
 from newsletter.models import DELIVERY_STATES, Delivery, DeliveryState, Outcome, Recipient
 from newsletter.storage.base import RequeueState, SendRecord
 from newsletter.storage.sqlite.connection import translated
@@ -119,11 +121,17 @@ class SendLog:
         cur.execute("BEGIN IMMEDIATE")
         try:
             others = self._build_others(cur, issue_id, list_name)
-            send_id = cur.execute(
-                "INSERT INTO sends (issue_id, list_name, created_at, audience, suppressed) "
-                "VALUES (?, ?, ?, 0, ?) RETURNING id",
-                (issue_id, list_name, _now(), suppressed),
-            ).fetchone()[0]
+            try:
+                send_id = cur.execute(
+                    "INSERT INTO sends (issue_id, list_name, created_at, audience, suppressed) "
+                    "VALUES (?, ?, ?, 0, ?) RETURNING id",
+                    (issue_id, list_name, _now(), suppressed),
+                ).fetchone()[0]
+            except sqlite3.IntegrityError as exc:
+                # UNIQUE (issue_id, list_name): the interface names this, not the driver.
+                if getattr(exc, "sqlite_errorname", "") != "SQLITE_CONSTRAINT_UNIQUE":
+                    raise
+                raise SendExists(issue_id, list_name) from exc
             total = duplicates = 0
             for members in _batches(audience, FREEZE_BATCH):
                 batch = members
@@ -289,7 +297,8 @@ class SendLog:
 
     def requeue(self, send_id: int, state: RequeueState) -> int:
         """Put every recipient in ``state`` (unknown or rejected) back in the queue."""
-        assert state in ("unknown", "rejected")
+        if state not in get_args(RequeueState):
+            raise ValueError(f"cannot requeue the state {state!r}; only unknown or rejected")
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             return self.conn.execute(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
-from typing import cast
+from typing import cast, get_args
 
 from newsletter.storage.base import SlotKey, SlotState
 from newsletter.storage.sqlite.connection import translated
@@ -29,6 +29,10 @@ class SlotLog:
     def set(
         self, slot: SlotKey, state: SlotState, issue_id: str | None = None, detail: str = ""
     ) -> None:
+        if state not in get_args(SlotState):
+            # Checked here, not left to the table's CHECK: the driver's IntegrityError is
+            # no error of the interface.
+            raise ValueError(f"unknown slot state {state!r}")
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.execute(

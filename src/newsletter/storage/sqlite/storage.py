@@ -18,11 +18,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from newsletter.errors import StorageUnavailable
 from newsletter.storage.base import LEASE_SECONDS
 from newsletter.storage.sqlite.archive import ArchiveStore
 from newsletter.storage.sqlite.connection import (
     Connection,
     errors_named,
+    identity,
     open_connection,
     translated,
 )
@@ -73,6 +75,23 @@ class SqliteStorage:
 
     def reopen(self) -> SqliteStorage:
         return SqliteStorage.open(self.path, busy_seconds=self.busy_seconds)
+
+    def current(self) -> SqliteStorage:
+        # One stat: an open SQLite connection keeps writing into a file unlinked or
+        # renamed over, where nobody will ever read what it wrote.
+        now = identity(self.path)
+        if now is None:
+            raise StorageUnavailable(
+                f"cannot use the database {self.path.absolute()} (NEWSLETTER_DATABASE): it "
+                "was removed while in use, and nothing is written until it is back; restore "
+                "it from a backup, or point NEWSLETTER_DATABASE at the database you use"
+            )
+        if now == getattr(self.conn, "db_identity", now):
+            return self
+        # Closed first: while it is open, its -wal and -shm (named after the path, not
+        # the file) would be read as the new file's.
+        self.close()
+        return self.reopen()
 
     def schema_version(self) -> int:
         return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
