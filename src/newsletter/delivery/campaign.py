@@ -118,7 +118,7 @@ GUARD_EVERY = 1.0
 # The back-off between tries to commit while the database is busy: it doubles from the
 # first to the last (each try also waits the store's own busy timeout first).
 BUSY_BACKOFF = (0.5, 8.0)
-# How many delivered addresses an error that could not record them lists by name.
+# How many delivered addresses the error of a run that could not record them names.
 LISTED = 20
 
 
@@ -226,6 +226,7 @@ class Campaign:
         self._failure: StorageError | None = None  # the store error that ended the run
         self._busy: StorageBusy | None = None  # the last busy error, once there was one
         self._busy_waited = 0.0  # seconds spent on busy tries and back-offs, in all
+        self._said_busy = False  # the note that the run waits for the database
         self._backoff = BUSY_BACKOFF[0]
         self._errors_in_a_row = 0
         self._stop_reason: str | None = None
@@ -464,11 +465,11 @@ class Campaign:
                 return await fn(*args, **kwargs)
             except StorageBusy as exc:
                 self._busy_waited += time.monotonic() - started
-                said = self._busy is not None
                 self._busy_stop(exc)
                 if self._busy_waited >= budget:
                     raise
-                if not said and self.on_note is not None:
+                if not self._said_busy and self.on_note is not None:
+                    self._said_busy = True
                     self.on_note(
                         f"the database is busy ({exc}). This run takes no more recipients, "
                         "lets the messages in flight finish and keeps trying to record their "
