@@ -20,10 +20,17 @@ import pytest
 from conftest import EXAMPLE, build_file, sender
 from newsletter.audience.csv_import import ParsedRow
 from newsletter.build import BuildResult
-from newsletter.delivery.campaign import LISTED, Campaign, RunResult, SendLogBusy, SendOptions
+from newsletter.delivery.campaign import (
+    BUSY_STOP,
+    LISTED,
+    Campaign,
+    RunResult,
+    SendLogBusy,
+    SendOptions,
+)
 from newsletter.delivery.message import MessageTemplate
 from newsletter.delivery.send_issue import RESUME_DATABASE, SendHooks, SendRequest, send_issue
-from newsletter.delivery.sending import prepare
+from newsletter.delivery.sending import SendReport, prepare
 from newsletter.delivery.transports import Envelope, MemoryTransport
 from newsletter.errors import StorageBusy
 from newsletter.models import Outcome
@@ -120,12 +127,13 @@ def states(path: Path, send_id: int, emails: list[str]) -> set[str]:
 
 
 def test_a_lock_held_for_a_while_stops_the_run_and_every_delivery_is_recorded(
-    tmp_path: Path, built: BuildResult
+    tmp_path: Path, built: BuildResult, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "db.sqlite3"
     database(path, 400)
     storage = SqliteStorage.open(path, busy_seconds=BUSY_SECONDS)
-    send_id = prepare(storage, built.issue_id, LIST).record.id
+    record = prepare(storage, built.issue_id, LIST).record
+    send_id = record.id
     box = MemoryTransport(delay=0.004)
     holder = Holder(path, seconds=1.5)  # several busy tries and back-offs
     hold_after(box, holder, 60)
@@ -144,8 +152,7 @@ def test_a_lock_held_for_a_while_stops_the_run_and_every_delivery_is_recorded(
     took = time.monotonic() - started
     holder.join()
     storage.close()
-    assert result.stopped is not None and result.stopped.startswith("the database is busy: ")
-    assert "database is locked" in result.stopped
+    assert result.stopped == BUSY_STOP == "the database is busy: another program holds it"
     final = counts(path, send_id)
     # Every message the transport accepted is recorded as sent; none is left in doubt,
     # and the claimed but unstarted went back to pending.
@@ -158,6 +165,12 @@ def test_a_lock_held_for_a_while_stops_the_run_and_every_delivery_is_recorded(
     assert len(notes) == 1, notes
     assert "keeps trying to record their outcomes for up to 300 s" in notes[0]
     assert took >= 1.5
+    # The CLI's summary of such a run says how to go on.
+    from newsletter.cli import _summarise
+
+    _summarise(SendReport(record, resumed=False, result=result), dry_run=False)
+    said = capsys.readouterr().out
+    assert f"stopped early: {BUSY_STOP}. Run the same command to resume." in said
 
 
 def test_a_lock_that_outlasts_the_wait_names_what_went_out_unrecorded(

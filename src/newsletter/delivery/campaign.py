@@ -118,6 +118,8 @@ GUARD_EVERY = 1.0
 # The back-off between tries to commit while the database is busy: it doubles from the
 # first to the last (each try also waits the store's own busy timeout first).
 BUSY_BACKOFF = (0.5, 8.0)
+# Why a run that found the database busy stopped (RunResult.stopped).
+BUSY_STOP = "the database is busy: another program holds it"
 # How many delivered addresses the error of a run that could not record them names.
 LISTED = 20
 
@@ -445,7 +447,9 @@ class Campaign:
 
     def _busy_stop(self, exc: StorageBusy) -> None:
         self._busy = exc
-        self.stop(f"the database is busy: {exc}")
+        # Not the error's own words ("try again when it is done"): a stopped run is
+        # resumed by running the same command, which the CLI says after the reason.
+        self.stop(BUSY_STOP)
 
     async def _patiently(
         self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
