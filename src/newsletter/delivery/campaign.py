@@ -80,7 +80,9 @@ merged into one transaction, though that would halve the commits: it needs
 a new store operation, and its failure would tie outcomes that must be kept
 for the next flush to a claim whose rows the run never got; the window above
 is enough for the rates a relay allows. A busy database does not widen the
-window: it stops the claims, and the rows it holds are those already claimed.
+window: it stops the claims, and the rows it holds are those already claimed;
+a run that gives up on the database leaves no more than them in ``sending``,
+and its error names the ones that were delivered.
 """
 
 from __future__ import annotations
