@@ -20,10 +20,11 @@ import pytest
 
 from conftest import EXAMPLE, build_file, sender
 from newsletter.audience.csv_import import ParsedRow
-from newsletter.delivery.campaign import Campaign, RunResult, SendOptions
+from newsletter.delivery.campaign import Campaign, RunResult, SendLogFailed, SendOptions
 from newsletter.delivery.message import MessageTemplate
 from newsletter.delivery.sending import prepare
 from newsletter.delivery.transports import Envelope, MemoryTransport, Session
+from newsletter.errors import StorageUnavailable
 from newsletter.models import Delivery, Outcome
 from newsletter.storage.sqlite import SqliteStorage
 from newsletter.storage.sqlite.send_log import SendLog
@@ -49,6 +50,7 @@ class SlowLog(SendLog):
         self.most_sending = 0
         self.fail: str | None = None  # a method that raises Broken
         self.fail_once = False
+        self.fail_with: Callable[[str], Exception] = Broken
         self.during_commit: Callable[[], None] | None = None  # called in the thread
         self._busy = threading.Lock()
 
@@ -61,7 +63,7 @@ class SlowLog(SendLog):
             if self.fail == name:
                 if self.fail_once:
                     self.fail = None
-                raise Broken(f"{name} failed")
+                raise self.fail_with(f"{name} failed")
             time.sleep(self.delay)
         finally:
             self._busy.release()
@@ -198,6 +200,42 @@ def test_a_store_error_in_the_thread_ends_the_run_with_it(
     assert counts["sent"] + counts["sending"] + counts["pending"] == 200
     assert counts["sent"] + counts["sending"] >= len(relay.box.sent) >= counts["sent"]
     assert counts["sending"] <= WIDEST
+
+
+def test_a_store_that_fails_lets_the_messages_in_flight_finish_and_names_them(
+    tmp_path: Path, template: MessageTemplate
+) -> None:
+    """A database that fails for good (a full disk): no worker is cut off mid-message, the
+    run ends with SendLogFailed, and every delivery it could not record is named."""
+    log, send_id = send_log(tmp_path / "db.sqlite3", 300, 0.0)
+    relay = RelayTransport(seconds=0.003)
+    run = campaign(log, send_id, template, relay)
+    log.fail_with = StorageUnavailable
+
+    def fail_after_100(envelope: Envelope) -> None:
+        if len(relay.box.sent) >= 100:
+            log.fail = "record"  # every flush from now on
+
+    relay.before_send = fail_after_100
+    with pytest.raises(SendLogFailed) as raised:
+        asyncio.run(run.run())
+    assert not send_threads()
+    error = raised.value
+    assert isinstance(error, StorageUnavailable)
+    log.fail = None
+    counts = log.counts(send_id)
+    sent = [e.recipient for e in relay.box.sent]
+    # What the log has as sent plus what the error names is every delivery, once;
+    # nothing is left in flight but what the error counts.
+    recorded = {email for email, _ in log.in_state(send_id, "sent")}
+    assert set(error.delivered) == set(sent) - recorded and len(error.delivered) > 0
+    assert counts["sent"] + len(error.delivered) == len(sent)
+    assert counts["sending"] == error.unrecorded, (counts, error.unrecorded)
+    assert counts["sent"] + counts["sending"] + counts["pending"] == 300
+    message = str(error)
+    assert message.startswith("record failed. It stopped, and ")
+    assert f"{len(error.delivered)} message(s) went out whose outcome could not be " in message
+    assert "do NOT resend them with --resend-unknown" in message
 
 
 def test_a_failed_flush_keeps_its_outcomes_for_the_last_one(

@@ -4,7 +4,8 @@ Each test runs ``Campaign(...).run()`` against :class:`MemoryTransport` (or a
 transport built on it that fails to connect) over a send frozen in a SQLite
 file in tmp_path, and checks the send log's final count in every state, not
 only what ``run()`` returned. Where a policy reads the clock, the clock is
-injected; the pacer is driven by an injected clock and sleep, without wall time.
+injected; the pacer and the reconnect back-off are driven by an injected clock and
+sleep, without wall time.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +80,19 @@ def campaign(
     template: MessageTemplate,
     transport: Transport,
     clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
     **options: Any,
 ) -> Campaign:
     opts = replace(SendOptions(connections=2, flush_interval=0.01), **options)
     return Campaign(
-        db.send_log, send_id, template, transport, opts, envelope_sender=SENDER, clock=clock
+        db.send_log,
+        send_id,
+        template,
+        transport,
+        opts,
+        envelope_sender=SENDER,
+        clock=clock,
+        sleep=sleep,
     )
 
 
@@ -196,11 +204,14 @@ def test_reconnect_backs_off_longer_each_time_and_the_run_carries_on(
 ) -> None:
     send_id = frozen_send(db, 4)
     flaky = FlakyTransport(failures=2)
-    result = asyncio.run(campaign(db, send_id, template, flaky, connections=1).run())
-    # The campaign's back-off starts at 0.5 s and doubles (real time: Campaign
-    # takes no sleep to inject), so two failures cost 1.5 s.
-    first, second = (b - a for a, b in pairwise(flaky.opened_at))
-    assert 0.45 <= first < 0.9 and 0.95 <= second < 1.6
+    t = FakeTime()
+    run = campaign(db, send_id, template, flaky, clock=t.clock, sleep=t.sleep, connections=1)
+    started = time.monotonic()
+    result = asyncio.run(run.run())
+    # The campaign's back-off starts at 0.5 s and doubles, through the injected sleep:
+    # two failures wait 0.5 s and 1 s of the test's time, not of the wall's.
+    assert t.slept == [0.5, 1.0]
+    assert time.monotonic() - started < 1.0
     assert len(flaky.opened_at) == 3  # one session, then reused
     assert result.stopped is None and result.attempted == 4
     assert final(db, send_id) == {"sent": 4}

@@ -20,7 +20,9 @@ their traceback.
     ├── LeaseLost            a holder's renewal found its lease taken by another run
     ├── StorageError         the database failed because of the file or the machine
     │   ├── StorageBusy      another process holds it past the wait (the web: 503)
+    │   │   └── SendLogBusy  (campaign) ... past a send's wait: names what went out unrecorded
     │   ├── StorageUnavailable  damaged, not ours, unreadable, full disk
+    │   │   └── SendLogFailed   (campaign) ... during a send: names what went out unrecorded
     │   └── SendExists       a send of this issue to this list was frozen already
     └── SlotFailed           (scheduler) the due slot's issue could not be sent
         └── SlotIncomplete   some of its lists, or part of one, were not sent

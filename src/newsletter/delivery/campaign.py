@@ -17,20 +17,36 @@ How it keeps "never twice, never skipped":
   before :meth:`Campaign.run` returns;
 - a run that is no longer the only one stops the same way: the ``guard``
   (the send's lease: who holds it now, once another run took it) is asked
-  before every claim and before each message starts, and
-  :attr:`RunResult.lost` says who took it.
+  before every claim, before each message starts and every
+  :data:`GUARD_EVERY` seconds while the run waits for deferred retries, and
+  :attr:`RunResult.lost` says who took it;
+- a database that another program holds (:class:`StorageBusy`) stops the run
+  the same way: no more claims, the messages in flight finish (no worker is
+  cancelled mid-transaction because of it), every outcome stays in memory
+  and the run keeps trying to commit them, backing off, for up to
+  ``SendOptions.busy_wait`` seconds in all (5 minutes; said once through
+  ``on_note``). Then the run ends as a stopped run, or, if the database is
+  still held, with :class:`SendLogBusy`, which lists the messages that went
+  out unrecorded (they will show as unknown and must not be resent). Any other
+  :class:`StorageError` (a damaged file, a full disk) ends the run the same
+  way without the wait, with :class:`SendLogFailed`.
 
 The event loop never waits on the database while it sends: every store call
 of a run (claim, record, release, next_retry, counts) goes to one
 :class:`~newsletter.delivery.log_thread.LogThread` and is awaited, so SMTP
 sessions go on while a commit (an fsync, a round trip across a network) is
 under way. That thread is the only one that touches the store during the run
-and ends with it, on errors and cancellation too; a store error raised there
-ends the run with that error. The constructor's two reads (counts and, with
+and ends with it, on errors and cancellation too; a :class:`StorageError`
+raised there stops the run as above, and any other error (a bug) ends it
+with that error. The constructor's two reads (counts and, with
 a cap, sent_since) stay synchronous: no SMTP has started yet. One task, the
 pump, makes every call, one at a time, so a flush never waits behind more
 than the one call under way; workers never wait on the store (what they
 cannot start on a stop is released in one commit as the run ends).
+
+Waits (the reconnect back-off, the busy back-off, the wait for deferred
+retries) go through the injected ``sleep``; a test that injects one also
+injects the ``clock`` that it moves, and the pacer then runs on both.
 
 The unknown window after a crash is the rows this run holds in ``sending``
 (claimed, or being claimed, and not yet committed out). It is a window on
@@ -63,7 +79,10 @@ loop), enough for 8 connections to a relay that takes 20 ms a message
 merged into one transaction, though that would halve the commits: it needs
 a new store operation, and its failure would tie outcomes that must be kept
 for the next flush to a claim whose rows the run never got; the window above
-is enough for the rates a relay allows.
+is enough for the rates a relay allows. A busy database does not widen the
+window: it stops the claims, and the rows it holds are those already claimed;
+a run that gives up on the database leaves no more than them in ``sending``,
+and its error names the ones that were delivered.
 """
 
 from __future__ import annotations
@@ -81,7 +100,13 @@ from newsletter.delivery.log_thread import LogThread
 from newsletter.delivery.message import MessageTemplate
 from newsletter.delivery.ratelimit import Pacer
 from newsletter.delivery.transports import Envelope, Session, Transport
-from newsletter.errors import CampaignAborted, ConnectFailed
+from newsletter.errors import (
+    CampaignAborted,
+    ConnectFailed,
+    StorageBusy,
+    StorageError,
+    StorageUnavailable,
+)
 from newsletter.models import Delivery, Outcome
 from newsletter.storage.base import SendLogStore
 
@@ -90,6 +115,15 @@ T = TypeVar("T")
 # How far past the connection count the queue may grow to cover slow commits (the
 # unknown window grows by as much; module docstring).
 SLACK = 8
+# How often the guard is asked while the run waits for deferred retries (seconds).
+GUARD_EVERY = 1.0
+# The back-off between tries to commit while the database is busy: it doubles from the
+# first to the last (each try also waits the store's own busy timeout first).
+BUSY_BACKOFF = (0.5, 8.0)
+# Why a run that found the database busy stopped (RunResult.stopped).
+BUSY_STOP = "the database is busy: another program holds it"
+# How many delivered addresses the error of a run that could not record them names.
+LISTED = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +137,10 @@ class SendOptions:
     max_consecutive_errors: int = 25
     flush_every: int = 64
     flush_interval: float = 0.25
+    # How long in all a run keeps trying to commit the outcomes it holds while another
+    # program holds the database (the store's own busy timeout included), before it
+    # gives up and says which messages went out unrecorded (module docstring).
+    busy_wait: float = 300.0
 
 
 @dataclass(slots=True)
@@ -140,9 +178,15 @@ class Campaign:
         clock: Callable[[], float] = time.time,
         on_progress: Callable[[Progress], None] | None = None,
         guard: Callable[[], str | None] | None = None,
+        on_note: Callable[[str], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
         """``guard`` says, when asked, who else now holds the run's lease (None while
-        it is ours): the run then stops as on any stop (module docstring)."""
+        it is ours): the run then stops as on any stop (module docstring). ``on_note``
+        gets what the run has to say while it goes on (that it waits for a busy
+        database). ``sleep`` (default :func:`asyncio.sleep`) is every wait's; given,
+        the pacer runs on it and on ``clock`` too (without it, on real time: a clock
+        frozen for the retry times must not freeze the pacing)."""
         self.log = log
         self.send_id = send_id
         self.template = template
@@ -152,10 +196,18 @@ class Campaign:
         self.clock = clock
         self.on_progress = on_progress
         self.guard = guard
+        self.on_note = on_note
+        self._sleep = sleep or asyncio.sleep
         self._lost: str | None = None
         now = clock()
         last_hour = log.sent_since(now - 3600) if options.per_hour else 0
-        self.pacer = Pacer(options.rate, per_hour=options.per_hour, sent_last_hour=last_hour)
+        self.pacer = Pacer(
+            options.rate,
+            per_hour=options.per_hour,
+            sent_last_hour=last_hour,
+            clock=clock if sleep is not None else time.monotonic,
+            sleep=self._sleep,
+        )
         self._day_left: int | None = None
         if options.per_day:
             self._day_left = options.per_day - log.sent_since(now - 86400)
@@ -167,13 +219,19 @@ class Campaign:
         self._commit_time = 0.0  # seconds a call takes in the thread (moving average)
         self._take_rate = 0.0  # deliveries a second the workers could take, busy all the time
         self._taken = 0  # deliveries the workers finished since the last claim went out
-        self._busy = 0.0  # seconds they spent on them (sending, pacing, reconnecting)
+        self._spent = 0.0  # seconds they spent on them (sending, pacing, reconnecting)
         self._unstarted: list[int] = []  # claimed, never attempted: released as the run ends
         self._oldest = 0.0  # when the oldest outcome not yet committed came (monotonic)
         self._wake = asyncio.Event()  # something the pump may act on changed
         self._db: LogThread | None = None
         self._abort: CampaignAborted | None = None
         self._results: list[tuple[int, Outcome]] = []
+        self._addresses: dict[int, str] = {}  # seq -> address of each outcome not committed
+        self._failure: StorageError | None = None  # the store error that ended the run
+        self._busy: StorageBusy | None = None  # the last busy error, once there was one
+        self._busy_waited = 0.0  # seconds spent on busy tries and back-offs, in all
+        self._said_busy = False  # the note that the run waits for the database
+        self._backoff = BUSY_BACKOFF[0]
         self._errors_in_a_row = 0
         self._stop_reason: str | None = None
         self._stopping = asyncio.Event()
@@ -215,13 +273,18 @@ class Campaign:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                await self._record_the_rest()
+            counts: dict[str, int] | None = None
+            if self._failure is None:
                 try:
-                    await self._flush()
-                finally:
-                    await self._release_unstarted()
+                    counts = await self._patiently(self._call, self.log.counts, self.send_id)
+                except StorageError as exc:
+                    self._failure = exc
+            if self._failure is not None or counts is None:
+                assert self._failure is not None
+                raise self._in_doubt(self._failure) from self._failure
             if self._abort is not None:
                 raise self._abort
-            counts = await db.call(self.log.counts, self.send_id)
         finally:
             self._db = None
             db.close()
@@ -281,6 +344,15 @@ class Campaign:
         return depth, max(2 * connections + flush_every, connections + depth + flush_every // 2)
 
     async def _pump(self) -> None:
+        """The pump's calls (below); a store that fails stops the run instead of ending it
+        at once: run() lets the messages in flight finish, then says what is in doubt."""
+        try:
+            await self._pump_calls()
+        except StorageError as exc:
+            self._failure = exc
+            self.stop(f"the database failed: {exc}")
+
+    async def _pump_calls(self) -> None:
         """Claim ahead and commit outcomes, one call in the thread at a time.
 
         One task decides every call, so that none waits behind another for long, and
@@ -289,7 +361,9 @@ class Campaign:
         room a claim needs; a claim when the queue is down by half its depth (3/4 of the
         connection count at least) and the window has that room, or when it is empty.
         When both are due they take turns. On a stop it claims no more, and goes on
-        flushing until the messages in flight are done."""
+        flushing until the messages in flight are done. A busy database stops the run
+        (a claim that finds it busy is not tried again) and each flush waits for it
+        (:meth:`_patiently`)."""
         drained = False  # the last claim found nothing due
         claimed_last = False
         while True:
@@ -298,10 +372,10 @@ class Campaign:
             queued = self._queue.qsize()
             if stopping and not queued and not self._working:
                 return
-            if self._taken and self._busy > 0:
-                rate = self.options.connections * self._taken / self._busy
+            if self._taken and self._spent > 0:
+                rate = self.options.connections * self._taken / self._spent
                 self._take_rate = _ewma(self._take_rate, rate)
-                self._taken, self._busy = 0, 0.0
+                self._taken, self._spent = 0, 0.0
             depth, window = self._depth()
             room = window - self._open
             least = max(self._min_claim, depth // 2)
@@ -317,15 +391,19 @@ class Campaign:
             if claim and (not flush or not claimed_last):
                 if self._guarded():
                     continue  # stopping now: no claim, the loop finishes what is in flight
-                drained = not await self._claim(want)
+                try:
+                    drained = not await self._claim(want)
+                except StorageBusy as exc:
+                    self._busy_stop(exc)  # nothing was claimed; the loop finishes the rest
+                    continue
                 claimed_last = True
             elif flush:
-                await self._flush()
+                await self._patiently(self._flush)
                 claimed_last = False
             elif drained and not queued and not self._working:
                 # Nothing was due: the work in flight is done and committed. Wait for
                 # deferred retries that come due soon, or end the run.
-                await self._flush()
+                await self._patiently(self._flush)
                 if not await self._wait_for_retries():
                     return
                 drained = False
@@ -342,7 +420,11 @@ class Campaign:
 
     async def _wait_for_retries(self) -> bool:
         """Wait until a deferred recipient is due; False when the run should end."""
-        retry_at = await self._call(self.log.next_retry, self.send_id)
+        try:
+            retry_at = await self._call(self.log.next_retry, self.send_id)
+        except StorageBusy as exc:
+            self._busy_stop(exc)  # every outcome is committed: the deferred wait for a rerun
+            return False
         if retry_at is None:
             return False
         wait = retry_at - self.clock()
@@ -352,9 +434,58 @@ class Campaign:
                 f"a run waits (NEWSLETTER_SEND_MAX_WAIT, {self.options.max_wait:.0f} s)"
             )
             return False
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), max(0.01, wait))
+        # In slices, asking the guard between them: a lease lost during a wait of up to
+        # max_wait is noticed within GUARD_EVERY seconds, not at the next claim. Counted
+        # down by what was slept, so that a clock frozen by a test cannot make it endless.
+        left = max(0.01, wait)
+        while left > 0:
+            if self._guarded():
+                return True  # stopping: the pump ends the run
+            step = min(GUARD_EVERY, left)
+            if not await self._unless_stopped(self._sleep(step)):
+                return True
+            left -= step
         return True
+
+    def _busy_stop(self, exc: StorageBusy) -> None:
+        self._busy = exc
+        # Not the error's own words ("try again when it is done"): a stopped run is
+        # resumed by running the same command, which the CLI says after the reason.
+        self.stop(BUSY_STOP)
+
+    async def _patiently(
+        self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """``await fn(...)``, tried again while the database is busy.
+
+        A busy database stops the run (no more claims); the tries go on with a back-off
+        until ``busy_wait`` seconds in all went on them (tries and back-offs, over the
+        whole run), and the first busy one is said through ``on_note``. Past that the
+        busy error is raised, at once for every later call."""
+        budget = self.options.busy_wait
+        while True:
+            if self._busy is not None and self._busy_waited >= budget:
+                raise self._busy
+            started = time.monotonic()
+            try:
+                return await fn(*args, **kwargs)
+            except StorageBusy as exc:
+                self._busy_waited += time.monotonic() - started
+                self._busy_stop(exc)
+                if self._busy_waited >= budget:
+                    raise
+                if not self._said_busy and self.on_note is not None:
+                    self._said_busy = True
+                    self.on_note(
+                        f"the database is busy ({exc}). This run takes no more recipients, "
+                        "lets the messages in flight finish and keeps trying to record their "
+                        f"outcomes for up to {budget:.0f} s; leave it running, or what it has "
+                        "not recorded will show as unknown"
+                    )
+                pause = min(self._backoff, budget - self._busy_waited)
+                await self._sleep(pause)
+                self._busy_waited += pause
+                self._backoff = min(2 * self._backoff, BUSY_BACKOFF[1])
 
     async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """One call in the thread, timed: the depth follows how long calls take."""
@@ -388,13 +519,50 @@ class Campaign:
         for delivery in claimed:
             self._queue.put_nowait(delivery)
 
+    async def _record_the_rest(self) -> None:
+        """As the run ends: commit the outcomes left and put the unstarted back to pending,
+        each waiting for a busy database (a store error is kept for run() to raise)."""
+        try:
+            await self._patiently(self._flush)
+        except StorageError as exc:
+            self._failure = self._failure or exc
+        finally:
+            try:
+                await self._patiently(self._release_unstarted)
+            except StorageError as exc:
+                self._failure = self._failure or exc
+
     async def _release_unstarted(self) -> None:
         while not self._queue.empty():
             self._unstarted.append(self._queue.get_nowait().seq)
         if self._unstarted:
             left, self._unstarted = self._unstarted, []
-            await self._call(self.log.release, self.send_id, left)
+            try:
+                await self._call(self.log.release, self.send_id, left)
+            except BaseException:
+                self._unstarted[:0] = left  # still ours, still `sending`: counted as in doubt
+                raise
             self._committed(len(left))
+
+    def _in_doubt(self, failure: StorageError) -> StorageError:
+        """The error that ends a run whose store failed: what it could not record."""
+        delivered = [self._addresses[seq] for seq, o in self._results if o.state == "sent"]
+        states: dict[str, int] = {}
+        for _, outcome in self._results:
+            if outcome.state != "sent":
+                states[outcome.state] = states.get(outcome.state, 0) + 1
+        if self._unstarted:
+            states["never started"] = len(self._unstarted)
+        busy = isinstance(failure, StorageBusy)
+        head = str(failure)
+        if busy:
+            head += f" (this run tried for {self._busy_waited:.0f} s to record its outcomes)"
+        error: SendLogBusy | SendLogFailed
+        message = head + ". " + _unrecorded(delivered, states)
+        error = SendLogBusy(message) if busy else SendLogFailed(message)
+        error.delivered = delivered
+        error.unrecorded = len(delivered) + sum(states.values())
+        return error
 
     # -- workers --------------------------------------------------------------
     async def _worker(self) -> None:
@@ -448,7 +616,7 @@ class Campaign:
                     self._wake.set()  # the pump may be waiting for the last one to finish
                     self._queue.task_done()
                     self._taken += 1
-                    self._busy += time.monotonic() - took
+                    self._spent += time.monotonic() - took
         finally:
             if session is not None:
                 await session.close()
@@ -461,7 +629,7 @@ class Campaign:
             except ConnectFailed as exc:
                 if self._error(f"cannot connect: {exc}"):
                     return None
-                if not await self._unless_stopped(asyncio.sleep(delay)):
+                if not await self._unless_stopped(self._sleep(delay)):
                     return None
                 delay = min(delay * 2, 30.0)
             except CampaignAborted as exc:
@@ -501,6 +669,7 @@ class Campaign:
         if not self._results:
             self._oldest = time.monotonic()
         self._results.append((delivery.seq, outcome))
+        self._addresses[delivery.seq] = delivery.recipient.email
         self.progress.done += 1
         self.progress.by_state[outcome.state] = self.progress.by_state.get(outcome.state, 0) + 1
         if self.on_progress is not None:
@@ -530,14 +699,14 @@ class Campaign:
             with contextlib.suppress(Exception):
                 await asyncio.shield(future)
             if future.exception() is None:
-                self._committed(len(batch))
+                self._recorded(batch)
             else:
                 self._restore(batch)
             raise
         except BaseException:
             self._restore(batch)  # not lost: the next flush writes them
             raise
-        self._committed(len(batch))
+        self._recorded(batch)
         self._commit_time = _ewma(self._commit_time, time.monotonic() - started)
 
     def _restore(self, batch: list[tuple[int, Outcome]]) -> None:
@@ -545,9 +714,52 @@ class Campaign:
             self._oldest = time.monotonic()
         self._results[:0] = batch
 
+    def _recorded(self, batch: list[tuple[int, Outcome]]) -> None:
+        for seq, _ in batch:
+            del self._addresses[seq]
+        self._committed(len(batch))
+
     def _committed(self, rows: int) -> None:
         """``rows`` left ``sending`` for good: they leave the window."""
         self._open -= rows
+
+
+class SendLogBusy(StorageBusy):
+    """The database stayed busy past ``busy_wait``: the run ended with outcomes it could
+    not record; the message lists them (``delivered``: the addresses that got the message)."""
+
+    delivered: list[str]
+    unrecorded: int = 0  # outcomes (and unstarted claims) that are not in the send log
+
+
+class SendLogFailed(StorageUnavailable):
+    """The database failed during a run (damaged, full disk): as :class:`SendLogBusy`."""
+
+    delivered: list[str]
+    unrecorded: int = 0
+
+
+def _unrecorded(delivered: list[str], others: dict[str, int]) -> str:
+    """What a run whose store failed leaves in doubt, in words."""
+    if not delivered and not others:
+        return "It stopped; every outcome of this run was recorded, nothing is in doubt"
+    said = []
+    if delivered:
+        shown = ", ".join(delivered[:LISTED])
+        more = f" and {len(delivered) - LISTED} more" if len(delivered) > LISTED else ""
+        said.append(
+            f"It stopped, and {len(delivered)} message(s) went out whose outcome could not "
+            f"be recorded: {shown}{more}. They will show as unknown, but they were "
+            "delivered: do NOT resend them with --resend-unknown (they would get the "
+            "message twice)"
+        )
+    if others:
+        parts = ", ".join(f"{n} {state}" for state, n in others.items())
+        said.append(
+            f"{'It stopped, and' if not delivered else 'Also'} {sum(others.values())} "
+            f"recipient(s) of this run were not recorded ({parts}) and will show as unknown"
+        )
+    return "; ".join(said) if len(said) == 1 else ". ".join(said)
 
 
 def _ewma(old: float, sample: float) -> float:

@@ -17,7 +17,11 @@ file the id comes from, show the plan and ask; only then write (freeze the
 audience, keep the archive's web version) and run the campaign. Declining
 changes nothing and frees the lease (:class:`SendDeclined`). A run whose lease
 another run took stops claiming, records what was in flight and raises
-:class:`~newsletter.errors.LeaseLost`.
+:class:`~newsletter.errors.LeaseLost`. A run whose database another program
+holds stops the same way and waits for it to record what it sent (saying so
+through ``hooks.note``); if it is still held, the campaign's
+:class:`~newsletter.delivery.campaign.SendLogBusy` lists what went out
+unrecorded, and says how to resume (``next_step``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from newsletter.delivery.campaign import Campaign, Progress, SendOptions
+from newsletter.delivery.campaign import (
+    Campaign,
+    Progress,
+    SendLogBusy,
+    SendLogFailed,
+    SendOptions,
+)
 from newsletter.delivery.message import MessageTemplate, Sender
 from newsletter.delivery.provenance import check_source, record_send
 from newsletter.delivery.sending import (
@@ -43,7 +53,7 @@ from newsletter.delivery.sending import (
     run_send,
 )
 from newsletter.delivery.transports import OutboxTransport, Transport
-from newsletter.errors import CampaignAborted, LeaseLost
+from newsletter.errors import CampaignAborted, LeaseLost, StorageError
 from newsletter.render.checks import refuse_unsendable
 from newsletter.storage.base import LEASE_SECONDS, Lease, Source, Storage
 
@@ -62,6 +72,13 @@ __all__ = [
 # Said after a relay's refusal ends a recorded send: the refusal (a login, the
 # sender, no STARTTLS) does not go away by itself, but the send log keeps the place.
 RESUME = "Run the same command again to resume once that is fixed; nobody is sent twice."
+# Said after the database failed during a run: what was recorded stays, and the pending
+# ones go on a rerun; only --resend-unknown would mail the unrecorded deliveries again.
+RESUME_DATABASE = (
+    "Run the same command again (without --resend-unknown) to resume once the database is "
+    "free again or fixed: the recipients still pending are sent then, and nobody recorded "
+    "is sent twice."
+)
 
 Signer = Callable[[bytes], bytes]
 
@@ -165,7 +182,7 @@ def send_issue(
             # would take its in-flight rows for dead ones.
             lease = real.lease(f"send:{issue_id}:{name}", lease_ttl)
             lease.acquire(time.time())
-            stack.callback(lease.release)
+            stack.callback(_release, lease, hooks.note)
             via = transport()
             storage = real
         # Before anything is asked or sent: a field the list cannot fill is an error.
@@ -216,8 +233,12 @@ def send_issue(
                     on_start=hooks.on_start,
                     on_progress=hooks.on_progress,
                     guard=None if lease is None else _guard(lease),
+                    on_note=hooks.note,
                 )
             )
+        except (SendLogBusy, SendLogFailed) as exc:
+            exc.next_step = RESUME_DATABASE
+            raise
         except CampaignAborted as exc:
             # Only here is a relay's refusal the end of a send in the log, which the
             # same command resumes; every error before (settings, the issue, the
@@ -228,6 +249,18 @@ def send_issue(
             raise LeaseLost(lease.name, report.result.lost, _recorded(report))
         report.outbox = outbox
         return report
+
+
+def _release(lease: Lease, note: Callable[[str], None]) -> None:
+    """Free the lease as the send ends. A database still busy (or failing) must not hide
+    the send's own outcome or error: the lease then runs out by itself."""
+    try:
+        lease.release()
+    except StorageError as exc:
+        note(
+            f"the send's lock could not be freed ({exc}); it frees itself within "
+            f"{lease.ttl:.0f} s (at once for a run on this machine, once this one has ended)"
+        )
 
 
 def _guard(lease: Lease) -> Callable[[], str | None]:

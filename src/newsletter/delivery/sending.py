@@ -252,8 +252,10 @@ async def run_send(
     on_start: Callable[[Campaign], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     guard: Callable[[], str | None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> SendReport:
-    """Run the prepared send; ``guard`` is the :class:`Campaign`'s (the send's lease)."""
+    """Run the prepared send; ``guard`` and ``on_note`` are the :class:`Campaign`'s (the
+    send's lease; what the run says while it goes on, such as a wait for a busy database)."""
     log = storage.send_log
     campaign = Campaign(
         log,
@@ -264,6 +266,7 @@ async def run_send(
         envelope_sender=envelope_sender,
         on_progress=on_progress,
         guard=guard,
+        on_note=on_note,
     )
     if on_start is not None:
         on_start(campaign)
