@@ -107,14 +107,16 @@ def test_deferrals_in_a_row_stop_the_run_with_the_reason(
     db: Storage, template: MessageTemplate
 ) -> None:
     send_id = frozen_send(db, 20)
-    box = MemoryTransport(script=lambda e: Outcome("deferred", 451, "4.7.1 try later"))
+    box = MemoryTransport(script=lambda e: Outcome("deferred", 451, "4.7.1 Try again later"))
     run = campaign(
         db, send_id, template, box, connections=1, max_consecutive_errors=5, rate=FAST_RATE
     )
     result = asyncio.run(run.run())
-    assert (
-        result.stopped == "5 errors in a row, the last: reader0004@example.org: 451 4.7.1 try later"
+    assert result.stopped == (
+        "5 errors in a row, the last: reader0004@example.org: 451 4.7.1 Try again later"
     )
+    # The relay's "again" is not the reason saying when to go on: the same command resumes.
+    assert not result.stop_says_when
     assert result.attempted == 5 and box.sent == []
     assert run.pacer.rate == FAST_RATE / 2**5  # and each deferral slowed the pace
     # The five are deferred (to be retried by a later run), the rest were never tried.

@@ -643,6 +643,75 @@ def test_a_database_failing_during_a_slot_is_reported_not_taken_for_the_lists_fa
     assert conn.conn.execute("SELECT count(*) FROM locks").fetchone()[0] == 0  # lease freed
 
 
+def test_a_list_whose_send_lost_its_lock_after_mail_went_out_leaves_the_slot_incomplete(
+    project: Path, write_issue: Callable[..., Path], conn: SqliteStorage
+) -> None:
+    """Mail went out before another run took the send's lock: the slot is incomplete (the
+    next look, or the window's end, says so), never failed with "Nothing was sent"."""
+    from newsletter.errors import LeaseLost
+    from newsletter.schedule.runner import SlotIncomplete
+
+    issue_for(write_issue, "2026-12-03")
+
+    def lost(path: Path, list_name: str) -> SendReport:
+        raise LeaseLost(f"send:x:{list_name}", "otherhost:42:1", "600 sent, 1400 pending", 600)
+
+    with pytest.raises(SlotIncomplete) as caught:
+        check_and_send(
+            schedule=parse_schedule("Thu 09:00", NY, 6),
+            lists=["research-news"],
+            issues_dir=project / "issues",
+            storage=conn,
+            now=utc(2026, 12, 3, 14, 0),
+            send_issue=lost,
+        )
+    assert "Nothing was sent" not in str(caught.value) + (caught.value.next_step or "")
+    assert "600 sent" in str(caught.value)
+    assert conn.slots.recent(1)[0][3] == "incomplete"
+
+
+def test_a_busy_database_at_the_end_of_a_slot_does_not_hide_the_sends_own_error(
+    project: Path, write_issue: Callable[..., Path], db_path: Path
+) -> None:
+    """The send's error names what went out unrecorded; freeing the schedule's lock on a
+    database still held by another program must not replace it with "database is locked"."""
+    import sqlite3
+
+    from newsletter.delivery.campaign import SendLogBusy
+
+    issue_for(write_issue, "2026-12-03")
+    storage = SqliteStorage.open(db_path, create=True, busy_seconds=0.2)
+    holding = threading.Event()
+    done = threading.Event()
+
+    def hold() -> None:
+        other = sqlite3.connect(db_path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        holding.set()
+        done.wait(10)
+        other.execute("ROLLBACK")
+        other.close()
+
+    def busy(path: Path, list_name: str) -> SendReport:
+        threading.Thread(target=hold, daemon=True).start()
+        holding.wait(5)
+        raise SendLogBusy("3 message(s) went out but could not be recorded: a@x, b@x, c@x")
+
+    try:
+        with pytest.raises(SendLogBusy, match="a@x, b@x, c@x"):
+            check_and_send(
+                schedule=parse_schedule("Thu 09:00", NY, 6),
+                lists=["research-news"],
+                issues_dir=project / "issues",
+                storage=storage,
+                now=utc(2026, 12, 3, 14, 0),
+                send_issue=busy,
+            )
+    finally:
+        done.set()
+        storage.close()
+
+
 # ------------------------------------------------------------- the loop of `schedule run`
 
 

@@ -330,6 +330,7 @@ def test_day_cap_stops_the_run_and_counts_earlier_sends(
     first = run(db, template, server, capped)
     assert first.result.counts["sent"] == 4 and first.result.counts["pending"] == 6
     assert first.result.stopped is not None and "a day is reached" in first.result.stopped
+    assert first.result.stop_says_when  # "again tomorrow": the CLI adds no "resume now"
     again = run(db, template, server, capped)  # the same day: nothing more goes out
     assert again.result.attempted == 0 and len(server.handler.received) == 4
     uncapped = run(db, template, server)

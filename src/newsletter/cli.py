@@ -728,7 +728,7 @@ def _summarise(report: SendReport, dry_run: bool) -> None:
         )
     if r.stopped:
         # A cap's own reason says when to run again ("tomorrow"); others resume now.
-        then = "" if "again" in r.stopped else " Run the same command to resume."
+        then = "" if r.stop_says_when else " Run the same command to resume."
         click.secho(f"stopped early: {r.stopped}.{then}", fg="yellow")
     for email, detail in report.unknown:
         click.secho(f"unknown: {email}: {detail}", fg="yellow")

@@ -121,14 +121,18 @@ class LockHeld(NewsletterError):
 
 
 class LeaseLost(NewsletterError):
-    """The lease was found held by another run when its holder renewed it (it had run out:
-    the holder was paused, or its clock or database connection stalled).
+    """The holder of a lease found that it is no longer its own: another run holds it, or
+    no renewal succeeded for the lease's lifetime (the holder was paused, or its clock or
+    its database stalled), so another run may have taken it.
 
     ``recorded`` says what the run recorded before it stopped (a send's counts), when
-    the run that lost it says so."""
+    the run that lost it says so; ``sent`` is how many of its messages went out, so a
+    caller can tell a send that began from one that did not."""
 
-    def __init__(self, name: str, holder: str | None, recorded: str | None = None) -> None:
-        self.name, self.holder, self.recorded = name, holder, recorded
+    def __init__(
+        self, name: str, holder: str | None, recorded: str | None = None, sent: int = 0
+    ) -> None:
+        self.name, self.holder, self.recorded, self.sent = name, holder, recorded, sent
         if recorded is None:
             by = f" by {holder}" if holder else ""
             super().__init__(
@@ -137,12 +141,15 @@ class LeaseLost(NewsletterError):
                 "run this again to resume"
             )
             return
+        if holder and holder.startswith("whichever run"):
+            # The holder's own renewals failed: it cannot know who, if anyone, took it.
+            how = f"the {name!r} lock is no longer this run's ({holder})"
+        else:
+            how = f"this run lost the {name!r} lock to {holder or 'another run'}"
         super().__init__(
-            f"this run lost the {name!r} lock to {holder or 'another run'} (its lease had "
-            "run out: this process was paused, or its clock or its database stalled). It "
-            "stopped taking new recipients, let the messages in flight finish and recorded "
-            f"them: {recorded}. Run the same command again to resume once the other run is "
-            "done; nobody is sent twice"
+            f"{how}. It stopped taking new recipients, let the messages in flight finish "
+            f"and recorded them: {recorded}. Run the same command again to resume once the "
+            "other run is done; nobody is sent twice"
         )
 
 

@@ -158,6 +158,10 @@ class RunResult:
     attempted: int  # transactions in this run
     elapsed: float
     stopped: str | None = None  # why the run ended early, if it did
+    # The reason itself says when to run again (a day's cap: tomorrow); otherwise the
+    # same command resumes now. A flag, not a look for "again" in a reason that may
+    # quote a relay ("451 4.7.1 Try again later").
+    stop_says_when: bool = False
     lost: str | None = None  # who took the run's lease, when the guard stopped it
 
     @property
@@ -234,6 +238,7 @@ class Campaign:
         self._backoff = BUSY_BACKOFF[0]
         self._errors_in_a_row = 0
         self._stop_reason: str | None = None
+        self._stop_says_when = False
         self._stopping = asyncio.Event()
         self._attempted = 0
         counts = log.counts(send_id)
@@ -248,10 +253,12 @@ class Campaign:
                 self.stop(f"another run ({holder}) took this send's lock")
         return self._lost is not None
 
-    def stop(self, reason: str) -> None:
-        """Finish what is in flight, then end the run (safe from a signal handler)."""
+    def stop(self, reason: str, *, says_when: bool = False) -> None:
+        """Finish what is in flight, then end the run (safe from a signal handler).
+        ``says_when``: the reason says when to run again (see RunResult.stop_says_when)."""
         if self._stop_reason is None:
             self._stop_reason = reason
+            self._stop_says_when = says_when
         self._stopping.set()
         self._wake.set()
 
@@ -293,6 +300,7 @@ class Campaign:
             attempted=self._attempted,
             elapsed=time.monotonic() - started,
             stopped=self._stop_reason,
+            stop_says_when=self._stop_says_when,
             lost=self._lost,
         )
 
@@ -584,7 +592,8 @@ class Campaign:
                             self._unstarted.append(delivery.seq)
                             self.stop(
                                 f"the cap of {self.options.per_day} messages a day is reached; "
-                                "run the same command again tomorrow to continue"
+                                "run the same command again tomorrow to continue",
+                                says_when=True,
                             )
                             continue
                         self._day_left -= 1

@@ -246,7 +246,12 @@ def send_issue(
             exc.next_step = RESUME
             raise
         if lease is not None and report.result.lost is not None:
-            raise LeaseLost(lease.name, report.result.lost, _recorded(report))
+            raise LeaseLost(
+                lease.name,
+                report.result.lost,
+                _recorded(report),
+                sent=report.result.counts.get("sent", 0),
+            )
         report.outbox = outbox
         return report
 

@@ -19,6 +19,7 @@ Exactly once, across restarts and overlaps:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import threading
 import traceback
@@ -30,6 +31,7 @@ from typing import Any, Literal
 from newsletter.delivery.sending import NobodyMailable, SendReport, check_merge_fields
 from newsletter.errors import (
     CampaignAborted,
+    LeaseLost,
     LockHeld,
     NewsletterError,
     StorageError,
@@ -324,9 +326,21 @@ def check_and_send(
     except LockHeld as exc:
         return DueResult("locked", str(exc), slot)
     try:
-        return _send_slot(schedule, slot, slots, lists, issues_dir, send_issue, society_file)
-    finally:
+        result = _send_slot(schedule, slot, slots, lists, issues_dir, send_issue, society_file)
+    except BaseException:
+        # The error in flight (a send's account of what went out unrecorded, say) is
+        # what matters; a database still busy must not replace it with its own.
+        with contextlib.suppress(StorageError):
+            lease.release()
+        raise
+    try:
         lease.release()
+    except StorageError as exc:
+        result.message += (
+            f"; the schedule's lock could not be freed ({exc}); it frees itself within "
+            f"{lease.ttl:.0f} s"
+        )
+    return result
 
 
 def _send_slot(
@@ -429,8 +443,8 @@ def _send_lists(
             # One list that cannot be sent (empty, its send locked by a run by
             # hand) does not hold back the others, and is not hidden by them.
             errors.append(f"list {name}: {exc}")
-            if isinstance(exc, CampaignAborted) and exc.sent:
-                begun.append(name)
+            if isinstance(exc, CampaignAborted | LeaseLost) and exc.sent:
+                begun.append(name)  # some of it went out: the slot is incomplete, not failed
             continue
         done.append(name)
         if (reports[-1].result.stopped or "").startswith("stopped by SIG"):
