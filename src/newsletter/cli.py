@@ -753,38 +753,32 @@ def _send_test_copies(
 
     name = list_name or settings.list_name
     result = _build(settings, issue_file, strict=strict, list_name=list_name)
+
+    def transport_for(copies: int) -> Transport:
+        if not dry_run:
+            return wiring.smtp_transport(settings)
+        # Every test copy asked for is written (a send's dry run keeps five samples).
+        return OutboxTransport(settings.out_dir / result.issue_id / "test-copies", keep=copies)
+
     with contextlib.ExitStack() as stack:
         # Without a database (a first try-out) there is nobody to protect yet.
         storage = _open(settings) if settings.database.exists() else None
         if storage is not None:
             stack.callback(storage.close)
-        for problem in test_copies.field_warnings(
-            storage, result.issue_id, name, result.merge_uses
-        ):
-            click.secho(
-                f"warning: {problem} (`send` refuses this; the test copy shows it empty)",
-                fg="yellow",
-                err=True,
+        try:
+            results = test_copies.send_test_copies(
+                storage,
+                issue_id=result.issue_id,
+                uses=result.merge_uses,
+                list_name=name,
+                addresses=addresses,
+                make_template=lambda: _template(settings, result, list_name),
+                transport_for=transport_for,
+                envelope_sender=settings.envelope_sender,
+                warn=lambda w: click.secho(f"warning: {w}", fg="yellow", err=True),
             )
-        template = _template(settings, result, list_name)
-        check = test_copies.check_addresses(storage, addresses, name)
-        for warning in check.warnings:
-            click.secho(f"warning: {warning}", fg="yellow", err=True)
-        if check.problems:
-            _fail("no test copy was sent:\n" + "\n".join(f"  {p}" for p in check.problems))
-        to = test_copies.recipients(storage, check.addresses)
-    transport: Transport = (
-        # Every test copy asked for is written (a send's dry run keeps five samples).
-        OutboxTransport(settings.out_dir / result.issue_id / "test-copies", keep=len(to))
-        if dry_run
-        else wiring.smtp_transport(settings)
-    )
-    try:
-        results = test_copies.send_copies(
-            template, to, transport, envelope_sender=settings.envelope_sender
-        )
-    except ConnectFailed as exc:  # not a NewsletterError: the transport's own, said as one
-        _fail(exc)
+        except ConnectFailed as exc:  # not a NewsletterError: the transport's own, said as one
+            _fail(exc)
     for copy in results:
         o = copy.outcome
         click.echo(f"test copy to {copy.email}: {o.state} {o.code or ''} {o.detail}")

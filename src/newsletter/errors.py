@@ -10,7 +10,8 @@ their traceback.
     NewsletterError
     ├── ConfigError          settings, the society file, missing folders
     │   ├── NobodyMailable   (sending) every member of the list has left it
-    │   └── IdAlreadyUsed    (provenance) another file was sent under this issue id
+    │   ├── IdAlreadyUsed    (provenance) another file was sent under this issue id
+    │   └── CopiesRefused    (test_copies) an address for a test copy may not be mailed
     ├── ValidationFailed     input files: carries every Problem found at once
     ├── TemplateError        Jinja or MJML could not render a template
     ├── BuildCheckFailed     the rendered email breaks a rule (size, remote CSS...)

@@ -6,7 +6,8 @@ first try-out: nobody to protect yet), and for the send a
 :class:`~newsletter.delivery.message.MessageTemplate` and a transport. Output:
 :class:`CopyCheck` (the addresses to mail, the problems that refuse them all,
 the warnings), the :class:`Recipient` of each, and a :class:`CopyResult` per
-copy sent. Nothing here prints: the CLI does.
+copy sent. :func:`send_test_copies` is the whole of ``send --to`` in order;
+nothing here prints: warnings go to a callback, and the CLI prints.
 
 A test copy is real mail. A suppressed address (it complained or bounced) is
 refused; one that opted out of the list is warned about and mailed; a merge
@@ -22,25 +23,27 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from newsletter.audience.csv_import import normalise_address
 from newsletter.delivery.message import MessageTemplate
 from newsletter.delivery.sending import check_merge_fields
 from newsletter.delivery.transports import Envelope, Transport
-from newsletter.errors import ValidationFailed
+from newsletter.errors import ConfigError, ValidationFailed
 from newsletter.models import Outcome, Recipient
 from newsletter.render.merge_fields import FieldUse
 from newsletter.storage.base import Storage
 
 __all__ = [
+    "CopiesRefused",
     "CopyCheck",
     "CopyResult",
     "check_addresses",
     "field_warnings",
     "recipients",
     "send_copies",
+    "send_test_copies",
 ]
 
 
@@ -141,3 +144,39 @@ def send_copies(
         return out
 
     return asyncio.run(go())
+
+
+class CopiesRefused(ConfigError):
+    """An address asked for may not be mailed (suppressed, or not an address): no copy goes."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("no test copy was sent:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def send_test_copies(
+    storage: Storage | None,
+    *,
+    issue_id: str,
+    uses: Sequence[FieldUse],
+    list_name: str,
+    addresses: Sequence[str],
+    make_template: Callable[[], MessageTemplate],
+    transport_for: Callable[[int], Transport],
+    envelope_sender: str,
+    warn: Callable[[str], None],
+) -> list[CopyResult]:
+    """``send --to``: warn of merge fields the real send would refuse, check the addresses
+    (any problem refuses them all: :class:`CopiesRefused`, nothing sent), then send one
+    copy to each through ``transport_for(how many)``. The template is made after the
+    field warnings, so that its own warnings (DKIM) come in the order they always have."""
+    for problem in field_warnings(storage, issue_id, list_name, uses):
+        warn(f"{problem} (`send` refuses this; the test copy shows it empty)")
+    template = make_template()
+    check = check_addresses(storage, addresses, list_name)
+    for warning in check.warnings:
+        warn(warning)
+    if check.problems:
+        raise CopiesRefused(check.problems)
+    to = recipients(storage, check.addresses)
+    return send_copies(template, to, transport_for(len(to)), envelope_sender=envelope_sender)
