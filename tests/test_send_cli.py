@@ -440,6 +440,12 @@ def test_declining_the_prompt_changes_nothing(project: Path, server: Server) -> 
         "send", f"issues/{EXAMPLE.name}", "--resend-unknown", cwd=project, env=env, input="n\n"
     )
     assert declined.returncode == 1
+    # The plan shown before the question counts the one in doubt as going again.
+    assert "to send now: 0 pending, 0 deferred, 1 unknown again (--resend-unknown)" in (
+        declined.stdout
+    )
+    assert "--resend-unknown sends to them again now." in declined.stdout
+    assert "add --resend-unknown" not in declined.stdout
     status = run_cli("status", "2020-12-23", cwd=project, env=env)
     assert re.search(r"unknown\s+1", status.stdout)  # still in doubt, not queued again
     plain = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)

@@ -685,9 +685,18 @@ def _describe_send(plan: SendPlan) -> None:
         f"{verb} {plan.issue_id} to {plan.list_name}: {planned.audience} recipient(s), "
         f"{left_out}; message about {plan.message_size / 1000:.1f} kB; via {plan.via}"
     )
+    again = [
+        f"{c[state]} {state} again ({flag})"
+        for state, flag, asked in (
+            ("unknown", "--resend-unknown", plan.resend_unknown),
+            ("rejected", "--retry-rejected", plan.retry_rejected),
+        )
+        if asked and c[state]
+    ]
     click.echo(
-        f"  to send now: {c['pending']} pending, {c['deferred']} deferred; already: "
-        f"{c['sent']} sent, {c['rejected']} rejected, {c['unknown']} unknown"
+        f"  to send now: {c['pending']} pending, {c['deferred']} deferred"
+        + "".join(f", {a}" for a in again)
+        + f"; already: {c['sent']} sent, {c['rejected']} rejected, {c['unknown']} unknown"
     )
     if planned.duplicates:
         click.echo(
@@ -697,10 +706,14 @@ def _describe_send(plan: SendPlan) -> None:
     if planned.first:
         click.echo("  first: " + ", ".join(planned.first))
     if c["unknown"]:
+        then = (
+            "--resend-unknown sends to them again now."
+            if plan.resend_unknown
+            else "They are listed at the end; add --resend-unknown to send to them again."
+        )
         click.secho(
             f"  {c['unknown']} recipient(s) were in flight when an earlier run stopped; "
-            "they may have the message already. They are listed at the end; add "
-            "--resend-unknown to send to them again.",
+            f"they may have the message already. {then}",
             fg="yellow",
         )
 

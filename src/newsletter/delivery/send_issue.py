@@ -105,6 +105,10 @@ class SendPlan:
     preview: Preview
     via: str  # the transport's description
     message_size: int  # bytes of the preview message
+    # What the request puts back in the queue when it is confirmed (the preview reads
+    # the log before anything is written, so its counts do not include them yet).
+    resend_unknown: bool = False
+    retry_rejected: bool = False
 
 
 class SendDeclined(Exception):
@@ -196,7 +200,15 @@ def send_issue(
             hooks.note(note)
         # Read, ask, and only then write: declining changes nothing (and frees the lease).
         planned = preview(storage, issue_id, name)
-        plan = SendPlan(issue_id, name, planned, via.description, len(built.eml))
+        plan = SendPlan(
+            issue_id,
+            name,
+            planned,
+            via.description,
+            len(built.eml),
+            resend_unknown=request.resend_unknown,
+            retry_rejected=request.retry_rejected,
+        )
         hooks.plan(plan)
         if hooks.confirm is not None and not hooks.confirm(plan):
             raise SendDeclined(f"the send of {issue_id} to {name} was not confirmed")
