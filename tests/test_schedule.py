@@ -288,6 +288,7 @@ def test_window_passing_on_an_unfinished_send_and_several_missed_slots(
     assert run_at(utc(2026, 12, 3, 14, 0), project, conn, db_path, failing).state == "incomplete"  # type: ignore[attr-defined]
     late = run_at(utc(2026, 12, 3, 21, 0), project, conn, db_path, Recorder())  # 7 h on
     assert late.state == "missed" and "left unfinished" in late.message  # type: ignore[attr-defined]
+    assert late.message.count("newsletter send ISSUE") == 1  # type: ignore[attr-defined]
     assert conn.slots.state(late.slot) == "expired"  # type: ignore[attr-defined]
     # down for two weeks: both slots are recorded and reported, none is sent
     sender = Recorder()

@@ -487,7 +487,7 @@ def _nothing_or_missed(schedule: Schedule, slots: SlotStore, now: dt.datetime) -
             slots.set(slot, "expired", detail="its catch-up window ended before the send finished")
             notes.append(
                 f"the send for the slot {when} was left unfinished and its window has passed; "
-                "the rest is not sent late (`newsletter send ISSUE` finishes it by hand)"
+                "the rest is not sent late"
             )
         else:
             continue
@@ -496,6 +496,8 @@ def _nothing_or_missed(schedule: Schedule, slots: SlotStore, now: dt.datetime) -
         return DueResult("nothing-due", "nothing is due now")
     return DueResult(
         "missed",
+        # One piece of advice for every slot named: sending by hand starts a missed
+        # slot's issue, or finishes an unfinished one from where it stopped.
         "; ".join(notes) + f" (catch-up window {schedule.catch_up}). Send by hand with "
         "`newsletter send ISSUE` if it should still go out",
         last,
