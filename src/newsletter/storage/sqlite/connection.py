@@ -23,7 +23,7 @@ import re
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from newsletter.errors import ConfigError, StorageBusy, StorageError, StorageUnavailable
 
@@ -418,10 +418,7 @@ def _translating(method: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 yield from method(self, *args, **kwargs)
             except sqlite3.Error as exc:
-                ours = storage_error(exc, _where(self))
-                if ours is None:
-                    raise
-                raise ours from exc
+                _reraise_as_ours(exc, self)
 
         return stream
 
@@ -430,12 +427,17 @@ def _translating(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return method(self, *args, **kwargs)
         except sqlite3.Error as exc:
-            ours = storage_error(exc, _where(self))
-            if ours is None:
-                raise
-            raise ours from exc
+            _reraise_as_ours(exc, self)
 
     return call
+
+
+def _reraise_as_ours(exc: sqlite3.Error, store: object) -> NoReturn:
+    """Raise our StorageError for ``exc`` (from it), or ``exc`` itself for a query's bug."""
+    ours = storage_error(exc, _where(store))
+    if ours is None:
+        raise exc
+    raise ours from exc
 
 
 def _named(path: Path | None) -> str:
