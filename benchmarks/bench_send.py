@@ -32,6 +32,15 @@ Exit status 2 when they cannot be had.
    so far and the time the whole run would take, extrapolated from its
    progress.
 
+5. With --database postgresql://...: the same N-subscriber send through the
+   real command, `newsletter send --yes --workers K` (K = 1, 2, 4 sender
+   processes on this host, one PostgreSQL database), each K into a fresh
+   schema of that database and a fresh smtp-sink, timed end to end; and the
+   same command on SQLite (one process) beside it. Prints msg/s and the ratio
+   to smtp-source. Target: the best K at or above 0.5 of smtp-source. Then
+   the dry run's peak RSS on PostgreSQL for the smallest and largest
+   --dry-run-sizes (`send --dry-run` in a child, VmHWM through /proc).
+
 Everything is written to a temporary directory (honours TMPDIR), removed at the end.
 """
 
@@ -512,6 +521,150 @@ def bench_memory(root: Path, sizes: list[int], budget: float) -> None:
     )
 
 
+# ---------------------------------------------------------------------- PostgreSQL
+
+
+def fresh_schema(url: str, name: str) -> str:
+    """``url`` pointed at an empty schema ``name`` of its database (made again if there)."""
+    from urllib.parse import quote
+
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")  # a name of ours, not input
+        conn.execute(f"CREATE SCHEMA {name}")
+    return f"{url}{'&' if '?' in url else '?'}options={quote(f'-csearch_path={name}')}"
+
+
+def drop_schema(url: str, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+
+
+def cli(args: list[str], env: dict[str, str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "newsletter", *args],
+        cwd=REPO, env={**clean, **env, "PYTHONPATH": str(REPO / "src")},
+        capture_output=True, text=True, check=False, **kw,
+    )  # fmt: skip
+
+
+def cli_env(database: str, port: int, connections: int) -> dict[str, str]:
+    return {
+        "NEWSLETTER_DATABASE": database,
+        "NEWSLETTER_SECRET_KEY": "benchmark-secret-key-0123456789abcdef",
+        "NEWSLETTER_SMTP_HOST": "127.0.0.1",
+        "NEWSLETTER_SMTP_PORT": str(port),
+        "NEWSLETTER_SMTP_SECURITY": "none",
+        "NEWSLETTER_SEND_CONNECTIONS": str(connections),
+        "NEWSLETTER_UNSUBSCRIBE_MAILTO": "unsubscribe@example.org",
+        "NEWSLETTER_LIST_NAME": LIST,
+    }
+
+
+def cli_send(root: Path, database: str, n: int, connections: int, workers: int) -> float:
+    """msg/s of `newsletter send --yes --workers K` end to end, after a CLI import."""
+    csv = root / f"subs-{n}.csv"
+    if not csv.exists():
+        lines = ["email,first_name,last_name"]
+        lines += [",".join(subscriber(i)) for i in range(1, n + 1)]
+        csv.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with Sink(root) as sink:
+        env = cli_env(database, sink.port, connections)
+        done = cli(["subscribers", "import", str(csv), "--list", LIST], env)
+        assert done.returncode == 0, done.stderr
+        start = time.perf_counter()
+        args = ["send", str(ISSUE.relative_to(REPO)), "--list", LIST, "--yes"]
+        done = cli([*args, "--workers", str(workers)] if workers > 1 else args, env)
+        elapsed = time.perf_counter() - start
+        received = sink.stop()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"sent {n}," in done.stdout, done.stdout
+    assert received == n, f"smtp-sink counted {received:,} messages, not {n:,}"
+    return n / elapsed
+
+
+def bench_processes(
+    root: Path, url: str, n: int, connections: int, theirs: float, counts: list[int]
+) -> None:
+    print(
+        f"send through the command (`newsletter send --yes [--workers K]`, {n:,} messages, "
+        f"{connections} connections a process, {os.cpu_count()} CPU(s))"
+    )
+    folder = root / "cli-sqlite"
+    folder.mkdir()
+    lite = cli_send(root, str(folder / "newsletter.sqlite3"), n, connections, 1)
+    print(f"  SQLite,     1 process : {lite:7,.0f} msg/s   ours / smtp-source {lite / theirs:.2f}")
+    best = 0.0
+    for k in counts:
+        name = f"bench_send_{k}"
+        database = fresh_schema(url, name)
+        try:
+            rate = cli_send(root, database, n, connections, k)
+        finally:
+            drop_schema(url, name)
+        best = max(best, rate)
+        print(
+            f"  PostgreSQL, {k} process{'es' if k > 1 else '  '}: {rate:7,.0f} msg/s   "
+            f"ours / smtp-source {rate / theirs:.2f}   vs SQLite {rate / lite:.2f}"
+        )
+    print(
+        f"  PostgreSQL at its best / smtp-source: {best / theirs:.2f}   target >= "
+        f"{RATIO_TARGET}   ratio {best / theirs / RATIO_TARGET:.2f}   "
+        f"{verdict(best / theirs >= RATIO_TARGET)}"
+    )
+
+
+def bench_pg_dry_run(root: Path, url: str, sizes: list[int]) -> None:
+    print("dry-run memory on PostgreSQL (`newsletter send --dry-run`, peak RSS of the command)")
+    peaks = {}
+    for n in sizes:
+        name = f"bench_dry_{n}"
+        database = fresh_schema(url, name)
+        try:
+            csv = root / f"dry-{n}.csv"
+            lines = ["email,first_name,last_name"]
+            lines += [",".join(subscriber(i)) for i in range(1, n + 1)]
+            csv.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            env = cli_env(database, 9, 8)
+            done = cli(["subscribers", "import", str(csv), "--list", LIST], env)
+            assert done.returncode == 0, done.stderr
+            csv.unlink()
+            probe = (
+                "import resource, runpy, sys; sys.argv = ['newsletter'] + sys.argv[1:]\n"
+                "try:\n    runpy.run_module('newsletter', run_name='__main__')\n"
+                "except SystemExit as e:\n    code = e.code\n"
+                "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+                "file=sys.stderr)\nsys.exit(code)"
+            )
+            outbox = root / f"outbox-{n}"
+            start = time.perf_counter()
+            done = subprocess.run(
+                [sys.executable, "-c", probe, "send", str(ISSUE.relative_to(REPO)),
+                 "--list", LIST, "--dry-run", "--outbox", str(outbox)],
+                cwd=REPO, capture_output=True, text=True, check=False,
+                env={**{k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")},
+                     **env, "PYTHONPATH": str(REPO / "src")},
+            )  # fmt: skip
+            took = time.perf_counter() - start
+            assert done.returncode == 0, done.stdout + done.stderr
+            peak = int(re.findall(r"PEAK (\d+)", done.stderr)[-1]) / 1024
+            peaks[n] = peak
+            shutil.rmtree(outbox, ignore_errors=True)
+            print(f"  {n:>9,} subscribers: peak RSS {peak:6.1f} MB, {took:.1f} s")
+        finally:
+            drop_schema(url, name)
+    small, large = min(peaks), max(peaks)
+    growth = peaks[large] - peaks[small]
+    print(
+        f"  {large:,} minus {small:,}: {growth:+.1f} MB   target <= {RSS_GROWTH_TARGET_MB:.0f} MB"
+        f"   ratio {growth / RSS_GROWTH_TARGET_MB:.2f}   {verdict(growth <= RSS_GROWTH_TARGET_MB)}"
+    )
+
+
 # ---------------------------------------------------------------------- main
 
 
@@ -530,6 +683,11 @@ def main() -> None:
         default=DRY_RUN_BUDGET_S,
         help="stop each dry run after this many seconds, 0 for never (default: %(default).0f)",
     )
+    parser.add_argument(
+        "--database",
+        help="also run the send with 1, 2 and 4 processes on this PostgreSQL database",
+    )
+    parser.add_argument("--process-counts", default="1,2,4")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -562,6 +720,11 @@ def main() -> None:
             f"  ours / smtp-source: {ours / theirs:.2f}   target >= {RATIO_TARGET}   "
             f"ratio {ours / theirs / RATIO_TARGET:.2f}   {verdict(ours / theirs >= RATIO_TARGET)}"
         )
+        if args.database:
+            counts = [int(k) for k in args.process_counts.split(",") if k.strip()]
+            bench_processes(root, args.database, n, connections, theirs, counts)
+            if sizes:
+                bench_pg_dry_run(root, args.database, [min(sizes), max(sizes)])
         profile_send(root, built, connections)
         if sizes:
             bench_memory(root, sizes, args.dry_run_budget)

@@ -58,13 +58,15 @@ class SlowLog(SendLog):
         super().__init__(conn)
         self.delay = delay
 
-    def claim(self, send_id: int, limit: int, now: float) -> list[Delivery]:
+    def claim(self, send_id: int, limit: int, now: float, *, holder: str = "") -> list[Delivery]:
         time.sleep(self.delay)
-        return super().claim(send_id, limit, now)
+        return super().claim(send_id, limit, now, holder=holder)
 
-    def record(self, send_id: int, outcomes: Iterable[tuple[int, Outcome]]) -> None:
+    def record(
+        self, send_id: int, outcomes: Iterable[tuple[int, Outcome]], *, holder: str = ""
+    ) -> None:
         time.sleep(self.delay)
-        super().record(send_id, outcomes)
+        super().record(send_id, outcomes, holder=holder)
 
     def release(self, send_id: int, seqs: Iterable[int]) -> None:
         time.sleep(self.delay)

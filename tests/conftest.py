@@ -6,6 +6,7 @@ example issue, so what they check is what users get.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -133,3 +134,31 @@ def run_cli(
         timeout=120,
         check=False,
     )
+
+
+# ---------------------------------------------------------------- databases
+
+
+@pytest.fixture
+def postgres_url() -> Any:
+    """The URL of an empty schema of its own on a PostgreSQL server (see
+    tests/postgres_server.py); skipped, with the reason, where there is no server."""
+    from postgres_server import fresh_schema, server
+
+    url, why = server()
+    if url is None:
+        if os.environ.get("NEWSLETTER_TEST_POSTGRES_REQUIRED"):
+            pytest.fail(f"PostgreSQL is required here (.ci/run) but {why}")
+        pytest.skip(f"PostgreSQL tests need a server: {why}")
+    with fresh_schema(url) as fresh:
+        yield fresh
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """NEWSLETTER_DATABASE for a new, empty database on each backend in turn: an SQLite
+    file's path (not created yet), or a PostgreSQL URL (an empty schema)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "newsletter.sqlite3")
+    url: str = request.getfixturevalue("postgres_url")
+    return url

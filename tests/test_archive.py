@@ -1,7 +1,9 @@
 """The archive: what was sent, once per id, served from a real server with HTTP caching.
 
 Sends go through the real CLI to a real SMTP server (aiosmtpd on 127.0.0.1);
-the pages come from a real uvicorn server over the same SQLite database.
+the pages come from a real uvicorn server over the same database. What the pages
+read runs on both backends (the ``database`` fixture); the tests that send through
+the CLI use SQLite.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -26,7 +29,7 @@ from newsletter import tokens
 from newsletter.render import issue_ids
 from newsletter.render.loading import load_society
 from newsletter.storage import open_storage
-from newsletter.storage.sqlite.archive import ArchivedIssue, ArchiveStore, Source
+from newsletter.storage.base import ArchivedIssue, Source, Storage
 from newsletter.storage.sqlite.connection import connect
 from newsletter.web.app import WebConfig, create_app
 from newsletter.web.archive import Archive, Page
@@ -69,7 +72,7 @@ def subscribe(
 
 @contextmanager
 def serving(
-    project: Path, db: Path, public_url: str = "https://news.example.org"
+    project: Path, db: Path | str, public_url: str = "https://news.example.org"
 ) -> Iterator[tuple[str, Archive]]:
     society = load_society(project / "society.yaml").value
     archive = Archive(project / "issues", project / "templates", society, public_url)
@@ -278,28 +281,42 @@ def test_dry_runs_and_test_copies_leave_the_archive_alone(project: Path, server:
 # ------------------------------------------------------------------------ caching
 
 
+def sql(storage: Storage, statement: str, params: tuple[object, ...] = ()) -> Any:
+    """Run ``statement`` (``?`` for parameters) on the storage's own connection, as a
+    send would have written its rows; its cursor."""
+    from newsletter.storage.postgres import PostgresStorage
+
+    conn: Any = storage.conn  # type: ignore[attr-defined]  # the backend's own
+    if isinstance(storage, PostgresStorage):
+        statement = statement.replace("?", "%s")
+    return conn.execute(statement, params)
+
+
 @pytest.fixture
-def archived(project: Path) -> Path:
+def archived(database: str) -> str:
     """A database where the bundled issue was frozen and delivered to one person."""
-    db = project / "newsletter.sqlite3"
-    with closing(connect(db, create=True)) as conn:
-        add_sent_issue(conn, ID, "MS Research News: stem cell therapy shows promise", "2020-12-23")
-    return db
+    with closing(open_storage(database, create=True)) as storage:
+        add_sent_issue(
+            storage, ID, "MS Research News: stem cell therapy shows promise", "2020-12-23"
+        )
+    return database
 
 
-def add_sent_issue(conn: sqlite3.Connection, issue_id: str, subject: str, date: str) -> None:
-    cur = conn.execute(
+def add_sent_issue(storage: Storage, issue_id: str, subject: str, date: str) -> None:
+    cur = sql(
+        storage,
         "INSERT INTO sends (issue_id, list_name, created_at, audience, suppressed) "
         "VALUES (?, 'research-news', ?, 1, 0) RETURNING id",
         (issue_id, f"{date}T14:00:00+00:00"),
     )
     send_id = cur.fetchone()[0]
-    conn.execute(
+    sql(
+        storage,
         "INSERT INTO deliveries (send_id, seq, email, first_name, last_name, state) "
         "VALUES (?, 0, 'ann@example.org', '', '', 'sent')",
         (send_id,),
     )
-    ArchiveStore(conn).freeze(
+    storage.archive.freeze(
         ArchivedIssue(
             issue_id=issue_id,
             subject=subject,
@@ -314,7 +331,7 @@ def add_sent_issue(conn: sqlite3.Connection, issue_id: str, subject: str, date: 
 
 @pytest.mark.parametrize("path", ["/issues/", f"/issues/{ID}", "/feed.xml"])
 def test_public_pages_are_cacheable_and_answer_conditional_requests(
-    project: Path, archived: Path, path: str
+    project: Path, archived: str, path: str
 ) -> None:
     with serving(project, archived) as (base, _):
         status, body, headers = fetch(base + path)
@@ -347,7 +364,7 @@ def test_public_pages_are_cacheable_and_answer_conditional_requests(
         assert head["content-type"] == headers["content-type"]
 
 
-def test_personal_and_missing_pages_stay_no_store(project: Path, archived: Path) -> None:
+def test_personal_and_missing_pages_stay_no_store(project: Path, archived: str) -> None:
     with serving(project, archived) as (base, _):
         token = tokens.sign(TEST_KEY, "research-news", "ann@example.org")
         for path in (f"/unsubscribe/{token}", f"/preferences/{token}", "/issues/2099-01-01"):
@@ -356,15 +373,16 @@ def test_personal_and_missing_pages_stay_no_store(project: Path, archived: Path)
             assert "etag" not in headers
 
 
-def test_rendered_once_per_change_of_the_archive(project: Path, archived: Path) -> None:
+def test_rendered_once_per_change_of_the_archive(project: Path, archived: str) -> None:
     with serving(project, archived) as (base, archive):
         _, first, headers = fetch(f"{base}/issues/")
         _, feed, feed_headers = fetch(f"{base}/feed.xml")
-        page = archive.index_page(ArchiveStore(connect(archived)), lambda e: b"not used")
+        with closing(open_storage(archived)) as storage:
+            page = archive.index_page(storage.archive, lambda e: b"not used")
         assert page.body == first  # the same bytes, not rendered again
         assert fetch(f"{base}/issues/")[2]["etag"] == headers["etag"]
-        with closing(connect(archived)) as conn:
-            add_sent_issue(conn, "2020-12-30", "Next week <b>&amp;</b> more", "2020-12-30")
+        with closing(open_storage(archived)) as storage:
+            add_sent_issue(storage, "2020-12-30", "Next week <b>&amp;</b> more", "2020-12-30")
         _, second, after = fetch(f"{base}/issues/")
         assert (
             after["etag"] != headers["etag"] and after["last-modified"] != headers["last-modified"]
@@ -377,7 +395,7 @@ def test_rendered_once_per_change_of_the_archive(project: Path, archived: Path) 
         assert fetch(f"{base}/issues/", headers={"If-None-Match": headers["etag"]})[0] == 200
 
 
-def test_links_are_absolute_under_the_public_url_path(project: Path, archived: Path) -> None:
+def test_links_are_absolute_under_the_public_url_path(project: Path, archived: str) -> None:
     with serving(project, archived, "https://charity.example/news") as (base, _):
         index = text(f"{base}/issues/")
         assert f'href="https://charity.example/news/issues/{ID}"' in index
@@ -389,7 +407,7 @@ def test_links_are_absolute_under_the_public_url_path(project: Path, archived: P
         assert "<id>https://charity.example/news/issues/</id>" in feed
 
 
-def test_hostile_issue_paths_are_404(project: Path, archived: Path) -> None:
+def test_hostile_issue_paths_are_404(project: Path, archived: str) -> None:
     with serving(project, archived) as (base, _):
         for path in (
             "/issues/..%2f..%2fetc",
@@ -404,22 +422,26 @@ def test_hostile_issue_paths_are_404(project: Path, archived: Path) -> None:
 # -------------------------------------------- sends from before the archive kept them
 
 
-def legacy_send(db: Path, issue_id: str) -> None:
-    with closing(connect(db, create=True)) as conn:
-        cur = conn.execute(
+def legacy_send(db: str, issue_id: str) -> None:
+    with closing(open_storage(db, create=True)) as storage:
+        cur = sql(
+            storage,
             "INSERT INTO sends (issue_id, list_name, created_at, audience, suppressed) "
             "VALUES (?, 'research-news', '2020-12-23T14:00:00+00:00', 1, 0) RETURNING id",
             (issue_id,),
         )
-        conn.execute(
+        sql(
+            storage,
             "INSERT INTO deliveries (send_id, seq, email, first_name, last_name, state) "
             "VALUES (?, 0, 'ann@example.org', '', '', 'sent')",
             (cur.fetchone()[0],),
         )
 
 
-def test_a_send_from_before_the_archive_is_rendered_once_from_its_file(project: Path) -> None:
-    db = project / "newsletter.sqlite3"
+def test_a_send_from_before_the_archive_is_rendered_once_from_its_file(
+    project: Path, database: str
+) -> None:
+    db = database
     legacy_send(db, ID)
     path = project / "issues" / EXAMPLE.name
     with serving(project, db) as (base, _):
@@ -433,9 +455,9 @@ def test_a_send_from_before_the_archive_is_rendered_once_from_its_file(project: 
 
 
 def test_a_send_from_before_the_archive_whose_id_two_files_claim_is_left_out(
-    project: Path,
+    project: Path, database: str
 ) -> None:
-    db = project / "newsletter.sqlite3"
+    db = database
     legacy_send(db, ID)
     sent_copy(project, subject="DRAFT - embargoed")
     with serving(project, db) as (base, _):
@@ -479,11 +501,11 @@ def test_a_scheduled_send_keeps_the_web_version_too(project: Path, server: Serve
     assert VIEW_LINE not in rows[0]["html"] and "Positive Results Reported" in rows[0]["html"]
 
 
-def test_the_version_check_sees_writes_on_its_own_connection_too(project: Path) -> None:
-    with closing(connect(project / "newsletter.sqlite3", create=True)) as conn:
-        store = ArchiveStore(conn)
+def test_the_version_check_sees_writes_on_its_own_connection_too(database: str) -> None:
+    with closing(open_storage(database, create=True)) as storage:
+        store = storage.archive
         assert store.published() == []
-        add_sent_issue(conn, ID, "Subject", "2020-12-23")  # the same connection
+        add_sent_issue(storage, ID, "Subject", "2020-12-23")  # the same connection
         assert [p.issue_id for p in store.published()] == [ID]
         assert store.published()[0].archived
 
@@ -561,7 +583,7 @@ def test_a_copy_that_keeps_the_id_of_a_send_from_before_version_2_is_refused(
 
 
 def test_a_change_the_index_dates_do_not_show_is_never_answered_304(
-    project: Path, archived: Path
+    project: Path, archived: str
 ) -> None:
     """An issue published later but first started earlier (a send frozen last week and
     delivered only now) changes the list without moving its latest date: a client that
@@ -571,8 +593,8 @@ def test_a_change_the_index_dates_do_not_show_is_never_answered_304(
         _, _, index = fetch(f"{base}/issues/")
         _, _, feed = fetch(f"{base}/feed.xml")
         _, _, issue = fetch(f"{base}/issues/{ID}")
-        with closing(connect(archived)) as conn:
-            add_sent_issue(conn, "2020-12-16", "Started earlier, delivered now", "2020-12-16")
+        with closing(open_storage(archived)) as storage:
+            add_sent_issue(storage, "2020-12-16", "Started earlier, delivered now", "2020-12-16")
         for path, headers in (("/issues/", index), ("/feed.xml", feed)):
             since = {"If-Modified-Since": headers["last-modified"]}
             status, body, _ = fetch(base + path, headers=since)

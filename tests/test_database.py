@@ -1,13 +1,25 @@
-"""The database schema: new databases and databases made by an older version."""
+"""The database schema: new databases and databases made by an older version; the
+suppression log and the weight of reasons, on both backends.
+
+Migrating files of older versions is SQLite's alone (PostgreSQL starts at version 4);
+what the stores promise runs on each backend (the ``database`` fixture).
+"""
 
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from newsletter.storage.sqlite import connection as database
+from newsletter.storage import open_storage
+from newsletter.storage.base import Storage
+from newsletter.storage.sqlite import connection as database_file
 from newsletter.storage.sqlite.connection import SCHEMA_VERSION, connect
 from newsletter.storage.sqlite.subscribers import SubscriberStore
 
@@ -22,7 +34,7 @@ def test_new_database_has_the_current_schema(tmp_path: Path) -> None:
 def test_version_1_database_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite3"
     old = sqlite3.connect(path, isolation_level=None)
-    old.executescript(database._SCHEMA)  # what version 1 created
+    old.executescript(database_file._SCHEMA)  # what version 1 created
     old.execute("PRAGMA user_version=1")
     old.execute(
         "INSERT INTO subscribers (email, first_name, created_at) VALUES ('ann@example.org', "
@@ -44,28 +56,35 @@ def test_version_1_database_is_migrated_and_keeps_its_rows(tmp_path: Path) -> No
     assert connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
-def test_suppressing_and_lifting_are_logged_with_who_and_why(tmp_path: Path) -> None:
-    store = SubscriberStore(connect(tmp_path / "db.sqlite3", create=True))
-    assert store.suppress("ann@example.org", "complained", actor="web")
-    assert store.unsuppress("ann@example.org", reason="she wrote to ask", actor="cli:ed@host") == (
-        "complained"
-    )
-    assert store.unsuppress("ann@example.org", reason="again", actor="cli:ed@host") is None
-    assert store.suppression("ann@example.org") is None
-    log = store.conn.execute(
-        "SELECT action, reason, actor FROM suppression_log WHERE email = ? ORDER BY id",
-        ("ann@example.org",),
-    ).fetchall()
-    assert [tuple(r) for r in log] == [
-        ("suppress", "complained", "web"),
-        ("unsuppress", "she wrote to ask", "cli:ed@host"),
-    ]
+def test_a_new_postgresql_database_has_the_current_schema(postgres_url: str) -> None:
+    from newsletter.storage.postgres.connection import SCHEMA_VERSION as PG_VERSION
+
+    with closing(open_storage(postgres_url, create=True)) as storage:
+        assert storage.schema_version() == PG_VERSION == SCHEMA_VERSION
+    with closing(open_storage(postgres_url)) as again:  # opening it again changes nothing
+        assert again.schema_version() == SCHEMA_VERSION
+
+
+def test_suppressing_and_lifting_are_logged_with_who_and_why(database: str) -> None:
+    with closing(open_storage(database, create=True)) as storage:
+        store = storage.subscribers
+        assert store.suppress("ann@example.org", "complained", actor="web")
+        assert store.unsuppress(
+            "ann@example.org", reason="she wrote to ask", actor="cli:ed@host"
+        ) == ("complained")
+        assert store.unsuppress("ann@example.org", reason="again", actor="cli:ed@host") is None
+        assert store.suppression("ann@example.org") is None
+        log = store.suppression_history("ann@example.org")
+        assert [(action, reason, actor) for _when, action, reason, _list, actor in log] == [
+            ("suppress", "complained", "web"),
+            ("unsuppress", "she wrote to ask", "cli:ed@host"),
+        ]
 
 
 def test_suppressions_from_version_1_start_the_log(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite3"
     old = sqlite3.connect(path, isolation_level=None)
-    old.executescript(database._SCHEMA)
+    old.executescript(database_file._SCHEMA)
     old.execute("PRAGMA user_version=1")
     old.execute(
         "INSERT INTO suppressions VALUES "
@@ -86,7 +105,7 @@ def test_attributes_without_a_name_from_version_1_are_named_or_dropped(tmp_path:
     # Version 1 stored a trailing comma's column as an attribute named "".
     path = tmp_path / "old.sqlite3"
     old = sqlite3.connect(path, isolation_level=None)
-    old.executescript(database._SCHEMA)
+    old.executescript(database_file._SCHEMA)
     old.execute("PRAGMA user_version=1")
     for n, attributes in enumerate(
         ('{"city": "Leeds", "": ""}', '{"city": "York", "": "junk"}', '{"city": "Bath"}'), 1
@@ -106,28 +125,107 @@ def test_attributes_without_a_name_from_version_1_are_named_or_dropped(tmp_path:
     assert store.attribute_names("news") == ["city", "unnamed column"]
 
 
-def test_a_weightier_reason_replaces_a_lighter_one_and_never_the_reverse(tmp_path: Path) -> None:
-    store = SubscriberStore(connect(tmp_path / "db.sqlite3", create=True))
-    assert store.suppress("ann@example.org", "unsubscribed", actor="web")
-    # A complaint entered later must not hide behind an unsubscribe the person can lift
-    # by ticking a list on the preferences page.
-    assert store.suppress("ann@example.org", "complained", actor="cli:ed@host")
-    assert store.suppression("ann@example.org") == "complained"
-    assert not store.suppress("ann@example.org", "bounced", actor="feedback")
-    assert not store.suppress("ann@example.org", "unsubscribed", actor="web")
-    assert store.suppression("ann@example.org") == "complained"
-    log = store.conn.execute(
-        "SELECT reason, actor FROM suppression_log WHERE email = ? ORDER BY id",
-        ("ann@example.org",),
-    ).fetchall()
-    assert [tuple(r) for r in log] == [("unsubscribed", "web"), ("complained", "cli:ed@host")]
+def test_a_weightier_reason_replaces_a_lighter_one_and_never_the_reverse(database: str) -> None:
+    with closing(open_storage(database, create=True)) as storage:
+        store = storage.subscribers
+        assert store.suppress("ann@example.org", "unsubscribed", actor="web")
+        # A complaint entered later must not hide behind an unsubscribe the person can
+        # lift by ticking a list on the preferences page.
+        assert store.suppress("ann@example.org", "complained", actor="cli:ed@host")
+        assert store.suppression("ann@example.org") == "complained"
+        assert not store.suppress("ann@example.org", "bounced", actor="feedback")
+        assert not store.suppress("ann@example.org", "unsubscribed", actor="web")
+        assert store.suppression("ann@example.org") == "complained"
+        log = store.suppression_history("ann@example.org")
+        assert [(reason, actor) for _when, _action, reason, _list, actor in log] == [
+            ("unsubscribed", "web"),
+            ("complained", "cli:ed@host"),
+        ]
+        with pytest.raises(ValueError, match="unknown suppression reason"):
+            store.suppress("ann@example.org", "annoyed")
+
+
+def _until(condition: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+def test_two_sessions_suppressing_at_once_keep_the_weightier_reason(postgres_url: str) -> None:
+    """Two processes (the feedback reader, the web host) suppress one address at the same
+    moment: whichever commits last, the complaint stays, and the log says exactly what
+    each changed. A third session holds the row uncommitted until both are waiting on
+    it, so the two really do meet at the row."""
+    import psycopg
+
+    with (
+        closing(open_storage(postgres_url, create=True)) as first,
+        closing(open_storage(postgres_url)) as second,
+        closing(psycopg.connect(postgres_url)) as holder,
+        closing(psycopg.connect(postgres_url, autocommit=True)) as monitor,
+    ):
+        results: dict[str, bool] = {}
+
+        def suppress(storage: Storage, reason: str) -> None:
+            results[reason] = storage.subscribers.suppress("ann@example.org", reason, actor=reason)
+
+        # Not committed: both suppress calls below wait for this insert.
+        holder.execute(
+            "INSERT INTO suppressions VALUES ('ann@example.org', 'unsubscribed', NULL, '2026')"
+        )
+        threads = [
+            threading.Thread(target=suppress, args=(first, "complained")),
+            threading.Thread(target=suppress, args=(second, "bounced")),
+        ]
+        for thread in threads:
+            thread.start()
+
+        def both_wait() -> bool:
+            row = monitor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND application_name = 'newsletter' AND query LIKE '%suppressions%'"
+            ).fetchone()
+            return row is not None and row[0] == 2
+
+        _until(both_wait, "both suppress calls wait for the row")
+        holder.commit()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert results["complained"] is True  # it outweighs whatever it found
+        assert first.subscribers.suppression("ann@example.org") == "complained"
+        log = [entry[2] for entry in first.subscribers.suppression_history("ann@example.org")]
+        # bounced changed the row only if it got there before the complaint did
+        assert log == (["bounced", "complained"] if results["bounced"] else ["complained"])
+
+        # And without a referee: new addresses, both sessions starting together.
+        for n in range(20):
+            email = f"r{n}@example.org"
+            barrier = threading.Barrier(2)
+
+            def race(
+                storage: Storage, reason: str, email: str = email, barrier: Any = barrier
+            ) -> None:
+                barrier.wait()
+                storage.subscribers.suppress(email, reason)
+
+            pair = [
+                threading.Thread(target=race, args=(first, "bounced")),
+                threading.Thread(target=race, args=(second, "complained")),
+            ]
+            for thread in pair:
+                thread.start()
+            for thread in pair:
+                thread.join(timeout=30)
+            assert first.subscribers.suppression(email) == "complained", email
+            assert first.subscribers.suppression_history(email)[-1][2] == "complained"
 
 
 def _schema2(path: Path, deliveries: int) -> None:
     """A database as version 2 left it, its one send with ``deliveries`` rows."""
     old = sqlite3.connect(path, isolation_level=None)
-    old.executescript(database._SCHEMA)
-    for statement in database._MIGRATIONS[0]:
+    old.executescript(database_file._SCHEMA)
+    for statement in database_file._MIGRATIONS[0]:
         old.execute(statement)
     old.execute("PRAGMA user_version=2")
     old.execute(

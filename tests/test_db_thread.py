@@ -68,16 +68,18 @@ class SlowLog(SendLog):
         finally:
             self._busy.release()
 
-    def claim(self, send_id: int, limit: int, now: float) -> list[Delivery]:
+    def claim(self, send_id: int, limit: int, now: float, *, holder: str = "") -> list[Delivery]:
         self._commit("claim")
-        claimed = super().claim(send_id, limit, now)
+        claimed = super().claim(send_id, limit, now, holder=holder)
         sending = self.counts(send_id)["sending"]
         self.most_sending = max(self.most_sending, sending)
         return claimed
 
-    def record(self, send_id: int, outcomes: Iterable[tuple[int, Outcome]]) -> None:
+    def record(
+        self, send_id: int, outcomes: Iterable[tuple[int, Outcome]], *, holder: str = ""
+    ) -> None:
         self._commit("record")
-        super().record(send_id, outcomes)
+        super().record(send_id, outcomes, holder=holder)
 
     def release(self, send_id: int, seqs: Iterable[int]) -> None:
         self._commit("release")

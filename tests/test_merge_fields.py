@@ -452,6 +452,9 @@ def test_migration_3_records_the_columns_lists_already_have(tmp_path: Path) -> N
     import_csv(conn, tmp_path, "email,Town,Member since\nann@example.org,Leeds,2020\n")
     conn.execute("DROP TABLE list_columns")
     conn.execute("ALTER TABLE deliveries DROP COLUMN attributes")
+    # Back to schema 2 as it was: without schema 4's columns either.
+    conn.execute("ALTER TABLE deliveries DROP COLUMN claimed_by")
+    conn.execute("ALTER TABLE locks DROP COLUMN renewed")
     conn.execute("PRAGMA user_version=2")
     conn.close()
     again = connect(path)

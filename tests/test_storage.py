@@ -357,13 +357,13 @@ def test_a_dead_pid_frees_a_lease_only_on_this_host_boot_and_pid_namespace(
     import subprocess
     import sys
 
-    from newsletter.storage.sqlite import leases
+    from newsletter.storage import renewal
 
     path = tmp_path / "db.sqlite3"
     storage = SqliteStorage.open(path, create=True)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    host, here = socket.gethostname(), leases._MACHINE
+    host, here = socket.gethostname(), renewal.MACHINE
     assert here != "unknown"  # Linux: boot id and PID namespace are readable
     boot, _, namespace = here.partition("/")
     other_namespace = f"{host}:{gone.pid}:1:{boot}/{int(namespace) + 1}"

@@ -1,23 +1,77 @@
-"""Importing subscriber CSV files and managing lists and suppressions."""
+"""Importing subscriber CSV files and managing lists and suppressions, on both backends.
+
+The store tests and the CLI tests run once on SQLite and once on PostgreSQL (the
+``database`` fixture); what only SQLite has (its query plans) stays SQLite's.
+"""
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import run_cli
 from newsletter.audience.csv_import import ParsedRow, read_csv
 from newsletter.errors import Problem, ValidationFailed
+from newsletter.storage import open_storage
+from newsletter.storage.base import Storage, Subscribers
 from newsletter.storage.sqlite.connection import connect
-from newsletter.storage.sqlite.subscribers import SubscriberStore
+from newsletter.storage.sqlite.subscribers import MAX_PROBLEMS, SubscriberStore
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SubscriberStore:
+def store(database: str) -> Iterator[Subscribers]:
+    """The subscriber store of a new database, on each backend in turn."""
+    with closing(open_storage(database, create=True)) as storage:
+        yield storage.subscribers
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> SubscriberStore:
     return SubscriberStore(connect(tmp_path / "subs.sqlite3", create=True))
+
+
+@pytest.fixture
+def other_database(database: str, tmp_path: Path) -> Iterator[str]:
+    """A second new, empty database on the same backend as ``database``."""
+    if database.startswith("postgresql"):
+        from postgres_server import fresh_schema, server
+
+        url, _why = server()
+        assert url is not None  # `database` gave a PostgreSQL URL: there is a server
+        with fresh_schema(url) as fresh:
+            yield fresh
+    else:
+        yield str(tmp_path / "other.sqlite3")
+
+
+@pytest.fixture
+def subscribers_of() -> Iterator[Callable[..., Subscribers]]:
+    """Opens the subscriber store of an existing database (``busy_seconds`` may be
+    given); every one opened is closed at the end of the test."""
+    opened: list[Storage] = []
+
+    def open_one(database: str, busy_seconds: float = 30.0) -> Subscribers:
+        opened.append(open_storage(database, busy_seconds=busy_seconds))
+        return opened[-1].subscribers
+
+    yield open_one
+    for storage in opened:
+        storage.close()
+
+
+def execute(database: str, sql: str) -> None:
+    """Run a statement (no parameters: the same text on both backends) as another tool
+    would have written the database."""
+    with closing(open_storage(database)) as storage:
+        conn: Any = storage.conn  # type: ignore[attr-defined]  # the backend's own
+        conn.execute(sql)
+        if hasattr(conn, "commit"):
+            conn.commit()
 
 
 def csv_file(tmp_path: Path, content: bytes, name: str = "subs.csv") -> Path:
@@ -26,9 +80,7 @@ def csv_file(tmp_path: Path, content: bytes, name: str = "subs.csv") -> Path:
     return path
 
 
-def test_excel_style_file_bom_semicolons_quotes_crlf(
-    tmp_path: Path, store: SubscriberStore
-) -> None:
+def test_excel_style_file_bom_semicolons_quotes_crlf(tmp_path: Path, store: Subscribers) -> None:
     path = csv_file(
         tmp_path,
         "\ufeffE-mail;First name;Last name;City\r\n"
@@ -50,7 +102,7 @@ def test_excel_style_file_bom_semicolons_quotes_crlf(
 
 
 def test_every_bad_row_is_reported_and_nothing_is_imported(
-    tmp_path: Path, store: SubscriberStore
+    tmp_path: Path, store: Subscribers
 ) -> None:
     path = csv_file(
         tmp_path,
@@ -92,7 +144,7 @@ def test_files_that_are_not_subscriber_lists(tmp_path: Path) -> None:
         next(read_csv(tmp_path / "missing.csv"))
 
 
-def test_an_interrupted_import_leaves_the_list_as_it_was(store: SubscriberStore) -> None:
+def test_an_interrupted_import_leaves_the_list_as_it_was(store: Subscribers) -> None:
     store.import_rows("news", [ParsedRow(2, "first@example.org", "", "")], skip_invalid=False)
 
     def rows_then_crash() -> object:
@@ -105,7 +157,7 @@ def test_an_interrupted_import_leaves_the_list_as_it_was(store: SubscriberStore)
     assert store.count("news") == (1, 0)
 
 
-def test_suppression_survives_reimport_and_applies_to_every_list(store: SubscriberStore) -> None:
+def test_suppression_survives_reimport_and_applies_to_every_list(store: Subscribers) -> None:
     rows = [ParsedRow(2, "ann@example.org", "Ann", ""), ParsedRow(3, "bob@example.org", "", "")]
     store.import_rows("news", rows, skip_invalid=False)
     assert store.suppress("ann@example.org", "bounced")
@@ -119,9 +171,7 @@ def test_suppression_survives_reimport_and_applies_to_every_list(store: Subscrib
     assert [r.email for r in store.audience("events")] == ["bob@example.org"]
 
 
-def test_audience_streams_in_batches(tmp_path: Path) -> None:
-    conn: sqlite3.Connection = connect(tmp_path / "big.sqlite3", create=True)
-    store = SubscriberStore(conn)
+def test_audience_streams_in_batches(store: Subscribers) -> None:
     rows = [ParsedRow(i + 2, f"r{i:05d}@example.org", "", "") for i in range(2500)]
     store.import_rows("news", rows, skip_invalid=False)
     audience = store.audience("news")
@@ -130,13 +180,15 @@ def test_audience_streams_in_batches(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["AUDIENCE_SQL", "MEMBERS_SQL"])
-def test_batches_follow_the_primary_key_without_sorting(store: SubscriberStore, name: str) -> None:
+def test_batches_follow_the_primary_key_without_sorting(
+    sqlite_store: SubscriberStore, name: str
+) -> None:
     from newsletter.storage.sqlite import subscribers
 
     query = getattr(subscribers, name)
     params = ("x", 0, 5, '["town"]') if name == "AUDIENCE_SQL" else ("x", 0, 5)
     plan = " ".join(
-        str(tuple(r)) for r in store.conn.execute("EXPLAIN QUERY PLAN " + query, params)
+        str(tuple(r)) for r in sqlite_store.conn.execute("EXPLAIN QUERY PLAN " + query, params)
     )
     assert "TEMP B-TREE" not in plan, plan
     assert "list_name=? AND subscriber_id>?" in plan
@@ -146,7 +198,7 @@ def test_batches_follow_the_primary_key_without_sorting(store: SubscriberStore, 
 
 
 def test_absent_columns_keep_stored_values_and_empty_cells_clear_them(
-    tmp_path: Path, store: SubscriberStore
+    tmp_path: Path, store: Subscribers
 ) -> None:
     full = csv_file(
         tmp_path, b"email,first_name,last_name,city,role\nann@example.org,Ann,Lee,Leeds,vol\n"
@@ -167,7 +219,7 @@ def test_absent_columns_keep_stored_values_and_empty_cells_clear_them(
     assert [r.first_name for r in store.audience("news")] == [""]
 
 
-def test_states_are_counted_and_shown(store: SubscriberStore) -> None:
+def test_states_are_counted_and_shown(store: Subscribers) -> None:
     rows = [ParsedRow(i + 2, f"{n}@example.org", n, "") for i, n in enumerate("abcdef")]
     store.import_rows("news", rows, skip_invalid=False)
     store.import_rows("events", rows[:2], skip_invalid=False)
@@ -194,7 +246,7 @@ def test_states_are_counted_and_shown(store: SubscriberStore) -> None:
     assert states.subscribed == sum(1 for _ in store.audience("news"))
 
 
-def test_imported_states_are_honoured_and_nothing_is_resubscribed(store: SubscriberStore) -> None:
+def test_imported_states_are_honoured_and_nothing_is_resubscribed(store: Subscribers) -> None:
     rows = [
         ParsedRow(2, "a@example.org", "A", "", {}, "opted-out"),
         ParsedRow(3, "b@example.org", "B", "", {}, "suppressed", "complained"),
@@ -220,12 +272,14 @@ def test_imported_states_are_honoured_and_nothing_is_resubscribed(store: Subscri
     assert [r.email for r in store.audience("news")] == ["c@example.org"]
 
 
-def cli_env(project: Path, db: str = "newsletter.sqlite3") -> dict[str, str]:
-    return {"NEWSLETTER_DATABASE": str(project / db)}
+def cli_env(database: str) -> dict[str, str]:
+    return {"NEWSLETTER_DATABASE": database}
 
 
-def test_cli_import_reports_every_bad_line_and_exits_3_when_skipping(project: Path) -> None:
-    env = cli_env(project)
+def test_cli_import_reports_every_bad_line_and_exits_3_when_skipping(
+    project: Path, database: str
+) -> None:
+    env = cli_env(database)
     content = (
         b"Email Address,First Name,Last Name\n"
         + b'ann@example.org,"Ann,Lee\n'  # line 2: stray quote
@@ -274,8 +328,10 @@ def test_cli_import_reports_every_bad_line_and_exits_3_when_skipping(project: Pa
     assert unknown.returncode == 1 and "no list named 'nwes' (lists: news)" in unknown.stderr
 
 
-def test_export_round_trips_states_and_attributes(project: Path) -> None:
-    env = cli_env(project)
+def test_export_round_trips_states_and_attributes(
+    project: Path, database: str, other_database: str, subscribers_of: Callable[..., Subscribers]
+) -> None:
+    env = cli_env(database)
     (project / "m.csv").write_text(
         "email,first_name,last_name,city,notes\n"
         "ann@example.org,Ann,Lee,Leeds,\n"
@@ -288,7 +344,7 @@ def test_export_round_trips_states_and_attributes(project: Path) -> None:
         run_cli("subscribers", "import", "m.csv", "--list", "news", cwd=project, env=env).returncode
         == 0
     )
-    SubscriberStore(connect(project / "newsletter.sqlite3")).opt_out("news", "bob@example.org")
+    subscribers_of(database).opt_out("news", "bob@example.org")
     run_cli(
         "subscribers", "unsubscribe", "cy@example.org", "--reason", "bounced", cwd=project, env=env
     )
@@ -304,7 +360,7 @@ def test_export_round_trips_states_and_attributes(project: Path) -> None:
     assert 'lines",opted-out,,20' in exported  # the notes cell spans two lines
     assert "cy@example.org,Cy,,York,,suppressed,bounced,20" in exported
     # Into a fresh database, and into another list of the same one.
-    for db, list_name in (("fresh.sqlite3", "moved"), ("newsletter.sqlite3", "other")):
+    for db, list_name in ((other_database, "moved"), (database, "other")):
         again = run_cli(
             "subscribers",
             "import",
@@ -312,12 +368,10 @@ def test_export_round_trips_states_and_attributes(project: Path) -> None:
             "--list",
             list_name,
             cwd=project,
-            env=cli_env(project, db),
+            env=cli_env(db),
         )
         assert again.returncode == 0, again.stderr
-        count = run_cli(
-            "subscribers", "count", "--list", list_name, cwd=project, env=cli_env(project, db)
-        )
+        count = run_cli("subscribers", "count", "--list", list_name, cwd=project, env=cli_env(db))
         assert count.stdout.splitlines() == [
             f"{list_name}: 4 member(s): 2 subscribed (will be mailed), 1 opted out of this list, "
             "1 suppressed (1 bounced)",
@@ -325,29 +379,29 @@ def test_export_round_trips_states_and_attributes(project: Path) -> None:
             f"  merge fields an issue sent to {list_name} can use: [[first_name]], "
             "[[last_name]], [[email]], [[city]], [[notes]]",
         ]
-        store = SubscriberStore(connect(project / db))
+        store = subscribers_of(db)
         assert [r.email for r in store.audience(list_name)] == [
             "ann@example.org",
             "dee@example.org",
         ]
         assert store.attribute_names(list_name) == ["city", "notes"]
-        second = run_cli(
-            "subscribers", "export", "--list", list_name, cwd=project, env=cli_env(project, db)
-        )
+        second = run_cli("subscribers", "export", "--list", list_name, cwd=project, env=cli_env(db))
         assert [line.rsplit(",", 1)[0] for line in second.stdout.splitlines()] == [
             line.rsplit(",", 1)[0] for line in lines
         ]
 
 
-def test_unsuppress(project: Path) -> None:
+def test_unsuppress(
+    project: Path, database: str, subscribers_of: Callable[..., Subscribers]
+) -> None:
     import getpass
     import socket
 
-    env = cli_env(project)
+    env = cli_env(database)
     (project / "m.csv").write_text("email\nann@example.org\n", encoding="utf-8")
     for name in ("news", "events", "board"):
         run_cli("subscribers", "import", "m.csv", "--list", name, cwd=project, env=env)
-    store = SubscriberStore(connect(project / "newsletter.sqlite3"))
+    store = subscribers_of(database)
     store.opt_out("board", "ann@example.org")
     run_cli(
         "subscribers", "unsubscribe", "ann@example.org", "--reason", "bounced", cwd=project, env=env
@@ -382,9 +436,7 @@ def test_unsuppress(project: Path) -> None:
     assert "unsuppress (mailbox fixed, she phoned) by cli:" in shown.stdout
 
 
-def test_problems_beyond_the_cap_are_counted_not_held(store: SubscriberStore) -> None:
-    from newsletter.storage.sqlite.subscribers import MAX_PROBLEMS
-
+def test_problems_beyond_the_cap_are_counted_not_held(store: Subscribers) -> None:
     yielded = []
 
     def rows() -> object:
@@ -403,7 +455,7 @@ def test_problems_beyond_the_cap_are_counted_not_held(store: SubscriberStore) ->
     assert report.more_problems == len(yielded) - MAX_PROBLEMS
 
 
-def test_the_store_refuses_a_reason_that_is_not_one_line(store: SubscriberStore) -> None:
+def test_the_store_refuses_a_reason_that_is_not_one_line(store: Subscribers) -> None:
     store.suppress("ann@example.org", "bounced")
     for bad in ("", "two\nlines", "\u202eevil", "x" * 201):
         with pytest.raises(ValueError):
@@ -413,37 +465,39 @@ def test_the_store_refuses_a_reason_that_is_not_one_line(store: SubscriberStore)
     assert store.suppression_history("ann@example.org")[-1][2] == "fixed"
 
 
-def test_an_export_imported_into_a_fresh_database_exports_the_same(project: Path) -> None:
+def test_an_export_imported_into_a_fresh_database_exports_the_same(
+    project: Path, database: str, other_database: str, subscribers_of: Callable[..., Subscribers]
+) -> None:
     # Moving to a new database (or back from another tool) keeps when each
     # person left: that date is the record of their request.
-    old = SubscriberStore(connect(project / "old.sqlite3", create=True))
-    rows = [
-        ParsedRow(i + 2, f"{n}@example.org", n.upper(), "", {"town": n})
-        for i, n in enumerate("abc")
-    ]
-    old.import_rows("news", rows, skip_invalid=False)
-    old.conn.execute(
-        "INSERT INTO list_optouts VALUES ('news', 'b@example.org', '2025-03-04T05:06:07+00:00')"
+    with closing(open_storage(database, create=True)) as storage:
+        rows = [
+            ParsedRow(i + 2, f"{n}@example.org", n.upper(), "", {"town": n})
+            for i, n in enumerate("abc")
+        ]
+        storage.subscribers.import_rows("news", rows, skip_invalid=False)
+    execute(
+        database,
+        "INSERT INTO list_optouts VALUES ('news', 'b@example.org', '2025-03-04T05:06:07+00:00')",
     )
-    old.conn.execute(
+    execute(
+        database,
         "INSERT INTO suppressions VALUES "
-        "('c@example.org', 'complained', 'news', '2024-01-02T03:04:05+00:00')"
+        "('c@example.org', 'complained', 'news', '2024-01-02T03:04:05+00:00')",
     )
-    first = run_cli(
-        "subscribers", "export", "--list", "news", cwd=project, env=cli_env(project, "old.sqlite3")
-    )
+    first = run_cli("subscribers", "export", "--list", "news", cwd=project, env=cli_env(database))
     assert first.returncode == 0, first.stderr
     assert "b@example.org,B,,b,opted-out,,2025-03-04T05:06:07+00:00" in first.stdout
     (project / "moved.csv").write_text(first.stdout, encoding="utf-8")
-    env = cli_env(project, "new.sqlite3")
+    env = cli_env(other_database)
     done = run_cli("subscribers", "import", "moved.csv", "--list", "news", cwd=project, env=env)
     assert done.returncode == 0, done.stderr
     second = run_cli("subscribers", "export", "--list", "news", cwd=project, env=env)
     assert second.stdout == first.stdout
     # The log says when the import recorded it; the state keeps when it happened.
-    [(when, action, reason, _list, _who)] = SubscriberStore(
-        connect(project / "new.sqlite3")
-    ).suppression_history("c@example.org")
+    [(when, action, reason, _list, _who)] = subscribers_of(other_database).suppression_history(
+        "c@example.org"
+    )
     assert (action, reason) == ("suppress", "complained") and when > "2026"
     # A time without an offset is UTC; one that is not a time is a problem on its line.
     (project / "odd.csv").write_text(
@@ -461,8 +515,8 @@ def test_an_export_imported_into_a_fresh_database_exports_the_same(project: Path
     assert "d@example.org,,,,opted-out,,2025-03-04T05:06:00+00:00" in listed
 
 
-def test_unsuppressing_a_complaint_warns(project: Path) -> None:
-    env = cli_env(project)
+def test_unsuppressing_a_complaint_warns(project: Path, database: str) -> None:
+    env = cli_env(database)
     (project / "m.csv").write_text("email\nann@example.org\nbob@example.org\n", encoding="utf-8")
     run_cli("subscribers", "import", "m.csv", "--list", "news", cwd=project, env=env)
     for email, reason in (("ann@example.org", "complained"), ("bob@example.org", "bounced")):
@@ -503,11 +557,13 @@ def _import_from_fifo(project: Path, env: dict[str, str]) -> tuple[Path, subproc
     return fifo, child
 
 
-def test_an_interrupted_import_imports_nothing_and_says_so(project: Path) -> None:
+def test_an_interrupted_import_imports_nothing_and_says_so(
+    project: Path, database: str, subscribers_of: Callable[..., Subscribers]
+) -> None:
     import signal
     import time
 
-    env = cli_env(project)
+    env = cli_env(database)
     (project / "first.csv").write_text("email\nold@example.org\n", encoding="utf-8")
     run_cli("subscribers", "import", "first.csv", "--list", "news", cwd=project, env=env)
     fifo, child = _import_from_fifo(project, env)  # a file still being read at Ctrl-C
@@ -520,21 +576,23 @@ def test_an_interrupted_import_imports_nothing_and_says_so(project: Path) -> Non
         _out, err = child.communicate(timeout=30)
     assert child.returncode == 130, err
     assert "interrupted: nothing was imported; the lists are as they were" in err
-    store = SubscriberStore(connect(project / "newsletter.sqlite3", busy_seconds=1))
+    store = subscribers_of(database, busy_seconds=1)
     assert [m.email for m in store.members("news")] == ["old@example.org"]
 
 
-def test_an_import_holds_no_lock_while_it_reads(project: Path) -> None:
+def test_an_import_holds_no_lock_while_it_reads(
+    project: Path, database: str, subscribers_of: Callable[..., Subscribers]
+) -> None:
     # Reading and checking a large file takes most of an import's time; an
     # unsubscribe click meanwhile must not wait for it (the page gives up after
     # 20 s and answers "busy").
     import time
 
-    env = cli_env(project)
+    env = cli_env(database)
     (project / "first.csv").write_text("email\nann@example.org\n", encoding="utf-8")
     run_cli("subscribers", "import", "first.csv", "--list", "news", cwd=project, env=env)
     fifo, child = _import_from_fifo(project, env)
-    store = SubscriberStore(connect(project / "newsletter.sqlite3", busy_seconds=1))
+    store = subscribers_of(database, busy_seconds=1)
     with fifo.open("w", encoding="utf-8") as writer:
         writer.write("email,first_name\nann@example.org,Ann\n")
         writer.write("".join(f"r{i}@example.org,R\n" for i in range(5000)))

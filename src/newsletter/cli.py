@@ -17,6 +17,7 @@ traceback.
 from __future__ import annotations
 
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from newsletter.delivery.send_issue import SendPlan, SendRequest
     from newsletter.delivery.sending import SendReport
     from newsletter.delivery.transports import Transport
+    from newsletter.delivery.workers import Helpers
     from newsletter.schedule.runner import DueResult
     from newsletter.settings import Settings
     from newsletter.storage.base import MemberState, Storage, Subscribers
@@ -144,7 +146,7 @@ def _open(settings: Settings, *, create: bool = False) -> Storage:
     """The database NEWSLETTER_DATABASE names, migrated; it must exist unless ``create``."""
     from newsletter.storage import open_storage
 
-    return open_storage(settings.database, create=create)
+    return open_storage(settings.database_location, create=create)
 
 
 def _require_database(settings: Settings) -> None:
@@ -393,7 +395,7 @@ def subscribers_unsubscribe(email: str, reason: str) -> None:
     store = _open(settings, create=True).subscribers
     if new:
         click.secho(
-            f"note: there was no database at {settings.database.absolute()} "
+            f"note: there was no database at {settings.database.shown} "
             "(NEWSLETTER_DATABASE); a new one was created to hold this suppression. If you "
             "already have a database, NEWSLETTER_DATABASE is wrong: the real one does not "
             "have it.",
@@ -526,6 +528,15 @@ def _address(raw: str, normalise: Callable[[str], str]) -> str:
     is_flag=True,
     help="Send the issue the schedule says is due now, if any (for cron or a systemd timer).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 32),
+    default=1,
+    show_default=True,
+    help="Sender processes on this host for this send (PostgreSQL only).",
+)
+# A helper that --workers started: confirmed already, no bar of its own.
+@click.option("--as-worker", is_flag=True, hidden=True)
 def send(
     issue_file: Path | None,
     list_name: str | None,
@@ -537,6 +548,8 @@ def send(
     yes: bool,
     strict: bool,
     due: bool,
+    workers: int,
+    as_worker: bool,
 ) -> None:
     """Send ISSUE_FILE to a subscriber list; run it again to resume."""
     from newsletter import wiring
@@ -559,6 +572,15 @@ def send(
     if issue_file is None:
         raise click.UsageError("give the ISSUE_FILE to send, or --due")
     settings = _settings()
+    if workers > 1:
+        if dry_run or test_to:
+            raise click.UsageError("--workers is for a real send, not --dry-run or --to")
+        if settings.database.kind != "postgresql":
+            raise click.UsageError(
+                "--workers needs a database several processes can share: set "
+                "NEWSLETTER_DATABASE to a postgresql:// URL (on SQLite one process sends a "
+                "send at a time)"
+            )
     if test_to:
         if resend_unknown or retry_rejected:
             raise click.UsageError(
@@ -580,7 +602,10 @@ def send(
         retry_rejected=retry_rejected,
         strict=strict,
     )
-    report = _send_one(settings, request, confirm=not (yes or dry_run))
+    report = _send_one(
+        settings, request, confirm=not (yes or dry_run or as_worker), workers=workers,
+        quiet=as_worker,
+    )  # fmt: skip
     _summarise(report, dry_run)
     sys.exit(report.exit_code)
 
@@ -605,24 +630,50 @@ def _template(settings: Settings, result: BuildResult, list_name: str | None) ->
     )
 
 
-def _send_one(settings: Settings, request: SendRequest, *, confirm: bool = False) -> SendReport:
+def _send_one(
+    settings: Settings,
+    request: SendRequest,
+    *,
+    confirm: bool = False,
+    workers: int = 1,
+    quiet: bool = False,
+) -> SendReport:
     """One send, by hand or scheduled: the send use case wired to the settings and the
-    terminal (notes, the plan, the question, Ctrl-C and SIGTERM, the progress bar)."""
+    terminal (notes, the plan, the question, Ctrl-C and SIGTERM, the progress bar).
+    ``workers`` > 1: this process and workers - 1 helpers it starts once the audience is
+    frozen (delivery.workers), shown as one bar and summed up as one send."""
     import asyncio
     import signal
 
     from newsletter import wiring
     from newsletter.delivery.send_issue import SendDeclined, SendHooks, send_issue
+    from newsletter.delivery.workers import Helpers, Watcher
 
     if not request.dry_run:
         wiring.require_secret(settings)
-    bar = _ProgressBar(enabled=sys.stderr.isatty())
+    bar = _ProgressBar(enabled=sys.stderr.isatty() and not quiet)
+    helpers: Helpers | None = None
+    watcher: Watcher | None = None
 
     def on_start(campaign: Campaign) -> None:
+        nonlocal helpers, watcher
+        if workers > 1:
+            helpers = Helpers(_worker_argv(request), workers - 1)
+            watched = _open(settings)
+            send_id = campaign.send_id
+            watcher = Watcher(lambda: watched.send_log.counts(send_id), bar.done)
+            helpers.start()
+            watcher.start()
+
+        def stop(reason: str) -> None:
+            campaign.stop(reason)
+            if helpers is not None:
+                helpers.stop()
+
         # Ctrl-C and SIGTERM finish the messages in flight, record them, then stop.
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, campaign.stop, f"stopped by {sig.name}")
+            loop.add_signal_handler(sig, stop, f"stopped by {sig.name}")
         bar.start(campaign.progress.total)
 
     def ask(plan: SendPlan) -> bool:
@@ -635,10 +686,10 @@ def _send_one(settings: Settings, request: SendRequest, *, confirm: bool = False
         plan=_describe_send,
         confirm=ask if confirm else None,
         on_start=on_start,
-        on_progress=bar.update,
+        on_progress=bar.update if workers == 1 else None,
     )
     try:
-        return send_issue(
+        report = send_issue(
             request,
             build=lambda: _build(
                 settings, request.issue_file, request.strict, list_name=request.list_name
@@ -652,11 +703,48 @@ def _send_one(settings: Settings, request: SendRequest, *, confirm: bool = False
             out_dir=settings.out_dir,
             signer=lambda: _signer(settings),
             hooks=hooks,
+            lease_ttl=settings.lease_seconds,
         )
+        if helpers is not None:
+            joining, helpers = helpers, None
+            _join_helpers(settings, joining, report)
+        return report
     except SendDeclined:
         raise click.Abort from None  # "Aborted!", exit status 1, as click.confirm's own
     finally:
+        if helpers is not None:
+            helpers.stop()  # this run failed: they stop too, recording what they sent
+            helpers.wait()
+        if watcher is not None:
+            watcher.stop()
         bar.stop()
+
+
+def _worker_argv(request: SendRequest) -> list[str]:
+    """The command a helper of ``send --workers`` runs: this send, confirmed already."""
+    argv = [sys.executable, "-m", "newsletter", "send", str(request.issue_file)]
+    argv += ["--list", request.list_name, "--as-worker"]
+    return argv + (["--strict"] if request.strict else [])
+
+
+def _join_helpers(settings: Settings, helpers: Helpers, report: SendReport) -> None:
+    """Wait for the helpers; the report then tells the whole send as it stands after all
+    of them. A helper that failed (not 0, not 3: recipients left) is named, with what it
+    said, and makes this command fail too."""
+    results = helpers.wait()
+    storage = _open(settings)
+    try:
+        log = storage.send_log
+        report.result.counts = log.counts(report.record.id)
+        report.unknown = log.in_state(report.record.id, "unknown")
+    finally:
+        storage.close()
+    failed = [r for r in results if r.returncode not in (0, 3)]
+    for r in failed:
+        click.secho(f"worker process {r.pid} failed (exit {r.returncode}):", fg="red", err=True)
+        click.echo(textwrap.indent(r.said, "  "), err=True)
+    if failed:
+        report.helpers_failed = len(failed)
 
 
 def _signer(settings: Settings) -> Callable[[bytes], bytes] | None:
@@ -802,8 +890,12 @@ def _send_test_copies(
 @main.command()
 @click.argument("issue_id")
 @DEFAULT_LIST_OPTION
-def status(issue_id: str, list_name: str | None) -> None:
-    """Counts by state and the last errors of the send of ISSUE_ID (id or file) to a list."""
+@click.option("--json", "as_json", is_flag=True, help="Print it as JSON, for monitoring scripts.")
+def status(issue_id: str, list_name: str | None, as_json: bool) -> None:
+    """Counts by state, the live processes and the last errors of the send of ISSUE_ID (id or
+    file) to a list."""
+    import json
+
     settings = _settings()
     name = list_name or settings.list_name
     issue_id = Path(issue_id).stem if issue_id.endswith((".yaml", ".yml")) else issue_id
@@ -811,6 +903,10 @@ def status(issue_id: str, list_name: str | None) -> None:
     record = log.find(issue_id, name)
     if record is None:
         others = log.lists_sent(issue_id)
+        if as_json:
+            click.echo(json.dumps({"issue_id": issue_id, "list": name, "started": False,
+                                   "lists_sent": others}))  # fmt: skip
+            sys.exit(1)
         where = (
             f"it has a send to {', '.join(others)} (`newsletter status {issue_id} --list "
             f"{others[0]}`)"
@@ -819,19 +915,35 @@ def status(issue_id: str, list_name: str | None) -> None:
         )
         click.echo(f"{issue_id} has not been sent to {name}; {where}")
         sys.exit(1)
-    counts = log.counts(record.id)
+    from newsletter.delivery.status import send_status, stamp
+
+    report = send_status(log, record)
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+        return
     click.echo(
         f"{issue_id} to {name}: started {record.created_at}, audience {record.audience}, "
         f"{record.suppressed} suppressed or had left the list at the start, "
         f"{record.duplicates} left out "
         "(they have it from another list's send)"
     )
-    for state, n in counts.items():
+    for state, n in report.counts.items():
         click.echo(f"  {state:10} {n}")
-    errors = log.last_errors(record.id)
-    if errors:
+    if report.orphaned:
+        click.echo(
+            f"  ({report.orphaned} of those sending were claimed by a process that is no "
+            "longer alive: the next run counts them unknown)"
+        )
+    if report.workers:
+        click.echo("processes sending now:")
+        for w in report.workers:
+            click.echo(
+                f"  process {w.pid} on {w.host}: {w.claimed} in flight, since "
+                f"{stamp(w.since)}, last heartbeat {stamp(w.heartbeat)}"
+            )
+    if report.errors:
         click.echo("last errors:")
-        for when, email, state, detail in errors:
+        for when, email, state, detail in report.errors:
             click.echo(f"  {when}  {state:8} {email}: {detail}")
 
 
@@ -870,10 +982,13 @@ class _ProgressBar:
         self._progress.start()
 
     def update(self, progress: CampaignProgress) -> None:
+        self.done(progress.done)
+
+    def done(self, done: int) -> None:
         if self._progress is None:
             return
         speed = self._progress.tasks[0].speed or 0
-        self._progress.update(self._task, completed=progress.done, rate=f"{speed:.0f}")
+        self._progress.update(self._task, completed=done, rate=f"{speed:.0f}")
 
     def stop(self) -> None:
         if self._progress is not None:
@@ -893,16 +1008,74 @@ def db_migrate() -> None:
     """Bring a database made by an older version up to the current schema.
 
     Every command does this too when it opens the database, under the write lock;
-    this does it on its own, say before a deployment's services start."""
+    this does it on its own, say before a deployment's services start. On
+    PostgreSQL it also creates newsletter's tables in an empty database."""
     from newsletter.storage import migrate
 
     settings = _settings()
-    before, after = migrate(settings.database)
-    where = settings.database.absolute()
+    before, after = migrate(settings.database_location)
+    where = settings.database.shown
     if before == after:
         click.echo(f"the database {where} is already up to date (schema {after})")
+    elif before == 0:
+        click.echo(f"created newsletter's tables in the database {where} (schema {after})")
     else:
         click.echo(f"migrated the database {where} from schema {before} to schema {after}")
+
+
+@db.command("copy")
+@click.argument("sqlite_path", type=click.Path(path_type=Path))
+@click.argument("postgresql_url")
+def db_copy(sqlite_path: Path, postgresql_url: str) -> None:
+    """Move a deployment from its SQLite file to an empty PostgreSQL database.
+
+    Every subscriber, list, opt-out, suppression, send log, slot and archived
+    issue is copied with its id, in one transaction, and the counts are compared
+    before it is committed; a target that holds anything is refused. The SQLite
+    file is only read: stop the old deployment's services first, and run
+    `newsletter db migrate` on it if it is at an older schema. The password is
+    NEWSLETTER_DATABASE_PASSWORD's (or PGPASSWORD, ~/.pgpass)."""
+    from newsletter.errors import ConfigError
+    from newsletter.storage.copy import copy_database
+    from newsletter.storage.location import parse_location
+
+    settings = _settings()  # first, as every command: a wrong setting is said before all
+    try:
+        target = parse_location(postgresql_url)
+    except ValueError as exc:
+        raise ConfigError(f"POSTGRESQL_URL {exc}") from None
+    if target.kind != "postgresql":
+        raise ConfigError(
+            f"POSTGRESQL_URL must be a postgresql:// URL, not {postgresql_url!r}; `db copy` "
+            "copies an SQLite file into PostgreSQL"
+        )
+    secret = settings.database_password
+    target = target.with_password(None if secret is None else secret.get_secret_value())
+
+    def started(table: str, rows: int) -> None:
+        if rows >= 10_000:  # only where the wait is long enough to wonder
+            click.echo(f"copying {table}: {rows} row(s)...", err=True)
+
+    report = copy_database(sqlite_path, target, on_table=started)
+    width = max(len(c.table) for c in report.counts)
+    click.echo(f"{'table':<{width}}  {'source':>10}  {'target':>10}")
+    for c in report.counts:
+        click.echo(f"{c.table:<{width}}  {c.source:>10}  {c.target:>10}")
+    click.echo(
+        f"copied {report.rows} row(s) from {sqlite_path.absolute()} to {target.shown} in "
+        f"{report.seconds:.1f} s; the counts match"
+    )
+    click.echo(
+        f"not copied: locks ({report.leases_left} row(s)): leases of runs on the old "
+        "machine mean nothing to the new server"
+    )
+    if report.sending:
+        click.echo(
+            f"{report.sending} delivery(ies) left 'sending' by a run that died were copied "
+            "as they are: the next send on PostgreSQL reports them as unknown (resend them "
+            "with --resend-unknown)"
+        )
+    click.echo("next: point NEWSLETTER_DATABASE at the new database, then start the services")
 
 
 # -------------------------------------------------------------------- schedule
@@ -932,6 +1105,7 @@ def _check_due(
             now=now or dt.datetime.now(dt.UTC),
             send_issue=send_issue,
             society_file=settings.society_file,
+            lease_ttl=settings.lease_seconds,
         )
 
 
@@ -1096,7 +1270,7 @@ def serve(host: str | None, port: int | None) -> None:
     # Checked before listening: pages on a missing database would answer
     # "nothing changed" to every opt-out.
     # Each server thread reopens it, waiting less for a writer than a command does.
-    storage = open_storage(settings.database, busy_seconds=20.0)
+    storage = open_storage(settings.database_location, busy_seconds=20.0)
     lists = storage.subscribers.lists()
     host = host or settings.serve_host
     port = port if port is not None else settings.serve_port
@@ -1104,7 +1278,7 @@ def serve(host: str | None, port: int | None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("newsletter.serve").info(
         "database %s: %s list(s), %s member(s) in all",
-        settings.database.absolute(),
+        settings.database.shown,
         f"{len(lists):,}",
         f"{sum(n for _, n in lists):,}",
     )

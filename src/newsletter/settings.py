@@ -20,7 +20,7 @@ import os
 import re
 from email.utils import getaddresses, parseaddr
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from dotenv.main import resolve_variables
@@ -28,19 +28,22 @@ from dotenv.parser import parse_stream
 from pydantic import (
     AliasChoices,
     Field,
+    PlainSerializer,
+    PlainValidator,
     SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from newsletter.errors import ConfigError
 
 if TYPE_CHECKING:
     from newsletter.schedule.slots import Schedule
 from newsletter.models import bidi_characters, character_names, https_url
+from newsletter.storage.location import Location, location_problem, parse_location
 
 PREFIX = "NEWSLETTER_"
 # The name is the first label of List-Id (RFC 2919: a dot-atom), so a dot may
@@ -56,6 +59,16 @@ _DNS_LABELS = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1
 # Used when no secret is configured: good enough to show what a link looks
 # like in a preview, refused by anything that sends.
 PREVIEW_KEY = b"newsletter-preview-only"
+
+
+def _location(value: object) -> Location:
+    # Before any Path(): Path() would fold "postgresql://h/db" into the relative
+    # path postgresql:/h/db, and an import would make that folder.
+    if isinstance(value, Location):
+        return value
+    if isinstance(value, str | Path):
+        return parse_location(value)
+    raise ValueError("must be a path or a database URL")
 
 
 class Settings(BaseSettings):
@@ -82,7 +95,13 @@ class Settings(BaseSettings):
     preview_to: str = "Sam Sample <sam.sample@example.org>"
     bounce_address: str | None = None
 
-    database: Path = Path("newsletter.sqlite3")
+    # A path or sqlite:///path (SQLite), or postgresql://user@host:port/dbname.
+    database: Annotated[Location, PlainValidator(_location), PlainSerializer(str), NoDecode] = (
+        Location.sqlite(Path("newsletter.sqlite3"))
+    )
+    database_password: SecretStr | None = None  # PostgreSQL; else PGPASSWORD or ~/.pgpass
+    # How long a lease (a send's process, the schedule) lives without renewal.
+    lease_seconds: float = Field(default=120.0, ge=1, le=3600)
 
     smtp_host: str = "localhost"
     smtp_port: int | None = Field(default=None, ge=1, le=65535)
@@ -134,17 +153,6 @@ class Settings(BaseSettings):
         if "@" in parts.netloc:
             raise ValueError("must not carry a user name or password")
         return https_url(value).rstrip("/")
-
-    @field_validator("database", mode="before")
-    @classmethod
-    def _database(cls, value: object) -> object:
-        # Before the conversion: Path() would fold "postgresql://h/db" into the
-        # relative path postgresql:/h/db, and an import would make that folder.
-        if isinstance(value, str):
-            problem = database_problem(value)
-            if problem:
-                raise ValueError(problem)
-        return value
 
     @field_validator("list_name")
     @classmethod
@@ -234,6 +242,12 @@ class Settings(BaseSettings):
         if value is not None:
             _split_mailbox(value)
         return value
+
+    @property
+    def database_location(self) -> Location:
+        """NEWSLETTER_DATABASE with NEWSLETTER_DATABASE_PASSWORD, for opening it."""
+        secret = self.database_password
+        return self.database.with_password(None if secret is None else secret.get_secret_value())
 
     @property
     def sender_name(self) -> str:
@@ -341,35 +355,9 @@ def list_name_problem(name: str) -> str | None:
     return f"is not a valid list name: it must be {LIST_NAME_RULE}{hint}"
 
 
-# scheme://: two characters at least, so that a Windows drive (C:/, C://) stays a path.
-_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+)://")
-_PATH_EXAMPLE = "/srv/newsletter/newsletter.sqlite3"
-
-
 def database_problem(value: str) -> str | None:
-    """Why ``value`` cannot be NEWSLETTER_DATABASE, or None: it is the path of an SQLite
-    file; a database URL of any kind is refused until a backend for it exists."""
-    if not value.strip():
-        return f"is empty; set it to the database file's path, such as {_PATH_EXAMPLE}"
-    url = _URL.match(value.strip())
-    if url is None:
-        return None
-    # Only the scheme is repeated: the rest may hold a password.
-    scheme = url.group(1).lower()
-    kind = scheme.partition("+")[0]  # postgresql+psycopg://
-    if kind in ("sqlite", "file"):
-        return (
-            f"is a URL ({scheme}://); give the database file's path itself, such as {_PATH_EXAMPLE}"
-        )
-    unsupported = (
-        "PostgreSQL is not supported yet (it is planned)"
-        if kind in ("postgres", "postgresql")
-        else "only SQLite database files are supported (PostgreSQL support is planned)"
-    )
-    return (
-        f"is a URL ({scheme}://), and {unsupported}; set it to the path of an SQLite "
-        f"database file, such as {_PATH_EXAMPLE}"
-    )
+    """Why ``value`` cannot be NEWSLETTER_DATABASE, or None (see storage.location)."""
+    return location_problem(value)
 
 
 def _split_mailbox(value: str) -> tuple[str, str]:
@@ -402,7 +390,14 @@ ENV_FILE = Path(".env")
 DOTENV_MAX = 1024 * 1024
 # Not settings: switches for tests and rehearsals, read from the environment
 # where they are used.
-ENVIRONMENT_ONLY = frozenset({"NEWSLETTER_TEST_NOW", "NEWSLETTER_TEST_CHROMIUM"})
+ENVIRONMENT_ONLY = frozenset(
+    {
+        "NEWSLETTER_TEST_NOW",
+        "NEWSLETTER_TEST_CHROMIUM",
+        "NEWSLETTER_TEST_POSTGRES_URL",
+        "NEWSLETTER_TEST_POSTGRES_REQUIRED",
+    }
+)
 _OURS = re.compile(r"\s*(?:export\s+)?['\"]?newsletter_", re.IGNORECASE)
 _SINGLE_QUOTED = re.compile(r"(?:export\s+)?(?:'[^']+'|[^=#\s]+)\s*=\s*'")
 _SWALLOWED = re.compile(r"\n\s*(?:export\s+)?(newsletter_\w*)\s*=", re.IGNORECASE)

@@ -169,6 +169,10 @@ class RunResult:
         return self.attempted / self.elapsed if self.elapsed > 0 else 0.0
 
 
+# How often a process of a shared send looks at the others (seconds).
+SHARE_EVERY = 2.0
+
+
 class Campaign:
     def __init__(
         self,
@@ -184,14 +188,23 @@ class Campaign:
         guard: Callable[[], str | None] | None = None,
         on_note: Callable[[str], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
+        holder: str = "",
+        shared: bool = False,
     ) -> None:
         """``guard`` says, when asked, who else now holds the run's lease (None while
         it is ours): the run then stops as on any stop (module docstring). ``on_note``
         gets what the run has to say while it goes on (that it waits for a busy
         database). ``sleep`` (default :func:`asyncio.sleep`) is every wait's; given,
         the pacer runs on it and on ``clock`` too (without it, on real time: a clock
-        frozen for the retry times must not freeze the pacing)."""
+        frozen for the retry times must not freeze the pacing). ``holder`` is the owner of
+        the run's lease, which every claim and record carries (a shared send tells its
+        processes' rows apart by it). ``shared``: other processes may work on this send at
+        once; every SHARE_EVERY seconds the run then takes over the rows of those whose lease
+        ran out (they become unknown) and keeps to its share of the rate."""
         self.log = log
+        self.holder = holder
+        self.shared = shared
+        self._shared_at = 0.0  # time.monotonic() of the last look at the other processes
         self.send_id = send_id
         self.template = template
         self.transport = transport
@@ -376,6 +389,8 @@ class Campaign:
         claimed_last = False
         while True:
             self._wake.clear()
+            if self.shared and time.monotonic() - self._shared_at >= SHARE_EVERY:
+                await self._look_at_the_others()
             stopping = self._stopping.is_set()
             queued = self._queue.qsize()
             if stopping and not queued and not self._working:
@@ -412,6 +427,8 @@ class Campaign:
                 # Nothing was due: the work in flight is done and committed. Wait for
                 # deferred retries that come due soon, or end the run.
                 await self._patiently(self._flush)
+                if self.shared:
+                    await self._look_at_the_others()  # a dead process's rows: unknown now
                 if not await self._wait_for_retries():
                     return
                 drained = False
@@ -425,6 +442,28 @@ class Campaign:
                     due.cancel()
             else:
                 await self._wake.wait()
+
+    async def _look_at_the_others(self) -> None:
+        """A shared send: count the live processes (the rate is shared among them) and turn
+        the rows of those whose lease ran out unknown. A busy database skips a look."""
+        self._shared_at = time.monotonic()
+        options = self.options
+        try:
+            await self._call(self.log.mark_interrupted, self.send_id)
+            workers = await self._call(self.log.workers, self.send_id)
+            now = self.clock()
+            hour = await self._call(self.log.sent_since, now - 3600) if options.per_hour else 0
+            day = await self._call(self.log.sent_since, now - 86400) if options.per_day else 0
+        except StorageBusy:
+            return
+        self.pacer.share(len(workers))
+        # The caps count every process's messages, as the database has them: what the
+        # others sent, and what they have in flight now (this run's own are counted here).
+        others = sum(w.claimed for w in workers if f"{w.host}:{w.pid}:" not in self.holder)
+        if options.per_hour:
+            self.pacer.resync(hour + others)
+        if options.per_day and self._day_left is not None:
+            self._day_left = min(self._day_left, options.per_day - day - others)
 
     async def _wait_for_retries(self) -> bool:
         """Wait until a deferred recipient is due; False when the run should end."""
@@ -506,7 +545,9 @@ class Campaign:
         """Claim up to ``limit`` recipients in the thread and queue them."""
         self._open += limit  # reserved before the claim can commit anything
         started = time.monotonic()
-        future = self._thread.submit(self.log.claim, self.send_id, limit, self.clock())
+        future = self._thread.submit(
+            self.log.claim, self.send_id, limit, self.clock(), holder=self.holder
+        )
         try:
             claimed = await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -699,7 +740,7 @@ class Campaign:
             return
         batch, self._results = self._results, []
         started = time.monotonic()
-        future = self._thread.submit(self.log.record, self.send_id, batch)
+        future = self._thread.submit(self.log.record, self.send_id, batch, holder=self.holder)
         try:
             await asyncio.shield(future)
         except asyncio.CancelledError:

@@ -35,6 +35,7 @@ class Pacer:
     ) -> None:
         self.limit = rate
         self.rate = rate
+        self._configured = rate  # for the whole send, however many processes share it
         self.per_hour = per_hour
         self._clock = clock
         self._sleep = sleep
@@ -47,6 +48,27 @@ class Pacer:
             now - 3600 + 3600 * (i + 1) / (sent_last_hour + 1) for i in range(sent_last_hour)
         )
         self._lock = asyncio.Lock()
+
+    def share(self, processes: int) -> None:
+        """Several processes send at once (a shared send): each keeps to its share of the
+        configured rate, so that together they keep to it."""
+        if self._configured is None:
+            return
+        new = self._configured / max(1, processes)
+        at_limit = self.rate == self.limit
+        self.limit = new
+        if self.rate is not None:
+            self.rate = new if at_limit else min(self.rate, new)
+
+    def resync(self, sent_last_hour: int) -> None:
+        """Count messages others sent in the last hour (several processes of a shared send,
+        as the database has them) against the hourly cap; never fewer than this one knows."""
+        missing = sent_last_hour - len(self._hour)
+        if missing <= 0:
+            return
+        now = self._clock()
+        spread = [now - 3600 + 3600 * (i + 1) / (missing + 1) for i in range(missing)]
+        self._hour = deque(sorted([*spread, *self._hour]))
 
     @property
     def active(self) -> bool:

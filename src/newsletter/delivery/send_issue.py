@@ -181,10 +181,11 @@ def send_issue(
             via = OutboxTransport(outbox, keep=5)
             storage = stack.enter_context(real.scratch_copy(issue_id, name))
         else:
-            # One process per send, checked before anything is read or asked: a
-            # second one would show a preview of rows the first is changing, and
-            # would take its in-flight rows for dead ones.
-            lease = real.lease(f"send:{issue_id}:{name}", lease_ttl)
+            # Taken before anything is read or asked. One process per send (SQLite): a
+            # second one would show a preview of rows the first is changing, and would
+            # take its in-flight rows for dead ones. A shared send (PostgreSQL): this
+            # process's own lease, by which the others tell its rows from a dead one's.
+            lease = real.send_lease(issue_id, name, lease_ttl)
             lease.acquire(time.time())
             stack.callback(_release, lease, hooks.note)
             via = transport()
@@ -246,6 +247,7 @@ def send_issue(
                     on_progress=hooks.on_progress,
                     guard=None if lease is None else _guard(lease),
                     on_note=hooks.note,
+                    holder="" if lease is None else lease.owner,
                 )
             )
         except (SendLogBusy, SendLogFailed) as exc:

@@ -19,7 +19,13 @@ from pathlib import Path
 from newsletter.delivery.campaign import Campaign, Progress, RunResult, SendOptions
 from newsletter.delivery.message import MessageTemplate
 from newsletter.delivery.transports import Transport
-from newsletter.errors import CampaignAborted, ConfigError, Problem, ValidationFailed
+from newsletter.errors import (
+    CampaignAborted,
+    ConfigError,
+    Problem,
+    SendExists,
+    ValidationFailed,
+)
 from newsletter.render import merge_fields
 from newsletter.storage.base import ListStates, SendRecord, Storage, Subscribers
 
@@ -33,9 +39,12 @@ class SendReport:
     requeued_unknown: int = 0
     requeued_rejected: int = 0
     outbox: Path | None = None  # a dry run's samples: where they were written
+    helpers_failed: int = 0  # send --workers: helper processes that ended in an error
 
     @property
     def exit_code(self) -> int:
+        if self.helpers_failed:
+            return 1
         c = self.result.counts
         if c["pending"] or c["deferred"] or c["unknown"] or c["rejected"] or c["sending"]:
             return 3
@@ -233,7 +242,14 @@ def prepare(
         # empty for this issue even after subscribers are imported.
         _check_mailable(list_name, states)
         suppressed = states.members - states.subscribed
-        record = log.freeze(issue_id, list_name, store.audience(list_name, columns), suppressed)
+        try:
+            record = log.freeze(issue_id, list_name, store.audience(list_name, columns), suppressed)
+        except SendExists:
+            # Another process of a shared send froze it first: this one joins it.
+            record = log.find(issue_id, list_name)
+            if record is None:
+                raise
+            resumed = True
     log.mark_interrupted(record.id)
     unknown = log.requeue(record.id, "unknown") if resend_unknown else 0
     rejected = log.requeue(record.id, "rejected") if retry_rejected else 0
@@ -253,9 +269,11 @@ async def run_send(
     on_progress: Callable[[Progress], None] | None = None,
     guard: Callable[[], str | None] | None = None,
     on_note: Callable[[str], None] | None = None,
+    holder: str = "",
 ) -> SendReport:
-    """Run the prepared send; ``guard`` and ``on_note`` are the :class:`Campaign`'s (the
-    send's lease; what the run says while it goes on, such as a wait for a busy database)."""
+    """Run the prepared send; ``guard``, ``on_note`` and ``holder`` are the
+    :class:`Campaign`'s (the send's lease; what the run says while it goes on, such as a
+    wait for a busy database; the lease's owner, noted on every claim)."""
     log = storage.send_log
     campaign = Campaign(
         log,
@@ -267,6 +285,8 @@ async def run_send(
         on_progress=on_progress,
         guard=guard,
         on_note=on_note,
+        holder=holder,
+        shared=storage.shared_sends,
     )
     if on_start is not None:
         on_start(campaign)

@@ -41,7 +41,7 @@ from newsletter.render import issue_ids
 from newsletter.render.loading import Loaded, load_issue, load_society, named_day
 from newsletter.render.yaml_input import read_yaml
 from newsletter.schedule.slots import Schedule, Slot, latest, slots_between, upcoming
-from newsletter.storage.base import SlotStore, Storage
+from newsletter.storage.base import LEASE_SECONDS, SlotStore, Storage
 
 LOCK_NAME = "schedule"
 
@@ -307,6 +307,7 @@ def check_and_send(
     now: dt.datetime,
     send_issue: Callable[[Path, str], SendReport],
     society_file: Path | None = None,
+    lease_ttl: float = LEASE_SECONDS,
 ) -> DueResult:
     """Do what is due at ``now``: nothing, report a missed slot, or send (or resume).
 
@@ -320,7 +321,7 @@ def check_and_send(
         return DueResult("done-already", f"the slot {_when(schedule, slot)} was handled", slot)
     # "no-issue" and "failed" are looked at again while the window lasts: the
     # editor may add or fix the file in time.
-    lease = storage.lease(LOCK_NAME)
+    lease = storage.lease(LOCK_NAME, lease_ttl)
     try:
         lease.acquire(now.timestamp())
     except LockHeld as exc:

@@ -66,7 +66,9 @@ __all__ = [
     "Subscribers",
     "Summary",
     "Suppression",
+    "Worker",
     "lift_reason",
+    "send_lease_name",
 ]
 
 LEASE_SECONDS = 120.0
@@ -205,6 +207,19 @@ class SourceUse:
     at: str
 
 
+@dataclass(frozen=True, slots=True)
+class Worker:
+    """A live process of a send: where it runs, since when, its last heartbeat, and how
+    many recipients it has claimed and not yet recorded (``sending``)."""
+
+    host: str
+    pid: str
+    since: float | None  # unix time it took its lease
+    heartbeat: float | None  # unix time of its last renewal (the database's clock)
+    expires: float  # unix time its lease runs out without another renewal
+    claimed: int
+
+
 class SlotKey(Protocol):
     """A schedule slot as the slot store keys it (``schedule.slots.Slot`` is one)."""
 
@@ -216,6 +231,12 @@ class SlotKey(Protocol):
 
 
 # ---------------------------------------------------------------- pure helpers
+
+
+def send_lease_name(issue_id: str, list_name: str) -> str:
+    """The name of the lease a run of the send of ``issue_id`` to ``list_name`` holds
+    (on a backend that shares sends, each process's lease starts with it)."""
+    return f"send:{issue_id}:{list_name}"
 
 
 def lift_reason(text: str) -> str:
@@ -383,8 +404,11 @@ class SendLogStore(Protocol):
 
     def mark_interrupted(self, send_id: int) -> int:
         """Turn rows left ``sending`` by a dead run into ``unknown`` (they may have been
-        delivered; never back to ``pending``); how many. Call only while holding the
-        send's lease, so no live run's rows are taken for dead ones."""
+        delivered; never back to ``pending``); how many. On a backend of one process per
+        send, call it only while holding the send's lease, so no live run's rows are taken
+        for dead ones; on one that shares sends (:attr:`Storage.shared_sends`) it takes
+        only rows whose claimant's lease has run out (by the database's clock), so any
+        process may call it at any time."""
         ...
 
     def make_deferred_due(self, send_id: int) -> None:
@@ -396,16 +420,22 @@ class SendLogStore(Protocol):
         ``pending``, when the user asks; how many. ValueError for any other state."""
         ...
 
-    def claim(self, send_id: int, limit: int, now: float) -> list[Delivery]:
+    def claim(self, send_id: int, limit: int, now: float, *, holder: str = "") -> list[Delivery]:
         """Take up to ``limit`` due recipients (pending, then deferred due by ``now``),
         atomically: two senders never get the same one. They are committed ``sending``
-        (attempts counted) before this returns. Someone who left or was suppressed since
-        the freeze is marked ``suppressed``, not returned. Empty: nothing is due."""
+        (attempts counted, ``holder`` noted as their claimant: the owner of the run's
+        lease) before this returns; no row lock outlives the call. Someone who left or
+        was suppressed since the freeze is marked ``suppressed``, not returned. Empty:
+        nothing is due."""
         ...
 
-    def record(self, send_id: int, outcomes: Iterable[tuple[int, Outcome]]) -> None:
+    def record(
+        self, send_id: int, outcomes: Iterable[tuple[int, Outcome]], *, holder: str = ""
+    ) -> None:
         """Commit the outcomes of finished transactions (by seq), as one batch; only rows
-        still ``sending`` change."""
+        still ``sending`` change, and on a backend that shares sends only rows ``holder``
+        claimed (``unknown`` ones too: a run counted dead that was only slow still knows
+        what became of them)."""
         ...
 
     def release(self, send_id: int, seqs: Iterable[int]) -> None:
@@ -433,6 +463,10 @@ class SendLogStore(Protocol):
 
     def next_retry(self, send_id: int) -> float | None:
         """When the earliest deferred recipient is due (unix time), or None."""
+        ...
+
+    def workers(self, send_id: int) -> list[Worker]:
+        """The live processes of the send (their lease not run out), oldest first."""
         ...
 
 
@@ -509,6 +543,10 @@ class Lease(Protocol):
     def name(self) -> str: ...
     @property
     def ttl(self) -> float: ...
+    @property
+    def owner(self) -> str:
+        """Who holds it when this object does (``host:pid:...``): what claims record."""
+        ...
 
     def acquire(self, now: float) -> None:
         """Take the lease, or raise :class:`newsletter.errors.LockHeld` naming the live
@@ -544,8 +582,20 @@ class Storage(Protocol):
     @property
     def slots(self) -> SlotStore: ...
 
+    @property
+    def shared_sends(self) -> bool:
+        """True when several processes may work on one send at once, each with a lease
+        of its own (PostgreSQL); False when a send has one process at a time (SQLite)."""
+        ...
+
     def lease(self, name: str, ttl: float = LEASE_SECONDS) -> Lease:
         """A lease named ``name`` on this database (not yet acquired)."""
+        ...
+
+    def send_lease(self, issue_id: str, list_name: str, ttl: float = LEASE_SECONDS) -> Lease:
+        """The lease a run of this send takes (not yet acquired): the send's own, which
+        one process holds at a time, or, when :attr:`shared_sends`, this process's own
+        (named after the send, so that :meth:`SendLogStore.workers` finds it)."""
         ...
 
     def scratch_copy(self, issue_id: str, list_name: str) -> AbstractContextManager[Storage]:

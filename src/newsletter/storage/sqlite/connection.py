@@ -172,6 +172,13 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "JOIN subscribers u ON u.id = m.subscriber_id, json_each(u.attributes) j "
         "GROUP BY m.list_name, j.key",
     ),
+    # 4: as PostgreSQL's first version: which run's lease claimed each recipient
+    # (a shared send judges rows of dead processes by it), and each lease's last
+    # renewal (its heartbeat, shown by `status`).
+    (
+        "ALTER TABLE deliveries ADD COLUMN claimed_by TEXT",
+        "ALTER TABLE locks ADD COLUMN renewed REAL",
+    ),
 )
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
 _TABLES = frozenset(

@@ -21,12 +21,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import get_args
 
 from newsletter.errors import SendExists
 from newsletter.models import DELIVERY_STATES, Delivery, DeliveryState, Outcome, Recipient
-from newsletter.storage.base import RequeueState, SendRecord
+from newsletter.storage.base import RequeueState, SendRecord, Worker
 from newsletter.storage.sqlite.connection import translated
 from newsletter.storage.sqlite.subscribers import decode_attributes
 
@@ -308,17 +309,19 @@ class SendLog:
                 (_now(), send_id, state),
             ).rowcount
 
-    def claim(self, send_id: int, limit: int, now: float) -> list[Delivery]:
+    def claim(self, send_id: int, limit: int, now: float, *, holder: str = "") -> list[Delivery]:
         """Mark up to ``limit`` due recipients ``sending`` (committed) and return them.
 
         An empty list means nothing is due: claims that found only suppressed
         recipients try again."""
         while True:
-            found, good = self._claim_once(send_id, limit, now)
+            found, good = self._claim_once(send_id, limit, now, holder)
             if good or not found:
                 return good
 
-    def _claim_once(self, send_id: int, limit: int, now: float) -> tuple[bool, list[Delivery]]:
+    def _claim_once(
+        self, send_id: int, limit: int, now: float, holder: str
+    ) -> tuple[bool, list[Delivery]]:
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             # Two index range scans (send_id, state, seq), never a sort of the queue.
@@ -337,12 +340,12 @@ class SendLog:
             stamp = _now()
             # Someone who unsubscribed after the audience was frozen is not mailed.
             self.conn.executemany(
-                "UPDATE deliveries SET state = ?, updated_at = ?, "
+                "UPDATE deliveries SET state = ?, updated_at = ?, claimed_by = ?, "
                 "attempts = attempts + (? = 'sending'), "
                 "detail = CASE WHEN ? = 'suppressed' THEN 'unsubscribed or suppressed after the "
                 "send started' ELSE detail END WHERE send_id = ? AND seq = ?",
                 (
-                    (state, stamp, state, state, send_id, r[0])
+                    (state, stamp, holder or None, state, state, send_id, r[0])
                     for r in rows
                     for state in ("suppressed" if r[5] else "sending",)
                 ),
@@ -354,8 +357,11 @@ class SendLog:
         ]
         return bool(rows), good
 
-    def record(self, send_id: int, outcomes: Iterable[tuple[int, Outcome]]) -> None:
-        """Commit the outcomes of finished transactions, as one batch."""
+    def record(
+        self, send_id: int, outcomes: Iterable[tuple[int, Outcome]], *, holder: str = ""
+    ) -> None:
+        """Commit the outcomes of finished transactions, as one batch. ``holder`` is not
+        needed here: one process at a time works on a send, under the send's lease."""
         stamp = _now()
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
@@ -425,6 +431,30 @@ class SendLog:
             (send_id,),
         ).fetchone()
         return None if row[0] is None else float(row[0])
+
+    def workers(self, send_id: int) -> list[Worker]:
+        """The run holding the send's lease, if its lease has not run out (by this
+        machine's clock: see the Lease protocol)."""
+        rows = self.conn.execute(
+            "SELECT l.owner, l.since, l.renewed, l.expires FROM sends s JOIN locks l "
+            "ON l.name = 'send:' || s.issue_id || ':' || s.list_name "
+            "WHERE s.id = ? AND l.expires > ?",
+            (send_id, time.time()),
+        ).fetchall()
+        if not rows:
+            return []
+        claimed = self.conn.execute(
+            "SELECT count(*) FROM deliveries INDEXED BY deliveries_by_state "
+            "WHERE send_id = ? AND state = 'sending'",
+            (send_id,),
+        ).fetchone()[0]
+        found = []
+        for owner, since, renewed, expires in rows:
+            host, _, rest = str(owner).partition(":")
+            found.append(
+                Worker(host, rest.partition(":")[0], since, renewed, float(expires), claimed)
+            )
+        return found
 
 
 def _batches(items: Iterable[Recipient], size: int) -> Iterator[list[Recipient]]:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from newsletter.errors import StorageUnavailable
-from newsletter.storage.base import LEASE_SECONDS
+from newsletter.storage.base import LEASE_SECONDS, send_lease_name
 from newsletter.storage.sqlite.archive import ArchiveStore
 from newsletter.storage.sqlite.connection import (
     Connection,
@@ -54,8 +54,15 @@ class SqliteStorage:
         conn, _ = open_connection(path, create=create, busy_seconds=busy_seconds)
         return cls(conn, path, busy_seconds=busy_seconds)
 
+    # One process per send: SQLite has one writer at a time anyway, and a second
+    # process would only wait for it.
+    shared_sends = False
+
     def lease(self, name: str, ttl: float = LEASE_SECONDS) -> SqliteLease:
         return SqliteLease(self.path, name, ttl, busy_seconds=self.busy_seconds)
+
+    def send_lease(self, issue_id: str, list_name: str, ttl: float = LEASE_SECONDS) -> SqliteLease:
+        return self.lease(send_lease_name(issue_id, list_name), ttl)
 
     @contextlib.contextmanager
     def scratch_copy(self, issue_id: str, list_name: str) -> Iterator[SqliteStorage]:
