@@ -424,12 +424,7 @@ class Campaign:
                 await self._patiently(self._flush)
                 claimed_last = False
             elif drained and not queued and not self._working:
-                # Nothing was due: the work in flight is done and committed. Wait for
-                # deferred retries that come due soon, or end the run.
-                await self._patiently(self._flush)
-                if self.shared:
-                    await self._look_at_the_others()  # a dead process's rows: unknown now
-                if not await self._wait_for_retries():
+                if not await self._nothing_due():
                     return
                 drained = False
             elif self._results:
@@ -464,6 +459,26 @@ class Campaign:
             self.pacer.resync(hour + others)
         if options.per_day and self._day_left is not None:
             self._day_left = min(self._day_left, options.per_day - day - others)
+
+    async def _nothing_due(self) -> bool:
+        """The last claim found nothing and the work in flight is done: commit it, then
+        wait for what may still come (False: the run ends)."""
+        await self._patiently(self._flush)
+        if self.shared and await self._others_in_flight():
+            # Another process still has recipients in flight: they may come back (it
+            # stops and releases them) or be counted unknown (it died), and this run's
+            # summary is of the whole send. Look again shortly.
+            await self._unless_stopped(self._sleep(SHARE_EVERY))
+            return True
+        # Deferred retries that come due soon are waited for; otherwise the run ends.
+        return await self._wait_for_retries()
+
+    async def _others_in_flight(self) -> bool:
+        """A shared send with nothing due: whether rows are still ``sending`` (this run's own
+        are all committed by now), after the rows of dead processes were counted unknown."""
+        await self._look_at_the_others()
+        counts = await self._call(self.log.counts, self.send_id)
+        return counts["sending"] > 0
 
     async def _wait_for_retries(self) -> bool:
         """Wait until a deferred recipient is due; False when the run should end."""
