@@ -68,9 +68,9 @@ class SlowLog(SendLog):
         time.sleep(self.delay)
         super().record(send_id, outcomes, holder=holder)
 
-    def release(self, send_id: int, seqs: Iterable[int]) -> None:
+    def release(self, send_id: int, seqs: Iterable[int], *, holder: str = "") -> None:
         time.sleep(self.delay)
-        super().release(send_id, seqs)
+        super().release(send_id, seqs, holder=holder)
 
 
 @dataclass(slots=True)

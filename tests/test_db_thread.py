@@ -81,9 +81,9 @@ class SlowLog(SendLog):
         self._commit("record")
         super().record(send_id, outcomes, holder=holder)
 
-    def release(self, send_id: int, seqs: Iterable[int]) -> None:
+    def release(self, send_id: int, seqs: Iterable[int], *, holder: str = "") -> None:
         self._commit("release")
-        super().release(send_id, seqs)
+        super().release(send_id, seqs, holder=holder)
 
 
 @dataclass(slots=True)

@@ -202,3 +202,42 @@ def test_two_lists_of_one_issue_frozen_at_once_never_share_an_address(
     a, b = pg.send_log.find("i", "a"), pg.send_log.find("i", "b")
     assert a is not None and b is not None
     assert a.audience + b.audience == 3000 and a.duplicates + b.duplicates == 1000
+
+
+def test_a_stopping_process_hands_back_only_its_own_rows(pg: Storage) -> None:
+    log = pg.send_log
+    record = log.freeze("i", "news", people(4), suppressed=0)
+    log.claim(record.id, 2, time.time(), holder="slow")
+    log.claim(record.id, 2, time.time(), holder="other")
+    log.release(record.id, [0, 1, 2, 3], holder="slow")
+    counts = log.counts(record.id)
+    assert (counts["pending"], counts["sending"]) == (2, 2)
+
+
+def test_a_zombie_claimant_is_dead() -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from newsletter.storage.renewal import MACHINE, dead_here
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        owner = f"{__import__('socket').gethostname()}:{child.pid}:1:{MACHINE}"
+        while not dead_here(owner) and time.monotonic() < deadline:
+            time.sleep(0.02)  # not reaped: a zombie, which still answers signal 0
+        assert dead_here(owner)
+    finally:
+        child.wait()
+
+
+def test_a_search_path_naming_no_schema_is_a_clear_error(postgres_url: str) -> None:
+    from newsletter.errors import StorageUnavailable
+    from newsletter.storage import migrate
+
+    missing = postgres_url.rsplit("search_path%3D", 1)[0] + "search_path%3Dno_such_schema"
+    with pytest.raises(StorageUnavailable, match="the schema its search_path names"):
+        migrate(missing)

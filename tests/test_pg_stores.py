@@ -344,35 +344,27 @@ def test_two_imports_of_one_file_at_once_add_each_person_once(postgres_url: str)
         assert len({m.email for m in first.subscribers.members("news")}) == 2000
 
 
-def test_a_large_import_is_fast_and_importing_it_again_updates(postgres_url: str) -> None:
-    """100,000 rows: one COPY and set-wise writes, not a statement per row. The same file
-    again adds no one and updates everyone; the list then streams in batches by id."""
+def test_a_large_import_again_updates_everyone_and_streams_in_order(postgres_url: str) -> None:
+    """20,000 rows (many batches): the same file again adds no one and updates everyone;
+    the list then streams in batches by id. (Speed: benchmarks, not here.)"""
     rows = [
         ParsedRow(i + 2, f"r{i:06d}@example.org", "F", "L", {"town": "Leeds"})
-        for i in range(100_000)
+        for i in range(20_000)
     ]
     with closing(open_storage(postgres_url, create=True)) as storage:
         subs = storage.subscribers
-        started = time.monotonic()
         report = subs.import_rows("news", rows, skip_invalid=False)
-        first_took = time.monotonic() - started
-        assert (report.added, report.updated, report.duplicates) == (100_000, 0, 0)
+        assert (report.added, report.updated, report.duplicates) == (20_000, 0, 0)
         again = subs.import_rows("news", rows, skip_invalid=False)
-        assert (again.added, again.updated, again.duplicates) == (0, 100_000, 0)
-        assert first_took < 30, f"{first_took:.1f} s for 100,000 rows"
-        started = time.monotonic()
+        assert (again.added, again.updated, again.duplicates) == (0, 20_000, 0)
         audience = subs.audience("news", ["town"])
         assert next(audience).email == "r000000@example.org"
         last = None
         count = 1
         for count, last in enumerate(audience, start=2):  # noqa: B007 - the last one is kept
             pass
-        streamed = time.monotonic() - started
-        assert count == 100_000 and last is not None and last.email == "r099999@example.org"
+        assert count == 20_000 and last is not None and last.email == "r019999@example.org"
         assert last.attributes == {"town": "Leeds"}
-        # Batches read the primary key in order: a sort of every remaining member per
-        # batch (the plan stale statistics give) would take minutes here, not seconds.
-        assert streamed < 20, f"{streamed:.1f} s to stream 100,000"
 
 
 def test_an_import_refused_part_way_leaves_nothing_behind(postgres_url: str) -> None:

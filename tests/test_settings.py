@@ -333,6 +333,8 @@ def test_ordinary_smtp_host_and_helo_names_are_accepted(
         ("mysql://news:pa55word@db.example.org/news", "(mysql://) of a database newsletter"),
         ("sqlite://srv/news/newsletter.sqlite3", "sqlite:// URL without a file"),
         ("file:///srv/news/newsletter.sqlite3", "(file://) of a database newsletter cannot"),
+        ("host=db.example.org dbname=news password=pa55word", "keyword=value string"),
+        ("postgresql:/db.example.org/news", "one slash after the scheme"),
         ("  ", "is empty"),
     ],
 )

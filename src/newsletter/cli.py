@@ -661,7 +661,13 @@ def _send_one(
             helpers = Helpers(_worker_argv(request), workers - 1)
             watched = _open(settings)
             send_id = campaign.send_id
-            watcher = Watcher(lambda: watched.send_log.counts(send_id), bar.done)
+            started = helpers
+
+            def counts() -> dict[str, int]:
+                started.reap()
+                return watched.send_log.counts(send_id)
+
+            watcher = Watcher(counts, bar.done, close=watched.close)
             helpers.start()
             watcher.start()
 
@@ -731,6 +737,8 @@ def _join_helpers(settings: Settings, helpers: Helpers, report: SendReport) -> N
     """Wait for the helpers; the report then tells the whole send as it stands after all
     of them. A helper that failed (not 0, not 3: recipients left) is named, with what it
     said, and makes this command fail too."""
+    import signal
+
     results = helpers.wait()
     storage = _open(settings)
     try:
@@ -739,7 +747,9 @@ def _join_helpers(settings: Settings, helpers: Helpers, report: SendReport) -> N
         report.unknown = log.in_state(report.record.id, "unknown")
     finally:
         storage.close()
-    failed = [r for r in results if r.returncode not in (0, 3)]
+    # Ended by the SIGTERM of our own stop before it could catch it: stopped, not failed.
+    stopped = -signal.SIGTERM if helpers.stopped else None
+    failed = [r for r in results if r.returncode not in (0, 3, stopped)]
     for r in failed:
         click.secho(f"worker process {r.pid} failed (exit {r.returncode}):", fg="red", err=True)
         click.echo(textwrap.indent(r.said, "  "), err=True)

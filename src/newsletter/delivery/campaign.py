@@ -602,7 +602,7 @@ class Campaign:
         if self._unstarted:
             left, self._unstarted = self._unstarted, []
             try:
-                await self._call(self.log.release, self.send_id, left)
+                await self._call(self.log.release, self.send_id, left, holder=self.holder)
             except BaseException:
                 self._unstarted[:0] = left  # still ours, still `sending`: counted as in doubt
                 raise

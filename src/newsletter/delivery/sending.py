@@ -120,7 +120,10 @@ def preview(storage: Storage, issue_id: str, list_name: str) -> Preview:
     record = log.find(issue_id, list_name)
     if record is not None:
         counts = log.counts(record.id)
-        counts["unknown"] += counts.pop("sending")  # a dead run's in-flight rows
+        # A dead run's in-flight rows will be unknown; on a shared send, those of the
+        # processes still working on it are theirs, and not counted as anything yet.
+        live = sum(w.claimed for w in log.workers(record.id)) if storage.shared_sends else 0
+        counts["unknown"] += max(0, counts.pop("sending") - live)
         first = [email for email, _ in log.in_state(record.id, "pending", limit=5)]
         return Preview(True, record.audience, record.suppressed, counts, first, record.duplicates)
     states = store.states(list_name)

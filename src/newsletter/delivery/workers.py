@@ -45,6 +45,7 @@ class Helpers:
         self.count = count
         self._folder = tempfile.TemporaryDirectory(prefix="newsletter-workers-")
         self._procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+        self.stopped = False  # stop() was called: a helper ended by our SIGTERM did not fail
 
     def start(self) -> None:
         for i in range(self.count):
@@ -55,12 +56,19 @@ class Helpers:
                 )
             self._procs.append((proc, log))
 
+    def reap(self) -> None:
+        """Collect the exit status of helpers that ended (a killed one is no zombie then,
+        and the others see at once that it is gone)."""
+        for proc, _ in self._procs:
+            proc.poll()
+
     @property
     def pids(self) -> list[int]:
         return [proc.pid for proc, _ in self._procs]
 
     def stop(self) -> None:
         """Ask each to stop as Ctrl-C would: finish what is in flight, record it, end."""
+        self.stopped = True
         for proc, _ in self._procs:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -85,7 +93,9 @@ class Watcher:
         counts: Callable[[], dict[str, int]],
         on_done: Callable[[int], None],
         every: float = 0.5,
+        close: Callable[[], None] | None = None,
     ) -> None:
+        self._close = close  # what it reads through, closed when it stops
         self._counts = counts
         self._on_done = on_done
         self._every = every
@@ -114,3 +124,5 @@ class Watcher:
         self._stop.set()
         self._thread.join()
         self.look()
+        if self._close is not None:
+            self._close()

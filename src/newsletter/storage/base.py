@@ -438,9 +438,11 @@ class SendLogStore(Protocol):
         what became of them)."""
         ...
 
-    def release(self, send_id: int, seqs: Iterable[int]) -> None:
+    def release(self, send_id: int, seqs: Iterable[int], *, holder: str = "") -> None:
         """Claimed but never attempted (the run is stopping): back to ``pending``, their
-        attempt uncounted; only rows still ``sending`` change."""
+        attempt uncounted; only rows still ``sending`` change (and, on a backend that shares
+        sends, only those ``holder`` claimed: a row counted unknown, queued again and now
+        another process's is not this one's to hand back)."""
         ...
 
     def counts(self, send_id: int) -> dict[str, int]:

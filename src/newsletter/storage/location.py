@@ -23,6 +23,9 @@ __all__ = ["Location", "location_problem", "parse_location"]
 
 # scheme://: two characters at least, so that a Windows drive (C:/, C://) stays a path.
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+)://")
+# A libpq connection string ("host=db dbname=news ..."), and "postgresql:/db" with one slash.
+_KEYWORDS = re.compile(r"(?i)(host|hostaddr|port|dbname|user|password|sslmode|service)\s*=")
+_ONE_SLASH = re.compile(r"(?i)(postgres(ql)?|sqlite):/?(?!/)")
 PATH_EXAMPLE = "/srv/newsletter/newsletter.sqlite3"
 URL_EXAMPLE = "postgresql://newsletter@db.example.org:5432/newsletter"
 
@@ -82,6 +85,18 @@ def parse_location(value: str | Path) -> Location:
         )
     url = _URL.match(text)
     if url is None:
+        if _KEYWORDS.match(text):
+            # "host=db dbname=news password=..." would be taken for a file's name, and
+            # shown in every message: nothing of it is repeated.
+            raise ValueError(
+                "looks like a libpq keyword=value string; write it as a URL, such as "
+                f"{URL_EXAMPLE}, with the password in NEWSLETTER_DATABASE_PASSWORD"
+            )
+        if _ONE_SLASH.match(text):
+            raise ValueError(
+                f"looks like a URL with one slash after the scheme; write two, such as "
+                f"{URL_EXAMPLE} (or sqlite:/// and the file's path)"
+            )
         return Location.sqlite(Path(value))
     # Only the scheme is repeated in errors: the rest may hold a password.
     scheme = url.group(1).lower()

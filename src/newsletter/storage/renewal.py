@@ -159,4 +159,10 @@ def dead_here(owner: str) -> bool:
         return True
     except PermissionError:
         return False  # alive, owned by another user
-    return False
+    # A zombie (killed, not yet reaped by its parent: a `send --workers` helper) still
+    # answers signal 0, but it will never renew or record anything again.
+    try:
+        stat = Path(f"/proc/{int(pid_text)}/stat").read_text("ascii", errors="replace")
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]

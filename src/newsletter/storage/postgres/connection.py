@@ -310,6 +310,11 @@ def _first_line(exc: BaseException) -> str:
 def storage_error(exc: psycopg.Error, location: Location | None) -> StorageError | None:
     """Our error for a failure the server or the machine caused, or None for a bug."""
     said = _first_line(exc)
+    if isinstance(exc, pg_errors.InvalidSchemaName):
+        return StorageUnavailable(
+            f"cannot use {named(location)}: {said}: the schema its search_path names does not "
+            "exist; create it (CREATE SCHEMA name) or correct the URL's options"
+        )
     if isinstance(exc, _BUSY):
         return StorageBusy(
             f"cannot use {named(location)}: {said}: another session holds what this one "

@@ -374,11 +374,12 @@ class PgSendLog:
             },
         )
 
-    def release(self, send_id: int, seqs: Iterable[int]) -> None:
+    def release(self, send_id: int, seqs: Iterable[int], *, holder: str = "") -> None:
         self.conn.execute(
             "UPDATE deliveries SET state = 'pending', attempts = attempts - 1 "
-            "WHERE send_id = %s AND seq = ANY(%s) AND state = 'sending'",
-            (send_id, list(seqs)),
+            "WHERE send_id = %s AND seq = ANY(%s) AND state = 'sending' "
+            "AND (%s = '' OR claimed_by = %s)",
+            (send_id, list(seqs), holder, holder),
         )
 
     def counts(self, send_id: int) -> dict[str, int]:

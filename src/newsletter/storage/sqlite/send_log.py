@@ -374,7 +374,7 @@ class SendLog:
                 ),
             )
 
-    def release(self, send_id: int, seqs: Iterable[int]) -> None:
+    def release(self, send_id: int, seqs: Iterable[int], *, holder: str = "") -> None:
         """Claimed but never attempted (the run is stopping): back to pending, no doubt."""
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
