@@ -35,7 +35,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 from newsletter.errors import Problem
 from newsletter.models import Delivery, DeliveryState, Outcome, Recipient
@@ -67,9 +67,12 @@ __all__ = [
     "Summary",
     "Suppression",
     "Worker",
+    "batches",
     "lift_reason",
     "send_lease_name",
 ]
+
+T = TypeVar("T")
 
 LEASE_SECONDS = 120.0
 MAX_LIFT_REASON = 200
@@ -231,6 +234,18 @@ class SlotKey(Protocol):
 
 
 # ---------------------------------------------------------------- pure helpers
+
+
+def batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last one shorter), read as they are taken."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def send_lease_name(issue_id: str, list_name: str) -> str:

@@ -23,10 +23,10 @@ import threading
 import time
 from pathlib import Path
 
-from newsletter.errors import LeaseLost
+from newsletter.errors import LeaseLost, LockHeld
 from newsletter.storage.base import LEASE_SECONDS
 
-__all__ = ["LEASE_SECONDS", "RenewingLease", "dead_here", "holder_of"]
+__all__ = ["LEASE_SECONDS", "RenewingLease", "dead_here", "held_by", "holder_of", "host_pid"]
 
 
 class RenewingLease:
@@ -117,10 +117,21 @@ class RenewingLease:
         self._free()
 
 
+def host_pid(owner: str) -> tuple[str, str]:
+    """(host, pid) of a lock row's owner (``host:pid:object:machine``)."""
+    host, _, rest = owner.partition(":")
+    return host, rest.partition(":")[0]
+
+
 def holder_of(owner: str) -> str:
     """How a lock row's owner is named to people: "process PID on HOST"."""
-    host, _, rest = owner.partition(":")
-    return f"process {rest.partition(':')[0]} on {host}"
+    host, pid = host_pid(owner)
+    return f"process {pid} on {host}"
+
+
+def held_by(name: str, owner: str, since: float | None, until: float) -> LockHeld:
+    """The LockHeld error for the lock ``name`` that ``owner`` holds."""
+    return LockHeld(name, *host_pid(owner), since, until)
 
 
 def _unrenewed(seconds: float, said: str) -> str:

@@ -16,11 +16,10 @@ from typing import Any
 
 import psycopg
 
-from newsletter.errors import LockHeld
 from newsletter.storage.base import LEASE_SECONDS
 from newsletter.storage.location import Location
 from newsletter.storage.postgres.connection import NOW, connect, translated
-from newsletter.storage.renewal import RenewingLease, dead_here, holder_of
+from newsletter.storage.renewal import RenewingLease, dead_here, held_by, holder_of
 
 __all__ = ["PostgresLease"]
 
@@ -69,8 +68,7 @@ class PostgresLease(RenewingLease):
                 (self.name,),
             ).fetchone()
             if held is not None and held[0] != self.owner and held[3] and not dead_here(held[0]):
-                host, _, rest = held[0].partition(":")
-                raise LockHeld(self.name, host, rest.partition(":")[0], held[2], held[1])
+                raise held_by(self.name, held[0], held[2], held[1])
             # Two takers of a free name: the primary key makes the second wait for the
             # first's commit, and its ON CONFLICT then sees the first as the holder.
             taken = conn.execute(
@@ -89,8 +87,7 @@ class PostgresLease(RenewingLease):
                     "SELECT owner, expires, since FROM locks WHERE name = %s", (self.name,)
                 ).fetchone()
                 assert again is not None
-                host, _, rest = again[0].partition(":")
-                raise LockHeld(self.name, host, rest.partition(":")[0], again[2], again[1])
+                raise held_by(self.name, again[0], again[2], again[1])
 
     def _extend(self) -> str | None:
         with self._conn() as conn:

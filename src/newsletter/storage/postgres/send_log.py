@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, get_args
 
 import psycopg
@@ -34,10 +34,11 @@ from psycopg import errors as pg_errors
 
 from newsletter.errors import SendExists
 from newsletter.models import DELIVERY_STATES, Delivery, DeliveryState, Outcome, Recipient
-from newsletter.storage.base import RequeueState, SendRecord, Worker
+from newsletter.storage.base import RequeueState, SendRecord, Worker, batches
 from newsletter.storage.location import Location
 from newsletter.storage.postgres.connection import NOW, translated
-from newsletter.storage.renewal import dead_here
+from newsletter.storage.postgres.subscribers import text_attributes
+from newsletter.storage.renewal import dead_here, host_pid
 
 __all__ = ["FREEZE_BATCH", "PgSendLog"]
 
@@ -80,14 +81,6 @@ _RETURNING = (
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-
-
-def _attributes(stored: object) -> dict[str, str]:
-    if isinstance(stored, dict):
-        return {str(k): str(v) for k, v in stored.items()}
-    if isinstance(stored, str) and stored:
-        return {str(k): str(v) for k, v in json.loads(stored).items()}
-    return {}
 
 
 @translated
@@ -134,7 +127,7 @@ class PgSendLog:
             send_id = int(row[0])
             others = self._build_others(issue_id, list_name)
             total = duplicates = 0
-            for members in _batches(audience, FREEZE_BATCH):
+            for members in batches(audience, FREEZE_BATCH):
                 batch = members
                 if others:
                     have = {
@@ -330,7 +323,7 @@ class PgSendLog:
                     key=lambda r: r[0],
                 )
         good = [
-            Delivery(r[0], Recipient(r[1], r[2], r[3], _attributes(r[6])), r[4])
+            Delivery(r[0], Recipient(r[1], r[2], r[3], text_attributes(r[6])), r[4])
             for r in rows
             if r[5] == "sending"
         ]
@@ -435,21 +428,7 @@ class PgSendLog:
             f"WHERE s.id = %s AND l.expires > {NOW} ORDER BY l.since, l.owner",
             (send_id,),
         )
-        found = []
-        for owner, since, renewed, expires, claimed in rows:
-            host, _, rest = str(owner).partition(":")
-            found.append(
-                Worker(host, rest.partition(":")[0], since, renewed, float(expires), int(claimed))
-            )
-        return found
-
-
-def _batches(items: Iterable[Recipient], size: int) -> Iterator[list[Recipient]]:
-    batch: list[Recipient] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        return [
+            Worker(*host_pid(str(owner)), since, renewed, float(expires), int(claimed))
+            for owner, since, renewed, expires, claimed in rows
+        ]

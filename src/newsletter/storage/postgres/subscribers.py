@@ -28,7 +28,14 @@ import psycopg
 from newsletter.audience.csv_import import SUPPRESSION_REASONS, ParsedRow
 from newsletter.errors import Problem
 from newsletter.models import Recipient
-from newsletter.storage.base import ImportReport, ListStates, Member, Suppression, lift_reason
+from newsletter.storage.base import (
+    ImportReport,
+    ListStates,
+    Member,
+    Suppression,
+    batches,
+    lift_reason,
+)
 from newsletter.storage.location import Location
 from newsletter.storage.postgres.connection import translated
 from newsletter.storage.sqlite.subscribers import BATCH, MAX_PROBLEMS
@@ -404,17 +411,8 @@ class PgSubscribers:
     # -- changes --------------------------------------------------------------
     def remove(self, list_name: str, emails: Iterable[str]) -> int:
         """Take addresses off a list (they stay in other lists); returns how many were on it."""
-        removed = 0
         with self.conn.transaction():
-            batch: list[str] = []
-            for email in emails:
-                batch.append(email)
-                if len(batch) >= BATCH:
-                    removed += self._remove(list_name, batch)
-                    batch = []
-            if batch:
-                removed += self._remove(list_name, batch)
-        return removed
+            return sum(self._remove(list_name, batch) for batch in batches(emails, BATCH))
 
     def _remove(self, list_name: str, emails: list[str]) -> int:
         return self.conn.execute(

@@ -21,9 +21,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from newsletter.errors import LockHeld
 from newsletter.storage.base import LEASE_SECONDS
-from newsletter.storage.renewal import RenewingLease, dead_here, holder_of
+from newsletter.storage.renewal import RenewingLease, dead_here, held_by, holder_of
 from newsletter.storage.sqlite.connection import translated
 
 __all__ = ["LEASE_SECONDS", "SqliteLease"]
@@ -75,8 +74,7 @@ class SqliteLease(RenewingLease):
                 and not dead_here(held[0])
             ):
                 conn.execute("ROLLBACK")
-                host, _, rest = held[0].partition(":")
-                raise LockHeld(self.name, host, rest.partition(":")[0], held[2], held[1])
+                raise held_by(self.name, held[0], held[2], held[1])
             conn.execute(
                 "INSERT INTO locks (name, owner, expires, since, renewed) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, "

@@ -22,12 +22,13 @@ import datetime as dt
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import get_args
 
 from newsletter.errors import SendExists
 from newsletter.models import DELIVERY_STATES, Delivery, DeliveryState, Outcome, Recipient
-from newsletter.storage.base import RequeueState, SendRecord, Worker
+from newsletter.storage.base import RequeueState, SendRecord, Worker, batches
+from newsletter.storage.renewal import host_pid
 from newsletter.storage.sqlite.connection import translated
 from newsletter.storage.sqlite.subscribers import decode_attributes
 
@@ -134,7 +135,7 @@ class SendLog:
                     raise
                 raise SendExists(issue_id, list_name) from exc
             total = duplicates = 0
-            for members in _batches(audience, FREEZE_BATCH):
+            for members in batches(audience, FREEZE_BATCH):
                 batch = members
                 if others:
                     # One indexed lookup per batch: no scan of other sends per member.
@@ -448,21 +449,7 @@ class SendLog:
             "WHERE send_id = ? AND state = 'sending'",
             (send_id,),
         ).fetchone()[0]
-        found = []
-        for owner, since, renewed, expires in rows:
-            host, _, rest = str(owner).partition(":")
-            found.append(
-                Worker(host, rest.partition(":")[0], since, renewed, float(expires), claimed)
-            )
-        return found
-
-
-def _batches(items: Iterable[Recipient], size: int) -> Iterator[list[Recipient]]:
-    batch: list[Recipient] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        return [
+            Worker(*host_pid(str(owner)), since, renewed, float(expires), claimed)
+            for owner, since, renewed, expires in rows
+        ]
