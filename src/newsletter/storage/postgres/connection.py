@@ -19,15 +19,13 @@ to run ``newsletter db migrate``. Times that decide a lease are the server's
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
 
 from newsletter.errors import ConfigError, StorageBusy, StorageError, StorageUnavailable
+from newsletter.storage.boundary import translate_class
 from newsletter.storage.location import Location
 
 T = TypeVar("T")
@@ -346,29 +344,8 @@ def translated(cls: type[T]) -> type[T]:
     """Wrap every public method of a store class so that psycopg's errors leave it as
     :class:`StorageError` (see :func:`storage_error`); generators are wrapped too. The
     store names its database by a ``location`` attribute."""
-    for name, member in list(vars(cls).items()):
-        if not name.startswith("_") and inspect.isfunction(member):
-            setattr(cls, name, _translating(member))
-    return cls
+    return translate_class(cls, psycopg.Error, _convert)
 
 
-def _translating(method: Callable[..., Any]) -> Callable[..., Any]:
-    if inspect.isgeneratorfunction(method):
-
-        @functools.wraps(method)
-        def stream(self: object, *args: Any, **kwargs: Any) -> Iterator[Any]:
-            try:
-                yield from method(self, *args, **kwargs)
-            except psycopg.Error as exc:
-                _reraise(exc, _where(self))
-
-        return stream
-
-    @functools.wraps(method)
-    def call(self: object, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except psycopg.Error as exc:
-            _reraise(exc, _where(self))
-
-    return call
+def _convert(exc: psycopg.Error, store: object) -> StorageError | None:
+    return storage_error(exc, _where(store))

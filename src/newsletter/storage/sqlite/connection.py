@@ -17,15 +17,14 @@ implements the same Protocols (:mod:`newsletter.storage.base`).
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import re
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TypeVar
 
 from newsletter.errors import ConfigError, StorageBusy, StorageError, StorageUnavailable
+from newsletter.storage.boundary import translate_class
 
 T = TypeVar("T")
 
@@ -403,10 +402,7 @@ def errors_named(path: Path | None) -> Iterator[None]:
 def translated(cls: type[T]) -> type[T]:
     """Wrap every public method of a store class so that SQLite's errors leave it as
     :class:`StorageError` (see :func:`storage_error`); generators are wrapped too."""
-    for name, member in list(vars(cls).items()):
-        if not name.startswith("_") and inspect.isfunction(member):
-            setattr(cls, name, _translating(member))
-    return cls
+    return translate_class(cls, sqlite3.Error, _convert)
 
 
 def _where(store: object) -> Path | None:
@@ -417,34 +413,8 @@ def _where(store: object) -> Path | None:
     return found if isinstance(found, Path) else None
 
 
-def _translating(method: Callable[..., Any]) -> Callable[..., Any]:
-    if inspect.isgeneratorfunction(method):
-
-        @functools.wraps(method)
-        def stream(self: object, *args: Any, **kwargs: Any) -> Iterator[Any]:
-            try:
-                yield from method(self, *args, **kwargs)
-            except sqlite3.Error as exc:
-                _reraise_as_ours(exc, self)
-
-        return stream
-
-    @functools.wraps(method)
-    def call(self: object, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except sqlite3.Error as exc:
-            _reraise_as_ours(exc, self)
-
-    return call
-
-
-def _reraise_as_ours(exc: sqlite3.Error, store: object) -> NoReturn:
-    """Raise our StorageError for ``exc`` (from it), or ``exc`` itself for a query's bug."""
-    ours = storage_error(exc, _where(store))
-    if ours is None:
-        raise exc
-    raise ours from exc
+def _convert(exc: sqlite3.Error, store: object) -> StorageError | None:
+    return storage_error(exc, _where(store))
 
 
 def _named(path: Path | None) -> str:
