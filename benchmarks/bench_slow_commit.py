@@ -44,8 +44,9 @@ from newsletter.delivery.message import MessageTemplate, Sender  # noqa: E402
 from newsletter.delivery.sending import prepare  # noqa: E402
 from newsletter.delivery.transports import Envelope, MemoryTransport, Session  # noqa: E402
 from newsletter.models import Recipient  # noqa: E402
+from newsletter.storage.caps import Caps, Claim  # noqa: E402
 from newsletter.storage.sqlite import SqliteStorage  # noqa: E402
-from newsletter.storage.sqlite.send_log import Delivery, Outcome, SendLog  # noqa: E402
+from newsletter.storage.sqlite.send_log import Outcome, SendLog  # noqa: E402
 
 ISSUE = REPO / "issues" / "2020-12-23.yaml"
 LIST = "research-news"
@@ -58,9 +59,11 @@ class SlowLog(SendLog):
         super().__init__(conn)
         self.delay = delay
 
-    def claim(self, send_id: int, limit: int, now: float, *, holder: str = "") -> list[Delivery]:
+    def claim(
+        self, send_id: int, limit: int, now: float, *, holder: str = "", caps: Caps | None = None
+    ) -> Claim:
         time.sleep(self.delay)
-        return super().claim(send_id, limit, now, holder=holder)
+        return super().claim(send_id, limit, now, holder=holder, caps=caps)
 
     def record(
         self, send_id: int, outcomes: Iterable[tuple[int, Outcome]], *, holder: str = ""

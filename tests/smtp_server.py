@@ -12,6 +12,7 @@ import email
 import email.policy
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
@@ -25,6 +26,7 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
+    at: float = field(default_factory=time.monotonic)  # when the message was accepted
 
     @property
     def message(self) -> EmailMessage:

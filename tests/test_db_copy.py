@@ -441,3 +441,46 @@ def test_an_unreachable_server_is_an_error_not_a_traceback(source: Path, tmp_pat
     refused = copy(source, "postgresql://postgres@127.0.0.1:9/test", tmp_path)
     assert refused.returncode == 1 and "cannot connect to" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_an_interrupted_send_copied_to_postgresql_resumes_there(
+    source: Path, postgres_url: str, tmp_path: Path
+) -> None:
+    """The move as a user makes it: `db copy`, then the same `send` command on the new
+    database, from another project folder, to another relay: the interrupted send goes
+    on where it stopped, its rows in flight at the crash are the reported unknowns, and
+    the finished send stays finished."""
+    assert copy(source, postgres_url, tmp_path).returncode == 0
+    conn = sqlite3.connect(source)
+    try:
+        states: dict[str, list[str]] = {}
+        for email, state in conn.execute(
+            "SELECT d.email, d.state FROM deliveries d JOIN sends s ON s.id = d.send_id "
+            "WHERE s.list_name = 'other' ORDER BY d.seq"
+        ):
+            states.setdefault(state, []).append(email)
+    finally:
+        conn.close()
+    assert len(states["sending"]) == 3 and states["pending"] and states["deferred"]
+    server = Server().start()
+    try:
+        project = make_project(tmp_path / "moved")
+        env = env_for(server, postgres_url)
+        send = ["send", f"issues/{EXAMPLE.name}", "--yes"]
+        resumed = run_cli(*send, "--list", "other", cwd=project, env=env)
+        assert resumed.returncode == 3, resumed.stdout + resumed.stderr
+        unknown = re.findall(r"^unknown: (\S+): ", resumed.stdout, re.M)
+        assert sorted(unknown) == sorted(states["sending"])
+        got = sorted(r for m in server.handler.received for r in m.rcpt_tos)
+        assert got == sorted(states["pending"] + states["deferred"])
+        again = run_cli(*send, "--list", "other", "--resend-unknown", cwd=project, env=env)
+        assert again.returncode == 0, again.stdout + again.stderr
+        got = sorted(r for m in server.handler.received for r in m.rcpt_tos)
+        assert got == sorted(states["pending"] + states["deferred"] + states["sending"])
+        finished = run_cli(*send, "--list", "research-news", cwd=project, env=env)
+        # Exit 3 for the one the relay refused back then; nobody is mailed again.
+        assert finished.returncode == 3, finished.stdout + finished.stderr
+        assert "this run 0 message(s)" in finished.stdout and "rejected 1" in finished.stdout
+        assert len(server.handler.received) == len(got)
+    finally:
+        server.stop()

@@ -25,7 +25,8 @@ from newsletter.delivery.message import MessageTemplate
 from newsletter.delivery.sending import prepare
 from newsletter.delivery.transports import Envelope, MemoryTransport, Session
 from newsletter.errors import StorageUnavailable
-from newsletter.models import Delivery, Outcome
+from newsletter.models import Outcome
+from newsletter.storage.caps import Caps, Claim
 from newsletter.storage.sqlite import SqliteStorage
 from newsletter.storage.sqlite.send_log import SendLog
 
@@ -68,9 +69,11 @@ class SlowLog(SendLog):
         finally:
             self._busy.release()
 
-    def claim(self, send_id: int, limit: int, now: float, *, holder: str = "") -> list[Delivery]:
+    def claim(
+        self, send_id: int, limit: int, now: float, *, holder: str = "", caps: Caps | None = None
+    ) -> Claim:
         self._commit("claim")
-        claimed = super().claim(send_id, limit, now, holder=holder)
+        claimed = super().claim(send_id, limit, now, holder=holder, caps=caps)
         sending = self.counts(send_id)["sending"]
         self.most_sending = max(self.most_sending, sending)
         return claimed

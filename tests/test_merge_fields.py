@@ -440,7 +440,7 @@ def test_a_send_frozen_before_the_upgrade_reads_attributes_from_the_subscriber(
     import_csv(db, tmp_path, "email,first_name,town\nann@example.org,Ann,Leeds\n")
     record = prepare(db, personal.issue_id, "news").record
     db.conn.execute("UPDATE deliveries SET attributes = NULL")  # as version 2 froze it
-    (delivery,) = db.send_log.claim(record.id, 10, now=0)
+    (delivery,) = db.send_log.claim(record.id, 10, now=0).deliveries
     assert delivery.recipient.attributes == {"town": "Leeds"}
 
 
@@ -811,7 +811,7 @@ def test_a_send_keeps_only_the_columns_its_issue_uses_and_reads_the_lists_own(
     columns = merge_columns(db.subscribers, "b", personal.merge_uses)
     assert columns == {"town": "town!"}
     record = prepare(db, personal.issue_id, "b", columns=list(columns.values())).record
-    (delivery,) = db.send_log.claim(record.id, 10, now=0)
+    (delivery,) = db.send_log.claim(record.id, 10, now=0).deliveries
     assert delivery.recipient.attributes == {"town!": "York"}  # no shoe size kept
     template = MessageTemplate(personal.rendered, sender(), columns=columns)
     text, _ = parts(parse(template.personalise(delivery.recipient, date=WHEN)))

@@ -36,7 +36,7 @@ def test_claims_record_and_count_the_same_on_both_backends(any_db: Storage) -> N
     log = any_db.send_log
     record = log.freeze("2026-12-03", "news", people(12), suppressed=2)
     assert (record.audience, record.suppressed, record.duplicates) == (12, 2, 0)
-    first = log.claim(record.id, 5, time.time(), holder="h1")
+    first = log.claim(record.id, 5, time.time(), holder="h1").deliveries
     assert [d.seq for d in first] == [0, 1, 2, 3, 4] and all(d.attempts == 1 for d in first)
     assert first[0].recipient == Recipient("p00000@example.org", "P0", "")
     log.record(
@@ -53,7 +53,7 @@ def test_claims_record_and_count_the_same_on_both_backends(any_db: Storage) -> N
         8,
     )
     # The due deferred one comes after the pending ones, with its attempts counted.
-    rest = log.claim(record.id, 20, time.time(), holder="h1")
+    rest = log.claim(record.id, 20, time.time(), holder="h1").deliveries
     assert [d.seq for d in rest][-1] == 1 and rest[-1].attempts == 2
     assert log.next_retry(record.id) is None
     with pytest.raises(SendExists):
@@ -73,7 +73,7 @@ def test_someone_who_left_after_the_freeze_is_marked_suppressed_not_claimed(
         web.subscribers.opt_out("news", "p00003@example.org")
     finally:
         web.close()
-    got = log.claim(record.id, 10, time.time())
+    got = log.claim(record.id, 10, time.time()).deliveries
     assert [d.seq for d in got] == [0, 2]
     assert [e for e, _ in log.in_state(record.id, "suppressed")] == [
         "p00001@example.org",
@@ -91,7 +91,9 @@ def test_two_processes_claiming_at_once_never_get_the_same_recipient(
         storage = open_storage(postgres_url)
         mine = got.setdefault(name, [])
         try:
-            while batch := storage.send_log.claim(record.id, 37, time.time(), holder=name):
+            while batch := storage.send_log.claim(
+                record.id, 37, time.time(), holder=name
+            ).deliveries:
                 mine.extend(d.seq for d in batch)
         finally:
             storage.close()

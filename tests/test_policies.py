@@ -351,8 +351,8 @@ class FakeTime:
         self.now += seconds
 
 
-def paced(t: FakeTime, rate: float | None, **kw: int) -> Pacer:
-    return Pacer(rate, clock=t.clock, sleep=t.sleep, **kw)
+def paced(t: FakeTime, rate: float | None) -> Pacer:
+    return Pacer(rate, clock=t.clock, sleep=t.sleep)
 
 
 def acquire(pacer: Pacer, times: int) -> None:
@@ -436,37 +436,3 @@ def test_slowing_an_unlimited_pacer_limits_it_until_it_recovers() -> None:
     while pacer.rate is not None:
         pacer.went_well()
     assert not pacer.active  # back to no limit
-
-
-def test_the_hourly_cap_waits_for_the_oldest_message_to_leave_the_hour() -> None:
-    t = FakeTime()
-    pacer = paced(t, None, per_hour=3)
-    acquire(pacer, 3)
-    assert t.slept == []
-    t.now += 600  # ten minutes later the hour still holds three
-    acquire(pacer, 1)
-    assert t.slept == [3000.0]  # until the first of the three is an hour old
-    assert t.now == 1000.0 + 3600
-
-
-def test_the_hourly_cap_counts_what_earlier_runs_sent() -> None:
-    t = FakeTime()
-    # Two sent in the last hour by an earlier run, spread over it: at -2400 s and -1200 s.
-    pacer = paced(t, None, per_hour=3, sent_last_hour=2)
-    acquire(pacer, 1)
-    assert t.slept == []
-    acquire(pacer, 1)
-    assert t.slept == [1200.0]  # the one from 2400 s ago leaves the hour
-    acquire(pacer, 1)
-    assert t.slept == [1200.0, 1200.0]
-
-
-def test_the_rate_and_the_hourly_cap_together() -> None:
-    t = FakeTime()
-    pacer = paced(t, 2.0, per_hour=4)
-    acquire(pacer, 5)
-    # Three waits of half a second for the rate, then the cap: the first of
-    # four (at 1000.0) leaves the hour at 4600.0.
-    assert t.slept[:3] == [0.5, 0.5, 0.5]
-    assert t.slept[3] == pytest.approx(3600 - 1.5)
-    assert t.now == pytest.approx(4600.0)

@@ -329,12 +329,55 @@ def test_day_cap_stops_the_run_and_counts_earlier_sends(
     capped = SendOptions(connections=2, per_day=4, flush_interval=0.01)
     first = run(db, template, server, capped)
     assert first.result.counts["sent"] == 4 and first.result.counts["pending"] == 6
-    assert first.result.stopped is not None and "a day is reached" in first.result.stopped
+    stopped = first.result.stopped
+    assert stopped is not None and "the cap of 4 messages a day" in stopped
+    assert "the next message may go at " in stopped and "run the same command again" in stopped
     assert first.result.stop_says_when  # "again tomorrow": the CLI adds no "resume now"
     again = run(db, template, server, capped)  # the same day: nothing more goes out
     assert again.result.attempted == 0 and len(server.handler.received) == 4
     uncapped = run(db, template, server)
     assert uncapped.result.counts["sent"] == 10 and len(server.handler.received) == 10
+
+
+def test_an_hour_cap_holds_the_run_until_the_hour_has_room(
+    db: SqliteStorage, template: MessageTemplate, server: Server
+) -> None:
+    import time
+
+    from newsletter.delivery.campaign import Campaign
+
+    subscribe(db, addresses(5))
+    notes: list[str] = []
+    runs: list[Campaign] = []
+
+    def noted(text: str) -> None:
+        notes.append(text)
+        runs[0].stop("the test has seen the wait")
+
+    started = time.time()
+    report = asyncio.run(
+        run_send(
+            db,
+            prepare(db, "2020-12-23", "research-news"),
+            template,
+            smtp(server),
+            SendOptions(connections=2, per_hour=3, flush_interval=0.01),
+            envelope_sender="bounces@example.org",
+            on_start=runs.append,
+            on_note=noted,
+        )
+    )
+    assert report.result.counts["sent"] == 3 and report.result.counts["pending"] == 2
+    assert len(server.handler.received) == 3
+    # It waited (rather than stopping) and said until when: an hour after the first went.
+    assert len(notes) == 1, notes
+    assert "the cap of 3 messages an hour (over every send in this database) is reached" in notes[0]
+    import datetime as dt
+
+    until = dt.datetime.strptime(
+        notes[0].rsplit("until ", 1)[1].split(" UTC")[0], "%Y-%m-%d %H:%M:%S"
+    )
+    assert abs(until.replace(tzinfo=dt.UTC).timestamp() - (started + 3600)) < 5
 
 
 def test_pacing_spaces_messages_out(

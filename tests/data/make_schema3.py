@@ -52,7 +52,7 @@ def main() -> None:
     log = SendLog(conn)
     audience = list(store.audience("news", ["city"]))
     record = log.freeze("2026-12-03", "news", audience, suppressed=1)
-    claimed = log.claim(record.id, 10, now=0.0)
+    claimed = log.claim(record.id, 10, now=0.0).deliveries
     outcomes = [
         Outcome("sent", 250, "2.0.0 ok"),
         Outcome("rejected", 550, "5.1.1 no such user"),

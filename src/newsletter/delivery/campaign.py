@@ -38,11 +38,19 @@ sessions go on while a commit (an fsync, a round trip across a network) is
 under way. That thread is the only one that touches the store during the run
 and ends with it, on errors and cancellation too; a :class:`StorageError`
 raised there stops the run as above, and any other error (a bug) ends it
-with that error. The constructor's two reads (counts and, with
-a cap, sent_since) stay synchronous: no SMTP has started yet. One task, the
+with that error. The constructor's one read (counts) stays synchronous: no
+SMTP has started yet. One task, the
 pump, makes every call, one at a time, so a flush never waits behind more
 than the one call under way; workers never wait on the store (what they
 cannot start on a stop is released in one commit as the run ends).
+
+The hour and day caps (``per_hour``, ``per_day``) are counted by every claim
+in the database, over every process and every send there
+(:mod:`newsletter.storage.caps`): a claim never takes more than they leave
+room for, rows in flight counted as sent. A claim they hold back says which
+cap and when room comes; once this run's recipients are done the run waits
+for it (an hour's cap always; a day's only within ``max_wait``, otherwise it
+stops and says when to run again).
 
 Waits (the reconnect back-off, the busy back-off, the wait for deferred
 retries) go through the injected ``sleep``; a test that injects one also
@@ -109,6 +117,7 @@ from newsletter.errors import (
 )
 from newsletter.models import Delivery, Outcome
 from newsletter.storage.base import SendLogStore
+from newsletter.storage.caps import CapReached, Caps, Claim
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -216,18 +225,16 @@ class Campaign:
         self.on_note = on_note
         self._sleep = sleep or asyncio.sleep
         self._lost: str | None = None
-        now = clock()
-        last_hour = log.sent_since(now - 3600) if options.per_hour else 0
         self.pacer = Pacer(
-            options.rate,
-            per_hour=options.per_hour,
-            sent_last_hour=last_hour,
-            clock=clock if sleep is not None else time.monotonic,
-            sleep=self._sleep,
+            options.rate, clock=clock if sleep is not None else time.monotonic, sleep=self._sleep
         )
-        self._day_left: int | None = None
-        if options.per_day:
-            self._day_left = options.per_day - log.sent_since(now - 86400)
+        # The hour and day caps are counted by every claim, in the database (over every
+        # process and send); a claim they held back says so, and the run waits or stops.
+        self._caps = (
+            Caps(options.per_hour, options.per_day) if options.per_hour or options.per_day else None
+        )
+        self._capped: CapReached | None = None  # the cap that held back the last claim
+        self._said_cap: float | None = None  # the room_at of the last "waiting for room" note
         # The queue's depth is kept by the pump, within the window (module docstring).
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._min_claim = max(1, options.connections * 3 // 4)
@@ -415,10 +422,12 @@ class Campaign:
                 if self._guarded():
                     continue  # stopping now: no claim, the loop finishes what is in flight
                 try:
-                    drained = not await self._claim(want)
+                    claimed = await self._claim(want)
                 except StorageBusy as exc:
                     self._busy_stop(exc)  # nothing was claimed; the loop finishes the rest
                     continue
+                drained = not claimed.deliveries
+                self._capped = claimed.capped if drained else None
                 claimed_last = True
             elif flush:
                 await self._patiently(self._flush)
@@ -442,28 +451,21 @@ class Campaign:
         """A shared send: count the live processes (the rate is shared among them) and turn
         the rows of those whose lease ran out unknown. A busy database skips a look."""
         self._shared_at = time.monotonic()
-        options = self.options
         try:
             await self._call(self.log.mark_interrupted, self.send_id)
             workers = await self._call(self.log.workers, self.send_id)
-            now = self.clock()
-            hour = await self._call(self.log.sent_since, now - 3600) if options.per_hour else 0
-            day = await self._call(self.log.sent_since, now - 86400) if options.per_day else 0
         except StorageBusy:
             return
         self.pacer.share(len(workers))
-        # The caps count every process's messages, as the database has them: what the
-        # others sent, and what they have in flight now (this run's own are counted here).
-        others = sum(w.claimed for w in workers if f"{w.host}:{w.pid}:" not in self.holder)
-        if options.per_hour:
-            self.pacer.resync(hour + others)
-        if options.per_day and self._day_left is not None:
-            self._day_left = min(self._day_left, options.per_day - day - others)
 
     async def _nothing_due(self) -> bool:
         """The last claim found nothing and the work in flight is done: commit it, then
         wait for what may still come (False: the run ends)."""
         await self._patiently(self._flush)
+        if self._capped is not None:
+            capped, self._capped = self._capped, None
+            return await self._wait_for_room(capped)
+        self._said_cap = None
         if self.shared and await self._others_in_flight():
             # Another process still has recipients in flight: they may come back (it
             # stops and releases them) or be counted unknown (it died), and this run's
@@ -496,18 +498,48 @@ class Campaign:
                 f"a run waits (NEWSLETTER_SEND_MAX_WAIT, {self.options.max_wait:.0f} s)"
             )
             return False
+        await self._guarded_sleep(wait)
+        return True
+
+    async def _wait_for_room(self, capped: CapReached) -> bool:
+        """A claim found a cap full and this run's recipients are all done: wait until the
+        cap has room and claim again (True), or stop (False) when a day's cap has none
+        before a run would stop waiting anyway (``max_wait``)."""
+        per = "an hour" if capped.window == "hour" else "a day"
+        cap = f"the cap of {capped.cap} messages {per} (over every send in this database)"
+        if capped.room_at is None:
+            # Only rows in flight fill it (other processes', other sends'): they end soon.
+            wait, when = SHARE_EVERY, "the messages in flight are done"
+        else:
+            wait = max(0.01, capped.room_at - self.clock())
+            when = _utc(capped.room_at)
+        if capped.window == "day" and wait > self.options.max_wait:
+            self.stop(
+                f"{cap} is reached; the next message may go at {when}: run the same command "
+                "again then to continue",
+                says_when=True,
+            )
+            return False
+        if self.on_note is not None and self._said_cap != capped.room_at:
+            self._said_cap = capped.room_at
+            self.on_note(f"{cap} is reached; waiting until {when} to send more")
+        # A shared send looks again sooner: another process's rows that end unsent make room.
+        await self._guarded_sleep(min(wait, SHARE_EVERY) if self.shared else wait)
+        return True
+
+    async def _guarded_sleep(self, wait: float) -> None:
+        """Sleep ``wait`` seconds unless the run stops or loses its lease first."""
         # In slices, asking the guard between them: a lease lost during a wait of up to
         # max_wait is noticed within GUARD_EVERY seconds, not at the next claim. Counted
         # down by what was slept, so that a clock frozen by a test cannot make it endless.
         left = max(0.01, wait)
         while left > 0:
             if self._guarded():
-                return True  # stopping: the pump ends the run
+                return  # stopping: the pump ends the run
             step = min(GUARD_EVERY, left)
             if not await self._unless_stopped(self._sleep(step)):
-                return True
+                return
             left -= step
-        return True
 
     def _busy_stop(self, exc: StorageBusy) -> None:
         self._busy = exc
@@ -556,12 +588,17 @@ class Campaign:
         self._commit_time = _ewma(self._commit_time, time.monotonic() - started)
         return result
 
-    async def _claim(self, limit: int) -> list[Delivery]:
+    async def _claim(self, limit: int) -> Claim:
         """Claim up to ``limit`` recipients in the thread and queue them."""
         self._open += limit  # reserved before the claim can commit anything
         started = time.monotonic()
         future = self._thread.submit(
-            self.log.claim, self.send_id, limit, self.clock(), holder=self.holder
+            self.log.claim,
+            self.send_id,
+            limit,
+            self.clock(),
+            holder=self.holder,
+            caps=self._caps,
         )
         try:
             claimed = await asyncio.shield(future)
@@ -578,9 +615,9 @@ class Campaign:
         self._commit_time = _ewma(self._commit_time, time.monotonic() - started)
         return claimed
 
-    def _admit(self, reserved: int, claimed: list[Delivery]) -> None:
-        self._open += len(claimed) - reserved
-        for delivery in claimed:
+    def _admit(self, reserved: int, claimed: Claim) -> None:
+        self._open += len(claimed.deliveries) - reserved
+        for delivery in claimed.deliveries:
             self._queue.put_nowait(delivery)
 
     async def _record_the_rest(self) -> None:
@@ -643,16 +680,6 @@ class Campaign:
                     if self._stopping.is_set() or self._guarded():
                         self._unstarted.append(delivery.seq)
                         continue
-                    if self._day_left is not None:
-                        if self._day_left <= 0:
-                            self._unstarted.append(delivery.seq)
-                            self.stop(
-                                f"the cap of {self.options.per_day} messages a day is reached; "
-                                "run the same command again tomorrow to continue",
-                                says_when=True,
-                            )
-                            continue
-                        self._day_left -= 1
                     if session is not None and not session.usable:
                         # The relay closed it while it sat idle: do not spend a
                         # recipient's attempt on a dead connection.
@@ -825,6 +852,10 @@ def _unrecorded(delivered: list[str], others: dict[str, int]) -> str:
             f"recipient(s) of this run were not recorded ({parts}) and will show as unknown"
         )
     return "; ".join(said) if len(said) == 1 else ". ".join(said)
+
+
+def _utc(at: float) -> str:
+    return dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _ewma(old: float, sample: float) -> float:

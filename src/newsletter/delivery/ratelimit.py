@@ -1,8 +1,10 @@
 """Pacing: how fast messages may leave, as a token bucket that backs off.
 
-Input: a rate in messages per second (None for no limit), an optional
-per-hour cap, and a clock and a sleep (real time unless a test injects its
-own). Output: :meth:`Pacer.acquire` returns when the next message may go.
+Input: a rate in messages per second (None for no limit), and a clock and a
+sleep (real time unless a test injects its own). Output: :meth:`Pacer.acquire`
+returns when the next message may go. The hour and day caps are not here: they
+are counted in the database at each claim, over every process and send
+(:mod:`newsletter.storage.caps`).
 When the relay says "slow down" (421, 451, 454 or timeouts) the rate halves,
 down to one message every two seconds, and grows back by a tenth of the
 configured rate per second of good replies (additive increase,
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 
 MIN_RATE = 0.5
@@ -28,25 +29,16 @@ class Pacer:
         self,
         rate: float | None,
         *,
-        per_hour: int | None = None,
-        sent_last_hour: int = 0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.limit = rate
         self.rate = rate
         self._configured = rate  # for the whole send, however many processes share it
-        self.per_hour = per_hour
         self._clock = clock
         self._sleep = sleep
         self._tokens = 1.0
         self._last = clock()
-        # Messages sent in the last hour by earlier runs count against the cap:
-        # a restart must not reset the window. Spread them over the past hour.
-        now = clock()
-        self._hour: deque[float] = deque(
-            now - 3600 + 3600 * (i + 1) / (sent_last_hour + 1) for i in range(sent_last_hour)
-        )
         self._lock = asyncio.Lock()
 
     def share(self, processes: int) -> None:
@@ -60,30 +52,16 @@ class Pacer:
         if self.rate is not None:
             self.rate = new if at_limit else min(self.rate, new)
 
-    def resync(self, sent_last_hour: int) -> None:
-        """Count messages others sent in the last hour (several processes of a shared send,
-        as the database has them) against the hourly cap; never fewer than this one knows."""
-        missing = sent_last_hour - len(self._hour)
-        if missing <= 0:
-            return
-        now = self._clock()
-        spread = [now - 3600 + 3600 * (i + 1) / (missing + 1) for i in range(missing)]
-        self._hour = deque(sorted([*spread, *self._hour]))
-
     @property
     def active(self) -> bool:
-        """False when acquire() would return at once (no rate, no hourly cap)."""
-        return self.rate is not None or bool(self.per_hour)
+        """False when acquire() would return at once (no rate)."""
+        return self.rate is not None
 
     async def acquire(self) -> None:
         if not self.active:
             return  # no pacing: skip the lock, this is on every message's path
         async with self._lock:  # first come, first served
-            if self.per_hour:
-                await self._hourly()
-            if self.rate is None:
-                return
-            while True:
+            while self.rate is not None:
                 now = self._clock()
                 burst = max(1.0, self.rate)
                 self._tokens = min(burst, self._tokens + (now - self._last) * self.rate)
@@ -92,17 +70,6 @@ class Pacer:
                     self._tokens = max(0.0, self._tokens - 1.0)
                     return
                 await self._sleep((1.0 - self._tokens) / self.rate)
-
-    async def _hourly(self) -> None:
-        assert self.per_hour is not None
-        while True:
-            now = self._clock()
-            while self._hour and self._hour[0] <= now - 3600:
-                self._hour.popleft()
-            if len(self._hour) < self.per_hour:
-                self._hour.append(now)
-                return
-            await self._sleep(self._hour[0] + 3600 - now)
 
     def slow_down(self) -> None:
         """The relay asked us to back off."""

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 from newsletter.errors import Problem
 from newsletter.models import Delivery, DeliveryState, Outcome, Recipient
+from newsletter.storage.caps import CapReached, Caps, Claim
 
 if TYPE_CHECKING:
     from newsletter.audience.csv_import import ParsedRow
@@ -47,6 +48,9 @@ __all__ = [
     "LEASE_SECONDS",
     "MAX_LIFT_REASON",
     "ArchivedIssue",
+    "CapReached",
+    "Caps",
+    "Claim",
     "Delivery",
     "ImportReport",
     "IssueArchive",
@@ -435,13 +439,20 @@ class SendLogStore(Protocol):
         ``pending``, when the user asks; how many. ValueError for any other state."""
         ...
 
-    def claim(self, send_id: int, limit: int, now: float, *, holder: str = "") -> list[Delivery]:
+    def claim(
+        self, send_id: int, limit: int, now: float, *, holder: str = "", caps: Caps | None = None
+    ) -> Claim:
         """Take up to ``limit`` due recipients (pending, then deferred due by ``now``),
         atomically: two senders never get the same one. They are committed ``sending``
         (attempts counted, ``holder`` noted as their claimant: the owner of the run's
         lease) before this returns; no row lock outlives the call. Someone who left or
-        was suppressed since the freeze is marked ``suppressed``, not returned. Empty:
-        nothing is due."""
+        was suppressed since the freeze is marked ``suppressed``, not returned.
+
+        With ``caps``, the claim takes no more than the caps leave room for, counted in
+        the database over every send (messages sent in the window, and every row
+        ``sending``: :mod:`newsletter.storage.caps`), and capped claims take turns, so
+        that no number of processes passes a cap; ``Claim.capped`` then says which cap
+        held it back. No deliveries and no cap: nothing is due."""
         ...
 
     def record(
@@ -472,10 +483,6 @@ class SendLogStore(Protocol):
 
     def last_errors(self, send_id: int, limit: int = 10) -> list[tuple[str, str, str, str]]:
         """(time, address, state, detail) of the latest failures, newest first."""
-        ...
-
-    def sent_since(self, since: float) -> int:
-        """Messages every send has sent since ``since`` (unix time): the hour and day caps."""
         ...
 
     def next_retry(self, send_id: int) -> float | None:

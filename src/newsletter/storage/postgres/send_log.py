@@ -35,6 +35,7 @@ from psycopg import errors as pg_errors
 from newsletter.errors import SendExists
 from newsletter.models import DELIVERY_STATES, Delivery, DeliveryState, Outcome, Recipient
 from newsletter.storage.base import RequeueState, SendRecord, Worker, batches
+from newsletter.storage.caps import CapReached, Caps, Claim, allowed
 from newsletter.storage.location import Location
 from newsletter.storage.postgres.connection import NOW, translated
 from newsletter.storage.postgres.subscribers import text_attributes
@@ -278,20 +279,23 @@ class PgSendLog:
         )
         return cur.rowcount
 
-    def claim(self, send_id: int, limit: int, now: float, *, holder: str = "") -> list[Delivery]:
-        """Mark up to ``limit`` due recipients ``sending`` (committed) and return them; an
-        empty list means nothing is due (claims that found only people who left since the
-        freeze try again)."""
+    def claim(
+        self, send_id: int, limit: int, now: float, *, holder: str = "", caps: Caps | None = None
+    ) -> Claim:
+        """Mark up to ``limit`` due recipients ``sending`` (committed) and return them;
+        nothing claimed and no cap reached means nothing is due (claims that found only
+        people who left since the freeze try again). Capped claims take turns on an
+        advisory lock and count the room inside their transaction."""
         while True:
-            found, good = self._claim_once(send_id, limit, now, holder)
+            found, good, capped = self._claim_once(send_id, limit, now, holder, caps)
             if good or not found:
-                return good
+                return Claim(good, capped)
 
     def _claim_once(
-        self, send_id: int, limit: int, now: float, holder: str
-    ) -> tuple[bool, list[Delivery]]:
+        self, send_id: int, limit: int, now: float, holder: str, caps: Caps | None
+    ) -> tuple[bool, list[Delivery], CapReached | None]:
         stamp = _now()
-        params = {"send": send_id, "limit": limit, "now": now, "holder": holder or None}
+        params: dict[str, object] = {"send": send_id, "now": now, "holder": holder or None}
         update = (
             "UPDATE deliveries d SET "
             "state = CASE WHEN " + _GONE + " THEN 'suppressed' ELSE 'sending' END, "
@@ -302,7 +306,13 @@ class PgSendLog:
             "FROM picked WHERE d.send_id = %(send)s AND d.seq = picked.seq" + _RETURNING
         )
         params["stamp"] = stamp
+        capped = None
         with self.conn.transaction():
+            if caps is not None:
+                limit, capped = self._room(caps, now, limit)
+                if not limit:
+                    return False, [], capped
+            params["limit"] = limit
             rows = self.conn.execute(
                 "WITH picked AS (SELECT seq FROM deliveries WHERE send_id = %(send)s "
                 "AND state = 'pending' ORDER BY seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
@@ -327,7 +337,26 @@ class PgSendLog:
             for r in rows
             if r[5] == "sending"
         ]
-        return bool(rows), good
+        return bool(rows), good, capped
+
+    def _room(self, caps: Caps, now: float, limit: int) -> tuple[int, CapReached | None]:
+        """How many a claim may take under ``caps``, inside its transaction, after every
+        other capped claim committed (the lock is held to this transaction's end)."""
+        self.conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('send caps', 0))")
+        row = self.conn.execute(
+            "SELECT count(*) FROM deliveries WHERE state = 'sending'"
+        ).fetchone()
+        in_flight = int(row[0]) if row else 0
+
+        def sent_in(since: str) -> tuple[int, str | None]:
+            found = self.conn.execute(
+                "SELECT count(*), min(updated_at) FROM deliveries "
+                "WHERE state = 'sent' AND updated_at >= %s",
+                (since,),
+            ).fetchone()
+            return (0, None) if found is None else (int(found[0]), found[1])
+
+        return allowed(caps, now, limit, in_flight, sent_in)
 
     def record(
         self, send_id: int, outcomes: Iterable[tuple[int, Outcome]], *, holder: str = ""
@@ -403,14 +432,6 @@ class PgSendLog:
             (send_id, limit),
         )
         return [(r[0], r[1], r[2], r[3]) for r in rows]
-
-    def sent_since(self, since: float) -> int:
-        stamp = dt.datetime.fromtimestamp(since, dt.UTC).isoformat(timespec="milliseconds")
-        row = self.conn.execute(
-            "SELECT count(*) FROM deliveries WHERE state = 'sent' AND updated_at >= %s",
-            (stamp,),
-        ).fetchone()
-        return int(row[0]) if row else 0
 
     def next_retry(self, send_id: int) -> float | None:
         row = self.conn.execute(

@@ -28,6 +28,7 @@ from typing import get_args
 from newsletter.errors import SendExists
 from newsletter.models import DELIVERY_STATES, Delivery, DeliveryState, Outcome, Recipient
 from newsletter.storage.base import RequeueState, SendRecord, Worker, batches
+from newsletter.storage.caps import CapReached, Caps, Claim, allowed
 from newsletter.storage.renewal import host_pid
 from newsletter.storage.sqlite.connection import translated
 from newsletter.storage.sqlite.subscribers import decode_attributes
@@ -310,21 +311,29 @@ class SendLog:
                 (_now(), send_id, state),
             ).rowcount
 
-    def claim(self, send_id: int, limit: int, now: float, *, holder: str = "") -> list[Delivery]:
+    def claim(
+        self, send_id: int, limit: int, now: float, *, holder: str = "", caps: Caps | None = None
+    ) -> Claim:
         """Mark up to ``limit`` due recipients ``sending`` (committed) and return them.
 
-        An empty list means nothing is due: claims that found only suppressed
-        recipients try again."""
+        Nothing claimed and no cap reached means nothing is due: claims that found
+        only suppressed recipients try again. With ``caps``, the room is counted in
+        the same write transaction (one writer at a time: claims take turns)."""
         while True:
-            found, good = self._claim_once(send_id, limit, now, holder)
+            found, good, capped = self._claim_once(send_id, limit, now, holder, caps)
             if good or not found:
-                return good
+                return Claim(good, capped)
 
     def _claim_once(
-        self, send_id: int, limit: int, now: float, holder: str
-    ) -> tuple[bool, list[Delivery]]:
+        self, send_id: int, limit: int, now: float, holder: str, caps: Caps | None
+    ) -> tuple[bool, list[Delivery], CapReached | None]:
+        capped = None
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
+            if caps is not None:
+                limit, capped = self._room(caps, now, limit)
+                if not limit:
+                    return False, [], capped
             # Two index range scans (send_id, state, seq), never a sort of the queue.
             rows = self.conn.execute(
                 _SELECT + "WHERE send_id = ? AND state = 'pending' ORDER BY seq LIMIT ?",
@@ -356,7 +365,24 @@ class SendLog:
             for r in rows
             if not r[5]
         ]
-        return bool(rows), good
+        return bool(rows), good, capped
+
+    def _room(self, caps: Caps, now: float, limit: int) -> tuple[int, CapReached | None]:
+        """How many a claim may take under ``caps`` (inside the claim's transaction)."""
+        (in_flight,) = self.conn.execute(
+            "SELECT count(*) FROM deliveries INDEXED BY deliveries_sent_at WHERE state = 'sending'"
+        ).fetchone()
+
+        def sent_in(since: str) -> tuple[int, str | None]:
+            # Through deliveries_sent_at (state, updated_at): the rows of the window only.
+            n, oldest = self.conn.execute(
+                "SELECT count(*), min(updated_at) FROM deliveries INDEXED BY deliveries_sent_at "
+                "WHERE state = 'sent' AND updated_at >= ?",
+                (since,),
+            ).fetchone()
+            return int(n), oldest
+
+        return allowed(caps, now, limit, int(in_flight), sent_in)
 
     def record(
         self, send_id: int, outcomes: Iterable[tuple[int, Outcome]], *, holder: str = ""
@@ -414,16 +440,6 @@ class SendLog:
             (send_id, limit),
         )
         return [(r[0], r[1], r[2], r[3]) for r in rows]
-
-    def sent_since(self, since: float) -> int:
-        """How many messages every send has sent since ``since``: for the hour and day caps."""
-        stamp = dt.datetime.fromtimestamp(since, dt.UTC).isoformat(timespec="milliseconds")
-        row = self.conn.execute(
-            "SELECT count(*) FROM deliveries INDEXED BY deliveries_sent_at "
-            "WHERE state = 'sent' AND updated_at >= ?",
-            (stamp,),
-        ).fetchone()
-        return int(row[0])
 
     def next_retry(self, send_id: int) -> float | None:
         row = self.conn.execute(
