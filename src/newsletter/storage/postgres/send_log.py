@@ -52,7 +52,7 @@ _BLANK_VALUE = _BLANK_NAME + " || chr(9) || chr(10) || chr(13)"
 _GONE = (
     "(EXISTS (SELECT 1 FROM suppressions s WHERE s.email = d.email) "
     "OR EXISTS (SELECT 1 FROM list_optouts o WHERE o.email = d.email "
-    "AND o.list_name = (SELECT list_name FROM sends WHERE id = d.send_id)))"
+    "AND o.list_name = (SELECT list_name FROM sends WHERE id = %(send)s)))"
 )
 # Who a send to list %(list)s goes to now (as PgSubscribers.audience has it) ...
 _AUDIENCE = (
@@ -296,11 +296,13 @@ class PgSendLog:
     ) -> tuple[bool, list[Delivery], CapReached | None]:
         stamp = _now()
         params: dict[str, object] = {"send": send_id, "now": now, "holder": holder or None}
+        # Whether each picked person left or was suppressed is worked out once, in
+        # the pick, not once for each column the update sets.
         update = (
             "UPDATE deliveries d SET "
-            "state = CASE WHEN " + _GONE + " THEN 'suppressed' ELSE 'sending' END, "
-            "attempts = d.attempts + CASE WHEN " + _GONE + " THEN 0 ELSE 1 END, "
-            "detail = CASE WHEN " + _GONE + " THEN 'unsubscribed or suppressed after the "
+            "state = CASE WHEN picked.gone THEN 'suppressed' ELSE 'sending' END, "
+            "attempts = d.attempts + CASE WHEN picked.gone THEN 0 ELSE 1 END, "
+            "detail = CASE WHEN picked.gone THEN 'unsubscribed or suppressed after the "
             "send started' ELSE d.detail END, "
             "updated_at = %(stamp)s, claimed_by = %(holder)s "
             "FROM picked WHERE d.send_id = %(send)s AND d.seq = picked.seq" + _RETURNING
@@ -314,9 +316,9 @@ class PgSendLog:
                     return False, [], capped
             params["limit"] = limit
             rows = self.conn.execute(
-                "WITH picked AS (SELECT seq FROM deliveries WHERE send_id = %(send)s "
-                "AND state = 'pending' ORDER BY seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
-                + update,
+                "WITH picked AS (SELECT d.seq, " + _GONE + " AS gone FROM deliveries d "
+                "WHERE d.send_id = %(send)s AND d.state = 'pending' ORDER BY d.seq "
+                "LIMIT %(limit)s FOR UPDATE OF d SKIP LOCKED) " + update,
                 params,
             ).fetchall()
             # RETURNING keeps no order: pending ones in audience order, then the deferred.
@@ -325,9 +327,10 @@ class PgSendLog:
                 params["limit"] = limit - len(rows)
                 rows += sorted(
                     self.conn.execute(
-                        "WITH picked AS (SELECT seq FROM deliveries WHERE send_id = %(send)s "
-                        "AND state = 'deferred' AND retry_at <= %(now)s ORDER BY retry_at, seq "
-                        "LIMIT %(limit)s FOR UPDATE SKIP LOCKED) " + update,
+                        "WITH picked AS (SELECT d.seq, " + _GONE + " AS gone FROM deliveries d "
+                        "WHERE d.send_id = %(send)s AND d.state = 'deferred' "
+                        "AND d.retry_at <= %(now)s ORDER BY d.retry_at, d.seq "
+                        "LIMIT %(limit)s FOR UPDATE OF d SKIP LOCKED) " + update,
                         params,
                     ).fetchall(),
                     key=lambda r: r[0],
