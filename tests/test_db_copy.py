@@ -441,6 +441,8 @@ def test_an_unreachable_server_is_an_error_not_a_traceback(source: Path, tmp_pat
     refused = copy(source, "postgresql://postgres@127.0.0.1:9/test", tmp_path)
     assert refused.returncode == 1 and "cannot connect to" in refused.stderr
     assert "Traceback" not in refused.stderr
+    # The URL named is the command's argument, not the setting it did not come from.
+    assert "(POSTGRESQL_URL)" in refused.stderr and "NEWSLETTER_DATABASE)" not in refused.stderr
 
 
 def test_an_interrupted_send_copied_to_postgresql_resumes_there(

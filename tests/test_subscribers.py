@@ -18,9 +18,9 @@ from conftest import run_cli
 from newsletter.audience.csv_import import ParsedRow, read_csv
 from newsletter.errors import Problem, ValidationFailed
 from newsletter.storage import open_storage
-from newsletter.storage.base import Storage, Subscribers
+from newsletter.storage.base import MAX_PROBLEMS, Storage, Subscribers
 from newsletter.storage.sqlite.connection import connect
-from newsletter.storage.sqlite.subscribers import MAX_PROBLEMS, SubscriberStore
+from newsletter.storage.sqlite.subscribers import SubscriberStore
 
 
 @pytest.fixture

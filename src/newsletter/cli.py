@@ -1061,6 +1061,7 @@ def db_copy(sqlite_path: Path, postgresql_url: str) -> None:
         )
     secret = settings.database_password
     target = target.with_password(None if secret is None else secret.get_secret_value())
+    target = target.given_as("POSTGRESQL_URL")
 
     def started(table: str, rows: int) -> None:
         if rows >= 10_000:  # only where the wait is long enough to wonder

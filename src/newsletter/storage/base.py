@@ -45,8 +45,10 @@ if TYPE_CHECKING:
     from newsletter.audience.csv_import import ParsedRow
 
 __all__ = [
+    "BATCH",
     "LEASE_SECONDS",
     "MAX_LIFT_REASON",
+    "MAX_PROBLEMS",
     "ArchivedIssue",
     "CapReached",
     "Caps",
@@ -80,6 +82,10 @@ T = TypeVar("T")
 
 LEASE_SECONDS = 120.0
 MAX_LIFT_REASON = 200
+# The problems an import keeps for its report; more are counted, not held (flat memory).
+MAX_PROBLEMS = 10_000
+# Rows a store reads (a stream) or writes (a removal) at a time, on every backend.
+BATCH = 1000
 
 # What became of a schedule slot (``newsletter schedule`` shows it).
 SlotState = Literal["sending", "done", "incomplete", "missed", "expired", "no-issue", "failed"]

@@ -39,6 +39,8 @@ class Location:
     url: str | None = None  # without a password: it may be shown
     # The password, when NEWSLETTER_DATABASE_PASSWORD gives one; never shown.
     password: str | None = field(default=None, repr=False, compare=False)
+    # Where the user gave it, as messages name it ("point NEWSLETTER_DATABASE at ...").
+    setting: str = field(default="NEWSLETTER_DATABASE", compare=False)
 
     @classmethod
     def sqlite(cls, path: Path) -> Location:
@@ -58,7 +60,11 @@ class Location:
         return self.path.exists() if self.path is not None else True
 
     def with_password(self, password: str | None) -> Location:
-        return Location(self.kind, self.path, self.url, password)
+        return Location(self.kind, self.path, self.url, password, self.setting)
+
+    def given_as(self, setting: str) -> Location:
+        """The same database, named in messages as given by ``setting``."""
+        return Location(self.kind, self.path, self.url, self.password, setting)
 
     def __str__(self) -> str:
         return self.shown

@@ -153,8 +153,9 @@ TABLES = frozenset(
 
 
 def named(location: Location | None) -> str:
-    where = f" {location.shown}" if location is not None else ""
-    return f"the database{where} (NEWSLETTER_DATABASE)"
+    if location is None:
+        return "the database (NEWSLETTER_DATABASE)"
+    return f"the database {location.shown} ({location.setting})"
 
 
 def connect(location: Location, *, busy_seconds: float = 30.0) -> psycopg.Connection[Any]:
@@ -220,14 +221,14 @@ def _migrate(conn: psycopg.Connection[Any], location: Location, *, create: bool)
                 raise ConfigError(
                     f"{named(location)} has tables named as newsletter's "
                     f"({', '.join(sorted(present)[:5])}) but no newsletter_schema: it belongs "
-                    "to another program, or was edited by hand; point NEWSLETTER_DATABASE at "
+                    f"to another program, or was edited by hand; point {location.setting} at "
                     "an empty database, or at another schema (?options=-csearch_path%3Dname)"
                 )
             if not create:
                 raise ConfigError(
                     f"{named(location)} has no newsletter tables yet: run `newsletter db "
                     "migrate` to create them (or `newsletter db copy` to move an SQLite "
-                    "database there), or point NEWSLETTER_DATABASE at the database you use"
+                    f"database there), or point {location.setting} at the database you use"
                 )
             for statement in _SCHEMA_4:
                 conn.execute(statement)  # module constants only
@@ -238,7 +239,7 @@ def _migrate(conn: psycopg.Connection[Any], location: Location, *, create: bool)
             raise ConfigError(
                 f"{named(location)} was made by a newer version of newsletter (schema "
                 f"{version}; this one knows schema {SCHEMA_VERSION}): upgrade newsletter to "
-                "use it, or point NEWSLETTER_DATABASE at the database this version made"
+                f"use it, or point {location.setting} at the database this version made"
             )
         for target, statements in enumerate(
             _MIGRATIONS[version - FIRST_VERSION :], start=version + 1

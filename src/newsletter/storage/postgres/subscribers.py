@@ -29,6 +29,8 @@ from newsletter.audience.csv_import import SUPPRESSION_REASONS, ParsedRow
 from newsletter.errors import Problem
 from newsletter.models import Recipient
 from newsletter.storage.base import (
+    BATCH,
+    MAX_PROBLEMS,
     ImportReport,
     ListStates,
     Member,
@@ -38,7 +40,6 @@ from newsletter.storage.base import (
 )
 from newsletter.storage.location import Location
 from newsletter.storage.postgres.connection import translated
-from newsletter.storage.sqlite.subscribers import BATCH, MAX_PROBLEMS
 
 __all__ = ["AUDIENCE_SQL", "MEMBERS_SQL", "PgSubscribers", "text_attributes"]
 

@@ -25,7 +25,9 @@ from newsletter.audience.csv_import import SUPPRESSION_REASONS, ParsedRow
 from newsletter.errors import Problem
 from newsletter.models import Recipient
 from newsletter.storage.base import (
+    BATCH,
     MAX_LIFT_REASON,
+    MAX_PROBLEMS,
     ImportReport,
     ListStates,
     Member,
@@ -45,8 +47,6 @@ __all__ = [
     "lift_reason",
 ]
 
-BATCH = 1000
-MAX_PROBLEMS = 10_000  # kept for the report; more are counted, not held (flat memory)
 
 # Batches follow list_members' primary key (list_name, subscriber_id). Ordering
 # by the subscribers' own id instead made SQLite sort every remaining member
