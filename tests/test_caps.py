@@ -12,7 +12,7 @@ import pytest
 
 from newsletter.models import Outcome, Recipient
 from newsletter.storage import Storage, open_storage
-from newsletter.storage.caps import Caps
+from newsletter.storage.caps import Caps, Claim
 
 SENT = Outcome("sent", 250, "2.0.0 ok")
 
@@ -40,7 +40,8 @@ def test_a_capped_claim_counts_what_every_send_sent_and_has_in_flight(any_db: St
     second = log.claim(b.id, 10, now, caps=caps)
     assert len(second.deliveries) == 2
     assert second.capped is not None and (second.capped.window, second.capped.cap) == ("day", 5)
-    assert second.capped.room_at is None  # nothing sent yet: only rows in flight fill it
+    # Nothing is sent yet; a's rows in flight count from their claim.
+    assert second.capped.room_at == pytest.approx(now + 86400, abs=2)
     log.record(a.id, [(d.seq, SENT) for d in first.deliveries])
     full = log.claim(a.id, 10, time.time(), caps=caps)
     assert full.deliveries == [] and full.capped is not None
@@ -112,3 +113,43 @@ def test_concurrent_capped_claims_never_pass_the_cap_together(database: str) -> 
     with closing(open_storage(database)) as check:
         counts = check.send_log.counts(record.id)
     assert counts["sent"] == 150 and counts["pending"] == 1850
+
+
+def test_what_counts_is_every_row_that_may_have_gone_out_in_the_window(any_db: Storage) -> None:
+    """Unknown rows (a run died during their transaction) count as sent; rows a dead run
+    left ``sending`` count until they leave the window, as a sent one would."""
+    log = any_db.send_log
+    dead = log.freeze("2026-12-03", "a", people(6, "a"), suppressed=0)
+    record = log.freeze("2026-12-03", "b", people(10, "b"), suppressed=0)
+    claimed_at = time.time()
+    log.claim(dead.id, 6, claimed_at, holder="gone")  # six in flight, then kill -9
+    log.record(dead.id, [(0, Outcome("unknown", None, "the run stopped"))], holder="gone")
+    caps = Caps(per_hour=8)
+    # One unknown and five sending count: room for two.
+    assert len(log.claim(record.id, 10, claimed_at, caps=caps).deliveries) == 2
+    # An hour later every row counted has left the window (the two just taken were
+    # stamped at their claim too): the cap's eight are free again, for the eight left.
+    later = log.claim(record.id, 10, claimed_at + 3601, caps=caps)
+    assert len(later.deliveries) == 8
+
+
+def test_a_claim_that_finds_nothing_due_names_no_cap(any_db: Storage) -> None:
+    """A send finished exactly at its cap is finished, not held back by the cap."""
+    log = any_db.send_log
+    record = log.freeze("2026-12-03", "news", people(3), suppressed=0)
+    caps = Caps(per_day=3)
+    claimed = log.claim(record.id, 10, time.time(), caps=caps)
+    assert len(claimed.deliveries) == 3  # room for exactly three (asked for ten)
+    log.record(record.id, [(d.seq, SENT) for d in claimed.deliveries])
+    assert log.claim(record.id, 10, time.time(), caps=caps) == Claim([], None)
+
+
+def test_with_both_caps_full_the_day_is_named(any_db: Storage) -> None:
+    log = any_db.send_log
+    record = log.freeze("2026-12-03", "news", people(5), suppressed=0)
+    caps = Caps(per_hour=2, per_day=2)
+    first = log.claim(record.id, 10, time.time(), caps=caps)
+    log.record(record.id, [(d.seq, SENT) for d in first.deliveries])
+    full = log.claim(record.id, 10, time.time(), caps=caps)
+    assert full.deliveries == [] and full.capped is not None
+    assert full.capped.window == "day"  # waiting for the hour would not help

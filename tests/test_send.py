@@ -380,6 +380,66 @@ def test_an_hour_cap_holds_the_run_until_the_hour_has_room(
     assert abs(until.replace(tzinfo=dt.UTC).timestamp() - (started + 3600)) < 5
 
 
+def test_a_send_that_ends_exactly_at_a_cap_is_complete(
+    db: SqliteStorage, template: MessageTemplate, server: Server
+) -> None:
+    subscribe(db, addresses(4))
+    notes: list[str] = []
+    for caps in ({"per_hour": 4}, {"per_day": 4}):
+        db.conn.execute("DELETE FROM deliveries")
+        db.conn.execute("DELETE FROM sends")
+        report = asyncio.run(
+            run_send(
+                db,
+                prepare(db, "2020-12-23", "research-news"),
+                template,
+                smtp(server),
+                SendOptions(connections=2, flush_interval=0.01, **caps),  # type: ignore[arg-type]
+                envelope_sender="bounces@example.org",
+                on_note=notes.append,
+            )
+        )
+        assert report.result.counts["sent"] == 4 and report.result.stopped is None, caps
+    assert notes == []
+
+
+def test_the_hour_cap_note_is_said_once_over_many_waits(
+    db: SqliteStorage, template: MessageTemplate, server: Server
+) -> None:
+    """Two an hour, six to send: a wait of an hour, then one as each message leaves the
+    window, said once. The clock is the test's (claims count the window at its time),
+    moved on by each wait."""
+    import time
+
+    from newsletter.delivery.campaign import Campaign
+
+    subscribe(db, addresses(6))
+    record = prepare(db, "2020-12-23", "research-news").record
+    clock = [time.time()]
+
+    async def sleep(seconds: float) -> None:
+        clock[0] += seconds
+        await asyncio.sleep(0)
+
+    notes: list[str] = []
+    run = Campaign(
+        db.send_log,
+        record.id,
+        template,
+        smtp(server),
+        SendOptions(connections=2, per_hour=2, flush_interval=0.01, max_wait=5),
+        envelope_sender="bounces@example.org",
+        clock=lambda: clock[0],
+        sleep=sleep,
+        on_note=notes.append,
+    )
+    result = asyncio.run(run.run())
+    assert result.counts["sent"] == 6 and result.stopped is None
+    assert len(server.handler.received) == 6
+    assert len(notes) == 1 and "the cap of 2 messages an hour" in notes[0], notes
+    assert clock[0] - time.time() > 3500  # it waited for the hour to come round
+
+
 def test_pacing_spaces_messages_out(
     db: SqliteStorage, template: MessageTemplate, server: Server
 ) -> None:

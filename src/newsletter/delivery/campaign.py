@@ -117,7 +117,7 @@ from newsletter.errors import (
 )
 from newsletter.models import Delivery, Outcome
 from newsletter.storage.base import SendLogStore
-from newsletter.storage.caps import CapReached, Caps, Claim
+from newsletter.storage.caps import CapReached, Caps, CapWindow, Claim
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -234,7 +234,9 @@ class Campaign:
             Caps(options.per_hour, options.per_day) if options.per_hour or options.per_day else None
         )
         self._capped: CapReached | None = None  # the cap that held back the last claim
-        self._said_cap: float | None = None  # the room_at of the last "waiting for room" note
+        # The cap the run last said it waits for, and until when: said once, and again
+        # only for a long wait until another time (not once a message at a steady cap).
+        self._said_cap: tuple[CapWindow, float | None] | None = None
         # The queue's depth is kept by the pump, within the window (module docstring).
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._min_claim = max(1, options.connections * 3 // 4)
@@ -426,8 +428,7 @@ class Campaign:
                 except StorageBusy as exc:
                     self._busy_stop(exc)  # nothing was claimed; the loop finishes the rest
                     continue
-                drained = not claimed.deliveries
-                self._capped = claimed.capped if drained else None
+                drained = self._after_claim(claimed)
                 claimed_last = True
             elif flush:
                 await self._patiently(self._flush)
@@ -447,6 +448,12 @@ class Campaign:
             else:
                 await self._wake.wait()
 
+    def _after_claim(self, claimed: Claim) -> bool:
+        """Keep what a claim says of the caps; True when it took nobody (drained)."""
+        drained = not claimed.deliveries
+        self._capped = claimed.capped if drained else None
+        return drained
+
     async def _look_at_the_others(self) -> None:
         """A shared send: count the live processes (the rate is shared among them) and turn
         the rows of those whose lease ran out unknown. A busy database skips a look."""
@@ -465,7 +472,6 @@ class Campaign:
         if self._capped is not None:
             capped, self._capped = self._capped, None
             return await self._wait_for_room(capped)
-        self._said_cap = None
         if self.shared and await self._others_in_flight():
             # Another process still has recipients in flight: they may come back (it
             # stops and releases them) or be counted unknown (it died), and this run's
@@ -506,22 +512,31 @@ class Campaign:
         cap has room and claim again (True), or stop (False) when a day's cap has none
         before a run would stop waiting anyway (``max_wait``)."""
         per = "an hour" if capped.window == "hour" else "a day"
-        cap = f"the cap of {capped.cap} messages {per} (over every send in this database)"
+        messages = "message" if capped.cap == 1 else "messages"
+        cap = f"the cap of {capped.cap} {messages} {per} (over every send in this database)"
         if capped.room_at is None:
-            # Only rows in flight fill it (other processes', other sends'): they end soon.
+            # Nothing counted has a time (a claim never sees this): look again soon.
             wait, when = SHARE_EVERY, "the messages in flight are done"
         else:
             wait = max(0.01, capped.room_at - self.clock())
             when = _utc(capped.room_at)
         if capped.window == "day" and wait > self.options.max_wait:
+            if self.shared and await self._others_in_flight():
+                # Another process still has recipients in flight: wait for them (they end,
+                # or are counted unknown), so that this run's summary is the whole send's.
+                await self._guarded_sleep(SHARE_EVERY)
+                return True
             self.stop(
                 f"{cap} is reached; the next message may go at {when}: run the same command "
                 "again then to continue",
                 says_when=True,
             )
             return False
-        if self.on_note is not None and self._said_cap != capped.room_at:
-            self._said_cap = capped.room_at
+        said = self._said_cap
+        if self.on_note is not None and (
+            said is None or said[0] != capped.window or (wait >= 60 and said[1] != capped.room_at)
+        ):
+            self._said_cap = (capped.window, capped.room_at)
             self.on_note(f"{cap} is reached; waiting until {when} to send more")
         # A shared send looks again sooner: another process's rows that end unsent make room.
         await self._guarded_sleep(min(wait, SHARE_EVERY) if self.shared else wait)

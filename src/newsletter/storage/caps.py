@@ -1,18 +1,23 @@
 """Send caps: how many recipients a claim may take under the hour and day caps.
 
-Input: the caps (:class:`Caps`), the time, the rows ``sending`` anywhere in the
-database and, per capped window, the messages sent in it and the oldest one's
-time, as a backend read them inside its claim's transaction. Output: how many
-the claim may take, and the cap that held it back (:class:`CapReached`).
+Input: the caps (:class:`Caps`), the time and, per capped window, the messages
+that may have gone out in it and the oldest one's time, as a backend read them
+inside its claim's transaction. Output: how many the claim may take, and the
+cap that held it back (:class:`CapReached`).
 
 Why at the claim: a cap counted in each process (as the pacer once did) lets
 several processes of a shared send, or two sends of two lists, together pass
 it. Counting in the database at the claim, with every claim of a capped send
 taking turns (one SQLite writer; an advisory lock on PostgreSQL), holds the
-cap over every process and every send. A row ``sending`` counts as sent: it
-may be delivered any moment, and if it is not (deferred, refused, handed back)
-the room comes back at a later claim. Strict, then, at the price of claiming
-less than could go while many rows are in flight near a cap.
+cap over every process and every send.
+
+What counts in a window is every row that may have gone out in it, by its
+``updated_at``: ``sent``, ``sending`` (claimed: it may be delivered any moment,
+and a claim stamps it) and ``unknown`` (a run died during its transaction: it
+may have been delivered). A row in flight that ends unsent (deferred, refused,
+handed back) gives its room back at a later claim; a dead run's row leaves the
+window as a sent one would. Strict, then, at the price of claiming less than
+could go while many rows are in flight near a cap.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from typing import Literal
 
 from newsletter.models import Delivery
 
-__all__ = ["WINDOWS", "CapReached", "CapWindow", "Caps", "Claim", "allowed"]
+__all__ = ["MAY_HAVE_GONE", "WINDOWS", "CapReached", "CapWindow", "Caps", "Claim", "allowed"]
 
 CapWindow = Literal["hour", "day"]
 WINDOWS: dict[CapWindow, float] = {"hour": 3600.0, "day": 86400.0}
+# The states of a row that may have reached its recipient (module docstring).
+MAY_HAVE_GONE = ("sent", "sending", "unknown")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +61,7 @@ class CapReached:
     cap: int
     # When the oldest message counted in the window leaves it (Unix time): the earliest
     # that room can come back, unless rows now in flight end without being sent. None
-    # when only rows in flight fill the window.
+    # only for a cap that nothing has counted against (a claim never sees one).
     room_at: float | None
 
 
@@ -77,20 +84,20 @@ def moment(text: str) -> float:
 
 
 def allowed(
-    caps: Caps,
-    now: float,
-    limit: int,
-    in_flight: int,
-    sent_in: Callable[[str], tuple[int, str | None]],
+    caps: Caps, now: float, limit: int, counted_in: Callable[[str], tuple[int, str | None]]
 ) -> tuple[int, CapReached | None]:
     """How many of ``limit`` a claim at ``now`` may take, and the cap that held it back
-    (None when none did). ``sent_in(since)`` gives the messages sent at or after the stamp
-    ``since`` and the stamp of the oldest of them; ``in_flight`` is every ``sending`` row."""
+    (None when none did). ``counted_in(since)`` gives the rows that may have gone out
+    (:data:`MAY_HAVE_GONE`) stamped at or after ``since``, and the oldest one's stamp.
+
+    Of two caps that leave the same room (both full, say), the one whose room comes back
+    later is named: with both an hour's and a day's cap full, waiting an hour is no use."""
     room, binding = limit, None
     for window, cap in caps.windows():
-        sent, oldest = sent_in(stamp(now - WINDOWS[window]))
-        left = max(0, cap - sent - in_flight)
-        if left < room:
-            at = None if oldest is None else moment(oldest) + WINDOWS[window]
+        counted, oldest = counted_in(stamp(now - WINDOWS[window]))
+        left = max(0, cap - counted)
+        at = None if oldest is None else moment(oldest) + WINDOWS[window]
+        later = binding is not None and (at or 0.0) > (binding.room_at or 0.0)
+        if left < room or (left == room and binding is not None and later):
             room, binding = left, CapReached(window, cap, at)
     return room, binding

@@ -313,7 +313,8 @@ class PgSendLog:
             if caps is not None:
                 limit, capped = self._room(caps, now, limit)
                 if not limit:
-                    return False, [], capped
+                    # A cap is only what holds a claim back when something is due.
+                    return False, [], capped if self._due(send_id, now) else None
             params["limit"] = limit
             rows = self.conn.execute(
                 "WITH picked AS (SELECT d.seq, " + _GONE + " AS gone FROM deliveries d "
@@ -345,21 +346,31 @@ class PgSendLog:
     def _room(self, caps: Caps, now: float, limit: int) -> tuple[int, CapReached | None]:
         """How many a claim may take under ``caps``, inside its transaction, after every
         other capped claim committed (the lock is held to this transaction's end)."""
-        self.conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('send caps', 0))")
-        row = self.conn.execute(
-            "SELECT count(*) FROM deliveries WHERE state = 'sending'"
-        ).fetchone()
-        in_flight = int(row[0]) if row else 0
+        # One lock per schema: the caps count this schema's sends (another schema is
+        # another deployment, whose claims need not wait for these).
+        self.conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('send caps:' || current_schema(), 0))"
+        )
 
-        def sent_in(since: str) -> tuple[int, str | None]:
+        def counted_in(since: str) -> tuple[int, str | None]:
             found = self.conn.execute(
                 "SELECT count(*), min(updated_at) FROM deliveries "
-                "WHERE state = 'sent' AND updated_at >= %s",
+                "WHERE state IN ('sent', 'sending', 'unknown') AND updated_at >= %s",
                 (since,),
             ).fetchone()
             return (0, None) if found is None else (int(found[0]), found[1])
 
-        return allowed(caps, now, limit, in_flight, sent_in)
+        return allowed(caps, now, limit, counted_in)
+
+    def _due(self, send_id: int, now: float) -> bool:
+        """Whether a claim at ``now`` would find a recipient of the send to take."""
+        row = self.conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM deliveries WHERE send_id = %(send)s "
+            "AND state = 'pending') OR EXISTS (SELECT 1 FROM deliveries "
+            "WHERE send_id = %(send)s AND state = 'deferred' AND retry_at <= %(now)s)",
+            {"send": send_id, "now": now},
+        ).fetchone()
+        return bool(row and row[0])
 
     def record(
         self, send_id: int, outcomes: Iterable[tuple[int, Outcome]], *, holder: str = ""

@@ -333,7 +333,8 @@ class SendLog:
             if caps is not None:
                 limit, capped = self._room(caps, now, limit)
                 if not limit:
-                    return False, [], capped
+                    # A cap is only what holds a claim back when something is due.
+                    return False, [], capped if self._due(send_id, now) else None
             # Two index range scans (send_id, state, seq), never a sort of the queue.
             rows = self.conn.execute(
                 _SELECT + "WHERE send_id = ? AND state = 'pending' ORDER BY seq LIMIT ?",
@@ -369,20 +370,27 @@ class SendLog:
 
     def _room(self, caps: Caps, now: float, limit: int) -> tuple[int, CapReached | None]:
         """How many a claim may take under ``caps`` (inside the claim's transaction)."""
-        (in_flight,) = self.conn.execute(
-            "SELECT count(*) FROM deliveries INDEXED BY deliveries_sent_at WHERE state = 'sending'"
-        ).fetchone()
 
-        def sent_in(since: str) -> tuple[int, str | None]:
+        def counted_in(since: str) -> tuple[int, str | None]:
             # Through deliveries_sent_at (state, updated_at): the rows of the window only.
             n, oldest = self.conn.execute(
                 "SELECT count(*), min(updated_at) FROM deliveries INDEXED BY deliveries_sent_at "
-                "WHERE state = 'sent' AND updated_at >= ?",
+                "WHERE state IN ('sent', 'sending', 'unknown') AND updated_at >= ?",
                 (since,),
             ).fetchone()
             return int(n), oldest
 
-        return allowed(caps, now, limit, int(in_flight), sent_in)
+        return allowed(caps, now, limit, counted_in)
+
+    def _due(self, send_id: int, now: float) -> bool:
+        """Whether a claim at ``now`` would find a recipient of the send to take."""
+        row = self.conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM deliveries WHERE send_id = ? AND state = 'pending') "
+            "OR EXISTS (SELECT 1 FROM deliveries WHERE send_id = ? AND state = 'deferred' "
+            "AND retry_at <= ?)",
+            (send_id, send_id, now),
+        ).fetchone()
+        return bool(row[0])
 
     def record(
         self, send_id: int, outcomes: Iterable[tuple[int, Outcome]], *, holder: str = ""
