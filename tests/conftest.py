@@ -10,7 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import yaml
 from newsletter.build import BuildInputs, BuildResult, build
 from newsletter.delivery.message import Sender
 from newsletter.models import Recipient
+from newsletter.storage import Storage, open_storage
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "issues" / "2020-12-23.yaml"
@@ -162,3 +164,10 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return str(tmp_path / "newsletter.sqlite3")
     url: str = request.getfixturevalue("postgres_url")
     return url
+
+
+@pytest.fixture
+def any_db(database: str) -> Iterator[Storage]:
+    """A new database on each backend in turn, opened (and created) as the CLI opens it."""
+    with closing(open_storage(database, create=True)) as storage:
+        yield storage

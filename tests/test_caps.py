@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from contextlib import closing
 
 import pytest
@@ -19,13 +18,6 @@ SENT = Outcome("sent", 250, "2.0.0 ok")
 
 def people(n: int, prefix: str = "p") -> list[Recipient]:
     return [Recipient(f"{prefix}{i:05d}@example.org", f"P{i}", "") for i in range(n)]
-
-
-@pytest.fixture
-def any_db(database: str) -> Iterator[Storage]:
-    storage = open_storage(database, create=True)
-    yield storage
-    storage.close()
 
 
 def test_a_capped_claim_counts_what_every_send_sent_and_has_in_flight(any_db: Storage) -> None:

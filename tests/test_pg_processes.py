@@ -177,22 +177,31 @@ def test_status_json_shows_each_live_process(
     assert shown.returncode == 0 and "sent" in shown.stdout
 
 
-def test_two_schedulers_on_one_slot_send_it_once(
-    project: Path,
-    server: Server,
-    pg_env: dict[str, str],
-    write_issue: Callable[..., Path],
-) -> None:
+def slot_due(
+    project: Path, pg_env: dict[str, str], write_issue: Callable[..., Path], n: int
+) -> tuple[list[str], dict[str, str]]:
+    """An issue for Thursday 2026-12-03, n subscribers, and the settings of a scheduler
+    whose Thursday 09:00 slot is due now."""
     data = example_data()
     data["date"] = "2026-12-03"
     write_issue(data, name="2026-12-03.yaml")
-    emails = imported(project, pg_env, 1000)
+    emails = imported(project, pg_env, n)
     env = {
         **pg_env,
         "NEWSLETTER_SCHEDULE": "Thu 09:00",
         "NEWSLETTER_TIMEZONE": "America/New_York",
         "NEWSLETTER_TEST_NOW": "2026-12-03T09:15:00-05:00",
     }
+    return emails, env
+
+
+def test_two_schedulers_on_one_slot_send_it_once(
+    project: Path,
+    server: Server,
+    pg_env: dict[str, str],
+    write_issue: Callable[..., Path],
+) -> None:
+    emails, env = slot_due(project, pg_env, write_issue, 1000)
     procs = [start(["send", "--due"], project, env) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
@@ -222,16 +231,7 @@ def test_a_scheduler_host_that_dies_mid_slot_is_taken_over_after_its_lease(
     """The first scheduler runs in its own PID namespace, as on another host: its death
     cannot be seen from here (its pid means nothing on this machine), only its lease
     running out can. The second scheduler waits for that, then resumes the slot."""
-    data = example_data()
-    data["date"] = "2026-12-03"
-    write_issue(data, name="2026-12-03.yaml")
-    emails = imported(project, pg_env, 400)
-    env = {
-        **pg_env,
-        "NEWSLETTER_SCHEDULE": "Thu 09:00",
-        "NEWSLETTER_TIMEZONE": "America/New_York",
-        "NEWSLETTER_TEST_NOW": "2026-12-03T09:15:00-05:00",
-    }
+    emails, env = slot_due(project, pg_env, write_issue, 400)
     server.handler.behaviour.delay = 0.01
     other_host = subprocess.Popen(
         ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "newsletter",

@@ -25,13 +25,6 @@ def pg(postgres_url: str) -> Iterator[Storage]:
     storage.close()
 
 
-@pytest.fixture
-def any_db(database: str) -> Iterator[Storage]:
-    storage = open_storage(database, create=True)
-    yield storage
-    storage.close()
-
-
 def test_claims_record_and_count_the_same_on_both_backends(any_db: Storage) -> None:
     log = any_db.send_log
     record = log.freeze("2026-12-03", "news", people(12), suppressed=2)
