@@ -705,6 +705,7 @@ def _send_one(
             sender=wiring.sender(settings, request.list_name),
             options=wiring.send_options(settings),
             envelope_sender=settings.envelope_sender,
+            verp=settings.verp,
             templates_dir=settings.templates_dir,
             out_dir=settings.out_dir,
             signer=lambda: _signer(settings),

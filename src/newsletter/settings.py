@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from newsletter.schedule.slots import Schedule
 from newsletter.models import bidi_characters, character_names, https_url
 from newsletter.storage.location import Location, location_problem, parse_location
+from newsletter.verp import Verp
 
 PREFIX = "NEWSLETTER_"
 # The name is the first label of List-Id (RFC 2919: a dot-atom), so a dot may
@@ -333,6 +334,14 @@ class Settings(BaseSettings):
         if self.unsubscribe_mailto:
             return _split_mailbox(self.unsubscribe_mailto)[1]
         return "unsubscribe@" + self.sender_address.rpartition("@")[2]
+
+    @property
+    def verp(self) -> Verp | None:
+        """Envelope senders naming each delivery, under NEWSLETTER_BOUNCE_ADDRESS (none
+        without one: bounces then go to the From address, as the relay returns them)."""
+        if not self.bounce_address:
+            return None
+        return Verp(_split_mailbox(self.bounce_address)[1], self.token_key)
 
     @property
     def token_key(self) -> bytes:

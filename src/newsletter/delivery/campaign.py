@@ -118,6 +118,7 @@ from newsletter.errors import (
 from newsletter.models import Delivery, Outcome
 from newsletter.storage.base import SendLogStore
 from newsletter.storage.caps import CapReached, Caps, CapWindow, Claim
+from newsletter.verp import Verp
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -199,6 +200,7 @@ class Campaign:
         sleep: Callable[[float], Awaitable[None]] | None = None,
         holder: str = "",
         shared: bool = False,
+        verp: Verp | None = None,
     ) -> None:
         """``guard`` says, when asked, who else now holds the run's lease (None while
         it is ours): the run then stops as on any stop (module docstring). ``on_note``
@@ -209,7 +211,9 @@ class Campaign:
         the run's lease, which every claim and record carries (a shared send tells its
         processes' rows apart by it). ``shared``: other processes may work on this send at
         once; every SHARE_EVERY seconds the run then takes over the rows of those whose lease
-        ran out (they become unknown) and keeps to its share of the rate."""
+        ran out (they become unknown) and keeps to its share of the rate. ``verp``: each
+        message's MAIL FROM names its delivery (:mod:`newsletter.verp`), so that its bounce
+        says whom it is about; without it every message has ``envelope_sender``."""
         self.log = log
         self.holder = holder
         self.shared = shared
@@ -219,6 +223,7 @@ class Campaign:
         self.transport = transport
         self.options = options
         self.envelope_sender = envelope_sender
+        self.verp = verp
         self.clock = clock
         self.on_progress = on_progress
         self.guard = guard
@@ -753,13 +758,18 @@ class Campaign:
         self._attempted += 1
         try:
             return await session.send(
-                Envelope(self.envelope_sender, delivery.recipient.email, data)
+                Envelope(self._sender_of(delivery), delivery.recipient.email, data)
             )
         except CampaignAborted as exc:
             # The relay refused the sender: nothing was sent to this recipient.
             self._abort = exc
             self.stop(str(exc))
             return None
+
+    def _sender_of(self, delivery: Delivery) -> str:
+        if self.verp is None:
+            return self.envelope_sender
+        return self.verp.sender(self.send_id, delivery.seq)
 
     def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
         if outcome.state == "deferred":

@@ -56,6 +56,7 @@ from newsletter.delivery.transports import OutboxTransport, Transport
 from newsletter.errors import CampaignAborted, LeaseLost, StorageError
 from newsletter.render.checks import refuse_unsendable
 from newsletter.storage.base import LEASE_SECONDS, Lease, Source, Storage
+from newsletter.verp import Verp
 
 if TYPE_CHECKING:
     from newsletter.build import BuildResult
@@ -154,6 +155,7 @@ def send_issue(
     signer: Callable[[], Signer | None] = _no_signer,
     hooks: SendHooks = SendHooks(),
     lease_ttl: float = LEASE_SECONDS,
+    verp: Verp | None = None,
 ) -> SendReport:
     """Build, start or resume, and run one send of ``request``; the module docstring says how.
 
@@ -162,7 +164,9 @@ def send_issue(
     the end; ``transport`` makes the real transport once the lease is held (a dry
     run never calls it); ``signer`` makes the DKIM signer once the send is
     confirmed; ``templates_dir`` and ``sender.public_url`` render the archive's web
-    version at the first real send; ``out_dir`` holds the default outbox. Raises
+    version at the first real send; ``out_dir`` holds the default outbox; ``verp``
+    gives each message an envelope sender naming its delivery (dry runs too, so the
+    outbox shows what would go). Raises
     :class:`SendDeclined` when ``hooks.confirm`` says no, :class:`LeaseLost` when
     another run took the send's lease during the run, and the errors of each step
     (every one a :class:`~newsletter.errors.NewsletterError`)."""
@@ -248,6 +252,7 @@ def send_issue(
                     guard=None if lease is None else _guard(lease),
                     on_note=hooks.note,
                     holder="" if lease is None else lease.owner,
+                    verp=verp,
                 )
             )
         except (SendLogBusy, SendLogFailed) as exc:

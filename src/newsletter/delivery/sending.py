@@ -28,6 +28,7 @@ from newsletter.errors import (
 )
 from newsletter.render import merge_fields
 from newsletter.storage.base import ListStates, SendRecord, Storage, Subscribers
+from newsletter.verp import Verp
 
 
 @dataclass(slots=True)
@@ -273,10 +274,12 @@ async def run_send(
     guard: Callable[[], str | None] | None = None,
     on_note: Callable[[str], None] | None = None,
     holder: str = "",
+    verp: Verp | None = None,
 ) -> SendReport:
-    """Run the prepared send; ``guard``, ``on_note`` and ``holder`` are the
+    """Run the prepared send; ``guard``, ``on_note``, ``holder`` and ``verp`` are the
     :class:`Campaign`'s (the send's lease; what the run says while it goes on, such as a
-    wait for a busy database; the lease's owner, noted on every claim)."""
+    wait for a busy database; the lease's owner, noted on every claim; the envelope
+    senders that name each delivery)."""
     log = storage.send_log
     campaign = Campaign(
         log,
@@ -290,6 +293,7 @@ async def run_send(
         on_note=on_note,
         holder=holder,
         shared=storage.shared_sends,
+        verp=verp,
     )
     if on_start is not None:
         on_start(campaign)
