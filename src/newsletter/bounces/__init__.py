@@ -1,0 +1,1 @@
+"""Hearing back from the mail system: bounces, complaints, mailed unsubscribes."""

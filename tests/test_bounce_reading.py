@@ -1,0 +1,133 @@
+"""Reading what the mail system sends back (newsletter.bounces.reading): delivery status
+notifications by status code, feedback reports, auto-replies, and hostile messages that
+must never crash the reader nor name anyone they should not.
+
+The samples in tests/data/feedback are written after the formats Postfix, Exchange and
+a feedback loop (ARF) produce, with {verp} standing for the message's VERP address."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from newsletter.bounces.reading import MAX_BYTES, MAX_DEPTH, MAX_PARTS, Reported, read
+from newsletter.verp import Delivered, Verp
+
+SAMPLES = Path(__file__).parent / "data" / "feedback"
+VERP = Verp("bounces@bounce.example.org", b"test-secret-for-the-suite-0123456789")
+OURS = VERP.sender(3, 17)
+
+
+def sample(name: str, verp: str = OURS) -> bytes:
+    return (SAMPLES / name).read_bytes().replace(b"{verp}", verp.encode())
+
+
+def test_a_postfix_unknown_user_is_a_hard_bounce_of_our_delivery() -> None:
+    found = read(sample("postfix-unknown-user.eml"), VERP)
+    assert found.kind == "hard" and found.delivery == Delivered(3, 17)
+    (reported,) = found.recipients
+    assert reported.email == "reader0001@example.org" and reported.status == "5.1.1"
+    assert reported.action == "failed"
+    assert reported.diagnostic.startswith("550 5.1.1 <reader0001@example.org>: Recipient")
+    assert found.message_id == "<20261202040001.4Zk2@mx.example.net>"
+
+
+def test_a_full_mailbox_still_retried_is_a_soft_bounce() -> None:
+    found = read(sample("postfix-delayed.eml"), VERP)
+    assert found.kind == "soft" and found.delivery == Delivered(3, 17)
+    assert found.recipients == (
+        Reported("reader0002@example.org", "delayed", "4.2.2",
+                 "452 4.2.2 <reader0002@example.org>: Mailbox full"),
+    )  # fmt: skip
+
+
+def test_an_exchange_report_is_read_by_its_code_not_its_words() -> None:
+    found = read(sample("exchange-hard.eml"), VERP)
+    assert found.kind == "hard" and found.recipients[0].status == "5.1.10"
+    assert found.delivery == Delivered(3, 17)  # from To: (Exchange adds no Delivered-To)
+
+
+def test_a_feedback_loop_report_is_a_complaint_found_through_the_reported_message() -> None:
+    found = read(sample("yahoo-arf.eml"), VERP)
+    assert found.kind == "complaint" and found.feedback_type == "abuse"
+    assert found.delivery == Delivered(3, 17)  # To: is the loop's own address: not ours
+    assert found.recipients[0].email == "reader0003@example.net"
+
+
+def test_an_out_of_office_reply_and_a_success_report_are_not_bounces() -> None:
+    assert read(sample("out-of-office.eml"), VERP).kind == "auto_reply"
+    delivered = read(sample("delivered.eml"), VERP)
+    assert delivered.kind == "not_bounce" and delivered.recipients[0].status == "2.0.0"
+
+
+def test_a_forged_or_foreign_verp_address_names_no_delivery() -> None:
+    forged = OURS.replace("bounces+a", "bounces+b")
+    found = read(sample("postfix-unknown-user.eml", forged), VERP)
+    assert found.kind == "hard" and found.delivery is None
+    other = Verp("bounces@bounce.example.org", b"someone else's key").sender(3, 17)
+    assert read(sample("postfix-unknown-user.eml", other), VERP).delivery is None
+    # The address the MTA delivered to counts first (a pipe transport passes it).
+    given = read(sample("postfix-unknown-user.eml", "x@example.org"), VERP, delivered_to=OURS)
+    assert given.delivery == Delivered(3, 17)
+
+
+def _nested(depth: int) -> bytes:
+    head = b"From: x@example.org\nTo: " + OURS.encode() + b"\nMIME-Version: 1.0\n"
+    body = b"deep\n"
+    for level in range(depth):
+        boundary = b"b%d" % level
+        body = (b"Content-Type: multipart/mixed; boundary=\"" + boundary + b"\"\n\n--"
+                + boundary + b"\n" + body + b"\n--" + boundary + b"--\n")  # fmt: skip
+    return head + body
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (_nested(MAX_DEPTH + 5), "nested deeper"),
+        (_nested(3000), "nested deeper"),
+        (
+            b'Content-Type: multipart/mixed; boundary="x"\n\n'
+            + b"--x\nContent-Type: text/plain\n\nhi\n" * (MAX_PARTS + 1)
+            + b"--x--\n",
+            "more than",
+        ),
+        (b"x" * (MAX_BYTES + 1), "larger than"),
+        (bytes(range(256)) * 100, "not a delivery status"),
+        (b"", "not a delivery status"),
+        (
+            b'Content-Type: multipart/report; report-type=delivery-status; boundary="q"\n\n'
+            b"--q\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; x\n\n"
+            b"Final-Recipient: rfc822; a@example.org\nAction: failed\nStatus: 9.9.9\n--q--\n",
+            "no valid status code",
+        ),
+        (
+            b'Content-Type: multipart/report; report-type=delivery-status; boundary="q"\n\n'
+            b"--q\nContent-Type: text/plain\n\ntruncated before the status part",
+            "without its status part",
+        ),
+    ],
+    ids=["deep", "very deep", "many parts", "huge", "binary", "empty", "bad code", "truncated"],
+)
+def test_hostile_or_broken_messages_are_unknown_with_the_reason(data: bytes, why: str) -> None:
+    found = read(data, VERP)
+    assert found.kind == "unknown" and why in found.why, found
+    assert found.delivery is None or found.delivery == Delivered(3, 17)
+
+
+def test_a_zip_bomb_attachment_is_not_opened() -> None:
+    """A report with a gzip that expands to 1 GB: the reader never decompresses anything."""
+    bomb = gzip.compress(b"\0" * (64 * 1024 * 1024))
+    import base64
+
+    attachment = base64.encodebytes(bomb)
+    data = (
+        sample("postfix-unknown-user.eml").replace(b"--4Zk2.1764648001/mx.example.net--", b"")
+        + b"--4Zk2.1764648001/mx.example.net\nContent-Type: application/gzip\n"
+        b"Content-Transfer-Encoding: base64\n\n" + attachment
+        + b"\n--4Zk2.1764648001/mx.example.net--\n"
+    )  # fmt: skip
+    found = read(data, VERP)
+    assert found.kind == "hard" and found.delivery == Delivered(3, 17)
