@@ -58,6 +58,13 @@ def test_a_feedback_loop_report_is_a_complaint_found_through_the_reported_messag
 
 def test_an_out_of_office_reply_and_a_success_report_are_not_bounces() -> None:
     assert read(sample("out-of-office.eml"), VERP).kind == "auto_reply"
+    # Outlook asks robots not to answer mail people write: that is no auto-reply.
+    person = (
+        b"From: r@example.org\nTo: "
+        + OURS.encode()
+        + (b"\nSubject: please stop\nX-Auto-Response-Suppress: All\n\nunsubscribe\n")
+    )
+    assert read(person, VERP).kind == "unknown"
     delivered = read(sample("delivered.eml"), VERP)
     assert delivered.kind == "not_bounce" and delivered.recipients[0].status == "2.0.0"
 

@@ -22,8 +22,8 @@ How it classifies, in this order:
    Action ``delivered``, ``relayed`` or ``expanded`` (and ``2.x.x``) is
    ``not_bounce``; a report without a valid code is ``unknown``;
 4. an auto-reply (RFC 3834 ``Auto-Submitted`` other than ``no``, or the
-   headers out-of-office programs set) that is not a report is
-   ``auto_reply``;
+   X-Autoreply / X-Autorespond headers, Precedence auto_reply) that is not a
+   report is ``auto_reply``;
 5. anything else is ``unknown``: non-standard bounces are for a later stage.
 
 The delivery comes from our VERP address where the message reached it: the
@@ -58,8 +58,10 @@ _STATUS = re.compile(r"\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
 _NOT_BOUNCES = {"delivered", "relayed", "expanded"}
 # Where a message delivered to our VERP address carries that address, best first.
 _DELIVERED_TO = ("Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To", "To")
-# Headers out-of-office programs set besides RFC 3834's Auto-Submitted.
-_AUTO_REPLY = ("X-Autoreply", "X-Autorespond", "X-Auto-Response-Suppress")
+# Headers out-of-office programs set besides RFC 3834's Auto-Submitted. Not
+# X-Auto-Response-Suppress: Outlook puts it on mail people write, to ask that
+# others' robots do not answer it.
+_AUTO_REPLY = ("X-Autoreply", "X-Autorespond")
 
 
 @dataclass(frozen=True, slots=True)
