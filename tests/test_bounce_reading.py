@@ -94,7 +94,7 @@ def _nested(depth: int) -> bytes:
     ("data", "why"),
     [
         (_nested(MAX_DEPTH + 5), "nested deeper"),
-        (_nested(3000), "nested deeper"),
+        (_nested(3000), "MIME boundaries"),
         (
             b'Content-Type: multipart/mixed; boundary="x"\n\n'
             + b"--x\nContent-Type: text/plain\n\nhi\n" * (MAX_PARTS + 1)
@@ -138,3 +138,71 @@ def test_a_zip_bomb_attachment_is_not_opened() -> None:
     )  # fmt: skip
     found = read(data, VERP)
     assert found.kind == "hard" and found.delivery == Delivered(3, 17)
+
+
+def _dsn(action: str, status: str, extra: bytes = b"") -> bytes:
+    return (
+        b"To: " + OURS.encode() + b"\nContent-Type: multipart/report; "
+        b'report-type=delivery-status; boundary="q"\n\n--q\n'
+        b"Content-Type: message/delivery-status\n\nReporting-MTA: dns; x\n\n"
+        b"Final-Recipient: rfc822; a@example.org\n"
+        + (b"Action: " + action.encode() + b"\n" if action else b"")
+        + b"Status: "
+        + status.encode()
+        + b"\n\n"
+        + extra
+        + b"--q--\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("action", "status", "kind"),
+    [
+        ("failed", "5.1.1", "hard"),
+        ("failed (permanent)", "5.1.1", "hard"),
+        ("failed", "4.4.7", "soft"),  # expired in a queue: transient by its code
+        ("delayed", "4.2.2", "soft"),
+        ("delayed", "5.1.1", "unknown"),  # a delay is not a final failure
+        ("delivered", "5.1.1", "unknown"),
+        ("failed", "2.0.0", "unknown"),
+        ("", "5.1.1", "unknown"),  # Action is required
+        ("delivered", "2.0.0", "not_bounce"),
+        ("failed", "5.1.1.9", "unknown"),
+    ],
+)
+def test_action_and_status_are_judged_together(action: str, status: str, kind: str) -> None:
+    assert read(_dsn(action, status), VERP).kind == kind
+
+
+def test_a_report_inside_the_returned_message_is_not_this_reports_status() -> None:
+    inner = _dsn("failed", "5.1.1").replace(b'"q"', b'"r"').replace(b"--q", b"--r")
+    outer = _dsn("delivered", "2.0.0").replace(
+        b"--q--\n", b"--q\nContent-Type: message/rfc822\n\n" + inner + b"\n--q--\n"
+    )
+    assert read(outer, VERP).kind == "not_bounce"
+
+
+def test_where_it_was_delivered_is_not_taken_from_display_names_or_comments() -> None:
+    token = OURS.split("@")[0]
+    for to in (f'"{OURS}" <victim@example.org>', f"victim@example.org ({OURS})"):
+        data = _dsn("failed", "5.1.1").replace(b"To: " + OURS.encode(), b"To: " + to.encode())
+        assert read(data, VERP).delivery is None, to
+    # What the MTA says it delivered to is the only word, when it gives one.
+    assert (
+        read(_dsn("failed", "5.1.1"), VERP, delivered_to="bounces@bounce.example.org").delivery
+        is None
+    )
+    assert token.startswith("bounces+")
+
+
+def test_a_feedback_report_without_its_type_is_no_complaint() -> None:
+    data = sample("yahoo-arf.eml").replace(b"Feedback-Type: abuse\n", b"")
+    found = read(data, VERP)
+    assert found.kind == "unknown" and "without its Feedback-Type" in found.why
+
+
+def test_split_parameters_beyond_a_few_are_refused_before_parsing() -> None:
+    pieces = b"".join(b"; report-type*%d*=x" % i for i in range(500))
+    data = b"Content-Type: multipart/report" + pieces + b"\n\nhi\n"
+    found = read(data, VERP)
+    assert found.kind == "unknown" and "split header parameters" in found.why

@@ -56,6 +56,8 @@ def test_forged_altered_and_foreign_addresses_name_nothing() -> None:
         f"bounces+{'a' * 5000}@{domain}",
         f"bounces+{token[:-1]}\u0131@{domain}",  # a dotless i, which upper() makes an I
         f"bounces+{token}@{domain}@{domain}",
+        f"bounces+{token.replace('k', chr(0x212A))}@{domain}" if "k" in token else "x",
+        f"bounces+{token}@{domain}".replace("b", "\uff42", 1),  # fullwidth b
     ]
     for other in others:
         assert VERP.read(other) is None, other
@@ -106,3 +108,22 @@ def test_a_send_gives_each_message_the_envelope_sender_of_its_row(
                    cwd=project, env=env)  # fmt: skip
     assert copy.returncode == 0, copy.stdout + copy.stderr
     assert server.handler.to("editor@example.org")[-1].mail_from == "bounces@bounce.example.org"
+
+
+def test_a_send_id_or_seq_out_of_range_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="send id and seq"):
+        VERP.sender(2**32, 0)
+    with pytest.raises(ValueError, match="send id and seq"):
+        VERP.sender(1, -1)
+
+
+def test_no_verp_without_a_secret_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from newsletter.settings import Settings
+
+    monkeypatch.delenv("NEWSLETTER_SECRET_KEY", raising=False)
+    plain = Settings(bounce_address="bounces@bounce.example.org", _env_file=None)  # type: ignore[call-arg]
+    assert plain.verp is None  # a public key would let anyone forge tokens
+    keyed = Settings(
+        bounce_address="bounces@bounce.example.org", secret_key="k" * 40, _env_file=None
+    )  # type: ignore[call-arg]
+    assert keyed.verp is not None

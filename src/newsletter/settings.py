@@ -338,9 +338,9 @@ class Settings(BaseSettings):
     @property
     def verp(self) -> Verp | None:
         """Envelope senders naming each delivery, under NEWSLETTER_BOUNCE_ADDRESS (none
-        without one: bounces then go to the From address, as the relay returns them)."""
-        if not self.bounce_address:
-            return None
+        without one, or without NEWSLETTER_SECRET_KEY, which every real send needs)."""
+        if not self.bounce_address or self.secret_key is None:
+            return None  # without the secret, tokens would be signed with a public key
         return Verp(_split_mailbox(self.bounce_address)[1], self.token_key)
 
     @property

@@ -64,12 +64,17 @@ class Verp:
 
     def sender(self, send_id: int, seq: int) -> str:
         """The MAIL FROM of the message of row ``seq`` of send ``send_id``."""
+        if not (0 <= send_id < 2**32 and 0 <= seq < 2**32):
+            raise ValueError(f"a VERP token holds a send id and seq from 0 to 2**32 - 1, "
+                             f"not {send_id} and {seq}")  # fmt: skip
         payload = _PAYLOAD.pack(send_id, seq)
         body = base64.b32encode(payload + self._mac(payload)).decode("ascii").rstrip("=")
         return f"{self.local}{_SEPARATOR}{_VERSION}{body.lower()}@{self.domain}"
 
     def read(self, address: str) -> Delivered | None:
         """The delivery ``address`` names, when it is one of ours and intact; else None."""
+        if not address.isascii():
+            return None  # look-alikes (a Kelvin sign lower-cases to k) are not ours
         local, at, domain = address.strip().strip("<>").rpartition("@")
         if not at or domain.lower() != self.domain.lower():
             return None

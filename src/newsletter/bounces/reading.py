@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import email.utils
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,14 +48,20 @@ from newsletter.verp import Delivered, Verp
 
 __all__ = ["MAX_BYTES", "MAX_DEPTH", "MAX_PARTS", "Feedback", "FeedbackKind", "Reported", "read"]
 
-MAX_BYTES = 10 * 1024 * 1024  # a DSN is a few kB; its returned message may be large
+# A DSN is a few kB and returns at most our own message (~50 kB): 2 MB is generous, and
+# bounds what the standard parser may spend on a hostile one.
+MAX_BYTES = 2 * 1024 * 1024
+# Read before the parser runs: its cost grows with open boundaries and with RFC 2231
+# parameter pieces faster than with size.
+MAX_BOUNDARIES = 32
+MAX_PARAMETER_PIECES = 64
 MAX_DEPTH = 12  # report in a message in a report: a handful of levels, never dozens
 MAX_PARTS = 200
 MAX_DIAGNOSTIC = 500  # characters of a diagnostic kept
 
 FeedbackKind = Literal["hard", "soft", "complaint", "auto_reply", "not_bounce", "unknown"]
 
-_STATUS = re.compile(r"\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
+_STATUS = re.compile(r"\s*([245])\.([0-9]{1,3})\.([0-9]{1,3})(?![.0-9])", re.ASCII)
 _NOT_BOUNCES = {"delivered", "relayed", "expanded"}
 # Where a message delivered to our VERP address carries that address, best first.
 _DELIVERED_TO = ("Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To", "To")
@@ -72,6 +79,9 @@ class Reported:
     action: str  # failed, delayed, delivered, relayed, expanded (lower case), or ""
     status: str  # the RFC 3463 code, "5.1.1", or "" when it gave none that is valid
     diagnostic: str  # the remote MTA's words, cut to MAX_DIAGNOSTIC characters
+    # The address as first given (before a forward or an alias), when the report says:
+    # the caller matches the failing recipient to the delivery's address by it.
+    original: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +100,13 @@ def read(data: bytes, verp: Verp | None, *, delivered_to: str | None = None) -> 
     """What the message ``data`` says (module docstring); never raises on its content."""
     if len(data) > MAX_BYTES:
         return Feedback("unknown", None, why=f"larger than {MAX_BYTES // (1024 * 1024)} MB")
+    too_complex = _prescan(data)
+    if too_complex:
+        return Feedback("unknown", None, why=too_complex)
     try:
         message = email.message_from_bytes(data, policy=email.policy.compat32)
-        parts = list(_parts(message))
+        for _ in _parts(message):  # MAX_DEPTH and MAX_PARTS, before anything is read
+            pass
     except _TooComplex as exc:
         return Feedback("unknown", None, why=str(exc))
     except RecursionError:  # the standard parser's own walk, thousands of levels down
@@ -103,14 +117,29 @@ def read(data: bytes, verp: Verp | None, *, delivered_to: str | None = None) -> 
     found = _addresses(message, delivered_to)
     delivery = _named(found, verp)
     report = _report_type(message)
+    # The report's own parts are the top-level report's children (RFC 3464 s. 2,
+    # RFC 5965 s. 2); a report inside the returned message is not this one's.
+    children = [p for p in message.get_payload() if isinstance(p, Message)] if report else []
     if report == "feedback-report":
-        return _complaint(message, parts, verp, delivery, message_id)
+        return _complaint(children, verp, delivery, message_id)
     if report == "delivery-status":
-        return _dsn(parts, delivery, message_id)
+        return _dsn(children, delivery, message_id)
     if _is_auto_reply(message):
         return Feedback("auto_reply", delivery, message_id=message_id)
     return Feedback("unknown", delivery, why="not a delivery status notification nor a "
                     "feedback report", message_id=message_id)  # fmt: skip
+
+
+def _prescan(data: bytes) -> str:
+    """Why ``data`` is too costly to hand to the parser at all, or ""."""
+    lowered = data.lower()
+    if lowered.count(b"boundary") > MAX_BOUNDARIES:
+        return f"more than {MAX_BOUNDARIES} MIME boundaries"
+    if lowered.count(b"\n--") > 4 * MAX_PARTS:
+        return f"more than {MAX_PARTS} MIME parts"
+    if len(re.findall(rb"\*[0-9]+\*?\s*=", data)) > MAX_PARAMETER_PIECES:
+        return f"more than {MAX_PARAMETER_PIECES} pieces of split header parameters"
+    return ""
 
 
 class _TooComplex(Exception):
@@ -142,15 +171,20 @@ def _text(value: object) -> str:
 def _report_type(message: Message) -> str:
     if message.get_content_type() != "multipart/report":
         return ""
-    return _text(message.get_param("report-type", "")).lower()
+    value = message.get_param("report-type", "")
+    return _text(email.utils.collapse_rfc2231_value(value)).lower()
 
 
 def _addresses(message: Message, delivered_to: str | None) -> tuple[str, ...]:
-    found = [delivered_to] if delivered_to else []
+    """Where the message was delivered: what the MTA says alone, when it says; otherwise
+    the addresses (not display names or comments) of the headers that carry it."""
+    if delivered_to:
+        return (delivered_to,)
+    found = []
     for name in _DELIVERED_TO:
-        for value in message.get_all(name) or []:
-            found += re.findall(r"[^\s<>,;\"']+@[^\s<>,;\"']+", _text(value))
-    return tuple(dict.fromkeys(a for a in found if a))
+        values = [_text(v) for v in message.get_all(name) or []]
+        found += [address for _, address in email.utils.getaddresses(values) if address]
+    return tuple(dict.fromkeys(found))
 
 
 def _named(addresses: tuple[str, ...], verp: Verp | None) -> Delivered | None:
@@ -163,8 +197,8 @@ def _named(addresses: tuple[str, ...], verp: Verp | None) -> Delivered | None:
     return None
 
 
-def _dsn(parts: list[Message], delivery: Delivered | None, message_id: str) -> Feedback:
-    status_parts = [p for p in parts if p.get_content_type() == "message/delivery-status"]
+def _dsn(children: list[Message], delivery: Delivered | None, message_id: str) -> Feedback:
+    status_parts = [p for p in children if p.get_content_type() == "message/delivery-status"]
     if not status_parts:
         return Feedback("unknown", delivery, why="a delivery report without its status part",
                         message_id=message_id)  # fmt: skip
@@ -177,56 +211,70 @@ def _dsn(parts: list[Message], delivery: Delivered | None, message_id: str) -> F
         for block in blocks[1:]:
             if isinstance(block, Message):
                 reported.append(_recipient(block))
-    codes = [r.status[0] for r in reported if r.status]
-    if any(r.action in _NOT_BOUNCES for r in reported) and not any(c in "45" for c in codes):
-        return Feedback("not_bounce", delivery, tuple(reported), message_id=message_id)
-    if "5" in codes:
-        kind: FeedbackKind = "hard"
-    elif "4" in codes:
-        kind = "soft"
-    elif codes:
-        kind = "not_bounce"
-    else:
-        return Feedback("unknown", delivery, tuple(reported),
-                        why="a delivery report with no valid status code",
-                        message_id=message_id)  # fmt: skip
-    return Feedback(kind, delivery, tuple(reported), message_id=message_id)
+    kinds = {_judged(r) for r in reported}
+    # The worst that is sure: one recipient failing for good makes it hard.
+    order: tuple[FeedbackKind, ...] = ("hard", "soft", "not_bounce")
+    for kind in order:
+        if kind in kinds:
+            return Feedback(kind, delivery, tuple(reported), message_id=message_id)
+    return Feedback("unknown", delivery, tuple(reported),
+                    why="a delivery report with no valid status code for its action",
+                    message_id=message_id)  # fmt: skip
+
+
+def _judged(reported: Reported) -> FeedbackKind:
+    """One recipient, by its Action and Status together (RFC 3464 s. 2.3.3): failed with
+    5.x.x is hard; failed or delayed with 4.x.x soft (a message expired in a queue too);
+    delivered, relayed or expanded with 2.x.x not a bounce; any other pair unknown."""
+    code, action = reported.status[:1], reported.action
+    if action == "failed" and code == "5":
+        return "hard"
+    if action in ("failed", "delayed") and code == "4":
+        return "soft"
+    if action in _NOT_BOUNCES and code == "2":
+        return "not_bounce"
+    return "unknown"
 
 
 def _recipient(block: Message) -> Reported:
-    final = _text(block.get("Final-Recipient") or block.get("Original-Recipient"))
-    address = final.split(";", 1)[-1].strip().strip("<>")
+    final = _typed_address(block.get("Final-Recipient") or block.get("Original-Recipient"))
+    original = _typed_address(block.get("Original-Recipient"))
     match = _STATUS.match(_text(block.get("Status")))
     status = ".".join(match.groups()) if match else ""
     diagnostic = _text(block.get("Diagnostic-Code")).split(";", 1)[-1].strip()
-    action = _text(block.get("Action")).lower()
-    return Reported(address[:254], action[:20], status, diagnostic[:MAX_DIAGNOSTIC])
+    action = (_text(block.get("Action")).lower().split() or [""])[0]  # no (comment)
+    return Reported(final, action[:20], status, diagnostic[:MAX_DIAGNOSTIC], original)
+
+
+def _typed_address(value: object) -> str:
+    """The address of an ``rfc822; addr`` field, cut to what an address may be."""
+    return _text(value).split(";", 1)[-1].strip().strip("<>")[:254]
 
 
 def _complaint(
-    message: Message,
-    parts: list[Message],
+    children: list[Message],
     verp: Verp | None,
     delivery: Delivered | None,
     message_id: str,
 ) -> Feedback:
-    reports = [p for p in parts if p.get_content_type() == "message/feedback-report"]
+    reports = [p for p in children if p.get_content_type() == "message/feedback-report"]
     if not reports:
         return Feedback("unknown", delivery, why="a feedback report without its report part",
                         message_id=message_id)  # fmt: skip
     fields = _fields(reports[0])
-    kind = fields.get("feedback-type", "abuse").lower()
+    kind = fields.get("feedback-type", "").lower()  # required (RFC 5965 s. 3.1)
     if delivery is None:
         # A feedback loop sends the report to its own address: ours is in what it reports.
         named: list[str] = [fields.get("original-mail-from", "")]
-        for part in parts:
+        for part in children:
             if part.get_content_type() in ("message/rfc822", "text/rfc822-headers"):
                 named += _returned_senders(part)
         delivery = _named(tuple(a.strip().strip("<>") for a in named if a), verp)
     who = fields.get("original-rcpt-to", "").strip().strip("<>")
     recipients = (Reported(who[:254], "", "", ""),) if who else ()
     if kind != "abuse":
-        why = f"a feedback report of type {kind[:40]!r}"
+        why = f"a feedback report of type {kind[:40]!r}" if kind else "a feedback report "
+        why = why if kind else why + "without its Feedback-Type"
         return Feedback("unknown", delivery, recipients, why=why, feedback_type=kind[:40],
                         message_id=message_id)  # fmt: skip
     return Feedback("complaint", delivery, recipients, feedback_type=kind, message_id=message_id)
@@ -261,8 +309,8 @@ def _returned_senders(part: Message) -> list[str]:
 
 
 def _is_auto_reply(message: Message) -> bool:
-    submitted = _text(message.get("Auto-Submitted")).lower()
-    if submitted and not submitted.startswith("no"):
+    submitted = (_text(message.get("Auto-Submitted")).lower().split(";") or [""])[0].strip()
+    if submitted and submitted != "no":
         return True
     if any(message.get(name) is not None for name in _AUTO_REPLY):
         return True
