@@ -3,6 +3,7 @@ PostgreSQL server (and the parts every backend shares, on both)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -245,3 +246,29 @@ def test_a_search_path_naming_no_schema_is_a_clear_error(postgres_url: str) -> N
     missing = postgres_url.rsplit("search_path%3D", 1)[0] + "search_path%3Dno_such_schema"
     with pytest.raises(StorageUnavailable, match="the schema its search_path names"):
         migrate(missing)
+
+
+def test_a_gone_process_of_this_machine_is_no_live_worker(pg: Storage) -> None:
+    """A helper killed before it could hand back its lease is not shown as live (nor
+    counted in the rate's share) while its lease runs out."""
+    import socket
+    import subprocess
+
+    from newsletter.storage.renewal import MACHINE
+
+    log = pg.send_log
+    record = log.freeze("i", "news", people(3), suppressed=0)
+    live = pg.send_lease("i", "news", ttl=30)
+    live.acquire(time.time())
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    owner = f"{socket.gethostname()}:{ended.pid}:1:{MACHINE}"
+    now = time.time()
+    pg.conn.execute(  # type: ignore[attr-defined]
+        "INSERT INTO locks (name, owner, expires, since, renewed) VALUES (%s, %s, %s, %s, %s)",
+        ("send:i:news/" + owner, owner, now + 60, now, now),
+    )
+    try:
+        assert [w.pid for w in log.workers(record.id)] == [str(os.getpid())]
+    finally:
+        live.release()

@@ -463,7 +463,10 @@ class PgSendLog:
             f"WHERE s.id = %s AND l.expires > {NOW} ORDER BY l.since, l.owner",
             (send_id,),
         )
+        # A process of this machine that is gone is no live process, lease or not (one
+        # killed before it could hand its lease back, say).
         return [
             Worker(*host_pid(str(owner)), since, renewed, float(expires), int(claimed))
             for owner, since, renewed, expires, claimed in rows
+            if not dead_here(str(owner))
         ]

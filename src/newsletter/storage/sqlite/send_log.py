@@ -29,7 +29,7 @@ from newsletter.errors import SendExists
 from newsletter.models import DELIVERY_STATES, Delivery, DeliveryState, Outcome, Recipient
 from newsletter.storage.base import RequeueState, SendRecord, Worker, batches
 from newsletter.storage.caps import CapReached, Caps, Claim, allowed
-from newsletter.storage.renewal import host_pid
+from newsletter.storage.renewal import dead_here, host_pid
 from newsletter.storage.sqlite.connection import translated
 from newsletter.storage.sqlite.subscribers import decode_attributes
 
@@ -473,7 +473,9 @@ class SendLog:
             "WHERE send_id = ? AND state = 'sending'",
             (send_id,),
         ).fetchone()[0]
+        # A process of this machine that is gone is no live process, lease or not.
         return [
             Worker(*host_pid(str(owner)), since, renewed, float(expires), claimed)
             for owner, since, renewed, expires in rows
+            if not dead_here(str(owner))
         ]
