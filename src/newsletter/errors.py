@@ -113,10 +113,10 @@ class LockHeld(NewsletterError):
 
     def __init__(self, name: str, host: str, pid: str, since: float | None, until: float) -> None:
         self.name, self.host, self.pid, self.since, self.until = name, host, pid, since, until
-        started = f" since {_stamp(since)}" if since is not None else ""
+        started = f" since {shown_time(since)}" if since is not None else ""
         super().__init__(
             f"another run (process {pid} on {host}) holds the {name!r} lock{started}; its "
-            f"lease lasts until {_stamp(until)} and is renewed while that run is alive. This "
+            f"lease lasts until {shown_time(until)} and is renewed while that run is alive. This "
             "run does nothing: wait for that one to finish, or stop it, then run this again"
         )
 
@@ -182,7 +182,8 @@ class SendExists(StorageError):
         )
 
 
-def _stamp(when: float) -> str:
+def shown_time(when: float) -> str:
+    """A Unix time as messages show it: UTC, to the second."""
     import datetime as dt
 
     return dt.datetime.fromtimestamp(when, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

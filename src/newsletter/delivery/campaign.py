@@ -114,6 +114,7 @@ from newsletter.errors import (
     StorageBusy,
     StorageError,
     StorageUnavailable,
+    shown_time,
 )
 from newsletter.models import Delivery, Outcome
 from newsletter.storage.base import SendLogStore
@@ -524,7 +525,7 @@ class Campaign:
             wait, when = SHARE_EVERY, "the messages in flight are done"
         else:
             wait = max(0.01, capped.room_at - self.clock())
-            when = _utc(capped.room_at)
+            when = shown_time(capped.room_at)
         if capped.window == "day" and wait > self.options.max_wait:
             if self.shared and await self._others_in_flight():
                 # Another process still has recipients in flight: wait for them (they end,
@@ -877,10 +878,6 @@ def _unrecorded(delivered: list[str], others: dict[str, int]) -> str:
             f"recipient(s) of this run were not recorded ({parts}) and will show as unknown"
         )
     return "; ".join(said) if len(said) == 1 else ". ".join(said)
-
-
-def _utc(at: float) -> str:
-    return dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _ewma(old: float, sample: float) -> float:
