@@ -27,10 +27,12 @@ import pytest
 from conftest import EXAMPLE, REPO, run_cli
 from newsletter.storage import open_storage
 from newsletter.storage.copy import COPIED, NOT_COPIED
+from newsletter.storage.postgres.connection import SCHEMA_VERSION
 from smtp_server import Server
 
 ISSUE = "2020-12-23"
 JSON_COLUMNS = {"attributes"}
+FEEDBACK = REPO / "tests" / "data" / "feedback"
 
 
 # ---------------------------------------------------------------- helpers (shared)
@@ -55,6 +57,7 @@ def env_for(server: Server | None, database: Path | str) -> dict[str, str]:
         "NEWSLETTER_SMTP_SECURITY": "none",
         "NEWSLETTER_SMTP_USERNAME": "",
         "NEWSLETTER_SEND_CONNECTIONS": "2",
+        "NEWSLETTER_BOUNCE_ADDRESS": "bounces@bounce.example.org",
     }
 
 
@@ -164,6 +167,12 @@ def build_deployment(folder: Path, server: Server) -> Path:
     server.handler.behaviour.reject = {news[9]: (550, "5.1.1 unknown user")}
     cli(project, env, "send", f"issues/{EXAMPLE.name}", "--yes")
     server.handler.behaviour.reject = {}
+    # A bounce of the finished send, kept with its evidence (a compressed blob).
+    verp = next(r.mail_from for r in server.handler.received if r.rcpt_tos == [news[1]])
+    dsn = (FEEDBACK / "postfix-unknown-user.eml").read_text(encoding="ascii")
+    dsn = dsn.replace("{verp}", verp).replace("reader0001@example.org", news[1])
+    done = run_cli("bounces", "process", cwd=project, env=env, input=dsn)
+    assert "suppressed (bounced)" in done.stdout, done.stdout + done.stderr
     # The interrupted send: sent in full, then put back as a run killed mid-way leaves
     # it (the test writes SQL: killing at a chosen row is not reproducible).
     cli(project, env, "send", f"issues/{EXAMPLE.name}", "--list", "other", "--yes")
@@ -284,7 +293,7 @@ def test_a_deployment_is_copied_row_for_row_with_its_ids(
             ).fetchone()
             assert top is not None and following is not None and following[0] == top[0] + 1
         version = conn.execute("SELECT version FROM newsletter_schema").fetchall()
-        assert version == [(4,)]
+        assert version == [(SCHEMA_VERSION,)]
 
 
 def test_the_copy_is_a_working_database(source: Path, postgres_url: str, tmp_path: Path) -> None:

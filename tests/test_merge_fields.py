@@ -455,6 +455,7 @@ def test_migration_3_records_the_columns_lists_already_have(tmp_path: Path) -> N
     # Back to schema 2 as it was: without schema 4's columns either.
     conn.execute("ALTER TABLE deliveries DROP COLUMN claimed_by")
     conn.execute("ALTER TABLE locks DROP COLUMN renewed")
+    conn.execute("DROP TABLE feedback")  # schema 5's
     conn.execute("PRAGMA user_version=2")
     conn.close()
     again = connect(path)

@@ -29,6 +29,7 @@ from newsletter import __version__
 if TYPE_CHECKING:
     import datetime as dt
 
+    from newsletter.bounces.processing import Processed
     from newsletter.build import BuildResult
     from newsletter.delivery.campaign import Campaign
     from newsletter.delivery.campaign import Progress as CampaignProgress
@@ -472,16 +473,22 @@ def subscribers_unsuppress(email: str, reason: str) -> None:
 @subscribers.command("show")
 @click.argument("email")
 def subscribers_show(email: str) -> None:
-    """Everything about EMAIL: its lists and state on each, its suppression, and the
-    history of suppressions and their lifting."""
+    """Everything about EMAIL: its lists and state on each, its suppression, the history
+    of suppressions and their lifting, and what the mail system said about it (bounces,
+    complaints), each with its evidence id for `bounces show`."""
     from newsletter.audience.csv_import import normalise_address
 
-    _, store = _store()
-    address = _address(email, normalise_address)
-    lists = store.lists_of(address)
-    info = store.suppression_info(address)
-    history = store.suppression_history(address)
-    if not lists and info is None and not history:
+    storage = _open(_settings())
+    try:
+        store = storage.subscribers
+        address = _address(email, normalise_address)
+        lists = store.lists_of(address)
+        info = store.suppression_info(address)
+        history = store.suppression_history(address)
+        heard = storage.feedback.about(address)
+    finally:
+        storage.close()
+    if not lists and info is None and not history and not heard:
         _fail(f"{address} is on no list and has never been suppressed")
     click.echo(address)
     for name, left in lists:
@@ -491,6 +498,12 @@ def subscribers_show(email: str) -> None:
     for when, action, why, list_name, actor in history:
         where = f" via {list_name}" if list_name else ""
         click.echo(f"  {when} {action} ({why}){where} by {actor}")
+    for kept in heard:
+        status = f" {kept.status}" if kept.status else ""
+        click.echo(
+            f"  {kept.received_at} {_KIND_TEXT.get(kept.kind, kept.kind)}{status} from send "
+            f"{kept.send_id}: {kept.outcome} [evidence #{kept.id}]"
+        )
 
 
 def _address(raw: str, normalise: Callable[[str], str]) -> str:
@@ -499,6 +512,157 @@ def _address(raw: str, normalise: Callable[[str], str]) -> str:
     except ValueError as exc:
         click.secho(f"error: {raw!r} is not a valid address: {exc}", fg="red", err=True)
         sys.exit(1)
+
+
+# ------------------------------------------------------------------------ bounces
+
+# What a Postfix pipe transport (and sendmail's) takes as "keep it, try again later".
+EX_TEMPFAIL = 75
+
+
+@main.group()
+def bounces() -> None:
+    """What the mail system says back: bounces and complaints, kept with their evidence."""
+
+
+@bounces.command("process")
+@click.argument("files", nargs=-1, type=click.Path(path_type=Path, dir_okay=False, allow_dash=True))
+@click.option(
+    "--delivered-to",
+    metavar="ADDRESS",
+    help="The address the MTA delivered the message to (Postfix: ${original_recipient}).",
+)
+def bounces_process(files: tuple[Path, ...], delivered_to: str | None) -> None:
+    """Read messages from the mail system, one per FILE or one from standard input, and
+    suppress the addresses that bounced for good, complained, or bounced softly too often.
+
+    Every message is kept as evidence, understood or not (what names no delivery of ours
+    waits in `bounces review`). Exit status for a pipe from the MTA: 0 once every message
+    is recorded; 75 (try again later) when the database or the settings cannot take it
+    now, so the MTA keeps the message; 1 for a FILE that cannot be read."""
+    from newsletter.bounces.processing import process
+    from newsletter.errors import NewsletterError
+
+    named = [(str(f), f) for f in files] or [("standard input", Path("-"))]
+    try:
+        settings = _settings()
+        storage = _open(settings)
+    except NewsletterError as exc:
+        _fail_later(exc)
+    verp = settings.verp
+    if verp is None:
+        click.secho(
+            "warning: NEWSLETTER_BOUNCE_ADDRESS and NEWSLETTER_SECRET_KEY are not both set, so "
+            "sends carry no VERP address and no message can be matched to its delivery: "
+            "each is kept for review",
+            fg="yellow",
+            err=True,
+        )
+    unreadable = 0
+    try:
+        for shown, path in named:
+            try:
+                raw = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+            except OSError as exc:
+                click.secho(f"error: cannot read {shown}: {exc.strerror}", fg="red", err=True)
+                unreadable += 1
+                continue
+            try:
+                done = process(
+                    raw,
+                    storage.feedback,
+                    verp=verp,
+                    source="pipe" if str(path) == "-" else "file",
+                    soft=settings.soft_bounces,
+                    delivered_to=delivered_to,
+                )
+            except NewsletterError as exc:
+                _fail_later(exc)
+            click.echo(f"{shown}: {_processed_text(done)}")
+    finally:
+        storage.close()
+    if unreadable:
+        sys.exit(1)
+
+
+def _fail_later(exc: Exception) -> NoReturn:
+    """The error line, and the exit status that makes the MTA keep the message."""
+    click.secho(f"error: {exc}\nThe message was not recorded; the MTA offers it again later.",
+                fg="red", err=True)  # fmt: skip
+    sys.exit(EX_TEMPFAIL)
+
+
+_KIND_TEXT = {
+    "hard": "a permanent bounce",
+    "soft": "a temporary bounce",
+    "complaint": "a spam complaint",
+    "auto_reply": "an automatic reply",
+    "not_bounce": "a delivery report",
+    "unknown": "not understood",
+}
+
+
+def _processed_text(done: Processed) -> str:
+    recorded = done.recorded
+    what = _KIND_TEXT.get(done.feedback.kind, done.feedback.kind)
+    who = f" for {done.decision.email}" if done.decision.email else ""
+    again = "" if recorded.new else " (seen before)"
+    return f"{what}{who}: {recorded.outcome} [evidence #{recorded.id}]{again}"
+
+
+@bounces.command("review")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
+def bounces_review(limit: int) -> None:
+    """The messages kept for review (not understood, or naming no delivery of ours),
+    newest first, with why. `bounces show ID` prints one."""
+    settings = _settings()
+    storage = _open(settings)
+    try:
+        total, latest = storage.feedback.kept_for_review(limit)
+    finally:
+        storage.close()
+    if not total:
+        click.echo("nothing is kept for review")
+        return
+    click.echo(
+        f"{total} message(s) kept for review" + (f"; the latest {limit}:" if total > limit else ":")
+    )
+    for kept in latest:
+        click.echo(f"  #{kept.id} {kept.received_at} ({kept.source}) {kept.why}")
+
+
+@bounces.command("show")
+@click.argument("evidence_id", type=click.IntRange(min=1))
+@click.option("--raw", "raw_only", is_flag=True, help="Print only the message as it was kept.")
+def bounces_show(evidence_id: int, raw_only: bool) -> None:
+    """One piece of evidence: what came, what was decided, and (with --raw) the message."""
+    settings = _settings()
+    storage = _open(settings)
+    try:
+        kept = storage.feedback.get(evidence_id)
+    finally:
+        storage.close()
+    if kept is None:
+        _fail(f"there is no evidence #{evidence_id}; `bounces review` lists those kept for review")
+    if raw_only:
+        sys.stdout.buffer.write(kept.raw or b"")
+        return
+    click.echo(f"evidence #{kept.id}, received {kept.received_at} ({kept.source})")
+    click.echo(f"  kind: {kept.kind}; outcome: {kept.outcome}")
+    click.echo(f"  why: {kept.why}")
+    if kept.email:
+        click.echo(f"  about: {kept.email} (send {kept.send_id}, recipient {kept.seq})")
+    for label, value in (
+        ("reported recipient", kept.reported),
+        ("status", kept.status),
+        ("diagnostic", kept.diagnostic),
+        ("feedback type", kept.feedback_type),
+        ("message id", kept.message_id),
+    ):
+        if value:
+            click.echo(f"  {label}: {value}")
+    cut = f", the first {len(kept.raw or b'')} kept" if kept.cut else ""
+    click.echo(f"  message: {kept.raw_size} bytes{cut} (--raw prints it)")
 
 
 # ------------------------------------------------------------------------ send

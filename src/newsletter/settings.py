@@ -43,6 +43,7 @@ from newsletter.errors import ConfigError
 if TYPE_CHECKING:
     from newsletter.schedule.slots import Schedule
 from newsletter.models import bidi_characters, character_names, https_url
+from newsletter.storage.evidence import SoftBounces
 from newsletter.storage.location import Location, location_problem, parse_location
 from newsletter.verp import Verp
 
@@ -132,6 +133,12 @@ class Settings(BaseSettings):
     send_message_timeout: float = Field(default=120.0, gt=0)
     send_max_errors: int = Field(default=25, ge=1)
     send_max_wait: float = Field(default=900.0, ge=0)
+
+    # Soft bounces (a full mailbox, a server down) the MTA gave up on: this many
+    # sends with one, within this many days, suppress the address (``bounced``).
+    # For a weekly newsletter, three weeks in a row.
+    soft_bounce_limit: int = Field(default=3, ge=1, le=100)
+    soft_bounce_days: float = Field(default=30.0, gt=0, le=365)
 
     @field_validator("public_url")
     @classmethod
@@ -342,6 +349,10 @@ class Settings(BaseSettings):
         if not self.bounce_address or self.secret_key is None:
             return None  # without the secret, tokens would be signed with a public key
         return Verp(_split_mailbox(self.bounce_address)[1], self.token_key)
+
+    @property
+    def soft_bounces(self) -> SoftBounces:
+        return SoftBounces(self.soft_bounce_limit, self.soft_bounce_days)
 
     @property
     def token_key(self) -> bytes:

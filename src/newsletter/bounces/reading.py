@@ -39,6 +39,7 @@ import email
 import email.policy
 import email.utils
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import Message
@@ -46,7 +47,16 @@ from typing import Literal
 
 from newsletter.verp import Delivered, Verp
 
-__all__ = ["MAX_BYTES", "MAX_DEPTH", "MAX_PARTS", "Feedback", "FeedbackKind", "Reported", "read"]
+__all__ = [
+    "MAX_BYTES",
+    "MAX_DEPTH",
+    "MAX_PARTS",
+    "Feedback",
+    "FeedbackKind",
+    "Reported",
+    "judged",
+    "read",
+]
 
 # A DSN is a few kB and returns at most our own message (~50 kB): 2 MB is generous, and
 # bounds what the standard parser may spend on a hostile one.
@@ -164,8 +174,13 @@ def _parts(message: Message) -> Iterator[Message]:
 
 
 def _text(value: object) -> str:
-    """A header's value as plain text (compat32 may give a Header object)."""
-    return "" if value is None else " ".join(str(value).split())
+    """A header's value as plain text (compat32 may give a Header object), on one line,
+    with control and format characters made visible: it is printed on terminals (an
+    escape sequence from a stranger's server must not reach them) and kept."""
+    if value is None:
+        return ""
+    text = " ".join(str(value).split())
+    return "".join("\ufffd" if unicodedata.category(ch) in ("Cc", "Cf") else ch for ch in text)
 
 
 def _report_type(message: Message) -> str:
@@ -211,7 +226,7 @@ def _dsn(children: list[Message], delivery: Delivered | None, message_id: str) -
         for block in blocks[1:]:
             if isinstance(block, Message):
                 reported.append(_recipient(block))
-    kinds = {_judged(r) for r in reported}
+    kinds = {judged(r) for r in reported}
     # The worst that is sure: one recipient failing for good makes it hard.
     order: tuple[FeedbackKind, ...] = ("hard", "soft", "not_bounce")
     for kind in order:
@@ -222,7 +237,7 @@ def _dsn(children: list[Message], delivery: Delivered | None, message_id: str) -
                     message_id=message_id)  # fmt: skip
 
 
-def _judged(reported: Reported) -> FeedbackKind:
+def judged(reported: Reported) -> FeedbackKind:
     """One recipient, by its Action and Status together (RFC 3464 s. 2.3.3): failed with
     5.x.x is hard; failed or delayed with 4.x.x soft (a message expired in a queue too);
     delivered, relayed or expanded with 2.x.x not a bounce; any other pair unknown."""

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 from newsletter.errors import Problem
 from newsletter.models import Delivery, DeliveryState, Outcome, Recipient
 from newsletter.storage.caps import CapReached, Caps, Claim
+from newsletter.storage.evidence import Evidence, Kept, Recorded, SentTo, SoftBounces
 
 if TYPE_CHECKING:
     from newsletter.audience.csv_import import ParsedRow
@@ -54,18 +55,24 @@ __all__ = [
     "Caps",
     "Claim",
     "Delivery",
+    "Evidence",
+    "FeedbackStore",
     "ImportReport",
     "IssueArchive",
+    "Kept",
     "Lease",
     "ListStates",
     "Member",
     "Outcome",
     "Published",
+    "Recorded",
     "SendLogStore",
     "SendRecord",
+    "SentTo",
     "SlotKey",
     "SlotState",
     "SlotStore",
+    "SoftBounces",
     "Source",
     "SourceUse",
     "Storage",
@@ -550,6 +557,48 @@ class SlotStore(Protocol):
         ...
 
 
+class FeedbackStore(Protocol):
+    """What the mail system said back (bounces, complaints, mailed unsubscribes), each
+    with its evidence, and the suppressions it made.
+
+    Evidence is never deleted. Recording it and the suppression it makes are one
+    transaction, so a crash leaves both or neither, and recording the same message
+    again (same :attr:`Evidence.digest`) changes nothing."""
+
+    def sent_to(self, send_id: int, seq: int) -> SentTo | None:
+        """The recipient ``seq`` of send ``send_id``, or None if this database has none."""
+        ...
+
+    def record(self, evidence: Evidence, soft: SoftBounces, *, now: str | None = None) -> Recorded:
+        """Keep ``evidence`` and do what its action says, in one transaction: ``suppress``
+        suppresses :attr:`Evidence.email` for its reason (a weightier suppression stays);
+        ``soft`` counts the sends with a soft bounce for that address within ``soft.days``
+        (this one too) and suppresses it (``bounced``) once they reach ``soft.limit``;
+        ``note`` and ``review`` only keep it. Two processes recording for one address take
+        turns, so neither count misses the other's. ``now`` (ISO time, UTC) is when it
+        was received; by default, now. A digest recorded before: that record, ``new``
+        False, nothing changed."""
+        ...
+
+    def get(self, evidence_id: int) -> Kept | None:
+        """The evidence ``evidence_id`` with its raw message, or None."""
+        ...
+
+    def about(self, email: str) -> list[Kept]:
+        """The evidence about ``email``, oldest first, without the raw messages."""
+        ...
+
+    def kept_for_review(self, limit: int = 50) -> tuple[int, list[Kept]]:
+        """(how many are kept for review, the latest ``limit`` of them, newest first)."""
+        ...
+
+    def counts(self, send_id: int) -> dict[str, int]:
+        """Send ``send_id``'s recipients with feedback, by what it was: ``hard`` and
+        ``soft`` bounces, ``complaint``, ``unsubscribe`` (each recipient counted once per
+        kind, whatever number of messages said it)."""
+        ...
+
+
 class Lease(Protocol):
     """A named lock that one run at a time holds, with an expiry.
 
@@ -611,6 +660,8 @@ class Storage(Protocol):
     def archive(self) -> IssueArchive: ...
     @property
     def slots(self) -> SlotStore: ...
+    @property
+    def feedback(self) -> FeedbackStore: ...
 
     @property
     def shared_sends(self) -> bool:

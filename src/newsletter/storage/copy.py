@@ -36,7 +36,7 @@ from newsletter.storage.location import Location
 
 __all__ = ["COPIED", "NOT_COPIED", "CopyFailed", "CopyReport", "TableCount", "copy_database"]
 
-# Every table of schema 4, parents first; a table added by a later schema must be
+# Every table of the schema, parents first; a table added by a later schema must be
 # put in one of these two (tests/test_db_copy.py checks both backends' tables).
 COPIED = (
     "subscribers",
@@ -49,6 +49,7 @@ COPIED = (
     "suppression_log",
     "archive",
     "list_columns",
+    "feedback",
 )
 NOT_COPIED = ("locks",)
 

@@ -27,6 +27,7 @@ from newsletter.storage.location import Location
 from newsletter.storage.postgres.archive import PgArchive
 from newsletter.storage.postgres.connection import open_database, translated
 from newsletter.storage.postgres.dry_run import copy_for_send
+from newsletter.storage.postgres.feedback import PgFeedback
 from newsletter.storage.postgres.leases import PostgresLease
 from newsletter.storage.postgres.send_log import PgSendLog
 from newsletter.storage.postgres.slots import PgSlots
@@ -52,6 +53,7 @@ class PostgresStorage:
         self.send_log = PgSendLog(conn, location)
         self.archive = PgArchive(conn, location)
         self.slots = PgSlots(conn, location)
+        self.feedback = PgFeedback(conn, location, self.subscribers)
 
     @classmethod
     def open(

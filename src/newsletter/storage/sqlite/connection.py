@@ -178,11 +178,37 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE deliveries ADD COLUMN claimed_by TEXT",
         "ALTER TABLE locks ADD COLUMN renewed REAL",
     ),
+    # 5: what the mail system said back (bounces, complaints, mailed unsubscribes),
+    # each message kept as evidence with the decision it led to.
+    (
+        "CREATE TABLE feedback ("
+        " id INTEGER PRIMARY KEY,"
+        " digest TEXT NOT NULL UNIQUE,"  # SHA-256 of the raw message: recorded once
+        " received_at TEXT NOT NULL,"
+        " source TEXT NOT NULL,"  # pipe, file, imap:FOLDER, smtp, webhook:PROVIDER
+        " kind TEXT NOT NULL,"  # hard, soft, complaint, auto_reply, not_bounce, unknown, ...
+        " action TEXT NOT NULL CHECK (action IN ('suppress', 'soft', 'note', 'review')),"
+        " outcome TEXT NOT NULL,"  # what recording it did, in words
+        " why TEXT NOT NULL DEFAULT '',"
+        " email TEXT,"  # whom it is about, once matched to a delivery
+        " send_id INTEGER REFERENCES sends(id),"
+        " seq INTEGER,"
+        " reported TEXT NOT NULL DEFAULT '',"
+        " status TEXT NOT NULL DEFAULT '',"
+        " diagnostic TEXT NOT NULL DEFAULT '',"
+        " feedback_type TEXT NOT NULL DEFAULT '',"
+        " message_id TEXT NOT NULL DEFAULT '',"
+        " raw BLOB NOT NULL,"  # gzip of its first RAW_KEEP bytes
+        " raw_size INTEGER NOT NULL)",
+        "CREATE INDEX feedback_by_email ON feedback(email, received_at)",
+        "CREATE INDEX feedback_by_send ON feedback(send_id, kind, seq)",
+        "CREATE INDEX feedback_by_action ON feedback(action, id)",
+    ),
 )
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
 _TABLES = frozenset(
     {"subscribers", "list_members", "suppressions", "list_optouts", "sends", "deliveries"}
-    | {"slots", "locks", "suppression_log", "archive", "list_columns"}
+    | {"slots", "locks", "suppression_log", "archive", "list_columns", "feedback"}
 )
 
 

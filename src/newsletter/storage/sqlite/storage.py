@@ -2,7 +2,7 @@
 interface.
 
 Input: a path (or an open connection). Output: :class:`SqliteStorage`, whose
-stores (subscribers, send log, archive, slots) share one connection, whose
+stores (subscribers, send log, archive, slots, feedback) share one connection, whose
 leases open their own, and whose :meth:`SqliteStorage.scratch_copy` is the dry
 run's throw-away copy. One thread at a time uses it, though not always the
 one that opened it (the connection is opened with ``check_same_thread=False``:
@@ -29,6 +29,7 @@ from newsletter.storage.sqlite.connection import (
     translated,
 )
 from newsletter.storage.sqlite.dry_run import copy_for_send
+from newsletter.storage.sqlite.feedback import FeedbackLog
 from newsletter.storage.sqlite.leases import SqliteLease
 from newsletter.storage.sqlite.send_log import SendLog
 from newsletter.storage.sqlite.slots import SlotLog
@@ -47,6 +48,7 @@ class SqliteStorage:
         self.send_log = SendLog(conn)
         self.archive = ArchiveStore(conn)
         self.slots = SlotLog(conn)
+        self.feedback = FeedbackLog(conn, self.subscribers)
 
     @classmethod
     def open(cls, path: Path, *, create: bool = False, busy_seconds: float = 30.0) -> SqliteStorage:

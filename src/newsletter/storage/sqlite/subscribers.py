@@ -379,19 +379,28 @@ class SubscriberStore:
             raise ValueError(f"unknown suppression reason {reason!r}")
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
-            now = _now()
-            changed = self.conn.execute(
-                "INSERT INTO suppressions (email, reason, list_name, created_at) "
-                "VALUES (?1, ?2, ?3, ?4) ON CONFLICT (email) DO UPDATE SET "
-                "reason = excluded.reason, list_name = excluded.list_name, "
-                "created_at = excluded.created_at "
-                "WHERE (CASE excluded.reason WHEN 'complained' THEN 3 WHEN 'bounced' THEN 2 "
-                "ELSE 1 END) > (CASE reason WHEN 'complained' THEN 3 WHEN 'bounced' THEN 2 "
-                "ELSE 1 END)",
-                (email, reason, list_name, now),
-            ).rowcount
-            if changed:
-                self._log(email, "suppress", reason, list_name, actor, now)
+            return self.suppress_within(email, reason, list_name=list_name, actor=actor)
+
+    def suppress_within(
+        self, email: str, reason: str, *, list_name: str | None = None, actor: str
+    ) -> bool:
+        """:meth:`suppress`, inside the caller's open write transaction (the feedback
+        store suppresses in the transaction that keeps the evidence)."""
+        if reason not in SUPPRESSION_REASONS:
+            raise ValueError(f"unknown suppression reason {reason!r}")
+        now = _now()
+        changed = self.conn.execute(
+            "INSERT INTO suppressions (email, reason, list_name, created_at) "
+            "VALUES (?1, ?2, ?3, ?4) ON CONFLICT (email) DO UPDATE SET "
+            "reason = excluded.reason, list_name = excluded.list_name, "
+            "created_at = excluded.created_at "
+            "WHERE (CASE excluded.reason WHEN 'complained' THEN 3 WHEN 'bounced' THEN 2 "
+            "ELSE 1 END) > (CASE reason WHEN 'complained' THEN 3 WHEN 'bounced' THEN 2 "
+            "ELSE 1 END)",
+            (email, reason, list_name, now),
+        ).rowcount
+        if changed:
+            self._log(email, "suppress", reason, list_name, actor, now)
         return bool(changed)
 
     def _log(

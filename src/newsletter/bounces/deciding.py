@@ -1,0 +1,130 @@
+"""Deciding what a message from the mail system means for the address it names.
+
+Input: the :class:`~newsletter.bounces.reading.Feedback` read from one message
+and the delivery its VERP address names, as the send log has it
+(:class:`~newsletter.storage.evidence.SentTo`, or None). Output: a
+:class:`Decision`: suppress the address (``bounced``, ``complained``), count a
+soft bounce, note it and do nothing, or keep it for review, with the reason in
+words. Pure: nothing is read or written here.
+
+Nobody is suppressed on a message's word alone. It must come back to a VERP
+address of ours (signed: nobody else can make one), name a delivery this database
+made, and, for a bounce, report a failure of that delivery's own address (its
+Final-Recipient or Original-Recipient; an address it was forwarded to that
+fails is kept for review). A complaint names the delivery by its VERP address
+only: feedback loops often blank out the recipient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from newsletter.audience.csv_import import normalise_address
+from newsletter.bounces.reading import Feedback, Reported, judged
+from newsletter.storage.evidence import Action, SentTo
+
+__all__ = ["Decision", "decide"]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    why: str
+    reason: str | None = None  # the suppression reason, for "suppress"
+    email: str | None = None  # whom it is about, when matched to a delivery
+    reported: Reported | None = None  # the report's recipient it was judged by
+
+
+def decide(feedback: Feedback, sent_to: SentTo | None) -> Decision:
+    """What ``feedback`` means (module docstring); ``sent_to`` is the delivery its VERP
+    address names, looked up in the send log (None: none, or not in this database)."""
+    kind = feedback.kind
+    if kind == "unknown":
+        return Decision("review", feedback.why or "not understood")
+    who = sent_to.email if sent_to else None
+    if kind == "auto_reply":
+        return Decision("note", "an automatic reply (out of office or the like): ignored",
+                        email=who)  # fmt: skip
+    if kind == "not_bounce":
+        return Decision("note", "a report that the message was delivered: nothing to do",
+                        email=who)  # fmt: skip
+    if feedback.delivery is None:
+        return Decision(
+            "review",
+            f"a {_kind_text(kind)} that names no delivery of ours: it did not come back to one "
+            "of our VERP addresses, or the address's signature does not match",
+        )
+    if sent_to is None:
+        return Decision(
+            "review",
+            f"a {_kind_text(kind)} for recipient {feedback.delivery.seq} of send "
+            f"{feedback.delivery.send_id}, which this database does not have",
+        )
+    where = f"recipient {sent_to.seq} of the send of {sent_to.issue_id} to {sent_to.list_name}"
+    if kind == "complaint":
+        return Decision(
+            "suppress",
+            f"a spam complaint (Feedback-Type {feedback.feedback_type}) about {where}",
+            "complained",
+            sent_to.email,
+            feedback.recipients[0] if feedback.recipients else None,
+        )
+    matched = _matching(feedback.recipients, sent_to.email)
+    if matched is None:
+        shown = ", ".join(r.email or "(no address)" for r in feedback.recipients[:3])
+        return Decision(
+            "review",
+            f"a {_kind_text(kind)} for {where}, but it reports {shown or 'no recipient'}, "
+            f"not {sent_to.email} (a forward that failed, or not ours)",
+        )
+    verdict = judged(matched)
+    said = f"{matched.status} {matched.diagnostic}".strip()
+    if verdict == "hard":
+        return Decision(
+            "suppress",
+            f"a permanent failure ({said}) of {where}",
+            "bounced",
+            sent_to.email,
+            matched,
+        )
+    if verdict == "soft" and matched.action == "failed":
+        return Decision(
+            "soft", f"a temporary failure ({said}) the MTA gave up on, for {where}", None,
+            sent_to.email, matched,
+        )  # fmt: skip
+    if verdict == "soft":
+        return Decision(
+            "note",
+            f"a delay ({said}) of {where}: the MTA is still trying, and reports again if it "
+            "gives up",
+            None,
+            sent_to.email,
+            matched,
+        )
+    if verdict == "not_bounce":
+        return Decision("note", f"delivered ({said}), for {where}", None, sent_to.email, matched)
+    return Decision(
+        "review", f"no valid status code for {where}'s own address", None, sent_to.email, matched
+    )
+
+
+def _kind_text(kind: str) -> str:
+    return {"hard": "permanent bounce", "soft": "temporary bounce"}.get(kind, "spam complaint")
+
+
+def _matching(recipients: tuple[Reported, ...], email: str) -> Reported | None:
+    """The reported recipient that is ``email`` (as first given, or finally), or None."""
+    wanted = _canonical(email)
+    for reported in recipients:
+        if wanted in (_canonical(reported.email), _canonical(reported.original)):
+            return reported
+    return None
+
+
+def _canonical(address: str) -> str:
+    if not address:
+        return ""
+    try:
+        return normalise_address(address)
+    except ValueError:
+        return address.strip().lower()

@@ -1,0 +1,238 @@
+"""Evidence records: what the mail system said back, as the feedback store keeps it.
+
+Input: the raw bytes of a message (or a provider's payload) and what was made of
+it. Output: the records that cross :class:`~newsletter.storage.base.FeedbackStore`
+(:class:`Evidence` to keep, :class:`Recorded` for what keeping it did,
+:class:`Kept` read back, :class:`SentTo` for the delivery a report names), the
+soft-bounce policy :class:`SoftBounces`, and the pure helpers both backends use
+to store the raw message (:func:`packed`, :func:`unpacked`). No SQL here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import hashlib
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "ACTIONS",
+    "COUNTED_KINDS",
+    "INSERT_COLUMNS",
+    "KEPT_COLUMNS",
+    "RAW_KEEP",
+    "Action",
+    "Evidence",
+    "Kept",
+    "Plan",
+    "Recorded",
+    "SentTo",
+    "SoftBounces",
+    "already",
+    "digest_of",
+    "insert_values",
+    "kept_row",
+    "packed",
+    "planned",
+    "soft_outcome",
+    "unpacked",
+    "window_start",
+]
+
+# The bytes of a message kept as evidence, before compression. A DSN is a few kB and
+# returns at most our own message (~50-100 kB); a larger one is kept cut, its full size
+# noted, so ten thousand bounces stay tens of megabytes, not gigabytes.
+RAW_KEEP = 256 * 1024
+
+# What a piece of feedback makes the store do: suppress the address (``reason``
+# says why), count a soft bounce (and suppress once there are too many), note it
+# and do nothing (an auto-reply, a delivery report, a delay), or keep it for a
+# person to look at (it names no delivery of ours, or not the one it should).
+Action = Literal["suppress", "soft", "note", "review"]
+ACTIONS: tuple[Action, ...] = ("suppress", "soft", "note", "review")
+
+
+@dataclass(frozen=True, slots=True)
+class SoftBounces:
+    """When soft bounces suppress an address: ``limit`` sends, each with a soft bounce
+    the MTA gave up on, within ``days`` days. Older ones no longer count (the decay), so
+    a mailbox that was full once is not lost for ever."""
+
+    limit: int = 3
+    days: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class SentTo:
+    """The delivery a report names (from its VERP address), as the send log has it."""
+
+    send_id: int
+    seq: int
+    email: str
+    issue_id: str
+    list_name: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """One message from the mail system and what was decided about it, to be kept.
+
+    ``digest`` identifies it: the same message processed twice (a mailbox fetched
+    again after a crash) is recorded once and changes nothing the second time."""
+
+    digest: str
+    source: str  # how it came: "pipe", "file", "imap:INBOX", "smtp", "webhook:ses"
+    kind: str  # what the reader made of it (a FeedbackKind), or "unsubscribe"
+    action: Action
+    why: str  # the reason for the action, in words
+    raw: bytes  # as it came; cut to RAW_KEEP and compressed when stored
+    reason: str | None = None  # the suppression reason, for "suppress"
+    email: str | None = None  # whom it is about: the delivery's address, once matched
+    send_id: int | None = None
+    seq: int | None = None
+    reported: str = ""  # the address the report names
+    status: str = ""  # RFC 3463 code
+    diagnostic: str = ""
+    feedback_type: str = ""
+    message_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What recording a piece of evidence did."""
+
+    id: int  # the evidence id (the one kept before, when ``new`` is False)
+    new: bool  # False: this message was recorded before, and nothing changed now
+    outcome: str  # in words: "suppressed (bounced)", "soft bounce 2 of 3 within 30 days", ...
+    suppressed: str | None = None  # the reason, when this record suppressed the address
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """A piece of evidence read back (``raw`` only when asked for, uncompressed)."""
+
+    id: int
+    received_at: str
+    source: str
+    kind: str
+    action: Action
+    outcome: str
+    why: str
+    email: str | None
+    send_id: int | None
+    seq: int | None
+    reported: str
+    status: str
+    diagnostic: str
+    feedback_type: str
+    message_id: str
+    raw_size: int
+    raw: bytes | None = field(default=None, repr=False)
+
+    @property
+    def cut(self) -> bool:
+        """True when only the first RAW_KEEP bytes of it were kept."""
+        return self.raw_size > RAW_KEEP
+
+
+def kept_row(row: Sequence[Any], raw: bytes | None = None) -> Kept:
+    """A :class:`Kept` from a row of the backends' shared column list (:data:`KEPT_COLUMNS`)."""
+    (id_, received_at, source, kind, action, outcome, why, email, send_id, seq, reported,
+     status, diagnostic, feedback_type, message_id, raw_size) = row  # fmt: skip
+    return Kept(
+        int(id_), str(received_at), str(source), str(kind), action, str(outcome), str(why),
+        email, send_id, seq, str(reported), str(status), str(diagnostic), str(feedback_type),
+        str(message_id), int(raw_size), raw,
+    )  # fmt: skip
+
+
+# The columns kept_row reads, in its order: both backends select them.
+KEPT_COLUMNS = (
+    "id, received_at, source, kind, action, outcome, why, email, send_id, seq, reported, "
+    "status, diagnostic, feedback_type, message_id, raw_size"
+)
+
+
+def digest_of(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def packed(raw: bytes) -> bytes:
+    """What is stored of ``raw``: its first RAW_KEEP bytes, gzip-compressed."""
+    return gzip.compress(raw[:RAW_KEEP], compresslevel=6, mtime=0)
+
+
+def unpacked(stored: bytes) -> bytes:
+    """The kept bytes back; at most RAW_KEEP of them, whatever the column holds (a file
+    edited by hand cannot make this inflate without end)."""
+    inflater = zlib.decompressobj(wbits=31)
+    return inflater.decompress(bytes(stored), RAW_KEEP)
+
+
+# The kinds a send's feedback is counted by (FeedbackStore.counts, the send's health).
+COUNTED_KINDS = ("hard", "soft", "complaint", "unsubscribe")
+
+
+def window_start(received: str, soft: SoftBounces) -> str:
+    """The ISO time ``soft.days`` before ``received``: soft bounces since then count."""
+    start = dt.datetime.fromisoformat(received) - dt.timedelta(days=soft.days)
+    return start.isoformat(timespec="seconds")
+
+
+def soft_outcome(sends: int, soft: SoftBounces) -> tuple[str, bool]:
+    """(the outcome in words, whether the address is to be suppressed) for an address
+    with soft bounces in ``sends`` sends within the window, this one counted."""
+    said = f"soft bounce: {sends} of {soft.limit} sends within {soft.days:g} days"
+    return said, sends >= soft.limit
+
+
+def already(outcome: str) -> str:
+    """The outcome of a message recorded before, as the second recording says it."""
+    return f"recorded before ({outcome}); nothing changed"
+
+
+def planned(evidence: Evidence, soft_sends: Callable[[], int], soft: SoftBounces) -> Plan:
+    """What recording ``evidence`` does: its outcome so far and the suppression it makes.
+    ``soft_sends`` counts the address's sends with a soft bounce in the window, this one
+    too; it is asked only for a soft bounce (a query, inside the caller's transaction)."""
+    if evidence.action == "suppress":
+        assert evidence.email and evidence.reason
+        return Plan("", evidence.reason)
+    if evidence.action == "soft":
+        assert evidence.email
+        said, bounced = soft_outcome(soft_sends(), soft)
+        return Plan(said, "bounced" if bounced else None)
+    return Plan({"note": "noted", "review": "kept for review"}[evidence.action], None)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    outcome: str
+    suppress: str | None  # the suppression reason, when there is one to make
+
+    def done(self, made: bool) -> str:
+        """The outcome once the suppression was tried (``made``: it was new)."""
+        if self.suppress is None:
+            return self.outcome
+        said = f"suppressed ({self.suppress})" if made else "already suppressed"
+        return f"{self.outcome}; {said}" if self.outcome else said
+
+
+INSERT_COLUMNS = (
+    "digest, received_at, source, kind, action, outcome, why, email, send_id, seq, reported, "
+    "status, diagnostic, feedback_type, message_id, raw, raw_size"
+)
+
+
+def insert_values(evidence: Evidence, received: str, outcome: str) -> tuple[Any, ...]:
+    """The values of :data:`INSERT_COLUMNS` for ``evidence``, its raw message packed."""
+    e = evidence
+    return (
+        e.digest, received, e.source, e.kind, e.action, outcome or "pending", e.why, e.email,
+        e.send_id, e.seq, e.reported, e.status, e.diagnostic, e.feedback_type, e.message_id,
+        packed(e.raw), len(e.raw),
+    )  # fmt: skip

@@ -1,0 +1,152 @@
+"""PostgreSQL feedback store: bounces, complaints and mailed unsubscribes, with evidence.
+
+Input: an autocommit psycopg connection, :class:`~newsletter.storage.evidence.Evidence`
+and the soft-bounce policy. Output: what :mod:`newsletter.storage.sqlite.feedback`
+gives (the reference), on the server. The evidence and the suppression it makes
+are one transaction; processes recording feedback about one address take turns
+on an advisory lock named after it (and the schema), so that two soft bounces
+counted at once on two hosts both see each other; the same message recorded by
+two at once is kept once (the digest is unique).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import psycopg
+
+from newsletter.storage.evidence import (
+    COUNTED_KINDS,
+    INSERT_COLUMNS,
+    KEPT_COLUMNS,
+    Evidence,
+    Kept,
+    Recorded,
+    SentTo,
+    SoftBounces,
+    already,
+    insert_values,
+    kept_row,
+    planned,
+    unpacked,
+    window_start,
+)
+from newsletter.storage.location import Location
+from newsletter.storage.postgres.connection import translated
+from newsletter.storage.postgres.subscribers import PgSubscribers
+
+__all__ = ["PgFeedback"]
+
+
+@translated
+class PgFeedback:
+    """Feedback on PostgreSQL (:class:`newsletter.storage.base.FeedbackStore`)."""
+
+    def __init__(
+        self, conn: psycopg.Connection[Any], location: Location, subscribers: PgSubscribers
+    ) -> None:
+        self.conn = conn
+        self.location = location
+        self.subscribers = subscribers
+
+    def sent_to(self, send_id: int, seq: int) -> SentTo | None:
+        row = self.conn.execute(
+            "SELECT d.send_id, d.seq, d.email, s.issue_id, s.list_name, d.state "
+            "FROM deliveries d JOIN sends s ON s.id = d.send_id "
+            "WHERE d.send_id = %s AND d.seq = %s",
+            (send_id, seq),
+        ).fetchone()
+        return None if row is None else SentTo(*row)
+
+    def record(self, evidence: Evidence, soft: SoftBounces, *, now: str | None = None) -> Recorded:
+        received = now or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        with self.conn.transaction():
+            if evidence.email:
+                self.conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended("
+                    "'newsletter feedback:' || current_schema() || ':' || %s, 0))",
+                    (evidence.email,),
+                )
+            before = self._before(evidence.digest)
+            if before is not None:
+                return before
+            since = window_start(received, soft)
+            plan = planned(evidence, lambda: self._soft_sends(evidence, since), soft)
+            row = self.conn.execute(
+                f"INSERT INTO feedback ({INSERT_COLUMNS}) VALUES "
+                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (digest) DO NOTHING RETURNING id",
+                insert_values(evidence, received, plan.outcome),
+            ).fetchone()
+            if row is None:  # another process kept the same message a moment ago
+                found = self._before(evidence.digest)
+                assert found is not None
+                return found
+            evidence_id = int(row[0])
+            made = False
+            if plan.suppress is not None:
+                assert evidence.email
+                # A savepoint inside this transaction: both commit, or neither.
+                made = self.subscribers.suppress(
+                    evidence.email,
+                    plan.suppress,
+                    actor=f"feedback #{evidence_id} ({evidence.source})",
+                )
+                self.conn.execute(
+                    "UPDATE feedback SET outcome = %s WHERE id = %s",
+                    (plan.done(made), evidence_id),
+                )
+        return Recorded(evidence_id, True, plan.done(made), plan.suppress if made else None)
+
+    def _before(self, digest: str) -> Recorded | None:
+        row = self.conn.execute(
+            "SELECT id, outcome FROM feedback WHERE digest = %s", (digest,)
+        ).fetchone()
+        return None if row is None else Recorded(int(row[0]), False, already(str(row[1])))
+
+    def _soft_sends(self, evidence: Evidence, since: str) -> int:
+        row = self.conn.execute(
+            "SELECT count(DISTINCT send_id) FROM (SELECT send_id FROM feedback "
+            "WHERE email = %s AND action = 'soft' AND received_at >= %s "
+            "UNION SELECT %s::bigint) counted",
+            (evidence.email, since, evidence.send_id),
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def get(self, evidence_id: int) -> Kept | None:
+        row = self.conn.execute(
+            f"SELECT {KEPT_COLUMNS}, raw FROM feedback WHERE id = %s",
+            (evidence_id,),
+        ).fetchone()
+        return None if row is None else kept_row(tuple(row[:-1]), unpacked(row[-1]))
+
+    def about(self, email: str) -> list[Kept]:
+        rows = self.conn.execute(
+            f"SELECT {KEPT_COLUMNS} FROM feedback WHERE email = %s ORDER BY id",
+            (email,),
+        )
+        return [kept_row(tuple(r)) for r in rows]
+
+    def kept_for_review(self, limit: int = 50) -> tuple[int, list[Kept]]:
+        total = self.conn.execute("SELECT count(*) FROM feedback WHERE action = 'review'")
+        counted = total.fetchone()
+        rows = self.conn.execute(
+            f"SELECT {KEPT_COLUMNS} FROM feedback WHERE action = 'review' "
+            "ORDER BY id DESC LIMIT %s",
+            (limit,),
+        )
+        return int(counted[0]) if counted else 0, [kept_row(tuple(r)) for r in rows]
+
+    def counts(self, send_id: int) -> dict[str, int]:
+        found = dict.fromkeys(COUNTED_KINDS, 0)
+        rows = self.conn.execute(
+            "SELECT kind, count(DISTINCT seq) FROM feedback WHERE send_id = %s "
+            "AND action IN ('suppress', 'soft') GROUP BY kind",
+            (send_id,),
+        )
+        for kind, number in rows:
+            if kind in found:
+                found[kind] = int(number)
+        return found

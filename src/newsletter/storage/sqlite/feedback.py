@@ -1,0 +1,126 @@
+"""SQLite feedback store: bounces, complaints and mailed unsubscribes, with their evidence.
+
+Input: :class:`~newsletter.storage.evidence.Evidence` (a message from the mail
+system and the decision made about it) and the soft-bounce policy. Output: the
+evidence kept (compressed, cut to RAW_KEEP), the suppression it made, in the same
+write transaction (``BEGIN IMMEDIATE``: one writer at a time, so two processes
+counting one address's soft bounces take turns), and the evidence read back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+
+from newsletter.storage.evidence import (
+    COUNTED_KINDS,
+    INSERT_COLUMNS,
+    KEPT_COLUMNS,
+    Evidence,
+    Kept,
+    Recorded,
+    SentTo,
+    SoftBounces,
+    already,
+    insert_values,
+    kept_row,
+    planned,
+    unpacked,
+    window_start,
+)
+from newsletter.storage.sqlite.connection import translated
+from newsletter.storage.sqlite.subscribers import SubscriberStore
+
+__all__ = ["FeedbackLog"]
+
+
+@translated
+class FeedbackLog:
+    """Feedback on SQLite (:class:`newsletter.storage.base.FeedbackStore`)."""
+
+    def __init__(self, conn: sqlite3.Connection, subscribers: SubscriberStore) -> None:
+        self.conn = conn
+        self.subscribers = subscribers
+
+    def sent_to(self, send_id: int, seq: int) -> SentTo | None:
+        row = self.conn.execute(
+            "SELECT d.send_id, d.seq, d.email, s.issue_id, s.list_name, d.state "
+            "FROM deliveries d JOIN sends s ON s.id = d.send_id "
+            "WHERE d.send_id = ? AND d.seq = ?",
+            (send_id, seq),
+        ).fetchone()
+        return None if row is None else SentTo(*row)
+
+    def record(self, evidence: Evidence, soft: SoftBounces, *, now: str | None = None) -> Recorded:
+        received = now or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        since = window_start(received, soft)
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            before = self.conn.execute(
+                "SELECT id, outcome FROM feedback WHERE digest = ?", (evidence.digest,)
+            ).fetchone()
+            if before is not None:
+                return Recorded(int(before[0]), False, already(str(before[1])))
+            plan = planned(evidence, lambda: self._soft_sends(evidence, since), soft)
+            cursor = self.conn.execute(
+                f"INSERT INTO feedback ({INSERT_COLUMNS}) "  # noqa: S608 - constants
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                insert_values(evidence, received, plan.outcome),
+            )
+            evidence_id = int(cursor.lastrowid or 0)
+            made = False
+            if plan.suppress is not None:
+                assert evidence.email
+                made = self.subscribers.suppress_within(
+                    evidence.email,
+                    plan.suppress,
+                    actor=f"feedback #{evidence_id} ({evidence.source})",
+                )
+                self.conn.execute(
+                    "UPDATE feedback SET outcome = ? WHERE id = ?", (plan.done(made), evidence_id)
+                )
+        return Recorded(evidence_id, True, plan.done(made), plan.suppress if made else None)
+
+    def _soft_sends(self, evidence: Evidence, since: str) -> int:
+        """The sends with a soft bounce for this address since ``since``, this one too."""
+        row = self.conn.execute(
+            "SELECT count(DISTINCT send_id) FROM (SELECT send_id FROM feedback "
+            "WHERE email = ? AND action = 'soft' AND received_at >= ? UNION SELECT ?)",
+            (evidence.email, since, evidence.send_id),
+        ).fetchone()
+        return int(row[0])
+
+    def get(self, evidence_id: int) -> Kept | None:
+        row = self.conn.execute(
+            f"SELECT {KEPT_COLUMNS}, raw FROM feedback WHERE id = ?",  # noqa: S608 - constants
+            (evidence_id,),
+        ).fetchone()
+        return None if row is None else kept_row(tuple(row[:-1]), unpacked(row[-1]))
+
+    def about(self, email: str) -> list[Kept]:
+        rows = self.conn.execute(
+            f"SELECT {KEPT_COLUMNS} FROM feedback WHERE email = ? ORDER BY id",  # noqa: S608
+            (email,),
+        )
+        return [kept_row(tuple(r)) for r in rows]
+
+    def kept_for_review(self, limit: int = 50) -> tuple[int, list[Kept]]:
+        total = self.conn.execute("SELECT count(*) FROM feedback WHERE action = 'review'")
+        rows = self.conn.execute(
+            f"SELECT {KEPT_COLUMNS} FROM feedback WHERE action = 'review' "  # noqa: S608
+            "ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return int(total.fetchone()[0]), [kept_row(tuple(r)) for r in rows]
+
+    def counts(self, send_id: int) -> dict[str, int]:
+        found = dict.fromkeys(COUNTED_KINDS, 0)
+        rows = self.conn.execute(
+            "SELECT kind, count(DISTINCT seq) FROM feedback WHERE send_id = ? "
+            "AND action IN ('suppress', 'soft') GROUP BY kind",
+            (send_id,),
+        )
+        for kind, number in rows:
+            if kind in found:
+                found[kind] = int(number)
+        return found

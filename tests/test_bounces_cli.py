@@ -1,0 +1,178 @@
+"""`newsletter bounces process | review | show` as the MTA and a person run them, in a
+subprocess, on both backends: a send whose bounces and complaints come back, and the
+next send that leaves exactly those addresses out; exit codes a Postfix pipe takes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLE, run_cli
+from newsletter.verp import Verp
+from smtp_server import Server
+
+SAMPLES = Path(__file__).parent / "data" / "feedback"
+SECRET = "test-secret-for-the-suite-0123456789"  # noqa: S105 - a test key
+BOUNCES = "bounces@bounce.example.org"
+_ADDRESSES = rb"reader000[0-9]@example\.(?:org|net)|someone@example\.com"
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    s = Server().start()
+    yield s
+    s.stop()
+
+
+def env_for(server: Server | None, database: str, **extra: str) -> dict[str, str]:
+    return {
+        "NEWSLETTER_DATABASE": database,
+        "NEWSLETTER_SECRET_KEY": SECRET,
+        "NEWSLETTER_BOUNCE_ADDRESS": BOUNCES,
+        "NEWSLETTER_SMTP_HOST": "127.0.0.1",
+        "NEWSLETTER_SMTP_PORT": str(server.port if server else 9),
+        "NEWSLETTER_SMTP_SECURITY": "none",
+        "NEWSLETTER_SMTP_USERNAME": "",
+        "NEWSLETTER_SEND_CONNECTIONS": "2",
+        **extra,
+    }
+
+
+def returned(name: str, verp: str, address: str, *, tag: str = "") -> bytes:
+    """A sample from tests/data/feedback as it would come back for ``address``'s message,
+    sent from ``verp``."""
+    raw = (SAMPLES / name).read_bytes().replace(b"{verp}", verp.encode())
+    raw = re.sub(_ADDRESSES, address.encode(), raw)
+    return raw.replace(b"Message-Id: <", f"Message-Id: <{tag}".encode(), 1)
+
+
+def week_after(project: Path) -> str:
+    """Last week's file copied for this week (its date changed): the next issue."""
+    text = EXAMPLE.read_text(encoding="utf-8").replace(
+        "\ndate: 2020-12-23\n", "\ndate: 2020-12-30\n"
+    )
+    (project / "issues" / "2020-12-30.yaml").write_text(text, encoding="utf-8")
+    return "issues/2020-12-30.yaml"
+
+
+def ok(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_bounces_and_complaints_leave_exactly_those_out_of_the_next_send(
+    project: Path, server: Server, database: str
+) -> None:
+    env = env_for(server, database)
+    readers = [f"reader{i:05d}@example.org" for i in range(8)]
+    (project / "subs.csv").write_text("email\n" + "\n".join(readers) + "\n", encoding="utf-8")
+    ok(run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project,
+               env=env, ))  # fmt: skip
+    ok(run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env))
+    sender = {r.rcpt_tos[0]: r.mail_from for r in server.handler.received}
+    assert set(sender) == set(readers)
+    assert all(
+        v.startswith("bounces+a") and v.endswith("@bounce.example.org") for v in sender.values()
+    )
+
+    forged = (
+        sender[readers[5]][:-20]
+        + ("b" if sender[readers[5]][-20] != "b" else "c")
+        + sender[readers[5]][-19:]
+    )
+    mail = {
+        "hard": returned("postfix-unknown-user.eml", sender[readers[1]], readers[1]),
+        "complaint": returned("yahoo-arf.eml", sender[readers[2]], readers[2]),
+        "soft": returned("postfix-delayed.eml", sender[readers[3]], readers[3]).replace(
+            b"Action: delayed", b"Action: failed"
+        ),
+        "auto-reply": returned("out-of-office.eml", sender[readers[4]], readers[4]),
+        "forged": returned("postfix-unknown-user.eml", forged, readers[5], tag="f."),
+        # Someone else's address reported with reader 6's VERP address: not reader 6.
+        "other": returned(
+            "postfix-unknown-user.eml", sender[readers[6]], "x@example.net", tag="o."
+        ),
+    }
+    said = {}
+    for name, raw in mail.items():
+        done = run_cli("bounces", "process", cwd=project, env=env, input=raw.decode("ascii"))
+        said[name] = ok(done)
+    assert re.fullmatch(
+        rf"standard input: a permanent bounce for {readers[1]}: suppressed \(bounced\) "
+        r"\[evidence #\d+\]\n",
+        said["hard"],
+    )
+    assert f"a spam complaint for {readers[2]}: suppressed (complained)" in said["complaint"]
+    assert f"a temporary bounce for {readers[3]}: soft bounce: 1 of 3 sends" in said["soft"]
+    assert f"an automatic reply for {readers[4]}: noted" in said["auto-reply"]
+    assert "kept for review" in said["forged"] and "kept for review" in said["other"]
+
+    # The same bounce piped again (the MTA retried after a timeout): nothing changes.
+    again = ok(run_cli("bounces", "process", cwd=project, env=env,
+                       input=mail["hard"].decode("ascii")))  # fmt: skip
+    assert "(seen before)" in again and "recorded before" in again
+
+    server.handler.received.clear()
+    ok(run_cli("send", week_after(project), "--yes", cwd=project, env=env))
+    reached = sorted(r.rcpt_tos[0] for r in server.handler.received)
+    assert reached == sorted(set(readers) - {readers[1], readers[2]})
+
+    shown = ok(run_cli("subscribers", "show", readers[1], cwd=project, env=env))
+    assert "suppressed (bounced)" in shown and "by feedback #" in shown
+    assert re.search(
+        r"a permanent bounce 5\.1\.1 from send 1: suppressed \(bounced\) \[evidence #1\]", shown
+    )
+    review = ok(run_cli("bounces", "review", cwd=project, env=env))
+    assert review.startswith("2 message(s) kept for review:")
+    assert "signature does not match" in review and "not reader00006@example.org" in review
+    details = ok(run_cli("bounces", "show", "1", cwd=project, env=env))
+    assert "kind: hard; outcome: suppressed (bounced)" in details
+    assert f"about: {readers[1]} (send 1, recipient 1)" in details
+    raw = run_cli("bounces", "show", "1", "--raw", cwd=project, env=env)
+    assert raw.returncode == 0 and raw.stdout.encode() == mail["hard"]
+
+
+def test_files_each_recorded_and_an_unreadable_one_named(project: Path, database: str) -> None:
+    env = env_for(None, database)
+    (project / "one.csv").write_text("email\nreader@example.org\n", encoding="utf-8")
+    ok(run_cli("subscribers", "import", "one.csv", "--list", "news", cwd=project, env=env))
+    (project / "a.eml").write_bytes(b"Subject: one\r\n\r\nhello\r\n")
+    (project / "b.eml").write_bytes(b"Subject: two\r\n\r\nhello\r\n")
+    done = run_cli("bounces", "process", "a.eml", "missing.eml", "b.eml", cwd=project, env=env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "a.eml: not understood: kept for review [evidence #1]" in done.stdout
+    assert "b.eml: not understood: kept for review [evidence #2]" in done.stdout
+    assert "error: cannot read missing.eml: No such file or directory" in done.stderr
+
+
+def test_a_database_that_cannot_take_it_now_asks_the_mta_to_try_later(
+    project: Path, tmp_path: Path
+) -> None:
+    for where in (str(tmp_path / "none.sqlite3"), "postgresql://nobody@127.0.0.1:1/x"):
+        env = env_for(None, where)
+        done = run_cli("bounces", "process", cwd=project, env=env, input="Subject: x\n\nhi\n")
+        assert done.returncode == 75, done.stdout + done.stderr
+        assert "the MTA offers it again later" in done.stderr
+    # Settings that do not load are the same: the message stays with the MTA.
+    env = env_for(None, str(tmp_path / "x.sqlite3"), NEWSLETTER_SECRET_KEY="short")  # noqa: S106
+    done = run_cli("bounces", "process", cwd=project, env=env, input="Subject: x\n\nhi\n")
+    assert done.returncode == 75 and "NEWSLETTER_SECRET_KEY" in done.stderr
+
+
+def test_without_verp_every_bounce_waits_for_review_with_a_warning(
+    project: Path, database: str
+) -> None:
+    env = env_for(None, database)
+    env.pop("NEWSLETTER_BOUNCE_ADDRESS")
+    (project / "one.csv").write_text("email\nreader00001@example.org\n", encoding="utf-8")
+    ok(run_cli("subscribers", "import", "one.csv", "--list", "news", cwd=project, env=env))
+    verp = Verp(BOUNCES, SECRET.encode()).sender(1, 0)
+    raw = returned("postfix-unknown-user.eml", verp, "reader00001@example.org")
+    done = run_cli("bounces", "process", cwd=project, env=env, input=raw.decode("ascii"))
+    assert done.returncode == 0, done.stderr
+    assert "no message can be matched to its delivery" in done.stderr
+    assert "kept for review" in done.stdout
