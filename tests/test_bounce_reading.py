@@ -206,3 +206,44 @@ def test_split_parameters_beyond_a_few_are_refused_before_parsing() -> None:
     data = b"Content-Type: multipart/report" + pieces + b"\n\nhi\n"
     found = read(data, VERP)
     assert found.kind == "unknown" and "split header parameters" in found.why
+
+
+def plain(headers: str, body: str = "Take me off, please.\r\n") -> bytes:
+    return (headers.replace("\n", "\r\n") + "\r\n" + body).encode()
+
+
+@pytest.mark.parametrize(
+    ("headers", "token"),
+    [
+        # what a mail program sends from our List-Unsubscribe mailto:
+        ("From: a@example.net\nTo: leave@example.org\nSubject: unsubscribe AbC_-0123456789xyzW\n",
+         "AbC_-0123456789xyzW"),
+        # a reply to the newsletter that asks in its Subject, anywhere
+        ("From: a@example.net\nTo: news@example.org\nSubject: RE: Fwd: Unsubscribe\n", ""),
+        # anything mailed to the unsubscribe address itself, +subaddress too
+        ("From: a@example.net\nTo: leave+x@example.org\nSubject: Stop this\n", ""),
+    ],
+)  # fmt: skip
+def test_a_request_to_unsubscribe_is_one_by_subject_or_address(headers: str, token: str) -> None:
+    found = read(plain(headers), VERP, unsubscribe_to="leave@example.org")
+    assert found.kind == "unsubscribe"
+    assert (found.token, found.requester) == (token, "a@example.net")
+
+
+def test_what_only_looks_like_a_request_to_unsubscribe_is_not_one() -> None:
+    to_us = "From: a@example.net\nTo: leave@example.org\n"
+    # an out-of-office reply to the unsubscribe address is an auto-reply
+    auto = read(plain(to_us + "Subject: Away\nAuto-Submitted: auto-replied\n"), VERP,
+                unsubscribe_to="leave@example.org")  # fmt: skip
+    assert auto.kind == "auto_reply"
+    # "unsubscribed" or "unsubscribe" later in the Subject; another address of the domain
+    for headers in (
+        "From: a@example.net\nTo: news@example.org\nSubject: unsubscribed already?\n",
+        "From: a@example.net\nTo: news@example.org\nSubject: How do I unsubscribe?\n",
+        "From: a@example.net\nTo: leaves@example.org\nSubject: hello\n",
+    ):
+        found = read(plain(headers), VERP, unsubscribe_to="leave@example.org")
+        assert found.kind == "unknown", headers
+    # a bounce to the unsubscribe address is still a bounce
+    dsn = read(sample("postfix-unknown-user.eml"), VERP, unsubscribe_to="leave@example.org")
+    assert dsn.kind == "hard"

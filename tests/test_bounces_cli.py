@@ -176,3 +176,81 @@ def test_without_verp_every_bounce_waits_for_review_with_a_warning(
     assert done.returncode == 0, done.stderr
     assert "no message can be matched to its delivery" in done.stderr
     assert "kept for review" in done.stdout
+
+
+def mailed(to: str, sender: str, subject: str, tag: str) -> str:
+    """A message a reader's mail program sends to unsubscribe (RFC 2369 mailto:)."""
+    return (
+        f"From: Reader <{sender}>\r\nTo: {to}\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{tag}@mail.example.org>\r\nDate: Wed, 23 Dec 2020 10:00:00 +0000\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n\r\nPlease take me off.\r\n"
+    )
+
+
+def test_mailed_unsubscribes_take_exactly_those_off_their_lists(
+    project: Path, server: Server, database: str
+) -> None:
+    """The mailto: of List-Unsubscribe, as a mail program uses it (its Subject with our
+    token), a bare "unsubscribe" from a member's own address, and the hostile ones: a
+    forged token, a stranger, no From at all."""
+    env = env_for(server, database, NEWSLETTER_UNSUBSCRIBE_MAILTO="leave@example.org")
+    readers = [f"reader{i:05d}@example.org" for i in range(6)]
+    (project / "subs.csv").write_text("email\n" + "\n".join(readers) + "\n", encoding="utf-8")
+    for name in ("research-news", "events"):
+        ok(run_cli("subscribers", "import", "subs.csv", "--list", name, cwd=project, env=env))
+    ok(run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env))
+    mailto = {}
+    for r in server.handler.received:
+        header = r.message["List-Unsubscribe"]
+        mailto[r.rcpt_tos[0]] = re.search(r"<mailto:([^>]+)>", header).group(1)  # type: ignore[union-attr]
+    address, _, query = mailto[readers[1]].partition("?subject=")
+    assert address == "leave@example.org"
+    from urllib.parse import unquote
+
+    subject = unquote(query)
+    assert subject.startswith("unsubscribe ") and len(subject) > 40
+    token = subject.split()[1]
+    changed = token[:-3] + ("AAA" if token[-3:] != "AAA" else "BBB")
+    requests = {
+        # as a mail program sends it, from another address of theirs: the token says who
+        "token": mailed(address, "ann.other@example.net", subject, "t1"),
+        # "unsubscribe" from a member's own address, to the mailto: address
+        "bare": mailed(address, readers[2], "unsubscribe", "t2"),
+        # any message to the mailto: address is a request, whatever it says
+        "words": mailed(address, readers[3], "Stop sending me this", "t3"),
+        # a reply to the From address whose Subject asks, with a forged token: the
+        # From address alone counts
+        "forged": mailed("news@example.org", readers[4], f"Re: unsubscribe {changed}", "t4"),
+        "stranger": mailed(address, "stranger@example.com", "unsubscribe", "t5"),
+        "nobody": mailed(address, "", "unsubscribe", "t6").replace("From: Reader <>\r\n", ""),
+    }
+    said = {
+        name: ok(run_cli("bounces", "process", cwd=project, env=env, input=raw))
+        for name, raw in requests.items()
+    }
+    assert f"a request to unsubscribe for {readers[1]}: left research-news [" in said["token"]
+    assert f"for {readers[2]}: left events, research-news" in said["bare"]
+    assert f"for {readers[3]}: left events, research-news" in said["words"]
+    assert f"for {readers[4]}: left events, research-news" in said["forged"]
+    assert "kept for review" in said["stranger"] and "kept for review" in said["nobody"]
+    review = ok(run_cli("bounces", "review", cwd=project, env=env))
+    assert "stranger@example.com, which is on no list" in review
+    assert "from no usable From address" in review
+    # The same request mailed twice: nothing more.
+    again = ok(run_cli("bounces", "process", cwd=project, env=env, input=requests["token"]))
+    assert "(seen before)" in again
+
+    server.handler.received.clear()
+    ok(run_cli("send", week_after(project), "--yes", cwd=project, env=env))
+    reached = sorted(r.rcpt_tos[0] for r in server.handler.received)
+    assert reached == [readers[0], readers[5]]
+    # Each person gets an issue once, whichever list: the events list gets one of its own.
+    events = (project / "issues" / "2020-12-30.yaml").read_text(encoding="utf-8")
+    (project / "issues" / "2021-01-06.yaml").write_text(
+        events.replace("\ndate: 2020-12-30\n", "\ndate: 2021-01-06\n"), encoding="utf-8"
+    )
+    server.handler.received.clear()
+    ok(run_cli("send", "issues/2021-01-06.yaml", "--list", "events", "--yes", cwd=project,
+               env=env))  # fmt: skip
+    reached = sorted(r.rcpt_tos[0] for r in server.handler.received)
+    assert reached == [readers[0], readers[1], readers[5]]  # reader 1 left research-news only

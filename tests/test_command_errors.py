@@ -66,6 +66,7 @@ ARGS: dict[tuple[str, ...], list[tuple[str, ...]]] = {
         ("subscribers", "unsuppress", "ann@example.org", "--reason", "asked again")
     ],
     ("bounces", "process"): [("bounces", "process", "dsn.eml")],
+    ("bounces", "fetch"): [("bounces", "fetch")],
     ("bounces", "review"): [("bounces", "review")],
     ("bounces", "show"): [("bounces", "show", "1")],
 }
@@ -127,6 +128,11 @@ def base_env(project: Path) -> dict[str, str]:
         "NEWSLETTER_SMTP_SECURITY": "none",
         "NEWSLETTER_UNSUBSCRIBE_MAILTO": "unsubscribe@example.org",
         "NEWSLETTER_SCHEDULE": "Thu 09:00",
+        "NEWSLETTER_BOUNCE_IMAP_HOST": "127.0.0.1",
+        "NEWSLETTER_BOUNCE_IMAP_PORT": "9",
+        "NEWSLETTER_BOUNCE_IMAP_SECURITY": "none",
+        "NEWSLETTER_BOUNCE_IMAP_USERNAME": "bounces",
+        "NEWSLETTER_BOUNCE_IMAP_PASSWORD": "s3cret",
     }
 
 

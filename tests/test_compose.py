@@ -69,8 +69,10 @@ def test_list_unsubscribe_is_raw_one_click_https_and_mailto(example: BuildResult
     assert "=?" not in line
     urls = re.findall(r"<([^>]+)>", line)
     assert urls[0].startswith("https://news.example.org/unsubscribe/")
-    assert urls[1] == "mailto:unsubscribe@example.org?subject=unsubscribe"
     token = urls[0].rsplit("/", 1)[1]
+    # the mailto: carries the same token, for `bounces process` to read in the Subject
+    assert urls[1] == f"mailto:unsubscribe@example.org?subject=unsubscribe%20{token}"
+    assert len(line) < 998  # RFC 5322 2.1.1, unfolded as providers want it
     subject = tokens.read(TEST_KEY, token)
     assert subject is not None and subject.kind is tokens.Kind.UNSUBSCRIBE
     assert (subject.list_name, subject.email) == ("research-news", "sam.sample@example.org")

@@ -195,6 +195,13 @@ def build_deployment(folder: Path, server: Server) -> Path:
                 "WHERE send_id = ? AND seq = 4",
                 (send_id,),
             )
+            # How far `bounces fetch` read the bounce mailbox (the IMAP tests fetch for
+            # real; here it is only a row to carry across).
+            conn.execute(
+                "INSERT INTO mailbox_marks (mailbox, uidvalidity, last_uid, updated_at) "
+                "VALUES ('imap://bounces@mail.example.org:993/INBOX', 1733220000, 41, "
+                "'2020-12-24T08:00:00+00:00')"
+            )
             # The dead run's lease, run out long ago: not copied.
             conn.execute(
                 "INSERT INTO locks (name, owner, expires, since, renewed) VALUES (?, ?, ?, ?, ?)",

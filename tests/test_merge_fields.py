@@ -456,6 +456,7 @@ def test_migration_3_records_the_columns_lists_already_have(tmp_path: Path) -> N
     conn.execute("ALTER TABLE deliveries DROP COLUMN claimed_by")
     conn.execute("ALTER TABLE locks DROP COLUMN renewed")
     conn.execute("DROP TABLE feedback")  # schema 5's
+    conn.execute("DROP TABLE mailbox_marks")
     conn.execute("PRAGMA user_version=2")
     conn.close()
     again = connect(path)

@@ -972,7 +972,7 @@ def test_status_of_a_list_not_sent_to_names_those_that_were(project: Path, serve
 MAILTO_NOTE = "note: List-Unsubscribe offers mailto:unsubscribe@"
 
 
-def test_send_reminds_that_someone_must_read_the_unsubscribe_mailbox(
+def test_send_reminds_that_the_unsubscribe_address_must_be_delivered(
     project: Path, server: Server
 ) -> None:
     env = env_for(server, project)
@@ -982,7 +982,7 @@ def test_send_reminds_that_someone_must_read_the_unsubscribe_mailbox(
     declined = run_cli("send", issue, cwd=project, env=env, input="n\n")
     assert declined.returncode == 1 and declined.stdout.count(MAILTO_NOTE) == 1
     assert declined.stdout.index(MAILTO_NOTE) < declined.stdout.index("starting 2020-12-23")
-    assert "newsletter subscribers unsubscribe EMAIL" in declined.stdout
+    assert "reaches `newsletter bounces process`" in declined.stdout
     dry = run_cli("send", issue, "--dry-run", cwd=project, env=env)
     assert dry.returncode == 0 and "mailto:" not in dry.stdout
     sent = run_cli("send", issue, "--yes", cwd=project, env=env)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -29,6 +29,7 @@ from newsletter import __version__
 if TYPE_CHECKING:
     import datetime as dt
 
+    from newsletter.bounces.mailbox import Fetched, ImapAccount
     from newsletter.bounces.processing import Processed
     from newsletter.build import BuildResult
     from newsletter.delivery.campaign import Campaign
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from newsletter.delivery.workers import Helpers
     from newsletter.schedule.runner import DueResult
     from newsletter.settings import Settings
-    from newsletter.storage.base import MemberState, Storage, Subscribers
+    from newsletter.storage.base import FeedbackStore, MemberState, Storage, Subscribers
 
 
 def _fail(exc: Exception | str) -> NoReturn:
@@ -540,7 +541,6 @@ def bounces_process(files: tuple[Path, ...], delivered_to: str | None) -> None:
     waits in `bounces review`). Exit status for a pipe from the MTA: 0 once every message
     is recorded; 75 (try again later) when the database or the settings cannot take it
     now, so the MTA keeps the message; 1 for a FILE that cannot be read."""
-    from newsletter.bounces.processing import process
     from newsletter.errors import NewsletterError
 
     named = [(str(f), f) for f in files] or [("standard input", Path("-"))]
@@ -549,15 +549,7 @@ def bounces_process(files: tuple[Path, ...], delivered_to: str | None) -> None:
         storage = _open(settings)
     except NewsletterError as exc:
         _fail_later(exc)
-    verp = settings.verp
-    if verp is None:
-        click.secho(
-            "warning: NEWSLETTER_BOUNCE_ADDRESS and NEWSLETTER_SECRET_KEY are not both set, so "
-            "sends carry no VERP address and no message can be matched to its delivery: "
-            "each is kept for review",
-            fg="yellow",
-            err=True,
-        )
+    _warn_without_verp(settings)
     unreadable = 0
     try:
         for shown, path in named:
@@ -568,14 +560,8 @@ def bounces_process(files: tuple[Path, ...], delivered_to: str | None) -> None:
                 unreadable += 1
                 continue
             try:
-                done = process(
-                    raw,
-                    storage.feedback,
-                    verp=verp,
-                    source="pipe" if str(path) == "-" else "file",
-                    soft=settings.soft_bounces,
-                    delivered_to=delivered_to,
-                )
+                source = "pipe" if str(path) == "-" else "file"
+                done = _process(settings, storage, raw, source, delivered_to)
             except NewsletterError as exc:
                 _fail_later(exc)
             click.echo(f"{shown}: {_processed_text(done)}")
@@ -583,6 +569,147 @@ def bounces_process(files: tuple[Path, ...], delivered_to: str | None) -> None:
         storage.close()
     if unreadable:
         sys.exit(1)
+
+
+@bounces.command("fetch")
+@click.option("--watch", is_flag=True, help="Keep going: fetch again whenever new mail comes.")
+@click.option(
+    "--poll",
+    type=click.FloatRange(5, 3600),
+    default=60,
+    show_default=True,
+    help="With --watch, seconds between looks on a server without IMAP IDLE.",
+)
+def bounces_fetch(watch: bool, poll: float) -> None:
+    """Read the bounce mailbox over IMAP (NEWSLETTER_BOUNCE_IMAP_*) and process each new
+    message as `bounces process` does; once for cron, or with --watch until SIGTERM.
+
+    What is understood is moved to NEWSLETTER_BOUNCE_IMAP_PROCESSED_FOLDER; what is not
+    stays where it is (and waits in `bounces review`). Nothing is ever deleted."""
+    from newsletter import wiring
+    from newsletter.bounces import mailbox
+
+    settings = _settings()
+    account = wiring.imap_account(settings)
+    _warn_without_verp(settings)
+    storage = _open(settings)
+    source = f"imap:{account.folder}"
+    # The database answers before the mailbox is touched: a message taken from the
+    # server must have somewhere to go.
+    try:
+        storage.feedback.mailbox_mark(account.name)
+    except BaseException:
+        storage.close()
+        raise
+
+    def handle(raw: bytes) -> bool:
+        done = _process(settings, storage, raw, source)
+        click.echo(f"{account.name}: {_processed_text(done)}")
+        return done.decision.action != "review"
+
+    def summary(fetched: mailbox.Fetched) -> str:
+        return (
+            f"{account.name}: {fetched.read} new message(s): {fetched.moved} moved to "
+            f"{account.processed_folder!r}, {fetched.left} left for review"
+        )
+
+    try:
+        if not watch:
+            with mailbox.Mailbox(account) as box:
+                click.echo(summary(mailbox.fetch_new(box, storage.feedback, handle)))
+            return
+        click.echo(f"{account.name}: watching for mail; Ctrl-C or SIGTERM to stop")
+        _watch_mailbox(account, storage.feedback, handle, summary, poll)
+        click.echo(f"{account.name}: stopped")
+    finally:
+        storage.close()
+
+
+def _watch_mailbox(
+    account: ImapAccount,
+    feedback: FeedbackStore,
+    handle: Callable[[bytes], bool],
+    summary: Callable[[Fetched], str],
+    poll: float,
+) -> None:
+    """`bounces fetch --watch`: until SIGTERM or Ctrl-C, which end a wait for mail at
+    once and otherwise let the message in hand finish."""
+    import signal
+    import threading
+    from contextlib import contextmanager, suppress
+
+    from newsletter.bounces import mailbox
+    from newsletter.errors import NewsletterError
+
+    stop = threading.Event()
+    idle = threading.Event()
+
+    class Stopped(Exception):
+        """Raised by a signal into a wait for mail, to end it at once."""
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+        if idle.is_set():
+            raise Stopped
+
+    @contextmanager
+    def idling() -> Iterator[None]:
+        idle.set()
+        try:
+            yield
+        finally:
+            idle.clear()
+
+    def report(fetched: Fetched) -> None:
+        if fetched.read:
+            click.echo(summary(fetched))
+
+    def trouble(exc: NewsletterError) -> None:
+        click.secho(f"error: {exc}; trying again shortly", fg="red", err=True)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    with suppress(Stopped):
+        mailbox.watch(
+            account,
+            feedback,
+            handle,
+            report=report,
+            trouble=trouble,
+            poll=poll,
+            keep_going=lambda: not stop.is_set(),
+            idling=idling,
+        )
+
+
+def _process(
+    settings: Settings, storage: Storage, raw: bytes, source: str, delivered_to: str | None = None
+) -> Processed:
+    """One message read, decided and recorded, under the settings' rules."""
+    from newsletter.bounces.processing import process
+
+    return process(
+        raw,
+        storage.feedback,
+        verp=settings.verp,
+        source=source,
+        soft=settings.soft_bounces,
+        # Never the preview key: anyone could make a token with that one.
+        token_key=settings.token_key if settings.secret_key is not None else None,
+        unsubscribe_to=settings.unsubscribe_address,
+        delivered_to=delivered_to,
+    )
+
+
+def _warn_without_verp(settings: Settings) -> None:
+    if settings.verp is None:
+        click.secho(
+            "warning: NEWSLETTER_BOUNCE_ADDRESS and NEWSLETTER_SECRET_KEY are not both set, so "
+            "sends carry no VERP address and no message can be matched to its delivery: "
+            "each is kept for review",
+            fg="yellow",
+            err=True,
+        )
 
 
 def _fail_later(exc: Exception) -> NoReturn:
@@ -598,6 +725,7 @@ _KIND_TEXT = {
     "complaint": "a spam complaint",
     "auto_reply": "an automatic reply",
     "not_bounce": "a delivery report",
+    "unsubscribe": "a request to unsubscribe",
     "unknown": "not understood",
 }
 
@@ -775,12 +903,12 @@ def send(
 
 
 def _mailto_reminder(settings: Settings) -> None:
-    # Nothing in this tool reads that mailbox yet: a request sent there is only
-    # acted on if a person reads it, and a missed one keeps getting mail.
+    # A request sent to an address nobody set up is lost, and its sender keeps
+    # getting mail: the default is a guess that someone must make true.
     click.secho(
         f"note: List-Unsubscribe offers mailto:{settings.unsubscribe_address} (the default; "
-        "NEWSLETTER_UNSUBSCRIBE_MAILTO is not set). Nothing reads that mailbox for you: "
-        "someone must, and run `newsletter subscribers unsubscribe EMAIL` for each request",
+        "NEWSLETTER_UNSUBSCRIBE_MAILTO is not set). Make sure mail to it reaches `newsletter "
+        "bounces process` or the mailbox `bounces fetch` reads, or set the address that does",
         fg="yellow",
     )
 

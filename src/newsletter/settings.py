@@ -140,6 +140,16 @@ class Settings(BaseSettings):
     soft_bounce_limit: int = Field(default=3, ge=1, le=100)
     soft_bounce_days: float = Field(default=30.0, gt=0, le=365)
 
+    # The bounce mailbox, read over IMAP by `bounces fetch`.
+    bounce_imap_host: str | None = None
+    bounce_imap_port: int | None = Field(default=None, ge=1, le=65535)
+    bounce_imap_security: Literal["tls", "starttls", "none"] = "tls"
+    bounce_imap_username: str | None = None
+    bounce_imap_password: SecretStr | None = None
+    bounce_imap_folder: str = "INBOX"
+    bounce_imap_processed_folder: str = "Processed"
+    bounce_imap_ca_file: Path | None = None
+
     @field_validator("public_url")
     @classmethod
     def _public_url(cls, value: str) -> str:
@@ -205,11 +215,28 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("smtp_host")
+    @field_validator("smtp_host", "bounce_imap_host")
     @classmethod
-    def _smtp_host(cls, value: str) -> str:
-        if not re.fullmatch(r"[^\s\x00-\x1f\x7f]{1,253}", value):
+    def _smtp_host(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[^\s\x00-\x1f\x7f]{1,253}", value):
             raise ValueError(f"{value!r} is not a host name or address")
+        return value
+
+    @field_validator("bounce_imap_folder", "bounce_imap_processed_folder")
+    @classmethod
+    def _imap_folder(cls, value: str) -> str:
+        from newsletter.bounces.mailbox import folder_problem
+
+        problem = folder_problem(value)
+        if problem:
+            raise ValueError(f"{value!r} {problem}")
+        return value
+
+    @field_validator("bounce_imap_username")
+    @classmethod
+    def _imap_username(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[^\x00-\x1f\x7f]{1,200}", value):
+            raise ValueError("must be 1 to 200 characters, without control characters")
         return value
 
     @field_validator("dkim_selector")
@@ -264,6 +291,16 @@ class Settings(BaseSettings):
     @property
     def sender_address(self) -> str:
         return _split_mailbox(self.from_)[1]
+
+    @model_validator(mode="after")
+    def _imap_folders_differ(self) -> Settings:
+        if self.bounce_imap_folder == self.bounce_imap_processed_folder:
+            raise ValueError(
+                "NEWSLETTER_BOUNCE_IMAP_FOLDER and NEWSLETTER_BOUNCE_IMAP_PROCESSED_FOLDER are "
+                f"both {self.bounce_imap_folder!r}: processed mail is moved out of the folder "
+                "that is read, so they must differ"
+            )
+        return self
 
     @model_validator(mode="after")
     def _dkim_complete(self) -> Settings:

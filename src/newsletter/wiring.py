@@ -16,6 +16,7 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
+from newsletter.bounces.mailbox import ImapAccount
 from newsletter.build import BuildInputs
 from newsletter.delivery import dkim_sign
 from newsletter.delivery.campaign import SendOptions
@@ -27,6 +28,7 @@ from newsletter.settings import Settings
 
 __all__ = [
     "build_inputs",
+    "imap_account",
     "require_secret",
     "send_options",
     "sender",
@@ -78,15 +80,7 @@ def require_secret(settings: Settings) -> None:
 
 def smtp_transport(settings: Settings) -> SmtpTransport:
     """The relay the settings name, with its TLS context (the CA file read now)."""
-    try:
-        context = ssl.create_default_context(
-            cafile=str(settings.smtp_ca_file) if settings.smtp_ca_file else None
-        )
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"NEWSLETTER_SMTP_CA_FILE={settings.smtp_ca_file}: cannot read certificates from "
-            f"it ({exc.strerror or exc}); give a PEM file of CA certificates, or unset it"
-        ) from None
+    context = _tls_context(settings.smtp_ca_file, "NEWSLETTER_SMTP_CA_FILE")
     return SmtpTransport(
         SmtpConfig(
             host=settings.smtp_host,
@@ -99,6 +93,52 @@ def smtp_transport(settings: Settings) -> SmtpTransport:
             message_timeout=settings.send_message_timeout,
             tls_context=context if settings.smtp_security != "none" else None,
         )
+    )
+
+
+def _tls_context(ca_file: Path | None, setting: str) -> ssl.SSLContext:
+    try:
+        return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"{setting}={ca_file}: cannot read certificates from it "
+            f"({getattr(exc, 'strerror', None) or exc}); give a PEM file of CA certificates, "
+            "or unset it"
+        ) from None
+
+
+def imap_account(settings: Settings) -> ImapAccount:
+    """The bounce mailbox `bounces fetch` reads, with its TLS context (the CA file read now)."""
+    missing = [
+        name
+        for name, value in (
+            ("NEWSLETTER_BOUNCE_IMAP_HOST", settings.bounce_imap_host),
+            ("NEWSLETTER_BOUNCE_IMAP_USERNAME", settings.bounce_imap_username),
+            ("NEWSLETTER_BOUNCE_IMAP_PASSWORD", settings.bounce_imap_password),
+        )
+        if value is None
+    ]
+    if missing:
+        raise ConfigError(
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: "
+            "`bounces fetch` reads the bounce mailbox over IMAP and needs its server and login "
+            "(or deliver bounces to `bounces process` from the MTA instead)"
+        )
+    assert settings.bounce_imap_host and settings.bounce_imap_username
+    assert settings.bounce_imap_password is not None
+    security = settings.bounce_imap_security
+    context = None
+    if security != "none":
+        context = _tls_context(settings.bounce_imap_ca_file, "NEWSLETTER_BOUNCE_IMAP_CA_FILE")
+    return ImapAccount(
+        host=settings.bounce_imap_host,
+        port=settings.bounce_imap_port or {"tls": 993, "starttls": 143, "none": 143}[security],
+        security=security,
+        username=settings.bounce_imap_username,
+        password=settings.bounce_imap_password.get_secret_value(),
+        folder=settings.bounce_imap_folder,
+        processed_folder=settings.bounce_imap_processed_folder,
+        tls_context=context,
     )
 
 

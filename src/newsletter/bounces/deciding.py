@@ -17,8 +17,10 @@ only: feedback loops often blank out the recipient.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from newsletter import tokens
 from newsletter.audience.csv_import import normalise_address
 from newsletter.bounces.reading import Feedback, Reported, judged
 from newsletter.storage.evidence import Action, SentTo
@@ -33,14 +35,29 @@ class Decision:
     reason: str | None = None  # the suppression reason, for "suppress"
     email: str | None = None  # whom it is about, when matched to a delivery
     reported: Reported | None = None  # the report's recipient it was judged by
+    lists: tuple[str, ...] = ()  # the lists an unsubscribe request leaves
 
 
-def decide(feedback: Feedback, sent_to: SentTo | None) -> Decision:
+# The lists an address is on and has not left (for a request by its From address).
+MemberLists = Callable[[str], Sequence[str]]
+
+
+def decide(
+    feedback: Feedback,
+    sent_to: SentTo | None,
+    *,
+    token_key: bytes | None = None,
+    member_lists: MemberLists = lambda email: (),
+) -> Decision:
     """What ``feedback`` means (module docstring); ``sent_to`` is the delivery its VERP
-    address names, looked up in the send log (None: none, or not in this database)."""
+    address names, looked up in the send log (None: none, or not in this database).
+    ``token_key`` checks an unsubscribe request's token; ``member_lists`` gives the
+    lists of the address that asked without one."""
     kind = feedback.kind
     if kind == "unknown":
         return Decision("review", feedback.why or "not understood")
+    if kind == "unsubscribe":
+        return _unsubscribe(feedback, token_key, member_lists)
     who = sent_to.email if sent_to else None
     if kind == "auto_reply":
         return Decision("note", "an automatic reply (out of office or the like): ignored",
@@ -105,6 +122,43 @@ def decide(feedback: Feedback, sent_to: SentTo | None) -> Decision:
         return Decision("note", f"delivered ({said}), for {where}", None, sent_to.email, matched)
     return Decision(
         "review", f"no valid status code for {where}'s own address", None, sent_to.email, matched
+    )
+
+
+def _unsubscribe(feedback: Feedback, key: bytes | None, member_lists: MemberLists) -> Decision:
+    """A mailed request to unsubscribe: its token says who and from which list; without
+    a valid one, the From address leaves every list it is on (RFC 2369 asks no more of
+    a mailto: request; a forged From can do no more than the web page's link)."""
+    subject = tokens.read(key, feedback.token) if key and feedback.token else None
+    if subject is not None and subject.kind in (tokens.Kind.UNSUBSCRIBE, tokens.Kind.LEGACY):
+        return Decision(
+            "unsubscribe",
+            f"a request to unsubscribe from {subject.list_name}, by the token of our "
+            f"List-Unsubscribe (sent by {feedback.requester or 'no From address'})",
+            email=subject.email,
+            lists=(subject.list_name,),
+        )
+    bad = " (its token is not one of ours)" if feedback.token else ""
+    try:
+        asker = normalise_address(feedback.requester) if feedback.requester else ""
+    except ValueError:
+        asker = ""
+    if not asker:
+        return Decision("review", f"a request to unsubscribe{bad} from no usable From address")
+    lists = tuple(member_lists(asker))
+    if not lists:
+        return Decision(
+            "review",
+            f"a request to unsubscribe{bad} from {asker}, which is on no list (perhaps "
+            "subscribed with another address)",
+            email=asker,
+        )
+    return Decision(
+        "unsubscribe",
+        f"a request to unsubscribe{bad} from {asker} by its From address: it leaves "
+        f"{', '.join(lists)}",
+        email=asker,
+        lists=lists,
     )
 
 

@@ -5,7 +5,7 @@ Input: the bytes of one message (from a pipe, a file, a mailbox), how it came
 policy, and the :class:`~newsletter.storage.base.FeedbackStore`. Output: a
 :class:`Processed`: what the message said (:mod:`~newsletter.bounces.reading`),
 what it means (:mod:`~newsletter.bounces.deciding`) and what recording it did
-(the evidence id, and any suppression), committed before this returns.
+(the evidence id, and any suppression or opt-out), committed before this returns.
 
 Every message is kept, understood or not, so that nothing the mail system says is
 lost: what could not be read or matched waits for review with the reason. The
@@ -42,14 +42,18 @@ def process(
     verp: Verp | None,
     source: str,
     soft: SoftBounces,
+    token_key: bytes | None = None,
+    unsubscribe_to: str | None = None,
     delivered_to: str | None = None,
     now: str | None = None,
 ) -> Processed:
-    """Read, decide and record one message (module docstring)."""
-    feedback = read(raw, verp, delivered_to=delivered_to)
+    """Read, decide and record one message (module docstring). ``token_key`` checks the
+    token of a mailed unsubscribe; ``unsubscribe_to`` is our List-Unsubscribe mailto:
+    address, where any message is a request to unsubscribe."""
+    feedback = read(raw, verp, delivered_to=delivered_to, unsubscribe_to=unsubscribe_to)
     named = feedback.delivery
     sent_to = store.sent_to(named.send_id, named.seq) if named is not None else None
-    decision = decide(feedback, sent_to)
+    decision = decide(feedback, sent_to, token_key=token_key, member_lists=store.member_lists)
     reported = decision.reported
     evidence = Evidence(
         digest=digest_of(raw),
@@ -67,5 +71,6 @@ def process(
         diagnostic=reported.diagnostic if reported else "",
         feedback_type=feedback.feedback_type,
         message_id=feedback.message_id,
+        lists=decision.lists,
     )
     return Processed(feedback, decision, store.record(evidence, soft, now=now))

@@ -24,7 +24,13 @@ How it classifies, in this order:
 4. an auto-reply (RFC 3834 ``Auto-Submitted`` other than ``no``, or the
    X-Autoreply / X-Autorespond headers, Precedence auto_reply) that is not a
    report is ``auto_reply``;
-5. anything else is ``unknown``: non-standard bounces are for a later stage.
+5. a request to unsubscribe is ``unsubscribe``: a message whose Subject starts
+   with the word "unsubscribe" (what the ``mailto:`` of our List-Unsubscribe
+   puts there, followed by the recipient's token), or any message delivered to
+   the unsubscribe address (RFC 2369: sending to it is the request, whatever it
+   says); :attr:`Feedback.token` is the token, if any, and
+   :attr:`Feedback.requester` the From address;
+6. anything else is ``unknown``: non-standard bounces are for a later stage.
 
 The delivery comes from our VERP address where the message reached it: the
 address the MTA says it delivered to, then Delivered-To, X-Original-To,
@@ -69,7 +75,9 @@ MAX_DEPTH = 12  # report in a message in a report: a handful of levels, never do
 MAX_PARTS = 200
 MAX_DIAGNOSTIC = 500  # characters of a diagnostic kept
 
-FeedbackKind = Literal["hard", "soft", "complaint", "auto_reply", "not_bounce", "unknown"]
+FeedbackKind = Literal[
+    "hard", "soft", "complaint", "auto_reply", "not_bounce", "unsubscribe", "unknown"
+]
 
 _STATUS = re.compile(r"\s*([245])\.([0-9]{1,3})\.([0-9]{1,3})(?![.0-9])", re.ASCII)
 _NOT_BOUNCES = {"delivered", "relayed", "expanded"}
@@ -104,10 +112,19 @@ class Feedback:
     why: str = ""  # for unknown ones: why it could not be read (kept with it for review)
     feedback_type: str = ""  # a complaint's Feedback-Type (abuse, fraud, ...)
     message_id: str = ""  # its own Message-ID, to know it again
+    token: str = ""  # an unsubscribe request's token, as its Subject gives it (unchecked)
+    requester: str = ""  # an unsubscribe request's From address
 
 
-def read(data: bytes, verp: Verp | None, *, delivered_to: str | None = None) -> Feedback:
-    """What the message ``data`` says (module docstring); never raises on its content."""
+def read(
+    data: bytes,
+    verp: Verp | None,
+    *,
+    delivered_to: str | None = None,
+    unsubscribe_to: str | None = None,
+) -> Feedback:
+    """What the message ``data`` says (module docstring); never raises on its content.
+    ``unsubscribe_to`` is the address of our List-Unsubscribe ``mailto:``."""
     if len(data) > MAX_BYTES:
         return Feedback("unknown", None, why=f"larger than {MAX_BYTES // (1024 * 1024)} MB")
     too_complex = _prescan(data)
@@ -136,8 +153,34 @@ def read(data: bytes, verp: Verp | None, *, delivered_to: str | None = None) -> 
         return _dsn(children, delivery, message_id)
     if _is_auto_reply(message):
         return Feedback("auto_reply", delivery, message_id=message_id)
-    return Feedback("unknown", delivery, why="not a delivery status notification nor a "
-                    "feedback report", message_id=message_id)  # fmt: skip
+    asked = _UNSUBSCRIBE.match(_text(message.get("Subject")))
+    if asked or (unsubscribe_to and _delivered_to(found, unsubscribe_to)):
+        senders = email.utils.getaddresses([_text(v) for v in message.get_all("From") or []])
+        requester = next((a for _, a in senders if "@" in a), "")[:254]
+        token = asked.group(1) or "" if asked else ""
+        return Feedback("unsubscribe", delivery, message_id=message_id, token=token,
+                        requester=requester)  # fmt: skip
+    return Feedback("unknown", delivery, why="not a delivery status notification, a "
+                    "feedback report nor a request to unsubscribe",
+                    message_id=message_id)  # fmt: skip
+
+
+# "unsubscribe" as the Subject's first word (after any Re: or Fwd:), and the token
+# our mailto: puts after it (base64url; a version 1 token has a dot).
+_UNSUBSCRIBE = re.compile(
+    r"\s*(?:(?:re|aw|fwd?|wg|tr)\s*:\s*)*unsubscribe\b[\s:]*([A-Za-z0-9_.-]{16,1000}(?![^\s]))?",
+    re.IGNORECASE | re.ASCII,
+)
+
+
+def _delivered_to(found: tuple[str, ...], address: str) -> bool:
+    """Whether one of ``found`` is ``address`` (or a +subaddress of it)."""
+    local, _, domain = address.lower().rpartition("@")
+    for each in found:
+        got_local, _, got_domain = each.lower().rpartition("@")
+        if got_domain == domain and (got_local == local or got_local.startswith(local + "+")):
+            return True
+    return False
 
 
 def _prescan(data: bytes) -> str:

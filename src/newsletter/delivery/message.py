@@ -240,7 +240,10 @@ class MessageTemplate:
         subject = self._subject or _header(
             "Subject", placeholders.fill(self.rendered.subject, values, is_html=False)
         )
-        mailto = f"mailto:{self.sender.unsubscribe_mailto}?subject={quote('unsubscribe')}"
+        # The same token as the link's, in the Subject: whoever reads the mailbox (our
+        # `bounces` processing) knows who asks and from which list, whoever sends it.
+        token = unsub.rpartition("/")[2]
+        mailto = f"mailto:{self.sender.unsubscribe_mailto}?subject={quote('unsubscribe ' + token)}"
         message = b"".join(
             [
                 self._from,

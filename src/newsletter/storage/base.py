@@ -598,6 +598,19 @@ class FeedbackStore(Protocol):
         kind, whatever number of messages said it)."""
         ...
 
+    def member_lists(self, email: str) -> list[str]:
+        """The lists ``email`` is a member of and has not left."""
+        ...
+
+    def mailbox_mark(self, mailbox: str) -> tuple[int, int] | None:
+        """(UIDVALIDITY, the highest UID read) of an IMAP folder, named as
+        ``imap://user@host:port/folder``; None if it was never read."""
+        ...
+
+    def set_mailbox_mark(self, mailbox: str, uidvalidity: int, last_uid: int) -> None:
+        """Remember how far ``mailbox`` has been read (committed at once)."""
+        ...
+
 
 class Lease(Protocol):
     """A named lock that one run at a time holds, with an expiry.

@@ -50,6 +50,7 @@ COPIED = (
     "archive",
     "list_columns",
     "feedback",
+    "mailbox_marks",
 )
 NOT_COPIED = ("locks",)
 

@@ -48,11 +48,12 @@ __all__ = [
 RAW_KEEP = 256 * 1024
 
 # What a piece of feedback makes the store do: suppress the address (``reason``
-# says why), count a soft bounce (and suppress once there are too many), note it
-# and do nothing (an auto-reply, a delivery report, a delay), or keep it for a
-# person to look at (it names no delivery of ours, or not the one it should).
-Action = Literal["suppress", "soft", "note", "review"]
-ACTIONS: tuple[Action, ...] = ("suppress", "soft", "note", "review")
+# says why), count a soft bounce (and suppress once there are too many), take the
+# address off the lists it asked to leave (``lists``), note it and do nothing (an
+# auto-reply, a delivery report, a delay), or keep it for a person to look at (it
+# names no delivery of ours, or not the one it should).
+Action = Literal["suppress", "soft", "unsubscribe", "note", "review"]
+ACTIONS: tuple[Action, ...] = ("suppress", "soft", "unsubscribe", "note", "review")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,7 @@ class Evidence:
     diagnostic: str = ""
     feedback_type: str = ""
     message_id: str = ""
+    lists: tuple[str, ...] = ()  # for "unsubscribe": the lists it leaves
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +208,9 @@ def planned(evidence: Evidence, soft_sends: Callable[[], int], soft: SoftBounces
         assert evidence.email
         said, bounced = soft_outcome(soft_sends(), soft)
         return Plan(said, "bounced" if bounced else None)
+    if evidence.action == "unsubscribe":
+        assert evidence.email and evidence.lists
+        return Plan("", None, evidence.lists)
     return Plan({"note": "noted", "review": "kept for review"}[evidence.action], None)
 
 
@@ -213,9 +218,16 @@ def planned(evidence: Evidence, soft_sends: Callable[[], int], soft: SoftBounces
 class Plan:
     outcome: str
     suppress: str | None  # the suppression reason, when there is one to make
+    leave: tuple[str, ...] = ()  # the lists to opt the address out of
 
-    def done(self, made: bool) -> str:
-        """The outcome once the suppression was tried (``made``: it was new)."""
+    def done(self, made: bool, left: Sequence[str] = ()) -> str:
+        """The outcome once the suppression was tried (``made``: it was new), or the
+        opt-outs made (``left``: the lists it had not left before)."""
+        if self.leave:
+            before = [name for name in self.leave if name not in left]
+            parts = [f"left {', '.join(left)}"] if left else []
+            parts += [f"had already left {', '.join(before)}"] if before else []
+            return "; ".join(parts)
         if self.suppress is None:
             return self.outcome
         said = f"suppressed ({self.suppress})" if made else "already suppressed"

@@ -152,7 +152,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " received_at text NOT NULL,"
         " source text NOT NULL,"
         " kind text NOT NULL,"
-        " action text NOT NULL CHECK (action IN ('suppress', 'soft', 'note', 'review')),"
+        " action text NOT NULL"
+        " CHECK (action IN ('suppress', 'soft', 'unsubscribe', 'note', 'review')),"
         " outcome text NOT NULL,"
         " why text NOT NULL DEFAULT '',"
         " email text,"
@@ -168,6 +169,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX feedback_by_email ON feedback(email, received_at)",
         "CREATE INDEX feedback_by_send ON feedback(send_id, kind, seq)",
         "CREATE INDEX feedback_by_action ON feedback(action, id)",
+        "CREATE TABLE mailbox_marks ("
+        " mailbox text PRIMARY KEY,"
+        " uidvalidity bigint NOT NULL,"
+        " last_uid bigint NOT NULL,"
+        " updated_at text NOT NULL)",
     ),
 )
 FIRST_VERSION = 4
@@ -175,6 +181,7 @@ SCHEMA_VERSION = FIRST_VERSION + len(_MIGRATIONS)
 TABLES = frozenset(
     {"subscribers", "list_members", "suppressions", "list_optouts", "sends", "deliveries"}
     | {"slots", "locks", "suppression_log", "archive", "list_columns", "feedback"}
+    | {"mailbox_marks"}
 )
 
 

@@ -93,11 +93,13 @@ class PgFeedback:
                     plan.suppress,
                     actor=f"feedback #{evidence_id} ({evidence.source})",
                 )
+            left = [n for n in plan.leave if self.subscribers.opt_out(n, evidence.email or "")]
+            if plan.suppress is not None or plan.leave:
                 self.conn.execute(
                     "UPDATE feedback SET outcome = %s WHERE id = %s",
-                    (plan.done(made), evidence_id),
+                    (plan.done(made, left), evidence_id),
                 )
-        return Recorded(evidence_id, True, plan.done(made), plan.suppress if made else None)
+        return Recorded(evidence_id, True, plan.done(made, left), plan.suppress if made else None)
 
     def _before(self, digest: str) -> Recorded | None:
         row = self.conn.execute(
@@ -143,10 +145,30 @@ class PgFeedback:
         found = dict.fromkeys(COUNTED_KINDS, 0)
         rows = self.conn.execute(
             "SELECT kind, count(DISTINCT seq) FROM feedback WHERE send_id = %s "
-            "AND action IN ('suppress', 'soft') GROUP BY kind",
+            "AND action IN ('suppress', 'soft', 'unsubscribe') GROUP BY kind",
             (send_id,),
         )
         for kind, number in rows:
             if kind in found:
                 found[kind] = int(number)
         return found
+
+    def mailbox_mark(self, mailbox: str) -> tuple[int, int] | None:
+        row = self.conn.execute(
+            "SELECT uidvalidity, last_uid FROM mailbox_marks WHERE mailbox = %s", (mailbox,)
+        ).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    def set_mailbox_mark(self, mailbox: str, uidvalidity: int, last_uid: int) -> None:
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        with self.conn.transaction():
+            self.conn.execute(
+                "INSERT INTO mailbox_marks (mailbox, uidvalidity, last_uid, updated_at) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (mailbox) DO UPDATE SET "
+                "uidvalidity = excluded.uidvalidity, last_uid = excluded.last_uid, "
+                "updated_at = excluded.updated_at",
+                (mailbox, uidvalidity, last_uid, now),
+            )
+
+    def member_lists(self, email: str) -> list[str]:
+        return [name for name, left in self.subscribers.lists_of(email) if not left]

@@ -187,7 +187,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " received_at TEXT NOT NULL,"
         " source TEXT NOT NULL,"  # pipe, file, imap:FOLDER, smtp, webhook:PROVIDER
         " kind TEXT NOT NULL,"  # hard, soft, complaint, auto_reply, not_bounce, unknown, ...
-        " action TEXT NOT NULL CHECK (action IN ('suppress', 'soft', 'note', 'review')),"
+        " action TEXT NOT NULL"
+        " CHECK (action IN ('suppress', 'soft', 'unsubscribe', 'note', 'review')),"
         " outcome TEXT NOT NULL,"  # what recording it did, in words
         " why TEXT NOT NULL DEFAULT '',"
         " email TEXT,"  # whom it is about, once matched to a delivery
@@ -203,12 +204,20 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX feedback_by_email ON feedback(email, received_at)",
         "CREATE INDEX feedback_by_send ON feedback(send_id, kind, seq)",
         "CREATE INDEX feedback_by_action ON feedback(action, id)",
+        # How far `bounces fetch` has read each IMAP folder: what it left there (not
+        # understood, for review) is not read again at every fetch.
+        "CREATE TABLE mailbox_marks ("
+        " mailbox TEXT PRIMARY KEY,"  # imap://user@host:port/folder
+        " uidvalidity INTEGER NOT NULL,"
+        " last_uid INTEGER NOT NULL,"
+        " updated_at TEXT NOT NULL)",
     ),
 )
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
 _TABLES = frozenset(
     {"subscribers", "list_members", "suppressions", "list_optouts", "sends", "deliveries"}
     | {"slots", "locks", "suppression_log", "archive", "list_columns", "feedback"}
+    | {"mailbox_marks"}
 )
 
 

@@ -76,10 +76,15 @@ class FeedbackLog:
                     plan.suppress,
                     actor=f"feedback #{evidence_id} ({evidence.source})",
                 )
+            left = [
+                n for n in plan.leave if self.subscribers.opt_out_within(n, evidence.email or "")
+            ]
+            if plan.suppress is not None or plan.leave:
                 self.conn.execute(
-                    "UPDATE feedback SET outcome = ? WHERE id = ?", (plan.done(made), evidence_id)
+                    "UPDATE feedback SET outcome = ? WHERE id = ?",
+                    (plan.done(made, left), evidence_id),
                 )
-        return Recorded(evidence_id, True, plan.done(made), plan.suppress if made else None)
+        return Recorded(evidence_id, True, plan.done(made, left), plan.suppress if made else None)
 
     def _soft_sends(self, evidence: Evidence, since: str) -> int:
         """The sends with a soft bounce for this address since ``since``, this one too."""
@@ -117,10 +122,30 @@ class FeedbackLog:
         found = dict.fromkeys(COUNTED_KINDS, 0)
         rows = self.conn.execute(
             "SELECT kind, count(DISTINCT seq) FROM feedback WHERE send_id = ? "
-            "AND action IN ('suppress', 'soft') GROUP BY kind",
+            "AND action IN ('suppress', 'soft', 'unsubscribe') GROUP BY kind",
             (send_id,),
         )
         for kind, number in rows:
             if kind in found:
                 found[kind] = int(number)
         return found
+
+    def mailbox_mark(self, mailbox: str) -> tuple[int, int] | None:
+        row = self.conn.execute(
+            "SELECT uidvalidity, last_uid FROM mailbox_marks WHERE mailbox = ?", (mailbox,)
+        ).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    def set_mailbox_mark(self, mailbox: str, uidvalidity: int, last_uid: int) -> None:
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO mailbox_marks (mailbox, uidvalidity, last_uid, updated_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (mailbox) DO UPDATE SET "
+                "uidvalidity = excluded.uidvalidity, last_uid = excluded.last_uid, "
+                "updated_at = excluded.updated_at",
+                (mailbox, uidvalidity, last_uid, now),
+            )
+
+    def member_lists(self, email: str) -> list[str]:
+        return [name for name, left in self.subscribers.lists_of(email) if not left]

@@ -417,11 +417,16 @@ class SubscriberStore:
         re-import. Returns False if it had already left."""
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
-            changed = self.conn.execute(
-                "INSERT INTO list_optouts (list_name, email, created_at) VALUES (?, ?, ?) "
-                "ON CONFLICT DO NOTHING",
-                (list_name, email, _now()),
-            ).rowcount
+            return self.opt_out_within(list_name, email)
+
+    def opt_out_within(self, list_name: str, email: str) -> bool:
+        """:meth:`opt_out`, inside the caller's open write transaction (the feedback
+        store's, for a mailed unsubscribe)."""
+        changed = self.conn.execute(
+            "INSERT INTO list_optouts (list_name, email, created_at) VALUES (?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            (list_name, email, _now()),
+        ).rowcount
         return bool(changed)
 
     def opt_in(self, list_name: str, email: str) -> bool:
