@@ -124,7 +124,9 @@ def test_bounces_and_complaints_leave_exactly_those_out_of_the_next_send(
     shown = ok(run_cli("subscribers", "show", readers[1], cwd=project, env=env))
     assert "suppressed (bounced)" in shown and "by feedback #" in shown
     assert re.search(
-        r"a permanent bounce 5\.1\.1 from send 1: suppressed \(bounced\) \[evidence #1\]", shown
+        r"a permanent bounce 5\.1\.1 from send 1 \(piped from the MTA\): suppressed \(bounced\) "
+        r"\[evidence #1\]",
+        shown,
     )
     review = ok(run_cli("bounces", "review", cwd=project, env=env))
     assert review.startswith("2 message(s) kept for review:")
@@ -254,3 +256,98 @@ def test_mailed_unsubscribes_take_exactly_those_off_their_lists(
                env=env))  # fmt: skip
     reached = sorted(r.rcpt_tos[0] for r in server.handler.received)
     assert reached == [readers[0], readers[1], readers[5]]  # reader 1 left research-news only
+
+
+def test_refusals_in_our_own_smtp_session_count_by_their_status_code(
+    project: Path, server: Server, database: str
+) -> None:
+    """A 5xx at RCPT about the address suppresses it as a bounce would; a full mailbox
+    counts as a soft bounce; a policy block (5.7.1) or a reply without an enhanced code
+    suppresses nobody: a provider blocking us for a day must not empty the list."""
+    env = env_for(server, database)
+    readers = [f"reader{i:05d}@example.org" for i in range(6)]
+    (project / "subs.csv").write_text("email\n" + "\n".join(readers) + "\n", encoding="utf-8")
+    ok(run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project,
+               env=env))  # fmt: skip
+    server.handler.behaviour.reject = {
+        readers[1]: (550, "5.1.1 <reader00001@example.org>: Recipient address rejected"),
+        readers[2]: (552, "5.2.2 Mailbox full"),
+        readers[3]: (550, "5.7.1 Service unavailable; client host blocked using Spamhaus"),
+        readers[4]: (550, "No such user here"),
+    }
+    sent = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    assert sent.returncode == 3, sent.stdout + sent.stderr  # finished, with rejections
+    shown = {r: ok(run_cli("subscribers", "show", r, cwd=project, env=env)) for r in readers}
+    assert "suppressed (bounced)" in shown[readers[1]]
+    assert re.search(
+        r"a permanent bounce 5\.1\.1 from send 1 \(refused in our own SMTP session\): "
+        r"suppressed \(bounced\) \[evidence #(\d+)\]",
+        shown[readers[1]],
+    )
+    evidence = re.search(r"#(\d+)\]", shown[readers[1]]).group(1)  # type: ignore[union-attr]
+    details = ok(run_cli("bounces", "show", evidence, cwd=project, env=env))
+    assert "refused by the receiving server (550 RCPT TO: 5.1.1 <reader00001@" in details
+    assert "a temporary bounce 5.2.2 from send 1" in shown[readers[2]]
+    assert "soft bounce: 1 of 3 sends" in shown[readers[2]]
+    for quiet in (readers[3], readers[4]):
+        assert "suppressed" not in shown[quiet] and "a refusal" in shown[quiet]
+        assert ": noted [evidence #" in shown[quiet]
+
+    server.handler.behaviour.reject = {}
+    server.handler.received.clear()
+    ok(run_cli("send", week_after(project), "--yes", cwd=project, env=env))
+    reached = sorted(r.rcpt_tos[0] for r in server.handler.received)
+    assert reached == sorted(set(readers) - {readers[1]})
+
+
+def test_a_send_with_too_many_hard_bounces_pauses_itself_until_a_person_resumes_it(
+    project: Path, server: Server, database: str
+) -> None:
+    """Hard bounces over the limit in a run pause the send with the reason; the schedule
+    does not resume it (that would undo the pause at once); `send` by hand does, and
+    counts afresh."""
+    env = env_for(
+        server,
+        database,
+        NEWSLETTER_SEND_PAUSE_SAMPLE="8",
+        NEWSLETTER_SEND_PAUSE_HARD_BOUNCES="0.2",  # more than 1 of 8
+        NEWSLETTER_SEND_CONNECTIONS="1",
+        NEWSLETTER_SCHEDULE="Wed 09:00",
+        NEWSLETTER_TEST_NOW="2020-12-23T09:30:00+00:00",
+    )
+    readers = [f"reader{i:05d}@example.org" for i in range(40)]
+    (project / "subs.csv").write_text("email\n" + "\n".join(readers) + "\n", encoding="utf-8")
+    ok(run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project,
+               env=env))  # fmt: skip
+    unknown = (550, "5.1.1 Recipient address rejected: User unknown")
+    server.handler.behaviour.reject = {readers[i]: unknown for i in (0, 1, 2)}
+    server.handler.behaviour.delay = 0.05  # the run looks at its health as it goes
+    issue = f"issues/{EXAMPLE.name}"
+    paused = run_cli("send", issue, "--yes", cwd=project, env=env)
+    assert paused.returncode == 3, paused.stdout + paused.stderr
+    said = re.search(
+        r"stopped early: paused: 3 hard bounces among the (\d+) messages this run attempted "
+        r"\(over 20\.0% of (\d+), NEWSLETTER_SEND_PAUSE_HARD_BOUNCES\)",
+        paused.stdout,
+    )
+    assert said, paused.stdout
+    assert int(said.group(2)) == max(8, int(said.group(1)))
+    assert "Run the same command to resume." not in paused.stdout  # it says what to do
+    went = len(server.handler.received)
+    assert 0 < went < 37, went  # stopped part-way
+
+    due = run_cli("send", "--due", cwd=project, env=env)
+    assert due.returncode == 1, due.stdout + due.stderr  # a person must act
+    assert "paused itself (3 hard bounces" in due.stderr
+    assert "a scheduled run does not resume it" in due.stderr
+    assert len(server.handler.received) == went  # nothing more went out
+
+    resumed = run_cli("send", issue, "--yes", cwd=project, env=env)
+    assert resumed.returncode == 3, resumed.stdout + resumed.stderr  # 3 rejected
+    assert "this send paused itself (3 hard bounces" in resumed.stdout
+    assert "stopped early" not in resumed.stdout
+    reached = sorted(r.rcpt_tos[0] for r in server.handler.received)
+    assert reached == sorted(readers[3:])
+    for bounced in readers[:3]:
+        shown = ok(run_cli("subscribers", "show", bounced, cwd=project, env=env))
+        assert "suppressed (bounced)" in shown

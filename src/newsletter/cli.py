@@ -501,10 +501,19 @@ def subscribers_show(email: str) -> None:
         click.echo(f"  {when} {action} ({why}){where} by {actor}")
     for kept in heard:
         status = f" {kept.status}" if kept.status else ""
+        about = f" from send {kept.send_id}" if kept.send_id is not None else ""
+        how = _SOURCE_TEXT.get(kept.source, kept.source)
         click.echo(
-            f"  {kept.received_at} {_KIND_TEXT.get(kept.kind, kept.kind)}{status} from send "
-            f"{kept.send_id}: {kept.outcome} [evidence #{kept.id}]"
+            f"  {kept.received_at} {_KIND_TEXT.get(kept.kind, kept.kind)}{status}{about} "
+            f"({how}): {kept.outcome} [evidence #{kept.id}]"
         )
+
+
+_SOURCE_TEXT = {
+    "smtp": "refused in our own SMTP session",
+    "pipe": "piped from the MTA",
+    "file": "read from a file",
+}
 
 
 def _address(raw: str, normalise: Callable[[str], str]) -> str:
@@ -726,6 +735,7 @@ _KIND_TEXT = {
     "auto_reply": "an automatic reply",
     "not_bounce": "a delivery report",
     "unsubscribe": "a request to unsubscribe",
+    "refused": "a refusal",
     "unknown": "not understood",
 }
 
@@ -1133,6 +1143,10 @@ def _summarise(report: SendReport, dry_run: bool) -> None:
     if r.stopped:
         # A cap's own reason says when to run again ("tomorrow"); others resume now.
         then = "" if r.stop_says_when else " Run the same command to resume."
+        if r.paused is not None:
+            from newsletter.bounces.refusals import PAUSE_ADVICE
+
+            then = f" {PAUSE_ADVICE}"
         click.secho(f"stopped early: {r.stopped}.{then}", fg="yellow")
     for email, detail in report.unknown:
         click.secho(f"unknown: {email}: {detail}", fg="yellow")
@@ -1396,7 +1410,9 @@ def _check_due(
     from newsletter.schedule.runner import check_and_send
 
     def send_issue(path: Path, list_name: str) -> SendReport:
-        report = _send_one(settings, SendRequest(path, list_name, strict=strict))
+        report = _send_one(
+            settings, SendRequest(path, list_name, strict=strict, resume_paused=False)
+        )
         _summarise(report, False)
         return report
 

@@ -108,6 +108,13 @@ class CampaignAborted(NewsletterError):
     sent = 0
 
 
+class SendPaused(CampaignAborted):
+    """The send paused itself (its bounce or complaint rate) and waits for a person: a
+    scheduled run does not resume it; ``newsletter send`` by hand does."""
+
+    exit_code = 3
+
+
 class LockHeld(NewsletterError):
     """Another live process holds the lock; the message says which one, since and until when."""
 

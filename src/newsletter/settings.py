@@ -139,6 +139,12 @@ class Settings(BaseSettings):
     # For a weekly newsletter, three weeks in a row.
     soft_bounce_limit: int = Field(default=3, ge=1, le=100)
     soft_bounce_days: float = Field(default=30.0, gt=0, le=365)
+    # A send pauses itself when this run's hard bounces pass this fraction, or its spam
+    # complaints this one, of what it sent (counted as at least SAMPLE messages). The
+    # defaults: 5% of the first 1,000; 0.3%, Gmail's and Yahoo's ceiling for bulk senders.
+    send_pause_hard_bounces: float = Field(default=0.05, gt=0, le=1)
+    send_pause_complaints: float = Field(default=0.003, gt=0, le=1)
+    send_pause_sample: int = Field(default=1000, ge=1)
 
     # The bounce mailbox, read over IMAP by `bounces fetch`.
     bounce_imap_host: str | None = None

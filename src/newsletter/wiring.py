@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from newsletter.bounces.mailbox import ImapAccount
+from newsletter.bounces.refusals import HealthLimits
 from newsletter.build import BuildInputs
 from newsletter.delivery import dkim_sign
 from newsletter.delivery.campaign import SendOptions
@@ -174,4 +175,10 @@ def send_options(settings: Settings) -> SendOptions:
         per_day=settings.send_per_day,
         max_consecutive_errors=settings.send_max_errors,
         max_wait=settings.send_max_wait,
+        health=HealthLimits(
+            settings.send_pause_hard_bounces,
+            settings.send_pause_complaints,
+            settings.send_pause_sample,
+        ),
+        soft=settings.soft_bounces,
     )

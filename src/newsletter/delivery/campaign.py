@@ -104,6 +104,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
+from newsletter.bounces.refusals import HealthLimits
 from newsletter.delivery.log_thread import LogThread
 from newsletter.delivery.message import MessageTemplate
 from newsletter.delivery.ratelimit import Pacer
@@ -119,6 +120,7 @@ from newsletter.errors import (
 from newsletter.models import Delivery, Outcome
 from newsletter.storage.base import SendLogStore
 from newsletter.storage.caps import CapReached, Caps, CapWindow, Claim
+from newsletter.storage.evidence import SoftBounces
 from newsletter.verp import Verp
 
 P = ParamSpec("P")
@@ -152,6 +154,10 @@ class SendOptions:
     # program holds the database (the store's own busy timeout included), before it
     # gives up and says which messages went out unrecorded (module docstring).
     busy_wait: float = 300.0
+    # When the send pauses itself for its bounce and complaint rates (None: never), and
+    # how soft bounces count, for the refusals the run records (bounces.refusals).
+    health: HealthLimits | None = None
+    soft: SoftBounces = field(default_factory=SoftBounces)
 
 
 @dataclass(slots=True)
@@ -174,6 +180,7 @@ class RunResult:
     # quote a relay ("451 4.7.1 Try again later").
     stop_says_when: bool = False
     lost: str | None = None  # who took the run's lease, when the guard stopped it
+    paused: str | None = None  # why the send paused itself (its health), when it did
 
     @property
     def rate(self) -> float:
@@ -182,6 +189,28 @@ class RunResult:
 
 # How often a process of a shared send looks at the others (seconds).
 SHARE_EVERY = 2.0
+# How often a run looks at its own bounce and complaint rates: every so many seconds,
+# and every so many messages (at most 100, and four times in the health's sample).
+HEALTH_EVERY = 2.0
+HEALTH_EVERY_MESSAGES = 100
+
+
+@dataclass(slots=True)
+class _HealthWatch:
+    """When a run last asked its ``health`` (SendHealth.check), and when it asks next."""
+
+    check: Callable[[int], str | None]
+    step: int  # messages between two looks
+    at: float = field(default_factory=time.monotonic)
+    attempted: int = 0
+
+    @classmethod
+    def of(cls, check: Callable[[int], str | None], options: SendOptions) -> _HealthWatch:
+        sample = options.health.sample if options.health else HEALTH_EVERY_MESSAGES
+        return cls(check, max(1, min(HEALTH_EVERY_MESSAGES, sample // 4)))
+
+    def due(self, attempted: int) -> bool:
+        return time.monotonic() - self.at >= HEALTH_EVERY or attempted - self.attempted >= self.step
 
 
 class Campaign:
@@ -202,6 +231,7 @@ class Campaign:
         holder: str = "",
         shared: bool = False,
         verp: Verp | None = None,
+        health: Callable[[int], str | None] | None = None,
     ) -> None:
         """``guard`` says, when asked, who else now holds the run's lease (None while
         it is ours): the run then stops as on any stop (module docstring). ``on_note``
@@ -214,7 +244,11 @@ class Campaign:
         once; every SHARE_EVERY seconds the run then takes over the rows of those whose lease
         ran out (they become unknown) and keeps to its share of the rate. ``verp``: each
         message's MAIL FROM names its delivery (:mod:`newsletter.verp`), so that its bounce
-        says whom it is about; without it every message has ``envelope_sender``."""
+        says whom it is about; without it every message has ``envelope_sender``.
+        ``health`` is asked, in the database's thread, every HEALTH_EVERY seconds and once
+        at the end, with the number of messages this run attempted: it records what the
+        relay refused and returns the reason to pause the send (its bounce or complaint
+        rate is too high), or None."""
         self.log = log
         self.holder = holder
         self.shared = shared
@@ -225,6 +259,8 @@ class Campaign:
         self.options = options
         self.envelope_sender = envelope_sender
         self.verp = verp
+        self._health = None if health is None else _HealthWatch.of(health, options)
+        self._paused: str | None = None
         self.clock = clock
         self.on_progress = on_progress
         self.guard = guard
@@ -309,6 +345,8 @@ class Campaign:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await self._record_the_rest()
+                if self._health is not None and self._failure is None:
+                    await self._look_at_health()  # the last refusals, recorded
             counts: dict[str, int] | None = None
             if self._failure is None:
                 try:
@@ -330,6 +368,7 @@ class Campaign:
             stopped=self._stop_reason,
             stop_says_when=self._stop_says_when,
             lost=self._lost,
+            paused=self._paused,
         )
 
     @property
@@ -406,6 +445,8 @@ class Campaign:
             self._wake.clear()
             if self.shared and time.monotonic() - self._shared_at >= SHARE_EVERY:
                 await self._look_at_the_others()
+            if self._health is not None and self._health.due(self._attempted):
+                await self._look_at_health()
             stopping = self._stopping.is_set()
             queued = self._queue.qsize()
             if stopping and not queued and not self._working:
@@ -801,6 +842,20 @@ class Campaign:
             self.stop(f"{self._errors_in_a_row} errors in a row, the last: {what.strip()}")
             return True
         return False
+
+    async def _look_at_health(self) -> None:
+        """Ask ``health``; a reason pauses the send (a stop: the same command resumes)."""
+        assert self._health is not None
+        self._health.at, self._health.attempted = time.monotonic(), self._attempted
+        try:
+            reason = await self._thread.call(self._health.check, self._attempted)
+        except StorageError:
+            # Looked at again in a moment: the refusals wait in the send log meanwhile,
+            # and a database that fails for good stops the run through its own calls.
+            return
+        if reason is not None and not self._stopping.is_set():
+            self._paused = reason
+            self.stop(f"paused: {reason}", says_when=True)
 
     # -- committing outcomes --------------------------------------------------
     async def _flush(self) -> None:

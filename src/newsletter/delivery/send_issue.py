@@ -53,7 +53,7 @@ from newsletter.delivery.sending import (
     run_send,
 )
 from newsletter.delivery.transports import OutboxTransport, Transport
-from newsletter.errors import CampaignAborted, LeaseLost, StorageError
+from newsletter.errors import CampaignAborted, LeaseLost, SendPaused, StorageError
 from newsletter.render.checks import refuse_unsendable
 from newsletter.storage.base import LEASE_SECONDS, Lease, Source, Storage
 from newsletter.verp import Verp
@@ -95,6 +95,9 @@ class SendRequest:
     resend_unknown: bool = False
     retry_rejected: bool = False
     strict: bool = False  # a merge field some recipients have no value for is refused
+    # A send that paused itself is resumed only by a person (`send`), never by the
+    # schedule (`send --due`, `schedule run`), which would undo the pause at once.
+    resume_paused: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +208,7 @@ def send_issue(
             hooks.note(note)
         # Read, ask, and only then write: declining changes nothing (and frees the lease).
         planned = preview(storage, issue_id, name)
+        _check_paused(planned, request, issue_id, name, hooks.note)
         plan = SendPlan(
             issue_id,
             name,
@@ -300,3 +304,20 @@ def _recorded(report: SendReport) -> str:
         f"{c['sent']} sent, {c['rejected']} rejected, {c['deferred']} deferred, "
         f"{c['unknown']} unknown and {c['pending']} pending"
     )
+
+
+def _check_paused(
+    planned: Preview, request: SendRequest, issue_id: str, name: str, note: Callable[[str], None]
+) -> None:
+    """A send that paused itself goes on only when a person asked (module docstring)."""
+    if planned.paused is None:
+        return
+    if not request.resume_paused:
+        paused = SendPaused(
+            f"the send of {issue_id} to {name} paused itself ({planned.paused}); a "
+            f"scheduled run does not resume it: run `newsletter send "
+            f"{request.issue_file} --list {name}` by hand when the list is right"
+        )
+        paused.sent = planned.counts["sent"]  # it began: the slot is incomplete
+        raise paused
+    note(f"this send paused itself ({planned.paused}); it goes on now, as asked")

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from newsletter.bounces.refusals import SendHealth
 from newsletter.delivery.campaign import Campaign, Progress, RunResult, SendOptions
 from newsletter.delivery.message import MessageTemplate
 from newsletter.delivery.transports import Transport
@@ -73,6 +74,7 @@ class Preview:
     # Of ``suppressed``, those who left this list only; None when resuming (the send
     # recorded one number for both).
     opted_out: int | None = None
+    paused: str | None = None  # why the send paused itself, if it is paused
 
 
 class NobodyMailable(ConfigError):
@@ -126,7 +128,10 @@ def preview(storage: Storage, issue_id: str, list_name: str) -> Preview:
         live = sum(w.claimed for w in log.workers(record.id)) if storage.shared_sends else 0
         counts["unknown"] += max(0, counts.pop("sending") - live)
         first = [email for email, _ in log.in_state(record.id, "pending", limit=5)]
-        return Preview(True, record.audience, record.suppressed, counts, first, record.duplicates)
+        return Preview(
+            True, record.audience, record.suppressed, counts, first, record.duplicates,
+            paused=log.paused(record.id),
+        )  # fmt: skip
     states = store.states(list_name)
     _check_mailable(list_name, states)
     suppressed = states.members - states.subscribed
@@ -281,6 +286,10 @@ async def run_send(
     wait for a busy database; the lease's owner, noted on every claim; the envelope
     senders that name each delivery)."""
     log = storage.send_log
+    limits = options.health
+    health = None
+    if limits is not None:
+        health = SendHealth(storage.feedback, prepared.record.id, limits, options.soft).check
     campaign = Campaign(
         log,
         prepared.record.id,
@@ -294,14 +303,18 @@ async def run_send(
         holder=holder,
         shared=storage.shared_sends,
         verp=verp,
+        health=health,
     )
     if on_start is not None:
         on_start(campaign)
+    log.pause(prepared.record.id, None)  # a person resumed it (send_issue checked)
     try:
         result = await campaign.run()
     except CampaignAborted as exc:
         exc.sent = log.counts(prepared.record.id)["sent"]
         raise
+    if result.paused is not None:
+        log.pause(prepared.record.id, result.paused)
     return SendReport(
         record=prepared.record,
         resumed=prepared.resumed,

@@ -443,6 +443,14 @@ class SendLogStore(Protocol):
         process may call it at any time."""
         ...
 
+    def pause(self, send_id: int, reason: str | None) -> None:
+        """Mark send ``send_id`` as paused for ``reason`` (its health), or (None) as not."""
+        ...
+
+    def paused(self, send_id: int) -> str | None:
+        """Why send ``send_id`` paused itself, or None if it is not paused."""
+        ...
+
     def make_deferred_due(self, send_id: int) -> None:
         """Make every deferred recipient due now (a new run retries them straight away)."""
         ...
@@ -592,10 +600,20 @@ class FeedbackStore(Protocol):
         """(how many are kept for review, the latest ``limit`` of them, newest first)."""
         ...
 
-    def counts(self, send_id: int) -> dict[str, int]:
-        """Send ``send_id``'s recipients with feedback, by what it was: ``hard`` and
-        ``soft`` bounces, ``complaint``, ``unsubscribe`` (each recipient counted once per
-        kind, whatever number of messages said it)."""
+    def counts(self, send_id: int, since: str | None = None) -> dict[str, int]:
+        """Send ``send_id``'s recipients with feedback that changed their mail, by what it
+        was: ``hard`` and ``soft`` bounces, ``complaint``, ``unsubscribe`` (each recipient
+        counted once per kind, whatever number of messages said it); only feedback
+        received at or after ``since`` (ISO 8601, UTC) when given."""
+        ...
+
+    def for_send(self, send_id: int) -> list[Kept]:
+        """Every piece of evidence about send ``send_id``'s deliveries, oldest first."""
+        ...
+
+    def refusals(self, send_id: int, limit: int = 1000) -> list[tuple[int, str, int, str]]:
+        """(seq, address, code, detail) of send ``send_id``'s recipients the relay refused
+        (state ``rejected``) that no evidence of source ``smtp`` records yet, in order."""
         ...
 
     def member_lists(self, email: str) -> list[str]:

@@ -174,6 +174,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " uidvalidity bigint NOT NULL,"
         " last_uid bigint NOT NULL,"
         " updated_at text NOT NULL)",
+        "ALTER TABLE sends ADD COLUMN paused text",
     ),
 )
 FIRST_VERSION = 4

@@ -141,17 +141,35 @@ class PgFeedback:
         )
         return int(counted[0]) if counted else 0, [kept_row(tuple(r)) for r in rows]
 
-    def counts(self, send_id: int) -> dict[str, int]:
+    def counts(self, send_id: int, since: str | None = None) -> dict[str, int]:
         found = dict.fromkeys(COUNTED_KINDS, 0)
         rows = self.conn.execute(
             "SELECT kind, count(DISTINCT seq) FROM feedback WHERE send_id = %s "
-            "AND action IN ('suppress', 'soft', 'unsubscribe') GROUP BY kind",
-            (send_id,),
+            "AND action IN ('suppress', 'soft', 'unsubscribe') AND received_at >= %s "
+            "GROUP BY kind",
+            (send_id, since or ""),
         )
         for kind, number in rows:
             if kind in found:
                 found[kind] = int(number)
         return found
+
+    def for_send(self, send_id: int) -> list[Kept]:
+        rows = self.conn.execute(
+            f"SELECT {KEPT_COLUMNS} FROM feedback WHERE send_id = %s ORDER BY id",
+            (send_id,),
+        )
+        return [kept_row(tuple(r)) for r in rows]
+
+    def refusals(self, send_id: int, limit: int = 1000) -> list[tuple[int, str, int, str]]:
+        rows = self.conn.execute(
+            "SELECT d.seq, d.email, coalesce(d.code, 0), coalesce(d.detail, '') "
+            "FROM deliveries d WHERE d.send_id = %s AND d.state = 'rejected' AND NOT EXISTS "
+            "(SELECT 1 FROM feedback f WHERE f.send_id = d.send_id AND f.seq = d.seq "
+            "AND f.source = 'smtp') ORDER BY d.seq LIMIT %s",
+            (send_id, limit),
+        )
+        return [(int(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in rows]
 
     def mailbox_mark(self, mailbox: str) -> tuple[int, int] | None:
         row = self.conn.execute(

@@ -263,6 +263,14 @@ class PgSendLog:
         )
         return cur.rowcount
 
+    def pause(self, send_id: int, reason: str | None) -> None:
+        with self.conn.transaction():
+            self.conn.execute("UPDATE sends SET paused = %s WHERE id = %s", (reason, send_id))
+
+    def paused(self, send_id: int) -> str | None:
+        row = self.conn.execute("SELECT paused FROM sends WHERE id = %s", (send_id,)).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
     def make_deferred_due(self, send_id: int) -> None:
         self.conn.execute(
             "UPDATE deliveries SET retry_at = 0 WHERE send_id = %s AND state = 'deferred'",

@@ -211,6 +211,9 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " uidvalidity INTEGER NOT NULL,"
         " last_uid INTEGER NOT NULL,"
         " updated_at TEXT NOT NULL)",
+        # A send that paused itself (its bounce or complaint rate): why, until a
+        # person resumes it; the schedule leaves it alone meanwhile.
+        "ALTER TABLE sends ADD COLUMN paused TEXT",
     ),
 )
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)

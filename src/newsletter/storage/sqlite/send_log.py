@@ -288,6 +288,15 @@ class SendLog:
                 (_now(), send_id),
             ).rowcount
 
+    def pause(self, send_id: int, reason: str | None) -> None:
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("UPDATE sends SET paused = ? WHERE id = ?", (reason, send_id))
+
+    def paused(self, send_id: int) -> str | None:
+        row = self.conn.execute("SELECT paused FROM sends WHERE id = ?", (send_id,)).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
     def make_deferred_due(self, send_id: int) -> None:
         """A new run retries every deferred recipient straight away."""
         with self.conn:

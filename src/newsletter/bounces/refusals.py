@@ -1,0 +1,143 @@
+"""Refusals in our own SMTP session, and a send's health: the relay's 5xx → bounces.
+
+Input: the recipients of a send that the relay refused (the send log's ``rejected``
+rows, with the reply's code and text), the :class:`~newsletter.storage.base.FeedbackStore`,
+the soft-bounce policy and a :class:`HealthLimits`. Output: each refusal recorded as
+evidence (source ``smtp``) with its decision, as a bounce that came back by mail would
+be; and :meth:`SendHealth.check`: None while the send is healthy, else the reason to
+pause it.
+
+A refusal is judged by the enhanced status code in the reply (RFC 3463), never by its
+words, and only a code about the address itself makes a hard bounce: ``5.1.x`` (no
+such user, no such domain, bad syntax, moved, null MX; not 5.1.7 and 5.1.8, which are
+about our sender) and ``5.2.1`` (mailbox disabled). ``5.2.2`` (mailbox full) counts as
+a soft bounce. A policy or content refusal (``5.7.x``: blocked, spam, DMARC) says
+nothing about the address and suppresses nobody: a provider that blocks the society's
+mail for a day must not empty its list. Those are noted, and the health check is what
+stops such a send.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+
+from newsletter.storage.base import FeedbackStore
+from newsletter.storage.evidence import Action, Evidence, SoftBounces, digest_of
+
+__all__ = ["PAUSE_ADVICE", "HealthLimits", "SendHealth", "judge_refusal", "record_refusals"]
+
+_ENHANCED = re.compile(r"(?<![0-9.])([245])\.([0-9]{1,3})\.([0-9]{1,3})(?![0-9.])", re.ASCII)
+# The address does not exist or cannot receive mail, for good.
+_ADDRESS = {"5.1.0", "5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10", "5.2.1"}
+_FULL = {"5.2.2"}
+
+
+@dataclass(frozen=True, slots=True)
+class Judged:
+    kind: str  # hard, soft, refused
+    action: Action
+    status: str
+    why: str
+    reason: str | None = None
+
+
+def judge_refusal(code: int, detail: str) -> Judged:
+    """What a 5xx reply at RCPT (or DATA) means for the address (module docstring)."""
+    found = _ENHANCED.search(detail[:200])
+    status = ".".join(found.groups()) if found else ""
+    said = f"{code} {detail}".strip()
+    if status in _ADDRESS:
+        return Judged("hard", "suppress", status, f"refused by the receiving server ({said})",
+                      "bounced")  # fmt: skip
+    if status in _FULL:
+        return Judged("soft", "soft", status, f"refused for now by the receiving server "
+                      f"({said})")  # fmt: skip
+    if not status:
+        return Judged("refused", "note", "", f"refused without an enhanced status code "
+                      f"({said}): not counted as a bounce")  # fmt: skip
+    return Judged("refused", "note", status, f"refused for a reason that is not the address "
+                  f"({said}): not counted as a bounce")  # fmt: skip
+
+
+def record_refusals(store: FeedbackStore, send_id: int, soft: SoftBounces) -> int:
+    """Record every refusal of send ``send_id`` not recorded yet; how many were."""
+    done = 0
+    last: list[tuple[int, str, int, str]] = []
+    while (batch := store.refusals(send_id)) and batch != last:
+        last = batch
+        for seq, email, code, detail in batch:
+            judged = judge_refusal(code, detail)
+            raw = f"{code} {detail}".encode("utf-8", "replace")
+            store.record(
+                Evidence(
+                    digest=digest_of(f"smtp {send_id} {seq} ".encode() + raw),
+                    source="smtp",
+                    kind=judged.kind,
+                    action=judged.action,
+                    why=judged.why,
+                    raw=raw,
+                    reason=judged.reason,
+                    email=email,
+                    send_id=send_id,
+                    seq=seq,
+                    reported=email,
+                    status=judged.status,
+                    diagnostic=f"{code} {detail}"[:500],
+                ),
+                soft,
+            )
+            done += 1
+    return done
+
+
+@dataclass(frozen=True, slots=True)
+class HealthLimits:
+    """When a send pauses itself: hard bounces over ``hard`` or complaints over
+    ``complaints`` (fractions) of what this run attempted, counted as at least
+    ``sample`` messages so that the first few bounces of a run do not stop it."""
+
+    hard: float = 0.05
+    complaints: float = 0.003
+    sample: int = 1000
+
+
+class SendHealth:
+    """A send's bounce and complaint rates in the current run, checked as it goes."""
+
+    def __init__(
+        self, store: FeedbackStore, send_id: int, limits: HealthLimits, soft: SoftBounces
+    ) -> None:
+        self.store = store
+        self.send_id = send_id
+        self.limits = limits
+        self.soft = soft
+        # This run's feedback only: a run resumed after a pause starts counting afresh,
+        # so that "check, then run the same command again" goes on.
+        self.since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+    def check(self, attempted: int) -> str | None:
+        """Record the run's new refusals, then the reason to pause, or None."""
+        record_refusals(self.store, self.send_id, self.soft)
+        counts = self.store.counts(self.send_id, since=self.since)
+        floor = max(attempted, self.limits.sample)
+        for kind, limit, what, setting in (
+            ("hard", self.limits.hard, "hard bounces", "NEWSLETTER_SEND_PAUSE_HARD_BOUNCES"),
+            ("complaint", self.limits.complaints, "spam complaints",
+             "NEWSLETTER_SEND_PAUSE_COMPLAINTS"),
+        ):  # fmt: skip
+            if counts[kind] > limit * floor:
+                return (
+                    f"{counts[kind]} {what} among the {attempted} messages this run attempted "
+                    f"(over {limit:.1%} of {floor}, {setting})"
+                )
+        return None
+
+
+# What to do about a send that paused itself, said after its reason.
+PAUSE_ADVICE = (
+    "Mail to this list may be going to old, mistyped or unwilling addresses, and "
+    "providers block senders whose rates are like this: see `newsletter bounces report`. "
+    "When the list is right, run the same command again to go on (the count starts again)."
+)
