@@ -459,6 +459,7 @@ ENVIRONMENT_ONLY = frozenset(
         "NEWSLETTER_TEST_CHROMIUM",
         "NEWSLETTER_TEST_POSTGRES_URL",
         "NEWSLETTER_TEST_POSTGRES_REQUIRED",
+        "NEWSLETTER_TEST_DOVECOT_REQUIRED",
     }
 )
 _OURS = re.compile(r"\s*(?:export\s+)?['\"]?newsletter_", re.IGNORECASE)
