@@ -460,6 +460,7 @@ ENVIRONMENT_ONLY = frozenset(
         "NEWSLETTER_TEST_POSTGRES_URL",
         "NEWSLETTER_TEST_POSTGRES_REQUIRED",
         "NEWSLETTER_TEST_DOVECOT_REQUIRED",
+        "NEWSLETTER_TEST_POSTFIX_REQUIRED",
     }
 )
 _OURS = re.compile(r"\s*(?:export\s+)?['\"]?newsletter_", re.IGNORECASE)
