@@ -27,7 +27,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
@@ -161,7 +161,12 @@ class Mailbox:
                         f"{account.username} ({_words(data)}); check NEWSLETTER_BOUNCE_IMAP_FOLDER"
                     )
                 self.uidvalidity = self._uidvalidity(imap)
-            capabilities = {c.upper() for c in imap.capabilities}
+            # Asked again once logged in: servers name MOVE, UIDPLUS and IDLE only then.
+            with self._said("refused CAPABILITY"):
+                kind, data = imap.capability()
+                self._ok(kind, data, "CAPABILITY")
+            words = b" ".join(d for d in data if isinstance(d, bytes)).decode("ascii", "replace")
+            capabilities = {c.upper() for c in words.split()} | set(imap.capabilities)
             self.can_move = "MOVE" in capabilities
             self.can_expunge_uid = "UIDPLUS" in capabilities
             self.can_idle = "IDLE" in capabilities
@@ -312,7 +317,7 @@ class Mailbox:
         if imap is not None and imap.sock is not None:
             imap.sock.close()
 
-    def _ok(self, kind: str, data: list[object], command: str) -> None:
+    def _ok(self, kind: str, data: Sequence[object], command: str) -> None:
         if kind != "OK":
             raise MailboxError(f"{self.account.server} refused {command}: {_words(data)}")
 

@@ -255,8 +255,9 @@ class MessageTemplate:
                 _header("Message-ID", message_id or self.message_id(recipient)),
                 self._list_id,
                 # Written raw, never RFC 2047-encoded: providers ignore an
-                # encoded List-Unsubscribe (RFC 2369, RFC 8058).
-                _raw_header("List-Unsubscribe", f"<{unsub}>, <{mailto}>"),
+                # encoded List-Unsubscribe (RFC 2369, RFC 8058). Folded between its
+                # two URIs: with the token in both, one line could pass 998 octets.
+                _raw_header("List-Unsubscribe", f"<{unsub}>,", f"<{mailto}>"),
                 self._tail,
                 b"\r\nThis is a multipart message in MIME format.\r\n",
                 self._open_text,
@@ -326,8 +327,10 @@ def _header(name: str, value: str) -> bytes:
     return line
 
 
-def _raw_header(name: str, value: str) -> bytes:
-    line = f"{name}: {value}"
-    if "\r" in value or "\n" in value or not line.isascii() or len(line) > 998:
-        raise ValueError(f"{name} header must be one ASCII line of at most 998 octets")
-    return line.encode("ascii") + b"\r\n"
+def _raw_header(name: str, value: str, *more: str) -> bytes:
+    """``name: value`` as it is, each of ``more`` on a folded line of its own."""
+    lines = [f"{name}: {value}", *(f" {v}" for v in more)]
+    for line in lines:
+        if "\r" in line or "\n" in line or not line.isascii() or len(line) > 998:
+            raise ValueError(f"{name} header must be ASCII lines of at most 998 octets")
+    return "\r\n".join(lines).encode("ascii") + b"\r\n"

@@ -160,7 +160,9 @@ KEPT_COLUMNS = (
 
 
 def digest_of(raw: bytes) -> str:
-    return hashlib.sha256(raw).hexdigest()
+    """What identifies a message: the SHA-256 of its bytes, line ends made alike (an MTA
+    pipes it with LF, an IMAP server gives it with CRLF: the same message)."""
+    return hashlib.sha256(raw.replace(b"\r\n", b"\n")).hexdigest()
 
 
 def packed(raw: bytes) -> bytes:

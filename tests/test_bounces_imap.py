@@ -1,0 +1,208 @@
+"""`newsletter bounces fetch [--watch]` against a real IMAP server (Dovecot, started by
+the test): a send whose bounces, complaint and mailed unsubscribe land in the bounce
+mailbox, the next send that leaves exactly those out, and a mailbox that keeps what
+was not understood as it was (nothing deleted, nothing marked read)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLE, run_cli
+from imap_server import Dovecot
+from imap_server import imap_server as imap_server  # noqa: PLC0414 - the fixture
+from smtp_server import Server
+from test_bounces_cli import env_for, mailed, ok, returned, week_after
+
+SECRET = "test-secret-for-the-suite-0123456789"  # noqa: S105 - a test key
+
+
+@pytest.fixture
+def server() -> Server:
+    s = Server().start()
+    yield s  # type: ignore[misc]
+    s.stop()
+
+
+def imap_env(imap: Dovecot, security: str = "tls", **extra: str) -> dict[str, str]:
+    assert imap.tls is not None
+    port = imap.tls_port if security == "tls" else imap.port
+    return {
+        "NEWSLETTER_BOUNCE_IMAP_HOST": imap.host,
+        "NEWSLETTER_BOUNCE_IMAP_PORT": str(port),
+        "NEWSLETTER_BOUNCE_IMAP_SECURITY": security,
+        "NEWSLETTER_BOUNCE_IMAP_USERNAME": imap.user,
+        "NEWSLETTER_BOUNCE_IMAP_PASSWORD": imap.password,
+        "NEWSLETTER_BOUNCE_IMAP_CA_FILE": str(imap.tls.ca_file),
+        **extra,
+    }
+
+
+def sent_to_list(project: Path, server: Server, env: dict[str, str], n: int) -> dict[str, str]:
+    """Import n readers, send them the example issue; their VERP envelope senders."""
+    readers = [f"reader{i:05d}@example.org" for i in range(n)]
+    (project / "subs.csv").write_text("email\n" + "\n".join(readers) + "\n", encoding="utf-8")
+    ok(run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project,
+               env=env))  # fmt: skip
+    ok(run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env))
+    return {r.rcpt_tos[0]: r.mail_from for r in server.handler.received}
+
+
+def test_fetched_bounces_leave_exactly_those_out_and_the_rest_stays_as_it_was(
+    project: Path, server: Server, imap_server: Dovecot, database: str
+) -> None:
+    env = {**env_for(server, database), **imap_env(imap_server)}
+    sender = sent_to_list(project, server, env, 7)
+    readers = sorted(sender)
+    mail = {
+        "hard": returned("postfix-unknown-user.eml", sender[readers[1]], readers[1]),
+        "complaint": returned("yahoo-arf.eml", sender[readers[2]], readers[2]),
+        "out-of-office": returned("out-of-office.eml", sender[readers[3]], readers[3]),
+        "unsubscribe": mailed("unsubscribe@example.org", readers[4], "unsubscribe", "u1").encode(),
+        # what is not understood, or names nobody of ours: left where it is
+        "forged": returned(
+            "postfix-unknown-user.eml", sender[readers[5]][:-6] + "aaaaaa", readers[5], tag="f."
+        ),
+        "spam": b"From: x@spam.example\r\nSubject: Cheap pills\r\n\r\nBuy now\r\n",
+        "nested": b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
+        + b"--b\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n" * 40,
+    }
+    uids = {name: imap_server.deliver("INBOX", raw) for name, raw in mail.items()}
+    left_alone = {uids[n] for n in ("forged", "spam", "nested")}
+    before = {m.uid: m for m in imap_server.messages("INBOX") if m.uid in left_alone}
+
+    fetched = ok(run_cli("bounces", "fetch", cwd=project, env=env))
+    name = f"imap://bounces@127.0.0.1:{imap_server.tls_port}/INBOX"
+    assert f"{name}: a permanent bounce for {readers[1]}: suppressed (bounced)" in fetched
+    assert f"a spam complaint for {readers[2]}: suppressed (complained)" in fetched
+    assert f"an automatic reply for {readers[3]}: noted" in fetched
+    assert f"a request to unsubscribe for {readers[4]}: left research-news" in fetched
+    assert fetched.count("kept for review") == 3
+    assert fetched.rstrip().endswith(
+        f"{name}: 7 new message(s): 4 moved to 'Processed', 3 left for review"
+    )
+    # What was not understood is exactly as it was: same UIDs, bytes and flags (no \Seen).
+    after = imap_server.messages("INBOX")
+    assert {m.uid: m for m in after} == before
+    moved = imap_server.messages("Processed")
+    assert sorted(m.data for m in moved) == sorted(
+        imap_server_bytes(mail[n]) for n in ("hard", "complaint", "out-of-office", "unsubscribe")
+    )
+    assert not any(m.seen for m in moved)  # moved, not read
+
+    # The week after: fetching again reads nothing again; the send leaves them out.
+    again = ok(run_cli("bounces", "fetch", cwd=project, env=env))
+    assert again.strip() == f"{name}: 0 new message(s): 0 moved to 'Processed', 0 left for review"
+    assert {m.uid: m for m in imap_server.messages("INBOX")} == before
+    server.handler.received.clear()
+    ok(run_cli("send", week_after(project), "--yes", cwd=project, env=env))
+    reached = sorted(r.rcpt_tos[0] for r in server.handler.received)
+    assert reached == sorted(set(readers) - {readers[1], readers[2], readers[4]})
+
+
+def imap_server_bytes(raw: bytes) -> bytes:
+    """A message as the server gives it back: lines end in CRLF."""
+    return re.sub(rb"(?<!\r)\n", b"\r\n", raw)
+
+
+def test_a_message_recorded_before_its_move_is_moved_at_the_next_fetch(
+    project: Path, server: Server, imap_server: Dovecot
+) -> None:
+    """A crash between recording and moving (here: the same message piped first) leaves
+    the message in the folder; the next fetch knows it, changes nothing, and moves it."""
+    env = {**env_for(server, str(project / "db.sqlite3")), **imap_env(imap_server, "starttls")}
+    sender = sent_to_list(project, server, env, 2)
+    reader = sorted(sender)[1]
+    raw = returned("postfix-unknown-user.eml", sender[reader], reader)
+    ok(run_cli("bounces", "process", cwd=project, env=env, input=raw.decode("ascii")))
+    imap_server.deliver("INBOX", raw)
+    fetched = ok(run_cli("bounces", "fetch", cwd=project, env=env))
+    assert "recorded before (suppressed (bounced)); nothing changed [evidence #1] (seen before)" \
+        in fetched  # fmt: skip
+    assert imap_server.messages("INBOX") == [] and len(imap_server.messages("Processed")) == 1
+
+
+@pytest.mark.parametrize("security", ["none", "starttls", "tls"])
+def test_each_security_reads_the_mailbox_and_a_wrong_password_changes_nothing(
+    project: Path, imap_server: Dovecot, security: str
+) -> None:
+    env = {**env_for(None, str(project / "db.sqlite3")), **imap_env(imap_server, security)}
+    ok(run_cli("subscribers", "unsubscribe", "nobody@example.org", cwd=project, env=env))
+    imap_server.deliver("INBOX", b"From: x@example.net\r\nSubject: hello\r\n\r\nhi\r\n")
+    wrong = run_cli("bounces", "fetch", cwd=project,
+                    env={**env, "NEWSLETTER_BOUNCE_IMAP_PASSWORD": "n0t-it"})  # fmt: skip
+    assert wrong.returncode == 1, wrong.stdout + wrong.stderr
+    assert re.fullmatch(
+        rf"error: the IMAP server 127\.0\.0\.1:\d+ \({security}\) refused the login: .+\n",
+        wrong.stderr,
+    ), wrong.stderr
+    assert "n0t-it" not in wrong.stdout + wrong.stderr and "Traceback" not in wrong.stderr
+    (before,) = imap_server.messages("INBOX")
+    assert not before.seen
+    done = ok(run_cli("bounces", "fetch", cwd=project, env=env))
+    assert "1 new message(s): 0 moved to 'Processed', 1 left for review" in done
+    assert imap_server.messages("INBOX") == [before]
+
+
+def test_starttls_without_the_ca_is_refused_before_the_password_is_sent(
+    project: Path, imap_server: Dovecot
+) -> None:
+    env = {**env_for(None, str(project / "db.sqlite3")), **imap_env(imap_server, "starttls")}
+    env.pop("NEWSLETTER_BOUNCE_IMAP_CA_FILE")
+    ok(run_cli("subscribers", "unsubscribe", "nobody@example.org", cwd=project, env=env))
+    done = run_cli("bounces", "fetch", cwd=project, env=env)
+    assert done.returncode == 1
+    assert "refused STARTTLS: TLS failed (CERTIFICATE_VERIFY_FAILED)" in done.stderr, done.stderr
+    log = imap_server.log()
+    assert "user=<bounces>" not in log and "auth failed" not in log.lower(), log
+
+
+def test_watch_processes_new_mail_as_it_comes_and_stops_at_once_on_sigterm(
+    project: Path, server: Server, imap_server: Dovecot
+) -> None:
+    env = {**env_for(server, str(project / "db.sqlite3")), **imap_env(imap_server)}
+    sender = sent_to_list(project, server, env, 3)
+    readers = sorted(sender)
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "newsletter", "bounces", "fetch", "--watch"],
+        cwd=project,
+        env={**full_env, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for reader in readers[1:]:
+            time.sleep(0.5)  # the watcher is waiting (IDLE) when each comes
+            imap_server.deliver(
+                "INBOX", returned("postfix-unknown-user.eml", sender[reader], reader)
+            )
+        deadline = time.monotonic() + 20
+        while len(imap_server.messages("Processed")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(imap_server.messages("Processed")) == 2
+        time.sleep(0.5)  # back in IDLE
+        asked = time.monotonic()
+        watcher.send_signal(signal.SIGTERM)
+        out, err = watcher.communicate(timeout=15)
+        took = time.monotonic() - asked
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.communicate()
+    assert watcher.returncode == 0, err
+    assert took < 5, took  # the wait for mail ends at once, not at its next timeout
+    assert "Traceback" not in err
+    for reader in readers[1:]:
+        assert f"a permanent bounce for {reader}: suppressed (bounced)" in out
+    assert out.splitlines()[0].endswith("watching for mail; Ctrl-C or SIGTERM to stop")
+    assert out.splitlines()[-1].endswith("/INBOX: stopped")
