@@ -137,6 +137,30 @@ def test_bounces_and_complaints_leave_exactly_those_out_of_the_next_send(
     raw = run_cli("bounces", "show", "1", "--raw", cwd=project, env=env)
     assert raw.returncode == 0 and raw.stdout.encode() == mail["hard"]
 
+    # The report of the first send: rates among the 8 attempted, by recipient.
+    report = ok(run_cli("bounces", "report", f"issues/{EXAMPLE.name}", cwd=project, env=env))
+    lines = report.splitlines()
+    assert lines[0] == "2020-12-23 to research-news (send 1): 8 of 8 attempted"
+    assert lines[1:5] == [
+        "  hard bounces       1  12.50%",
+        "  soft bounces       1  12.50%",
+        "  complaints         1  12.50%",
+        "  unsubscribes       0   0.00%",
+    ]
+    assert "  1 message(s) about it kept for review (`bounces review`)" in lines  # the forged: none
+    assert "  top domains: example.org 3 (complaint 1, hard 1, soft 1)" in lines
+    assert "  top reasons: 4.2.2 1, 5.1.1 1, complaint 1" in lines
+    assert f"a permanent bounce 5.1.1 for {readers[1]}: suppressed (bounced) [evidence #1]" \
+        in report  # fmt: skip
+    import json
+
+    (as_json,) = json.loads(ok(run_cli("bounces", "report", "--json", cwd=project, env=env)))
+    assert as_json["issue_id"] == "2020-12-30"  # without ISSUE: the latest sent
+    first = json.loads(ok(run_cli("bounces", "report", "2020-12-23", "--json", cwd=project,
+                                  env=env)))[0]  # fmt: skip
+    assert first["counts"] == {"hard": 1, "soft": 1, "complaint": 1, "unsubscribe": 0}
+    assert first["rates"]["hard"] == 0.125 and first["attempted"] == 8
+
 
 def test_files_each_recorded_and_an_unreadable_one_named(project: Path, database: str) -> None:
     env = env_for(None, database)

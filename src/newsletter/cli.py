@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from newsletter.bounces.mailbox import Fetched, ImapAccount
     from newsletter.bounces.processing import Processed
+    from newsletter.bounces.report import FeedbackReport
     from newsletter.build import BuildResult
     from newsletter.delivery.campaign import Campaign
     from newsletter.delivery.campaign import Progress as CampaignProgress
@@ -746,6 +747,78 @@ def _processed_text(done: Processed) -> str:
     who = f" for {done.decision.email}" if done.decision.email else ""
     again = "" if recorded.new else " (seen before)"
     return f"{what}{who}: {recorded.outcome} [evidence #{recorded.id}]{again}"
+
+
+@bounces.command("report")
+@click.argument("issue_id", required=False)
+@click.option("--list", "list_name", default=None, help="Only the send to this list.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead.")
+def bounces_report(issue_id: str | None, list_name: str | None, as_json: bool) -> None:
+    """What came back about each send of ISSUE_ID (id or file; default: the latest issue
+    sent): bounce, complaint and unsubscribe rates, top domains and reasons, last events."""
+    import json
+
+    from newsletter.bounces.report import feedback_report
+
+    settings = _settings()
+    storage = _open(settings)
+    try:
+        if issue_id is None:
+            issue_id = storage.feedback.latest_issue()
+            if issue_id is None:
+                _fail("nothing has been sent yet: there is no send to report on")
+        issue_id = Path(issue_id).stem if issue_id.endswith((".yaml", ".yml")) else issue_id
+        names = [list_name] if list_name else storage.send_log.lists_sent(issue_id)
+        records = [r for n in names if (r := storage.send_log.find(issue_id, n)) is not None]
+        if not records:
+            _fail(f"{issue_id} has not been sent{f' to {list_name}' if list_name else ''}")
+        reports = [
+            feedback_report(r, storage.send_log.counts(r.id), storage.feedback.for_send(r.id))
+            for r in records
+        ]
+    finally:
+        storage.close()
+    if as_json:
+        click.echo(json.dumps([r.as_json() for r in reports], indent=2))
+        return
+    for report in reports:
+        _print_feedback_report(report)
+
+
+_REPORTED = (
+    ("hard", "hard bounces"),
+    ("soft", "soft bounces"),
+    ("complaint", "complaints"),
+    ("unsubscribe", "unsubscribes"),
+)
+
+
+def _print_feedback_report(report: FeedbackReport) -> None:
+    click.echo(
+        f"{report.issue_id} to {report.list_name} (send {report.send_id}): "
+        f"{report.attempted} of {report.audience} attempted"
+    )
+    for kind, label in _REPORTED:
+        click.echo(f"  {label:13} {report.counts[kind]:6}  {report.rate(kind):6.2%}")
+    if report.review:
+        click.echo(f"  {report.review} message(s) about it kept for review (`bounces review`)")
+    if report.domains:
+        shown = [
+            f"{d} {sum(c.values())} ({', '.join(f'{k} {n}' for k, n in sorted(c.items()))})"
+            for d, c in report.domains
+        ]
+        click.echo("  top domains: " + ", ".join(shown))
+    if report.reasons:
+        click.echo("  top reasons: " + ", ".join(f"{r} {n}" for r, n in report.reasons))
+    if report.latest:
+        click.echo("  latest:")
+    for kept in report.latest:
+        who = f" for {kept.email}" if kept.email else ""
+        status = f" {kept.status}" if kept.status else ""
+        click.echo(
+            f"    {kept.received_at} {_KIND_TEXT.get(kept.kind, kept.kind)}{status}{who}: "
+            f"{kept.outcome} [evidence #{kept.id}]"
+        )
 
 
 @bounces.command("review")

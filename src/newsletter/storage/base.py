@@ -607,6 +607,10 @@ class FeedbackStore(Protocol):
         received at or after ``since`` (ISO 8601, UTC) when given."""
         ...
 
+    def latest_issue(self) -> str | None:
+        """The issue of the latest send, or None before the first."""
+        ...
+
     def for_send(self, send_id: int) -> list[Kept]:
         """Every piece of evidence about send ``send_id``'s deliveries, oldest first."""
         ...

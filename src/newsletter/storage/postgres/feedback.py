@@ -154,6 +154,10 @@ class PgFeedback:
                 found[kind] = int(number)
         return found
 
+    def latest_issue(self) -> str | None:
+        row = self.conn.execute("SELECT issue_id FROM sends ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else str(row[0])
+
     def for_send(self, send_id: int) -> list[Kept]:
         rows = self.conn.execute(
             f"SELECT {KEPT_COLUMNS} FROM feedback WHERE send_id = %s ORDER BY id",

@@ -131,6 +131,10 @@ class FeedbackLog:
                 found[kind] = int(number)
         return found
 
+    def latest_issue(self) -> str | None:
+        row = self.conn.execute("SELECT issue_id FROM sends ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else str(row[0])
+
     def for_send(self, send_id: int) -> list[Kept]:
         rows = self.conn.execute(
             f"SELECT {KEPT_COLUMNS} FROM feedback WHERE send_id = ? ORDER BY id",  # noqa: S608
