@@ -247,3 +247,43 @@ def test_what_only_looks_like_a_request_to_unsubscribe_is_not_one() -> None:
     # a bounce to the unsubscribe address is still a bounce
     dsn = read(sample("postfix-unknown-user.eml"), VERP, unsubscribe_to="leave@example.org")
     assert dsn.kind == "hard"
+
+
+def test_a_bounce_in_an_mtas_own_format_is_read_by_the_code_next_to_the_address() -> None:
+    """qmail writes the RFC 3463 code after the address, "(#5.1.1)": hard by that code."""
+    found = read(sample("qmail-hard.eml"), VERP)
+    assert found.kind == "hard" and found.nonstandard and found.delivery == Delivered(3, 17)
+    (reported,) = found.recipients
+    assert (reported.email, reported.action, reported.status) == (
+        "reader0001@example.org", "failed", "5.1.1",
+    )  # fmt: skip
+    assert reported.diagnostic.startswith("Sorry, no mailbox here by that name.")
+
+
+def test_a_nonstandard_bounce_without_a_code_is_only_ever_soft() -> None:
+    """Old Exim says "permanent error" in words, with no code: only counted (decay and three
+    sends), since words are what a reader misreads."""
+    from newsletter.bounces.deciding import decide
+    from newsletter.storage.evidence import SentTo
+
+    found = read(sample("exim-plain-hard.eml"), VERP)
+    assert found.kind == "soft" and found.nonstandard
+    (reported,) = found.recipients
+    assert (reported.email, reported.action, reported.status) == (
+        "reader0001@example.org", "failed", "",
+    )  # fmt: skip
+    sent = SentTo(3, 17, "reader0001@example.org", "2026-12-02", "research-news", "sent")
+    decision = decide(found, sent)
+    assert decision.action == "soft" and decision.email == "reader0001@example.org"
+    assert "without a status code (retry timeout exceeded)" in decision.why
+    # the qmail one, by its code, suppresses
+    assert decide(read(sample("qmail-hard.eml"), VERP), sent).action == "suppress"
+
+
+def test_a_person_writing_about_failed_mail_is_no_bounce() -> None:
+    words = plain(
+        "From: reader0001@example.org\nTo: news@example.org\nSubject: Re: This week\n",
+        "I could not deliver your message to my colleague, the address failed.\r\n",
+    )
+    found = read(words, VERP)
+    assert found.kind == "unknown" and not found.nonstandard

@@ -118,6 +118,19 @@ def decide(
             sent_to.email,
             matched,
         )
+    if verdict == "unknown" and feedback.nonstandard and matched.action == "failed":
+        # No status code to go by, only the MTA's words: counted, never suppressed at once.
+        return Decision(
+            "soft",
+            "a bounce in an MTA's own format, without a status code "
+            f"({matched.diagnostic or 'no reason given'}), for {where}: counted as a soft bounce",
+            None,
+            sent_to.email,
+            matched,
+        )
+    if verdict == "unknown" and feedback.nonstandard:
+        return Decision("note", f"an MTA's warning that it still tries, for {where}", None,
+                        sent_to.email, matched)  # fmt: skip
     if verdict == "not_bounce":
         return Decision("note", f"delivered ({said}), for {where}", None, sent_to.email, matched)
     return Decision(

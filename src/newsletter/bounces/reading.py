@@ -24,13 +24,17 @@ How it classifies, in this order:
 4. an auto-reply (RFC 3834 ``Auto-Submitted`` other than ``no``, or the
    X-Autoreply / X-Autorespond headers, Precedence auto_reply) that is not a
    report is ``auto_reply``;
-5. a request to unsubscribe is ``unsubscribe``: a message whose Subject starts
+5. a bounce in an MTA's own format (qmail, older Exim, ...) is read by
+   :mod:`~newsletter.bounces.nonstandard`: ``hard`` or ``soft`` by a status
+   code written next to the address, ``soft`` when there is none
+   (:attr:`Feedback.nonstandard` says it was read so);
+6. a request to unsubscribe is ``unsubscribe``: a message whose Subject starts
    with the word "unsubscribe" (what the ``mailto:`` of our List-Unsubscribe
    puts there, followed by the recipient's token), or any message delivered to
    the unsubscribe address (RFC 2369: sending to it is the request, whatever it
    says); :attr:`Feedback.token` is the token, if any, and
    :attr:`Feedback.requester` the From address;
-6. anything else is ``unknown``: non-standard bounces are for a later stage.
+7. anything else is ``unknown``.
 
 The delivery comes from our VERP address where the message reached it: the
 address the MTA says it delivered to, then Delivered-To, X-Original-To,
@@ -51,6 +55,7 @@ from dataclasses import dataclass
 from email.message import Message
 from typing import Literal
 
+from newsletter.bounces import nonstandard
 from newsletter.verp import Delivered, Verp
 
 __all__ = [
@@ -112,6 +117,7 @@ class Feedback:
     why: str = ""  # for unknown ones: why it could not be read (kept with it for review)
     feedback_type: str = ""  # a complaint's Feedback-Type (abuse, fraud, ...)
     message_id: str = ""  # its own Message-ID, to know it again
+    nonstandard: bool = False  # a bounce in an MTA's own format, not an RFC 3464 report
     token: str = ""  # an unsubscribe request's token, as its Subject gives it (unchecked)
     requester: str = ""  # an unsubscribe request's From address
 
@@ -151,6 +157,12 @@ def read(
         return _complaint(children, verp, delivery, message_id)
     if report == "delivery-status":
         return _dsn(children, delivery, message_id)
+    failed = nonstandard.failures(message)
+    if failed:
+        reported = tuple(Reported(a, action, status, words) for a, action, status, words in failed)
+        kind: FeedbackKind = "hard" if any(judged(r) == "hard" for r in reported) else "soft"
+        return Feedback(kind, delivery, reported, message_id=message_id, nonstandard=True,
+                        why="a bounce in an MTA's own format, not a standard report")  # fmt: skip
     if _is_auto_reply(message):
         return Feedback("auto_reply", delivery, message_id=message_id)
     asked = _UNSUBSCRIBE.match(_text(message.get("Subject")))
