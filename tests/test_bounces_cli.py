@@ -311,6 +311,12 @@ def test_refusals_in_our_own_smtp_session_count_by_their_status_code(
     evidence = re.search(r"#(\d+)\]", shown[readers[1]]).group(1)  # type: ignore[union-attr]
     details = ok(run_cli("bounces", "show", evidence, cwd=project, env=env))
     assert "refused by the receiving server (550 RCPT TO: 5.1.1 <reader00001@" in details
+    # every send to the address, with its outcome
+    assert re.search(r"  \S+ send 1 of 2020-12-23 to research-news: sent\n", shown[readers[0]])
+    assert re.search(
+        r"  \S+ send 1 of 2020-12-23 to research-news: rejected: RCPT TO: 5\.1\.1 <reader0",
+        shown[readers[1]],
+    )
     assert "a temporary bounce 5.2.2 from send 1" in shown[readers[2]]
     assert "soft bounce: 1 of 3 sends" in shown[readers[2]]
     for quiet in (readers[3], readers[4]):

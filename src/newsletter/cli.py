@@ -476,8 +476,9 @@ def subscribers_unsuppress(email: str, reason: str) -> None:
 @click.argument("email")
 def subscribers_show(email: str) -> None:
     """Everything about EMAIL: its lists and state on each, its suppression, the history
-    of suppressions and their lifting, and what the mail system said about it (bounces,
-    complaints), each with its evidence id for `bounces show`."""
+    of suppressions and their lifting, every send to it and its outcome, and what the
+    mail system said about it (bounces, complaints, unsubscribes), each with its
+    evidence id for `bounces show`."""
     from newsletter.audience.csv_import import normalise_address
 
     storage = _open(_settings())
@@ -488,9 +489,10 @@ def subscribers_show(email: str) -> None:
         info = store.suppression_info(address)
         history = store.suppression_history(address)
         heard = storage.feedback.about(address)
+        sends = storage.feedback.deliveries_of(address)
     finally:
         storage.close()
-    if not lists and info is None and not history and not heard:
+    if not lists and info is None and not history and not heard and not sends:
         _fail(f"{address} is on no list and has never been suppressed")
     click.echo(address)
     for name, left in lists:
@@ -500,6 +502,9 @@ def subscribers_show(email: str) -> None:
     for when, action, why, list_name, actor in history:
         where = f" via {list_name}" if list_name else ""
         click.echo(f"  {when} {action} ({why}){where} by {actor}")
+    for issue_id, list_name, send_id, state, detail, when in sends:
+        said = f": {detail}" if detail and state != "sent" else ""
+        click.echo(f"  {when} send {send_id} of {issue_id} to {list_name}: {state}{said}")
     for kept in heard:
         status = f" {kept.status}" if kept.status else ""
         about = f" from send {kept.send_id}" if kept.send_id is not None else ""

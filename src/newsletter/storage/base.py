@@ -607,6 +607,11 @@ class FeedbackStore(Protocol):
         received at or after ``since`` (ISO 8601, UTC) when given."""
         ...
 
+    def deliveries_of(self, email: str) -> list[tuple[str, str, int, str, str, str]]:
+        """(issue id, list, send id, state, detail, last change) of every send's delivery
+        to ``email``, oldest first."""
+        ...
+
     def latest_issue(self) -> str | None:
         """The issue of the latest send, or None before the first."""
         ...

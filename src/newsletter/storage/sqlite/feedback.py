@@ -131,6 +131,15 @@ class FeedbackLog:
                 found[kind] = int(number)
         return found
 
+    def deliveries_of(self, email: str) -> list[tuple[str, str, int, str, str, str]]:
+        rows = self.conn.execute(
+            "SELECT s.issue_id, s.list_name, d.send_id, d.state, coalesce(d.detail, ''), "
+            "coalesce(d.updated_at, s.created_at) FROM deliveries d "
+            "JOIN sends s ON s.id = d.send_id WHERE d.email = ? ORDER BY d.send_id",
+            (email,),
+        )
+        return [(str(r[0]), str(r[1]), int(r[2]), str(r[3]), str(r[4]), str(r[5])) for r in rows]
+
     def latest_issue(self) -> str | None:
         row = self.conn.execute("SELECT issue_id FROM sends ORDER BY id DESC LIMIT 1").fetchone()
         return None if row is None else str(row[0])
