@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from newsletter import tokens
 from newsletter.audience.csv_import import normalise_address
@@ -97,13 +98,21 @@ def decide(
     verdict = judged(matched)
     said = f"{matched.status} {matched.diagnostic}".strip()
     if verdict == "hard":
+        weight = permanent_weight(matched.status)
+        if weight == "hard":
+            return Decision(
+                "suppress", f"a permanent failure ({said}) of {where}", "bounced",
+                sent_to.email, matched,
+            )  # fmt: skip
+        if weight == "soft":
+            return Decision(
+                "soft", f"a permanent failure with a vague code ({said}) of {where}: counted "
+                "as a soft bounce", None, sent_to.email, matched,
+            )  # fmt: skip
         return Decision(
-            "suppress",
-            f"a permanent failure ({said}) of {where}",
-            "bounced",
-            sent_to.email,
-            matched,
-        )
+            "note", f"a refusal of the message, not of the address ({said}), for {where}: "
+            "nobody suppressed", None, sent_to.email, matched,
+        )  # fmt: skip
     if verdict == "soft" and matched.action == "failed":
         return Decision(
             "soft", f"a temporary failure ({said}) the MTA gave up on, for {where}", None,
@@ -136,6 +145,27 @@ def decide(
     return Decision(
         "review", f"no valid status code for {where}'s own address", None, sent_to.email, matched
     )
+
+
+# RFC 3463 codes that say the address itself is gone, by subject.detail.
+_ADDRESS_GONE = {"1.0", "1.1", "1.2", "1.3", "1.6", "1.10", "2.0", "2.1", "2.4", "4.1", "4.4"}
+_VAGUE = {"0.0", "3.0", "3.1", "3.2", "3.5", "4.0", "4.2", "4.3", "4.6", "4.7"}
+
+
+def permanent_weight(status: str) -> Literal["hard", "soft", "none"]:
+    """What a permanent failure (5.x.x) says about the address, by its code: ``hard``, it
+    is gone (5.1.1 no such user, 5.1.2 no such domain, 5.2.1 disabled, 5.4.4
+    unroutable, ...); ``soft``, a failure whose code does not say why (5.0.0, most of
+    5.3 and 5.4) or a full mailbox (5.2.2), counted like a soft bounce; ``none``, a
+    refusal of the message or of our sending (5.1.7 and 5.1.8 our sender, 5.2.3 too
+    large, 5.3.4, 5.5 protocol, 5.6 content, 5.7 policy: blocked, spam, DMARC), which
+    must not empty a list while a provider blocks the society's mail."""
+    detail = status.partition(".")[2]
+    if detail in _ADDRESS_GONE:
+        return "hard"
+    if detail in _VAGUE or detail == "2.2":
+        return "soft"
+    return "none"
 
 
 def _unsubscribe(feedback: Feedback, key: bytes | None, member_lists: MemberLists) -> Decision:

@@ -8,13 +8,13 @@ be; and :meth:`SendHealth.check`: None while the send is healthy, else the reaso
 pause it.
 
 A refusal is judged by the enhanced status code in the reply (RFC 3463), never by its
-words, and only a code about the address itself makes a hard bounce: ``5.1.x`` (no
-such user, no such domain, bad syntax, moved, null MX; not 5.1.7 and 5.1.8, which are
-about our sender) and ``5.2.1`` (mailbox disabled). ``5.2.2`` (mailbox full) counts as
-a soft bounce. A policy or content refusal (``5.7.x``: blocked, spam, DMARC) says
+words, exactly as a bounce with that code is (``deciding.permanent_weight``): only a
+code about the address itself makes a hard bounce (5.1.1 no such user, 5.1.2 no such
+domain, 5.2.1 disabled, ...); a full mailbox (5.2.2) or a vague code (5.0.0) counts as
+a soft bounce; a policy or content refusal (``5.7.x``: blocked, spam, DMARC) says
 nothing about the address and suppresses nobody: a provider that blocks the society's
 mail for a day must not empty its list. Those are noted, and the health check is what
-stops such a send.
+stops such a send. A reply without an enhanced code is only noted.
 """
 
 from __future__ import annotations
@@ -23,15 +23,13 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 
+from newsletter.bounces.deciding import permanent_weight
 from newsletter.storage.base import FeedbackStore
 from newsletter.storage.evidence import Action, Evidence, SoftBounces, digest_of
 
 __all__ = ["PAUSE_ADVICE", "HealthLimits", "SendHealth", "judge_refusal", "record_refusals"]
 
 _ENHANCED = re.compile(r"(?<![0-9.])([245])\.([0-9]{1,3})\.([0-9]{1,3})(?![0-9.])", re.ASCII)
-# The address does not exist or cannot receive mail, for good.
-_ADDRESS = {"5.1.0", "5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10", "5.2.1"}
-_FULL = {"5.2.2"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,19 +42,21 @@ class Judged:
 
 
 def judge_refusal(code: int, detail: str) -> Judged:
-    """What a 5xx reply at RCPT (or DATA) means for the address (module docstring)."""
+    """What a 5xx reply at RCPT (or DATA) means for the address (module docstring): as
+    a bounce with that status code would (:func:`~newsletter.bounces.deciding.permanent_weight`)."""
     found = _ENHANCED.search(detail[:200])
     status = ".".join(found.groups()) if found else ""
     said = f"{code} {detail}".strip()
-    if status in _ADDRESS:
-        return Judged("hard", "suppress", status, f"refused by the receiving server ({said})",
-                      "bounced")  # fmt: skip
-    if status in _FULL:
-        return Judged("soft", "soft", status, f"refused for now by the receiving server "
-                      f"({said})")  # fmt: skip
     if not status:
         return Judged("refused", "note", "", f"refused without an enhanced status code "
                       f"({said}): not counted as a bounce")  # fmt: skip
+    weight = permanent_weight(status) if status.startswith("5.") else "soft"
+    if weight == "hard":
+        return Judged("hard", "suppress", status, f"refused by the receiving server ({said})",
+                      "bounced")  # fmt: skip
+    if weight == "soft":
+        return Judged("soft", "soft", status, f"refused by the receiving server ({said}): "
+                      "counted as a soft bounce")  # fmt: skip
     return Judged("refused", "note", status, f"refused for a reason that is not the address "
                   f"({said}): not counted as a bounce")  # fmt: skip
 
