@@ -206,3 +206,25 @@ def test_watch_processes_new_mail_as_it_comes_and_stops_at_once_on_sigterm(
         assert f"a permanent bounce for {reader}: suppressed (bounced)" in out
     assert out.splitlines()[0].endswith("watching for mail; Ctrl-C or SIGTERM to stop")
     assert out.splitlines()[-1].endswith("/INBOX: stopped")
+
+
+def test_mail_announced_during_a_command_is_not_missed_by_the_next_idle(
+    imap_server: Dovecot,
+) -> None:
+    """The server announces new mail in its answer to whatever command is under way; the
+    wait that follows must not sleep through it (seen once: a watcher that missed mail
+    for ten minutes)."""
+    from newsletter.bounces.mailbox import ImapAccount, Mailbox
+
+    account = ImapAccount(imap_server.host, imap_server.port, "none", imap_server.user,
+                          imap_server.password)  # fmt: skip
+    with Mailbox(account) as box:
+        assert box.idle(0.2) is True  # what SELECT announced: look once more
+        assert box.idle(0.2) is False  # nothing new: the wait ran out (and the line is shut)
+    with Mailbox(account) as box:
+        box.idle(0.2)
+        imap_server.deliver("INBOX", b"From: x@example.net\r\nSubject: hi\r\n\r\nhi\r\n")
+        assert box.uids_after(0) == [1]  # a command, answered with "* 1 EXISTS" too
+        started = time.monotonic()
+        assert box.idle(5) is True
+        assert time.monotonic() - started < 1

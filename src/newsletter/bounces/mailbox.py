@@ -225,6 +225,10 @@ class Mailbox:
         """The UIDs in the folder above ``last``, in order."""
         imap = self._connected()
         with self._said("refused to list the folder"):
+            # NOOP first: a server shows mail that came since the last command only
+            # once it has told us of it, which a NOOP lets it do.
+            kind, data = imap.noop()
+            self._ok(kind, data, "NOOP")
             kind, data = imap.uid("SEARCH", f"UID {last + 1}:*")
             self._ok(kind, data, "UID SEARCH")
         # "n:*" always matches the highest UID, even one below n (RFC 3501 6.4.8).
@@ -269,6 +273,11 @@ class Mailbox:
         connection goes on. False: nothing came; the connection is closed (a socket that
         timed out cannot be read again), and the caller connects anew."""
         imap = self._connected()
+        # New mail the server announced during an earlier command (imaplib keeps such
+        # untagged answers): it would not be announced again inside IDLE.
+        announced = [imap.untagged_responses.pop(key, None) for key in ("EXISTS", "RECENT")]
+        if any(announced):
+            return True
         tag = imap._new_tag()  # imaplib has no IDLE before Python 3.14
         with self._said("dropped the connection while waiting for mail"):
             imap.send(tag + b" IDLE\r\n")
