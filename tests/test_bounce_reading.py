@@ -287,3 +287,192 @@ def test_a_person_writing_about_failed_mail_is_no_bounce() -> None:
     )
     found = read(words, VERP)
     assert found.kind == "unknown" and not found.nonstandard
+
+
+# Samples written after each provider's own format (Gmail, Exim's RFC 3464 report, Microsoft's
+# feedback loop and Exchange Online's NDR, a Yahoo deferral given up on), read and decided.
+
+
+def test_a_gmail_report_of_an_address_that_does_not_exist_is_a_hard_bounce() -> None:
+    """Gmail's DSN: a multipart/related human part (text, HTML, an icon), its status part
+    with a 550-5.1.1 reply folded over several lines, the message returned whole."""
+    from newsletter.bounces.deciding import decide
+    from newsletter.storage.evidence import SentTo
+
+    found = read(sample("gmail-hard.eml"), VERP)
+    assert found.kind == "hard" and found.delivery == Delivered(3, 17)
+    assert found.message_id == "<674da1ca.050a0220.3b8d2a.1c2eGMR@mx.google.com>"
+    (reported,) = found.recipients
+    assert (reported.email, reported.action, reported.status) == (
+        "reader0006@example.com", "failed", "5.1.1",
+    )  # fmt: skip
+    # the continuation lines, unfolded: each still starts with the reply's own code
+    assert reported.diagnostic.startswith(
+        "550-5.1.1 The email account that you tried to reach does not exist. Please try "
+        "550-5.1.1 double-checking the recipient's email address"
+    )
+    decision = decide(
+        found, SentTo(3, 17, "reader0006@example.com", "2026-12-02", "research-news", "sent")
+    )
+    assert (decision.action, decision.reason, decision.email) == (
+        "suppress", "bounced", "reader0006@example.com",
+    )  # fmt: skip
+
+
+def test_a_gmail_dmarc_rejection_is_read_as_its_code_says() -> None:
+    """Gmail refusing our message for failing DMARC (5.7.26, "Unauthenticated email from
+    example.org is not accepted"): the reader reports it as the code says, hard 5.7.26 (a
+    failed 5.x.x). The decision weighs the code (deciding.permanent_weight): a 5.7 policy
+    refusal is about our authentication, the sender, not the reader's address, so it
+    suppresses nobody (it once did, by the reader's hard kind alone)."""
+    from newsletter.bounces.deciding import decide
+    from newsletter.storage.evidence import SentTo
+
+    found = read(sample("gmail-blocked.eml"), VERP)
+    assert found.kind == "hard" and found.delivery == Delivered(3, 17)
+    assert found.message_id == "<674da208.170a0220.1f2e3d.0b7aGMR@mx.google.com>"
+    (reported,) = found.recipients
+    assert (reported.email, reported.action, reported.status) == (
+        "reader0007@example.com", "failed", "5.7.26",
+    )  # fmt: skip
+    assert reported.diagnostic.startswith("550-5.7.26 Unauthenticated email from example.org")
+    # Hard by the reader, yet only noted: a provider refusing our mail for DMARC would
+    # otherwise suppress every reader it hosts in one send.
+    decision = decide(
+        found, SentTo(3, 17, "reader0007@example.com", "2026-12-02", "research-news", "sent")
+    )
+    assert (decision.action, decision.reason, decision.email) == (
+        "note", None, "reader0007@example.com",
+    )  # fmt: skip
+    assert "not of the address" in decision.why
+
+
+def test_an_exim_report_is_read_by_the_remote_code_its_vague_status_stands_for() -> None:
+    """Exim writes Action before Final-Recipient, always Status 5.0.0 for a failure, its
+    X-Remote-MTA-* and X-Exim-Diagnostic fields, and the remote reply as Diagnostic-Code:
+    the 5.0.0 says nothing of why, so the remote server's own code of the same class in
+    that reply (5.1.1) is the report's word, and the address is suppressed."""
+    from newsletter.bounces.deciding import decide
+    from newsletter.storage.evidence import SentTo
+
+    found = read(sample("exim-dsn.eml"), VERP)
+    assert found.kind == "hard" and found.delivery == Delivered(3, 17)
+    assert not found.nonstandard and found.message_id == "<E1tI2kQ-00A1bC-0x@mail.example.net>"
+    (reported,) = found.recipients
+    assert (reported.email, reported.action, reported.status) == (
+        "reader0008@example.net", "failed", "5.1.1",
+    )  # fmt: skip
+    assert reported.diagnostic == (
+        "550 5.1.1 <reader0008@example.net>: Recipient address rejected: User unknown in "
+        "local recipient table"
+    )
+    sent = SentTo(3, 17, "reader0008@example.net", "2026-12-02", "research-news", "sent")
+    assert (decide(found, sent).action, decide(found, sent).reason) == ("suppress", "bounced")
+    # A 5.0.0 whose reply has no code, or one of another class, stays 5.0.0: counted.
+    for reply, expected in (
+        (b"550 Unrouteable address", "5.0.0"),
+        (b"550 see 4.2.2 in our FAQ", "5.0.0"),
+        (b"550 see 25.1.1.1 in our FAQ", "5.0.0"),
+    ):
+        raw = sample("exim-dsn.eml").replace(
+            b"550 5.1.1 <reader0008@example.net>: Recipient address rejected: User unknown in",
+            reply,
+        )
+        (vague,) = read(raw, VERP).recipients
+        assert vague.status == expected, reply
+        assert decide(read(raw, VERP), sent).action == "soft"
+
+
+def test_a_microsoft_feedback_loop_complaint_with_the_recipient_redacted() -> None:
+    """Outlook.com's JMRP report comes to our feedback address with the recipient blanked
+    ("To: redacted", no Original-Rcpt-To): the delivery is named by Original-Mail-From, or
+    by the reported message's Return-Path (Exchange writes it without angle brackets)."""
+    from newsletter.bounces.deciding import decide
+    from newsletter.storage.evidence import SentTo
+
+    found = read(sample("microsoft-arf.eml"), VERP)
+    assert found.kind == "complaint" and found.feedback_type == "abuse"
+    assert found.delivery == Delivered(3, 17) and found.recipients == ()
+    assert found.message_id == "<a4f1b2c3-d5e6-4f70-8192-a3b4c5d6e7f8@jmrp.example.com>"
+    decision = decide(
+        found, SentTo(3, 17, "reader0009@example.com", "2026-12-02", "research-news", "sent")
+    )
+    assert (decision.action, decision.reason, decision.email, decision.reported) == (
+        "suppress", "complained", "reader0009@example.com", None,
+    )  # fmt: skip
+    # without Original-Mail-From, the reported message's Return-Path names it
+    mail_from = b"Original-Mail-From: <" + OURS.encode() + b">\r\n"
+    assert mail_from in sample("microsoft-arf.eml")
+    without = sample("microsoft-arf.eml").replace(mail_from, b"")
+    assert read(without, VERP).delivery == Delivered(3, 17)
+
+
+def test_an_exchange_online_access_denied_is_a_hard_bounce() -> None:
+    """Exchange Online's NDR for a recipient its directory refuses ("550 5.4.1 Recipient
+    address rejected: Access denied", directory-based edge blocking: no such recipient):
+    hard by 5.4.1, with Original-Recipient and the X-Display-Name Exchange adds; 5.4.1
+    suppresses (deciding.permanent_weight counts it as the address gone)."""
+    from newsletter.bounces.deciding import decide
+    from newsletter.storage.evidence import SentTo
+
+    found = read(sample("outlook-ndr.eml"), VERP)
+    assert found.kind == "hard" and found.delivery == Delivered(3, 17)
+    assert found.message_id == (
+        "<5b0f9e8d-7c6b-4a59-8e7d-6c5b4a392817@AM9PR01MB7890.eurprd01.prod.exchangelabs.com>"
+    )
+    reported = found.recipients[0]
+    assert (reported.email, reported.original, reported.action, reported.status) == (
+        "reader0010@example.com", "reader0010@example.com", "failed", "5.4.1",
+    )  # fmt: skip
+    assert reported.diagnostic.startswith(
+        "550 5.4.1 Recipient address rejected: Access denied. For more information see"
+    )
+    decision = decide(
+        found, SentTo(3, 17, "reader0010@example.com", "2026-12-02", "research-news", "sent")
+    )
+    assert (decision.action, decision.reason) == ("suppress", "bounced")
+
+
+def test_an_exchange_online_report_has_only_the_recipients_it_names() -> None:
+    """Exchange ends its status part with a blank line before the boundary: an empty
+    block, which names no recipient and is none."""
+    found = read(sample("outlook-ndr.eml"), VERP)
+    assert [r.email for r in found.recipients] == ["reader0010@example.com"]
+
+
+def test_a_yahoo_deferral_given_up_on_is_a_soft_bounce() -> None:
+    """Yahoo deferring us ("421 4.7.0 [TSS04] ... temporarily deferred") until our MTA gives up
+    on the message: failed with 4.7.0 is soft, counted, never suppressed at once."""
+    from newsletter.bounces.deciding import decide
+    from newsletter.storage.evidence import SentTo
+
+    found = read(sample("yahoo-dsn-soft.eml"), VERP)
+    assert found.kind == "soft" and found.delivery == Delivered(3, 17)
+    assert found.message_id == "<4ZrH1k2m3nz5Kq@mail.example.org>"
+    (reported,) = found.recipients
+    assert (reported.email, reported.action, reported.status) == (
+        "reader0011@example.net", "failed", "4.7.0",
+    )  # fmt: skip
+    assert reported.diagnostic.startswith(
+        "421 4.7.0 [TSS04] Messages from 192.0.2.10 temporarily deferred due to unexpected"
+    )
+    decision = decide(
+        found, SentTo(3, 17, "reader0011@example.net", "2026-12-02", "research-news", "sent")
+    )
+    assert (decision.action, decision.reason) == ("soft", None)
+    assert "the MTA gave up on" in decision.why
+
+
+def test_a_complaint_naming_our_verp_address_with_a_forged_signature_names_no_one() -> None:
+    """A feedback report anyone could write: our bounce address with one character of its
+    signature changed, in Original-Mail-From and the reported Return-Path alike."""
+    from newsletter.bounces.deciding import decide
+
+    at = OURS.index("@") - 3  # within the token's MAC (not its last, padded character)
+    forged = OURS[:at] + ("b" if OURS[at] != "b" else "c") + OURS[at + 1 :]
+    assert len(forged) == len(OURS) and forged != OURS and VERP.read(forged) is None
+    found = read(sample("microsoft-arf.eml", forged), VERP)
+    assert found.kind == "complaint" and found.delivery is None
+    decision = decide(found, None)
+    assert decision.action == "review" and decision.reason is None
+    assert "names no delivery of ours" in decision.why

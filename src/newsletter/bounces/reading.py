@@ -85,6 +85,7 @@ FeedbackKind = Literal[
 ]
 
 _STATUS = re.compile(r"\s*([245])\.([0-9]{1,3})\.([0-9]{1,3})(?![.0-9])", re.ASCII)
+_CODE_IN_WORDS = re.compile(r"(?<![0-9.])([245])\.([0-9]{1,3})\.([0-9]{1,3})(?![.0-9])", re.ASCII)
 _NOT_BOUNCES = {"delivered", "relayed", "expanded"}
 # Where a message delivered to our VERP address carries that address, best first.
 _DELIVERED_TO = ("Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To", "To")
@@ -277,9 +278,12 @@ def _dsn(children: list[Message], delivery: Delivered | None, message_id: str) -
         blocks = part.get_payload()
         if not isinstance(blocks, list):
             continue
-        # The first block is the per-message fields; each later one is a recipient's.
+        # The first block is the per-message fields; each later one is a recipient's. A
+        # block naming no recipient (a blank line before the boundary) is none.
         for block in blocks[1:]:
-            if isinstance(block, Message):
+            if isinstance(block, Message) and (
+                block.get("Final-Recipient") or block.get("Original-Recipient")
+            ):
                 reported.append(_recipient(block))
     kinds = {judged(r) for r in reported}
     # The worst that is sure: one recipient failing for good makes it hard.
@@ -312,6 +316,12 @@ def _recipient(block: Message) -> Reported:
     match = _STATUS.match(_text(block.get("Status")))
     status = ".".join(match.groups()) if match else ""
     diagnostic = _text(block.get("Diagnostic-Code")).split(";", 1)[-1].strip()
+    if status.endswith(".0.0"):
+        # A vague Status (Exim writes 5.0.0 for every failure) with the remote server's
+        # own code of the same class in its reply: that code is the report's word.
+        said = _CODE_IN_WORDS.search(diagnostic[:200])
+        if said and said.group(1) == status[0]:
+            status = ".".join(said.groups())
     action = (_text(block.get("Action")).lower().split() or [""])[0]  # no (comment)
     return Reported(final, action[:20], status, diagnostic[:MAX_DIAGNOSTIC], original)
 
