@@ -47,8 +47,11 @@ def bounced_with(status: str, diagnostic: str) -> bytes:
     raw = (SAMPLES / "postfix-unknown-user.eml").read_bytes()
     raw = raw.replace(b"{verp}", VERP.sender(3, 17).encode())
     raw = raw.replace(b"Status: 5.1.1", f"Status: {status}".encode())
-    return raw.replace(b"550 5.1.1 <reader0001@example.org>: Recipient address rejected: "
-                       b"User unknown in local recipient table", diagnostic.encode())  # fmt: skip
+    old = b"550 5.1.1 <reader0001@example.org>: Recipient address\r\n    rejected: User unknown"
+    if old not in raw:
+        old = old.replace(b"\r\n", b"\n")
+    assert old in raw  # the sample as this test knows it
+    return raw.replace(old, diagnostic.encode())
 
 
 def test_a_dsn_for_a_blocked_message_suppresses_nobody() -> None:
