@@ -225,3 +225,31 @@ def test_soft_bounces_recorded_at_once_by_two_connections_both_count(
         "soft bounce: 1 of 2 sends within 30 days",
         "soft bounce: 2 of 2 sends within 30 days; suppressed (bounced)",
     ]
+
+
+def _mark(db: Storage, issue_id: str, state: str) -> int:
+    """Every recipient of ``issue_id``'s send claimed and recorded in ``state``."""
+    from newsletter.models import Outcome
+
+    sid = send_id(db, issue_id)
+    claim = db.send_log.claim(sid, 10, now=0.0)
+    db.send_log.record(sid, [(r.seq, Outcome(state, 250, "ok")) for r in claim.deliveries])
+    return sid
+
+
+def test_latest_delivery_is_the_newest_send_that_may_have_gone_out(db: Storage) -> None:
+    """What a provider's event without our VERP address is matched to (webhooks)."""
+    feedback = db.feedback
+    assert feedback.latest_delivery(READER) is None  # frozen, never sent: nothing went out
+    week1 = _mark(db, "week1", "sent")
+    found = feedback.latest_delivery(READER)
+    assert found is not None and (found.send_id, found.seq, found.issue_id) == (week1, 0, "week1")
+    week2 = _mark(db, "week2", "deferred")
+    found = feedback.latest_delivery(READER)
+    assert found is not None and (found.send_id, found.state) == (week2, "deferred")
+    # week3 is still pending: not the one an event about a message that went out names.
+    assert feedback.latest_delivery(READER, "week1") == feedback.sent_to(week1, 0)
+    assert feedback.latest_delivery(READER, "week3") is None
+    assert feedback.latest_delivery("nobody@example.org") is None
+    other = feedback.latest_delivery("reader0002@example.org", "week2")
+    assert other is not None and (other.seq, other.email) == (1, "reader0002@example.org")

@@ -577,6 +577,13 @@ class FeedbackStore(Protocol):
         """The recipient ``seq`` of send ``send_id``, or None if this database has none."""
         ...
 
+    def latest_delivery(self, email: str, issue_id: str | None = None) -> SentTo | None:
+        """The latest delivery (the highest send id) to ``email`` (normalised, as the send
+        log keeps it) that may have gone out: any state but ``pending`` and
+        ``suppressed``; only sends of ``issue_id`` when given. For a provider's report
+        that carries no VERP address of ours; None when this database has none."""
+        ...
+
     def record(self, evidence: Evidence, soft: SoftBounces, *, now: str | None = None) -> Recorded:
         """Keep ``evidence`` and do what its action says, in one transaction: ``suppress``
         suppresses :attr:`Evidence.email` for its reason (a weightier suppression stays);

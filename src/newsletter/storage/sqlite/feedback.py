@@ -51,6 +51,19 @@ class FeedbackLog:
         ).fetchone()
         return None if row is None else SentTo(*row)
 
+    def latest_delivery(self, email: str, issue_id: str | None = None) -> SentTo | None:
+        # No index on deliveries(email): this scans the send log, which a webhook event
+        # without our VERP address (SendGrid, Postmark) asks once. Fine at a charity's
+        # tens of thousands of rows a week; an index is the fix if it ever is not.
+        row = self.conn.execute(
+            "SELECT d.send_id, d.seq, d.email, s.issue_id, s.list_name, d.state "
+            "FROM deliveries d JOIN sends s ON s.id = d.send_id "
+            "WHERE d.email = ? AND d.state NOT IN ('pending', 'suppressed') "
+            "AND (? = '' OR s.issue_id = ?) ORDER BY d.send_id DESC LIMIT 1",
+            (email, issue_id or "", issue_id or ""),
+        ).fetchone()
+        return None if row is None else SentTo(*row)
+
     def record(self, evidence: Evidence, soft: SoftBounces, *, now: str | None = None) -> Recorded:
         received = now or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         since = window_start(received, soft)
