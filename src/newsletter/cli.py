@@ -1653,6 +1653,7 @@ def serve(host: str | None, port: int | None) -> None:
 
     import uvicorn
 
+    from newsletter import wiring
     from newsletter.errors import ConfigError
     from newsletter.render.loading import load_society
     from newsletter.storage import open_storage
@@ -1681,6 +1682,26 @@ def serve(host: str | None, port: int | None) -> None:
         f"{sum(n for _, n in lists):,}",
     )
     archive = Archive(settings.issues_dir, settings.templates_dir, society, settings.public_url)
+    webhooks = wiring.webhook_config(settings)
+    on = [
+        name
+        for name, configured in (
+            ("ses", webhooks.ses_topics),
+            ("mailgun", webhooks.mailgun_key),
+            ("sendgrid", webhooks.sendgrid_key),
+            ("postmark", webhooks.postmark_login),
+        )
+        if configured
+    ]
+    if on:
+        logging.getLogger("newsletter.serve").info(
+            "webhooks on: %s%s",
+            ", ".join(f"/webhooks/{n}" for n in on),
+            ""
+            if webhooks.verp
+            else " (no NEWSLETTER_BOUNCE_ADDRESS: events are matched "
+            "by recipient, not by VERP address)",
+        )
     app = create_app(
         WebConfig(
             settings.token_key,
@@ -1688,6 +1709,7 @@ def serve(host: str | None, port: int | None) -> None:
             storage,
             archive,
             public_url=settings.public_url,
+            webhooks=webhooks,
         )
     )
     uvicorn.run(

@@ -58,6 +58,10 @@ LIST_NAME_RULE = (
 # RFC 6376 3.1: a selector is a dot-separated sequence of DNS labels (letters,
 # digits, hyphens; no hyphen at either end of a label).
 _DNS_LABELS = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
+# arn:<partition>:sns:<region>:<account>:<topic> (a FIFO topic ends in .fifo).
+_SNS_TOPIC = re.compile(
+    r"arn:aws(?:-cn|-us-gov)?:sns:[a-z0-9-]{1,30}:[0-9]{12}:[A-Za-z0-9_.-]{1,256}", re.ASCII
+)
 # Used when no secret is configured: good enough to show what a link looks
 # like in a preview, refused by anything that sends.
 PREVIEW_KEY = b"newsletter-preview-only"
@@ -155,6 +159,79 @@ class Settings(BaseSettings):
     bounce_imap_folder: str = "INBOX"
     bounce_imap_processed_folder: str = "Processed"
     bounce_imap_ca_file: Path | None = None
+
+    # Providers' webhooks on `newsletter serve` (/webhooks/...); each is off until set.
+    webhook_ses_topics: str | None = None  # SNS topic ARNs, comma-separated
+    webhook_mailgun_key: SecretStr | None = None  # Mailgun's webhook signing key
+    webhook_sendgrid_key: str | None = None  # SendGrid's verification key (public)
+    webhook_postmark_user: str | None = None
+    webhook_postmark_password: SecretStr | None = None
+
+    @field_validator("webhook_ses_topics")
+    @classmethod
+    def _ses_topics(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        topics = [t.strip() for t in value.split(",") if t.strip()]
+        if not topics:
+            raise ValueError("names no topic; give SNS topic ARNs, or leave it unset")
+        bad = [t for t in topics if not _SNS_TOPIC.fullmatch(t)]
+        if bad:
+            raise ValueError(
+                f"{bad[0]!r} is not an SNS topic ARN like "
+                "'arn:aws:sns:eu-west-1:123456789012:ses-bounces'"
+            )
+        return value
+
+    @field_validator("webhook_mailgun_key")
+    @classmethod
+    def _mailgun_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.fullmatch(r"[!-~]{16,200}", value.get_secret_value()):
+            raise ValueError(
+                "must be Mailgun's HTTP webhook signing key (16-200 characters, no spaces), "
+                "from its Webhooks settings page"
+            )
+        return value
+
+    @field_validator("webhook_sendgrid_key")
+    @classmethod
+    def _sendgrid_key(cls, value: str | None) -> str | None:
+        if value is not None:
+            from newsletter.bounces.signatures import load_sendgrid_key
+
+            load_sendgrid_key(value)
+        return value
+
+    @field_validator("webhook_postmark_user")
+    @classmethod
+    def _postmark_user(cls, value: str | None) -> str | None:
+        # Basic auth's user name ends at the first colon.
+        if value is not None and not re.fullmatch(r"[!-9;-~]{1,100}", value):
+            raise ValueError("must be 1-100 printable ASCII characters, without ':' or spaces")
+        return value
+
+    @field_validator("webhook_postmark_password")
+    @classmethod
+    def _postmark_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.fullmatch(r"[!-~]{16,200}", value.get_secret_value()):
+            raise ValueError(
+                "must be 16-200 printable ASCII characters without spaces; make one with "
+                'python3 -c "import secrets; print(secrets.token_urlsafe(24))"'
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _postmark_complete(self) -> Settings:
+        if (self.webhook_postmark_user is None) != (self.webhook_postmark_password is None):
+            raise ValueError(
+                "NEWSLETTER_WEBHOOK_POSTMARK_USER and NEWSLETTER_WEBHOOK_POSTMARK_PASSWORD go "
+                "together: set both or neither"
+            )
+        return self
+
+    @property
+    def ses_topics(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in (self.webhook_ses_topics or "").split(",") if t.strip())
 
     @field_validator("public_url")
     @classmethod

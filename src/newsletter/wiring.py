@@ -4,8 +4,9 @@ Input: a :class:`~newsletter.settings.Settings`. Output: the values the stages t
 instead of it: the :class:`~newsletter.delivery.message.Sender` of a list, the
 :class:`~newsletter.build.BuildInputs` of an issue, the SMTP transport, the
 DKIM signer (with the warnings its key and domain call for), the
-:class:`~newsletter.delivery.campaign.SendOptions`. No stage reads the settings
-itself; the CLI calls these, prints what they warn of, and passes the values on.
+:class:`~newsletter.delivery.campaign.SendOptions`, the webhooks `serve` answers.
+No stage reads the settings itself; the CLI calls these, prints what they warn of,
+and passes the values on.
 A setting that cannot be used is a :class:`~newsletter.errors.ConfigError`.
 """
 
@@ -15,6 +16,7 @@ import functools
 import ssl
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from newsletter.bounces.mailbox import ImapAccount
 from newsletter.bounces.refusals import HealthLimits
@@ -26,6 +28,9 @@ from newsletter.delivery.transports import SmtpConfig, SmtpTransport
 from newsletter.errors import ConfigError
 from newsletter.models import Recipient
 from newsletter.settings import Settings
+
+if TYPE_CHECKING:
+    from newsletter.web.webhooks import WebhookConfig
 
 __all__ = [
     "build_inputs",
@@ -181,4 +186,21 @@ def send_options(settings: Settings) -> SendOptions:
             settings.send_pause_sample,
         ),
         soft=settings.soft_bounces,
+    )
+
+
+def webhook_config(settings: Settings) -> WebhookConfig:
+    """The providers' webhooks `serve` answers (NEWSLETTER_WEBHOOK_*), each off unless set."""
+    from newsletter.web.webhooks import WebhookConfig  # Starlette: for `serve` only
+
+    mailgun = settings.webhook_mailgun_key
+    password = settings.webhook_postmark_password
+    user = settings.webhook_postmark_user
+    return WebhookConfig(
+        verp=settings.verp,
+        soft=settings.soft_bounces,
+        ses_topics=settings.ses_topics,
+        mailgun_key=None if mailgun is None else mailgun.get_secret_value().encode(),
+        sendgrid_key=settings.webhook_sendgrid_key,
+        postmark_login=(user, password.get_secret_value()) if user and password else None,
     )

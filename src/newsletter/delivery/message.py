@@ -217,8 +217,7 @@ class MessageTemplate:
         """Stable per issue and recipient, whichever list it goes to: a resend, or a
         second copy from another list, carries the same id, so receivers that
         deduplicate on Message-ID drop it."""
-        key = f"{self.rendered.issue_id}\0{recipient.email.lower()}"
-        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:24]
+        digest = _message_digest(self.rendered.issue_id, recipient.email)
         return f"<{self.rendered.issue_id}.{digest}@{self.sender.domain}>"
 
     def test_message_id(self, nonce: str) -> str:
@@ -334,3 +333,20 @@ def _raw_header(name: str, value: str, *more: str) -> bytes:
         if "\r" in line or "\n" in line or not line.isascii() or len(line) > 998:
             raise ValueError(f"{name} header must be ASCII lines of at most 998 octets")
     return "\r\n".join(lines).encode("ascii") + b"\r\n"
+
+
+def _message_digest(issue_id: str, email: str) -> str:
+    key = f"{issue_id}\0{email.lower()}"
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:24]
+
+
+def issue_of_message_id(message_id: str, email: str) -> str | None:
+    """The issue id of our Message-ID ``message_id`` for the message to ``email``
+    (:meth:`MessageTemplate.message_id`), or None when it is not ours for that address:
+    someone else's, a test copy's, or ours for another recipient. For a provider's
+    report that quotes our Message-ID but not our VERP address."""
+    local, at, _ = message_id.strip().strip("<>").rpartition("@")
+    issue_id, dot, digest = local.rpartition(".")
+    if not at or not dot or not issue_id:
+        return None
+    return issue_id if digest == _message_digest(issue_id, email) else None

@@ -15,6 +15,8 @@ itself. Output: small server-rendered pages, and changes to the subscriber store
   ``GET /undo/<undo token>`` (a reload, a copied address) only explains.
 - ``/preferences/<token>`` shows and saves which lists the address gets;
   leaving every list puts it on the suppression list.
+- ``POST /webhooks/<provider>``: bounces and complaints from sending providers
+  (:mod:`newsletter.web.webhooks`).
 
 Unsubscribe links never expire (they sit in mail already sent); a
 preferences link expires :data:`tokens.PREFERENCES_VALID` after its message
@@ -60,6 +62,7 @@ from newsletter.errors import ConfigError, StorageBusy, StorageError
 from newsletter.models import Society
 from newsletter.storage.base import IssueArchive, Storage, Subscribers
 from newsletter.web.archive import Archive, ArchiveEntry, Page
+from newsletter.web.webhooks import WebhookConfig, Webhooks
 
 log = logging.getLogger("newsletter.web")
 access_log = logging.getLogger("newsletter.web.access")
@@ -102,6 +105,8 @@ class WebConfig:
     # may have a path, such as https://host/news, behind a proxy that strips it.
     public_url: str = "https://news.example.org"
     clock: Callable[[], dt.datetime] = field(default=_utc_now)
+    # Providers' webhooks (/webhooks/...); each is off (404) until configured.
+    webhooks: WebhookConfig = field(default_factory=lambda: WebhookConfig(verp=None))
 
 
 def _guarded(
@@ -136,8 +141,10 @@ def _guarded(
 
 def create_app(config: WebConfig) -> ASGIApp:
     pages = _Pages(config)
+    hooks = Webhooks(config.webhooks, pages._storage, config.clock)
     app = Starlette(
         routes=[
+            *(Route(path, _guarded(handler), methods=["POST"]) for path, handler in hooks.routes()),
             Route("/unsubscribe/{token}", _guarded(pages.unsubscribe), methods=["GET", "POST"]),
             Route("/unsubscribe/{token}/undo", _guarded(pages.old_undo), methods=["POST"]),
             Route("/undo/{token}", _guarded(pages.undo), methods=["GET", "POST"]),
