@@ -586,3 +586,25 @@ def test_webhook_settings_are_checked(monkeypatch: pytest.MonkeyPatch, tmp_path:
     ):
         with pytest.raises(ConfigError, match=said):
             load_settings(**bad)
+
+
+def test_the_settings_make_the_webhook_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from newsletter import wiring
+
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(
+        secret_key="test-secret-for-the-suite-0123456789",  # noqa: S106 - a test key
+        bounce_address="bounces@bounce.example.org",
+        webhook_ses_topics=TOPIC,
+        webhook_mailgun_key=MAILGUN_KEY,
+        webhook_postmark_user=POSTMARK[0],
+        webhook_postmark_password=POSTMARK[1],
+    )
+    config = wiring.webhook_config(settings)
+    assert config.verp == VERP and config.ses_topics == {TOPIC}
+    assert config.mailgun_key == MAILGUN_KEY.encode() and config.postmark_login == POSTMARK
+    assert config.sendgrid_key is None  # off
+    assert isinstance(config.sns_fetcher, HttpsSnsFetcher)
+    assert MAILGUN_KEY not in repr(config) and POSTMARK[1] not in repr(config)
