@@ -460,6 +460,7 @@ def test_migration_3_records_the_columns_lists_already_have(tmp_path: Path) -> N
     conn.execute("DROP TABLE feedback")  # schema 5's
     conn.execute("DROP TABLE mailbox_marks")
     conn.execute("ALTER TABLE sends DROP COLUMN paused")
+    conn.execute("DROP INDEX deliveries_by_email")
     conn.execute("PRAGMA user_version=2")
     conn.close()
     again = connect(path)

@@ -214,6 +214,9 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # A send that paused itself (its bounce or complaint rate): why, until a
         # person resumes it; the schedule leaves it alone meanwhile.
         "ALTER TABLE sends ADD COLUMN paused TEXT",
+        # Every delivery to an address: `subscribers show`, and the provider events
+        # that name no delivery of ours but their recipient (the latest one to it).
+        "CREATE INDEX deliveries_by_email ON deliveries(email, send_id)",
     ),
 )
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
