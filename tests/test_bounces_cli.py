@@ -141,11 +141,12 @@ def test_bounces_and_complaints_leave_exactly_those_out_of_the_next_send(
     report = ok(run_cli("bounces", "report", f"issues/{EXAMPLE.name}", cwd=project, env=env))
     lines = report.splitlines()
     assert lines[0] == "2020-12-23 to research-news (send 1): 8 of 8 attempted"
-    assert lines[1:5] == [
+    assert lines[1:6] == [
         "  hard bounces       1  12.50%",
         "  soft bounces       1  12.50%",
         "  complaints         1  12.50%",
         "  unsubscribes       0   0.00%",
+        "  refused            0   0.00%",
     ]
     assert "  1 message(s) about it kept for review (`bounces review`)" in lines  # the forged: none
     assert "  top domains: example.org 3 (complaint 1, hard 1, soft 1)" in lines
@@ -158,7 +159,9 @@ def test_bounces_and_complaints_leave_exactly_those_out_of_the_next_send(
     assert as_json["issue_id"] == "2020-12-30"  # without ISSUE: the latest sent
     first = json.loads(ok(run_cli("bounces", "report", "2020-12-23", "--json", cwd=project,
                                   env=env)))[0]  # fmt: skip
-    assert first["counts"] == {"hard": 1, "soft": 1, "complaint": 1, "unsubscribe": 0}
+    assert first["counts"] == {
+        "hard": 1, "soft": 1, "complaint": 1, "unsubscribe": 0, "refused": 0,
+    }  # fmt: skip
     assert first["rates"]["hard"] == 0.125 and first["attempted"] == 8
 
 
@@ -237,6 +240,10 @@ def test_mailed_unsubscribes_take_exactly_those_off_their_lists(
     assert subject.startswith("unsubscribe ") and len(subject) > 40
     token = subject.split()[1]
     changed = token[:-3] + ("AAA" if token[-3:] != "AAA" else "BBB")
+    import base64
+
+    own = unquote(mailto[readers[5]].partition("?subject=")[2])
+    encoded = "=?utf-8?b?" + base64.b64encode(own.encode()).decode() + "?="
     requests = {
         # as a mail program sends it, from another address of theirs: the token says who
         "token": mailed(address, "ann.other@example.net", subject, "t1"),
@@ -244,9 +251,13 @@ def test_mailed_unsubscribes_take_exactly_those_off_their_lists(
         "bare": mailed(address, readers[2], "unsubscribe", "t2"),
         # any message to the mailto: address is a request, whatever it says
         "words": mailed(address, readers[3], "Stop sending me this", "t3"),
-        # a reply to the From address whose Subject asks, with a forged token: the
-        # From address alone counts
+        # a reply to the From address whose Subject asks, with a forged token: a From is
+        # easy to forge, and it did not come to the unsubscribe address: a person looks
         "forged": mailed("news@example.org", readers[4], f"Re: unsubscribe {changed}", "t4"),
+        # our token, marked auto-generated (some mail programs do) and RFC 2047-encoded
+        "generated": mailed(address, readers[5], encoded, "t7").replace(
+            "Content-Type", "Auto-Submitted: auto-generated\r\nContent-Type"
+        ),
         "stranger": mailed(address, "stranger@example.com", "unsubscribe", "t5"),
         "nobody": mailed(address, "", "unsubscribe", "t6").replace("From: Reader <>\r\n", ""),
     }
@@ -257,10 +268,12 @@ def test_mailed_unsubscribes_take_exactly_those_off_their_lists(
     assert f"a request to unsubscribe for {readers[1]}: left research-news [" in said["token"]
     assert f"for {readers[2]}: left events, research-news" in said["bare"]
     assert f"for {readers[3]}: left events, research-news" in said["words"]
-    assert f"for {readers[4]}: left events, research-news" in said["forged"]
+    assert "kept for review" in said["forged"]
+    assert f"for {readers[5]}: left research-news" in said["generated"]
     assert "kept for review" in said["stranger"] and "kept for review" in said["nobody"]
     review = ok(run_cli("bounces", "review", cwd=project, env=env))
     assert "stranger@example.com, which is on no list" in review
+    assert f"in words, by {readers[4]}, not sent to the unsubscribe address" in review
     assert "from no usable From address" in review
     # The same request mailed twice: nothing more.
     again = ok(run_cli("bounces", "process", cwd=project, env=env, input=requests["token"]))
@@ -269,7 +282,7 @@ def test_mailed_unsubscribes_take_exactly_those_off_their_lists(
     server.handler.received.clear()
     ok(run_cli("send", week_after(project), "--yes", cwd=project, env=env))
     reached = sorted(r.rcpt_tos[0] for r in server.handler.received)
-    assert reached == [readers[0], readers[5]]
+    assert reached == [readers[0], readers[4]]
     # Each person gets an issue once, whichever list: the events list gets one of its own.
     events = (project / "issues" / "2020-12-30.yaml").read_text(encoding="utf-8")
     (project / "issues" / "2021-01-06.yaml").write_text(
@@ -279,7 +292,8 @@ def test_mailed_unsubscribes_take_exactly_those_off_their_lists(
     ok(run_cli("send", "issues/2021-01-06.yaml", "--list", "events", "--yes", cwd=project,
                env=env))  # fmt: skip
     reached = sorted(r.rcpt_tos[0] for r in server.handler.received)
-    assert reached == [readers[0], readers[1], readers[5]]  # reader 1 left research-news only
+    # readers 1 and 5 left research-news only, by their tokens
+    assert reached == [readers[0], readers[1], readers[4], readers[5]]
 
 
 def test_refusals_in_our_own_smtp_session_count_by_their_status_code(
@@ -298,6 +312,8 @@ def test_refusals_in_our_own_smtp_session_count_by_their_status_code(
         readers[2]: (552, "5.2.2 Mailbox full"),
         readers[3]: (550, "5.7.1 Service unavailable; client host blocked using Spamhaus"),
         readers[4]: (550, "No such user here"),
+        # a stranger's server writing to our terminal: an escape sequence in its reply
+        readers[5]: (550, "5.1.1 \x1b]0;PWNED\x07 gone"),
     }
     sent = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
     assert sent.returncode == 3, sent.stdout + sent.stderr  # finished, with rejections
@@ -323,11 +339,16 @@ def test_refusals_in_our_own_smtp_session_count_by_their_status_code(
         assert "suppressed" not in shown[quiet] and "a refusal" in shown[quiet]
         assert ": noted [evidence #" in shown[quiet]
 
+    assert "\x1b" not in shown[readers[5]] and "\ufffd]0;PWNED\ufffd gone" in shown[readers[5]]
+    evidence = re.findall(r"#(\d+)\]", shown[readers[5]])[-1]
+    details = ok(run_cli("bounces", "show", evidence, cwd=project, env=env))
+    assert "\x1b" not in details and "\x07" not in details and "PWNED" in details
+
     server.handler.behaviour.reject = {}
     server.handler.received.clear()
     ok(run_cli("send", week_after(project), "--yes", cwd=project, env=env))
     reached = sorted(r.rcpt_tos[0] for r in server.handler.received)
-    assert reached == sorted(set(readers) - {readers[1]})
+    assert reached == sorted(set(readers) - {readers[1], readers[5]})
 
 
 def test_a_send_with_too_many_hard_bounces_pauses_itself_until_a_person_resumes_it(
@@ -356,8 +377,9 @@ def test_a_send_with_too_many_hard_bounces_pauses_itself_until_a_person_resumes_
     paused = run_cli("send", issue, "--yes", cwd=project, env=env)
     assert paused.returncode == 3, paused.stdout + paused.stderr
     said = re.search(
-        r"stopped early: paused: 3 hard bounces among the (\d+) messages this run attempted "
-        r"\(over 20\.0% of (\d+), NEWSLETTER_SEND_PAUSE_HARD_BOUNCES\)",
+        r"stopped early: paused: 3 hard bounces and refusals among the (\d+) messages "
+        r"attempted since this run began \(over 20\.0% of (\d+), "
+        r"NEWSLETTER_SEND_PAUSE_HARD_BOUNCES\)",
         paused.stdout,
     )
     assert said, paused.stdout
@@ -368,16 +390,53 @@ def test_a_send_with_too_many_hard_bounces_pauses_itself_until_a_person_resumes_
 
     due = run_cli("send", "--due", cwd=project, env=env)
     assert due.returncode == 1, due.stdout + due.stderr  # a person must act
-    assert "paused itself (3 hard bounces" in due.stderr
+    assert "paused itself (3 hard bounces and refusals" in due.stderr
     assert "a scheduled run does not resume it" in due.stderr
     assert len(server.handler.received) == went  # nothing more went out
 
     resumed = run_cli("send", issue, "--yes", cwd=project, env=env)
     assert resumed.returncode == 3, resumed.stdout + resumed.stderr  # 3 rejected
-    assert "this send paused itself (3 hard bounces" in resumed.stdout
+    assert "this send paused itself (3 hard bounces and refusals" in resumed.stdout
     assert "stopped early" not in resumed.stdout
     reached = sorted(r.rcpt_tos[0] for r in server.handler.received)
     assert reached == sorted(readers[3:])
     for bounced in readers[:3]:
         shown = ok(run_cli("subscribers", "show", bounced, cwd=project, env=env))
         assert "suppressed (bounced)" in shown
+
+
+@pytest.mark.parametrize("refusal", ["5.7.1 blocked using Spamhaus", "5.1.1 User unknown"])
+def test_a_block_pauses_a_send_too_and_a_finished_one_is_never_paused(
+    project: Path, server: Server, refusal: str
+) -> None:
+    """A provider refusing our mail for policy (5.7.1) suppresses nobody, and is as good a
+    reason to stop; refusals of the last messages of a send that is done pause nothing."""
+    env = env_for(
+        server,
+        str(project / "db.sqlite3"),
+        NEWSLETTER_SEND_PAUSE_SAMPLE="8",
+        NEWSLETTER_SEND_PAUSE_HARD_BOUNCES="0.2",
+        NEWSLETTER_SEND_CONNECTIONS="1",
+    )
+    readers = [f"reader{i:05d}@example.org" for i in range(30)]
+    (project / "subs.csv").write_text("email\n" + "\n".join(readers) + "\n", encoding="utf-8")
+    ok(run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project,
+               env=env))  # fmt: skip
+    code, text = 550, refusal
+    server.handler.behaviour.reject = {readers[i]: (code, text) for i in (0, 1, 2)}
+    server.handler.behaviour.delay = 0.05
+    paused = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    assert paused.returncode == 3, paused.stdout + paused.stderr
+    assert "stopped early: paused: 3 hard bounces and refusals among" in paused.stdout
+    shown = ok(run_cli("subscribers", "show", readers[0], cwd=project, env=env))
+    assert ("suppressed (bounced)" in shown) == refusal.startswith("5.1.1")
+
+    # The week after: the last two refused, nothing left to send: done, not paused.
+    server.handler.behaviour.reject = {readers[i]: (code, text) for i in (28, 29)}
+    server.handler.received.clear()
+    done = run_cli("send", week_after(project), "--yes", cwd=project, env=env)
+    assert done.returncode == 3, done.stdout + done.stderr  # rejected ones, not a stop
+    assert "stopped early" not in done.stdout and "pending 0" in done.stdout
+    due = run_cli("send", "--due", cwd=project, env={**env, "NEWSLETTER_SCHEDULE": "Wed 09:00",
+                  "NEWSLETTER_TEST_NOW": "2020-12-30T09:30:00+00:00"})  # fmt: skip
+    assert "paused itself" not in due.stdout + due.stderr, due.stdout + due.stderr

@@ -552,7 +552,11 @@ def test_the_real_fetcher_refuses_urls_off_the_sns_hosts_without_fetching() -> N
     good = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-abc.pem"
     assert sns_url_problem(good, certificate=True) is None
     assert (
-        sns_url_problem("https://sns.cn-north-1.amazonaws.com.cn/x.pem", certificate=True) is None
+        sns_url_problem(
+            "https://sns.cn-north-1.amazonaws.com.cn/SimpleNotificationService-9f.pem",
+            certificate=True,
+        )
+        is None
     )
     for bad in ("http://sns.us-east-1.amazonaws.com/x.pem",
                 "https://sns.us-east-1.amazonaws.com.evil.org/x.pem",
@@ -561,7 +565,12 @@ def test_the_real_fetcher_refuses_urls_off_the_sns_hosts_without_fetching() -> N
                 "https://sns.us-east-1.amazonaws.com:8443/x.pem",
                 "https://sns.us-east-1.amazonaws.com/x.pem?x=1",
                 "https://sns.us-east-1.amazonaws.com/x.txt",
-                "https://s3.amazonaws.com/x.pem", "https://127.0.0.1/x.pem"):  # fmt: skip
+                "https://s3.amazonaws.com/x.pem", "https://127.0.0.1/x.pem",
+                # the host is right, but the path is not SNS's own certificate's
+                "https://sns.us-east-1.amazonaws.com/x.pem",
+                "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-abc.pem/..",
+                "https://sns.us-east-1.amazonaws.com/a/SimpleNotificationService-a.pem",
+                ):  # fmt: skip
         assert sns_url_problem(bad, certificate=True), bad
         with pytest.raises(Refused) as refused:
             HttpsSnsFetcher(timeout=0.01).certificate(bad)

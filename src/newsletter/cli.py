@@ -20,7 +20,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 import click
 
@@ -504,14 +504,16 @@ def subscribers_show(email: str) -> None:
         click.echo(f"  {when} {action} ({why}){where} by {actor}")
     for issue_id, list_name, send_id, state, detail, when in sends:
         said = f": {detail}" if detail and state != "sent" else ""
-        click.echo(f"  {when} send {send_id} of {issue_id} to {list_name}: {state}{said}")
+        click.echo(_shown(f"  {when} send {send_id} of {issue_id} to {list_name}: {state}{said}"))
     for kept in heard:
         status = f" {kept.status}" if kept.status else ""
         about = f" from send {kept.send_id}" if kept.send_id is not None else ""
         how = _SOURCE_TEXT.get(kept.source, kept.source)
         click.echo(
-            f"  {kept.received_at} {_KIND_TEXT.get(kept.kind, kept.kind)}{status}{about} "
-            f"({how}): {kept.outcome} [evidence #{kept.id}]"
+            _shown(
+                f"  {kept.received_at} {_KIND_TEXT.get(kept.kind, kept.kind)}{status}{about} "
+                f"({how}): {kept.outcome} [evidence #{kept.id}]"
+            )
         )
 
 
@@ -569,7 +571,11 @@ def bounces_process(files: tuple[Path, ...], delivered_to: str | None) -> None:
     try:
         for shown, path in named:
             try:
-                raw = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+                if str(path) == "-":
+                    raw = _read_capped(sys.stdin.buffer)
+                else:
+                    with path.open("rb") as file:
+                        raw = _read_capped(file)
             except OSError as exc:
                 click.secho(f"error: cannot read {shown}: {exc.strerror}", fg="red", err=True)
                 unreadable += 1
@@ -620,7 +626,9 @@ def bounces_fetch(watch: bool, poll: float) -> None:
     def handle(raw: bytes) -> bool:
         done = _process(settings, storage, raw, source)
         click.echo(f"{account.name}: {_processed_text(done)}")
-        return done.decision.action != "review"
+        # What was decided when it was first recorded: a second look may decide otherwise
+        # (an unsubscribe request, once it has taken effect, finds the address on no list).
+        return (done.recorded.action or done.decision.action) != "review"
 
     def summary(fetched: mailbox.Fetched) -> str:
         return (
@@ -727,11 +735,31 @@ def _warn_without_verp(settings: Settings) -> None:
         )
 
 
+def _read_capped(stream: BinaryIO) -> bytes:
+    """A message's first MAX_BYTES + 1 bytes (the reader refuses anything longer, kept
+    cut), the rest read and dropped: memory stays flat for a 50 MB message, and the MTA
+    writing into our pipe is not stopped by a pipe closed early."""
+    from newsletter.bounces.reading import MAX_BYTES
+
+    kept = stream.read(MAX_BYTES + 1)
+    while stream.read(1024 * 1024):
+        pass
+    return kept
+
+
 def _fail_later(exc: Exception) -> NoReturn:
     """The error line, and the exit status that makes the MTA keep the message."""
     click.secho(f"error: {exc}\nThe message was not recorded; the MTA offers it again later.",
                 fg="red", err=True)  # fmt: skip
     sys.exit(EX_TEMPFAIL)
+
+
+def _shown(text: object) -> str:
+    """Words from a stranger's server, safe to print: control and format characters (an
+    escape sequence in an SMTP reply, a bidi override) shown as U+FFFD."""
+    import unicodedata
+
+    return "".join("\ufffd" if unicodedata.category(c) in ("Cc", "Cf") else c for c in str(text))
 
 
 _KIND_TEXT = {
@@ -751,7 +779,7 @@ def _processed_text(done: Processed) -> str:
     what = _KIND_TEXT.get(done.feedback.kind, done.feedback.kind)
     who = f" for {done.decision.email}" if done.decision.email else ""
     again = "" if recorded.new else " (seen before)"
-    return f"{what}{who}: {recorded.outcome} [evidence #{recorded.id}]{again}"
+    return _shown(f"{what}{who}: {recorded.outcome} [evidence #{recorded.id}]{again}")
 
 
 @bounces.command("report")
@@ -795,6 +823,7 @@ _REPORTED = (
     ("soft", "soft bounces"),
     ("complaint", "complaints"),
     ("unsubscribe", "unsubscribes"),
+    ("refused", "refused"),  # blocked for policy or content: nobody suppressed
 )
 
 
@@ -814,15 +843,17 @@ def _print_feedback_report(report: FeedbackReport) -> None:
         ]
         click.echo("  top domains: " + ", ".join(shown))
     if report.reasons:
-        click.echo("  top reasons: " + ", ".join(f"{r} {n}" for r, n in report.reasons))
+        click.echo(_shown("  top reasons: " + ", ".join(f"{r} {n}" for r, n in report.reasons)))
     if report.latest:
         click.echo("  latest:")
     for kept in report.latest:
         who = f" for {kept.email}" if kept.email else ""
         status = f" {kept.status}" if kept.status else ""
         click.echo(
-            f"    {kept.received_at} {_KIND_TEXT.get(kept.kind, kept.kind)}{status}{who}: "
-            f"{kept.outcome} [evidence #{kept.id}]"
+            _shown(
+                f"    {kept.received_at} {_KIND_TEXT.get(kept.kind, kept.kind)}{status}{who}: "
+                f"{kept.outcome} [evidence #{kept.id}]"
+            )
         )
 
 
@@ -844,7 +875,7 @@ def bounces_review(limit: int) -> None:
         f"{total} message(s) kept for review" + (f"; the latest {limit}:" if total > limit else ":")
     )
     for kept in latest:
-        click.echo(f"  #{kept.id} {kept.received_at} ({kept.source}) {kept.why}")
+        click.echo(_shown(f"  #{kept.id} {kept.received_at} ({kept.source}) {kept.why}"))
 
 
 @bounces.command("show")
@@ -864,8 +895,8 @@ def bounces_show(evidence_id: int, raw_only: bool) -> None:
         sys.stdout.buffer.write(kept.raw or b"")
         return
     click.echo(f"evidence #{kept.id}, received {kept.received_at} ({kept.source})")
-    click.echo(f"  kind: {kept.kind}; outcome: {kept.outcome}")
-    click.echo(f"  why: {kept.why}")
+    click.echo(_shown(f"  kind: {kept.kind}; outcome: {kept.outcome}"))
+    click.echo(_shown(f"  why: {kept.why}"))
     if kept.email:
         click.echo(f"  about: {kept.email} (send {kept.send_id}, recipient {kept.seq})")
     for label, value in (
@@ -876,7 +907,7 @@ def bounces_show(evidence_id: int, raw_only: bool) -> None:
         ("message id", kept.message_id),
     ):
         if value:
-            click.echo(f"  {label}: {value}")
+            click.echo(_shown(f"  {label}: {value}"))
     cut = f", the first {len(kept.raw or b'')} kept" if kept.cut else ""
     click.echo(f"  message: {kept.raw_size} bytes{cut} (--raw prints it)")
 

@@ -377,7 +377,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _imap_folders_differ(self) -> Settings:
-        if self.bounce_imap_folder == self.bounce_imap_processed_folder:
+        read, moved = self.bounce_imap_folder, self.bounce_imap_processed_folder
+        # INBOX is INBOX in any case (RFC 3501 5.1): "inbox" would move mail into itself.
+        if read == moved or (read.upper() == "INBOX" and moved.upper() == "INBOX"):
             raise ValueError(
                 "NEWSLETTER_BOUNCE_IMAP_FOLDER and NEWSLETTER_BOUNCE_IMAP_PROCESSED_FOLDER are "
                 f"both {self.bounce_imap_folder!r}: processed mail is moved out of the folder "

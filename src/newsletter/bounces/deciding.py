@@ -169,9 +169,10 @@ def permanent_weight(status: str) -> Literal["hard", "soft", "none"]:
 
 
 def _unsubscribe(feedback: Feedback, key: bytes | None, member_lists: MemberLists) -> Decision:
-    """A mailed request to unsubscribe: its token says who and from which list; without
-    a valid one, the From address leaves every list it is on (RFC 2369 asks no more of
-    a mailto: request; a forged From can do no more than the web page's link)."""
+    """A mailed request to unsubscribe: its token says who and from which list. Without a
+    valid one, only a message sent to our unsubscribe address counts (RFC 2369: sending
+    there is the request), and its From address leaves every list it is on; a From is
+    easy to forge, so anything else asking in words waits for a person (review)."""
     subject = tokens.read(key, feedback.token) if key and feedback.token else None
     if subject is not None and subject.kind in (tokens.Kind.UNSUBSCRIBE, tokens.Kind.LEGACY):
         return Decision(
@@ -182,6 +183,13 @@ def _unsubscribe(feedback: Feedback, key: bytes | None, member_lists: MemberList
             lists=(subject.list_name,),
         )
     bad = " (its token is not one of ours)" if feedback.token else ""
+    if not feedback.to_unsubscribe_address:
+        return Decision(
+            "review",
+            f"a request to unsubscribe{bad} in words, by {feedback.requester or 'nobody'}, "
+            "not sent to the unsubscribe address: a person should look (a From is easy to "
+            "forge)",
+        )
     try:
         asker = normalise_address(feedback.requester) if feedback.requester else ""
     except ValueError:

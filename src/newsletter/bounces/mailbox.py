@@ -151,7 +151,10 @@ class Mailbox:
                             "sent in clear: use NEWSLETTER_BOUNCE_IMAP_SECURITY=tls (port 993)"
                         )
                     imap.starttls(account.tls_context or ssl.create_default_context())
-            with self._said("refused the login"):
+            with self._said(
+                "refused the login",
+                hint="check NEWSLETTER_BOUNCE_IMAP_USERNAME and NEWSLETTER_BOUNCE_IMAP_PASSWORD",
+            ):
                 imap.login(account.username, account.password)
             with self._said(f"cannot open the folder {account.folder!r}"):
                 kind, data = imap.select(_quoted(account.folder))
@@ -331,7 +334,7 @@ class Mailbox:
             raise MailboxError(f"{self.account.server} refused {command}: {_words(data)}")
 
     @contextmanager
-    def _said(self, what: str) -> Iterator[None]:
+    def _said(self, what: str, hint: str = "") -> Iterator[None]:
         """Our error for what imaplib, ssl or the socket raises, naming the server."""
         try:
             yield
@@ -343,7 +346,10 @@ class Mailbox:
                 f"{self.account.server} {what}: the connection broke ({_words([exc.args[0]])})"
             ) from None
         except imaplib.IMAP4.error as exc:
-            raise MailboxError(f"{self.account.server} {what}: {_words([exc.args[0]])}") from None
+            then = f"; {hint}" if hint else ""
+            raise MailboxError(
+                f"{self.account.server} {what}: {_words([exc.args[0]])}{then}"
+            ) from None
         except ssl.SSLError as exc:
             self._abandon()
             raise MailboxError(

@@ -14,10 +14,15 @@ soft bounce (three sends in a row suppress it), never as a hard one.
 
 from __future__ import annotations
 
+import logging
 import re
 from email.message import Message
 
 from flufl.bounce import all_failures
+
+# flufl.bounce logs each detector that fails on a stranger's message with its traceback:
+# noise in the MTA's log for what is only a message it could not read.
+logging.getLogger("flufl.bounce").setLevel(logging.CRITICAL)
 
 __all__ = ["failures"]
 

@@ -66,6 +66,12 @@ def process(
     named = feedback.delivery
     sent_to = store.sent_to(named.send_id, named.seq) if named is not None else None
     decision = decide(feedback, sent_to, token_key=token_key, member_lists=store.member_lists)
+    if decision.action == "unsubscribe" and sent_to is None and decision.email:
+        # A mailed request names no delivery (it came to the unsubscribe address, not a
+        # VERP one): it is counted with the latest send to that address on that list.
+        latest = store.latest_delivery(decision.email)
+        if latest is not None and latest.list_name in decision.lists:
+            sent_to = latest
     reported = decision.reported
     evidence = Evidence(
         digest=digest_of(raw),

@@ -21,20 +21,20 @@ How it classifies, in this order:
    never by a provider's words: ``5.x.x`` is ``hard``, ``4.x.x`` is ``soft``;
    Action ``delivered``, ``relayed`` or ``expanded`` (and ``2.x.x``) is
    ``not_bounce``; a report without a valid code is ``unknown``;
-4. an auto-reply (RFC 3834 ``Auto-Submitted`` other than ``no``, or the
-   X-Autoreply / X-Autorespond headers, Precedence auto_reply) that is not a
-   report is ``auto_reply``;
+4. a request to unsubscribe with a token in its Subject (what our List-Unsubscribe
+   mailto: puts there) is ``unsubscribe``, whatever else it carries;
 5. a bounce in an MTA's own format (qmail, older Exim, ...) is read by
    :mod:`~newsletter.bounces.nonstandard`: ``hard`` or ``soft`` by a status
    code written next to the address, ``soft`` when there is none
    (:attr:`Feedback.nonstandard` says it was read so);
-6. a request to unsubscribe is ``unsubscribe``: a message whose Subject starts
-   with the word "unsubscribe" (what the ``mailto:`` of our List-Unsubscribe
-   puts there, followed by the recipient's token), or any message delivered to
-   the unsubscribe address (RFC 2369: sending to it is the request, whatever it
-   says); :attr:`Feedback.token` is the token, if any, and
-   :attr:`Feedback.requester` the From address;
-7. anything else is ``unknown``.
+6. an auto-reply (RFC 3834 ``Auto-Submitted`` other than ``no``, or the
+   X-Autoreply / X-Autorespond headers, Precedence auto_reply) is ``auto_reply``;
+7. another request to unsubscribe is ``unsubscribe`` too: a Subject starting
+   with the word "unsubscribe", or any message delivered to the unsubscribe
+   address (RFC 2369: sending to it is the request, whatever it says);
+   :attr:`Feedback.token` is the token, if any, :attr:`Feedback.requester` the
+   From address, :attr:`Feedback.to_unsubscribe_address` where it came;
+8. anything else is ``unknown``.
 
 The delivery comes from our VERP address where the message reached it: the
 address the MTA says it delivered to, then Delivered-To, X-Original-To,
@@ -46,6 +46,7 @@ still read; what becomes of it is for the caller.
 from __future__ import annotations
 
 import email
+import email.header
 import email.policy
 import email.utils
 import re
@@ -121,6 +122,7 @@ class Feedback:
     nonstandard: bool = False  # a bounce in an MTA's own format, not an RFC 3464 report
     token: str = ""  # an unsubscribe request's token, as its Subject gives it (unchecked)
     requester: str = ""  # an unsubscribe request's From address
+    to_unsubscribe_address: bool = False  # it came to our List-Unsubscribe mailto: address
 
 
 def read(
@@ -158,6 +160,13 @@ def read(
         return _complaint(children, verp, delivery, message_id)
     if report == "delivery-status":
         return _dsn(children, delivery, message_id)
+    # A request with our token comes first: an auto-reply header, or a quoted bounce in
+    # its body, must not hide that someone asked to leave (the law gives two days).
+    asked = _UNSUBSCRIBE.match(_subject(message))
+    token = (asked.group(1) or "") if asked else ""
+    to_us = bool(unsubscribe_to) and _delivered_to(found, unsubscribe_to or "")
+    if token:
+        return _request(message, delivery, message_id, token, to_us)
     failed = nonstandard.failures(message)
     if failed:
         reported = tuple(Reported(a, action, status, words) for a, action, status, words in failed)
@@ -166,16 +175,32 @@ def read(
                         why="a bounce in an MTA's own format, not a standard report")  # fmt: skip
     if _is_auto_reply(message):
         return Feedback("auto_reply", delivery, message_id=message_id)
-    asked = _UNSUBSCRIBE.match(_text(message.get("Subject")))
-    if asked or (unsubscribe_to and _delivered_to(found, unsubscribe_to)):
-        senders = email.utils.getaddresses([_text(v) for v in message.get_all("From") or []])
-        requester = next((a for _, a in senders if "@" in a), "")[:254]
-        token = asked.group(1) or "" if asked else ""
-        return Feedback("unsubscribe", delivery, message_id=message_id, token=token,
-                        requester=requester)  # fmt: skip
+    if asked or to_us:
+        return _request(message, delivery, message_id, "", to_us)
     return Feedback("unknown", delivery, why="not a delivery status notification, a "
                     "feedback report nor a request to unsubscribe",
                     message_id=message_id)  # fmt: skip
+
+
+def _request(
+    message: Message, delivery: Delivered | None, message_id: str, token: str, to_us: bool
+) -> Feedback:
+    senders = email.utils.getaddresses([_text(v) for v in message.get_all("From") or []])
+    requester = next((a for _, a in senders if "@" in a), "")[:254]
+    return Feedback("unsubscribe", delivery, message_id=message_id, token=token,
+                    requester=requester, to_unsubscribe_address=to_us)  # fmt: skip
+
+
+def _subject(message: Message) -> str:
+    """The Subject as a person reads it: RFC 2047 encoded words decoded."""
+    raw = message.get("Subject")
+    if raw is None:
+        return ""
+    try:
+        decoded = str(email.header.make_header(email.header.decode_header(str(raw))))
+    except (ValueError, LookupError, UnicodeError):  # a broken encoded word: as it is
+        decoded = str(raw)
+    return _text(decoded)[:2000]
 
 
 # "unsubscribe" as the Subject's first word (after any Re: or Fwd:), and the token

@@ -14,7 +14,8 @@ domain, 5.2.1 disabled, ...); a full mailbox (5.2.2) or a vague code (5.0.0) cou
 a soft bounce; a policy or content refusal (``5.7.x``: blocked, spam, DMARC) says
 nothing about the address and suppresses nobody: a provider that blocks the society's
 mail for a day must not empty its list. Those are noted, and the health check is what
-stops such a send. A reply without an enhanced code is only noted.
+stops such a send: refusals count with the hard bounces there. A reply without an
+enhanced code is only noted.
 """
 
 from __future__ import annotations
@@ -118,19 +119,24 @@ class SendHealth:
         self.since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
     def check(self, attempted: int) -> str | None:
-        """Record the run's new refusals, then the reason to pause, or None."""
+        """Record the new refusals, then the reason to pause, or None. ``attempted`` is
+        this process's count; the rates are the whole send's since this run began (on a
+        send that several hosts share, each sees the same)."""
         record_refusals(self.store, self.send_id, self.soft)
         counts = self.store.counts(self.send_id, since=self.since)
-        floor = max(attempted, self.limits.sample)
-        for kind, limit, what, setting in (
-            ("hard", self.limits.hard, "hard bounces", "NEWSLETTER_SEND_PAUSE_HARD_BOUNCES"),
-            ("complaint", self.limits.complaints, "spam complaints",
+        tried = max(attempted, self.store.attempted_since(self.send_id, self.since))
+        floor = max(tried, self.limits.sample)
+        for found, limit, what, setting in (
+            # A block of our mail (5.7.x) suppresses nobody, but is as good a reason to stop.
+            (counts["hard"] + counts["refused"], self.limits.hard,
+             "hard bounces and refusals", "NEWSLETTER_SEND_PAUSE_HARD_BOUNCES"),
+            (counts["complaint"], self.limits.complaints, "spam complaints",
              "NEWSLETTER_SEND_PAUSE_COMPLAINTS"),
         ):  # fmt: skip
-            if counts[kind] > limit * floor:
+            if found > limit * floor:
                 return (
-                    f"{counts[kind]} {what} among the {attempted} messages this run attempted "
-                    f"(over {limit:.1%} of {floor}, {setting})"
+                    f"{found} {what} among the {tried} messages attempted since this run "
+                    f"began (over {limit:.1%} of {floor}, {setting})"
                 )
         return None
 

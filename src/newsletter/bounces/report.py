@@ -78,7 +78,9 @@ def feedback_report(
 ) -> FeedbackReport:
     """The report of ``record`` (module docstring)."""
     # What changed someone's mail, as FeedbackStore.counts has it: not notes, not review.
-    counted = [k for k in kept if k.kind in COUNTED_KINDS and k.action in _COUNTED]
+    counted = [
+        k for k in kept if k.kind in COUNTED_KINDS and (k.action in _COUNTED or k.kind == "refused")
+    ]
     counts = dict.fromkeys(COUNTED_KINDS, 0)
     seen: set[tuple[str, int | None]] = set()
     domains: dict[str, Counter[str]] = {}

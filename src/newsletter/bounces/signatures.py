@@ -94,9 +94,14 @@ def sns_url_problem(url: str, *, certificate: bool) -> str | None:
         return "a login or another port in it"
     if not _SNS_HOST.fullmatch(parts.hostname or ""):
         return f"the host {parts.hostname!r} is not sns.<region>.amazonaws.com"
-    if certificate and (not parts.path.endswith(".pem") or parts.query or parts.fragment):
-        return "the path does not end in .pem"
+    if certificate and (not _SNS_CERT_PATH.fullmatch(parts.path) or parts.query or parts.fragment):
+        # Before any signature is checked, this URL is fetched: only SNS's own
+        # certificate names, so an unsigned request cannot send us anywhere else.
+        return "the path is not /SimpleNotificationService-<hex>.pem"
     return None
+
+
+_SNS_CERT_PATH = re.compile(r"/SimpleNotificationService-[0-9a-f]{1,64}\.pem", re.ASCII)
 
 
 def sns_canonical(message: Mapping[str, object]) -> bytes:

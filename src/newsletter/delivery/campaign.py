@@ -346,7 +346,8 @@ class Campaign:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await self._record_the_rest()
                 if self._health is not None and self._failure is None:
-                    await self._look_at_health()  # the last refusals, recorded
+                    # The last refusals, recorded; a run with nothing left pauses nothing.
+                    await self._look_at_health(final=True)
             counts: dict[str, int] | None = None
             if self._failure is None:
                 try:
@@ -843,8 +844,9 @@ class Campaign:
             return True
         return False
 
-    async def _look_at_health(self) -> None:
-        """Ask ``health``; a reason pauses the send (a stop: the same command resumes)."""
+    async def _look_at_health(self, *, final: bool = False) -> None:
+        """Ask ``health``; a reason pauses the send (a stop: the same command resumes),
+        unless ``final``: the run is over, and what it recorded is all that was asked."""
         assert self._health is not None
         self._health.at, self._health.attempted = time.monotonic(), self._attempted
         try:
@@ -853,7 +855,7 @@ class Campaign:
             # Looked at again in a moment: the refusals wait in the send log meanwhile,
             # and a database that fails for good stops the run through its own calls.
             return
-        if reason is not None and not self._stopping.is_set():
+        if reason is not None and not final and not self._stopping.is_set():
             self._paused = reason
             self.stop(f"paused: {reason}", says_when=True)
 

@@ -609,9 +609,10 @@ class FeedbackStore(Protocol):
 
     def counts(self, send_id: int, since: str | None = None) -> dict[str, int]:
         """Send ``send_id``'s recipients with feedback that changed their mail, by what it
-        was: ``hard`` and ``soft`` bounces, ``complaint``, ``unsubscribe`` (each recipient
-        counted once per kind, whatever number of messages said it); only feedback
-        received at or after ``since`` (ISO 8601, UTC) when given."""
+        was: ``hard`` and ``soft`` bounces, ``complaint``, ``unsubscribe``, and the
+        ``refused`` (a block, not about the address: noted, yet counted here) (each
+        recipient counted once per kind, whatever number of messages said it); only
+        feedback received at or after ``since`` (ISO 8601, UTC) when given."""
         ...
 
     def deliveries_of(self, email: str) -> list[tuple[str, str, int, str, str, str]]:
@@ -621,6 +622,11 @@ class FeedbackStore(Protocol):
 
     def latest_issue(self) -> str | None:
         """The issue of the latest send, or None before the first."""
+        ...
+
+    def attempted_since(self, send_id: int, since: str) -> int:
+        """Send ``send_id``'s recipients whose message was tried (sent, rejected,
+        deferred, unknown) at or after ``since`` (ISO 8601, UTC), by every process."""
         ...
 
     def for_send(self, send_id: int) -> list[Kept]:

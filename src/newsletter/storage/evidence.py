@@ -111,6 +111,7 @@ class Recorded:
     new: bool  # False: this message was recorded before, and nothing changed now
     outcome: str  # in words: "suppressed (bounced)", "soft bounce 2 of 3 within 30 days", ...
     suppressed: str | None = None  # the reason, when this record suppressed the address
+    action: Action | None = None  # what was decided when it was first recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,8 +178,9 @@ def unpacked(stored: bytes) -> bytes:
     return inflater.decompress(bytes(stored), RAW_KEEP)
 
 
-# The kinds a send's feedback is counted by (FeedbackStore.counts, the send's health).
-COUNTED_KINDS = ("hard", "soft", "complaint", "unsubscribe")
+# The kinds a send's feedback is counted by (FeedbackStore.counts, the send's health):
+# "refused" is a refusal in our own session that is not about the address (a block).
+COUNTED_KINDS = ("hard", "soft", "complaint", "unsubscribe", "refused")
 
 
 def window_start(received: str, soft: SoftBounces) -> str:

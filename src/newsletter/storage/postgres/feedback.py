@@ -111,13 +111,18 @@ class PgFeedback:
                     "UPDATE feedback SET outcome = %s WHERE id = %s",
                     (plan.done(made, left), evidence_id),
                 )
-        return Recorded(evidence_id, True, plan.done(made, left), plan.suppress if made else None)
+        return Recorded(
+            evidence_id, True, plan.done(made, left), plan.suppress if made else None,
+            evidence.action,
+        )  # fmt: skip
 
     def _before(self, digest: str) -> Recorded | None:
         row = self.conn.execute(
-            "SELECT id, outcome FROM feedback WHERE digest = %s", (digest,)
+            "SELECT id, outcome, action FROM feedback WHERE digest = %s", (digest,)
         ).fetchone()
-        return None if row is None else Recorded(int(row[0]), False, already(str(row[1])))
+        if row is None:
+            return None
+        return Recorded(int(row[0]), False, already(str(row[1])), action=row[2])
 
     def _soft_sends(self, evidence: Evidence, since: str) -> int:
         row = self.conn.execute(
@@ -157,7 +162,8 @@ class PgFeedback:
         found = dict.fromkeys(COUNTED_KINDS, 0)
         rows = self.conn.execute(
             "SELECT kind, count(DISTINCT seq) FROM feedback WHERE send_id = %s "
-            "AND action IN ('suppress', 'soft', 'unsubscribe') AND received_at >= %s "
+            "AND (action IN ('suppress', 'soft', 'unsubscribe') OR kind = 'refused') "
+            "AND received_at >= %s "
             "GROUP BY kind",
             (send_id, since or ""),
         )
@@ -178,6 +184,14 @@ class PgFeedback:
     def latest_issue(self) -> str | None:
         row = self.conn.execute("SELECT issue_id FROM sends ORDER BY id DESC LIMIT 1").fetchone()
         return None if row is None else str(row[0])
+
+    def attempted_since(self, send_id: int, since: str) -> int:
+        row = self.conn.execute(
+            "SELECT count(*) FROM deliveries WHERE send_id = %s AND state IN "
+            "('sent', 'rejected', 'deferred', 'unknown') AND updated_at >= %s",
+            (send_id, since),
+        ).fetchone()
+        return int(row[0]) if row else 0
 
     def for_send(self, send_id: int) -> list[Kept]:
         rows = self.conn.execute(

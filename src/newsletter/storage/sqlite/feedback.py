@@ -69,10 +69,10 @@ class FeedbackLog:
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             before = self.conn.execute(
-                "SELECT id, outcome FROM feedback WHERE digest = ?", (evidence.digest,)
+                "SELECT id, outcome, action FROM feedback WHERE digest = ?", (evidence.digest,)
             ).fetchone()
             if before is not None:
-                return Recorded(int(before[0]), False, already(str(before[1])))
+                return Recorded(int(before[0]), False, already(str(before[1])), action=before[2])
             plan = planned(evidence, lambda: self._soft_sends(evidence, since), soft)
             cursor = self.conn.execute(
                 f"INSERT INTO feedback ({INSERT_COLUMNS}) "  # noqa: S608 - constants
@@ -96,7 +96,10 @@ class FeedbackLog:
                     "UPDATE feedback SET outcome = ? WHERE id = ?",
                     (plan.done(made, left), evidence_id),
                 )
-        return Recorded(evidence_id, True, plan.done(made, left), plan.suppress if made else None)
+        return Recorded(
+            evidence_id, True, plan.done(made, left), plan.suppress if made else None,
+            evidence.action,
+        )  # fmt: skip
 
     def _soft_sends(self, evidence: Evidence, since: str) -> int:
         """The sends with a soft bounce for this address since ``since``, this one too."""
@@ -134,7 +137,8 @@ class FeedbackLog:
         found = dict.fromkeys(COUNTED_KINDS, 0)
         rows = self.conn.execute(
             "SELECT kind, count(DISTINCT seq) FROM feedback WHERE send_id = ? "
-            "AND action IN ('suppress', 'soft', 'unsubscribe') AND received_at >= ? "
+            "AND (action IN ('suppress', 'soft', 'unsubscribe') OR kind = 'refused') "
+            "AND received_at >= ? "
             "GROUP BY kind",
             (send_id, since or ""),
         )
@@ -155,6 +159,14 @@ class FeedbackLog:
     def latest_issue(self) -> str | None:
         row = self.conn.execute("SELECT issue_id FROM sends ORDER BY id DESC LIMIT 1").fetchone()
         return None if row is None else str(row[0])
+
+    def attempted_since(self, send_id: int, since: str) -> int:
+        row = self.conn.execute(
+            "SELECT count(*) FROM deliveries WHERE send_id = ? AND state IN "
+            "('sent', 'rejected', 'deferred', 'unknown') AND updated_at >= ?",
+            (send_id, since),
+        ).fetchone()
+        return int(row[0]) if row else 0
 
     def for_send(self, send_id: int) -> list[Kept]:
         rows = self.conn.execute(
