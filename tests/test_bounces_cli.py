@@ -440,3 +440,44 @@ def test_a_block_pauses_a_send_too_and_a_finished_one_is_never_paused(
     due = run_cli("send", "--due", cwd=project, env={**env, "NEWSLETTER_SCHEDULE": "Wed 09:00",
                   "NEWSLETTER_TEST_NOW": "2020-12-30T09:30:00+00:00"})  # fmt: skip
     assert "paused itself" not in due.stdout + due.stderr, due.stdout + due.stderr
+
+
+def test_what_was_kept_for_review_is_reprocessed_or_dismissed_by_a_person(
+    project: Path, server: Server, database: str
+) -> None:
+    """A bounce that came while the deployment could not read its VERP address (here: no
+    NEWSLETTER_BOUNCE_ADDRESS in the pipe's settings) waits for review; once that is
+    fixed, `bounces reprocess` records it as understood; junk is dismissed with a reason."""
+    env = env_for(server, database)
+    readers = [f"reader{i:05d}@example.org" for i in range(3)]
+    (project / "subs.csv").write_text("email\n" + "\n".join(readers) + "\n", encoding="utf-8")
+    ok(run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project,
+               env=env))  # fmt: skip
+    ok(run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env))
+    sender = {r.rcpt_tos[0]: r.mail_from for r in server.handler.received}
+    hard = returned("postfix-unknown-user.eml", sender[readers[1]], readers[1])
+    misconfigured = {k: v for k, v in env.items() if k != "NEWSLETTER_BOUNCE_ADDRESS"}
+    first = ok(run_cli("bounces", "process", cwd=project, env=misconfigured,
+                       input=hard.decode("ascii")))  # fmt: skip
+    assert "kept for review [evidence #1]" in first
+    junk = "From: x@spam.example\r\nSubject: pills\r\n\r\nbuy\r\n"
+    assert "kept for review [evidence #2]" in ok(run_cli("bounces", "process", cwd=project,
+                                                          env=env, input=junk))  # fmt: skip
+    still = ok(run_cli("bounces", "reprocess", "2", cwd=project, env=env))
+    assert still.startswith("#2: still not understood: not a delivery status notification")
+    again = ok(run_cli("bounces", "reprocess", "1", cwd=project, env=env))
+    assert again == f"#1 for {readers[1]}: suppressed (bounced) [evidence #3]\n"
+    refused = run_cli("bounces", "reprocess", "1", "3", "99", cwd=project, env=env)
+    assert refused.returncode == 1
+    assert "evidence #1: it is not kept for review" in refused.stderr
+    assert "evidence #99: there is no such evidence" in refused.stderr
+    no_reason = run_cli("bounces", "review", "--dismiss", "2", cwd=project, env=env)
+    assert no_reason.returncode == 2 and "--dismiss needs --reason" in no_reason.stderr
+    review = ok(run_cli("bounces", "review", "--dismiss", "2", "--reason", "spam", cwd=project,
+                        env=env))  # fmt: skip
+    assert review == "#2: dismissed\nnothing is kept for review\n"
+    details = ok(run_cli("bounces", "show", "1", cwd=project, env=env))
+    assert "outcome: reprocessed as evidence #3" in details
+    server.handler.received.clear()
+    ok(run_cli("send", week_after(project), "--yes", cwd=project, env=env))
+    assert sorted(r.rcpt_tos[0] for r in server.handler.received) == [readers[0], readers[2]]

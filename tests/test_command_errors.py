@@ -69,6 +69,7 @@ ARGS: dict[tuple[str, ...], list[tuple[str, ...]]] = {
     ("bounces", "fetch"): [("bounces", "fetch")],
     ("bounces", "review"): [("bounces", "review")],
     ("bounces", "report"): [("bounces", "report", "2020-12-23")],
+    ("bounces", "reprocess"): [("bounces", "reprocess", "1")],
     ("bounces", "show"): [("bounces", "show", "1")],
 }
 VARIANTS = [args for variants in ARGS.values() for args in variants]

@@ -857,14 +857,78 @@ def _print_feedback_report(report: FeedbackReport) -> None:
         )
 
 
+@bounces.command("reprocess")
+@click.argument("evidence_ids", nargs=-1, required=True, type=click.IntRange(min=1))
+def bounces_reprocess(evidence_ids: tuple[int, ...]) -> None:
+    """Read and decide again messages kept for review, under today's settings and
+    database (after a setting was fixed, or a database restored). What is now understood
+    is recorded as new evidence and leaves the review; what is not stays as it was."""
+    from dataclasses import replace
+
+    from newsletter.bounces.processing import understood
+    from newsletter.storage.evidence import digest_of
+
+    settings = _settings()
+    storage = _open(settings)
+    failed = 0
+    try:
+        for evidence_id in evidence_ids:
+            kept = storage.feedback.get(evidence_id)
+            problem = (
+                "there is no such evidence" if kept is None
+                else "it is not kept for review" if kept.action != "review"
+                else f"only its first {len(kept.raw or b'')} bytes were kept: process the "
+                "original with `newsletter bounces process FILE`" if kept.cut
+                else ""
+            )  # fmt: skip
+            if problem or kept is None:
+                click.secho(f"error: evidence #{evidence_id}: {problem}", fg="red", err=True)
+                failed += 1
+                continue
+            raw = kept.raw or b""
+            _, decision, evidence = understood(
+                raw, storage.feedback, verp=settings.verp, source=f"{kept.source}, again",
+                token_key=settings.token_key if settings.secret_key is not None else None,
+                unsubscribe_to=settings.unsubscribe_address,
+            )  # fmt: skip
+            if decision.action == "review":
+                click.echo(_shown(f"#{evidence_id}: still not understood: {decision.why}"))
+                continue
+            # Its own digest: the first record of these bytes stays what it was.
+            again = replace(evidence, digest=f"{digest_of(raw)}:again:{evidence_id}")
+            recorded = storage.feedback.record(again, settings.soft_bounces)
+            storage.feedback.resolve(evidence_id, f"reprocessed as evidence #{recorded.id}")
+            who = f" for {decision.email}" if decision.email else ""
+            click.echo(_shown(f"#{evidence_id}{who}: {recorded.outcome} [evidence #{recorded.id}]"))
+    finally:
+        storage.close()
+    if failed:
+        sys.exit(1)
+
+
 @bounces.command("review")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
-def bounces_review(limit: int) -> None:
+@click.option(
+    "--dismiss",
+    type=click.IntRange(min=1),
+    multiple=True,
+    metavar="ID",
+    help="Take this evidence off the review, having looked at it (with --reason).",
+)
+@click.option("--reason", default=None, help="Why it was dismissed (kept with it).")
+def bounces_review(limit: int, dismiss: tuple[int, ...], reason: str | None) -> None:
     """The messages kept for review (not understood, or naming no delivery of ours),
-    newest first, with why. `bounces show ID` prints one."""
+    newest first, with why. `bounces show ID` prints one, `bounces reprocess ID` reads
+    it again, `--dismiss ID --reason TEXT` takes it off the review."""
+    if dismiss and not (reason or "").strip():
+        raise click.UsageError("--dismiss needs --reason: say why, for whoever looks later")
     settings = _settings()
     storage = _open(settings)
     try:
+        for evidence_id in dismiss:
+            if not storage.feedback.resolve(evidence_id, f"dismissed: {reason}"):
+                _fail(f"evidence #{evidence_id} is not kept for review")
+            click.echo(f"#{evidence_id}: dismissed")
         total, latest = storage.feedback.kept_for_review(limit)
     finally:
         storage.close()

@@ -37,7 +37,7 @@ from newsletter.storage.base import FeedbackStore
 from newsletter.storage.evidence import Evidence, Recorded, SentTo, SoftBounces, digest_of
 from newsletter.verp import Delivered, Verp
 
-__all__ = ["Processed", "process", "process_event"]
+__all__ = ["Processed", "process", "process_event", "understood"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +62,25 @@ def process(
     """Read, decide and record one message (module docstring). ``token_key`` checks the
     token of a mailed unsubscribe; ``unsubscribe_to`` is our List-Unsubscribe mailto:
     address, where any message is a request to unsubscribe."""
+    feedback, decision, evidence = understood(
+        raw, store, verp=verp, source=source, token_key=token_key,
+        unsubscribe_to=unsubscribe_to, delivered_to=delivered_to,
+    )  # fmt: skip
+    return Processed(feedback, decision, store.record(evidence, soft, now=now))
+
+
+def understood(
+    raw: bytes,
+    store: FeedbackStore,
+    *,
+    verp: Verp | None,
+    source: str,
+    token_key: bytes | None = None,
+    unsubscribe_to: str | None = None,
+    delivered_to: str | None = None,
+) -> tuple[Feedback, Decision, Evidence]:
+    """What :func:`process` would record for ``raw``, read and decided, recording
+    nothing (``bounces reprocess`` looks before it records)."""
     feedback = read(raw, verp, delivered_to=delivered_to, unsubscribe_to=unsubscribe_to)
     named = feedback.delivery
     sent_to = store.sent_to(named.send_id, named.seq) if named is not None else None
@@ -91,7 +110,7 @@ def process(
         message_id=feedback.message_id,
         lists=decision.lists,
     )
-    return Processed(feedback, decision, store.record(evidence, soft, now=now))
+    return feedback, decision, evidence
 
 
 def process_event(

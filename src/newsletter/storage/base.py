@@ -603,6 +603,12 @@ class FeedbackStore(Protocol):
         """The evidence about ``email``, oldest first, without the raw messages."""
         ...
 
+    def resolve(self, evidence_id: int, outcome: str) -> bool:
+        """A person dealt with evidence ``evidence_id`` kept for review (reprocessed it, or
+        dismissed it): it is noted with ``outcome`` and leaves the review. False when it
+        was not kept for review."""
+        ...
+
     def kept_for_review(self, limit: int = 50) -> tuple[int, list[Kept]]:
         """(how many are kept for review, the latest ``limit`` of them, newest first)."""
         ...

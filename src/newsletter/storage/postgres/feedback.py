@@ -148,6 +148,15 @@ class PgFeedback:
         )
         return [kept_row(tuple(r)) for r in rows]
 
+    def resolve(self, evidence_id: int, outcome: str) -> bool:
+        with self.conn.transaction():
+            changed = self.conn.execute(
+                "UPDATE feedback SET action = 'note', outcome = %s "
+                "WHERE id = %s AND action = 'review'",
+                (outcome, evidence_id),
+            ).rowcount
+        return bool(changed)
+
     def kept_for_review(self, limit: int = 50) -> tuple[int, list[Kept]]:
         total = self.conn.execute("SELECT count(*) FROM feedback WHERE action = 'review'")
         counted = total.fetchone()

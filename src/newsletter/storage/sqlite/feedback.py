@@ -124,6 +124,15 @@ class FeedbackLog:
         )
         return [kept_row(tuple(r)) for r in rows]
 
+    def resolve(self, evidence_id: int, outcome: str) -> bool:
+        with self.conn:
+            changed = self.conn.execute(
+                "UPDATE feedback SET action = 'note', outcome = ? "
+                "WHERE id = ? AND action = 'review'",
+                (outcome, evidence_id),
+            ).rowcount
+        return bool(changed)
+
     def kept_for_review(self, limit: int = 50) -> tuple[int, list[Kept]]:
         total = self.conn.execute("SELECT count(*) FROM feedback WHERE action = 'review'")
         rows = self.conn.execute(
