@@ -476,3 +476,30 @@ def test_a_complaint_naming_our_verp_address_with_a_forged_signature_names_no_on
     decision = decide(found, None)
     assert decision.action == "review" and decision.reason is None
     assert "names no delivery of ours" in decision.why
+
+
+def test_a_request_whose_from_failed_dmarc_where_it_came_is_left_for_a_person() -> None:
+    """A bare request to the unsubscribe address trusts its From; when the server that
+    received it found that From forged (dmarc=fail), nobody is taken off (only a failure
+    counts: anyone can write "pass" into a header)."""
+    from newsletter.bounces.deciding import decide
+
+    head = "From: reader0001@example.org\nTo: leave@example.org\nSubject: unsubscribe\n"
+    forged = plain(
+        "Authentication-Results: mx.example.org; spf=pass smtp.mailfrom=evil.example;\n"
+        " dmarc=fail (p=none) header.from=example.org\n" + head
+    )
+    honest = plain(
+        "Authentication-Results: mx.example.org; dmarc=pass header.from=example.org\n" + head
+    )
+    lists = lambda email: ["research-news"]  # noqa: E731 - the member's lists
+    for raw, action in ((forged, "review"), (honest, "unsubscribe"), (plain(head), "unsubscribe")):
+        found = read(raw, VERP, unsubscribe_to="leave@example.org")
+        assert found.kind == "unsubscribe" and found.to_unsubscribe_address
+        assert decide(found, None, member_lists=lists).action == action
+    assert (
+        "failed DMARC"
+        in decide(
+            read(forged, VERP, unsubscribe_to="leave@example.org"), None, member_lists=lists
+        ).why
+    )

@@ -183,6 +183,12 @@ def _unsubscribe(feedback: Feedback, key: bytes | None, member_lists: MemberList
             lists=(subject.list_name,),
         )
     bad = " (its token is not one of ours)" if feedback.token else ""
+    if feedback.dmarc_failed:
+        return Decision(
+            "review",
+            f"a request to unsubscribe{bad} by {feedback.requester or 'nobody'}, whose From "
+            "failed DMARC where it was received (Authentication-Results): likely forged",
+        )
     if not feedback.to_unsubscribe_address:
         return Decision(
             "review",

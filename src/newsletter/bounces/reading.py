@@ -123,6 +123,9 @@ class Feedback:
     token: str = ""  # an unsubscribe request's token, as its Subject gives it (unchecked)
     requester: str = ""  # an unsubscribe request's From address
     to_unsubscribe_address: bool = False  # it came to our List-Unsubscribe mailto: address
+    # The receiving server found its From forged: an Authentication-Results header says
+    # dmarc=fail (RFC 8601, 7489). Only a failure counts: a "pass" anyone can write.
+    dmarc_failed: bool = False
 
 
 def read(
@@ -187,8 +190,13 @@ def _request(
 ) -> Feedback:
     senders = email.utils.getaddresses([_text(v) for v in message.get_all("From") or []])
     requester = next((a for _, a in senders if "@" in a), "")[:254]
+    results = " ".join(_text(v) for v in message.get_all("Authentication-Results") or [])
     return Feedback("unsubscribe", delivery, message_id=message_id, token=token,
-                    requester=requester, to_unsubscribe_address=to_us)  # fmt: skip
+                    requester=requester, to_unsubscribe_address=to_us,
+                    dmarc_failed=bool(_DMARC_FAIL.search(results)))  # fmt: skip
+
+
+_DMARC_FAIL = re.compile(r"\bdmarc\s*=\s*fail\b", re.IGNORECASE | re.ASCII)
 
 
 def _subject(message: Message) -> str:
