@@ -492,7 +492,7 @@ def test_a_request_whose_from_failed_dmarc_where_it_came_is_left_for_a_person() 
     honest = plain(
         "Authentication-Results: mx.example.org; dmarc=pass header.from=example.org\n" + head
     )
-    lists = lambda email: ["research-news"]  # noqa: E731 - the member's lists
+    lists = lambda email, with_left=False: ["research-news"]  # noqa: E731 - the lists
     for raw, action in ((forged, "review"), (honest, "unsubscribe"), (plain(head), "unsubscribe")):
         found = read(raw, VERP, unsubscribe_to="leave@example.org")
         assert found.kind == "unsubscribe" and found.to_unsubscribe_address

@@ -481,3 +481,29 @@ def test_what_was_kept_for_review_is_reprocessed_or_dismissed_by_a_person(
     server.handler.received.clear()
     ok(run_cli("send", week_after(project), "--yes", cwd=project, env=env))
     assert sorted(r.rcpt_tos[0] for r in server.handler.received) == [readers[0], readers[2]]
+
+
+def test_a_token_for_a_list_the_address_is_not_on_goes_to_review(
+    project: Path, server: Server
+) -> None:
+    """Mail sent before a list was renamed carries the old name in its token: taking the
+    address "off" a list that is not there would leave it on the one that is."""
+    env = env_for(server, str(project / "db.sqlite3"))
+    (project / "subs.csv").write_text("email\nann@example.org\n", encoding="utf-8")
+    ok(run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project,
+               env=env))  # fmt: skip
+    from newsletter import tokens
+
+    key = SECRET.encode()
+    import datetime as dt
+
+    old = tokens.make(key, tokens.Kind.UNSUBSCRIBE, "ms-news", "ann@example.org",
+                      dt.datetime(2020, 12, 23, tzinfo=dt.UTC))  # fmt: skip
+    said = ok(run_cli("bounces", "process", cwd=project, env=env,
+                      input=mailed("unsubscribe@example.org", "ann@example.org",
+                                   f"unsubscribe {old}", "r1")))  # fmt: skip
+    assert "kept for review" in said
+    review = ok(run_cli("bounces", "review", cwd=project, env=env))
+    assert "from ms-news, by our token, but the address is not on that list (renamed?)" in review
+    shown = ok(run_cli("subscribers", "show", "ann@example.org", cwd=project, env=env))
+    assert "research-news: member" in shown

@@ -79,7 +79,9 @@ def test_a_hard_bounce_suppresses_its_delivery_with_the_evidence_kept(db: Storag
     assert kept.message_id == "<20261202040001.4Zk2@mx.example.net>"
     assert kept.outcome == "suppressed (bounced)"
     assert "permanent failure (5.1.1" in kept.why and "week1 to news" in kept.why
-    assert db.feedback.counts(week1) == {"hard": 1, "soft": 0, "complaint": 0, "unsubscribe": 0}
+    assert db.feedback.counts(week1) == {
+        "hard": 1, "soft": 0, "complaint": 0, "unsubscribe": 0, "refused": 0,
+    }  # fmt: skip
     # The next send leaves the address out.
     assert READER not in {r.email for r in db.subscribers.audience("news")}
 

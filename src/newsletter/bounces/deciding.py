@@ -17,9 +17,9 @@ only: feedback loops often blank out the recipient.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from newsletter import tokens
 from newsletter.audience.csv_import import normalise_address
@@ -39,8 +39,9 @@ class Decision:
     lists: tuple[str, ...] = ()  # the lists an unsubscribe request leaves
 
 
-# The lists an address is on and has not left (for a request by its From address).
-MemberLists = Callable[[str], Sequence[str]]
+# The lists an address is on and has not left (with_left=True: those it left too).
+class MemberLists(Protocol):
+    def __call__(self, email: str, *, with_left: bool = False) -> Sequence[str]: ...
 
 
 def decide(
@@ -48,7 +49,7 @@ def decide(
     sent_to: SentTo | None,
     *,
     token_key: bytes | None = None,
-    member_lists: MemberLists = lambda email: (),
+    member_lists: MemberLists | None = None,
 ) -> Decision:
     """What ``feedback`` means (module docstring); ``sent_to`` is the delivery its VERP
     address names, looked up in the send log (None: none, or not in this database).
@@ -58,7 +59,7 @@ def decide(
     if kind == "unknown":
         return Decision("review", feedback.why or "not understood")
     if kind == "unsubscribe":
-        return _unsubscribe(feedback, token_key, member_lists)
+        return _unsubscribe(feedback, token_key, member_lists or _on_no_list)
     who = sent_to.email if sent_to else None
     if kind == "auto_reply":
         return Decision("note", "an automatic reply (out of office or the like): ignored",
@@ -168,6 +169,10 @@ def permanent_weight(status: str) -> Literal["hard", "soft", "none"]:
     return "none"
 
 
+def _on_no_list(email: str, *, with_left: bool = False) -> Sequence[str]:
+    return ()
+
+
 def _unsubscribe(feedback: Feedback, key: bytes | None, member_lists: MemberLists) -> Decision:
     """A mailed request to unsubscribe: its token says who and from which list. Without a
     valid one, only a message sent to our unsubscribe address counts (RFC 2369: sending
@@ -175,6 +180,16 @@ def _unsubscribe(feedback: Feedback, key: bytes | None, member_lists: MemberList
     easy to forge, so anything else asking in words waits for a person (review)."""
     subject = tokens.read(key, feedback.token) if key and feedback.token else None
     if subject is not None and subject.kind in (tokens.Kind.UNSUBSCRIBE, tokens.Kind.LEGACY):
+        if subject.list_name not in member_lists(subject.email, with_left=True):
+            # A list renamed since the message went out: "left" a list that is not
+            # there would leave the person on the one that is.
+            return Decision(
+                "review",
+                f"a request to unsubscribe {subject.email} from {subject.list_name}, by our "
+                "token, but the address is not on that list (renamed?): a person should "
+                "take it off the list it is on",
+                email=subject.email,
+            )
         return Decision(
             "unsubscribe",
             f"a request to unsubscribe from {subject.list_name}, by the token of our "

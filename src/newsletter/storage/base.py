@@ -644,8 +644,9 @@ class FeedbackStore(Protocol):
         (state ``rejected``) that no evidence of source ``smtp`` records yet, in order."""
         ...
 
-    def member_lists(self, email: str) -> list[str]:
-        """The lists ``email`` is a member of and has not left."""
+    def member_lists(self, email: str, *, with_left: bool = False) -> list[str]:
+        """The lists ``email`` is a member of and has not left (``with_left``: those it
+        left too)."""
         ...
 
     def mailbox_mark(self, mailbox: str) -> tuple[int, int] | None:

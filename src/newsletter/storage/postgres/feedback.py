@@ -236,5 +236,5 @@ class PgFeedback:
                 (mailbox, uidvalidity, last_uid, now),
             )
 
-    def member_lists(self, email: str) -> list[str]:
-        return [name for name, left in self.subscribers.lists_of(email) if not left]
+    def member_lists(self, email: str, *, with_left: bool = False) -> list[str]:
+        return [name for name, left in self.subscribers.lists_of(email) if with_left or not left]
