@@ -502,9 +502,11 @@ def subscribers_show(email: str) -> None:
     for when, action, why, list_name, actor in history:
         where = f" via {list_name}" if list_name else ""
         click.echo(f"  {when} {action} ({why}){where} by {actor}")
-    for issue_id, list_name, send_id, state, detail, when in sends:
-        said = f": {detail}" if detail and state != "sent" else ""
-        click.echo(_shown(f"  {when} send {send_id} of {issue_id} to {list_name}: {state}{said}"))
+    for d in sends:
+        said = f": {d.detail}" if d.detail and d.state != "sent" else ""
+        click.echo(
+            _shown(f"  {d.at} send {d.send_id} of {d.issue_id} to {d.list_name}: {d.state}{said}")
+        )
     for kept in heard:
         status = f" {kept.status}" if kept.status else ""
         about = f" from send {kept.send_id}" if kept.send_id is not None else ""

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from newsletter.bounces.deciding import permanent_weight
 from newsletter.storage.base import FeedbackStore
-from newsletter.storage.evidence import Action, Evidence, SoftBounces, digest_of
+from newsletter.storage.evidence import Action, Evidence, Refusal, SoftBounces, digest_of
 
 __all__ = ["PAUSE_ADVICE", "HealthLimits", "SendHealth", "judge_refusal", "record_refusals"]
 
@@ -65,10 +65,11 @@ def judge_refusal(code: int, detail: str) -> Judged:
 def record_refusals(store: FeedbackStore, send_id: int, soft: SoftBounces) -> int:
     """Record every refusal of send ``send_id`` not recorded yet; how many were."""
     done = 0
-    last: list[tuple[int, str, int, str]] = []
+    last: list[Refusal] = []
     while (batch := store.refusals(send_id)) and batch != last:
         last = batch
-        for seq, email, code, detail in batch:
+        for refusal in batch:
+            seq, email, code, detail = refusal.seq, refusal.email, refusal.code, refusal.detail
             judged = judge_refusal(code, detail)
             raw = f"{code} {detail}".encode("utf-8", "replace")
             store.record(

@@ -40,7 +40,15 @@ from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 from newsletter.errors import Problem
 from newsletter.models import Delivery, DeliveryState, Outcome, Recipient
 from newsletter.storage.caps import CapReached, Caps, Claim
-from newsletter.storage.evidence import Evidence, Kept, Recorded, SentTo, SoftBounces
+from newsletter.storage.evidence import (
+    DeliveryTo,
+    Evidence,
+    Kept,
+    Recorded,
+    Refusal,
+    SentTo,
+    SoftBounces,
+)
 
 if TYPE_CHECKING:
     from newsletter.audience.csv_import import ParsedRow
@@ -621,9 +629,8 @@ class FeedbackStore(Protocol):
         feedback received at or after ``since`` (ISO 8601, UTC) when given."""
         ...
 
-    def deliveries_of(self, email: str) -> list[tuple[str, str, int, str, str, str]]:
-        """(issue id, list, send id, state, detail, last change) of every send's delivery
-        to ``email``, oldest first."""
+    def deliveries_of(self, email: str) -> list[DeliveryTo]:
+        """Every send's delivery to ``email``, oldest first."""
         ...
 
     def latest_issue(self) -> str | None:
@@ -639,9 +646,9 @@ class FeedbackStore(Protocol):
         """Every piece of evidence about send ``send_id``'s deliveries, oldest first."""
         ...
 
-    def refusals(self, send_id: int, limit: int = 1000) -> list[tuple[int, str, int, str]]:
-        """(seq, address, code, detail) of send ``send_id``'s recipients the relay refused
-        (state ``rejected``) that no evidence of source ``smtp`` records yet, in order."""
+    def refusals(self, send_id: int, limit: int = 1000) -> list[Refusal]:
+        """Send ``send_id``'s recipients the relay refused (state ``rejected``) that no
+        evidence of source ``smtp`` records yet, in order."""
         ...
 
     def member_lists(self, email: str, *, with_left: bool = False) -> list[str]:

@@ -25,10 +25,12 @@ __all__ = [
     "KEPT_COLUMNS",
     "RAW_KEEP",
     "Action",
+    "DeliveryTo",
     "Evidence",
     "Kept",
     "Plan",
     "Recorded",
+    "Refusal",
     "SentTo",
     "SoftBounces",
     "already",
@@ -76,6 +78,28 @@ class SentTo:
     issue_id: str
     list_name: str
     state: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A recipient the relay refused in our own SMTP session, as the send log has it."""
+
+    seq: int
+    email: str
+    code: int
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryTo:
+    """One send's delivery to an address, as ``subscribers show`` lists them."""
+
+    issue_id: str
+    list_name: str
+    send_id: int
+    state: str
+    detail: str
+    at: str  # its last change
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,9 +20,11 @@ from newsletter.storage.evidence import (
     COUNTED_KINDS,
     INSERT_COLUMNS,
     KEPT_COLUMNS,
+    DeliveryTo,
     Evidence,
     Kept,
     Recorded,
+    Refusal,
     SentTo,
     SoftBounces,
     already,
@@ -181,14 +183,17 @@ class PgFeedback:
                 found[kind] = int(number)
         return found
 
-    def deliveries_of(self, email: str) -> list[tuple[str, str, int, str, str, str]]:
+    def deliveries_of(self, email: str) -> list[DeliveryTo]:
         rows = self.conn.execute(
             "SELECT s.issue_id, s.list_name, d.send_id, d.state, coalesce(d.detail, ''), "
             "coalesce(d.updated_at, s.created_at) FROM deliveries d "
             "JOIN sends s ON s.id = d.send_id WHERE d.email = %s ORDER BY d.send_id",
             (email,),
         )
-        return [(str(r[0]), str(r[1]), int(r[2]), str(r[3]), str(r[4]), str(r[5])) for r in rows]
+        return [
+            DeliveryTo(str(r[0]), str(r[1]), int(r[2]), str(r[3]), str(r[4]), str(r[5]))
+            for r in rows
+        ]
 
     def latest_issue(self) -> str | None:
         row = self.conn.execute("SELECT issue_id FROM sends ORDER BY id DESC LIMIT 1").fetchone()
@@ -209,7 +214,7 @@ class PgFeedback:
         )
         return [kept_row(tuple(r)) for r in rows]
 
-    def refusals(self, send_id: int, limit: int = 1000) -> list[tuple[int, str, int, str]]:
+    def refusals(self, send_id: int, limit: int = 1000) -> list[Refusal]:
         rows = self.conn.execute(
             "SELECT d.seq, d.email, coalesce(d.code, 0), coalesce(d.detail, '') "
             "FROM deliveries d WHERE d.send_id = %s AND d.state = 'rejected' AND NOT EXISTS "
@@ -217,7 +222,7 @@ class PgFeedback:
             "AND f.source = 'smtp') ORDER BY d.seq LIMIT %s",
             (send_id, limit),
         )
-        return [(int(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in rows]
+        return [Refusal(int(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in rows]
 
     def mailbox_mark(self, mailbox: str) -> tuple[int, int] | None:
         row = self.conn.execute(
