@@ -21,10 +21,20 @@ Convert = Callable[[Any, object], StorageError | None]
 
 
 def translate_class(cls: type[T], catch: type[Exception], convert: Convert) -> type[T]:
-    """Wrap every public method of ``cls`` so that ``catch`` leaves it as ``convert`` says."""
-    for name, member in list(vars(cls).items()):
-        if not name.startswith("_") and inspect.isfunction(member):
-            setattr(cls, name, _translating(member, catch, convert))
+    """Wrap every public method of ``cls`` so that ``catch`` leaves it as ``convert`` says:
+    its own, and those of a base that says ``BACKEND_NEUTRAL = True`` (a mixin of the
+    same SQL for both backends, such as storage.feedback_reads), wrapped on ``cls`` with
+    this backend's converter. Other bases are left as they are."""
+    own = dict(vars(cls))  # before any wrapping lands on the class
+    methods: dict[str, Callable[..., Any]] = {}
+    for klass in reversed(cls.__mro__):  # the nearest definition last, so it wins
+        if klass is cls or vars(klass).get("BACKEND_NEUTRAL"):
+            found = own if klass is cls else vars(klass)
+            for name, member in found.items():
+                if not name.startswith("_") and inspect.isfunction(member):
+                    methods[name] = member
+    for name, member in methods.items():
+        setattr(cls, name, _translating(member, catch, convert))
     return cls
 
 

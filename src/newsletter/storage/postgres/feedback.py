@@ -17,23 +17,16 @@ from typing import Any
 import psycopg
 
 from newsletter.storage.evidence import (
-    COUNTED_KINDS,
     INSERT_COLUMNS,
-    KEPT_COLUMNS,
-    DeliveryTo,
     Evidence,
-    Kept,
     Recorded,
-    Refusal,
-    SentTo,
     SoftBounces,
     already,
     insert_values,
-    kept_row,
     planned,
-    unpacked,
     window_start,
 )
+from newsletter.storage.feedback_reads import FeedbackReads
 from newsletter.storage.location import Location
 from newsletter.storage.postgres.connection import translated
 from newsletter.storage.postgres.subscribers import PgSubscribers
@@ -42,8 +35,10 @@ __all__ = ["PgFeedback"]
 
 
 @translated
-class PgFeedback:
+class PgFeedback(FeedbackReads):
     """Feedback on PostgreSQL (:class:`newsletter.storage.base.FeedbackStore`)."""
+
+    PLACEHOLDER = "%s"
 
     def __init__(
         self, conn: psycopg.Connection[Any], location: Location, subscribers: PgSubscribers
@@ -51,27 +46,6 @@ class PgFeedback:
         self.conn = conn
         self.location = location
         self.subscribers = subscribers
-
-    def sent_to(self, send_id: int, seq: int) -> SentTo | None:
-        row = self.conn.execute(
-            "SELECT d.send_id, d.seq, d.email, s.issue_id, s.list_name, d.state "
-            "FROM deliveries d JOIN sends s ON s.id = d.send_id "
-            "WHERE d.send_id = %s AND d.seq = %s",
-            (send_id, seq),
-        ).fetchone()
-        return None if row is None else SentTo(*row)
-
-    def latest_delivery(self, email: str, issue_id: str | None = None) -> SentTo | None:
-        # deliveries_by_email: a year of weekly sends to a hundred thousand is five
-        # million rows, and a provider's batch of bounces asks once per event.
-        row = self.conn.execute(
-            "SELECT d.send_id, d.seq, d.email, s.issue_id, s.list_name, d.state "
-            "FROM deliveries d JOIN sends s ON s.id = d.send_id "
-            "WHERE d.email = %s AND d.state NOT IN ('pending', 'suppressed') "
-            "AND (%s = '' OR s.issue_id = %s) ORDER BY d.send_id DESC LIMIT 1",
-            (email, issue_id or "", issue_id or ""),
-        ).fetchone()
-        return None if row is None else SentTo(*row)
 
     def record(self, evidence: Evidence, soft: SoftBounces, *, now: str | None = None) -> Recorded:
         received = now or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -136,20 +110,6 @@ class PgFeedback:
         assert row is not None
         return int(row[0])
 
-    def get(self, evidence_id: int) -> Kept | None:
-        row = self.conn.execute(
-            f"SELECT {KEPT_COLUMNS}, raw FROM feedback WHERE id = %s",
-            (evidence_id,),
-        ).fetchone()
-        return None if row is None else kept_row(tuple(row[:-1]), unpacked(row[-1]))
-
-    def about(self, email: str) -> list[Kept]:
-        rows = self.conn.execute(
-            f"SELECT {KEPT_COLUMNS} FROM feedback WHERE email = %s ORDER BY id",
-            (email,),
-        )
-        return [kept_row(tuple(r)) for r in rows]
-
     def resolve(self, evidence_id: int, outcome: str) -> bool:
         with self.conn.transaction():
             changed = self.conn.execute(
@@ -158,77 +118,6 @@ class PgFeedback:
                 (outcome, evidence_id),
             ).rowcount
         return bool(changed)
-
-    def kept_for_review(self, limit: int = 50) -> tuple[int, list[Kept]]:
-        total = self.conn.execute("SELECT count(*) FROM feedback WHERE action = 'review'")
-        counted = total.fetchone()
-        rows = self.conn.execute(
-            f"SELECT {KEPT_COLUMNS} FROM feedback WHERE action = 'review' "
-            "ORDER BY id DESC LIMIT %s",
-            (limit,),
-        )
-        return int(counted[0]) if counted else 0, [kept_row(tuple(r)) for r in rows]
-
-    def counts(self, send_id: int, since: str | None = None) -> dict[str, int]:
-        found = dict.fromkeys(COUNTED_KINDS, 0)
-        rows = self.conn.execute(
-            "SELECT kind, count(DISTINCT seq) FROM feedback WHERE send_id = %s "
-            "AND (action IN ('suppress', 'soft', 'unsubscribe') OR kind = 'refused') "
-            "AND received_at >= %s "
-            "GROUP BY kind",
-            (send_id, since or ""),
-        )
-        for kind, number in rows:
-            if kind in found:
-                found[kind] = int(number)
-        return found
-
-    def deliveries_of(self, email: str) -> list[DeliveryTo]:
-        rows = self.conn.execute(
-            "SELECT s.issue_id, s.list_name, d.send_id, d.state, coalesce(d.detail, ''), "
-            "coalesce(d.updated_at, s.created_at) FROM deliveries d "
-            "JOIN sends s ON s.id = d.send_id WHERE d.email = %s ORDER BY d.send_id",
-            (email,),
-        )
-        return [
-            DeliveryTo(str(r[0]), str(r[1]), int(r[2]), str(r[3]), str(r[4]), str(r[5]))
-            for r in rows
-        ]
-
-    def latest_issue(self) -> str | None:
-        row = self.conn.execute("SELECT issue_id FROM sends ORDER BY id DESC LIMIT 1").fetchone()
-        return None if row is None else str(row[0])
-
-    def attempted_since(self, send_id: int, since: str) -> int:
-        row = self.conn.execute(
-            "SELECT count(*) FROM deliveries WHERE send_id = %s AND state IN "
-            "('sent', 'rejected', 'deferred', 'unknown') AND updated_at >= %s",
-            (send_id, since),
-        ).fetchone()
-        return int(row[0]) if row else 0
-
-    def for_send(self, send_id: int) -> list[Kept]:
-        rows = self.conn.execute(
-            f"SELECT {KEPT_COLUMNS} FROM feedback WHERE send_id = %s ORDER BY id",
-            (send_id,),
-        )
-        return [kept_row(tuple(r)) for r in rows]
-
-    def refusals(self, send_id: int, limit: int = 1000) -> list[Refusal]:
-        rows = self.conn.execute(
-            "SELECT d.seq, d.email, coalesce(d.code, 0), coalesce(d.detail, '') "
-            "FROM deliveries d WHERE d.send_id = %s AND d.state = 'rejected' AND NOT EXISTS "
-            "(SELECT 1 FROM feedback f WHERE f.send_id = d.send_id AND f.seq = d.seq "
-            "AND f.source = 'smtp') ORDER BY d.seq LIMIT %s",
-            (send_id, limit),
-        )
-        return [Refusal(int(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in rows]
-
-    def mailbox_mark(self, mailbox: str) -> tuple[int, int] | None:
-        row = self.conn.execute(
-            "SELECT uidvalidity, last_uid FROM mailbox_marks WHERE mailbox = %s", (mailbox,)
-        ).fetchone()
-        return None if row is None else (int(row[0]), int(row[1]))
 
     def set_mailbox_mark(self, mailbox: str, uidvalidity: int, last_uid: int) -> None:
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -240,6 +129,3 @@ class PgFeedback:
                 "updated_at = excluded.updated_at",
                 (mailbox, uidvalidity, last_uid, now),
             )
-
-    def member_lists(self, email: str, *, with_left: bool = False) -> list[str]:
-        return [name for name, left in self.subscribers.lists_of(email) if with_left or not left]
