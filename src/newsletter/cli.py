@@ -719,8 +719,7 @@ def _process(
         verp=settings.verp,
         source=source,
         soft=settings.soft_bounces,
-        # Never the preview key: anyone could make a token with that one.
-        token_key=settings.token_key if settings.secret_key is not None else None,
+        token_key=settings.unsubscribe_token_key,
         unsubscribe_to=settings.unsubscribe_address,
         delivered_to=delivered_to,
     )
@@ -757,11 +756,11 @@ def _fail_later(exc: Exception) -> NoReturn:
 
 
 def _shown(text: object) -> str:
-    """Words from a stranger's server, safe to print: control and format characters (an
-    escape sequence in an SMTP reply, a bidi override) shown as U+FFFD."""
-    import unicodedata
+    """Words from a stranger's server, safe to print (an escape sequence in an SMTP
+    reply): see models.visible."""
+    from newsletter.models import visible
 
-    return "".join("\ufffd" if unicodedata.category(c) in ("Cc", "Cf") else c for c in str(text))
+    return visible(str(text))
 
 
 _KIND_TEXT = {
@@ -890,7 +889,7 @@ def bounces_reprocess(evidence_ids: tuple[int, ...]) -> None:
             raw = kept.raw or b""
             _, decision, evidence = understood(
                 raw, storage.feedback, verp=settings.verp, source=f"{kept.source}, again",
-                token_key=settings.token_key if settings.secret_key is not None else None,
+                token_key=settings.unsubscribe_token_key,
                 unsubscribe_to=settings.unsubscribe_address,
             )  # fmt: skip
             if decision.action == "review":

@@ -60,6 +60,13 @@ def bidi_characters(value: str) -> tuple[list[str], list[str]]:
     return controls, marks
 
 
+def visible(text: str) -> str:
+    """``text`` safe to print and keep when a stranger wrote it (a remote server's reply,
+    a bounce's header): control and format characters (an escape sequence, a bidi
+    override) made visible as U+FFFD."""
+    return "".join("\ufffd" if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
+
+
 def character_names(chars: list[str]) -> str:
     """``U+202E RIGHT-TO-LEFT OVERRIDE and U+202C POP DIRECTIONAL FORMATTING``."""
     named = [f"U+{ord(ch):04X} {unicodedata.name(ch, 'UNNAMED')}" for ch in chars]

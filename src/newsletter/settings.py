@@ -473,6 +473,12 @@ class Settings(BaseSettings):
         return Verp(_split_mailbox(self.bounce_address)[1], self.token_key)
 
     @property
+    def unsubscribe_token_key(self) -> bytes | None:
+        """The key a mailed unsubscribe's token is checked with: none without
+        NEWSLETTER_SECRET_KEY, never the preview key, with which anyone can make one."""
+        return self.token_key if self.secret_key is not None else None
+
+    @property
     def soft_bounces(self) -> SoftBounces:
         return SoftBounces(self.soft_bounce_limit, self.soft_bounce_days)
 

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NotRequired, TypedDict, Unpack
 
 from newsletter.bounces.reading import MAX_DIAGNOSTIC, FeedbackKind, Reported
 from newsletter.bounces.refusals import judge_refusal
+from newsletter.models import visible
 
 __all__ = [
     "NAMES",
@@ -90,9 +90,7 @@ def _text(value: object, limit: int = 254) -> str:
     (it is printed on terminals and kept), cut to ``limit``."""
     if value is None or isinstance(value, dict | list):
         return ""
-    text = " ".join(str(value).split())
-    shown = "".join("\ufffd" if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
-    return shown[:limit]
+    return visible(" ".join(str(value).split()))[:limit]
 
 
 def _code(*texts: str) -> str:

@@ -50,13 +50,13 @@ import email.header
 import email.policy
 import email.utils
 import re
-import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import Message
 from typing import Literal
 
 from newsletter.bounces import nonstandard
+from newsletter.models import visible
 from newsletter.verp import Delivered, Verp
 
 __all__ = [
@@ -268,8 +268,7 @@ def _text(value: object) -> str:
     escape sequence from a stranger's server must not reach them) and kept."""
     if value is None:
         return ""
-    text = " ".join(str(value).split())
-    return "".join("\ufffd" if unicodedata.category(ch) in ("Cc", "Cf") else ch for ch in text)
+    return visible(" ".join(str(value).split()))
 
 
 def _report_type(message: Message) -> str:
