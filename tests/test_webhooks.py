@@ -35,7 +35,13 @@ from starlette.types import ASGIApp
 
 from conftest import REPO, TEST_KEY
 from newsletter.audience.csv_import import ParsedRow
-from newsletter.bounces.signatures import HttpsSnsFetcher, Refused, sns_canonical, sns_url_problem
+from newsletter.bounces.signatures import (
+    HttpsSnsFetcher,
+    Refused,
+    SeenTokens,
+    sns_canonical,
+    sns_url_problem,
+)
 from newsletter.errors import ConfigError
 from newsletter.models import Outcome
 from newsletter.render.loading import load_society
@@ -342,11 +348,15 @@ def test_mailgun_events_and_its_signature(hooks: Hooks) -> None:
     delivered = mailgun_event(
         r[3], s[r[3]], "delivered", **{"delivery-status": {"code": 250, "message": "OK"}}
     )
-    bodies = [mailgun(e) for e in (failed, temporary, complained, delivered)]
+    # Signed hours ago: a retry that kept its first signature (Mailgun retries for 8 hours).
+    bodies = [mailgun(e, at=time.time() - 7 * 3600) for e in (failed, temporary)]
+    bodies += [mailgun(e) for e in (complained, delivered)]
     # Refused first: none of these changes anything.
-    stale = mailgun(failed, at=time.time() - 600)
+    stale = mailgun(failed, at=time.time() - 25 * 3600)
+    ahead = mailgun(failed, at=time.time() + 600)
     wrong = mailgun(failed, key="another-key-0123456789abcdef")
     assert hooks.post("mailgun", stale)[0] == 403
+    assert hooks.post("mailgun", ahead)[0] == 403
     assert hooks.post("mailgun", wrong)[0] == 403
     assert hooks.post("mailgun", b'{"signature": "nope"}')[0] == 400
     assert hooks.suppressed() == {} and hooks.evidence(r[0]) == []
@@ -369,6 +379,23 @@ def test_mailgun_events_and_its_signature(hooks: Hooks) -> None:
     status, text = hooks.post("mailgun", forged)
     assert status == 409 and "replay" in text
     assert r[4] not in hooks.suppressed() and hooks.evidence(r[4]) == []
+
+
+def test_seen_tokens_forget_the_oldest_and_then_refuse_what_was_signed_before_it() -> None:
+    seen = SeenTokens(keep=3600, most=2)
+    seen.check("a", 100, b"one", now=100)
+    seen.check("b", 110, b"two", now=110)
+    seen.check("a", 100, b"one", now=120)  # a retry: the same body
+    with pytest.raises(Refused) as replay:
+        seen.check("b", 110, b"forged", now=130)
+    assert replay.value.status == 409
+    seen.check("c", 140, b"three", now=140)  # full: "a" (arrived at 100) is forgotten
+    with pytest.raises(Refused) as forgotten:
+        seen.check("a", 100, b"anything", now=150)
+    assert forgotten.value.status == 403 and "oldest" in str(forgotten.value)
+    seen.check("d", 145, b"signed after it", now=150)  # "b" forgotten now, at 110
+    with pytest.raises(Refused):
+        seen.check("b", 110, b"two", now=150)  # even with its own body: nobody can tell
 
 
 # -------------------------------------------------------------------- SendGrid
@@ -414,7 +441,8 @@ def test_sendgrid_events_matched_by_message_id_or_address(hooks: Hooks) -> None:
         sendgrid_event("stranger@example.net", "bounce", type="bounce", status="5.1.1"),
     ]  # fmt: skip
     body = json.dumps(events).encode()
-    assert hooks.post("sendgrid", body, **sendgrid_headers(body, at=time.time() - 600))[0] == 403
+    for at in (time.time() - 25 * 3600, time.time() + 600):
+        assert hooks.post("sendgrid", body, **sendgrid_headers(body, at=at))[0] == 403
     assert hooks.post("sendgrid", body, **sendgrid_headers(body[:-1] + b" ]"))[0] == 403
     other = ec.generate_private_key(ec.SECP256R1())
     assert hooks.post("sendgrid", body, **sendgrid_headers(body, key=other))[0] == 403
