@@ -5,17 +5,19 @@ was not understood as it was (nothing deleted, nothing marked read)."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import EXAMPLE, run_cli
-from imap_server import Dovecot
+from imap_server import TLS, Dovecot
 from imap_server import imap_server as imap_server  # noqa: PLC0414 - the fixture
 from smtp_server import Server
 from test_bounces_cli import env_for, mailed, ok, returned, week_after
@@ -170,16 +172,10 @@ def moved(imap: Dovecot) -> int:
     return len(imap.messages("Processed"))
 
 
-def test_watch_processes_new_mail_as_it_comes_and_stops_at_once_on_sigterm(
-    project: Path, server: Server, imap_server: Dovecot
-) -> None:
-    env = {**env_for(server, str(project / "db.sqlite3")), **imap_env(imap_server)}
-    sender = sent_to_list(project, server, env, 3)
-    readers = sorted(sender)
-    import os
-
+def start_watcher(project: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """`bounces fetch --watch` in a process of its own, its output piped."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-    watcher = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "newsletter", "bounces", "fetch", "--watch"],
         cwd=project,
         env={**full_env, **env},
@@ -187,6 +183,15 @@ def test_watch_processes_new_mail_as_it_comes_and_stops_at_once_on_sigterm(
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def test_watch_processes_new_mail_as_it_comes_and_stops_at_once_on_sigterm(
+    project: Path, server: Server, imap_server: Dovecot
+) -> None:
+    env = {**env_for(server, str(project / "db.sqlite3")), **imap_env(imap_server)}
+    sender = sent_to_list(project, server, env, 3)
+    readers = sorted(sender)
+    watcher = start_watcher(project, env)
     try:
         assert watcher.stdout is not None
         first = watcher.stdout.readline()  # said as it starts (click flushes each line)
@@ -237,3 +242,165 @@ def test_mail_announced_during_a_command_is_not_missed_by_the_next_idle(
         started = time.monotonic()
         assert box.idle(5) is True
         assert time.monotonic() - started < 1
+
+
+def test_unsubscribe_mail_in_a_folder_of_its_own_is_read_with_the_bounces(
+    project: Path, server: Server, imap_server: Dovecot
+) -> None:
+    """NEWSLETTER_UNSUBSCRIBE_IMAP_FOLDER alone: the same login, another folder (the
+    server sorts the unsubscribe address's mail there); one fetch reads both."""
+    env = {
+        **env_for(
+            server, str(project / "db.sqlite3"), NEWSLETTER_UNSUBSCRIBE_MAILTO="leave@example.org"
+        ),
+        **imap_env(imap_server),
+        "NEWSLETTER_UNSUBSCRIBE_IMAP_FOLDER": "Unsubscribe",
+        "NEWSLETTER_UNSUBSCRIBE_IMAP_PROCESSED_FOLDER": "Unsubscribe/Done",
+    }
+    sender = sent_to_list(project, server, env, 3)
+    readers = sorted(sender)
+    imap_server.create_folder("Unsubscribe")
+    imap_server.deliver(
+        "INBOX", returned("postfix-unknown-user.eml", sender[readers[1]], readers[1])
+    )
+    imap_server.deliver(
+        "Unsubscribe", mailed("leave@example.org", readers[2], "unsubscribe", "u2").encode()
+    )
+    # mail that is not a request waits in its folder, as in the bounce mailbox
+    imap_server.deliver("Unsubscribe", b"From: x@example.net\r\nSubject: hello\r\n\r\nhi\r\n")
+
+    fetched = ok(run_cli("bounces", "fetch", cwd=project, env=env))
+    base = f"imap://bounces@127.0.0.1:{imap_server.tls_port}"
+    assert f"{base}/INBOX: 1 new message(s): 1 moved to 'Processed', 0 left" in fetched
+    assert f"{base}/Unsubscribe: a request to unsubscribe for {readers[2]}: left research-news" \
+        in fetched  # fmt: skip
+    assert f"{base}/Unsubscribe: 2 new message(s): 1 moved to 'Unsubscribe/Done', 1 left" \
+        in fetched  # fmt: skip
+    assert len(imap_server.messages("Unsubscribe")) == 1
+    assert len(imap_server.messages("Unsubscribe/Done")) == 1
+    assert len(imap_server.messages("Processed")) == 1
+    again = ok(run_cli("bounces", "fetch", cwd=project, env=env))
+    assert again.count("0 new message(s)") == 2, again
+    server.handler.received.clear()
+    ok(run_cli("send", week_after(project), "--yes", cwd=project, env=env))
+    assert sorted(r.rcpt_tos[0] for r in server.handler.received) == [readers[0]]
+
+
+@pytest.fixture
+def two_logins(tmp_path: Path) -> Iterator[Dovecot]:
+    with Dovecot(
+        users={"bounces": "s3cret", "leave": "an0ther"}, tls=TLS.by_trustme(tmp_path)
+    ) as imap:
+        yield imap
+
+
+def test_watch_reads_an_unsubscribe_mailbox_on_its_own_login_beside_the_bounces(
+    project: Path, server: Server, two_logins: Dovecot
+) -> None:
+    imap = two_logins
+    env = {
+        **env_for(
+            server, str(project / "db.sqlite3"), NEWSLETTER_UNSUBSCRIBE_MAILTO="leave@example.org"
+        ),
+        **imap_env(imap),
+        "NEWSLETTER_UNSUBSCRIBE_IMAP_USERNAME": "leave",
+        "NEWSLETTER_UNSUBSCRIBE_IMAP_PASSWORD": "an0ther",
+    }
+    sender = sent_to_list(project, server, env, 3)
+    readers = sorted(sender)
+    watcher = start_watcher(project, env)
+    try:
+        assert watcher.stdout is not None
+        first = watcher.stdout.readline()
+        time.sleep(1.0)  # both waiting (IDLE)
+        imap.deliver("INBOX", mailed("leave@example.org", readers[1], "unsubscribe", "u1").encode(),
+                     user="leave")  # fmt: skip
+        imap.deliver("INBOX", returned("postfix-unknown-user.eml", sender[readers[2]], readers[2]))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (
+            "Processed" in imap.folders() and "Processed" in imap.folders(user="leave")
+            and imap.messages("Processed") and imap.messages("Processed", user="leave")
+        ):  # fmt: skip
+            time.sleep(0.2)
+        time.sleep(0.5)  # both back in IDLE
+        asked = time.monotonic()
+        watcher.send_signal(signal.SIGTERM)
+        out, err = watcher.communicate(timeout=15)
+        took = time.monotonic() - asked
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.communicate()
+    assert watcher.returncode == 0, err
+    assert took < 5, took  # both waits end at once
+    assert "Traceback" not in err and "error" not in err, err
+    port = imap.tls_port
+    assert first.startswith(
+        f"imap://bounces@127.0.0.1:{port}/INBOX, imap://leave@127.0.0.1:{port}/INBOX: watching"
+    )
+    leave, bounces = (f"imap://{u}@127.0.0.1:{port}/INBOX" for u in ("leave", "bounces"))
+    assert f"{leave}: a request to unsubscribe for {readers[1]}: left research-news" in out
+    assert f"{bounces}: a permanent bounce for {readers[2]}: suppressed (bounced)" in out
+    assert out.splitlines()[-1].endswith("/INBOX: stopped")
+    assert imap.messages("INBOX") == [] and imap.messages("INBOX", user="leave") == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (
+            {"NEWSLETTER_UNSUBSCRIBE_IMAP_FOLDER": "inbox"},
+            "reads 'inbox', as the bounce mailbox does",
+        ),
+        (
+            {
+                "NEWSLETTER_UNSUBSCRIBE_IMAP_FOLDER": "Processed",
+                "NEWSLETTER_UNSUBSCRIBE_IMAP_PROCESSED_FOLDER": "Done",
+            },
+            "where the bounce mailbox moves",
+        ),
+        (
+            {
+                "NEWSLETTER_UNSUBSCRIBE_IMAP_FOLDER": "U",
+                "NEWSLETTER_UNSUBSCRIBE_IMAP_PROCESSED_FOLDER": "INBOX",
+            },
+            "which the bounce mailbox reads",
+        ),
+        (
+            {
+                "NEWSLETTER_UNSUBSCRIBE_IMAP_FOLDER": "U",
+                "NEWSLETTER_UNSUBSCRIBE_IMAP_PROCESSED_FOLDER": "U",
+            },
+            "NEWSLETTER_UNSUBSCRIBE_IMAP_FOLDER and NEWSLETTER_UNSUBSCRIBE_IMAP_PROCESSED_FOLDER "
+            "are both 'U'",
+        ),
+        ({"NEWSLETTER_UNSUBSCRIBE_IMAP_FOLDER": "a*"}, "wildcards"),
+    ],
+)
+def test_an_unsubscribe_mailbox_that_clashes_with_the_bounce_mailbox_is_refused(
+    project: Path, extra: dict[str, str], said: str
+) -> None:
+    env = {
+        **env_for(None, str(project / "db.sqlite3")),
+        "NEWSLETTER_BOUNCE_IMAP_HOST": "127.0.0.1",
+        "NEWSLETTER_BOUNCE_IMAP_USERNAME": "bounces",
+        "NEWSLETTER_BOUNCE_IMAP_PASSWORD": "x",
+        **extra,
+    }
+    result = run_cli("bounces", "fetch", cwd=project, env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert said in result.stderr, result.stderr
+
+
+def test_an_unsubscribe_mailbox_alone_needs_its_own_login(project: Path) -> None:
+    """Bounces piped from the MTA, the unsubscribe address's mail in a mailbox: only that
+    one is read, and it names its own settings when they are missing."""
+    env = {
+        **env_for(None, str(project / "db.sqlite3")),
+        "NEWSLETTER_UNSUBSCRIBE_IMAP_HOST": "127.0.0.1",
+    }
+    result = run_cli("bounces", "fetch", cwd=project, env=env)
+    assert result.returncode != 0
+    missing = "NEWSLETTER_UNSUBSCRIBE_IMAP_USERNAME and NEWSLETTER_UNSUBSCRIBE_IMAP_PASSWORD"
+    assert f"{missing} are not set" in result.stderr, result.stderr
+    assert "NEWSLETTER_BOUNCE_IMAP" not in result.stderr

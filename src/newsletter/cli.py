@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from newsletter.delivery.workers import Helpers
     from newsletter.schedule.runner import DueResult
     from newsletter.settings import Settings
-    from newsletter.storage.base import FeedbackStore, MemberState, Storage, Subscribers
+    from newsletter.storage.base import MemberState, Storage, Subscribers
 
 
 def _fail(exc: Exception | str) -> NoReturn:
@@ -604,26 +604,58 @@ def bounces_process(files: tuple[Path, ...], delivered_to: str | None) -> None:
     help="With --watch, seconds between looks on a server without IMAP IDLE.",
 )
 def bounces_fetch(watch: bool, poll: float) -> None:
-    """Read the bounce mailbox over IMAP (NEWSLETTER_BOUNCE_IMAP_*) and process each new
+    """Read the bounce mailbox over IMAP (NEWSLETTER_BOUNCE_IMAP_*), and the unsubscribe
+    mailbox where it has its own (NEWSLETTER_UNSUBSCRIBE_IMAP_*), and process each new
     message as `bounces process` does; once for cron, or with --watch until SIGTERM.
 
-    What is understood is moved to NEWSLETTER_BOUNCE_IMAP_PROCESSED_FOLDER; what is not
-    stays where it is (and waits in `bounces review`). Nothing is ever deleted."""
+    What is understood is moved to the mailbox's processed folder; what is not stays
+    where it is (and waits in `bounces review`). Nothing is ever deleted."""
     from newsletter import wiring
     from newsletter.bounces import mailbox
 
     settings = _settings()
-    account = wiring.imap_account(settings)
+    accounts = wiring.imap_accounts(settings)
     _warn_without_verp(settings)
     storage = _open(settings)
-    source = f"imap:{account.folder}"
     # The database answers before the mailbox is touched: a message taken from the
     # server must have somewhere to go.
     try:
-        storage.feedback.mailbox_mark(account.name)
+        for account in accounts:
+            storage.feedback.mailbox_mark(account.name)
     except BaseException:
         storage.close()
         raise
+    if watch:
+        storage.close()  # each mailbox's thread has its own
+        names = ", ".join(a.name for a in accounts)
+        click.echo(f"{names}: watching for mail; Ctrl-C or SIGTERM to stop")
+        _watch_mailboxes(settings, accounts, poll)
+        click.echo(f"{names}: stopped")
+        return
+    failed = 0
+    try:
+        for account in accounts:
+            try:
+                with mailbox.Mailbox(account) as box:
+                    handle = _mail_handler(settings, storage, account)
+                    fetched = mailbox.fetch_new(box, storage.feedback, handle)
+                click.echo(_fetched_text(account, fetched))
+            except mailbox.MailboxError as exc:
+                if len(accounts) == 1:
+                    raise
+                click.secho(f"error: {exc}", fg="red", err=True)  # the next mailbox still read
+                failed += 1
+    finally:
+        storage.close()
+    if failed:
+        sys.exit(1)
+
+
+def _mail_handler(
+    settings: Settings, storage: Storage, account: ImapAccount
+) -> Callable[[bytes], bool]:
+    """A mailbox's message handler: processed, said, and True when it may be moved."""
+    source = f"imap:{account.folder}"
 
     def handle(raw: bytes) -> bool:
         done = _process(settings, storage, raw, source)
@@ -632,79 +664,70 @@ def bounces_fetch(watch: bool, poll: float) -> None:
         # (an unsubscribe request, once it has taken effect, finds the address on no list).
         return (done.recorded.action or done.decision.action) != "review"
 
-    def summary(fetched: mailbox.Fetched) -> str:
-        return (
-            f"{account.name}: {fetched.read} new message(s): {fetched.moved} moved to "
-            f"{account.processed_folder!r}, {fetched.left} left for review"
-        )
-
-    try:
-        if not watch:
-            with mailbox.Mailbox(account) as box:
-                click.echo(summary(mailbox.fetch_new(box, storage.feedback, handle)))
-            return
-        click.echo(f"{account.name}: watching for mail; Ctrl-C or SIGTERM to stop")
-        _watch_mailbox(account, storage.feedback, handle, summary, poll)
-        click.echo(f"{account.name}: stopped")
-    finally:
-        storage.close()
+    return handle
 
 
-def _watch_mailbox(
-    account: ImapAccount,
-    feedback: FeedbackStore,
-    handle: Callable[[bytes], bool],
-    summary: Callable[[Fetched], str],
-    poll: float,
-) -> None:
-    """`bounces fetch --watch`: until SIGTERM or Ctrl-C, which end a wait for mail at
-    once and otherwise let the message in hand finish."""
+def _fetched_text(account: ImapAccount, fetched: Fetched) -> str:
+    return (
+        f"{account.name}: {fetched.read} new message(s): {fetched.moved} moved to "
+        f"{account.processed_folder!r}, {fetched.left} left for review"
+    )
+
+
+def _watch_mailboxes(settings: Settings, accounts: list[ImapAccount], poll: float) -> None:
+    """`bounces fetch --watch`: each mailbox in a thread of its own, with its own
+    storage, until SIGTERM or Ctrl-C, which end each wait for mail at once and
+    otherwise let the message in hand finish."""
     import signal
     import threading
-    from contextlib import contextmanager, suppress
 
     from newsletter.bounces import mailbox
     from newsletter.errors import NewsletterError
 
-    stop = threading.Event()
-    idle = threading.Event()
-
-    class Stopped(Exception):
-        """Raised by a signal into a wait for mail, to end it at once."""
+    stopper = mailbox.Stopper()
+    failures: list[BaseException] = []
 
     def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-        if idle.is_set():
-            raise Stopped
-
-    @contextmanager
-    def idling() -> Iterator[None]:
-        idle.set()
-        try:
-            yield
-        finally:
-            idle.clear()
-
-    def report(fetched: Fetched) -> None:
-        if fetched.read:
-            click.echo(summary(fetched))
+        stopper.stop()
 
     def trouble(exc: NewsletterError) -> None:
-        click.secho(f"error: {exc}; trying again shortly", fg="red", err=True)
+        if stopper.keep_going():  # else only the stop, ending a wait
+            click.secho(f"error: {exc}; trying again shortly", fg="red", err=True)
+
+    def run(account: ImapAccount) -> None:
+        def report(fetched: Fetched) -> None:
+            if fetched.read:
+                click.echo(_fetched_text(account, fetched))
+
+        try:
+            storage = _open(settings)
+            try:
+                mailbox.watch(
+                    account,
+                    storage.feedback,
+                    _mail_handler(settings, storage, account),
+                    report=report,
+                    trouble=trouble,
+                    poll=poll,
+                    keep_going=stopper.keep_going,
+                    idling=stopper.idling,
+                )
+            finally:
+                storage.close()
+        except BaseException as exc:  # noqa: BLE001 - given to the main thread, which raises it
+            failures.append(exc)
+            stopper.stop()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    with suppress(Stopped):
-        mailbox.watch(
-            account,
-            feedback,
-            handle,
-            report=report,
-            trouble=trouble,
-            poll=poll,
-            keep_going=lambda: not stop.is_set(),
-            idling=idling,
-        )
+    threads = [threading.Thread(target=run, args=(a,), name=a.name) for a in accounts]
+    for thread in threads:
+        thread.start()
+    while any(t.is_alive() for t in threads):
+        for thread in threads:
+            thread.join(0.5)  # short, so that a signal is handled at once
+    if failures:
+        raise failures[0]
 
 
 def _process(

@@ -159,6 +159,17 @@ class Settings(BaseSettings):
     bounce_imap_folder: str = "INBOX"
     bounce_imap_processed_folder: str = "Processed"
     bounce_imap_ca_file: Path | None = None
+    # Mail to the List-Unsubscribe mailto: address, where it lands in a mailbox of its
+    # own (another folder, or another account): each setting left unset is the bounce
+    # mailbox's. None set: that mail comes to the bounce mailbox.
+    unsubscribe_imap_host: str | None = None
+    unsubscribe_imap_port: int | None = Field(default=None, ge=1, le=65535)
+    unsubscribe_imap_security: Literal["tls", "starttls", "none"] | None = None
+    unsubscribe_imap_username: str | None = None
+    unsubscribe_imap_password: SecretStr | None = None
+    unsubscribe_imap_folder: str | None = None
+    unsubscribe_imap_processed_folder: str | None = None
+    unsubscribe_imap_ca_file: Path | None = None
 
     # Providers' webhooks on `newsletter serve` (/webhooks/...); each is off until set.
     webhook_ses_topics: str | None = None  # SNS topic ARNs, comma-separated
@@ -298,24 +309,31 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("smtp_host", "bounce_imap_host")
+    @field_validator("smtp_host", "bounce_imap_host", "unsubscribe_imap_host")
     @classmethod
     def _smtp_host(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"[^\s\x00-\x1f\x7f]{1,253}", value):
             raise ValueError(f"{value!r} is not a host name or address")
         return value
 
-    @field_validator("bounce_imap_folder", "bounce_imap_processed_folder")
+    @field_validator(
+        "bounce_imap_folder",
+        "bounce_imap_processed_folder",
+        "unsubscribe_imap_folder",
+        "unsubscribe_imap_processed_folder",
+    )
     @classmethod
-    def _imap_folder(cls, value: str) -> str:
+    def _imap_folder(cls, value: str | None) -> str | None:
         from newsletter.bounces.mailbox import folder_problem
 
+        if value is None:
+            return None
         problem = folder_problem(value)
         if problem:
             raise ValueError(f"{value!r} {problem}")
         return value
 
-    @field_validator("bounce_imap_username")
+    @field_validator("bounce_imap_username", "unsubscribe_imap_username")
     @classmethod
     def _imap_username(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"[^\x00-\x1f\x7f]{1,200}", value):
@@ -377,15 +395,64 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _imap_folders_differ(self) -> Settings:
-        read, moved = self.bounce_imap_folder, self.bounce_imap_processed_folder
-        # INBOX is INBOX in any case (RFC 3501 5.1): "inbox" would move mail into itself.
-        if read == moved or (read.upper() == "INBOX" and moved.upper() == "INBOX"):
-            raise ValueError(
-                "NEWSLETTER_BOUNCE_IMAP_FOLDER and NEWSLETTER_BOUNCE_IMAP_PROCESSED_FOLDER are "
-                f"both {self.bounce_imap_folder!r}: processed mail is moved out of the folder "
-                "that is read, so they must differ"
-            )
+        mailboxes = [("BOUNCE", self.bounce_imap_folder, self.bounce_imap_processed_folder)]
+        if self.unsubscribe_mailbox_set:
+            mailboxes.append(("UNSUBSCRIBE", *self._unsubscribe_folders))
+        for which, read, moved in mailboxes:
+            # INBOX is INBOX in any case (RFC 3501 5.1): "inbox" would move mail into itself.
+            if _same_folder(read, moved):
+                raise ValueError(
+                    f"NEWSLETTER_{which}_IMAP_FOLDER and NEWSLETTER_{which}_IMAP_PROCESSED_FOLDER "
+                    f"are both {read!r}: processed mail is moved out of the folder that is "
+                    "read, so they must differ"
+                )
+        if self.unsubscribe_mailbox_set and self._same_account:
+            read, moved = self._unsubscribe_folders
+            # One login's folders: neither mailbox may read what the other reads, or
+            # the folder the other moves its processed mail into (both may move into one).
+            clashes = (
+                (read, self.bounce_imap_folder, f"reads {read!r}, as the bounce mailbox does"),
+                (read, self.bounce_imap_processed_folder,
+                 f"reads {read!r}, where the bounce mailbox moves what it processed"),
+                (moved, self.bounce_imap_folder,
+                 f"moves what it processed into {moved!r}, which the bounce mailbox reads"),
+            )  # fmt: skip
+            for mine, theirs, what in clashes:
+                if _same_folder(mine, theirs):
+                    raise ValueError(
+                        f"the unsubscribe mailbox (NEWSLETTER_UNSUBSCRIBE_IMAP_*) {what} on "
+                        "the same login: give NEWSLETTER_UNSUBSCRIBE_IMAP_FOLDER (and "
+                        "_PROCESSED_FOLDER) folders of their own, or unset "
+                        "NEWSLETTER_UNSUBSCRIBE_IMAP_* to read that mail with the bounces"
+                    )
         return self
+
+    @property
+    def unsubscribe_mailbox_set(self) -> bool:
+        """Whether mail to the unsubscribe address has a mailbox of its own to read."""
+        return any(
+            getattr(self, name) is not None
+            for name in type(self).model_fields
+            if name.startswith("unsubscribe_imap_")
+        )
+
+    @property
+    def _unsubscribe_folders(self) -> tuple[str, str]:
+        return (
+            self.unsubscribe_imap_folder or self.bounce_imap_folder,
+            self.unsubscribe_imap_processed_folder or self.bounce_imap_processed_folder,
+        )
+
+    @property
+    def _same_account(self) -> bool:
+        """Whether the unsubscribe mailbox is on the bounce mailbox's login."""
+        return (
+            (self.unsubscribe_imap_host or self.bounce_imap_host or "").lower()
+            == (self.bounce_imap_host or "").lower()
+            and (self.unsubscribe_imap_username or self.bounce_imap_username)
+            == (self.bounce_imap_username)
+            and (self.unsubscribe_imap_port or self.bounce_imap_port) == self.bounce_imap_port
+        )
 
     @model_validator(mode="after")
     def _dkim_complete(self) -> Settings:
@@ -487,6 +554,10 @@ class Settings(BaseSettings):
         if self.secret_key is None:
             return PREVIEW_KEY
         return self.secret_key.get_secret_value().encode("utf-8")
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return a == b or (a.upper() == "INBOX" and b.upper() == "INBOX")
 
 
 def list_name_problem(name: str) -> str | None:

@@ -16,7 +16,9 @@ import functools
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import SecretStr
 
 from newsletter.bounces.mailbox import ImapAccount
 from newsletter.bounces.refusals import HealthLimits
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "build_inputs",
-    "imap_account",
+    "imap_accounts",
     "require_secret",
     "send_options",
     "sender",
@@ -113,38 +115,72 @@ def _tls_context(ca_file: Path | None, setting: str) -> ssl.SSLContext:
         ) from None
 
 
-def imap_account(settings: Settings) -> ImapAccount:
-    """The bounce mailbox `bounces fetch` reads, with its TLS context (the CA file read now)."""
+def imap_accounts(settings: Settings) -> list[ImapAccount]:
+    """The mailboxes `bounces fetch` reads, with their TLS contexts (CA files read now):
+    the bounce mailbox when it is set, and the unsubscribe mailbox when it has its own
+    (each of its settings left unset is the bounce mailbox's)."""
+    bounce = (
+        settings.bounce_imap_host,
+        settings.bounce_imap_port,
+        settings.bounce_imap_security,
+        settings.bounce_imap_username,
+        settings.bounce_imap_password,
+        settings.bounce_imap_folder,
+        settings.bounce_imap_processed_folder,
+        settings.bounce_imap_ca_file,
+    )
+    wanted = [("NEWSLETTER_BOUNCE_IMAP", bounce)] if any(
+        (settings.bounce_imap_host, settings.bounce_imap_username, settings.bounce_imap_password)
+    ) or not settings.unsubscribe_mailbox_set else []  # fmt: skip
+    if settings.unsubscribe_mailbox_set:
+        s = settings
+        wanted.append(("NEWSLETTER_UNSUBSCRIBE_IMAP", (
+            s.unsubscribe_imap_host or s.bounce_imap_host,
+            s.unsubscribe_imap_port or s.bounce_imap_port,
+            s.unsubscribe_imap_security or s.bounce_imap_security,
+            s.unsubscribe_imap_username or s.bounce_imap_username,
+            s.unsubscribe_imap_password or s.bounce_imap_password,
+            s.unsubscribe_imap_folder or s.bounce_imap_folder,
+            s.unsubscribe_imap_processed_folder or s.bounce_imap_processed_folder,
+            s.unsubscribe_imap_ca_file or s.bounce_imap_ca_file,
+        )))  # fmt: skip
+    return [_imap_account(prefix, *values) for prefix, values in wanted]
+
+
+def _imap_account(
+    prefix: str,
+    host: str | None,
+    port: int | None,
+    security: Literal["tls", "starttls", "none"],
+    username: str | None,
+    password: SecretStr | None,
+    folder: str,
+    processed_folder: str,
+    ca_file: Path | None,
+) -> ImapAccount:
     missing = [
-        name
-        for name, value in (
-            ("NEWSLETTER_BOUNCE_IMAP_HOST", settings.bounce_imap_host),
-            ("NEWSLETTER_BOUNCE_IMAP_USERNAME", settings.bounce_imap_username),
-            ("NEWSLETTER_BOUNCE_IMAP_PASSWORD", settings.bounce_imap_password),
-        )
+        f"{prefix}_{name}"
+        for name, value in (("HOST", host), ("USERNAME", username), ("PASSWORD", password))
         if value is None
     ]
     if missing:
         raise ConfigError(
             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: "
-            "`bounces fetch` reads the bounce mailbox over IMAP and needs its server and login "
-            "(or deliver bounces to `bounces process` from the MTA instead)"
+            "`bounces fetch` reads the mailbox over IMAP and needs its server and login "
+            "(or deliver that mail to `bounces process` from the MTA instead)"
         )
-    assert settings.bounce_imap_host and settings.bounce_imap_username
-    assert settings.bounce_imap_password is not None
-    security = settings.bounce_imap_security
-    context = None
-    if security != "none":
-        context = _tls_context(settings.bounce_imap_ca_file, "NEWSLETTER_BOUNCE_IMAP_CA_FILE")
+    assert host is not None and username is not None and password is not None
+    context = _tls_context(ca_file, f"{prefix}_CA_FILE") if security != "none" else None
     return ImapAccount(
-        host=settings.bounce_imap_host,
-        port=settings.bounce_imap_port or {"tls": 993, "starttls": 143, "none": 143}[security],
+        host=host,
+        port=port or {"tls": 993, "starttls": 143, "none": 143}[security],
         security=security,
-        username=settings.bounce_imap_username,
-        password=settings.bounce_imap_password.get_secret_value(),
-        folder=settings.bounce_imap_folder,
-        processed_folder=settings.bounce_imap_processed_folder,
+        username=username,
+        password=password.get_secret_value(),
+        folder=folder,
+        processed_folder=processed_folder,
         tls_context=context,
+        settings=prefix,
     )
 
 

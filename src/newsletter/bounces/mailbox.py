@@ -26,9 +26,10 @@ import imaplib
 import re
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -42,6 +43,7 @@ __all__ = [
     "ImapAccount",
     "Mailbox",
     "MailboxError",
+    "Stopper",
     "fetch_new",
     "folder_problem",
     "watch",
@@ -88,6 +90,8 @@ class ImapAccount:
     processed_folder: str = "Processed"
     timeout: float = 60.0
     tls_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
+    # The settings it came from, for the hints in errors.
+    settings: str = "NEWSLETTER_BOUNCE_IMAP"
 
     @property
     def name(self) -> str:
@@ -148,12 +152,12 @@ class Mailbox:
                     if "STARTTLS" not in imap.capabilities:
                         raise MailboxError(
                             f"{account.server} does not offer STARTTLS; the password is not "
-                            "sent in clear: use NEWSLETTER_BOUNCE_IMAP_SECURITY=tls (port 993)"
+                            f"sent in clear: use {account.settings}_SECURITY=tls (port 993)"
                         )
                     imap.starttls(account.tls_context or ssl.create_default_context())
             with self._said(
                 "refused the login",
-                hint="check NEWSLETTER_BOUNCE_IMAP_USERNAME and NEWSLETTER_BOUNCE_IMAP_PASSWORD",
+                hint=f"check {account.settings}_USERNAME and {account.settings}_PASSWORD",
             ):
                 imap.login(account.username, account.password)
             with self._said(f"cannot open the folder {account.folder!r}"):
@@ -161,7 +165,7 @@ class Mailbox:
                 if kind != "OK":
                     raise MailboxError(
                         f"{account.server} has no folder {account.folder!r} for "
-                        f"{account.username} ({_words(data)}); check NEWSLETTER_BOUNCE_IMAP_FOLDER"
+                        f"{account.username} ({_words(data)}); check {account.settings}_FOLDER"
                     )
                 self.uidvalidity = self._uidvalidity(imap)
             # Asked again once logged in: servers name MOVE, UIDPLUS and IDLE only then.
@@ -219,7 +223,7 @@ class Mailbox:
                 raise MailboxError(
                     f"{self.account.server} refused to make the folder {target!r} for "
                     f"processed mail ({_words(data)}); make it, or set "
-                    "NEWSLETTER_BOUNCE_IMAP_PROCESSED_FOLDER"
+                    f"{self.account.settings}_PROCESSED_FOLDER"
                 )
 
     # ------------------------------------------------------------- reading
@@ -317,6 +321,14 @@ class Mailbox:
                     raise OSError("the server closed the connection")
         return True
 
+    def interrupt(self) -> None:
+        """End a wait for mail from another thread: the socket is shut, so the wait
+        ends at once in a :class:`MailboxError` (the connection is then dropped)."""
+        imap = self._imap
+        if imap is not None and imap.sock is not None:
+            with suppress(OSError):
+                imap.sock.shutdown(socket.SHUT_RDWR)
+
     # ------------------------------------------------------------- helpers
 
     def _connected(self) -> imaplib.IMAP4:
@@ -354,7 +366,7 @@ class Mailbox:
             self._abandon()
             raise MailboxError(
                 f"{self.account.server} {what}: TLS failed ({exc.reason or exc}); check the "
-                "host name, NEWSLETTER_BOUNCE_IMAP_SECURITY and NEWSLETTER_BOUNCE_IMAP_CA_FILE"
+                f"host name, {self.account.settings}_SECURITY and {self.account.settings}_CA_FILE"
             ) from None
         except (OSError, EOFError) as exc:
             self._abandon()
@@ -406,15 +418,15 @@ def watch(
     poll: float = 60.0,
     idle_seconds: float = IDLE_SECONDS,
     keep_going: Callable[[], bool] = lambda: True,
-    idling: Callable[[], AbstractContextManager[object]] = nullcontext,
+    idling: Callable[[Mailbox], AbstractContextManager[object]] = lambda box: nullcontext(),
 ) -> None:
     """Fetch, then again each time new mail comes, until ``keep_going`` says no.
 
     A server without IDLE is polled every ``poll`` seconds. A failure (the server
     down, the database busy) is given to ``trouble`` and tried again after a pause
     that doubles up to five minutes; nothing is lost meanwhile, as the mail waits on
-    the server. ``idling`` wraps each wait for IDLE: the one time a signal may
-    interrupt (between messages, never in the middle of one)."""
+    the server. ``idling`` wraps each wait for IDLE: the one time to interrupt it
+    (:meth:`Mailbox.interrupt`; between messages, never in the middle of one)."""
     pause = 5.0
     while keep_going():
         try:
@@ -423,7 +435,7 @@ def watch(
                 pause = 5.0
                 while keep_going():
                     if box.can_idle:
-                        with idling():
+                        with idling(box):
                             came = box.idle(idle_seconds)
                         if not came:
                             break  # connect anew, and look again
@@ -434,6 +446,38 @@ def watch(
             trouble(exc)
             _sleep(pause, keep_going)
             pause = min(pause * 2, 300.0)
+
+
+class Stopper:
+    """Stops several :func:`watch` loops (one thread each) together: :meth:`stop`, safe
+    to call from a signal handler, ends each wait for mail at once and lets a message
+    in hand finish. Give each loop ``keep_going`` and ``idling``."""
+
+    def __init__(self) -> None:
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._waiting: set[Mailbox] = set()
+
+    def keep_going(self) -> bool:
+        return not self._stopped.is_set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            for box in self._waiting:
+                box.interrupt()
+
+    @contextmanager
+    def idling(self, box: Mailbox) -> Iterator[None]:
+        with self._lock:
+            self._waiting.add(box)
+            if self._stopped.is_set():  # stopped just before this wait began
+                box.interrupt()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waiting.discard(box)
 
 
 def _sleep(seconds: float, keep_going: Callable[[], bool]) -> None:
