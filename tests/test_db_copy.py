@@ -28,6 +28,7 @@ from conftest import EXAMPLE, REPO, run_cli
 from newsletter.storage import open_storage
 from newsletter.storage.copy import COPIED, NOT_COPIED
 from newsletter.storage.postgres.connection import SCHEMA_VERSION
+from newsletter.storage.signups import NewSignup
 from smtp_server import Server
 
 ISSUE = "2020-12-23"
@@ -161,6 +162,23 @@ def build_deployment(folder: Path, server: Server) -> Path:
         storage.subscribers.opt_out("research-news", news[7])
         storage.subscribers.opt_out("other", other[4])
         storage.slots.set(SlotKey("2020-12-23T14:00Z", dt.date(2020, 12, 23)), "done", ISSUE)
+        # Joining the list: one signup confirmed (its consent record, its mail sent), one
+        # still waiting; a rate-limit hit, a used key, an erased address's hash.
+        for n, who in enumerate(("joined@example.org", "waiting@example.org")):
+            form = NewSignup(who, "Ada", ("research-news",), "web:/subscribe", "Yes, email me.",
+                             f"2020-12-2{n}T10:00:00+00:00", "203.0.113.7",
+                             "2020-12-30T10:00:00+00:00", f"nonce{n}")  # fmt: skip
+            made = storage.signups.begin(form)
+            if n == 0:
+                storage.signups.confirm(made, "nonce0", confirmed_ip="198.51.100.2",
+                                        now="2020-12-20T10:05:00+00:00", email_hash="h0",
+                                        welcome=False)  # fmt: skip
+                mail = storage.signups.claim_mail(now=time.time())
+                assert mail is not None
+                storage.signups.mail_done(mail.id, "sent", "250 2.0.0 queued")
+        storage.signups.allow("ip:0123abcd", 5, 3600, now=time.time())
+        storage.signups.use_once("altcha", "a-signature", expires=time.time() + 3600, now=0)
+        storage.signups.erase("erased@example.org", "h1", now="2020-12-21T00:00:00+00:00")
     finally:
         storage.close()
     # The finished send, and one refused at RCPT (a rejected row with its reply).
@@ -272,7 +290,7 @@ def test_a_deployment_is_copied_row_for_row_with_its_ids(
     }
     assert set(printed) == set(COPIED)
     assert all(s == t for s, t in printed.values()), printed
-    assert printed["subscribers"][0] == 42
+    assert printed["subscribers"][0] == 43  # 42 imported, one joined by a signup
     assert "the counts match" in done.stdout
     assert "not copied: locks (1 row(s))" in done.stdout
     assert "3 delivery(ies) left 'sending'" in done.stdout
@@ -312,7 +330,7 @@ def test_the_copy_is_a_working_database(source: Path, postgres_url: str, tmp_pat
             "INSERT INTO subscribers (email, created_at) VALUES ('new@example.org', 'now') "
             "RETURNING id"
         ).fetchone()
-        assert row is not None and row[0] == 43
+        assert row is not None and row[0] == 44
         city = conn.execute(
             "SELECT attributes->>'city' FROM subscribers WHERE email = 'reader001@example.org'"
         ).fetchone()
@@ -327,7 +345,7 @@ def test_a_target_with_rows_is_refused_and_left_as_it_was(
     rows = {t: pg_rows(postgres_url, t, sqlite_columns(source, t)) for t in COPIED}
     again = copy(source, postgres_url, tmp_path)
     assert again.returncode == 1
-    assert "is not empty" in again.stderr and "42 row(s) in subscribers" in again.stderr
+    assert "is not empty" in again.stderr and "43 row(s) in subscribers" in again.stderr
     assert "left this one as it was" in again.stderr
     assert pg_counts(postgres_url) == counts
     assert {t: pg_rows(postgres_url, t, sqlite_columns(source, t)) for t in COPIED} == rows

@@ -49,6 +49,15 @@ from newsletter.storage.evidence import (
     SentTo,
     SoftBounces,
 )
+from newsletter.storage.signups import (
+    ConfirmedSignup,
+    ConsentRecord,
+    Erased,
+    MailState,
+    NewSignup,
+    OutboxMail,
+    PendingSignup,
+)
 
 if TYPE_CHECKING:
     from newsletter.audience.csv_import import ParsedRow
@@ -666,6 +675,66 @@ class FeedbackStore(Protocol):
         ...
 
 
+class Signups(Protocol):
+    """Joining the list (:mod:`newsletter.storage.signups`, the same SQL on each backend):
+    signups and their confirmation, consent records, the server's outbox, rate limits
+    and single-use keys, and a person's data erased."""
+
+    def begin(self, signup: NewSignup) -> int:
+        """Keep a signup as posted and queue its confirmation mail; returns its id."""
+        ...
+
+    def signup(self, signup_id: int) -> PendingSignup | None: ...
+
+    def confirm(
+        self,
+        signup_id: int,
+        nonce: str,
+        *,
+        confirmed_ip: str | None,
+        now: str,
+        email_hash: str,
+        welcome: bool,
+    ) -> ConfirmedSignup | None:
+        """Confirm once: the lists joined, the person's own opt-outs, suppression and
+        erasure lifted, a consent record per list; None for anything else."""
+        ...
+
+    def mailed_lately(self, email: str, since: str) -> int: ...
+
+    def consents(self, email: str) -> list[ConsentRecord]: ...
+
+    def signups_of(self, email: str) -> list[PendingSignup]: ...
+
+    def claim_mail(self, now: float) -> OutboxMail | None:
+        """The next mail due, marked sending before its SMTP transaction."""
+        ...
+
+    def mail_done(
+        self, mail_id: int, state: MailState, detail: str, *, retry_at: float | None = None
+    ) -> None: ...
+
+    def mail_interrupted(self, older_than: str) -> int: ...
+
+    def outbox(self, email: str | None = None) -> list[OutboxMail]: ...
+
+    def allow(self, bucket: str, limit: int, window: float, now: float) -> bool:
+        """A rate limit shared by every process on the database."""
+        ...
+
+    def use_once(self, kind: str, key: str, expires: float, now: float) -> bool:
+        """True the first time a key is used (replay protection)."""
+        ...
+
+    def erased(self, email_hash: str) -> str | None: ...
+
+    def erasure_hashes(self) -> Iterator[str]: ...
+
+    def erase(self, email: str, email_hash: str, *, now: str) -> Erased:
+        """Remove a person's data; keep its keyed hash against later imports."""
+        ...
+
+
 class Lease(Protocol):
     """A named lock that one run at a time holds, with an expiry.
 
@@ -729,6 +798,8 @@ class Storage(Protocol):
     def slots(self) -> SlotStore: ...
     @property
     def feedback(self) -> FeedbackStore: ...
+    @property
+    def signups(self) -> Signups: ...
 
     @property
     def shared_sends(self) -> bool:

@@ -51,6 +51,13 @@ COPIED = (
     "list_columns",
     "feedback",
     "mailbox_marks",
+    "consent_texts",
+    "signups",
+    "consents",
+    "outbox",
+    "rate_hits",
+    "used_once",
+    "erasures",
 )
 NOT_COPIED = ("locks",)
 

@@ -30,6 +30,7 @@ from newsletter.storage.postgres.dry_run import copy_for_send
 from newsletter.storage.postgres.feedback import PgFeedback
 from newsletter.storage.postgres.leases import PostgresLease
 from newsletter.storage.postgres.send_log import PgSendLog
+from newsletter.storage.postgres.signups import PgSignups
 from newsletter.storage.postgres.slots import PgSlots
 from newsletter.storage.postgres.subscribers import PgSubscribers
 from newsletter.storage.sqlite import SqliteStorage
@@ -54,6 +55,7 @@ class PostgresStorage:
         self.archive = PgArchive(conn, location)
         self.slots = PgSlots(conn, location)
         self.feedback = PgFeedback(conn, location, self.subscribers)
+        self.signups = PgSignups(conn, location)
 
     @classmethod
     def open(

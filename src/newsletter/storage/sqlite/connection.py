@@ -218,12 +218,85 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # that name no delivery of ours but their recipient (the latest one to it).
         "CREATE INDEX deliveries_by_email ON deliveries(email, send_id)",
     ),
+    # 6: joining the list (storage.signups): signups waiting for their confirmation,
+    # consent records and the texts they refer to, the mail the server sends for
+    # them, rate limits and single-use keys, and the hashes erasures leave behind.
+    # Every member from before gets a record saying so.
+    (
+        "CREATE TABLE consent_texts ("
+        " sha256 TEXT PRIMARY KEY,"  # of the text, UTF-8
+        " text TEXT NOT NULL,"
+        " first_seen TEXT NOT NULL"
+        ") WITHOUT ROWID",
+        "CREATE TABLE signups ("
+        " id INTEGER PRIMARY KEY,"
+        " nonce TEXT NOT NULL,"  # random; the link's token is signed over id and nonce
+        " email TEXT NOT NULL,"
+        " first_name TEXT NOT NULL DEFAULT '',"
+        " lists TEXT NOT NULL,"  # JSON array of list names
+        " form TEXT NOT NULL,"  # where it was posted from
+        " consent_sha256 TEXT NOT NULL REFERENCES consent_texts(sha256),"
+        " posted_at TEXT NOT NULL,"
+        " posted_ip TEXT,"
+        " expires_at TEXT NOT NULL,"
+        " confirmed_at TEXT,"
+        " confirmed_ip TEXT)",
+        "CREATE INDEX signups_by_email ON signups(email, posted_at)",
+        "CREATE TABLE consents ("
+        " id INTEGER PRIMARY KEY,"
+        " email TEXT NOT NULL,"
+        " list_name TEXT NOT NULL,"
+        " method TEXT NOT NULL CHECK (method IN ('confirmed', 'import', 'before')),"
+        " source TEXT NOT NULL,"  # the form, the file imported, or 'before'
+        " consent_sha256 TEXT REFERENCES consent_texts(sha256),"
+        " signup_id INTEGER REFERENCES signups(id),"
+        " posted_at TEXT,"
+        " posted_ip TEXT,"
+        " confirmed_at TEXT NOT NULL,"  # an import's time, for an import
+        " confirmed_ip TEXT,"
+        " lifted TEXT NOT NULL DEFAULT '',"  # the opt-outs and suppressions it lifted
+        " actor TEXT NOT NULL DEFAULT '')",
+        "CREATE INDEX consents_by_email ON consents(email, list_name)",
+        "CREATE TABLE outbox ("
+        " id INTEGER PRIMARY KEY,"
+        " kind TEXT NOT NULL CHECK (kind IN ('confirm', 'welcome')),"
+        " signup_id INTEGER NOT NULL REFERENCES signups(id),"
+        " email TEXT NOT NULL,"
+        " state TEXT NOT NULL CHECK (state IN"
+        "  ('pending', 'sending', 'sent', 'rejected', 'deferred', 'unknown')),"
+        " attempts INTEGER NOT NULL DEFAULT 0,"
+        " retry_at REAL,"
+        " detail TEXT,"
+        " created_at TEXT NOT NULL,"
+        " updated_at TEXT NOT NULL)",
+        "CREATE INDEX outbox_by_state ON outbox(state, id)",
+        "CREATE INDEX outbox_by_email ON outbox(email)",
+        "CREATE TABLE rate_hits (bucket TEXT NOT NULL, at REAL NOT NULL)",
+        "CREATE INDEX rate_hits_by_bucket ON rate_hits(bucket, at)",
+        "CREATE INDEX rate_hits_by_at ON rate_hits(at)",
+        "CREATE TABLE used_once ("
+        " kind TEXT NOT NULL,"
+        " key TEXT NOT NULL,"
+        " expires REAL NOT NULL,"
+        " PRIMARY KEY (kind, key)"
+        ") WITHOUT ROWID",
+        "CREATE INDEX used_once_by_expiry ON used_once(expires)",
+        "CREATE TABLE erasures ("
+        " email_hash TEXT PRIMARY KEY,"  # keyed: storage.signups.erasure_hash
+        " created_at TEXT NOT NULL"
+        ") WITHOUT ROWID",
+        "INSERT INTO consents (email, list_name, method, source, confirmed_at, actor) "
+        "SELECT u.email, m.list_name, 'before', 'on the list before consent was recorded', "
+        "m.added_at, 'schema 6' FROM list_members m JOIN subscribers u ON u.id = m.subscriber_id "
+        "ORDER BY m.added_at, u.id",
+    ),
 )
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
 _TABLES = frozenset(
     {"subscribers", "list_members", "suppressions", "list_optouts", "sends", "deliveries"}
     | {"slots", "locks", "suppression_log", "archive", "list_columns", "feedback"}
-    | {"mailbox_marks"}
+    | {"mailbox_marks", "consent_texts", "signups", "consents", "outbox", "rate_hits"}
+    | {"used_once", "erasures"}
 )
 
 

@@ -32,6 +32,7 @@ from newsletter.storage.sqlite.dry_run import copy_for_send
 from newsletter.storage.sqlite.feedback import FeedbackLog
 from newsletter.storage.sqlite.leases import SqliteLease
 from newsletter.storage.sqlite.send_log import SendLog
+from newsletter.storage.sqlite.signups import SqliteSignups
 from newsletter.storage.sqlite.slots import SlotLog
 from newsletter.storage.sqlite.subscribers import SubscriberStore
 
@@ -49,6 +50,7 @@ class SqliteStorage:
         self.archive = ArchiveStore(conn)
         self.slots = SlotLog(conn)
         self.feedback = FeedbackLog(conn, self.subscribers)
+        self.signups = SqliteSignups(conn)
 
     @classmethod
     def open(cls, path: Path, *, create: bool = False, busy_seconds: float = 30.0) -> SqliteStorage:
