@@ -60,6 +60,11 @@ ARGS: dict[tuple[str, ...], list[tuple[str, ...]]] = {
         ("subscribers", "export", "--list", LIST, "out.csv"),
     ],
     ("subscribers", "show"): [("subscribers", "show", "ann@example.org")],
+    ("subscribers", "export-person"): [
+        ("subscribers", "export-person", "ann@example.org"),
+        ("subscribers", "export-person", "ann@example.org", "-o", "ann.json"),
+    ],
+    ("subscribers", "erase"): [("subscribers", "erase", "ann@example.org", "--yes")],
     ("subscribers", "remove"): [("subscribers", "remove", "--list", LIST, "ann@example.org")],
     ("subscribers", "unsubscribe"): [("subscribers", "unsubscribe", "ann@example.org")],
     ("subscribers", "unsuppress"): [

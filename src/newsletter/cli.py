@@ -223,27 +223,63 @@ def _known_list(store: Subscribers, list_name: str) -> None:
     callback=_encoding,
     help="The file's encoding; Excel's plain CSV on Windows is cp1252.",
 )
-def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool, encoding: str) -> None:
+@click.option(
+    "--consent",
+    "consent_text",
+    metavar="TEXT",
+    default=None,
+    help='How these addresses were gathered and agreed to get the newsletter ("signed up '
+    "on paper at the 2026 members' day\"): kept, with the file's name and the time, as the "
+    "consent record of each member without one.",
+)
+def subscribers_import(
+    csv_file: Path, list_name: str, skip_invalid: bool, encoding: str, consent_text: str | None
+) -> None:
     """Import CSV_FILE (columns: email, first_name, last_name, any others) into a list.
 
     A column the file does not have leaves the stored values alone; an empty
-    cell clears them. Exit status: 0 all imported; 1 nothing imported (bad rows
-    without --skip-invalid, or a bad file); 3 good rows imported, bad rows
-    skipped (--skip-invalid); 130 interrupted, nothing imported.
+    cell clears them. Every member without a consent record for the list gets one
+    (--consent says how they agreed). An address erased at the person's request
+    (`subscribers erase`) is refused. Exit status: 0 all imported; 1 nothing
+    imported (bad rows without --skip-invalid, or a bad file); 3 good rows
+    imported, bad rows skipped (--skip-invalid); 130 interrupted, nothing imported.
     """
-    from newsletter.audience.csv_import import read_csv
+    import datetime as dt
 
+    from newsletter.audience.csv_import import read_csv
+    from newsletter.storage.signups import ImportConsent, erasure_hash
+
+    settings = _settings()
+    text = _consent_text(consent_text)
+    storage = _open(settings, create=True)  # an import is how a database comes to exist
     try:
-        _, store = _store(create=True)  # an import is how a database comes to exist
-        report = store.import_rows(
+        erased = set(storage.signups.erasure_hashes())
+        key = settings.erasure_key
+        if erased and key is None:
+            _fail(
+                f"{len(erased):,} address(es) were erased at the person's request, and without "
+                "NEWSLETTER_SECRET_KEY (the key of their hashes) this file cannot be checked "
+                "against them: set it as it was when they were erased; nothing was imported"
+            )
+        consent = ImportConsent(
+            source=csv_file.name,
+            text=text,
+            at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            actor=_actor(),
+        )
+        report = storage.subscribers.import_rows(
             list_name,
             read_csv(csv_file, encoding=encoding),
             skip_invalid=skip_invalid,
             actor=_actor(),
+            consent=consent,
+            erased=(lambda e: erasure_hash(key, e) in erased) if erased and key else None,
         )
     except KeyboardInterrupt:
         click.secho("interrupted: nothing was imported; the lists are as they were", err=True)
         sys.exit(130)
+    finally:
+        storage.close()
     for problem in report.problems:
         click.secho(
             f"{'skipped' if skip_invalid else 'error'}: {problem}",
@@ -265,8 +301,20 @@ def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool, encod
         f"(updated), {report.duplicates:,} duplicate row(s) in the file, "
         f"{report.skipped:,} bad row(s) skipped"
     )
-    if not (report.added or report.updated or report.duplicates or report.skipped):
+    if not (report.added or report.updated or report.duplicates or report.skipped or report.erased):
         click.echo(f"{csv_file} has no rows after its header line.")
+    if report.erased:
+        lines = ", ".join(str(n) for n in report.erased_lines)
+        more = " ..." if report.erased > len(report.erased_lines) else ""
+        click.secho(
+            f"{report.erased:,} row(s) refused (line(s) {lines}{more}): those people asked for "
+            "their data to be erased, and are never imported again (only a confirmed signup "
+            "of their own brings them back)",
+            fg="yellow",
+        )
+    if report.consented:
+        said = "" if consent_text else " (how they agreed was not given: see --consent)"
+        click.echo(f"{report.consented:,} consent record(s) kept, from {csv_file.name}{said}.")
     from newsletter.render.merge_fields import column_notes
 
     for note in column_notes(report.columns):
@@ -289,6 +337,20 @@ def subscribers_import(csv_file: Path, list_name: str, skip_invalid: bool, encod
             err=True,
         )
         sys.exit(3)
+
+
+# What an import without --consent records as how its members agreed.
+NO_CONSENT_GIVEN = "not given (imported without --consent)"
+
+
+def _consent_text(given: str | None) -> str:
+    """--consent as kept: one line of text, or the note that none was given."""
+    if given is None:
+        return NO_CONSENT_GIVEN
+    text = " ".join(given.split())
+    if not text or len(text) > 1000:
+        _fail("--consent must say, in 1 to 1000 characters, how the addresses were gathered")
+    return text
 
 
 @subscribers.command("count")
@@ -480,8 +542,10 @@ def subscribers_show(email: str) -> None:
     mail system said about it (bounces, complaints, unsubscribes), each with its
     evidence id for `bounces show`."""
     from newsletter.audience.csv_import import normalise_address
+    from newsletter.storage.signups import erasure_hash
 
-    storage = _open(_settings())
+    settings = _settings()
+    storage = _open(settings)
     try:
         store = storage.subscribers
         address = _address(email, normalise_address)
@@ -490,13 +554,40 @@ def subscribers_show(email: str) -> None:
         history = store.suppression_history(address)
         heard = storage.feedback.about(address)
         sends = storage.feedback.deliveries_of(address)
+        consents = storage.signups.consents(address)
+        signups = storage.signups.signups_of(address)
+        key = settings.erasure_key
+        erased = None if key is None else storage.signups.erased(erasure_hash(key, address))
     finally:
         storage.close()
-    if not lists and info is None and not history and not heard and not sends:
+    if erased is not None and not lists and not signups:
+        click.echo(f"{address}: erased at the person's request on {erased}; nothing else is kept")
+        return
+    if not (lists or info or history or heard or sends or consents or signups):
         _fail(f"{address} is on no list and has never been suppressed")
     click.echo(address)
     for name, left in lists:
         click.echo(f"  {name}: {'opted out' if left else 'member'}")
+    methods = {"confirmed": "confirmed a signup", "import": "imported", "before": "listed"}
+    for c in consents:
+        posted = f", posted {c.posted_at} from {c.posted_ip or 'an unknown address'}" if (
+            c.posted_at) else ""  # fmt: skip
+        from_ip = f" from {c.confirmed_ip}" if c.confirmed_ip else ""
+        lifted = f"; lifted {c.lifted}" if c.lifted else ""
+        click.echo(
+            _shown(
+                f"  consent to {c.list_name}: {methods[c.method]} {c.confirmed_at}{from_ip} "
+                f"({c.source}{posted}): {c.consent_text or 'no text'!r}{lifted}"
+            )
+        )
+    for p in signups:
+        if p.confirmed_at is None:
+            click.echo(
+                _shown(
+                    f"  signup #{p.id} posted {p.posted_at} for {', '.join(p.lists)}: "
+                    f"waiting for its confirmation until {p.expires_at}"
+                )
+            )
     if info is not None:
         click.echo(f"  suppressed ({info.reason}) since {info.since}: no list mails it")
     for when, action, why, list_name, actor in history:
@@ -517,6 +608,95 @@ def subscribers_show(email: str) -> None:
                 f"({how}): {kept.outcome} [evidence #{kept.id}]"
             )
         )
+
+
+@subscribers.command("export-person")
+@click.argument("email")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write the JSON to this file (whole, or not at all) instead of standard output.",
+)
+def subscribers_export_person(email: str, output: Path | None) -> None:
+    """Everything stored about EMAIL, as JSON: for a subject access request (GDPR
+    article 15). Its subscriber record and columns, lists and opt-outs, suppression and
+    its history, consent records with the exact text shown, signups and the mail sent
+    for them, every send and its outcome, and what the mail system said, with the
+    messages kept. Exit status 1 when nothing is stored about it."""
+    from newsletter.audience import person
+    from newsletter.audience.csv_import import normalise_address
+
+    settings = _settings()
+    address = _address(email, normalise_address)
+    storage = _open(settings)
+    try:
+        data = person.gather(storage, address, erasure_key=settings.erasure_key)
+    finally:
+        storage.close()
+    if data.empty:
+        _fail(f"nothing is stored about {address}")
+    if output is None:
+        click.echo(data.to_json(), nl=False)
+        return
+    person.write_json(data, output)
+    click.echo(f"{address}: written to {output}", err=True)
+
+
+@subscribers.command("erase")
+@click.argument("email")
+@click.option("--yes", is_flag=True, help="Do not ask first.")
+def subscribers_erase(email: str, yes: bool) -> None:
+    """Erase everything stored about EMAIL, at the person's request (GDPR article 17).
+
+    Removed: the subscriber record and columns, list memberships and opt-outs, the
+    suppression and its history, consent records, signups and their mail. The send
+    log's rows and the bounces kept about it stay, for the counts, without the address,
+    names, columns, SMTP replies or messages. What stays is a keyed hash of the
+    address (NEWSLETTER_SECRET_KEY is the key), so that no later import can add it
+    again; only a signup the person confirms brings them back. Export first
+    (`subscribers export-person`) if they asked for their data too."""
+    from newsletter.audience import person
+    from newsletter.audience.csv_import import normalise_address
+    from newsletter.errors import ConfigError
+
+    settings = _settings()
+    address = _address(email, normalise_address)
+    key = settings.erasure_key
+    if key is None:
+        raise ConfigError(
+            "NEWSLETTER_SECRET_KEY is not set: an erasure keeps a hash of the address keyed "
+            "with it (so no import adds it again, and nobody holding the database alone can "
+            "test an address); set it as the web pages have it"
+        )
+    storage = _open(settings)
+    try:
+        data = person.gather(storage, address, erasure_key=key)
+        if data.empty:
+            _fail(f"nothing is stored about {address}")
+        if data.erased_at is not None and not (data.subscriber or data.sends or data.signups):
+            click.echo(f"{address} was erased on {data.erased_at}; nothing more to erase")
+            return
+        if not yes:
+            click.confirm(
+                f"Erase {address}: {len(data.lists)} list membership(s), {len(data.sends)} "
+                f"send(s) made anonymous, {len(data.consents)} consent record(s)? This "
+                "cannot be undone",
+                abort=True,
+            )
+        done = person.erase(storage, address, key)
+    finally:
+        storage.close()
+    removed = ", ".join(f"{n:,} {table}" for table, n in done.removed.items() if n)
+    anonymous = ", ".join(f"{n:,} {table}" for table, n in done.anonymised.items() if n)
+    click.echo(f"{address}: erased. Removed: {removed or 'nothing'}.")
+    if anonymous:
+        click.echo(f"Made anonymous (kept for the counts): {anonymous}.")
+    click.echo(
+        "Kept: a keyed hash of the address, so that no import adds it again; a signup the "
+        "person confirms themselves lifts it."
+    )
 
 
 _SOURCE_TEXT = {

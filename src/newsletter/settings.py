@@ -550,6 +550,16 @@ class Settings(BaseSettings):
         return SoftBounces(self.soft_bounce_limit, self.soft_bounce_days)
 
     @property
+    def erasure_key(self) -> bytes | None:
+        """The key of erased addresses' hashes; None without NEWSLETTER_SECRET_KEY (a
+        preview key would make them testable by anyone)."""
+        if self.secret_key is None:
+            return None
+        from newsletter.storage.signups import erasure_key
+
+        return erasure_key(self.token_key)
+
+    @property
     def token_key(self) -> bytes:
         if self.secret_key is None:
             return PREVIEW_KEY

@@ -34,7 +34,7 @@ import csv
 import io
 import re
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, NoReturn, TextIO
@@ -596,10 +596,16 @@ def export_to_file(path: Path, attributes: list[str], members: Iterable[Member])
     """:func:`write_export` into ``path``: the whole file or, on any failure, none (it is
     written beside it first, then moved into place). Raises OutputError when it cannot
     be written."""
+    write_whole(path, lambda fh: write_export(fh, attributes, members))
+
+
+def write_whole(path: Path, write: Callable[[TextIO], object]) -> None:
+    """``write`` into ``path`` (UTF-8): the whole file or, on any failure, none (it is
+    written beside it first, then moved into place). OutputError when it cannot be."""
     partial = path.with_name(f".{path.name}.partial")
     try:
         with partial.open("w", encoding="utf-8", newline="") as fh:
-            write_export(fh, attributes, members)
+            write(fh)
         partial.replace(path)
     except OSError as exc:
         partial.unlink(missing_ok=True)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import unicodedata
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +53,7 @@ from newsletter.storage.signups import (
     ConfirmedSignup,
     ConsentRecord,
     Erased,
+    ImportConsent,
     MailState,
     NewSignup,
     OutboxMail,
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BATCH",
     "LEASE_SECONDS",
+    "MAX_ERASED_LINES",
     "MAX_LIFT_REASON",
     "MAX_PROBLEMS",
     "ArchivedIssue",
@@ -108,6 +110,8 @@ LEASE_SECONDS = 120.0
 MAX_LIFT_REASON = 200
 # The problems an import keeps for its report; more are counted, not held (flat memory).
 MAX_PROBLEMS = 10_000
+# The lines of erased addresses an import names; more are counted.
+MAX_ERASED_LINES = 20
 # Rows a store reads (a stream) or writes (a removal) at a time, on every backend.
 BATCH = 1000
 
@@ -149,6 +153,14 @@ class ImportReport:
     more_problems: int = 0  # problems beyond those
     committed: bool = False
     columns: list[str] = field(default_factory=list)  # the file's own, beyond email and names
+    erased: int = 0  # rows refused: the person's data was erased at their request
+    erased_lines: list[int] = field(default_factory=list)  # the first MAX_ERASED_LINES
+    consented: int = 0  # consent records this import wrote (members without one for the list)
+
+    def refuse_erased(self, line: int) -> None:
+        self.erased += 1
+        if len(self.erased_lines) < MAX_ERASED_LINES:
+            self.erased_lines.append(line)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,11 +330,15 @@ class Subscribers(Protocol):
         *,
         skip_invalid: bool,
         actor: str = "import",
+        consent: ImportConsent | None = None,
+        erased: Callable[[str], bool] | None = None,
     ) -> ImportReport:
         """Add rows to a list: every good row or, when a bad one is found and bad rows are
         not skipped, none (one transaction, ``report.committed`` says which). Columns a row
         lacks keep their stored values; an export's state column is recorded by ``actor``.
-        The rows are read and checked before the write lock is taken."""
+        The rows are read and checked before the write lock is taken. ``erased`` says
+        which addresses were erased (refused, counted in ``report.erased``); ``consent``
+        is written as the consent record of every row without one for this list."""
         ...
 
     def lists(self) -> list[tuple[str, int]]:

@@ -37,6 +37,7 @@ __all__ = [
     "ConfirmedSignup",
     "ConsentRecord",
     "Erased",
+    "ImportConsent",
     "MailState",
     "NewSignup",
     "OutboxMail",
@@ -76,6 +77,44 @@ def erasure_key(secret_key: bytes) -> bytes:
 def erasure_hash(key: bytes, email: str) -> str:
     """The keyed hash an erased (normalised) address leaves behind."""
     return hmac.new(key, email.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ImportConsent:
+    """How an imported list was gathered, as `subscribers import --consent` says it."""
+
+    source: str  # the file's name
+    text: str  # how the addresses were gathered, in the importer's words
+    at: str  # when it was imported (ISO, UTC)
+    actor: str  # who imported it
+
+
+def import_consent_sql(temp_table: str, placeholder: str) -> tuple[str, str]:
+    """The two statements an import runs to record ``ImportConsent`` (the text kept
+    once; a record for each staged row without one for the list), for a backend whose
+    staged rows are in ``temp_table``, with its placeholder. Parameters: (sha256, text,
+    at) and (list, source, sha256, at, actor, list)."""
+    keep = (
+        "INSERT INTO consent_texts (sha256, text, first_seen) VALUES (?, ?, ?) "
+        "ON CONFLICT (sha256) DO NOTHING"
+    )
+    # temp_table is one of the two backends' constants.
+    record = (
+        "INSERT INTO consents (email, list_name, method, source, consent_sha256, "  # noqa: S608
+        f"confirmed_at, actor) SELECT r.email, ?, 'import', ?, ?, ?, ? FROM {temp_table} r "
+        "WHERE NOT EXISTS (SELECT 1 FROM consents c WHERE c.email = r.email AND c.list_name = ?) "
+        "ORDER BY r.seq"
+    )
+    return keep.replace("?", placeholder), record.replace("?", placeholder)
+
+
+def import_consent_params(
+    consent: ImportConsent, list_name: str
+) -> tuple[tuple[str, str, str], tuple[str, ...]]:
+    digest = consent_hash(consent.text)
+    return (digest, consent.text, consent.at), (
+        list_name, consent.source, digest, consent.at, consent.actor, list_name,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

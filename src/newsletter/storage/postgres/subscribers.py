@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -40,6 +40,7 @@ from newsletter.storage.base import (
 )
 from newsletter.storage.location import Location
 from newsletter.storage.postgres.connection import translated
+from newsletter.storage.signups import ImportConsent, import_consent_params, import_consent_sql
 
 __all__ = ["AUDIENCE_SQL", "MEMBERS_SQL", "PgSubscribers", "text_attributes"]
 
@@ -117,6 +118,8 @@ class PgSubscribers:
         *,
         skip_invalid: bool,
         actor: str = "import",
+        consent: ImportConsent | None = None,
+        erased: Callable[[str], bool] | None = None,
     ) -> ImportReport:
         """Add rows to a list in one transaction; roll back on any problem unless skipping.
 
@@ -139,13 +142,18 @@ class PgSubscribers:
             with self.conn.cursor() as cur:
                 with cur.copy(_COPY_SQL) as copy:
                     copy.set_types(_COPY_TYPES)
-                    for row in self._checked(rows, report, columns, skip_invalid):
+                    for row in self._checked(rows, report, columns, skip_invalid, erased):
                         copy.write_row(row)
                 if report.skipped and not skip_invalid:
                     refused = True
                     raise psycopg.Rollback(tx)
                 now = _now()
                 self._apply(cur, list_name, report, actor, now)
+                if consent is not None:
+                    keep, record = import_consent_sql("import_rows", "%s")
+                    text, rows_params = import_consent_params(consent, list_name)
+                    cur.execute(keep, text)
+                    report.consented = cur.execute(record, rows_params).rowcount
                 report.columns = list(columns)
                 self._columns(cur, list_name, report.columns, now)
         report.committed = not refused
@@ -172,6 +180,7 @@ class PgSubscribers:
         report: ImportReport,
         columns: dict[str, None],
         skip_invalid: bool,
+        erased: Callable[[str], bool] | None,
     ) -> Iterator[tuple[object, ...]]:
         """The good rows as COPY takes them, in file order; problems go into ``report``
         (rows counted once however many problems they have). After the first bad row,
@@ -190,6 +199,9 @@ class PgSubscribers:
                     report.more_problems += 1
                 continue
             if report.skipped and not skip_invalid:
+                continue
+            if erased is not None and erased(row.email):
+                report.refuse_erased(row.line)
                 continue
             if len(columns) < len(row.attributes):
                 columns.update(dict.fromkeys(row.attributes))

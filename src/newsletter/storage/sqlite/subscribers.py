@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 
 from newsletter.audience.csv_import import SUPPRESSION_REASONS, ParsedRow
 from newsletter.errors import Problem
@@ -34,6 +34,7 @@ from newsletter.storage.base import (
     Suppression,
     lift_reason,
 )
+from newsletter.storage.signups import ImportConsent, import_consent_params, import_consent_sql
 from newsletter.storage.sqlite.connection import translated
 
 __all__ = [
@@ -100,6 +101,8 @@ class SubscriberStore:
         *,
         skip_invalid: bool,
         actor: str = "import",
+        consent: ImportConsent | None = None,
+        erased: Callable[[str], bool] | None = None,
     ) -> ImportReport:
         """Add rows to a list in one transaction; roll back on any problem unless skipping.
 
@@ -137,6 +140,9 @@ class SubscriberStore:
                     continue
                 if report.skipped and not skip_invalid:
                     continue  # nothing will be written: only look for more problems
+                if erased is not None and erased(row.email):
+                    report.refuse_erased(row.line)
+                    continue
                 if len(columns) < len(row.attributes):
                     columns.update(dict.fromkeys(row.attributes))
                 if not cur.execute(
@@ -161,6 +167,11 @@ class SubscriberStore:
                 return report
             cur.execute("BEGIN IMMEDIATE")
             self._apply(cur, list_name, report, actor, _now())
+            if consent is not None:
+                keep, record = import_consent_sql("temp.import_rows", "?")
+                text, rows_params = import_consent_params(consent, list_name)
+                cur.execute(keep, text)
+                report.consented = cur.execute(record, rows_params).rowcount
             report.columns = list(columns)
             cur.executemany(
                 "INSERT INTO list_columns (list_name, name, added_at) VALUES (?, ?, ?) "
