@@ -40,9 +40,10 @@ import datetime as dt
 import hashlib
 import re
 import secrets
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from email.utils import format_datetime, parseaddr
+from email.utils import format_datetime, getaddresses
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -56,7 +57,7 @@ from newsletter.render import merge_fields
 from newsletter.render.checks import SIZE_FAIL
 from newsletter.render.inliner import inline_css
 from newsletter.render.mjml_compile import compile_mjml
-from newsletter.render.templating import LEFTOVER, Templates, longdate, render
+from newsletter.render.templating import Templates, longdate, render
 
 CONFIRM_TEMPLATES = ("confirm.mjml.j2", "confirm.txt.j2")
 WELCOME_TEMPLATES = ("welcome.mjml.j2", "welcome.txt.j2")
@@ -68,6 +69,7 @@ SUBJECT_MAX = 78  # longer subjects are cut off on phones (RFC 5322 2.1.1's line
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _ADDRESS = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})+")
+_MJML_LEFTOVER = re.compile(r"</?mj-[\w-]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,12 +297,14 @@ def _render_mail(
     mjml_source, text = render(templates, ctx, html_template=html_name, text_template=text_name)
     where = templates.folder / html_name
     html = inline_css(compile_mjml(mjml_source, template=str(where)), _css(templates.folder))
-    # In the HTML every value is escaped: "<mj-" or "{{" there came from the template.
-    leftover = LEFTOVER.search(html)
+    # In the HTML every value is escaped ("&lt;mj-"): "<mj-" there is a tag of the
+    # template's that MJML did not know (it passes them through). "{{" is not looked
+    # for: a first name may hold it, and a template that left one would not parse.
+    leftover = _MJML_LEFTOVER.search(html)
     if leftover:
         raise TemplateError(
-            f"{where}: the HTML still contains {leftover.group(0)!r}: a template tag was not "
-            "rendered, or MJML did not know a tag"
+            f"{where}: the HTML still contains {leftover.group(0)!r}: MJML did not know "
+            "this tag; check its spelling"
         )
     if len(html.encode("utf-8")) > SIZE_FAIL:
         raise TemplateError(
@@ -348,6 +352,18 @@ def _address(value: str, what: str) -> str:
             "name, space, quote, angle bracket or line break)"
         )
     return value
+
+
+def _reply_to(value: str) -> str:
+    """One mailbox (``Name <local@domain>`` or an address) as the header writes it.
+
+    parseaddr() would quietly drop what follows the first mailbox (a line break and
+    a header, a second address): refused instead."""
+    found = getaddresses([value])
+    if any(unicodedata.category(c) == "Cc" for c in value) or len(found) != 1:
+        raise ValueError(f"reply_to {value[:300]!r} is not one mailbox on one line")
+    name, address = found[0]
+    return _mailbox(name, _address(address, "reply_to"))
 
 
 def _base_url(value: str) -> str:
@@ -399,8 +415,7 @@ def _compose(
         list_headers,
     ]
     if reply_to:
-        name, address = parseaddr(reply_to)
-        headers.append(_header("Reply-To", _mailbox(name, _address(address, "reply_to"))))
+        headers.append(_header("Reply-To", _reply_to(reply_to)))
     headers.append(
         _header("Content-Type", f'multipart/alternative;\r\n boundary="{boundary.decode()}"')
     )
