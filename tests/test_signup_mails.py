@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from conftest import REPO
 from newsletter.delivery import dkim_sign
 from newsletter.delivery.transports import Envelope, SmtpConfig, SmtpTransport
-from newsletter.errors import ConfigError
+from newsletter.errors import ConfigError, TemplateError
 from newsletter.models import Outcome, Society
 from newsletter.render import merge_fields
 from newsletter.render.checks import check_message
@@ -388,6 +388,34 @@ def test_the_welcome_mail_is_optional(tmp_path: Path) -> None:
     (folder / "confirm.txt.j2").unlink()
     with pytest.raises(ConfigError, match=r"confirm\.txt\.j2 not found"):
         confirm(load_templates(folder), society)
+
+
+@pytest.fixture
+def own_templates(tmp_path: Path) -> Path:
+    """A society's own copy of the templates, to change."""
+    folder = tmp_path / "templates"
+    shutil.copytree(REPO / "templates", folder)
+    return folder
+
+
+def test_a_changed_template_that_loses_its_link_or_misspells_a_tag_is_refused(
+    own_templates: Path, society: Society
+) -> None:
+    page = own_templates / "confirm.mjml.j2"
+    source = page.read_text(encoding="utf-8")
+    page.write_text(source.replace("{{ mail.confirm_url }}", "https://www.example.org/"), "utf-8")
+    with pytest.raises(TemplateError, match=r"the HTML part lacks the link .*mail\.confirm_url"):
+        confirm(load_templates(own_templates), society)
+    page.write_text(source.replace("mj-button", "mj-buton"), "utf-8")
+    with pytest.raises(TemplateError, match=r"'<mj-buton'.*MJML did not know"):
+        confirm(load_templates(own_templates), society)
+    page.write_text(source.replace("{{ mail.to }}", "{{ mail.too }}"), "utf-8")
+    with pytest.raises(TemplateError, match=r"confirm\.mjml\.j2:\d+: .*too"):
+        confirm(load_templates(own_templates), society)
+    text = own_templates / "welcome.txt.j2"
+    text.write_text(text.read_text("utf-8").replace("{{ unsubscribe_url }}", ""), "utf-8")
+    with pytest.raises(TemplateError, match=r"the text part lacks the link .*unsubscribe_url"):
+        welcome(load_templates(own_templates), society)
 
 
 # -- goldens ----------------------------------------------------------------------------

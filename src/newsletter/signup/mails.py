@@ -167,7 +167,9 @@ def confirmation_message(
         "subject": subject,
         "recipient_email": mail.to,
     }
-    html, text = _render_mail(templates, CONFIRM_TEMPLATES, ctx, required_link=link)
+    html, text = _render_mail(
+        templates, CONFIRM_TEMPLATES, ctx, required_link=link, link_name="mail.confirm_url"
+    )
     return _compose(
         kind="confirm",
         sender_name=sender_name,
@@ -230,7 +232,9 @@ def welcome_message(
         "preferences_url": mail.preferences_url,
         "unsubscribe_url": mail.unsubscribe_url,
     }
-    html, text = _render_mail(templates, WELCOME_TEMPLATES, ctx, required_link=unsubscribe)
+    html, text = _render_mail(
+        templates, WELCOME_TEMPLATES, ctx, required_link=unsubscribe, link_name="unsubscribe_url"
+    )
     uris = [f"<{unsubscribe}>"]
     if unsubscribe_mailto is not None:
         token = unsubscribe.rpartition("/")[2]
@@ -288,11 +292,16 @@ def _require(folder: Path, names: tuple[str, str]) -> None:
 
 
 def _render_mail(
-    templates: Templates, names: tuple[str, str], ctx: dict[str, Any], *, required_link: str
+    templates: Templates,
+    names: tuple[str, str],
+    ctx: dict[str, Any],
+    *,
+    required_link: str,
+    link_name: str,
 ) -> tuple[str, str]:
-    """(inlined HTML, text) of one mail, checked as far as a signup can be checked: no
-    template syntax or MJML left over, under Gmail's clipping, the link it exists for
-    in both parts."""
+    """(inlined HTML, text) of one mail, checked as far as a signup mail can be checked:
+    no MJML tag left over, under Gmail's clipping, the link it exists for in both parts
+    (``required_link``, the value of the context's ``link_name``)."""
     html_name, text_name = names
     mjml_source, text = render(templates, ctx, html_template=html_name, text_template=text_name)
     where = templates.folder / html_name
@@ -314,8 +323,8 @@ def _render_mail(
     for part, body, name in (("HTML", html, html_name), ("text", text, text_name)):
         if (escaped if part == "HTML" else required_link) not in body:
             raise TemplateError(
-                f"{templates.folder / name}: the {part} part lacks the link it is sent for "
-                f"({required_link}); keep it in the template"
+                f"{templates.folder / name}: the {part} part lacks the link it is sent for; "
+                f"keep {{{{ {link_name} }}}} in the template"
             )
     return html, text
 
