@@ -540,31 +540,33 @@ def test_sent_over_smtp_byte_for_byte_and_the_signature_verifies(
 
 # -- hostile input ----------------------------------------------------------------------
 
+# Each with whether the confirmation still greets by it (see the form-spam test below).
 HOSTILE_NAMES = [
-    "Ann\r\nBcc: evil@example.com",
-    "Ann\nX-Injected: yes",
-    "Ann\rX-Injected: yes",
-    "Ann\r\n\r\n<p>a body of my own</p>",
-    "<script>alert(1)</script>",
-    "</mj-text><mj-button href='https://evil.example.com/'>Win</mj-button>",
-    '"><a href="https://evil.example.com/">x</a>',
-    "\u202eevil\u202c Ann",
-    "Ann\u2066\u2069 \u202dLee",
-    "Ann\x00\x1b[31m\x07\x7f",
-    "=?utf-8?q?X-Injected=3A_yes?=",
-    "{{ 7 * 7 }} {% raw %}",
-    "[[UNSUBSCRIBE_URL]] [[EMAIL]]",
-    "Ann\u2028X-Injected: yes\u0085Bcc: evil@example.com",
-    "A" * 5000,
+    ("Ann\r\nBcc: evil@example.com", False),
+    ("Ann\nX-Injected: yes", False),
+    ("Ann\rX-Injected: yes", False),
+    ("Ann\r\n\r\n<p>a body of my own</p>", False),
+    ("<script>alert(1)</script>", False),
+    ("</mj-text><mj-button href='https://evil.example.com/'>Win</mj-button>", False),
+    ('"><a href="https://evil.example.com/">x</a>', False),
+    ("\u202eevil\u202c Ann", True),
+    ("Ann\u2066\u2069 \u202dLee", True),
+    ("Ann\x00\x1b[31m\x07\x7f", False),
+    ("=?utf-8?q?X-Injected=3A_yes?=", False),
+    ("{{ 7 * 7 }} {% raw %}", False),
+    ("[[UNSUBSCRIBE_URL]] [[EMAIL]]", False),
+    ("Ann\u2028X-Injected: yes\u0085Bcc: evil@example.com", False),
+    ("A" * 5000, False),
 ]
 
 
-@pytest.mark.parametrize("name", HOSTILE_NAMES)
+@pytest.mark.parametrize(("name", "greeted"), HOSTILE_NAMES)
 @pytest.mark.parametrize("which", ["confirm", "welcome"])
 def test_a_hostile_first_name_is_text_and_never_a_header(
-    templates: Templates, society: Society, name: str, which: str
+    templates: Templates, society: Society, name: str, greeted: bool, which: str
 ) -> None:
     make = confirm if which == "confirm" else welcome
+    # As a list's name too: the confirmation shows that whatever it holds.
     raw = make(templates, society, first_name=name, lists=[name, "MS Research News"])
     assert_wire_format(raw)
     msg = parse(raw)
@@ -573,18 +575,20 @@ def test_a_hostile_first_name_is_text_and_never_a_header(
     )
     assert header_names(raw) == expected  # not one header more
     assert not msg.defects
-    [(shown, address)] = getaddresses([msg["To"]])
-    # (the stdlib parser keeps the space between two encoded words of a long name)
-    assert (shown.replace(" ", ""), address) == (
-        merge_fields.clean(name).replace(" ", ""),
-        "ann@example.org",
-    )
-    assert "\r" not in msg["Subject"] and "\n" not in msg["Subject"]
-    text, html = parts(msg)
     cleaned = merge_fields.clean(name)
     assert len(cleaned) <= merge_fields.VALUE_MAX
-    assert f"Hello {cleaned}," in " ".join(text.split())  # text/plain: as typed, once cleaned
-    assert f"Hello {html_escape(cleaned, quote=False)}," in " ".join(html.split())
+    shown = cleaned if which == "welcome" or greeted else ""
+    [(display, address)] = getaddresses([msg["To"]])
+    # (the stdlib parser keeps the space between two encoded words of a long name)
+    assert (display.replace(" ", ""), address) == (shown.replace(" ", ""), "ann@example.org")
+    assert "\r" not in msg["Subject"] and "\n" not in msg["Subject"]
+    text, html = parts(msg)
+    hello = f"Hello {shown}," if shown else "Hello,"
+    assert hello in " ".join(text.split())  # text/plain: as typed, once cleaned
+    assert html_escape(hello, quote=False) in " ".join(html.split())
+    # the list's name, in the text as typed and in the HTML escaped
+    assert f"{cleaned} and MS Research News from" in " ".join(text.split())
+    assert f"{html_escape(cleaned, quote=False)} and MS Research News" in " ".join(html.split())
     for body in (text, html, str(msg["To"]), str(msg["Subject"])):
         assert not any(c in body for c in BIDI)
         assert not any(c in body for c in "\x00\x1b\x07\x7f\u2028\u0085")
@@ -598,6 +602,39 @@ def test_a_hostile_first_name_is_text_and_never_a_header(
     if "[[" not in name and "{{" not in name:  # (which the checks take for template leftovers)
         link = CONFIRM_URL if which == "confirm" else UNSUBSCRIBE_URL
         assert check_message(html, text, unsubscribe_url=link).failures == []
+
+
+@pytest.mark.parametrize(
+    ("name", "greeted"),
+    [
+        ("Ann", True),
+        ("Zoë", True),
+        ("María José García López", True),
+        ("Jean-Luc O'Neill", True),
+        ("Siobhán O\u2019Brien", True),
+        ("李小龍", True),
+        ("محمد", True),
+        ("Win $1000 at evil.example.com", False),
+        ("Ann, call +44 20 7946 0000", False),
+        ("visit https://evil.example.com", False),
+        ("You have won a prize today", False),  # five words
+        ("A" * 41, False),
+        ("ann@example.org", False),
+    ],
+)
+def test_the_confirmation_greets_only_by_what_looks_like_a_name(
+    templates: Templates, society: Society, name: str, greeted: bool
+) -> None:
+    """Form spam: a stranger types someone else's address and a "name" that is a
+    message of their own. The confirmation shows it only if it looks like a first name;
+    the welcome, to someone who confirmed, shows it whatever it is."""
+    text, html = parts(parse(confirm(templates, society, first_name=name)))
+    flat = " ".join(text.split())
+    assert (f"Hello {name}," in flat) is greeted
+    assert ("Hello," in flat) is not greeted
+    assert (name in html) is greeted or "@" in name  # (the address is in the text anyway)
+    welcomed, _ = parts(parse(welcome(templates, society, first_name=name)))
+    assert f"Hello {name}," in " ".join(welcomed.split())
 
 
 @pytest.mark.parametrize(

@@ -29,9 +29,10 @@ so auto-responders stay quiet) and a random Message-ID on the From domain, made
 without a DNS lookup. Every value a stranger typed (the first name, and the list
 names, in case) is cleaned as a merge field is (one line, no control characters
 or bidi controls, at most 100 characters), HTML-escaped by the templates, and
-RFC 2047-encoded in a header when it must be; an address or a URL that could
-break a header or a link is refused with ValueError (the caller validates them
-first: reaching here with one is a bug).
+RFC 2047-encoded in a header when it must be; the confirmation greets by a name
+only when it looks like one (it goes to an address nobody has confirmed yet). An
+address or a URL that could break a header or a link is refused with ValueError
+(the caller validates them first: reaching here with one is a bug).
 """
 
 from __future__ import annotations
@@ -70,14 +71,15 @@ _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _ADDRESS = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})+")
 _MJML_LEFTOVER = re.compile(r"</?mj-[\w-]*")
+_GREETED_MAX = 40
 
 
 @dataclass(frozen=True, slots=True)
 class SignupMail:
     """What varies from one signup mail to the next: the templates' ``mail``.
 
-    Every text is clean already (see :func:`_clean_name`); ``confirm_url`` and
-    ``expires`` are set for the confirmation, ``preferences_url`` and
+    Every text is clean already (:func:`_clean_name`, :func:`_greeted`); ``confirm_url``
+    and ``expires`` are set for the confirmation, ``preferences_url`` and
     ``unsubscribe_url`` for the welcome."""
 
     to: str  # the address
@@ -149,7 +151,7 @@ def confirmation_message(
     link = https_url(confirm_url)
     mail = SignupMail(
         to=_address(to, "to"),
-        first_name=_clean_name(first_name),
+        first_name=_greeted(first_name),
         lists=_clean_lists(lists),
         society=society,
         public_url=_base_url(public_url),
@@ -343,6 +345,22 @@ def _css(folder: Path) -> str:
 def _clean_name(value: str) -> str:
     """One line, no control characters or bidi controls, at most 100 characters."""
     return merge_fields.clean(value)
+
+
+def _greeted(value: str) -> str:
+    """The first name the confirmation greets (and puts in To), or "" for "Hello,".
+
+    A stranger types both the address and the name, so a signup form is a way to
+    mail anyone a line of one's own ("Ann, claim your prize at evil.example"):
+    form spam. The confirmation shows only what looks like a first name: at most
+    40 characters in at most 4 words of letters (any script), with apostrophes and
+    hyphens. The welcome, to someone who confirmed, shows the name as cleaned."""
+    name = _clean_name(value)
+    if len(name) > _GREETED_MAX or len(name.split()) > 4:
+        return ""
+    if all(unicodedata.category(c)[0] in "LM" or c in " '\u2019-" for c in name):
+        return name
+    return ""
 
 
 def _clean_lists(lists: Sequence[str]) -> tuple[str, ...]:
