@@ -266,6 +266,22 @@ def test_each_confirmation_has_its_own_message_id(templates: Templates, society:
     assert len(ids) == 3
 
 
+def test_a_given_message_id_is_used_and_checked(templates: Templates, society: Society) -> None:
+    """A mailer retrying one outbox mail may give every try the same Message-ID."""
+    stable = "<confirm.42.5f2a@example.org>"
+    assert parse(confirm(templates, society, message_id=stable))["Message-ID"] == stable
+    welcomed = welcome(templates, society, message_id="<welcome.42@example.org>")
+    assert parse(welcomed)["Message-ID"] == "<welcome.42@example.org>"
+    for bad in (
+        "confirm.42@example.org",
+        "<a@b.org>\r\nBcc: evil@example.com",
+        "<a b@c.org>",
+        "<>",
+    ):
+        with pytest.raises(ValueError, match="not <local@domain>"):
+            confirm(templates, society, message_id=bad)
+
+
 def test_several_lists_and_the_subject_kept_short(templates: Templates, society: Society) -> None:
     msg = parse(confirm(templates, society, lists=["MS Research News", "Events", "Appeals"]))
     assert msg["Subject"] == (

@@ -70,6 +70,7 @@ SUBJECT_MAX = 78  # longer subjects are cut off on phones (RFC 5322 2.1.1's line
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _ADDRESS = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})+")
+_MESSAGE_ID = re.compile(f"<{_ADDRESS.pattern}>")  # RFC 5322 3.6.4, dot-atom form
 _MJML_LEFTOVER = re.compile(r"</?mj-[\w-]*")
 _GREETED_MAX = 40
 
@@ -136,13 +137,16 @@ def confirmation_message(
     date: dt.datetime,
     signer: Callable[[bytes], bytes] | None = None,
     reply_to: str | None = None,
+    message_id: str | None = None,
 ) -> bytes:
     """The double opt-in email for one signup: "someone, hopefully you, asked to receive
     ``lists`` from the society; press the button to confirm; the link works until
     ``expires_at``; if it was not you, ignore this and you will get nothing more".
 
     Not a list message: no List-Id, no List-Unsubscribe (there is nothing to leave),
-    and no link but the confirmation link."""
+    and no link but the confirmation link. ``message_id`` (``<local@domain>``) replaces
+    the random one: a mailer that tries one outbox mail again after an outcome it
+    could not know may give each try the same id, so that receivers drop a duplicate."""
     _require(templates.folder, CONFIRM_TEMPLATES)
     _aware(date, "date")
     _aware(expires_at, "expires_at")
@@ -174,6 +178,7 @@ def confirmation_message(
     )
     return _compose(
         kind="confirm",
+        message_id=message_id,
         sender_name=sender_name,
         sender_address=sender_address,
         mail=mail,
@@ -202,6 +207,7 @@ def welcome_message(
     signer: Callable[[bytes], bytes] | None = None,
     reply_to: str | None = None,
     unsubscribe_mailto: str | None = None,
+    message_id: str | None = None,
 ) -> bytes:
     """The welcome email to a new member, once they confirmed (only when
     :func:`welcome_templates_present`; the templates are required here).
@@ -209,7 +215,8 @@ def welcome_message(
     It has the newsletter's footer links and its one-click pair (RFC 8058):
     ``List-Unsubscribe: <unsubscribe_url>`` (and, with ``unsubscribe_mailto``, the
     ``mailto:`` whose Subject is ``unsubscribe TOKEN``, the link's last path
-    segment, as the newsletter writes it) and ``List-Unsubscribe-Post``."""
+    segment, as the newsletter writes it) and ``List-Unsubscribe-Post``. ``message_id``
+    as for :func:`confirmation_message`."""
     _require(templates.folder, WELCOME_TEMPLATES)
     _aware(date, "date")
     unsubscribe = https_url(unsubscribe_url)
@@ -249,6 +256,7 @@ def welcome_message(
     )
     return _compose(
         kind="welcome",
+        message_id=message_id,
         sender_name=sender_name,
         sender_address=sender_address,
         mail=mail,
@@ -412,6 +420,7 @@ def _subject(wanted: str, shorter: str) -> str:
 def _compose(
     *,
     kind: str,
+    message_id: str | None,
     sender_name: str,
     sender_address: str,
     mail: SignupMail,
@@ -425,7 +434,10 @@ def _compose(
     domain = _address(sender_address, "sender_address").rpartition("@")[2].lower()
     # Random, so that no two signup mails share one, and on our own domain: make_msgid()
     # without a domain would look up this host's name in the DNS.
-    message_id = f"<{kind}.{secrets.token_hex(16)}@{domain}>"
+    if message_id is None:
+        message_id = f"<{kind}.{secrets.token_hex(16)}@{domain}>"
+    elif not _MESSAGE_ID.fullmatch(message_id):
+        raise ValueError(f"message_id {message_id[:300]!r} is not <local@domain> (RFC 5322 3.6.4)")
     text = text if text.endswith("\n") else text + "\n"
     html = html if html.endswith("\n") else html + "\n"
     # '=_' never occurs in a quoted-printable body ('=' is followed by hex or a line end).
