@@ -120,13 +120,20 @@ def context(
     }
 
 
-def render(templates: Templates, ctx: dict[str, Any]) -> tuple[str, str]:
-    """(MJML source, plain text) for one issue."""
-    mjml = _render(templates, templates.html, HTML_TEMPLATE, ctx)
-    text = _render(templates, templates.text, TEXT_TEMPLATE, ctx)
+def render(
+    templates: Templates,
+    ctx: dict[str, Any],
+    *,
+    html_template: str = HTML_TEMPLATE,
+    text_template: str = TEXT_TEMPLATE,
+) -> tuple[str, str]:
+    """(MJML source, plain text) for one issue, or for another mail of the same folder
+    whose two templates are named (the signup mails: ``confirm.mjml.j2``...)."""
+    mjml = _render(templates, templates.html, html_template, ctx)
+    text = _render(templates, templates.text, text_template, ctx)
     made = LEFTOVER.search(text)  # the values' own are marked: this is the template's
     if made:
-        where = find_in_templates(templates.folder, TEXT_TEMPLATE, made.group(0))
+        where = find_in_templates(templates.folder, text_template, made.group(0))
         raise TemplateError(
             f"{where}: the text part contains {made.group(0)!r} that the template wrote, not "
             "the issue: a template tag was not rendered, or MJML was pasted into the text "

@@ -1,0 +1,1 @@
+"""Public signup (double opt-in): the confirmation and welcome mails (``mails``)."""
