@@ -1947,7 +1947,8 @@ def schedule_run(poll: float, strict: bool) -> None:
 )
 def serve(host: str | None, port: int | None) -> None:
     """Serve the unsubscribe, undo and preferences pages behind the links in every email,
-    and the archive of sent issues with its feed (put HTTPS in front)."""
+    the archive of sent issues with its feed, the providers' webhooks and, when
+    society.yaml has a `signup`, the public signup page (put HTTPS in front)."""
     import logging
 
     import uvicorn
@@ -2001,6 +2002,23 @@ def serve(host: str | None, port: int | None) -> None:
             else " (no NEWSLETTER_BOUNCE_ADDRESS: events are matched "
             "by recipient, not by VERP address)",
         )
+    policy = wiring.signup_policy(settings, society)
+    mailer = None
+    if policy is not None:
+        from newsletter.signup.mailer import Mailer
+
+        mailer = Mailer(
+            storage.reopen(),
+            wiring.signup_composer(settings, society, policy),
+            wiring.smtp_transport(settings),
+            settings.envelope_sender,
+        )
+        logging.getLogger("newsletter.serve").info(
+            "signup on: %s/subscribe for %s; confirmation mail through %s",
+            settings.public_url.rstrip("/"),
+            ", ".join(item.name for item in policy.lists),
+            mailer.transport.description,
+        )
     app = create_app(
         WebConfig(
             settings.token_key,
@@ -2009,14 +2027,24 @@ def serve(host: str | None, port: int | None) -> None:
             archive,
             public_url=settings.public_url,
             webhooks=webhooks,
+            signup=policy,
+            mail_queued=mailer.wake if mailer is not None else (lambda: None),
         )
     )
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        proxy_headers=True,
-        server_header=False,
-        log_level="info",
-        access_log=False,  # it prints paths, tokens included: the app logs requests itself
-    )
+    if mailer is not None:
+        mailer.start()
+    try:
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            proxy_headers=True,
+            # X-Forwarded-For is believed from these only (the signup records the address).
+            forwarded_allow_ips=settings.trusted_proxies or [],
+            server_header=False,
+            log_level="info",
+            access_log=False,  # it prints paths, tokens included: the app logs requests itself
+        )
+    finally:
+        if mailer is not None:
+            mailer.stop()

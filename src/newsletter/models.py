@@ -24,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    model_validator,
 )
 
 if TYPE_CHECKING:
@@ -273,6 +274,41 @@ class SocialLink(_Input):
     url: HttpsUrl
 
 
+def _list_name(value: str) -> str:
+    from newsletter.settings import list_name_problem  # settings imports this module
+
+    problem = list_name_problem(value)
+    if problem:
+        raise ValueError(f"{value!r} {problem}")
+    return value
+
+
+class SignupList(_Input):
+    """A list people may join from the public signup page."""
+
+    name: Annotated[str, AfterValidator(_list_name)]
+    title: Line = Field(max_length=80)  # what the form calls it: "Research news (weekly)"
+    description: Line | None = Field(default=None, max_length=300)
+
+
+class Signup(_Input):
+    """The public signup on ``newsletter serve`` (``/subscribe``): which lists it offers,
+    and the consent text shown next to the button (kept with every confirmation,
+    exactly as shown)."""
+
+    lists: list[SignupList] = Field(min_length=1, max_length=10)
+    consent: Markdown = Field(max_length=2000)
+    welcome: bool = False  # a welcome email after confirming (templates/welcome.*)
+
+    @model_validator(mode="after")
+    def _lists_differ(self) -> Signup:
+        names = [item.name for item in self.lists]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"lists the signup offers twice: {', '.join(twice)}")
+        return self
+
+
 class Society(_Input):
     """Who sends the newsletter: the data behind the footer, kept in ``society.yaml``."""
 
@@ -285,6 +321,7 @@ class Society(_Input):
     registration: Line = Field(max_length=200)
     logo: Image | None = None
     social: list[SocialLink] = Field(default_factory=list, max_length=8)
+    signup: Signup | None = None  # no public signup page without it
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,6 +120,17 @@ class Settings(BaseSettings):
 
     serve_host: str = "127.0.0.1"
     serve_port: int = Field(default=8000, ge=0, le=65535)
+    # The proxies whose X-Forwarded-For `serve` believes (comma-separated addresses or
+    # networks, or * for any): the signup's consent record and rate limits use the
+    # visitor's address, which only the proxy in front knows.
+    trusted_proxies: str = "127.0.0.1"
+    # The public signup (/subscribe; its lists and consent text are in society.yaml).
+    signup_confirm_hours: float = Field(default=48.0, gt=0, le=24 * 30)
+    signup_ip_limit: int = Field(default=10, ge=1, le=100_000)  # signups an hour per address
+    signup_address_limit: int = Field(default=3, ge=1, le=100)  # mails a day to one address
+    # "work": every signup solves a proof of work (needs JavaScript); "work-or-wait":
+    # without JavaScript, a form that waited a few seconds since it was shown will do.
+    signup_challenge: Literal["work", "work-or-wait"] = "work-or-wait"
 
     timezone: str = "UTC"
     catch_up_hours: float = Field(default=6.0, gt=0, le=72)  # 0 would never send
@@ -308,6 +319,24 @@ class Settings(BaseSettings):
                 "literal like '[192.0.2.1]')"
             )
         return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: str) -> str:
+        import ipaddress
+
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        for item in items:
+            if item == "*":
+                continue
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{item!r} is not an IP address or network (like 10.0.0.0/8); give the "
+                    "addresses of the proxies in front of `serve`, comma-separated"
+                ) from None
+        return ",".join(items)
 
     @field_validator("smtp_host", "bounce_imap_host", "unsubscribe_imap_host")
     @classmethod

@@ -12,6 +12,7 @@ A setting that cannot be used is a :class:`~newsletter.errors.ConfigError`.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import ssl
 from collections.abc import Callable
@@ -28,10 +29,12 @@ from newsletter.delivery.campaign import SendOptions
 from newsletter.delivery.message import Sender
 from newsletter.delivery.transports import SmtpConfig, SmtpTransport
 from newsletter.errors import ConfigError
-from newsletter.models import Recipient
+from newsletter.models import Recipient, Society
 from newsletter.settings import Settings
 
 if TYPE_CHECKING:
+    from newsletter.signup.joining import SignupPolicy
+    from newsletter.storage.signups import OutboxMail, PendingSignup
     from newsletter.web.webhooks import WebhookConfig
 
 __all__ = [
@@ -240,3 +243,69 @@ def webhook_config(settings: Settings) -> WebhookConfig:
         sendgrid_key=settings.webhook_sendgrid_key,
         postmark_login=(user, password.get_secret_value()) if user and password else None,
     )
+
+
+def signup_policy(settings: Settings, society: Society) -> SignupPolicy | None:
+    """The public signup's rules (society.yaml's `signup`, NEWSLETTER_SIGNUP_*), or None
+    when the society offers no public signup."""
+    from newsletter.signup.joining import SignupPolicy
+
+    if society.signup is None:
+        return None
+    return SignupPolicy(
+        lists=tuple(society.signup.lists),
+        consent_text=society.signup.consent,
+        key=settings.token_key,
+        confirm_valid=dt.timedelta(hours=settings.signup_confirm_hours),
+        ip_limit=settings.signup_ip_limit,
+        address_limit=settings.signup_address_limit,
+        challenge=settings.signup_challenge,
+        welcome=society.signup.welcome,
+    )
+
+
+def signup_composer(
+    settings: Settings, society: Society, policy: SignupPolicy
+) -> Callable[[OutboxMail, PendingSignup], bytes]:
+    """The signup mailer's composer: an outbox entry and its signup → the confirmation
+    or welcome message, signed with DKIM when configured. Its Message-ID is the entry's
+    own, so a retry after a deferral carries the same one."""
+    import hashlib
+    import hmac
+
+    from newsletter import tokens
+    from newsletter.render.templating import load_templates
+    from newsletter.signup import links, mails
+
+    templates = load_templates(settings.templates_dir)
+    sign, _ = signer(settings)
+    base = settings.public_url.rstrip("/")
+    domain = settings.sender_address.rpartition("@")[2]
+
+    def compose(mail: OutboxMail, signup: PendingSignup) -> bytes:
+        now = dt.datetime.now(dt.UTC)
+        digest = hmac.new(policy.key, f"outbox {mail.id}".encode(), hashlib.sha256)
+        message_id = f"<{mail.kind}.{digest.hexdigest()[:24]}@{domain}>"
+        titles = [policy.title(n) for n in signup.lists]
+        common = {
+            "sender_name": settings.sender_name, "sender_address": settings.sender_address,
+            "to": signup.email, "first_name": signup.first_name, "lists": titles,
+            "public_url": base, "date": now, "signer": sign, "reply_to": settings.reply_to,
+            "message_id": message_id,
+        }  # fmt: skip
+        if mail.kind == "confirm":
+            token = links.confirm_token(policy.key, signup.id, signup.nonce)
+            return mails.confirmation_message(
+                templates, society, confirm_url=f"{base}/confirm/{token}",
+                expires_at=dt.datetime.fromisoformat(signup.expires_at), **common,  # type: ignore[arg-type]
+            )  # fmt: skip
+        first = signup.lists[0]
+        preferences = tokens.make(policy.key, tokens.Kind.PREFERENCES, first, signup.email, now)
+        unsubscribe = tokens.make(policy.key, tokens.Kind.UNSUBSCRIBE, first, signup.email, now)
+        return mails.welcome_message(
+            templates, society, preferences_url=f"{base}/preferences/{preferences}",
+            unsubscribe_url=f"{base}/unsubscribe/{unsubscribe}",
+            unsubscribe_mailto=settings.unsubscribe_address, **common,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    return compose

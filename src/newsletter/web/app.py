@@ -60,8 +60,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from newsletter import tokens
 from newsletter.errors import ConfigError, StorageBusy, StorageError
 from newsletter.models import Society
+from newsletter.signup.joining import SignupPolicy
 from newsletter.storage.base import IssueArchive, Storage, Subscribers
 from newsletter.web.archive import Archive, ArchiveEntry, Page
+from newsletter.web.signup import SignupPages
 from newsletter.web.webhooks import WebhookConfig, Webhooks
 
 log = logging.getLogger("newsletter.web")
@@ -80,7 +82,7 @@ SECURITY_HEADERS = {
 }
 MAX_BODY = 4096
 # Path segments that are followed by a token: the access log never shows those.
-TOKEN_PATHS = frozenset({"unsubscribe", "preferences", "undo"})
+TOKEN_PATHS = frozenset({"unsubscribe", "preferences", "undo", "confirm"})
 
 # What the do-not-mail list's reasons mean, as the pages say it.
 _WHY = {
@@ -107,6 +109,10 @@ class WebConfig:
     clock: Callable[[], dt.datetime] = field(default=_utc_now)
     # Providers' webhooks (/webhooks/...); each is off (404) until configured.
     webhooks: WebhookConfig = field(default_factory=lambda: WebhookConfig(verp=None))
+    # The public signup (/subscribe, /confirm/...); off (404) without it.
+    signup: SignupPolicy | None = None
+    # Called when a signup queued a mail: the mailer thread looks at once.
+    mail_queued: Callable[[], None] = field(default=lambda: None)
 
 
 def _guarded(
@@ -142,8 +148,21 @@ def _guarded(
 def create_app(config: WebConfig) -> ASGIApp:
     pages = _Pages(config)
     hooks = Webhooks(config.webhooks, pages._storage, config.clock)
+    signup: list[Route] = []
+    if config.signup is not None:
+        joining = SignupPages(
+            config.signup,
+            pages.base,
+            pages._storage,
+            page=pages._page,
+            form=_form,
+            wake=config.mail_queued,
+            clock=lambda: config.clock().timestamp(),
+        )
+        signup = [Route(r.path, _guarded(r.endpoint), methods=r.methods) for r in joining.routes()]
     app = Starlette(
         routes=[
+            *signup,
             *(Route(path, _guarded(handler), methods=["POST"]) for path, handler in hooks.routes()),
             Route("/unsubscribe/{token}", _guarded(pages.unsubscribe), methods=["GET", "POST"]),
             Route("/unsubscribe/{token}/undo", _guarded(pages.old_undo), methods=["POST"]),
