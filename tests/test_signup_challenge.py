@@ -1,17 +1,28 @@
-"""The signup form's proof of work: challenges and their check."""
+"""The signup form's proof of work: challenges, their check, and signup.js in Chromium."""
 
 from __future__ import annotations
 
 import base64
+import html
 import json
 import threading
 import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
 from altcha import v1 as altcha
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from newsletter.signup.challenge import (
     DEFAULT_MAX_NUMBER,
@@ -349,3 +360,222 @@ def test_used_once_across_threads_lets_one_through() -> None:
     for t in threads:
         t.join()
     assert sorted(results) == [False] * 7 + [True]
+
+
+# -- signup.js in Chromium -----------------------------------------------------------
+
+# The strictest policy the signup page can have: our own script, nothing else.
+CSP = "default-src 'none'; script-src 'self'; form-action 'self'; base-uri 'none'"
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Sign up</title></head>
+<body><main>
+<form method="post" action="/signup" {attributes}>
+<label>Email <input type="email" name="email" required></label>
+{hidden}<button name="action" value="join">Sign up</button>
+</form>
+</main><script src="/static/signup.js"></script></body></html>
+"""
+
+
+@dataclass
+class SignupSite:
+    """A tiny signup page on 127.0.0.1 serving the package's signup.js."""
+
+    base: str = ""
+    used: MemoryUsedOnce = field(default_factory=MemoryUsedOnce)
+    posts: list[tuple[bytes, str | None]] = field(default_factory=list)
+    # the number of the next challenge, when a test wants it slow: None is random
+    next_number: int | None = None
+
+    def challenge(self) -> Challenge:
+        if self.next_number is None:
+            return new_challenge(KEY, now=time.time())
+        made = altcha.create_challenge(
+            algorithm="SHA-256",
+            max_number=self.next_number,
+            salt_length=12,
+            hmac_key=KEY,
+            salt="",
+            number=self.next_number,
+            expires=None,
+            params={"expires": str(int(time.time()) + 1800)},
+        )
+        return Challenge(made.algorithm, made.challenge, made.salt, made.signature,
+                         made.max_number)  # fmt: skip
+
+    def app(self) -> Starlette:
+        async def form_page(request: Request) -> HTMLResponse:
+            hidden = '<input type="hidden" name="altcha" value="">\n'
+            if request.url.path == "/bare":  # signup.js makes the field itself
+                hidden = ""
+            if request.url.path == "/broken":
+                attributes = 'data-altcha-challenge="{not json"'
+            else:
+                attributes = " ".join(
+                    f'{name}="{html.escape(value)}"'
+                    for name, value in self.challenge().data_attributes().items()
+                )
+            return HTMLResponse(
+                PAGE.format(attributes=attributes, hidden=hidden),
+                headers={"content-security-policy": CSP},
+            )
+
+        async def signup(request: Request) -> HTMLResponse:
+            body = await request.body()
+            fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+            reason = check_solution(KEY, fields.get("altcha", [""])[0], self.used,
+                                    now=time.time())  # fmt: skip
+            self.posts.append((body, reason))
+            heading = "Accepted" if reason is None else "Refused"
+            return HTMLResponse(
+                f"<!doctype html><h1>{heading}</h1>", headers={"content-security-policy": CSP}
+            )
+
+        return Starlette(
+            routes=[
+                Route("/", form_page),
+                Route("/broken", form_page),
+                Route("/bare", form_page),
+                Route("/signup", signup, methods=["POST"]),
+                # where the integrator finds it too: next to web/app.py, in the package
+                Mount("/static", StaticFiles(packages=[("newsletter.web", "static")])),
+            ]
+        )
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from test_rendering import ARGS, CHROMIUM
+
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium (bash .ci/run does)")
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def site() -> Iterator[SignupSite]:
+    from test_web import running
+
+    signup_site = SignupSite()
+    with running(lambda base: signup_site.app()) as base:
+        signup_site.base = base
+        yield signup_site
+
+
+def watched(page: Any) -> list[str]:
+    """What goes wrong on ``page``: console errors (CSP refusals among them) and
+    uncaught exceptions."""
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    return problems
+
+
+def test_the_script_is_served_as_javascript(site: SignupSite) -> None:
+    with urllib.request.urlopen(f"{site.base}/static/signup.js") as response:
+        assert response.headers["content-type"].split(";")[0] in (
+            "text/javascript",
+            "application/javascript",
+        )
+        assert b"crypto.subtle.digest" in response.read()
+
+
+def test_in_a_browser_the_form_carries_a_solution(browser: Any, site: SignupSite) -> None:
+    page = browser.new_page()
+    problems = watched(page)
+    page.goto(site.base + "/")
+    page.wait_for_selector("form[data-altcha-state=solved]")
+    took = page.get_attribute("form", "data-altcha-took")
+    print(f"\nsignup.js solved a challenge of maxnumber {DEFAULT_MAX_NUMBER} in {took} ms")
+    page.fill("input[name=email]", "ann@example.org")
+    page.click("button")
+    page.wait_for_selector("h1:text('Accepted')")
+    assert problems == []
+    [(body, reason)] = site.posts
+    assert reason is None
+    fields = parse_qs(body.decode())
+    assert fields["email"] == ["ann@example.org"] and fields["action"] == ["join"]
+    # the same form posted again (a bot replaying a captured body) is refused
+    request = urllib.request.Request(f"{site.base}/signup", data=body, method="POST")
+    with urllib.request.urlopen(request) as response:
+        assert b"Refused" in response.read()
+    assert site.posts[1][0] == body
+    assert "used before" in (site.posts[1][1] or "")
+    page.close()
+
+
+def test_in_a_browser_a_submit_before_the_solution_waits_for_it(
+    browser: Any, site: SignupSite
+) -> None:
+    site.next_number = 300_000  # a second or two: the click comes first
+    page = browser.new_page()
+    problems = watched(page)
+    page.goto(site.base + "/")
+    page.fill("input[name=email]", "bob@example.org")
+    assert page.get_attribute("form", "data-altcha-state") == "solving"
+    page.click("button")
+    page.wait_for_selector("h1:text('Accepted')", timeout=60_000)
+    assert problems == []
+    [(body, reason)] = site.posts  # one post, after the solution, with the button's value
+    assert reason is None
+    fields = parse_qs(body.decode())
+    assert fields["email"] == ["bob@example.org"] and fields["action"] == ["join"]
+    page.close()
+
+
+def test_in_a_browser_a_form_without_the_field_gets_one(browser: Any, site: SignupSite) -> None:
+    page = browser.new_page()
+    page.goto(site.base + "/bare")
+    page.wait_for_selector("form[data-altcha-state=solved]")
+    page.fill("input[name=email]", "eve@example.org")
+    page.press("input[name=email]", "Enter")  # a submit without the button
+    page.wait_for_selector("h1:text('Accepted')")
+    [(_, reason)] = site.posts
+    assert reason is None
+    page.close()
+
+
+def test_without_javascript_the_form_still_posts(browser: Any, site: SignupSite) -> None:
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(site.base + "/")
+    page.fill("input[name=email]", "cy@example.org")
+    page.click("button")
+    page.wait_for_selector("h1:text('Refused')")
+    [(body, reason)] = site.posts
+    assert parse_qs(body.decode(), keep_blank_values=True)["altcha"] == [""]
+    assert reason is not None and "no proof of work" in reason
+    context.close()
+
+
+def test_when_the_script_cannot_solve_the_form_still_posts(browser: Any, site: SignupSite) -> None:
+    page = browser.new_page()
+    page.goto(site.base + "/broken")
+    page.wait_for_selector("form[data-altcha-state=failed]")
+    page.fill("input[name=email]", "di@example.org")
+    page.click("button")
+    page.wait_for_selector("h1:text('Refused')")
+    [(body, _)] = site.posts
+    assert parse_qs(body.decode(), keep_blank_values=True)["altcha"] == [""]
+    page.close()
+
+
+def test_solve_time_on_a_phone_like_cpu(browser: Any, site: SignupSite) -> None:
+    """Chromium slowed 4x (DevTools' "mid-tier mobile"), on the hardest challenge of the
+    default size (the number is maxnumber): on average a phone does half the work."""
+    site.next_number = DEFAULT_MAX_NUMBER
+    page = browser.new_page()
+    page.context.new_cdp_session(page).send("Emulation.setCPUThrottlingRate", {"rate": 4})
+    page.goto(site.base + "/")
+    page.wait_for_selector("form[data-altcha-state=solved]", timeout=120_000)
+    took = int(page.get_attribute("form", "data-altcha-took"))
+    print(
+        f"\nsignup.js at 4x CPU slowdown: {DEFAULT_MAX_NUMBER} hashes in {took} ms "
+        f"({DEFAULT_MAX_NUMBER / took * 1000:,.0f} a second): about {took / 2000:.1f} s "
+        "on average"
+    )
+    page.close()
