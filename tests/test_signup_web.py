@@ -38,6 +38,7 @@ from test_web import call, running
 FORM = "application/x-www-form-urlencoded"
 NOW = dt.datetime(2026, 12, 3, 9, 30, tzinfo=dt.UTC)
 NEW = "new.reader@example.org"
+PUBLIC = "https://news.example.org"  # the mail's links; the pages are served at Signup.base
 SECRET = "test-secret-for-the-suite-0123456789"  # noqa: S105 - a test key
 KEY = SECRET.encode()
 
@@ -78,8 +79,8 @@ class Signup:
         """POST the form as the browser would: with the page's stamp and, when ``solve``,
         its challenge solved (signup.js's work, done here in Python)."""
         shown = page if page is not None else self.form_page()
-        sent = {"stamp": hidden(shown, "stamp"), "altcha": solved(shown) if solve else "",
-                **fields}  # fmt: skip
+        sent = {"stamp": hidden(shown, "stamp"), "source": hidden(shown, "source"),
+                "altcha": solved(shown) if solve else "", **fields}  # fmt: skip
         status, body, _ = call(f"{self.base}/subscribe", urllib.parse.urlencode(sent).encode(),
                                FORM, headers=headers)  # fmt: skip
         return status, body
@@ -121,9 +122,9 @@ def solved(page: str) -> str:
 def confirm_link(message: email.message.EmailMessage, base: str) -> str:
     text = message.get_body(preferencelist=("plain",))
     assert text is not None
-    found = re.search(re.escape(base) + r"/confirm/[A-Za-z0-9_-]+", text.get_content())
+    found = re.search(re.escape(PUBLIC) + r"/confirm/[A-Za-z0-9_-]+", text.get_content())
     assert found, text.get_content()
-    return found.group(0)
+    return base + found.group(0).removeprefix(PUBLIC)
 
 
 @contextmanager
@@ -141,7 +142,7 @@ def signup_site(database: str, **policy: Any) -> Iterator[Signup]:
     def app(base: str) -> ASGIApp:
         settings = load_settings(
             smtp_host="127.0.0.1", smtp_port=smtp.port, smtp_security="none", database=database,
-            secret_key=SECRET, public_url=base,
+            secret_key=SECRET, public_url=PUBLIC,
         )  # fmt: skip
         made = wiring.signup_policy(settings, society)
         assert made is not None
@@ -227,7 +228,7 @@ def test_a_signup_confirmed_by_its_link_joins_the_list_with_a_full_consent_recor
     assert record.posted_at == "2026-12-03T09:30:00+00:00"
     assert record.confirmed_at == "2026-12-03T09:33:00+00:00"
     assert record.posted_ip == record.confirmed_ip == "127.0.0.1"
-    assert record.source == f"form at {site.base}/subscribe"
+    assert record.source == "the signup page (/subscribe)"
     # The link again, replayed or clicked twice: the same 404 as a forged one.
     again = call(link, b"confirm=yes", FORM)
     forged = call(f"{site.base}/confirm/" + "A" * 54, b"confirm=yes", FORM)
@@ -371,3 +372,18 @@ def test_the_mailer_records_every_fate(site: Signup) -> None:
     assert site.mailer.run_once() == 2
     states = {m.email: m.state for m in site.db().signups.outbox()}
     assert states == {"refused@example.org": "rejected", NEW: "sent"}
+
+
+def test_a_welcome_mail_follows_the_confirmation_when_the_society_wants_one(
+    database: str,
+) -> None:
+    with signup_site(database, welcome=True) as site:
+        site.post({"email": NEW, "first_name": "Ada"})
+        (confirmation,) = site.mails()
+        call(confirm_link(confirmation, site.base), b"confirm=yes", FORM)
+        welcome = site.mails()[-1]
+        assert welcome["To"].addresses[0].addr_spec == NEW
+        assert welcome["List-Unsubscribe"].startswith(f"<{PUBLIC}/unsubscribe/")
+        assert welcome["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        assert [m.kind for m in site.db().signups.outbox(NEW)] == ["confirm", "welcome"]
+        assert {m.state for m in site.db().signups.outbox(NEW)} == {"sent"}

@@ -252,6 +252,15 @@ def signup_policy(settings: Settings, society: Society) -> SignupPolicy | None:
 
     if society.signup is None:
         return None
+    if society.signup.welcome:
+        from newsletter.signup.mails import welcome_templates_present
+
+        if not welcome_templates_present(settings.templates_dir):  # raises for half a pair
+            raise ConfigError(
+                f"society.yaml asks for a welcome email (signup: welcome: true), but "
+                f"{settings.templates_dir} has no welcome.mjml.j2 and welcome.txt.j2; add "
+                "them (`templates/` in the project has examples), or set welcome: false"
+            )
     return SignupPolicy(
         lists=tuple(society.signup.lists),
         consent_text=society.signup.consent,

@@ -39,6 +39,7 @@ from newsletter.storage.signups import NewSignup, nonce
 
 __all__ = [
     "HONEYPOT",
+    "OUR_PAGE",
     "WAIT_SECONDS",
     "Decision",
     "Posted",
@@ -82,7 +83,7 @@ class Posted:
     email: str  # normalised when valid; as typed otherwise (shown back)
     first_name: str
     lists: tuple[str, ...]
-    form: str  # where it was posted from: "web:/subscribe", or the society's page
+    form: str  # where it was posted from: OUR_PAGE, the society's page, or its `source`
     honeypot: bool
     solution: str
     stamp: str
@@ -131,7 +132,7 @@ def read_form(fields: Mapping[str, str], offered: Sequence[SignupList], referer:
         email=email,
         first_name=first_name,
         lists=tuple(chosen),
-        form=_form_of(referer),
+        form=_clean(fields["source"], 300) if fields.get("source") else _form_of(referer),
         honeypot=bool(fields.get(HONEYPOT, "").strip()),
         solution=fields.get("altcha", "")[:20_000],
         stamp=fields.get("stamp", "")[:200],
@@ -139,8 +140,12 @@ def read_form(fields: Mapping[str, str], offered: Sequence[SignupList], referer:
     )
 
 
+OUR_PAGE = "the signup page (/subscribe)"
+
+
 def _form_of(referer: str) -> str:
-    """Where the form was: our own page, or the origin of the page that posted it."""
+    """Where a form without a ``source`` field was: the page that posted it (its
+    Referer, when its site sends one), without the query."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(referer[:500])

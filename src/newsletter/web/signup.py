@@ -34,6 +34,7 @@ from starlette.routing import Route
 from newsletter.signup import links
 from newsletter.signup.joining import (
     HONEYPOT,
+    OUR_PAGE,
     WAIT_SECONDS,
     Decision,
     Posted,
@@ -149,13 +150,15 @@ class SignupPages:
         else:
             boxes = "".join(
                 f'<p><input type="checkbox" id="list-{i}" name="list.{_e(item.name)}"'
-                f'{" checked" if item.name in chosen else ""}>'
+                f"{' checked' if item.name in chosen else ''}>"
                 f' <label for="list-{i}">{_e(item.title)}</label>'
-                + (f'<br><span class="note">{_e(item.description)}</span>' if item.description else "")
+                + (f"<br><span>{_e(item.description)}</span>" if item.description else "")
                 + "</p>"
                 for i, item in enumerate(offered)
-            )  # fmt: skip
+            )
             choice = f"<fieldset><legend>Which emails would you like?</legend>{boxes}</fieldset>"
+        # Where the form came from stays with it when it is shown again (the society's own).
+        source = posted.form if posted is not None else OUR_PAGE
         email = _e(posted.email) if posted is not None else ""
         name = _e(posted.first_name) if posted is not None else ""
         consent = "".join(f"<p>{_e(p)}</p>" for p in self.policy.consent_text.split("\n\n"))
@@ -174,6 +177,7 @@ class SignupPages:
             f'empty</label><input id="{HONEYPOT}" name="{HONEYPOT}" tabindex="-1" '
             'autocomplete="off"></div>'
             f'<input type="hidden" name="stamp" value="{_e(form_stamp(self.policy.key, now))}">'
+            f'<input type="hidden" name="source" value="{_e(source)}">'
             '<input type="hidden" name="altcha" value="">'
             f'<div id="consent">{consent}</div>'
             '<p><button type="submit" aria-describedby="consent">Subscribe</button></p>'
