@@ -15,10 +15,11 @@ soft bounce (three sends in a row suppress it), never as a hard one.
 from __future__ import annotations
 
 import logging
-import re
 from email.message import Message
 
 from flufl.bounce import all_failures
+
+from newsletter.bounces.status_codes import IN_WORDS
 
 # flufl.bounce logs each detector that fails on a stranger's message with its traceback:
 # noise in the MTA's log for what is only a message it could not read.
@@ -30,7 +31,6 @@ __all__ = ["failures"]
 # that follows is not wanted.
 _BODY_LIMIT = 64 * 1024
 _NEAR = 300  # characters after an address where its code and reason are looked for
-_STATUS = re.compile(r"(?<![0-9.])([245])\.([0-9]{1,3})\.([0-9]{1,3})(?![0-9.])", re.ASCII)
 _MAX_DIAGNOSTIC = 500
 
 
@@ -75,7 +75,7 @@ def _near(body: str, address: str) -> tuple[str, str]:
         return "", ""
     after = body[at + len(address) : at + len(address) + _NEAR]
     after = after.split("\n\n", 1)[0]  # its own paragraph only
-    match = _STATUS.search(after)
+    match = IN_WORDS.search(after)
     words = " ".join(after.replace(">", " ").replace(":", " ", 1).split())
     words = "".join(c if c.isprintable() else "\ufffd" for c in words)
     return (".".join(match.groups()) if match else ""), words[:_MAX_DIAGNOSTIC]

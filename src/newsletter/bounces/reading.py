@@ -56,6 +56,7 @@ from email.message import Message
 from typing import Literal
 
 from newsletter.bounces import nonstandard
+from newsletter.bounces.status_codes import IN_WORDS
 from newsletter.models import visible
 from newsletter.verp import Delivered, Verp
 
@@ -86,7 +87,6 @@ FeedbackKind = Literal[
 ]
 
 _STATUS = re.compile(r"\s*([245])\.([0-9]{1,3})\.([0-9]{1,3})(?![.0-9])", re.ASCII)
-_CODE_IN_WORDS = re.compile(r"(?<![0-9.])([245])\.([0-9]{1,3})\.([0-9]{1,3})(?![.0-9])", re.ASCII)
 _NOT_BOUNCES = {"delivered", "relayed", "expanded"}
 # Where a message delivered to our VERP address carries that address, best first.
 _DELIVERED_TO = ("Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To", "To")
@@ -351,7 +351,7 @@ def _recipient(block: Message) -> Reported:
     if status.endswith(".0.0"):
         # A vague Status (Exim writes 5.0.0 for every failure) with the remote server's
         # own code of the same class in its reply: that code is the report's word.
-        said = _CODE_IN_WORDS.search(diagnostic[:200])
+        said = IN_WORDS.search(diagnostic[:200])
         if said and said.group(1) == status[0]:
             status = ".".join(said.groups())
     action = (_text(block.get("Action")).lower().split() or [""])[0]  # no (comment)

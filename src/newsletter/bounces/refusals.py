@@ -21,16 +21,14 @@ enhanced code is only noted.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass
 
 from newsletter.bounces.deciding import permanent_weight
+from newsletter.bounces.status_codes import IN_WORDS
 from newsletter.storage.base import FeedbackStore
 from newsletter.storage.evidence import Action, Evidence, Refusal, SoftBounces, digest_of
 
 __all__ = ["PAUSE_ADVICE", "HealthLimits", "SendHealth", "judge_refusal", "record_refusals"]
-
-_ENHANCED = re.compile(r"(?<![0-9.])([245])\.([0-9]{1,3})\.([0-9]{1,3})(?![0-9.])", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +43,7 @@ class Judged:
 def judge_refusal(code: int, detail: str) -> Judged:
     """What a 5xx reply at RCPT (or DATA) means for the address (module docstring): as
     a bounce with that status code would (:func:`~newsletter.bounces.deciding.permanent_weight`)."""
-    found = _ENHANCED.search(detail[:200])
+    found = IN_WORDS.search(detail[:200])
     status = ".".join(found.groups()) if found else ""
     said = f"{code} {detail}".strip()
     if not status:
