@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import pickle
+import re
+import time
 from pathlib import Path
 
 import dkim
@@ -189,3 +192,81 @@ def test_a_key_file_that_is_not_a_key_is_refused_without_reading_it_all(tmp_path
         dkim_sign.load_key(Path("/dev/zero"), "news", "example.org")
     with pytest.raises(ConfigError, match="cannot read the DKIM key"):
         dkim_sign.load_key(tmp_path, "news", "example.org")
+
+
+# ---------------------------------------------------------------------- the header we write
+
+MESSAGE = b"From: a@example.org\r\nTo: b@example.org\r\nSubject: s\r\n\r\nbody\r\n"
+
+
+def test_the_header_names_todays_headers_and_auto_submitted(keypair: tuple[Path, bytes]) -> None:
+    key = dkim_sign.load_key(keypair[0], "news", "example.org")
+    header = dkim_sign.signature(MESSAGE, key, timestamp=1_608_681_600)
+    assert header.endswith(b"\r\n") and dkim_sign.sign(MESSAGE, key).endswith(MESSAGE)
+    unfolded = header.decode("ascii").replace("\r\n", "")
+    tags = dict(t.strip().split("=", 1) for t in unfolded.split(":", 1)[1].split(";"))
+    assert tags["h"].replace(" ", "") == (
+        "from:to:subject:date:message-id:mime-version:content-type:list-id:"
+        "list-unsubscribe:list-unsubscribe-post:reply-to:cc:auto-submitted"
+    )
+    assert (tags["v"], tags["a"], tags["c"], tags["d"], tags["s"]) == (
+        "1", "rsa-sha256", "relaxed/relaxed", "example.org", "news"
+    )  # fmt: skip
+    assert tags["t"] == "1608681600" and "l" not in tags and "x" not in tags
+    assert len(base64.b64decode(tags["b"].replace(" ", ""))) == 256  # RSA-2048
+    # Folded: no line over 78 characters, b= on lines of its own.
+    lines = header.split(b"\r\n")[:-1]
+    assert all(len(line) <= 78 for line in lines), [len(line) for line in lines]
+    assert lines[0].startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed;")
+    assert all(line.startswith((b" ", b"\t")) for line in lines[1:])
+    assert sum(line.startswith(b" b=") for line in lines) == 1
+    # Without a timestamp, t= is now.
+    t = int(re.search(rb"t=(\d+);", dkim_sign.signature(MESSAGE, key)).group(1))  # type: ignore[union-attr]
+    assert abs(t - time.time()) < 60
+
+
+def test_a_bare_cr_or_lf_is_refused(keypair: tuple[Path, bytes]) -> None:
+    key = dkim_sign.load_key(keypair[0], "news", "example.org")
+    for bad in (MESSAGE.replace(b"body\r\n", b"bo\ndy\r\n"), MESSAGE + b"x\r", b"From: a\n\nb\n"):
+        with pytest.raises(ValueError, match="bare CR or LF"):
+            dkim_sign.sign(bad, key)
+    with pytest.raises(ValueError, match="not a header field"):
+        dkim_sign.sign(b"From a@example.org\r\n\r\nb\r\n", key)
+
+
+def test_the_key_is_parsed_once_and_travels_to_another_process_as_pem(
+    keypair: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = dkim_sign.load_key(keypair[0], "news", "example.org")
+    monkeypatch.setattr(
+        serialization, "load_pem_private_key", lambda *a, **k: pytest.fail("parsed again")
+    )
+    signed = dkim_sign.sign(MESSAGE, key, timestamp=1)
+    monkeypatch.undo()
+    again = pickle.loads(pickle.dumps(key))  # noqa: S301 - our own bytes, as a process pool does
+    assert again == key and again.bits == 2048
+    assert dkim_sign.sign(MESSAGE, again, timestamp=1) == signed
+    assert dkim.verify(signed, dnsfunc=dns_for(keypair[1]))
+
+
+def test_a_key_that_is_not_rsa_or_is_encrypted_is_refused(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    others = {
+        "ed25519.pem": ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        "encrypted.pem": rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        ),
+    }  # fmt: skip
+    for name, pem in others.items():
+        (tmp_path / name).write_bytes(pem)
+        with pytest.raises(ConfigError, match="not a usable DKIM private key") as info:
+            dkim_sign.load_key(tmp_path / name, "news", "example.org")
+        assert "NEWSLETTER_DKIM_KEY_FILE" in str(info.value)
