@@ -656,6 +656,7 @@ ENVIRONMENT_ONLY = frozenset(
         "NEWSLETTER_TEST_POSTGRES_REQUIRED",
         "NEWSLETTER_TEST_DOVECOT_REQUIRED",
         "NEWSLETTER_TEST_POSTFIX_REQUIRED",
+        "NEWSLETTER_TEST_DKIM_VERIFIER_REQUIRED",
     }
 )
 _OURS = re.compile(r"\s*(?:export\s+)?['\"]?newsletter_", re.IGNORECASE)
