@@ -96,8 +96,9 @@ def test_confirming_lifts_the_persons_own_opt_out_and_suppression_and_says_so(
     )
     any_db.subscribers.opt_out("research-news", READER)
     any_db.subscribers.suppress(READER, "bounced", actor="test")
-    new = signup()
-    done = confirm(any_db, new, any_db.signups.begin(new))
+    # Posted after those (now is later than the opt-out and the suppression).
+    new = signup(posted_at="2999-01-01T00:00:00+00:00", expires_at="2999-01-03T00:00:00+00:00")
+    done = confirm(any_db, new, any_db.signups.begin(new), at="2999-01-01T00:05:00+00:00")
     assert done is not None and done.joined == ("research-news",)
     assert done.lifted[0].startswith("the suppression (bounced, since ")
     assert done.lifted[1].startswith("the opt-out of research-news (since ")
@@ -232,3 +233,62 @@ def test_members_from_before_schema_6_get_a_record_saying_so(tmp_path: Path) -> 
         (record,) = db.signups.consents(READER)
         assert (record.list_name, record.method, record.actor) == ("news", "before", "schema 6")
         assert record.source == "on the list before consent was recorded"
+
+
+def test_lifting_a_suppression_keeps_the_lists_not_chosen_left(any_db: Storage) -> None:
+    for name in ("research-news", "fundraising"):
+        any_db.subscribers.import_rows(name, [ParsedRow(2, READER, None, None, {})],
+                                       skip_invalid=False)  # fmt: skip
+    any_db.subscribers.suppress(READER, "unsubscribed", actor="test")
+    new = signup(posted_at="2999-01-01T00:00:00+00:00", expires_at="2999-01-03T00:00:00+00:00")
+    assert confirm(any_db, new, any_db.signups.begin(new), at="2999-01-01T00:05:00+00:00")
+    assert any_db.subscribers.lists_of(READER) == [("fundraising", True), ("research-news", False)]
+    assert [r.email for r in any_db.subscribers.audience("fundraising")] == []
+
+
+def test_an_older_link_cannot_undo_a_later_unsubscribe(any_db: Storage) -> None:
+    first, second = signup(), signup()
+    first_id, second_id = any_db.signups.begin(first), any_db.signups.begin(second)
+    assert first_id is not None and second_id is not None
+    assert confirm(any_db, first, first_id) is not None
+    any_db.subscribers.opt_out("research-news", READER)  # the person left again, now
+    assert confirm(any_db, second, second_id, at="2026-12-01T10:06:00+00:00") is None
+    assert any_db.subscribers.lists_of(READER) == [("research-news", True)]
+
+
+def test_posts_at_the_same_moment_cannot_pass_the_addresss_limit(database: str) -> None:
+    with closing(open_storage(database, create=True)):
+        pass
+    got: list[int | None] = []
+
+    def post() -> None:
+        with closing(open_storage(database)) as own:
+            got.append(own.signups.begin(signup(), limit=1, since="2026-12-01T00:00:00+00:00"))
+
+    threads = [threading.Thread(target=post) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(g is not None for g in got) == 1
+    with closing(open_storage(database)) as db:
+        assert len(db.signups.outbox(READER)) == 1
+
+
+def test_erasing_an_address_a_send_has_not_reached_yet_leaves_it_unsent(any_db: Storage) -> None:
+    any_db.send_log.freeze("2026-12-01", "news", [Recipient(READER), Recipient("b@example.org")],
+                           suppressed=0)  # fmt: skip
+    any_db.signups.erase(READER, erasure_hash(KEY, READER), now="2026-12-02T00:00:00+00:00")
+    send = any_db.send_log.find("2026-12-01", "news")
+    assert send is not None
+    claimed = any_db.send_log.claim(send.id, 10, now=0).deliveries
+    assert [d.recipient.email for d in claimed] == ["b@example.org"]
+
+
+def test_unconfirmed_signups_are_forgotten_a_day_after_their_link_expired(
+    any_db: Storage,
+) -> None:
+    any_db.signups.begin(signup())
+    assert any_db.signups.purge_unconfirmed("2026-12-03T10:00:00+00:00") == 0  # not yet past
+    assert any_db.signups.purge_unconfirmed("2026-12-04T10:00:01+00:00") == 1
+    assert any_db.signups.signups_of(READER) == [] and any_db.signups.outbox(READER) == []

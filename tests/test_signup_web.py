@@ -387,3 +387,26 @@ def test_a_welcome_mail_follows_the_confirmation_when_the_society_wants_one(
         assert welcome["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
         assert [m.kind for m in site.db().signups.outbox(NEW)] == ["confirm", "welcome"]
         assert {m.state for m in site.db().signups.outbox(NEW)} == {"sent"}
+
+
+def test_the_mailer_defers_a_mail_while_the_relay_is_down(site: Signup) -> None:
+    from newsletter.delivery.transports import SmtpConfig, SmtpTransport
+    from test_signup_browser import free_port
+
+    site.post({"email": NEW})
+    down = SmtpTransport(SmtpConfig("127.0.0.1", free_port(), "none", timeout=2))
+    mailer = Mailer(site.db(), site.mailer.compose, down, "bounces@example.org")
+    assert mailer.run_once() == 1
+    (mail,) = site.db().signups.outbox(NEW)
+    assert mail.state == "deferred"  # not lost, not unknown: it never left
+    assert site.mailer.run_once() == 0  # not due yet: tried again in a minute
+    assert site.mailer.run_once(now=dt.datetime.now(dt.UTC).timestamp() + 120) == 1
+    assert site.db().signups.outbox(NEW)[0].state == "sent"
+
+
+def test_networks_and_stamps() -> None:
+    from newsletter.signup.joining import form_stamp, network_of
+
+    assert network_of("::ffff:198.51.0.7") == "198.51.0.7"
+    assert network_of("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
+    assert form_stamp(KEY, 1000.0) != form_stamp(KEY, 1000.0)  # two visitors, one second

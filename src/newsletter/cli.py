@@ -2029,6 +2029,7 @@ def serve(host: str | None, port: int | None) -> None:
             webhooks=webhooks,
             signup=policy,
             mail_queued=mailer.wake if mailer is not None else (lambda: None),
+            on_shutdown=mailer.stop if mailer is not None else (lambda: None),
         )
     )
     if mailer is not None:

@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import secrets
 import time
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -107,7 +108,9 @@ def _clean(value: str, limit: int) -> str:
 def read_form(fields: Mapping[str, str], offered: Sequence[SignupList], referer: str) -> Posted:
     """The form's fields as a :class:`Posted`, each checked."""
     problems: list[str] = []
-    typed = _clean(fields.get("email", ""), 320)
+    # Only the spaces around it go: an invisible character inside makes another address,
+    # which the check below refuses rather than quietly mending.
+    typed = fields.get("email", "").strip()[:320]
     email = typed
     if not typed:
         problems.append("Please give your email address.")
@@ -115,7 +118,7 @@ def read_form(fields: Mapping[str, str], offered: Sequence[SignupList], referer:
         try:
             email = normalise_address(typed)
         except ValueError:
-            problems.append(f"{typed!r} is not an email address; please check it.")
+            problems.append(f"“{_clean(typed, 320)}” is not an email address; please check it.")
     first_name = _clean(fields.get("first_name", ""), MAX_NAME + 1)
     if len(first_name) > MAX_NAME:
         problems.append(f"Please keep your first name under {MAX_NAME} characters.")
@@ -155,20 +158,23 @@ def _form_of(referer: str) -> str:
 
 
 def form_stamp(key: bytes, now: float) -> str:
-    """A signed time the form was shown at (the work-or-wait proof, and the fallback's)."""
-    shown = str(int(now))
+    """A signed time the form was shown at, with a random part (two visitors in one
+    second get two stamps): the proof of waiting, each used once."""
+    shown = f"{int(now)}.{secrets.token_hex(8)}"
     return f"{shown}.{_mac(key, 'stamp:' + shown)}"
 
 
 def _stamp_age(key: bytes, stamp: str, now: float) -> float | None:
-    shown, _, mac = stamp.partition(".")
+    shown, _, mac = stamp.rpartition(".")
+    seconds, _, rest = shown.partition(".")
     if (
-        not shown.isdigit()
-        or len(shown) > 12
+        not seconds.isdigit()
+        or len(seconds) > 12
+        or not rest
         or not hmac.compare_digest(mac.encode(), _mac(key, "stamp:" + shown).encode())
     ):
         return None
-    return now - int(shown)
+    return now - int(seconds)
 
 
 def _mac(key: bytes, text: str) -> str:
@@ -182,6 +188,8 @@ def network_of(address: str) -> str:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return address[:100]
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)  # a dual-stack proxy's way of writing an IPv4 client
     if ip.version == 6:
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return str(ip)
@@ -223,9 +231,6 @@ def decide(
     when = dt.datetime.fromtimestamp(at, dt.UTC)
     since = (when - dt.timedelta(seconds=DAY)).isoformat(timespec="seconds")
     limit = 1 if _on_every_list(subscribers, posted) else policy.address_limit
-    if signups.mailed_lately(posted.email, since) >= limit:
-        log.info("signup: the address had its mails for the day; nothing sent")
-        return Decision("done", posted, why="the address's daily limit")
     queued = signups.begin(
         NewSignup(
             email=posted.email,
@@ -237,8 +242,13 @@ def decide(
             posted_ip=ip,
             expires_at=(when + policy.confirm_valid).isoformat(timespec="seconds"),
             nonce=nonce(),
-        )
+        ),
+        limit=limit,
+        since=since,
     )
+    if queued is None:
+        log.info("signup: the address had its mails for the day; nothing sent")
+        return Decision("done", posted, why="the address's daily limit")
     log.info("signup #%d kept; its confirmation mail is queued", queued)
     return Decision("done", posted, queued=queued)
 

@@ -1,8 +1,10 @@
 """Confirmation links: a signup's id and nonce → a signed token, and back.
 
 Input: the deployment's secret key, a signup's id and its random nonce (kept in the
-database). Output: a URL-safe token, ``base64url(id | nonce | mac)``, where the mac is
-HMAC-SHA256 (first 16 bytes) over id and nonce with a key derived for this use only;
+database). Output: a URL-safe token, ``base64url(nonce | id masked | mac)``: the id
+masked with a pad derived from the nonce (a link says nothing of how many signups there
+were), the mac HMAC-SHA256 (first 16 bytes) over id and nonce, with keys derived for
+this use only;
 :func:`read` gives (id, nonce) back, or None for anything forged, altered, truncated
 or malformed. Whether the signup is still waiting, unexpired and unconfirmed (the
 token is single-use) is the store's to say.
@@ -45,9 +47,16 @@ def _raw_nonce(nonce: str) -> bytes:
     return raw
 
 
+def _pad(secret: bytes, raw_nonce: bytes) -> int:
+    mask = hmac.new(_key(secret), b"pad " + raw_nonce, hashlib.sha256).digest()[:8]
+    return int(struct.unpack(">Q", mask)[0])
+
+
 def confirm_token(secret: bytes, signup_id: int, nonce: str) -> str:
-    body = struct.pack(">Q", signup_id) + _raw_nonce(nonce)
-    return base64.urlsafe_b64encode(body + _mac(secret, body)).rstrip(b"=").decode("ascii")
+    raw = _raw_nonce(nonce)
+    masked = struct.pack(">Q", signup_id ^ _pad(secret, raw))
+    mac = _mac(secret, struct.pack(">Q", signup_id) + raw)
+    return base64.urlsafe_b64encode(raw + masked + mac).rstrip(b"=").decode("ascii")
 
 
 def read(secret: bytes, token: str) -> tuple[int, str] | None:
@@ -60,13 +69,15 @@ def read(secret: bytes, token: str) -> tuple[int, str] | None:
         return None
     if len(raw) != _LENGTH:
         return None
-    body, mac = raw[:-_MAC], raw[-_MAC:]
-    if not hmac.compare_digest(mac, _mac(secret, body)):
+    nonce_raw, masked, mac = raw[:_NONCE], raw[_NONCE : _NONCE + 8], raw[-_MAC:]
+    signup_id = int(struct.unpack(">Q", masked)[0]) ^ _pad(secret, nonce_raw)
+    if not hmac.compare_digest(mac, _mac(secret, struct.pack(">Q", signup_id) + nonce_raw)):
         return None
+    nonce = _nonce_text(nonce_raw)
     # Only the canonical spelling: exactly one token is valid for each signup.
-    if confirm_token(secret, struct.unpack(">Q", body[:8])[0], _nonce_text(body[8:])) != token:
+    if confirm_token(secret, signup_id, nonce) != token:
         return None
-    return struct.unpack(">Q", body[:8])[0], _nonce_text(body[8:])
+    return signup_id, nonce
 
 
 def _nonce_text(raw: bytes) -> str:

@@ -696,8 +696,13 @@ class Signups(Protocol):
     signups and their confirmation, consent records, the server's outbox, rate limits
     and single-use keys, and a person's data erased."""
 
-    def begin(self, signup: NewSignup) -> int:
-        """Keep a signup as posted and queue its confirmation mail; returns its id."""
+    def begin(self, signup: NewSignup, *, limit: int | None = None, since: str = "") -> int | None:
+        """Keep a signup as posted and queue its confirmation mail; returns its id, or
+        None when the address had ``limit`` signups since ``since`` (nothing kept)."""
+        ...
+
+    def purge_unconfirmed(self, expired_before: str) -> int:
+        """Forget signups never confirmed whose link expired before then, and their mail."""
         ...
 
     def signup(self, signup_id: int) -> PendingSignup | None: ...

@@ -50,9 +50,6 @@ __all__ = [
 
 MailKind = Literal["confirm", "welcome"]
 MailState = Literal["pending", "sending", "sent", "rejected", "deferred", "unknown"]
-# A confirmation mail the relay keeps deferring is given up after this many tries:
-# the person can post the form again.
-MAIL_ATTEMPTS = 5
 # Rate-limit hits older than this are deleted whatever their bucket (the longest window).
 RATE_KEEP = 7 * 86400.0
 
@@ -244,10 +241,21 @@ class SignupSql:
         return self.conn.execute(sql.replace("?", self.PLACEHOLDER), tuple(params))
 
     # -- signing up -----------------------------------------------------------
-    def begin(self, signup: NewSignup) -> int:
+    def begin(self, signup: NewSignup, *, limit: int | None = None, since: str = "") -> int | None:
         """Keep a signup as posted (on no list yet), its consent text once per version,
-        and queue its confirmation mail, in one transaction; returns its id."""
+        and queue its confirmation mail, in one transaction; returns its id. With
+        ``limit``: None instead, keeping nothing, when the address already has that many
+        signups posted since ``since`` (counted under the address's lock, so that posts
+        at the same moment cannot all pass)."""
         with self._write():
+            self._lock(f"address:{signup.email}")
+            if limit is not None:
+                row = self._sql(
+                    "SELECT count(*) FROM signups WHERE email = ? AND posted_at >= ?",
+                    (signup.email, since),
+                ).fetchone()
+                if int(row[0]) >= limit:
+                    return None
             self._keep_text(signup.consent_text, signup.posted_at)
             row = self._sql(
                 "INSERT INTO signups (nonce, email, first_name, lists, form, consent_sha256, "
@@ -326,11 +334,39 @@ class SignupSql:
             suppressed = self._sql(
                 "SELECT reason, created_at FROM suppressions WHERE email = ?", (email,)
             ).fetchone()
+            # Left since this form was posted (an unsubscribe, a complaint): the person
+            # withdrew after asking, and an older link must not undo that.
+            left_since = {
+                str(r[0])
+                for r in self._sql(
+                    "SELECT list_name FROM list_optouts WHERE email = ? AND created_at > ?",
+                    (email, found.posted_at),
+                ).fetchall()
+            }
+            if left_since & set(found.lists) or (
+                suppressed is not None
+                and suppressed[0] in ("unsubscribed", "complained")  # theirs, not a bounce
+                and str(suppressed[1]) > found.posted_at
+            ):
+                return None
             actor = f"signup #{signup_id} confirmed"
             if suppressed is not None:
                 self._sql("DELETE FROM suppressions WHERE email = ?", (email,))
                 self._log(email, "unsuppress", "a confirmed signup of its own", actor, now)
                 lifted.append(f"the suppression ({suppressed[0]}, since {suppressed[1]})")
+                # The suppression covered every list: the lists not chosen now stay left.
+                member_of = self._sql(
+                    "SELECT m.list_name FROM list_members m JOIN subscribers u "
+                    "ON u.id = m.subscriber_id WHERE u.email = ?",
+                    (email,),
+                ).fetchall()
+                for (other,) in member_of:
+                    if other not in found.lists:
+                        self._sql(
+                            "INSERT INTO list_optouts (list_name, email, created_at) "
+                            "VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                            (other, email, now),
+                        )
             erased = self._sql(
                 "DELETE FROM erasures WHERE email_hash = ? RETURNING created_at", (email_hash,)
             ).fetchone()
@@ -378,6 +414,12 @@ class SignupSql:
                 "UPDATE signups SET confirmed_at = ?, confirmed_ip = ? WHERE id = ?",
                 (now, confirmed_ip, signup_id),
             )
+            # The address's other links stop working: this one decided.
+            self._sql(
+                "UPDATE signups SET expires_at = ? WHERE email = ? AND confirmed_at IS NULL "
+                "AND expires_at > ?",
+                (now, email, now),
+            )
             if welcome:
                 self._queue("welcome", signup_id, email, now)
         done = dataclasses.replace(found, confirmed_at=now, confirmed_ip=confirmed_ip)
@@ -397,6 +439,23 @@ class SignupSql:
             "SELECT count(*) FROM signups WHERE email = ? AND posted_at >= ?", (email, since)
         ).fetchone()
         return int(row[0])
+
+    def purge_unconfirmed(self, expired_before: str) -> int:
+        """Forget signups never confirmed whose link expired before ``expired_before``, and
+        their mail: an address a stranger typed is not kept for longer than it is of use
+        (a day of signups is all the per-address limit reads)."""
+        with self._write():
+            self._sql(
+                "DELETE FROM outbox WHERE signup_id IN (SELECT id FROM signups "
+                "WHERE confirmed_at IS NULL AND expires_at < ?)",
+                (expired_before,),
+            )
+            gone = self._sql(
+                "DELETE FROM signups WHERE confirmed_at IS NULL AND expires_at < ? "
+                "AND id NOT IN (SELECT signup_id FROM consents WHERE signup_id IS NOT NULL)",
+                (expired_before,),
+            ).rowcount
+        return int(gone)
 
     # -- consent records --------------------------------------------------------
     def consents(self, email: str) -> list[ConsentRecord]:
@@ -527,6 +586,12 @@ class SignupSql:
             ]  # fmt: skip
             for table, sql, params in steps:
                 done.removed[table] = int(self._sql(sql, params).rowcount)
+            # Not yet sent (a send paused or interrupted): never sent now, to anyone.
+            self._sql(
+                "UPDATE deliveries SET state = 'suppressed' "
+                "WHERE email = ? AND state IN ('pending', 'deferred')",
+                (email,),
+            )
             done.anonymised["deliveries"] = int(
                 self._sql(
                     "UPDATE deliveries SET email = ?, first_name = '', last_name = '', "

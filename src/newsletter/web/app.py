@@ -37,6 +37,7 @@ listen on.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import email
 import email.policy
@@ -45,7 +46,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -113,6 +114,8 @@ class WebConfig:
     signup: SignupPolicy | None = None
     # Called when a signup queued a mail: the mailer thread looks at once.
     mail_queued: Callable[[], None] = field(default=lambda: None)
+    # Called as the server shuts down, before it exits (the mailer finishes its mail).
+    on_shutdown: Callable[[], None] = field(default=lambda: None)
 
 
 def _guarded(
@@ -160,7 +163,15 @@ def create_app(config: WebConfig) -> ASGIApp:
             clock=lambda: config.clock().timestamp(),
         )
         signup = [Route(r.path, _guarded(r.endpoint), methods=r.methods) for r in joining.routes()]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        # uvicorn raises SIGTERM again once this is done: what runs after it never runs.
+        await run_in_threadpool(config.on_shutdown)
+
     app = Starlette(
+        lifespan=lifespan,
         routes=[
             *signup,
             *(Route(path, _guarded(handler), methods=["POST"]) for path, handler in hooks.routes()),

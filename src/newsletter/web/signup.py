@@ -17,6 +17,7 @@ on these pages comes from another site; the form page alone runs a script, our o
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import html
 import logging
@@ -31,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
+from newsletter.render import markdown
 from newsletter.signup import links
 from newsletter.signup.joining import (
     HONEYPOT,
@@ -54,9 +56,12 @@ T = TypeVar("T")
 
 # The form page's own policy: the common one, plus our script and its worker.
 SCRIPT_CSP = (
-    "default-src 'none'; style-src 'unsafe-inline'; img-src https:; script-src 'self'; "
-    "worker-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    "default-src 'none'; style-src 'unsafe-inline'; script-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
 )
+# Every answer to a posted form takes at least this long: the work behind it differs
+# by the address's state (a mail queued or not), and its time must not tell.
+ANSWER_FLOOR = 0.25
 _HIDDEN = "position:absolute;left:-10000px;width:1px;height:1px;overflow:hidden"
 
 Page = Callable[[str, str, int], HTMLResponse]
@@ -88,6 +93,13 @@ class SignupPages:
     async def subscribe(self, request: Request) -> Response:
         if request.method != "POST":
             return self._form_page(None, status=200)
+        started = time.monotonic()
+        try:
+            return await self._posted(request)
+        finally:
+            await asyncio.sleep(max(0.0, ANSWER_FLOOR - (time.monotonic() - started)))
+
+    async def _posted(self, request: Request) -> Response:
         fields = await self.form(request)
         posted = read_form(fields, self.policy.lists, request.headers.get("referer", ""))
         ip = request.client.host if request.client else None
@@ -131,6 +143,13 @@ class SignupPages:
         if posted is not None and posted.problems:
             items = "".join(f"<li>{_e(p)}</li>" for p in posted.problems)
             notes = f'<div role="alert"><p>Please check the form:</p><ul>{items}</ul></div>'
+        elif prove and self.policy.challenge == "work":
+            notes = (
+                '<div role="alert"><p>One more step: please press <strong>Subscribe</strong> '
+                "again. This form needs JavaScript for a check that keeps software from "
+                "signing up other people's addresses; if it is off in your browser, please "
+                "turn it on for this page.</p></div>"
+            )
         elif prove:
             notes = (
                 '<div role="alert"><p>One more step: please press <strong>Subscribe</strong> '
@@ -161,7 +180,9 @@ class SignupPages:
         source = posted.form if posted is not None else OUR_PAGE
         email = _e(posted.email) if posted is not None else ""
         name = _e(posted.first_name) if posted is not None else ""
-        consent = "".join(f"<p>{_e(p)}</p>" for p in self.policy.consent_text.split("\n\n"))
+        # Markdown, as every text in society.yaml (sanitised: links and emphasis only);
+        # the record keeps the text as written.
+        consent = markdown.to_html(self.policy.consent_text)
         body = (
             f"{notes}"
             f'<form method="post" action="{_e(self.base)}/subscribe" '
