@@ -113,6 +113,7 @@ class Hooks:
     storage: Storage
     sns: FakeSns
     senders: dict[str, str]  # reader → the VERP address of its message
+    database: str = ""
 
     def post(self, provider: str, body: bytes, **headers: str) -> tuple[int, str]:
         status, text, _ = call(f"{self.base}/webhooks/{provider}", body, JSON, headers=headers)
@@ -164,7 +165,7 @@ def hooks(database: str) -> Iterator[Hooks]:
         senders = {d.recipient.email: VERP.sender(send.id, d.seq) for d in claim.deliveries}
         sns = FakeSns()
         with running(lambda base: _app(base, database, sns, all_on(sns))) as base:
-            yield Hooks(base, storage, sns, senders)
+            yield Hooks(base, storage, sns, senders, database)
 
 
 def our_message_id(reader: str, issue: str = ISSUE) -> str:
@@ -379,6 +380,13 @@ def test_mailgun_events_and_its_signature(hooks: Hooks) -> None:
     status, text = hooks.post("mailgun", forged)
     assert status == 409 and "replay" in text
     assert r[4] not in hooks.suppressed() and hooks.evidence(r[4]) == []
+    # Another server on the database (or this one restarted) knows the token too.
+    with running(lambda base: _app(base, hooks.database, hooks.sns, all_on(hooks.sns))) as second:
+        again = call(f"{second}/webhooks/mailgun", forged, JSON)
+        assert again[0] == 409 and "replay" in again[1]
+        retried = call(f"{second}/webhooks/mailgun", bodies[3], JSON)
+        assert retried[0] == 200 and "recorded before" in retried[1]
+    assert r[4] not in hooks.suppressed()
 
 
 def test_seen_tokens_forget_the_oldest_and_then_refuse_what_was_signed_before_it() -> None:

@@ -14,8 +14,9 @@ short reason, logged by the caller) when it is not. Nothing here reads the event
   redirects) and kept in memory by URL. ``SubscribeURL`` follows the same host rule.
 - Mailgun: HMAC-SHA256 of timestamp + token with the signing key; a timestamp more
   than :data:`MAX_AGE` seconds old or :data:`TOLERANCE` seconds ahead is refused, and
-  so is a token seen before with another body (:class:`SeenTokens`): the signature
-  does not cover the body, so a captured one must not carry a forged event.
+  so is a token seen before with another body (a :class:`TokenLedger`: the server's is
+  in the database, :class:`SeenTokens` in memory): the signature does not cover the
+  body, so a captured one must not carry a forged event.
 - SendGrid (Signed Event Webhook): ECDSA P-256 with SHA-256 over the timestamp header
   followed by the raw body, with the verification key; the same window.
 
@@ -57,6 +58,7 @@ __all__ = [
     "SeenTokens",
     "SnsFetcher",
     "SnsVerifier",
+    "TokenLedger",
     "check_basic_auth",
     "check_mailgun",
     "check_sendgrid",
@@ -274,8 +276,18 @@ class SeenTokens:
             self._seen[token] = (now, digest)
 
 
+class TokenLedger(Protocol):
+    """Where Mailgun tokens are remembered: :class:`SeenTokens` (one process's memory),
+    or the database (``newsletter.web.webhooks.StoredTokens``, every process's)."""
+
+    def check(self, token: str, signed: float, body: bytes, now: float) -> None:
+        """Nothing for a token new, or seen with this body (a retry); Refused for a token
+        seen with another body (a replay with a forged event)."""
+        ...
+
+
 def check_mailgun(
-    key: bytes, signature: Mapping[str, object], body: bytes, seen: SeenTokens, now: float
+    key: bytes, signature: Mapping[str, object], body: bytes, seen: TokenLedger, now: float
 ) -> None:
     """Nothing if ``signature`` (the payload's ``signature`` object) is Mailgun's, fresh
     and not replayed; else Refused."""

@@ -549,6 +549,13 @@ class SignupSql:
             ).rowcount
         return bool(inserted)
 
+    def was_used(self, kind: str, key: str, now: float) -> bool:
+        """Whether ``(kind, key)`` was used and has not expired (nothing is written)."""
+        row = self._sql(
+            "SELECT 1 FROM used_once WHERE kind = ? AND key = ? AND expires >= ?", (kind, key, now)
+        ).fetchone()
+        return row is not None
+
     # -- a person's data --------------------------------------------------------
     def erased(self, email_hash: str) -> str | None:
         """When the address of this hash was erased, or None."""

@@ -22,6 +22,7 @@ The log names the provider, the decision and the evidence id, never an address.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -42,9 +43,10 @@ from newsletter.bounces.providers import (
     read_ses,
 )
 from newsletter.bounces.signatures import (
+    MAX_AGE,
+    TOLERANCE,
     HttpsSnsFetcher,
     Refused,
-    SeenTokens,
     SnsFetcher,
     SnsVerifier,
     check_basic_auth,
@@ -83,6 +85,27 @@ class _TooLarge(Exception):
     pass
 
 
+class StoredTokens:
+    """Mailgun tokens remembered in the database's single-use keys, shared by every
+    process on it: a token's first use, and the digest of the body it came with, kept
+    as long as its signature is accepted (a day and five minutes)."""
+
+    def __init__(self, storage: Callable[[], Storage]) -> None:
+        self.storage = storage
+
+    def check(self, token: str, signed: float, body: bytes, now: float) -> None:
+        store = self.storage().signups
+        expires = signed + MAX_AGE + TOLERANCE
+        with_body = f"{token}:{hashlib.sha256(body).hexdigest()}"
+        if store.use_once("mailgun", token, expires, now):
+            store.use_once("mailgun-body", with_body, expires, now)
+            return
+        # Seen before: the same body again is Mailgun retrying; another is a replay (and
+        # is not written down: it must not pass as a retry later).
+        if not store.was_used("mailgun-body", with_body, now):
+            raise Refused(409, "a Mailgun token seen before, with another body (a replay)")
+
+
 class Webhooks:
     """The four routes' handlers (module docstring)."""
 
@@ -96,7 +119,9 @@ class Webhooks:
         self.storage = storage  # this server thread's own storage
         self.clock = clock
         self.sns = SnsVerifier(config.sns_fetcher)
-        self.seen = SeenTokens()
+        # In the database, so that a token seen by one server (or before a restart) is
+        # known to all: its signature does not cover the body, and is good for a day.
+        self.seen = StoredTokens(storage)
         self.sendgrid_key = (
             load_sendgrid_key(config.sendgrid_key) if config.sendgrid_key is not None else None
         )
@@ -167,8 +192,8 @@ class Webhooks:
             payload = _object(body)
             signature = payload.get("signature")
             now = self.clock().timestamp()
-            check_mailgun(key, signature if isinstance(signature, dict) else {}, body,
-                          self.seen, now)  # fmt: skip
+            given = signature if isinstance(signature, dict) else {}
+            await run_in_threadpool(lambda: check_mailgun(key, given, body, self.seen, now))
         except _TooLarge:
             return _too_large("mailgun")
         except Refused as refused:
