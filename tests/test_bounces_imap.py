@@ -404,3 +404,29 @@ def test_an_unsubscribe_mailbox_alone_needs_its_own_login(project: Path) -> None
     missing = "NEWSLETTER_UNSUBSCRIBE_IMAP_USERNAME and NEWSLETTER_UNSUBSCRIBE_IMAP_PASSWORD"
     assert f"{missing} are not set" in result.stderr, result.stderr
     assert "NEWSLETTER_BOUNCE_IMAP" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "missing"),
+    [
+        ({"NEWSLETTER_UNSUBSCRIBE_IMAP_HOST": "imap.other.example"},
+         "NEWSLETTER_UNSUBSCRIBE_IMAP_USERNAME and NEWSLETTER_UNSUBSCRIBE_IMAP_PASSWORD are"),
+        ({"NEWSLETTER_UNSUBSCRIBE_IMAP_USERNAME": "leave"},
+         "NEWSLETTER_UNSUBSCRIBE_IMAP_PASSWORD is"),
+    ],
+)  # fmt: skip
+def test_the_bounce_mailboxs_password_goes_nowhere_else(
+    project: Path, extra: dict[str, str], missing: str
+) -> None:
+    """Another server, or a login of its own: the bounce mailbox's password is not taken."""
+    env = {
+        **env_for(None, str(project / "db.sqlite3")),
+        "NEWSLETTER_BOUNCE_IMAP_HOST": "127.0.0.1",
+        "NEWSLETTER_BOUNCE_IMAP_USERNAME": "bounces",
+        "NEWSLETTER_BOUNCE_IMAP_PASSWORD": "x",
+        "NEWSLETTER_UNSUBSCRIBE_IMAP_FOLDER": "Unsubscribe",
+        **extra,
+    }
+    result = run_cli("bounces", "fetch", cwd=project, env=env)
+    assert result.returncode != 0
+    assert f"{missing} not set" in result.stderr, result.stderr

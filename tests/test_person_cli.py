@@ -16,10 +16,13 @@ from test_bounces_cli import env_for, ok, returned
 ANN = "ann@example.org"
 
 
-def import_list(project: Path, env: dict[str, str], name: str, rows: str, *more: str) -> str:
+def import_list(project: Path, env: dict[str, str], name: str, rows: str, *more: str,
+                status: int = 0) -> str:  # fmt: skip
     (project / f"{name}.csv").write_text("email,first_name,town\n" + rows, encoding="utf-8")
-    return ok(run_cli("subscribers", "import", f"{name}.csv", "--list", name, *more,
-                      cwd=project, env=env))  # fmt: skip
+    done = run_cli("subscribers", "import", f"{name}.csv", "--list", name, *more, cwd=project,
+                   env=env)  # fmt: skip
+    assert done.returncode == status, done.stdout + done.stderr
+    return str(done.stdout)
 
 
 def test_export_person_holds_everything_and_erase_leaves_only_what_it_says(
@@ -103,9 +106,9 @@ def test_export_person_holds_everything_and_erase_leaves_only_what_it_says(
 
     # The week after: the same file again, another list, the address in other case.
     again_said = import_list(project, env, "research-news",
-                             f"{ANN},Ann,Leeds\nbob@example.org,Bob,York\n")  # fmt: skip
+                             f"{ANN},Ann,Leeds\nbob@example.org,Bob,York\n", status=3)  # fmt: skip
     assert "1 row(s) refused (line(s) 2)" in again_said
-    other = import_list(project, env, "newcomers", "Ann@EXAMPLE.org,Ann,Leeds\n")
+    other = import_list(project, env, "newcomers", "Ann@EXAMPLE.org,Ann,Leeds\n", status=3)
     assert "1 row(s) refused (line(s) 2)" in other
     listed = ok(run_cli("subscribers", "list", "--list", "research-news", cwd=project, env=env))
     assert ANN not in listed and "bob@example.org" in listed
@@ -127,6 +130,10 @@ def test_erase_needs_the_secret_key_and_an_import_then_refuses_to_guess(
                     env=keyless)  # fmt: skip
     assert blind.returncode == 1
     assert "1 address(es) were erased" in blind.stderr and "nothing was imported" in blind.stderr
+    rekeyed = {**env, "NEWSLETTER_SECRET_KEY": "another-secret-key-for-the-suite-9876"}
+    other_key = run_cli("subscribers", "import", "news.csv", "--list", "news", cwd=project,
+                        env=rekeyed)  # fmt: skip
+    assert other_key.returncode == 1 and "with this NEWSLETTER_SECRET_KEY" in other_key.stderr
     unknown = run_cli("subscribers", "export-person", "nobody@example.org", cwd=project, env=env)
     assert (
         unknown.returncode == 1 and "nothing is stored about nobody@example.org" in unknown.stderr

@@ -247,7 +247,7 @@ def subscribers_import(
     import datetime as dt
 
     from newsletter.audience.csv_import import read_csv
-    from newsletter.storage.signups import ImportConsent, erasure_hash
+    from newsletter.storage.signups import ImportConsent, erasure_hash, erasure_key_check
 
     settings = _settings()
     text = _consent_text(consent_text)
@@ -255,9 +255,12 @@ def subscribers_import(
     try:
         erased = set(storage.signups.erasure_hashes())
         key = settings.erasure_key
-        if erased and key is None:
+        if erased and (
+            key is None or not storage.signups.erasure_key_matches(erasure_key_check(key))
+        ):
+            why = "without" if key is None else "with this"
             _fail(
-                f"{len(erased):,} address(es) were erased at the person's request, and without "
+                f"{len(erased):,} address(es) were erased at the person's request, and {why} "
                 "NEWSLETTER_SECRET_KEY (the key of their hashes) this file cannot be checked "
                 "against them: set it as it was when they were erased; nothing was imported"
             )
@@ -336,7 +339,8 @@ def subscribers_import(
             fg="yellow",
             err=True,
         )
-        sys.exit(3)
+    if report.skipped or report.erased:
+        sys.exit(3)  # some rows were not imported: scripts must notice
 
 
 # What an import without --consent records as how its members agreed.
@@ -560,9 +564,12 @@ def subscribers_show(email: str) -> None:
         erased = None if key is None else storage.signups.erased(erasure_hash(key, address))
     finally:
         storage.close()
-    if erased is not None and not lists and not signups:
+    held = lists or info or history or heard or sends or consents or signups
+    if erased is not None and not held:
         click.echo(f"{address}: erased at the person's request on {erased}; nothing else is kept")
         return
+    if erased is not None:
+        click.echo(f"{address}: erased on {erased}; held since (run `subscribers erase` again):")
     if not (lists or info or history or heard or sends or consents or signups):
         _fail(f"{address} is on no list and has never been suppressed")
     click.echo(address)
@@ -675,7 +682,7 @@ def subscribers_erase(email: str, yes: bool) -> None:
         data = person.gather(storage, address, erasure_key=key)
         if data.empty:
             _fail(f"nothing is stored about {address}")
-        if data.erased_at is not None and not (data.subscriber or data.sends or data.signups):
+        if data.only_erased:
             click.echo(f"{address} was erased on {data.erased_at}; nothing more to erase")
             return
         if not yes:

@@ -137,17 +137,30 @@ def imap_accounts(settings: Settings) -> list[ImapAccount]:
     ) or not settings.unsubscribe_mailbox_set else []  # fmt: skip
     if settings.unsubscribe_mailbox_set:
         s = settings
+        own_host = s.unsubscribe_imap_host
+        # Another server: nothing of the bounce mailbox's connection or login is taken
+        # (its password is never sent to a host it is not for).
+        elsewhere = own_host is not None and _host(own_host) != _host(s.bounce_imap_host or "")
+        security = s.unsubscribe_imap_security or ("tls" if elsewhere else s.bounce_imap_security)
+        same_way = not elsewhere and security == s.bounce_imap_security
+        # The login is one: a user name of its own with the bounce mailbox's password
+        # would be a wrong login.
+        own_login = elsewhere or s.unsubscribe_imap_username or s.unsubscribe_imap_password
         wanted.append(("NEWSLETTER_UNSUBSCRIBE_IMAP", (
-            s.unsubscribe_imap_host or s.bounce_imap_host,
-            s.unsubscribe_imap_port or s.bounce_imap_port,
-            s.unsubscribe_imap_security or s.bounce_imap_security,
-            s.unsubscribe_imap_username or s.bounce_imap_username,
-            s.unsubscribe_imap_password or s.bounce_imap_password,
+            own_host or s.bounce_imap_host,
+            s.unsubscribe_imap_port or (s.bounce_imap_port if same_way else None),
+            security,
+            s.unsubscribe_imap_username if own_login else s.bounce_imap_username,
+            s.unsubscribe_imap_password if own_login else s.bounce_imap_password,
             s.unsubscribe_imap_folder or s.bounce_imap_folder,
             s.unsubscribe_imap_processed_folder or s.bounce_imap_processed_folder,
-            s.unsubscribe_imap_ca_file or s.bounce_imap_ca_file,
+            s.unsubscribe_imap_ca_file or (None if elsewhere else s.bounce_imap_ca_file),
         )))  # fmt: skip
     return [_imap_account(prefix, *values) for prefix, values in wanted]
+
+
+def _host(name: str) -> str:
+    return name.lower().rstrip(".")
 
 
 def _imap_account(

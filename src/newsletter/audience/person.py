@@ -21,7 +21,7 @@ from typing import Any
 
 from newsletter.audience.csv_import import write_whole
 from newsletter.storage.base import Storage
-from newsletter.storage.signups import Erased, erasure_hash
+from newsletter.storage.signups import Erased, erasure_hash, erasure_key_check
 
 __all__ = ["FORMAT", "PersonData", "erase", "gather", "write_json"]
 
@@ -50,6 +50,11 @@ class PersonData:
             (self.subscriber, self.lists, self.suppression, self.suppression_history,
              self.consents, self.signups, self.mail, self.sends, self.feedback, self.erased_at)
         )  # fmt: skip
+
+    @property
+    def only_erased(self) -> bool:
+        """Erased, and nothing of theirs held since (a later bounce, a mailed request)."""
+        return self.erased_at is not None and dataclasses.replace(self, erased_at=None).empty
 
     def to_json(self) -> str:
         """The export: UTF-8 JSON, keys in a stable order, one field per line."""
@@ -144,4 +149,6 @@ def gather(storage: Storage, email: str, *, erasure_key: bytes | None = None) ->
 def erase(storage: Storage, email: str, erasure_key: bytes) -> Erased:
     """Erase ``email`` (normalised): see :meth:`~newsletter.storage.base.Signups.erase`."""
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    return storage.signups.erase(email, erasure_hash(erasure_key, email), now=now)
+    return storage.signups.erase(
+        email, erasure_hash(erasure_key, email), now=now, key_check=erasure_key_check(erasure_key)
+    )

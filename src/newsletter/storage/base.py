@@ -755,8 +755,12 @@ class Signups(Protocol):
 
     def erasure_hashes(self) -> Iterator[str]: ...
 
-    def erase(self, email: str, email_hash: str, *, now: str) -> Erased:
+    def erase(self, email: str, email_hash: str, *, now: str, key_check: str = "") -> Erased:
         """Remove a person's data; keep its keyed hash against later imports."""
+        ...
+
+    def erasure_key_matches(self, key_check: str) -> bool:
+        """Whether the erasures were made with this key (or none were made)."""
         ...
 
 

@@ -268,9 +268,20 @@ INSERT_COLUMNS = (
 )
 
 
+# The domain of the send log's rows for erased people (storage.signups.anonymous_address).
+ERASED_DOMAIN = "@erased.invalid"
+
+
 def insert_values(evidence: Evidence, received: str, outcome: str) -> tuple[Any, ...]:
     """The values of :data:`INSERT_COLUMNS` for ``evidence``, its raw message packed."""
     e = evidence
+    if e.email and e.email.endswith(ERASED_DOMAIN):
+        # About a delivery to someone erased (a late bounce or complaint): kept for the
+        # counts, without what would name them again.
+        return (
+            e.digest, received, e.source, e.kind, e.action, outcome or "pending", "", e.email,
+            e.send_id, e.seq, "", e.status, "", e.feedback_type, "", packed(b""), 0,
+        )  # fmt: skip
     return (
         e.digest, received, e.source, e.kind, e.action, outcome or "pending", e.why, e.email,
         e.send_id, e.seq, e.reported, e.status, e.diagnostic, e.feedback_type, e.message_id,

@@ -33,6 +33,8 @@ from typing import Any, Literal
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from newsletter.storage.evidence import ERASED_DOMAIN
+
 __all__ = [
     "ConfirmedSignup",
     "ConsentRecord",
@@ -46,12 +48,14 @@ __all__ = [
     "consent_hash",
     "erasure_hash",
     "erasure_key",
+    "erasure_key_check",
 ]
 
 MailKind = Literal["confirm", "welcome"]
 MailState = Literal["pending", "sending", "sent", "rejected", "deferred", "unknown"]
 # Rate-limit hits older than this are deleted whatever their bucket (the longest window).
 RATE_KEEP = 7 * 86400.0
+KEPT_FOREVER = 1e18  # a single-use key's expiry that never comes
 
 
 def _now_text() -> str:
@@ -69,6 +73,11 @@ def erasure_key(secret_key: bytes) -> bytes:
     return HKDF(
         algorithm=hashes.SHA256(), length=32, salt=None, info=b"newsletter erasure v1"
     ).derive(secret_key)
+
+
+def erasure_key_check(key: bytes) -> str:
+    """What the database keeps of the erasure key: enough to tell it from another."""
+    return hmac.new(key, b"newsletter erasure key check", hashlib.sha256).hexdigest()[:32]
 
 
 def erasure_hash(key: bytes, email: str) -> str:
@@ -217,7 +226,7 @@ def _signup(row: Sequence[Any]) -> PendingSignup:
 def anonymous_address(email_hash: str) -> str:
     """What an erased address becomes in the send log: one per person (counts and
     duplicates stay right), on a domain that can never receive mail (RFC 2606)."""
-    return f"erased-{email_hash[:20]}@erased.invalid"
+    return f"erased-{email_hash[:20]}{ERASED_DOMAIN}"
 
 
 class SignupSql:
@@ -568,7 +577,7 @@ class SignupSql:
         """Every erased address's hash (an import checks its rows against them)."""
         yield from (str(r[0]) for r in self._sql("SELECT email_hash FROM erasures").fetchall())
 
-    def erase(self, email: str, email_hash: str, *, now: str) -> Erased:
+    def erase(self, email: str, email_hash: str, *, now: str, key_check: str = "") -> Erased:
         """Remove what is stored about ``email`` in one transaction: its subscriber record
         and list memberships, opt-outs, suppression and its log, signups and consent
         records, queued mail; the send log's rows and the feedback kept about it become
@@ -606,12 +615,16 @@ class SignupSql:
                     (anonymous, email),
                 ).rowcount
             )
+            # About them: matched to them, reporting their address, or about one of their
+            # deliveries (now anonymous) while naming someone else.
             done.anonymised["feedback"] = int(
                 self._sql(
                     "UPDATE feedback SET email = ?, raw = ?, raw_size = 0, reported = '', "
                     "diagnostic = '', why = '', outcome = 'kept without its message (erased)' "
-                    "WHERE email = ?",
-                    (anonymous, empty_raw, email),
+                    "WHERE email = ? OR email = ? OR lower(reported) = ? OR EXISTS ("
+                    "SELECT 1 FROM deliveries d WHERE d.send_id = feedback.send_id "
+                    "AND d.seq = feedback.seq AND d.email = ?)",
+                    (anonymous, empty_raw, email, anonymous, email, anonymous),
                 ).rowcount
             )
             self._sql(
@@ -619,7 +632,21 @@ class SignupSql:
                 "ON CONFLICT (email_hash) DO NOTHING",
                 (email_hash, now),
             )
+            # Which key the hashes are made with, so that another key is noticed.
+            self._sql(
+                "INSERT INTO used_once (kind, key, expires) VALUES ('erasure-key', ?, ?) "
+                "ON CONFLICT (kind, key) DO NOTHING",
+                (key_check, KEPT_FOREVER),
+            )
         return done
+
+    def erasure_key_matches(self, key_check: str) -> bool:
+        """Whether the erasures were made with the key whose check is ``key_check`` (or
+        none were made: any key will do)."""
+        rows = self._sql(
+            "SELECT key FROM used_once WHERE kind = 'erasure-key'"
+        ).fetchall()  # fmt: skip
+        return not rows or key_check in {str(r[0]) for r in rows}
 
 
 def nonce() -> str:
