@@ -20,9 +20,9 @@ short reason, logged by the caller) when it is not. Nothing here reads the event
 - SendGrid (Signed Event Webhook): ECDSA P-256 with SHA-256 over the timestamp header
   followed by the raw body, with the verification key; the same window.
 
-Why a day and not the usual five minutes: neither provider says that a retry is signed
-anew, and Mailgun retries for eight hours (SendGrid for three days); a retry refused
-as stale would be a bounce lost. A replay inside the window changes nothing, since the
+Why three days and not the usual five minutes: neither provider says that a retry is
+signed anew, and Mailgun retries for eight hours, SendGrid for three days; a retry
+refused as stale would be a bounce lost. A replay inside the window changes nothing, since the
 same event is recognised by its evidence digest and recorded once.
 - Postmark signs nothing: HTTP basic auth, compared in constant time.
 """
@@ -68,7 +68,7 @@ __all__ = [
 ]
 
 TOLERANCE = 300  # seconds a signed timestamp may be ahead of our clock (a clock that is off)
-MAX_AGE = 24 * 3600  # seconds it may be behind: a retry hours later may carry the first signature
+MAX_AGE = 3 * 86400  # seconds it may be behind: a retry days later may carry the first signature
 MAX_CERTIFICATE = 64 * 1024  # an SNS signing certificate is about 2 kB
 FETCH_TIMEOUT = 10.0
 _SNS_HOST = re.compile(r"sns\.[a-z0-9-]{1,30}\.amazonaws\.com(?:\.cn)?", re.ASCII)

@@ -227,16 +227,17 @@ class SignupPages:
         signup_id, nonce = found
         here = f"{self.base}/confirm/{request.path_params['token']}"
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC).isoformat(timespec="seconds")
+        # A link used, expired or not ours gets the 404 first, whatever else was sent.
+        waiting = await self._db(lambda s: s.signups.signup(signup_id))
+        if (
+            waiting is None
+            or waiting.nonce != nonce
+            or waiting.confirmed_at is not None
+            or waiting.expires_at <= now
+        ):
+            return self._not_found()
         if request.method != "POST":
             # GET and HEAD only show: mail scanners open every link in an email.
-            waiting = await self._db(lambda s: s.signups.signup(signup_id))
-            if (
-                waiting is None
-                or waiting.nonce != nonce
-                or waiting.confirmed_at is not None
-                or waiting.expires_at <= now
-            ):
-                return self._not_found()
             titles = _titles(self.policy, waiting.lists)
             return self.page(
                 "Confirm your subscription",
