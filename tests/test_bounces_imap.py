@@ -375,6 +375,14 @@ def test_watch_reads_an_unsubscribe_mailbox_on_its_own_login_beside_the_bounces(
             "are both 'U'",
         ),
         ({"NEWSLETTER_UNSUBSCRIBE_IMAP_FOLDER": "a*"}, "wildcards"),
+        # the same login written another way: the default port given, the host's case
+        (
+            {
+                "NEWSLETTER_UNSUBSCRIBE_IMAP_PORT": "993",
+                "NEWSLETTER_UNSUBSCRIBE_IMAP_HOST": "127.0.0.1.",
+            },
+            "reads 'INBOX', as the bounce mailbox does",
+        ),
     ],
 )
 def test_an_unsubscribe_mailbox_that_clashes_with_the_bounce_mailbox_is_refused(

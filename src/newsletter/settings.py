@@ -474,13 +474,20 @@ class Settings(BaseSettings):
 
     @property
     def _same_account(self) -> bool:
-        """Whether the unsubscribe mailbox is on the bounce mailbox's login."""
+        """Whether the unsubscribe mailbox is on the bounce mailbox's login (the same
+        server, port as it will be used, and user; a host's case and final dot aside)."""
+        defaults = {"tls": 993, "starttls": 143, "none": 143}
+        bounce_port = self.bounce_imap_port or defaults[self.bounce_imap_security]
+        security = self.unsubscribe_imap_security or self.bounce_imap_security
+        own_port = self.unsubscribe_imap_port or (
+            self.bounce_imap_port if security == self.bounce_imap_security else None
+        ) or defaults[security]  # fmt: skip
+        host = (self.unsubscribe_imap_host or self.bounce_imap_host or "").lower().rstrip(".")
         return (
-            (self.unsubscribe_imap_host or self.bounce_imap_host or "").lower()
-            == (self.bounce_imap_host or "").lower()
+            host == (self.bounce_imap_host or "").lower().rstrip(".")
             and (self.unsubscribe_imap_username or self.bounce_imap_username)
-            == (self.bounce_imap_username)
-            and (self.unsubscribe_imap_port or self.bounce_imap_port) == self.bounce_imap_port
+            == self.bounce_imap_username
+            and own_port == bounce_port
         )
 
     @model_validator(mode="after")
