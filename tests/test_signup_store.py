@@ -292,3 +292,28 @@ def test_unconfirmed_signups_are_forgotten_a_day_after_their_link_expired(
     assert any_db.signups.purge_unconfirmed("2026-12-03T10:00:00+00:00") == 0  # not yet past
     assert any_db.signups.purge_unconfirmed("2026-12-04T10:00:01+00:00") == 1
     assert any_db.signups.signups_of(READER) == [] and any_db.signups.outbox(READER) == []
+
+
+def test_an_erasure_made_while_an_import_reads_its_file_is_not_undone(database: str) -> None:
+    from collections.abc import Iterator as Rows
+
+    from newsletter.storage.signups import ErasureCheck
+
+    other = "other@example.org"
+    with closing(open_storage(database, create=True)) as db:
+        db.subscribers.import_rows("news", [ParsedRow(2, other, None, None, {})],
+                                   skip_invalid=False)  # fmt: skip
+
+    def rows() -> Rows[ParsedRow]:
+        yield ParsedRow(2, READER, "Ada", None, {})
+        yield ParsedRow(3, other, None, None, {})
+        # The person is erased (another process) while the file is still being read.
+        with closing(open_storage(database)) as elsewhere:
+            elsewhere.signups.erase(READER, erasure_hash(KEY, READER), now="2026-12-02T00:00:00")
+
+    with closing(open_storage(database)) as db:
+        report = db.subscribers.import_rows("news", rows(), skip_invalid=False,
+                                            erased=ErasureCheck(frozenset(), KEY))  # fmt: skip
+        assert report.committed and report.erased == 1
+        assert db.subscribers.lists_of(READER) == [] and db.subscribers.recipient(READER) is None
+        assert [r.email for r in db.subscribers.audience("news")] == [other]

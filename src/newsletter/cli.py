@@ -247,7 +247,7 @@ def subscribers_import(
     import datetime as dt
 
     from newsletter.audience.csv_import import read_csv
-    from newsletter.storage.signups import ImportConsent, erasure_hash, erasure_key_check
+    from newsletter.storage.signups import ErasureCheck, ImportConsent, erasure_key_check
 
     settings = _settings()
     text = _consent_text(consent_text)
@@ -276,7 +276,7 @@ def subscribers_import(
             skip_invalid=skip_invalid,
             actor=_actor(),
             consent=consent,
-            erased=(lambda e: erasure_hash(key, e) in erased) if erased and key else None,
+            erased=ErasureCheck(frozenset(erased), key) if key is not None else None,
         )
     except KeyboardInterrupt:
         click.secho("interrupted: nothing was imported; the lists are as they were", err=True)

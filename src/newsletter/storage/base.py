@@ -31,7 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import unicodedata
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +53,7 @@ from newsletter.storage.signups import (
     ConfirmedSignup,
     ConsentRecord,
     Erased,
+    ErasureCheck,
     ImportConsent,
     MailState,
     NewSignup,
@@ -331,7 +332,7 @@ class Subscribers(Protocol):
         skip_invalid: bool,
         actor: str = "import",
         consent: ImportConsent | None = None,
-        erased: Callable[[str], bool] | None = None,
+        erased: ErasureCheck | None = None,
     ) -> ImportReport:
         """Add rows to a list: every good row or, when a bad one is found and bad rows are
         not skipped, none (one transaction, ``report.committed`` says which). Columns a row

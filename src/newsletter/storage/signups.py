@@ -25,7 +25,7 @@ import gzip
 import hashlib
 import hmac
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -39,6 +39,7 @@ __all__ = [
     "ConfirmedSignup",
     "ConsentRecord",
     "Erased",
+    "ErasureCheck",
     "ImportConsent",
     "MailState",
     "NewSignup",
@@ -83,6 +84,38 @@ def erasure_key_check(key: bytes) -> str:
 def erasure_hash(key: bytes, email: str) -> str:
     """The keyed hash an erased (normalised) address leaves behind."""
     return hmac.new(key, email.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ErasureCheck:
+    """An import's check against erased addresses: the hashes as the file was read,
+    and the key to hash with; :func:`refuse_late_erasures` looks again under the
+    write lock, for an erasure made while the file was being read."""
+
+    known: frozenset[str]
+    key: bytes
+
+    def __call__(self, email: str) -> bool:
+        return erasure_hash(self.key, email) in self.known
+
+
+def refuse_late_erasures(
+    execute: Callable[..., Any], staged: str, placeholder: str, check: ErasureCheck
+) -> int:
+    """Inside an import's write transaction: drop the staged rows (table ``staged``, a
+    backend's constant) of addresses erased since ``check.known`` was read; how many."""
+    now = {str(r[0]) for r in execute("SELECT email_hash FROM erasures").fetchall()}
+    late = now - check.known
+    if not late:
+        return 0
+    gone = [
+        str(email)
+        for (email,) in execute(f"SELECT email FROM {staged}").fetchall()  # noqa: S608
+        if erasure_hash(check.key, str(email)) in late
+    ]
+    for email in gone:
+        execute(f"DELETE FROM {staged} WHERE email = {placeholder}", (email,))  # noqa: S608
+    return len(gone)
 
 
 @dataclass(frozen=True, slots=True)

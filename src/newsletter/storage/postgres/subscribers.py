@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -40,7 +40,13 @@ from newsletter.storage.base import (
 )
 from newsletter.storage.location import Location
 from newsletter.storage.postgres.connection import translated
-from newsletter.storage.signups import ImportConsent, import_consent_params, import_consent_sql
+from newsletter.storage.signups import (
+    ErasureCheck,
+    ImportConsent,
+    import_consent_params,
+    import_consent_sql,
+    refuse_late_erasures,
+)
 
 __all__ = ["AUDIENCE_SQL", "MEMBERS_SQL", "PgSubscribers", "text_attributes"]
 
@@ -119,7 +125,7 @@ class PgSubscribers:
         skip_invalid: bool,
         actor: str = "import",
         consent: ImportConsent | None = None,
-        erased: Callable[[str], bool] | None = None,
+        erased: ErasureCheck | None = None,
     ) -> ImportReport:
         """Add rows to a list in one transaction; roll back on any problem unless skipping.
 
@@ -147,6 +153,13 @@ class PgSubscribers:
                 if report.skipped and not skip_invalid:
                     refused = True
                     raise psycopg.Rollback(tx)
+                now = _now()
+                if erased is not None:
+                    # An erasure made while the file was read: none commits until this
+                    # import has (SHARE blocks their inserts), and those before are seen.
+                    cur.execute("LOCK TABLE erasures IN SHARE MODE")
+                    for _ in range(refuse_late_erasures(cur.execute, "import_rows", "%s", erased)):
+                        report.refuse_erased(0)
                 now = _now()
                 self._apply(cur, list_name, report, actor, now)
                 if consent is not None:
@@ -180,7 +193,7 @@ class PgSubscribers:
         report: ImportReport,
         columns: dict[str, None],
         skip_invalid: bool,
-        erased: Callable[[str], bool] | None,
+        erased: ErasureCheck | None,
     ) -> Iterator[tuple[object, ...]]:
         """The good rows as COPY takes them, in file order; problems go into ``report``
         (rows counted once however many problems they have). After the first bad row,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 
 from newsletter.audience.csv_import import SUPPRESSION_REASONS, ParsedRow
 from newsletter.errors import Problem
@@ -34,7 +34,13 @@ from newsletter.storage.base import (
     Suppression,
     lift_reason,
 )
-from newsletter.storage.signups import ImportConsent, import_consent_params, import_consent_sql
+from newsletter.storage.signups import (
+    ErasureCheck,
+    ImportConsent,
+    import_consent_params,
+    import_consent_sql,
+    refuse_late_erasures,
+)
 from newsletter.storage.sqlite.connection import translated
 
 __all__ = [
@@ -102,7 +108,7 @@ class SubscriberStore:
         skip_invalid: bool,
         actor: str = "import",
         consent: ImportConsent | None = None,
-        erased: Callable[[str], bool] | None = None,
+        erased: ErasureCheck | None = None,
     ) -> ImportReport:
         """Add rows to a list in one transaction; roll back on any problem unless skipping.
 
@@ -166,12 +172,12 @@ class SubscriberStore:
                 report.duplicates = 0
                 return report
             cur.execute("BEGIN IMMEDIATE")
+            if erased is not None:  # an erasure made while the file was read
+                for _ in range(refuse_late_erasures(cur.execute, "temp.import_rows", "?", erased)):
+                    report.refuse_erased(0)
             self._apply(cur, list_name, report, actor, _now())
             if consent is not None:
-                keep, record = import_consent_sql("temp.import_rows", "?")
-                text, rows_params = import_consent_params(consent, list_name)
-                cur.execute(keep, text)
-                report.consented = cur.execute(record, rows_params).rowcount
+                report.consented = self._consents(cur, list_name, consent)
             report.columns = list(columns)
             cur.executemany(
                 "INSERT INTO list_columns (list_name, name, added_at) VALUES (?, ?, ?) "
@@ -189,6 +195,14 @@ class SubscriberStore:
             if not self.conn.in_transaction:
                 cur.execute("DELETE FROM temp.import_rows")
         return report
+
+    @staticmethod
+    def _consents(cur: sqlite3.Cursor, list_name: str, consent: ImportConsent) -> int:
+        """The import's consent record for each staged row without one for the list."""
+        keep, record = import_consent_sql("temp.import_rows", "?")
+        text, rows_params = import_consent_params(consent, list_name)
+        cur.execute(keep, text)
+        return int(cur.execute(record, rows_params).rowcount)
 
     def _apply(
         self, cur: sqlite3.Cursor, list_name: str, report: ImportReport, actor: str, now: str
