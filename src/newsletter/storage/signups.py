@@ -665,12 +665,12 @@ class SignupSql:
                 "ON CONFLICT (email_hash) DO NOTHING",
                 (email_hash, now),
             )
-            # Which key the hashes are made with, so that another key is noticed.
-            self._sql(
-                "INSERT INTO used_once (kind, key, expires) VALUES ('erasure-key', ?, ?) "
-                "ON CONFLICT (kind, key) DO NOTHING",
-                (key_check, KEPT_FOREVER),
-            )
+            if key_check:  # which key the hashes are made with: another is noticed
+                self._sql(
+                    "INSERT INTO used_once (kind, key, expires) VALUES ('erasure-key', ?, ?) "
+                    "ON CONFLICT (kind, key) DO NOTHING",
+                    (key_check, KEPT_FOREVER),
+                )
         return done
 
     def erasure_key_matches(self, key_check: str) -> bool:
