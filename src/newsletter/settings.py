@@ -476,7 +476,8 @@ class Settings(BaseSettings):
     def _same_account(self) -> bool:
         """Whether the unsubscribe mailbox is on the bounce mailbox's login (the same
         server, port as it will be used, and user; a host's case and final dot aside)."""
-        defaults = {"tls": 993, "starttls": 143, "none": 143}
+        from newsletter.bounces.mailbox import DEFAULT_PORTS as defaults
+
         bounce_port = self.bounce_imap_port or defaults[self.bounce_imap_security]
         security = self.unsubscribe_imap_security or self.bounce_imap_security
         own_port = self.unsubscribe_imap_port or (

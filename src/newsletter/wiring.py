@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import SecretStr
 
-from newsletter.bounces.mailbox import ImapAccount
+from newsletter.bounces.mailbox import DEFAULT_PORTS, ImapAccount
 from newsletter.bounces.refusals import HealthLimits
 from newsletter.build import BuildInputs
 from newsletter.delivery import dkim_sign
@@ -189,7 +189,7 @@ def _imap_account(
     context = _tls_context(ca_file, f"{prefix}_CA_FILE") if security != "none" else None
     return ImapAccount(
         host=host,
-        port=port or {"tls": 993, "starttls": 143, "none": 143}[security],
+        port=port or DEFAULT_PORTS[security],
         security=security,
         username=username,
         password=password.get_secret_value(),

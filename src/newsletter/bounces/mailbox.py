@@ -38,6 +38,7 @@ from newsletter.errors import NewsletterError
 from newsletter.storage.base import FeedbackStore
 
 __all__ = [
+    "DEFAULT_PORTS",
     "IDLE_SECONDS",
     "Fetched",
     "ImapAccount",
@@ -50,6 +51,8 @@ __all__ = [
 ]
 
 Security = Literal["tls", "starttls", "none"]
+# The port each security uses when none is given (RFC 8314: 993 for IMAP over TLS).
+DEFAULT_PORTS: dict[Security, int] = {"tls": 993, "starttls": 143, "none": 143}
 # RFC 2177: a client re-issues IDLE at least every 29 minutes, or the server may
 # drop it as inactive. Some servers and NAT boxes drop sooner; ten minutes is safe.
 IDLE_SECONDS = 600.0

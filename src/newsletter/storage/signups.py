@@ -186,6 +186,15 @@ class PendingSignup:
     confirmed_at: str | None
     confirmed_ip: str | None
 
+    def confirmable(self, nonce: str, now: str) -> bool:
+        """Whether a link with ``nonce`` may confirm this signup at ``now``: its own
+        nonce (compared in constant time), not confirmed yet, not expired."""
+        return (
+            hmac.compare_digest(self.nonce.encode(), nonce.encode())
+            and self.confirmed_at is None
+            and self.expires_at > now
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ConfirmedSignup:
@@ -291,13 +300,8 @@ class SignupSql:
         at the same moment cannot all pass)."""
         with self._write():
             self._lock(f"address:{signup.email}")
-            if limit is not None:
-                row = self._sql(
-                    "SELECT count(*) FROM signups WHERE email = ? AND posted_at >= ?",
-                    (signup.email, since),
-                ).fetchone()
-                if int(row[0]) >= limit:
-                    return None
+            if limit is not None and self.mailed_lately(signup.email, since) >= limit:
+                return None
             self._keep_text(signup.consent_text, signup.posted_at)
             row = self._sql(
                 "INSERT INTO signups (nonce, email, first_name, lists, form, consent_sha256, "
@@ -364,11 +368,7 @@ class SignupSql:
             if row is None:
                 return None
             found = _signup(row)
-            if (
-                not hmac.compare_digest(found.nonce.encode(), nonce.encode())
-                or found.confirmed_at is not None
-                or found.expires_at <= now
-            ):
+            if not found.confirmable(nonce, now):
                 return None
             self._lock(f"address:{found.email}")
             email = found.email

@@ -229,12 +229,7 @@ class SignupPages:
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC).isoformat(timespec="seconds")
         # A link used, expired or not ours gets the 404 first, whatever else was sent.
         waiting = await self._db(lambda s: s.signups.signup(signup_id))
-        if (
-            waiting is None
-            or waiting.nonce != nonce
-            or waiting.confirmed_at is not None
-            or waiting.expires_at <= now
-        ):
+        if waiting is None or not waiting.confirmable(nonce, now):
             return self._not_found()
         if request.method != "POST":
             # GET and HEAD only show: mail scanners open every link in an email.
@@ -255,16 +250,11 @@ class SignupPages:
         ip = request.client.host if request.client else None
         key = erasure_key(self.policy.key)
 
-        def work(storage: Storage):  # type: ignore[no-untyped-def]
-            pending = storage.signups.signup(signup_id)
-            if pending is None:
-                return None
-            return storage.signups.confirm(
-                signup_id, nonce, confirmed_ip=ip, now=now,
-                email_hash=erasure_hash(key, pending.email), welcome=self.policy.welcome,
-            )  # fmt: skip
-
-        done = await self._db(work)
+        email_hash = erasure_hash(key, waiting.email)  # the address is the signup's own
+        done = await self._db(lambda storage: storage.signups.confirm(
+            signup_id, nonce, confirmed_ip=ip, now=now, email_hash=email_hash,
+            welcome=self.policy.welcome,
+        ))  # fmt: skip
         if done is None:
             return self._not_found()
         log.info("signup #%d confirmed: %d list(s)", signup_id, len(done.signup.lists))
