@@ -148,3 +148,63 @@ def test_consent_must_be_a_line_of_text(project: Path) -> None:
     assert bad.returncode == 1 and "--consent must say" in bad.stderr
     assert not (project / "db.sqlite3").exists() or "news" not in ok(
         run_cli("subscribers", "count", cwd=project, env=env))  # fmt: skip
+    for hidden in ("Ticked \u202eoN\u202c the box", "Ticked\u200b the box", "Ticked\x1b[31m"):
+        refused = run_cli("subscribers", "import", "m.csv", "--list", "news", "--consent",
+                          hidden, cwd=project, env=env)  # fmt: skip
+        assert refused.returncode == 1 and "--consent contains U+" in refused.stderr, hidden
+    # Right-to-left text keeps its marks; joiners stay.
+    said = ok(run_cli("subscribers", "import", "m.csv", "--list", "news", "--consent",
+                      "\u05d8\u05d5\u05e4\u05e1 \u200f2026 \U0001f469\u200d\U0001f52c",
+                      cwd=project, env=env))  # fmt: skip
+    assert "1 consent record(s) kept" in said
+
+
+def test_an_address_too_long_before_the_at_is_refused_at_import(project: Path) -> None:
+    env = env_for(None, str(project / "db.sqlite3"))
+    long_one = "a" * 65 + "@example.org"
+    (project / "news.csv").write_text(f"email\n{long_one}\n{ANN}\n", encoding="utf-8")
+    refused = run_cli("subscribers", "import", "news.csv", "--list", "news", cwd=project,
+                      env=env)  # fmt: skip
+    assert refused.returncode == 1 and "news.csv:2" in refused.stderr
+    assert "too long before the @-sign (1 character too many)" in refused.stderr
+    nothing = run_cli("subscribers", "list", "--list", "news", cwd=project, env=env)
+    assert "there is no list named 'news'" in nothing.stderr  # nothing half-imported
+
+
+def test_a_member_removed_and_imported_again_joins_on_the_new_files_word(
+    project: Path, database: str
+) -> None:
+    env = env_for(None, database)
+    import_list(project, env, "news", f"{ANN},Ann,Leeds\n", "--consent", "2025 paper form")
+    # Imported again while a member: the record from when they joined stands.
+    import_list(project, env, "news", f"{ANN},Ann,York\n", "--consent", "2026 web export")
+    first = json.loads(ok(run_cli("subscribers", "export-person", ANN, cwd=project, env=env)))
+    assert [c["consent_text"] for c in first["consents"]] == ["2025 paper form"]
+    ok(run_cli("subscribers", "remove", "--list", "news", ANN, cwd=project, env=env))
+    import_list(project, env, "news", f"{ANN},Ann,York\n", "--consent", "2026 event sign-in")
+    data = json.loads(ok(run_cli("subscribers", "export-person", ANN, cwd=project, env=env)))
+    assert [c["consent_text"] for c in data["consents"]] == [
+        "2025 paper form", "2026 event sign-in"]  # fmt: skip
+    assert data["lists"] == [{"list": "news", "state": "member"}]
+
+
+def test_a_kept_message_matched_to_nobody_that_names_them_is_shown_exported_and_erased(
+    project: Path, database: str
+) -> None:
+    env = env_for(None, database)
+    import_list(project, env, "news", f"{ANN},Ann,Leeds\n")
+    letter = (
+        "From: Someone <friend@example.net>\r\nTo: bounces@example.org\r\n"
+        "Subject: my mother\r\nMessage-ID: <m1@example.net>\r\n\r\n"
+        f"Please stop sending the newsletter to {ANN}, she has moved away.\r\n"
+    )
+    ok(run_cli("bounces", "process", cwd=project, env=env, input=letter))
+    shown = ok(run_cli("subscribers", "show", ANN, cwd=project, env=env))
+    assert "a message naming this address, matched to nobody [evidence #" in shown
+    data = json.loads(ok(run_cli("subscribers", "export-person", ANN, cwd=project, env=env)))
+    (named,) = data["feedback"]
+    assert named["matched"] is False and "she has moved away" in named["message"]
+    said = ok(run_cli("subscribers", "erase", ANN, "--yes", cwd=project, env=env))
+    assert "1 feedback" in said
+    kept = ok(run_cli("bounces", "show", str(named["evidence"]), cwd=project, env=env))
+    assert ANN not in kept and "moved away" not in kept

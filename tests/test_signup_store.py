@@ -317,3 +317,52 @@ def test_an_erasure_made_while_an_import_reads_its_file_is_not_undone(database: 
         assert report.committed and report.erased == 1
         assert db.subscribers.lists_of(READER) == [] and db.subscribers.recipient(READER) is None
         assert [r.email for r in db.subscribers.audience("news")] == [other]
+
+
+def _kept(db: Storage, raw: bytes, *, email: str | None = None) -> int:
+    from newsletter.storage.evidence import Evidence, SoftBounces, digest_of
+
+    evidence = Evidence(
+        digest=digest_of(raw), source="file", kind="not_bounce", action="review",
+        why="names no delivery of ours", raw=raw, email=email,
+        diagnostic=f"about {READER}" if email else "",
+    )  # fmt: skip
+    return db.feedback.record(evidence, SoftBounces()).id
+
+
+def test_messages_matched_to_nobody_that_name_the_address_are_exported_and_erased(
+    any_db: Storage,
+) -> None:
+    import base64
+
+    from newsletter.audience import person
+
+    plain = f"Subject: please\r\n\r\nTake {READER.upper()} off your list.\r\n".encode()
+    hidden = (
+        "Subject: fwd\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + base64.b64encode(f"Forwarded from {READER}, who asked to stop.".encode()).decode()
+        + "\r\n"
+    ).encode()
+    someone_else = b"Subject: x\r\n\r\nA message about other@example.org only.\r\n"
+    theirs = f"Subject: y\r\n\r\nBob writes: my friend {READER} wants out.\r\n".encode()
+    ids = [_kept(any_db, plain), _kept(any_db, hidden), _kept(any_db, someone_else),
+           _kept(any_db, theirs, email="bob@example.org")]  # fmt: skip
+    found = [kept.id for kept in any_db.feedback.mentioning(READER)]
+    assert found == [ids[0], ids[1], ids[3]]
+    data = person.gather(any_db, READER, erasure_key=KEY)
+    assert [(f["evidence"], f["matched"]) for f in data.feedback] == [
+        (ids[0], False), (ids[1], False), (ids[3], False)]  # fmt: skip
+    assert "Take READER@EXAMPLE.ORG off" in data.feedback[0]["message"]
+    assert not data.empty  # held about them, though matched to nobody
+
+    done = person.erase(any_db, READER, KEY)
+    assert done.anonymised["feedback"] == 3
+    assert any_db.feedback.mentioning(READER) == []
+    anonymous = anonymous_address(erasure_hash(KEY, READER))
+    for row_id, owner in ((ids[0], anonymous), (ids[1], anonymous), (ids[3], "bob@example.org")):
+        kept = any_db.feedback.get(row_id)
+        assert kept is not None and kept.raw == b"" and kept.raw_size == 0
+        assert kept.email == owner and READER not in kept.diagnostic
+        assert kept.outcome == "kept without its message (erased)"
+    untouched = any_db.feedback.get(ids[2])
+    assert untouched is not None and untouched.raw == someone_else

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
@@ -351,9 +352,22 @@ def _consent_text(given: str | None) -> str:
     """--consent as kept: one line of text, or the note that none was given."""
     if given is None:
         return NO_CONSENT_GIVEN
+    from newsletter.models import BIDI_MARKS, bidi_characters, character_names
+
     text = " ".join(given.split())
     if not text or len(text) > 1000:
         _fail("--consent must say, in 1 to 1000 characters, how the addresses were gathered")
+    # The record is evidence a person reads later: nothing in it may hide or reorder
+    # what it says (a bidi override, a control or other invisible format character).
+    # Joiners (Persian, Indic scripts, emoji) and the marks in right-to-left text stay.
+    controls, stray = bidi_characters(text)
+    hidden = [*controls, *stray] + [
+        ch for ch in dict.fromkeys(text)
+        if unicodedata.category(ch) in ("Cc", "Cf")
+        and ch not in BIDI_MARKS and ch not in controls and ch not in "\u200c\u200d"
+    ]  # fmt: skip
+    if hidden:
+        _fail(f"--consent contains {character_names(hidden)}; type the text without it")
     return text
 
 
@@ -557,6 +571,7 @@ def subscribers_show(email: str) -> None:
         info = store.suppression_info(address)
         history = store.suppression_history(address)
         heard = storage.feedback.about(address)
+        named = storage.feedback.mentioning(address)
         sends = storage.feedback.deliveries_of(address)
         consents = storage.signups.consents(address)
         signups = storage.signups.signups_of(address)
@@ -564,13 +579,13 @@ def subscribers_show(email: str) -> None:
         erased = None if key is None else storage.signups.erased(erasure_hash(key, address))
     finally:
         storage.close()
-    held = lists or info or history or heard or sends or consents or signups
+    held = lists or info or history or heard or named or sends or consents or signups
     if erased is not None and not held:
         click.echo(f"{address}: erased at the person's request on {erased}; nothing else is kept")
         return
     if erased is not None:
         click.echo(f"{address}: erased on {erased}; held since (run `subscribers erase` again):")
-    if not (lists or info or history or heard or sends or consents or signups):
+    if not held:
         _fail(f"{address} is on no list and has never been suppressed")
     click.echo(address)
     for name, left in lists:
@@ -614,6 +629,11 @@ def subscribers_show(email: str) -> None:
                 f"  {kept.received_at} {_KIND_TEXT.get(kept.kind, kept.kind)}{status}{about} "
                 f"({how}): {kept.outcome} [evidence #{kept.id}]"
             )
+        )
+    for kept in named:
+        click.echo(
+            f"  {kept.received_at} a message naming this address, matched to "
+            f"{'someone else' if kept.email else 'nobody'} [evidence #{kept.id}]"
         )
 
 

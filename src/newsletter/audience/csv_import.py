@@ -104,14 +104,20 @@ class ParsedRow:
     since: str | None = None
 
 
-def normalise_address(raw: str) -> str:
-    """The canonical form of an address, or ValueError with a reason a person can act on."""
+def normalise_address(raw: str, *, new: bool = False) -> str:
+    """The canonical form of an address, or ValueError with a reason a person can act on.
+
+    ``new``: an address about to be added (an import's row, a signup) is held to RFC
+    5321's limits too (64 octets before the @), which many mail servers refuse beyond;
+    one already stored is still found by what it is, to be shown, removed or erased."""
     from email_validator import EmailNotValidError, validate_email
 
     if _CONTROL.search(raw):
         raise ValueError("contains a line break or another control character")
     try:
-        valid = validate_email(raw.strip(), check_deliverability=False, allow_smtputf8=False)
+        valid = validate_email(
+            raw.strip(), check_deliverability=False, allow_smtputf8=False, strict=new
+        )
     except EmailNotValidError as exc:
         raise ValueError(str(exc).rstrip(".")) from None
     return str(valid.ascii_email).lower()
@@ -497,7 +503,7 @@ def _parse_row(
             problems.append(Problem(name, line, "email", "is empty"))
         else:
             try:
-                email = normalise_address(raw)
+                email = normalise_address(raw, new=True)
             except ValueError as exc:
                 problems.append(
                     Problem(name, line, "email", f"{raw!r} is not a valid address: {exc}")

@@ -39,8 +39,10 @@ class PersonData:
     consents: list[dict[str, Any]]
     signups: list[dict[str, Any]]
     mail: list[dict[str, Any]]  # the confirmation and welcome mails sent for signups
-    sends: list[dict[str, Any]]
-    feedback: list[dict[str, Any]]  # bounces, complaints, mailed unsubscribes, with messages
+    sends: list[dict[str, Any]]  # each with the name and columns its message was made with
+    # bounces, complaints, mailed unsubscribes about them, with the messages; and kept
+    # messages matched to nobody that name the address ("matched": false)
+    feedback: list[dict[str, Any]]
     erased_at: str | None = None  # when this address was erased (then nothing else is held)
     exported_at: str = field(default="")
 
@@ -80,15 +82,20 @@ def gather(storage: Storage, email: str, *, erasure_key: bytes | None = None) ->
         }
     info = people.suppression_info(email)
     kept = []
-    for item in storage.feedback.about(email):
-        full = storage.feedback.get(item.id)
+    matched = [(True, item) for item in storage.feedback.about(email)]
+    named = [(False, item) for item in storage.feedback.mentioning(email)]
+    for about_them, item in sorted(matched + named, key=lambda pair: pair[1].id):
+        full = item if item.raw is not None else storage.feedback.get(item.id)
         raw = full.raw if full is not None else None
         kept.append(
             {
                 "evidence": item.id, "received_at": item.received_at, "source": item.source,
+                # False: matched to nobody (or someone else), but its message names them
+                "matched": about_them,
                 "kind": item.kind, "action": item.action, "outcome": item.outcome,
-                "why": item.why, "send": item.send_id, "status": item.status,
-                "diagnostic": item.diagnostic, "feedback_type": item.feedback_type,
+                "why": item.why, "send": item.send_id, "reported": item.reported,
+                "status": item.status, "diagnostic": item.diagnostic,
+                "feedback_type": item.feedback_type, "message_id": item.message_id,
                 "message": None if raw is None else raw.decode("utf-8", "replace"),
                 "message_cut": item.cut,
             }
@@ -130,13 +137,18 @@ def gather(storage: Storage, email: str, *, erasure_key: bytes | None = None) ->
             for s in storage.signups.signups_of(email)
         ],
         mail=[
-            {"kind": m.kind, "signup": m.signup_id, "state": m.state, "queued_at": m.created_at}
+            {
+                "kind": m.kind, "signup": m.signup_id, "state": m.state, "attempts": m.attempts,
+                "detail": m.detail, "queued_at": m.created_at, "at": m.updated_at,
+            }
             for m in storage.signups.outbox(email)
         ],
         sends=[
             {
                 "send": d.send_id, "issue": d.issue_id, "list": d.list_name, "state": d.state,
-                "detail": d.detail, "at": d.at,
+                "attempts": d.attempts, "code": d.code, "detail": d.detail, "at": d.at,
+                # what the message was made with, as the send log froze it
+                "first_name": d.first_name, "last_name": d.last_name, "columns": d.columns,
             }
             for d in storage.feedback.deliveries_of(email)
         ],

@@ -116,7 +116,7 @@ def read_form(fields: Mapping[str, str], offered: Sequence[SignupList], referer:
         problems.append("Please give your email address.")
     else:
         try:
-            email = normalise_address(typed)
+            email = normalise_address(typed, new=True)
         except ValueError:
             problems.append(f"“{_clean(typed, 320)}” is not an email address; please check it.")
     first_name = _clean(fields.get("first_name", ""), MAX_NAME + 1)

@@ -637,6 +637,12 @@ class FeedbackStore(Protocol):
         """The evidence about ``email``, oldest first, without the raw messages."""
         ...
 
+    def mentioning(self, email: str) -> list[Kept]:
+        """Kept messages (with their raw bytes) not matched to ``email`` whose message
+        names it, in id order: a subject access request covers them, an erasure drops
+        their messages."""
+        ...
+
     def resolve(self, evidence_id: int, outcome: str) -> bool:
         """A person dealt with evidence ``evidence_id`` kept for review (reprocessed it, or
         dismissed it): it is noted with ``outcome`` and leaves the review. False when it

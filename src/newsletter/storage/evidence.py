@@ -11,8 +11,11 @@ to store the raw message (:func:`packed`, :func:`unpacked`). No SQL here.
 from __future__ import annotations
 
 import datetime as dt
+import email.parser
+import email.policy
 import gzip
 import hashlib
+import json
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,10 +38,13 @@ __all__ = [
     "SoftBounces",
     "already",
     "digest_of",
+    "frozen_columns",
     "insert_values",
     "kept_row",
+    "mentions",
     "packed",
     "planned",
+    "scan_mentions",
     "soft_outcome",
     "unpacked",
     "window_start",
@@ -100,6 +106,12 @@ class DeliveryTo:
     state: str
     detail: str
     at: str  # its last change
+    # What the send log froze for it: the name and columns the message was made with.
+    first_name: str = ""
+    last_name: str = ""
+    columns: dict[str, str] = field(default_factory=dict)
+    attempts: int = 0
+    code: int | None = None  # the relay's last reply code
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,3 +299,60 @@ def insert_values(evidence: Evidence, received: str, outcome: str) -> tuple[Any,
         e.send_id, e.seq, e.reported, e.status, e.diagnostic, e.feedback_type, e.message_id,
         packed(e.raw), len(e.raw),
     )  # fmt: skip
+
+
+def frozen_columns(stored: Any) -> dict[str, str]:
+    """A delivery's frozen columns as read back: SQLite gives the JSON text, PostgreSQL
+    the decoded jsonb, rows frozen before columns were kept NULL (then none)."""
+    if stored is None:
+        return {}
+    value = json.loads(stored) if isinstance(stored, str | bytes) else stored
+    return {str(k): str(v) for k, v in sorted(dict(value).items())}
+
+
+def mentions(raw: bytes, address: str) -> bool:
+    """Whether a kept message names ``address`` (normalised) anywhere: in its bytes as
+    they came, or in a part's body once its transfer encoding is undone (a returned
+    message in base64 or quoted-printable hides the address from a plain search)."""
+    wanted = address.lower().encode("utf-8")
+    if wanted in raw.lower():
+        return True
+    try:
+        parsed = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw)
+        for part in parsed.walk():
+            if part.is_multipart():
+                continue
+            body = part.get_payload(decode=True)
+            if isinstance(body, bytes) and wanted in body.lower():
+                return True
+    except Exception:  # noqa: BLE001 - a message too broken to parse was searched as bytes
+        return False
+    return False
+
+
+# Rows of feedback read at once when searching the kept messages (each up to RAW_KEEP).
+SCAN_BATCH = 200
+
+
+def scan_mentions(
+    read: Callable[[str, tuple[Any, ...]], Any], address: str, after_id: int = 0
+) -> tuple[list[int], int]:
+    """The ids of kept messages not matched to ``address`` whose message names it
+    (:func:`mentions`), among those after ``after_id``, and the last id looked at (a
+    second scan, inside the erasure's transaction, reads only what came since).
+    ``read(sql, params)`` runs a query with ``?`` placeholders; rows whose message was
+    already dropped (an erasure before) are not read."""
+    found: list[int] = []
+    last = after_id
+    while True:
+        rows = read(
+            "SELECT id, raw FROM feedback WHERE id > ? AND raw_size > 0 "
+            "AND (email IS NULL OR email <> ?) ORDER BY id LIMIT ?",
+            (last, address, SCAN_BATCH),
+        ).fetchall()
+        for row_id, stored in rows:
+            last = int(row_id)
+            if mentions(unpacked(stored), address):
+                found.append(last)
+        if len(rows) < SCAN_BATCH:
+            return found, last

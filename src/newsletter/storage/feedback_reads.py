@@ -21,11 +21,21 @@ from newsletter.storage.evidence import (
     Kept,
     Refusal,
     SentTo,
+    frozen_columns,
     kept_row,
+    scan_mentions,
     unpacked,
 )
 
 __all__ = ["FeedbackReads"]
+
+
+def _delivery_to(r: Any) -> DeliveryTo:
+    return DeliveryTo(
+        str(r[0]), str(r[1]), int(r[2]), str(r[3]), str(r[4]), str(r[5]),
+        str(r[6]), str(r[7]), frozen_columns(r[8]), int(r[9]),
+        None if r[10] is None else int(r[10]),
+    )  # fmt: skip
 
 
 class FeedbackReads:
@@ -102,14 +112,19 @@ class FeedbackReads:
     def deliveries_of(self, email: str) -> list[DeliveryTo]:
         rows = self._read(
             "SELECT s.issue_id, s.list_name, d.send_id, d.state, coalesce(d.detail, ''), "
-            "coalesce(d.updated_at, s.created_at) FROM deliveries d "
+            "coalesce(d.updated_at, s.created_at), d.first_name, d.last_name, d.attributes, "
+            "d.attempts, d.code FROM deliveries d "
             "JOIN sends s ON s.id = d.send_id WHERE d.email = ? ORDER BY d.send_id",
             (email,),
         )
-        return [
-            DeliveryTo(str(r[0]), str(r[1]), int(r[2]), str(r[3]), str(r[4]), str(r[5]))
-            for r in rows
-        ]
+        return [_delivery_to(r) for r in rows]
+
+    def mentioning(self, email: str) -> list[Kept]:
+        """Kept messages not matched to ``email`` whose message names it (a report
+        about a delivery to someone else, one matched to nobody): a subject access
+        request and an erasure cover these too."""
+        ids, _ = scan_mentions(self._read, email)
+        return [kept for kept in map(self.get, ids) if kept is not None]
 
     def latest_issue(self) -> str | None:
         row = self._read("SELECT issue_id FROM sends ORDER BY id DESC LIMIT 1").fetchone()

@@ -33,7 +33,7 @@ from typing import Any, Literal
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from newsletter.storage.evidence import ERASED_DOMAIN
+from newsletter.storage.evidence import ERASED_DOMAIN, scan_mentions
 
 __all__ = [
     "ConfirmedSignup",
@@ -129,10 +129,12 @@ class ImportConsent:
 
 
 def import_consent_sql(temp_table: str, placeholder: str) -> tuple[str, str]:
-    """The two statements an import runs to record ``ImportConsent`` (the text kept
-    once; a record for each staged row without one for the list), for a backend whose
+    """The two statements an import runs, before it writes its rows, to record
+    ``ImportConsent`` (the text kept once; a record for each staged row the import
+    adds to the list, or that has none for it: a member removed and imported again
+    joins on this file's word, whatever an older record said), for a backend whose
     staged rows are in ``temp_table``, with its placeholder. Parameters: (sha256, text,
-    at) and (list, source, sha256, at, actor, list)."""
+    at) and (list, source, sha256, at, actor, list, list)."""
     keep = (
         "INSERT INTO consent_texts (sha256, text, first_seen) VALUES (?, ?, ?) "
         "ON CONFLICT (sha256) DO NOTHING"
@@ -142,7 +144,8 @@ def import_consent_sql(temp_table: str, placeholder: str) -> tuple[str, str]:
         "INSERT INTO consents (email, list_name, method, source, consent_sha256, "  # noqa: S608
         f"confirmed_at, actor) SELECT r.email, ?, 'import', ?, ?, ?, ? FROM {temp_table} r "
         "WHERE NOT EXISTS (SELECT 1 FROM consents c WHERE c.email = r.email AND c.list_name = ?) "
-        "ORDER BY r.seq"
+        "OR NOT EXISTS (SELECT 1 FROM list_members m JOIN subscribers u ON u.id = m.subscriber_id "
+        "WHERE u.email = r.email AND m.list_name = ?) ORDER BY r.seq"
     )
     return keep.replace("?", placeholder), record.replace("?", placeholder)
 
@@ -152,7 +155,7 @@ def import_consent_params(
 ) -> tuple[tuple[str, str, str], tuple[str, ...]]:
     digest = consent_hash(consent.text)
     return (digest, consent.text, consent.at), (
-        list_name, consent.source, digest, consent.at, consent.actor, list_name,
+        list_name, consent.source, digest, consent.at, consent.actor, list_name, list_name,
     )  # fmt: skip
 
 
@@ -233,6 +236,8 @@ class OutboxMail:
     state: MailState
     attempts: int
     created_at: str
+    detail: str = ""  # the relay's last reply or the error, once tried
+    updated_at: str = ""
 
 
 @dataclass(slots=True)
@@ -557,7 +562,8 @@ class SignupSql:
 
     def outbox(self, email: str | None = None) -> list[OutboxMail]:
         rows = self._sql(
-            "SELECT id, kind, signup_id, email, state, attempts, created_at FROM outbox "
+            "SELECT id, kind, signup_id, email, state, attempts, created_at, "
+            "coalesce(detail, ''), updated_at FROM outbox "
             "WHERE (? = '' OR email = ?) ORDER BY id",
             (email or "", email or ""),
         ).fetchall()
@@ -620,6 +626,10 @@ class SignupSql:
         done = Erased(email_hash)
         anonymous = anonymous_address(email_hash)
         empty_raw = gzip.compress(b"", mtime=0)
+        # Kept messages matched to nobody (or to someone else) that name the address:
+        # searched before the transaction, since that reads every kept message, and
+        # again inside it for what arrived meanwhile.
+        named, scanned = scan_mentions(self._sql, email)
         with self._write():
             self._lock(f"address:{email}")
             steps: list[tuple[str, str, Sequence[Any]]] = [
@@ -660,6 +670,10 @@ class SignupSql:
                     (anonymous, empty_raw, email, anonymous, email, anonymous),
                 ).rowcount
             )
+            more, _ = scan_mentions(self._sql, email, scanned)
+            done.anonymised["feedback"] += self._drop_mentions(
+                [*named, *more], email, anonymous, empty_raw
+            )
             self._sql(
                 "INSERT INTO erasures (email_hash, created_at) VALUES (?, ?) "
                 "ON CONFLICT (email_hash) DO NOTHING",
@@ -672,6 +686,35 @@ class SignupSql:
                     (key_check, KEPT_FOREVER),
                 )
         return done
+
+    def _drop_mentions(self, ids: Sequence[int], email: str, anonymous: str,
+                       empty_raw: bytes) -> int:  # fmt: skip
+        """Kept messages that name ``email`` without being matched to it lose the message
+        and any field naming it; one matched to nobody becomes the erased person's (then
+        anonymous), one matched to someone else stays theirs."""
+        wanted = email.lower()
+        dropped = 0
+        for row_id in ids:
+            row = self._sql(
+                "SELECT email, reported, diagnostic, why FROM feedback "
+                "WHERE id = ? AND raw_size > 0",  # not made anonymous just before
+                (row_id,),
+            ).fetchone()
+            if row is None:
+                continue
+            owner, reported, diagnostic, why = row
+            dropped += 1
+            self._sql(
+                "UPDATE feedback SET email = ?, raw = ?, raw_size = 0, reported = ?, "
+                "diagnostic = ?, why = ?, outcome = 'kept without its message (erased)' "
+                "WHERE id = ?",
+                (
+                    owner or anonymous, empty_raw,
+                    *("" if wanted in str(v).lower() else v for v in (reported, diagnostic, why)),
+                    row_id,
+                ),
+            )  # fmt: skip
+        return dropped
 
     def erasure_key_matches(self, key_check: str) -> bool:
         """Whether the erasures were made with the key whose check is ``key_check`` (or

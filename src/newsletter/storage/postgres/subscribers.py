@@ -153,7 +153,6 @@ class PgSubscribers:
                 if report.skipped and not skip_invalid:
                     refused = True
                     raise psycopg.Rollback(tx)
-                now = _now()
                 if erased is not None:
                     # An erasure made while the file was read: none commits until this
                     # import has (SHARE blocks their inserts), and those before are seen.
@@ -161,12 +160,12 @@ class PgSubscribers:
                     for _ in range(refuse_late_erasures(cur.execute, "import_rows", "%s", erased)):
                         report.refuse_erased(0)
                 now = _now()
-                self._apply(cur, list_name, report, actor, now)
-                if consent is not None:
+                if consent is not None:  # before the rows: it asks who joins the list now
                     keep, record = import_consent_sql("import_rows", "%s")
                     text, rows_params = import_consent_params(consent, list_name)
                     cur.execute(keep, text)
                     report.consented = cur.execute(record, rows_params).rowcount
+                self._apply(cur, list_name, report, actor, now)
                 report.columns = list(columns)
                 self._columns(cur, list_name, report.columns, now)
         report.committed = not refused

@@ -175,9 +175,9 @@ class SubscriberStore:
             if erased is not None:  # an erasure made while the file was read
                 for _ in range(refuse_late_erasures(cur.execute, "temp.import_rows", "?", erased)):
                     report.refuse_erased(0)
-            self._apply(cur, list_name, report, actor, _now())
-            if consent is not None:
+            if consent is not None:  # before the rows: it asks who joins the list now
                 report.consented = self._consents(cur, list_name, consent)
+            self._apply(cur, list_name, report, actor, _now())
             report.columns = list(columns)
             cur.executemany(
                 "INSERT INTO list_columns (list_name, name, added_at) VALUES (?, ?, ?) "
@@ -198,7 +198,8 @@ class SubscriberStore:
 
     @staticmethod
     def _consents(cur: sqlite3.Cursor, list_name: str, consent: ImportConsent) -> int:
-        """The import's consent record for each staged row without one for the list."""
+        """The import's consent record for each staged row it adds to the list, or that
+        has none for it (storage.signups.import_consent_sql)."""
         keep, record = import_consent_sql("temp.import_rows", "?")
         text, rows_params = import_consent_params(consent, list_name)
         cur.execute(keep, text)
