@@ -13,7 +13,6 @@ A setting that cannot be used is a :class:`~newsletter.errors.ConfigError`.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from newsletter.build import BuildInputs
 from newsletter.delivery import dkim_sign
 from newsletter.delivery.campaign import SendOptions
 from newsletter.delivery.message import Sender
+from newsletter.delivery.sign_process import DkimSigner
 from newsletter.delivery.transports import SmtpConfig, SmtpTransport
 from newsletter.errors import ConfigError
 from newsletter.models import Recipient, Society
@@ -220,7 +220,7 @@ def signer(settings: Settings) -> tuple[Callable[[bytes], bytes] | None, list[st
             f"the DKIM key {settings.dkim_key_file} (NEWSLETTER_DKIM_KEY_FILE) is "
             f"{key.bits}-bit RSA; use {dkim_sign.GOOD_BITS} bits, as receivers recommend"
         )
-    return functools.partial(dkim_sign.sign, key=key), warnings
+    return DkimSigner(key), warnings
 
 
 def send_options(settings: Settings) -> SendOptions:

@@ -795,7 +795,7 @@ class Campaign:
 
     async def _send(self, session: Session, delivery: Delivery) -> Outcome | None:
         """The outcome, or None when the relay refused the campaign before this message."""
-        data = self.template.personalise(
+        data = await self.template.personalised(
             delivery.recipient, date=dt.datetime.fromtimestamp(self.clock(), dt.UTC)
         )
         self._attempted += 1

@@ -11,8 +11,9 @@ The canonicalisation (RFC 6376 3.4.2 and 3.4.4) and the hashes are done here;
 the RSA signature (PKCS#1 v1.5, SHA-256) by OpenSSL through ``cryptography``,
 with the key parsed once, when it is loaded. That costs about 0.3-0.4 ms a
 message where dkimpy's pure-Python RSA took about 11 ms; dkimpy is only the
-tests' independent verifier now. :func:`signature` gives the header alone
-(for a signer in another process, which need not send the message back).
+tests' independent verifier now. :func:`signature` gives the header alone;
+:func:`prepare` all of it but the RSA operation, which :mod:`sign_process` does in
+a second process during a send.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from newsletter.errors import ConfigError
 
@@ -62,12 +64,14 @@ class DkimKey:
     private_key: bytes  # PEM
     bits: int = 0  # the RSA modulus' length; 0: read from the key
     rsa_key: rsa.RSAPrivateKey = field(init=False, repr=False, compare=False)
+    public_key: rsa.RSAPublicKey = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         key = serialization.load_pem_private_key(self.private_key, password=None)
         if not isinstance(key, rsa.RSAPrivateKey):
             raise ValueError(f"the key is {type(key).__name__.lstrip('_')}, not RSA")
         object.__setattr__(self, "rsa_key", key)  # frozen: set once, here
+        object.__setattr__(self, "public_key", key.public_key())
         if not self.bits:
             object.__setattr__(self, "bits", key.key_size)
 
@@ -130,15 +134,64 @@ def sign(message: bytes, key: DkimKey, *, timestamp: int | None = None) -> bytes
     return signature(message, key, timestamp=timestamp) + message
 
 
-def signature(message: bytes, key: DkimKey, *, timestamp: int | None = None) -> bytes:
+def check_line_ends(message: bytes) -> None:
+    """ValueError when ``message`` is not CRLF throughout (three scans of the message:
+    a seventh of what signing it costs)."""
+    crlf = message.count(b"\r\n")
+    if message.count(b"\r") != crlf or message.count(b"\n") != crlf:
+        raise ValueError("the message has a bare CR or LF: DKIM signs CRLF lines only")
+
+
+def signature(
+    message: bytes, key: DkimKey, *, timestamp: int | None = None, line_ends_checked: bool = False
+) -> bytes:
     """The DKIM-Signature header field for ``message``, folded, ending in CRLF.
 
     Raises ValueError for a message that is not CRLF throughout or whose header
     section is not header fields: a relay that repairs line ends would break the
     signature, so such a message is a bug of its composer, not something to sign."""
-    crlf = message.count(b"\r\n")
-    if message.count(b"\r") != crlf or message.count(b"\n") != crlf:
-        raise ValueError("the message has a bare CR or LF: DKIM signs CRLF lines only")
+    pending = prepare(message, key, timestamp=timestamp, line_ends_checked=line_ends_checked)
+    return pending.finish(rsa_sign(key, pending.digest))
+
+
+@dataclass(frozen=True, slots=True)
+class Unsigned:
+    """A DKIM-Signature ready but for its RSA signature: the header up to ``b=``, and
+    the SHA-256 of what RFC 6376 3.7 has signed (another process may sign it)."""
+
+    head: bytes
+    digest: bytes
+
+    def finish(self, signed: bytes) -> bytes:
+        """The header field, folded, with the RSA signature ``signed`` in b=."""
+        b64 = base64.b64encode(signed)
+        first = _LINE - len(" b=")
+        rest = [b64[i : i + _LINE - 1] for i in range(first, len(b64), _LINE - 1)]
+        return b"\r\n ".join([_PREFIX + b" " + self.head + b64[:first], *rest]) + b"\r\n"
+
+
+def rsa_sign(key: DkimKey, digest: bytes) -> bytes:
+    """RSASSA-PKCS1-v1_5 over a SHA-256 ``digest`` (the same bytes as signing the data)."""
+    return key.rsa_key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+
+
+def verifies(key: DkimKey, digest: bytes, signed: bytes) -> bool:
+    """Whether ``signed`` is the key's signature of ``digest`` (a check of a signature
+    made in another process: about 0.02 ms, a tenth of making one)."""
+    try:
+        key.public_key.verify(signed, digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def prepare(
+    message: bytes, key: DkimKey, *, timestamp: int | None = None, line_ends_checked: bool = False
+) -> Unsigned:
+    """Everything of :func:`signature` but the RSA operation (ValueError as there;
+    ``line_ends_checked``: the caller ran :func:`check_line_ends` already)."""
+    if not line_ends_checked:
+        check_line_ends(message)
     fields, body_at = _header_fields(message)
     when = int(time.time()) if timestamp is None else timestamp
     domain, selector = key.domain.encode("ascii"), key.selector.encode("ascii")
@@ -153,11 +206,7 @@ def signature(message: bytes, key: DkimKey, *, timestamp: int | None = None) -> 
     # RFC 6376 3.7: the selected fields, then this one with b= empty and no final CRLF.
     hashed = [_relaxed(name, value) for name, value in _select(fields)]
     hashed.append(_relaxed(b"dkim-signature", b" " + unsigned)[:-2])
-    signed = key.rsa_key.sign(b"".join(hashed), padding.PKCS1v15(), hashes.SHA256())
-    b64 = base64.b64encode(signed)
-    first = _LINE - len(" b=")
-    rest = [b64[i : i + _LINE - 1] for i in range(first, len(b64), _LINE - 1)]
-    return b"\r\n ".join([_PREFIX + b" " + unsigned + b64[:first], *rest]) + b"\r\n"
+    return Unsigned(unsigned, hashlib.sha256(b"".join(hashed)).digest())
 
 
 def _header_fields(message: bytes) -> tuple[list[tuple[bytes, bytes]], int]:

@@ -17,6 +17,7 @@ quoting never have anything to do.
 from __future__ import annotations
 
 import binascii
+import contextlib
 import datetime as dt
 import hashlib
 import html
@@ -27,6 +28,7 @@ from email.utils import format_datetime, parseaddr
 from urllib.parse import quote
 
 from newsletter import tokens
+from newsletter.delivery.sign_process import DkimSigner
 from newsletter.models import Recipient, RenderedIssue
 from newsletter.render import merge_fields, placeholders
 
@@ -232,6 +234,28 @@ class MessageTemplate:
         self, recipient: Recipient, *, date: dt.datetime, message_id: str | None = None
     ) -> bytes:
         """The message for ``recipient``; ``message_id`` overrides the stable id (test copies)."""
+        message = self.unsigned(recipient, date=date, message_id=message_id)
+        return self.signer(message) if self.signer is not None else message
+
+    async def personalised(self, recipient: Recipient, *, date: dt.datetime) -> bytes:
+        """:meth:`personalise` for a send's event loop: a signer that can sign in another
+        process (:class:`~newsletter.delivery.sign_process.DkimSigner`) does, while the
+        loop composes and sends on the other connections."""
+        message = self.unsigned(recipient, date=date)
+        if isinstance(self.signer, DkimSigner):
+            return await self.signer.signed(message)
+        return self.signer(message) if self.signer is not None else message
+
+    def signing(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """For the length of a send: the signer's second process, when it has one."""
+        if isinstance(self.signer, DkimSigner):
+            return self.signer.helping()
+        return contextlib.nullcontext()
+
+    def unsigned(
+        self, recipient: Recipient, *, date: dt.datetime, message_id: str | None = None
+    ) -> bytes:
+        """The message for ``recipient`` before any DKIM signature."""
         values = recipient_values(
             self.sender, recipient, date=date, rendered=self.rendered, columns=self.columns
         )
@@ -243,7 +267,7 @@ class MessageTemplate:
         # `bounces` processing) knows who asks and from which list, whoever sends it.
         token = unsub.rpartition("/")[2]
         mailto = f"mailto:{self.sender.unsubscribe_mailto}?subject={quote('unsubscribe ' + token)}"
-        message = b"".join(
+        return b"".join(
             [
                 self._from,
                 _header(
@@ -268,7 +292,6 @@ class MessageTemplate:
                 self._close,
             ]
         )
-        return self.signer(message) if self.signer is not None else message
 
 
 def _ensure_final_newline(text: str) -> str:

@@ -309,7 +309,8 @@ async def run_send(
         on_start(campaign)
     log.pause(prepared.record.id, None)  # a person resumed it (send_issue checked)
     try:
-        result = await campaign.run()
+        async with template.signing():
+            result = await campaign.run()
     except CampaignAborted as exc:
         exc.sent = log.counts(prepared.record.id)["sent"]
         raise
