@@ -81,6 +81,37 @@ def axe_violations(browser: Any, url: str, route: Any, width: int) -> list[str]:
     return found + (["horizontal scroll"] if overflow else [])
 
 
+def mistyped(browser: Any, route: Any) -> None:
+    """A mistyped address, at phone width: the form comes back with the field marked and
+    described by its message, a summary linking to it, nothing for axe to find, and
+    controls a finger can use (16 px text, 44 px high)."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    context = browser.new_context(bypass_csp=True, viewport={"width": 375, "height": 800})
+    context.route(f"{PUBLIC}/**", route)
+    page = context.new_page()
+    page.goto(f"{PUBLIC}/subscribe")
+    page.evaluate("document.querySelector('form').noValidate = true")  # as an old browser
+    page.get_by_label("Email address").fill("ada at example.org")
+    page.get_by_role("button", name="Subscribe").click()
+    page.wait_for_selector("[role=alert]")
+    field = page.locator("#email")
+    assert field.get_attribute("aria-invalid") == "true"
+    described = page.locator(f"#{field.get_attribute('aria-describedby')}")
+    assert "is not an email address" in described.inner_text()
+    assert page.locator("[role=alert] a").get_attribute("href") == "#email"
+    assert field.input_value() == "ada at example.org"  # what they typed, to mend
+    size = page.evaluate(
+        "(() => { const b = document.querySelector('#email').getBoundingClientRect();"
+        " const s = getComputedStyle(document.querySelector('#email'));"
+        " const k = document.querySelector('button').getBoundingClientRect();"
+        " return [b.height, s.fontSize, k.height, b.width]; })()"
+    )
+    assert size[0] >= 44 and size[1] == "16px" and size[2] >= 44 and size[3] > 300, size
+    assert [v["id"] for v in Axe().run(page).response["violations"]] == []
+    context.close()
+
+
 def test_a_person_signs_up_in_a_browser_and_the_next_send_reaches_them(
     project: Path, smtp: Server
 ) -> None:
@@ -109,6 +140,7 @@ def test_a_person_signs_up_in_a_browser_and_the_next_send_reaches_them(
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             for width in (375, 1024):
                 assert axe_violations(browser, f"{PUBLIC}/subscribe", route, width) == []
+            mistyped(browser, route)
             context = browser.new_context(viewport={"width": 375, "height": 800})
             context.route(f"{PUBLIC}/**", route)
             off_site: list[str] = []

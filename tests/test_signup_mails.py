@@ -384,7 +384,7 @@ def test_welcome_has_the_members_footer(templates: Templates, society: Society) 
     assert "You are now subscribed to MS Research News from The MS Research Society, at " in (
         " ".join(text.split())
     )
-    assert "This email was sent to ann@example.org." in text
+    assert "This email was sent to ann@example.org\nbecause it is on the MS Research News" in text
 
 
 def test_the_welcome_mail_is_optional(tmp_path: Path) -> None:

@@ -79,7 +79,8 @@ class SignupPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Posted:
-    """A form's fields, read; ``problems`` say what the visitor must fix."""
+    """A form's fields, read; ``problems`` say what the visitor must fix, each as (the
+    field it is about: "email", "first_name" or "lists"; the words shown)."""
 
     email: str  # normalised when valid; as typed otherwise (shown back)
     first_name: str
@@ -88,7 +89,11 @@ class Posted:
     honeypot: bool
     solution: str
     stamp: str
-    problems: tuple[str, ...] = ()
+    problems: tuple[tuple[str, str], ...] = ()
+
+    def problem(self, field: str) -> str | None:
+        """What is wrong with ``field``, or None."""
+        return next((said for name, said in self.problems if name == field), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,21 +112,22 @@ def _clean(value: str, limit: int) -> str:
 
 def read_form(fields: Mapping[str, str], offered: Sequence[SignupList], referer: str) -> Posted:
     """The form's fields as a :class:`Posted`, each checked."""
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []
     # Only the spaces around it go: an invisible character inside makes another address,
     # which the check below refuses rather than quietly mending.
     typed = fields.get("email", "").strip()[:320]
     email = typed
     if not typed:
-        problems.append("Please give your email address.")
+        problems.append(("email", "Please give your email address."))
     else:
         try:
             email = normalise_address(typed, new=True)
         except ValueError:
-            problems.append(f"“{_clean(typed, 320)}” is not an email address; please check it.")
+            shown = _clean(typed, 320)
+            problems.append(("email", f"“{shown}” is not an email address; please check it."))
     first_name = _clean(fields.get("first_name", ""), MAX_NAME + 1)
     if len(first_name) > MAX_NAME:
-        problems.append(f"Please keep your first name under {MAX_NAME} characters.")
+        problems.append(("first_name", f"Please keep your first name under {MAX_NAME} characters."))
         first_name = first_name[:MAX_NAME]
     names = [item.name for item in offered]
     chosen = [n for n in names if fields.get(f"list.{n}") in ("on", "yes", "1")]
@@ -130,7 +136,7 @@ def read_form(fields: Mapping[str, str], offered: Sequence[SignupList], referer:
     if "lists" in fields:  # the society's own form may name them: lists=a,b
         chosen = [n for n in names if n in {v.strip() for v in fields["lists"].split(",")}]
     if not chosen:
-        problems.append("Please choose at least one newsletter.")
+        problems.append(("lists", "Please choose at least one newsletter."))
     return Posted(
         email=email,
         first_name=first_name,

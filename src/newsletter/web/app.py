@@ -534,7 +534,7 @@ class _Pages:
         # box is unticked, and ticking one is what brings them back.
         everything_left = suppressed == "unsubscribed"
         boxes = "".join(
-            f'<p><label><input type="checkbox" name="list:{_e(name)}"'
+            f'<p class="choice"><label><input type="checkbox" name="list:{_e(name)}"'
             f"{' checked' if not left and not everything_left else ''}> {_e(name)}</label></p>"
             for name, left in lists
         )
@@ -716,21 +716,54 @@ class _Pages:
         )
 
     def _page(self, title: str, body: str, status: int = 200) -> HTMLResponse:
-        society = self.config.society
-        return HTMLResponse(
-            f"""<!doctype html>
+        return HTMLResponse(page_frame(self.config.society, title, body), status_code=status)
+
+
+# The emails' own look (templates/email.mjml.j2: masthead, card, footer colours), for the
+# pages a reader reaches from them. Inline, like everything on these pages: nothing is
+# fetched from another site (the society's logo lives on its own site, so it is not
+# shown here). Inputs are 16 px and controls at least 44 px high, so that a phone
+# neither zooms in on focus nor asks for a fingertip's precision (WCAG 2.5.8).
+_STYLE = (
+    "body{margin:0;background:#f2f4f7;color:#1f2933;"
+    "font:16px/1.5 -apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif}"
+    "header{background:#1d3b6f;color:#fff;padding:1.25rem 1rem}"
+    "header p{margin:0 auto;max-width:36rem;font-size:1.25rem;font-weight:700}"
+    "main{background:#fff;max-width:36rem;margin:0 auto;padding:1rem 1.25rem 1.5rem}"
+    "h1{color:#1d3b6f;font-size:1.6rem;line-height:1.25}"
+    "a{color:#1d3b6f}"
+    "label{font-weight:600}"
+    "input[type=email],input:not([type]){display:block;box-sizing:border-box;"
+    "width:100%;min-height:44px;margin-top:.25rem;padding:.5rem .75rem;font:inherit;"
+    "border:1px solid #7b8794;border-radius:4px}"
+    ".choice input{width:1.5rem;height:1.5rem;margin:0 .5rem 0 0;"
+    "vertical-align:middle}"
+    ".choice label{display:inline-block;min-height:44px;line-height:44px}"
+    "fieldset{border:1px solid #d9dee5;border-radius:4px;padding:.5rem 1rem}"
+    "[aria-invalid=true]{border-color:#b00020!important;outline:1px solid #b00020}"
+    ".error{display:block;color:#b00020;font-weight:600}"
+    "[role=alert]{border-left:4px solid #b00020;padding:.25rem 1rem;background:#fdf2f3}"
+    "button{font:inherit;font-weight:700;min-height:44px;padding:.6rem 1.4rem;"
+    "background:#1d3b6f;color:#fff;border:0;border-radius:6px;cursor:pointer}"
+    "button:focus,input:focus,a:focus{outline:3px solid #f0b400;outline-offset:2px}"
+    "footer{max-width:36rem;margin:0 auto;padding:1rem 1.25rem 2rem;color:#4a5560;"
+    "font-size:.875rem}"
+)
+
+
+def page_frame(society: Society, title: str, body: str) -> str:
+    """A whole page in the society's look: its newsletter's masthead, ``body`` under
+    ``title``, and the footer the emails have (who we are, the postal address)."""
+    return f"""<!doctype html>
 <html lang="{_e(society.language)}"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_e(title)} - {_e(society.newsletter_name)}</title>
-<style>body{{font:16px/1.5 -apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;
-color:#1f2933;max-width:36rem;margin:2rem auto;padding:0 1rem}}h1{{color:#1d3b6f}}
-button{{font:inherit;padding:.6rem 1.2rem;background:#1d3b6f;color:#fff;border:0;
-border-radius:4px;cursor:pointer}}button:focus{{outline:3px solid #f0b400}}</style>
-</head><body><main><h1>{_e(title)}</h1>{body}
-<p><a href="{_e(society.website)}">{_e(society.name)}</a></p></main></body></html>
-""",
-            status_code=status,
-        )
+<style>{_STYLE}</style>
+</head><body><header><p>{_e(society.newsletter_name)}</p></header>
+<main><h1>{_e(title)}</h1>{body}</main>
+<footer><p><a href="{_e(society.website)}">{_e(society.name)}</a><br>
+{_e(", ".join(society.address))}<br>{_e(society.registration)}</p></footer></body></html>
+"""
 
 
 def _public(request: Request, page: Page) -> Response:

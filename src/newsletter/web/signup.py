@@ -141,7 +141,12 @@ class SignupPages:
         challenge = new_challenge(challenge_key(self.policy.key), now=now)
         notes = ""
         if posted is not None and posted.problems:
-            items = "".join(f"<li>{_e(p)}</li>" for p in posted.problems)
+            # A summary that links to each field, and each field marked and described
+            # by its own message (WCAG 3.3.1): a screen reader hears it at the field.
+            items = "".join(
+                f'<li><a href="#{_FIRST_INPUT[field]}">{_e(said)}</a></li>'
+                for field, said in posted.problems
+            )
             notes = f'<div role="alert"><p>Please check the form:</p><ul>{items}</ul></div>'
         elif prove and self.policy.challenge == "work":
             notes = (
@@ -158,6 +163,7 @@ class SignupPages:
             )
         chosen = set(posted.lists) if posted is not None else set()
         offered = self.policy.lists
+        marks = {field: _marked(posted, field) for field in _FIRST_INPUT}
         if len(offered) == 1:
             only = offered[0]
             choice = (
@@ -167,15 +173,25 @@ class SignupPages:
                 + "</p>"
             )
         else:
+            invalid = ' aria-invalid="true"' if marks["lists"][1] else ""
             boxes = "".join(
-                f'<p><input type="checkbox" id="list-{i}" name="list.{_e(item.name)}"'
-                f"{' checked' if item.name in chosen else ''}>"
+                f'<p class="choice"><input type="checkbox" id="list-{i}" '
+                f'name="list.{_e(item.name)}"'
+                f"{' checked' if item.name in chosen else ''}"
+                f"{invalid}>"
                 f' <label for="list-{i}">{_e(item.title)}</label>'
                 + (f"<br><span>{_e(item.description)}</span>" if item.description else "")
                 + "</p>"
                 for i, item in enumerate(offered)
             )
-            choice = f"<fieldset><legend>Which emails would you like?</legend>{boxes}</fieldset>"
+            # The group is described by the message; the boxes are what is invalid
+            # (aria-invalid is not a group's attribute in ARIA 1.2).
+            said = marks["lists"][1]
+            described = ' aria-describedby="lists-error"' if said else ""
+            choice = (
+                f"<fieldset{described}><legend>Which emails would you like?</legend>{said}"
+                f"{boxes}</fieldset>"
+            )
         # Where the form came from stays with it when it is shown again (the society's own).
         source = posted.form if posted is not None else OUR_PAGE
         email = _e(posted.email) if posted is not None else ""
@@ -187,12 +203,12 @@ class SignupPages:
             f"{notes}"
             f'<form method="post" action="{_e(self.base)}/subscribe" '
             f"data-altcha-challenge='{_e(challenge.to_json())}'>"
-            '<p><label for="email">Email address</label><br>'
+            f'<p><label for="email">Email address</label>{marks["email"][1]}'
             f'<input id="email" name="email" type="email" autocomplete="email" required '
-            f'maxlength="254" value="{email}"></p>'
-            '<p><label for="first_name">First name (optional)</label><br>'
+            f'maxlength="254" value="{email}"{marks["email"][0]}></p>'
+            f'<p><label for="first_name">First name (optional)</label>{marks["first_name"][1]}'
             f'<input id="first_name" name="first_name" autocomplete="given-name" '
-            f'maxlength="100" value="{name}"></p>'
+            f'maxlength="100" value="{name}"{marks["first_name"][0]}></p>'
             f"{choice}"
             f'<div style="{_HIDDEN}" aria-hidden="true"><label for="{HONEYPOT}">Leave this '
             f'empty</label><input id="{HONEYPOT}" name="{HONEYPOT}" tabindex="-1" '
@@ -278,6 +294,21 @@ class SignupPages:
             f'<p><a href="{_e(self.base)}/subscribe">Sign up</a></p>',
             404,
         )
+
+
+# Where each field's problem sends the summary's link (the lists: their first box).
+_FIRST_INPUT = {"email": "email", "first_name": "first_name", "lists": "list-0"}
+
+
+def _marked(posted: Posted | None, field: str) -> tuple[str, str]:
+    """The attributes that mark ``field`` as wrong, and its message, or ("", "")."""
+    said = None if posted is None else posted.problem(field)
+    if said is None:
+        return "", ""
+    return (
+        f' aria-invalid="true" aria-describedby="{field}-error"',
+        f'<span class="error" id="{field}-error">{_e(said)}</span>',
+    )
 
 
 def _titles(policy: SignupPolicy, names: tuple[str, ...]) -> str:
