@@ -218,7 +218,7 @@ def test_send_refuses_an_id_already_sent_from_another_file(project: Path, server
         assert "DRAFT" not in text(f"{base}/issues/") + text(f"{base}/issues/{ID}")
 
 
-def test_a_file_edited_during_its_send_resumes_and_the_archive_keeps_the_first(
+def test_a_file_edited_during_its_send_resumes_when_accepted_and_the_archive_keeps_the_first(
     project: Path, server: Server
 ) -> None:
     env = env_for(server, project)
@@ -232,7 +232,10 @@ def test_a_file_edited_during_its_send_resumes_and_the_archive_keeps_the_first(
         path.read_text().replace("stem cell therapy shows promise", "corrected subject line")
     )
     server.handler.behaviour.reject = {}
-    resumed = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    refused = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    assert refused.returncode == 1 and "changed since" in refused.stderr
+    resumed = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", "--accept-changes",
+                      cwd=project, env=env)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout and "sent 4" in resumed.stdout
     out = " ".join((resumed.stdout + resumed.stderr).split())

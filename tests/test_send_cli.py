@@ -990,3 +990,111 @@ def test_send_reminds_that_the_unsubscribe_address_must_be_delivered(
     chosen = {**env, "NEWSLETTER_UNSUBSCRIBE_MAILTO": "leave@example.org"}
     resumed = run_cli("send", issue, "--yes", cwd=project, env=chosen)
     assert resumed.returncode == 0 and "note: List-Unsubscribe" not in resumed.stdout
+
+
+def test_a_resume_after_the_issue_changed_is_refused_unless_accepted(
+    project: Path, server: Server
+) -> None:
+    """What a send froze is kept with it: a resume after an edit that changes the email
+    is refused (half the list would get another version), one that changes nothing sent
+    (a comment) goes on, and --accept-changes sends the rest the new version."""
+    env = env_for(server, project, NEWSLETTER_SEND_CONNECTIONS="1")
+    emails = write_csv(project, 6)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    issue = project / "issues" / EXAMPLE.name
+    send = ("send", f"issues/{EXAMPLE.name}", "--yes")
+    server.handler.behaviour.refuse_sender_after = 2  # the relay stops the send after two
+    assert run_cli(*send, cwd=project, env=env).returncode != 0
+    assert len(server.handler.received) == 2
+
+    # A comment changes nothing that is sent: the resume goes on (and stops after one).
+    issue.write_text("# checked by the editor\n" + issue.read_text(encoding="utf-8"), "utf-8")
+    server.handler.behaviour.refuse_sender_after = 3
+    assert run_cli(*send, cwd=project, env=env).returncode != 0
+    assert len(server.handler.received) == 3
+
+    # A new subject, and a template edited: refused, naming both; nothing is sent.
+    text = issue.read_text(encoding="utf-8")
+    issue.write_text(re.sub(r"(?m)^subject: .*$", 'subject: "Corrected subject"', text), "utf-8")
+    template = project / "templates" / "email.mjml.j2"
+    template.write_text(template.read_text(encoding="utf-8").replace(
+        "</mj-body>", '<mj-section><mj-column><mj-text>P.S.</mj-text></mj-column></mj-section>'
+        "</mj-body>"), encoding="utf-8")  # fmt: skip
+    server.handler.behaviour.refuse_sender_after = None
+    refused = run_cli(*send, cwd=project, env=env)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    said = " ".join(refused.stderr.split())
+    assert f"issues/{EXAMPLE.name}" in said and "templates/" in said and "changed since" in said
+    assert "(3 sent)" in said and "the other 3 a different email" in said
+    assert "--accept-changes" in said and "Nothing was sent." in said
+    assert len(server.handler.received) == 3
+    dry = run_cli("send", f"issues/{EXAMPLE.name}", "--dry-run", cwd=project, env=env)
+    assert dry.returncode == 1 and "changed since" in dry.stderr  # the dry run says so too
+
+    accepted = run_cli(*send, "--accept-changes", cwd=project, env=env)
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    assert "the rest get the email as it is now" in accepted.stdout + accepted.stderr
+    subjects = {r.rcpt_tos[0]: str(r.message["Subject"]) for r in server.handler.received}
+    assert sorted(subjects) == sorted(emails)  # each one message, nobody skipped
+    assert len(server.handler.received) == 6
+    assert sum(s == "Corrected subject" for s in subjects.values()) == 3
+    # Accepted once: the next resume compares with the accepted version.
+    again = run_cli(*send, cwd=project, env=env)
+    assert again.returncode == 0 and "changed since" not in again.stderr
+
+
+def test_a_canary_goes_first_and_the_rest_waits_for_go_or_the_wait(
+    project: Path, server: Server
+) -> None:
+    canary = "editor@example.org,Second.Reader@Example.org"
+    env = env_for(server, project, NEWSLETTER_CANARY_TO=canary)
+    emails = write_csv(project, 4)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    send = ("send", f"issues/{EXAMPLE.name}", "--yes")
+    first = run_cli(*send, cwd=project, env=env)
+    assert first.returncode == 3, first.stdout + first.stderr
+    assert "the canary went out" in first.stdout and "--go" in first.stdout
+    assert sorted(r.rcpt_tos[0] for r in server.handler.received) == [
+        "editor@example.org", "second.reader@example.org"]  # fmt: skip
+    # The canary is what the list gets, but a copy of its own (outside the send log).
+    copy = server.handler.received[0].message
+    assert copy["Subject"] == "MS Research News: stem cell therapy shows promise"
+    status = run_cli("status", f"issues/{EXAMPLE.name}", cwd=project, env=env)
+    assert "editor@example.org" not in status.stdout
+    # Running it again is not a go: nothing more is sent until a person says so.
+    again = run_cli(*send, cwd=project, env=env)
+    assert again.returncode == 3 and "waiting after its canary" in again.stdout
+    assert len(server.handler.received) == 2
+    went = run_cli(*send, "--go", cwd=project, env=env)
+    assert went.returncode == 0, went.stdout + went.stderr
+    reached = sorted(r.rcpt_tos[0] for r in server.handler.received[2:])
+    assert reached == sorted(emails)  # each once, the canary not again
+
+    # With a wait, the same command sends the rest after it.
+    server.handler.received.clear()
+    waited = {**env, "NEWSLETTER_CANARY_WAIT": "1s"}
+    next_week = project / "issues" / "2020-12-30.yaml"  # last week's file, copied
+    last_week = (project / "issues" / EXAMPLE.name).read_text(encoding="utf-8")
+    next_week.write_text(last_week.replace("date: 2020-12-23", "date: 2020-12-30"), "utf-8")
+    done = run_cli("send", "issues/2020-12-30.yaml", "--yes", cwd=project, env=waited)
+    assert done.returncode == 0, done.stdout + done.stderr
+    order = [r.rcpt_tos[0] for r in server.handler.received]
+    assert sorted(order[:2]) == ["editor@example.org", "second.reader@example.org"]
+    assert sorted(order[2:]) == sorted(emails)
+
+
+def test_a_canary_that_may_not_be_mailed_stops_the_send_before_anything_goes(
+    project: Path, server: Server
+) -> None:
+    env = env_for(server, project, NEWSLETTER_CANARY_TO="editor@example.org")
+    write_csv(project, 2)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    run_cli("subscribers", "unsubscribe", "editor@example.org", cwd=project, env=env)
+    refused = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project, env=env)
+    assert refused.returncode == 1
+    assert "NEWSLETTER_CANARY_TO editor@example.org is suppressed" in refused.stderr
+    assert server.handler.received == []
+    bad = run_cli("send", f"issues/{EXAMPLE.name}", "--yes", cwd=project,
+                  env={**env, "NEWSLETTER_CANARY_WAIT": "soon"})  # fmt: skip
+    assert bad.returncode == 1 and "NEWSLETTER_CANARY_WAIT" in bad.stderr
+    assert "is not a wait like 900s, 30m or 2h" in bad.stderr

@@ -49,6 +49,7 @@ class BuildResult:
     society: Society
     # Every merge field the issue file and the templates use, with its place.
     merge_uses: tuple[merge_fields.FieldUse, ...] = ()
+    inputs: BuildInputs | None = None  # what it was built from (a send's fingerprint)
 
     @property
     def issue_id(self) -> str:
@@ -113,6 +114,7 @@ def build(inputs: BuildInputs, *, templates: Templates | None = None) -> BuildRe
         society=society,
         merge_uses=tuple(loaded_issue.merge_fields)
         + _template_uses(rendered, loaded_issue, templates),
+        inputs=inputs,
     )
 
 

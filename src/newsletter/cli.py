@@ -1223,6 +1223,17 @@ def bounces_show(evidence_id: int, raw_only: bool) -> None:
 @click.option("--to", "test_to", multiple=True, help="Send a test copy to this address only.")
 @click.option("--resend-unknown", is_flag=True, help="Resend to those whose fate is unknown.")
 @click.option("--retry-rejected", is_flag=True, help="Queue this send's rejected ones again.")
+@click.option(
+    "--accept-changes",
+    is_flag=True,
+    help="Resume a send whose issue, footer or templates changed since it began: the rest "
+    "get the email as it is now.",
+)
+@click.option(
+    "--go",
+    is_flag=True,
+    help="Send the rest of the list once the canary (NEWSLETTER_CANARY_TO) was checked.",
+)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option(
     "--strict",
@@ -1251,6 +1262,8 @@ def send(
     test_to: tuple[str, ...],
     resend_unknown: bool,
     retry_rejected: bool,
+    accept_changes: bool,
+    go: bool,
     yes: bool,
     strict: bool,
     due: bool,
@@ -1260,6 +1273,7 @@ def send(
     """Send ISSUE_FILE to a subscriber list; run it again to resume."""
     from newsletter import wiring
     from newsletter.delivery.send_issue import SendRequest
+    from newsletter.errors import CanaryWaiting
 
     if due:
         if issue_file is not None or dry_run or test_to or list_name or outbox:
@@ -1267,11 +1281,11 @@ def send(
                 "--due picks the issue and the lists (NEWSLETTER_SCHEDULE_LISTS) itself; "
                 "give no ISSUE_FILE, --list, --dry-run, --outbox or --to"
             )
-        if resend_unknown or retry_rejected:
+        if resend_unknown or retry_rejected or accept_changes or go:
             # Silently ignored, they would leave the user thinking it was done.
             raise click.UsageError(
-                "--resend-unknown and --retry-rejected are choices for one send: run "
-                "`newsletter send ISSUE_FILE --list NAME --resend-unknown` by hand"
+                "--resend-unknown, --retry-rejected, --accept-changes and --go are choices "
+                "for one send: run `newsletter send ISSUE_FILE --list NAME --go` by hand"
             )
         _run_due_once(strict)
         return
@@ -1307,11 +1321,20 @@ def send(
         resend_unknown=resend_unknown,
         retry_rejected=retry_rejected,
         strict=strict,
+        accept_changes=accept_changes,
+        canary=settings.canary,
+        canary_wait=settings.canary_wait_seconds,
+        go=go,
     )
-    report = _send_one(
-        settings, request, confirm=not (yes or dry_run or as_worker), workers=workers,
-        quiet=as_worker,
-    )  # fmt: skip
+    try:
+        report = _send_one(
+            settings, request, confirm=not (yes or dry_run or as_worker), workers=workers,
+            quiet=as_worker,
+        )  # fmt: skip
+    except CanaryWaiting as waiting:
+        # Not a failure: the send waits for the person who checks the canary.
+        click.secho(f"the canary went out: {waiting}", fg="yellow")
+        sys.exit(waiting.exit_code)
     _summarise(report, dry_run)
     sys.exit(report.exit_code)
 
@@ -1437,6 +1460,7 @@ def _worker_argv(request: SendRequest) -> list[str]:
     """The command a helper of ``send --workers`` runs: this send, confirmed already."""
     argv = [sys.executable, "-m", "newsletter", "send", str(request.issue_file)]
     argv += ["--list", request.list_name, "--as-worker"]
+    argv += ["--accept-changes"] if request.accept_changes else []
     return argv + (["--strict"] if request.strict else [])
 
 
@@ -1815,7 +1839,15 @@ def _check_due(
 
     def send_issue(path: Path, list_name: str) -> SendReport:
         report = _send_one(
-            settings, SendRequest(path, list_name, strict=strict, resume_paused=False)
+            settings,
+            SendRequest(
+                path,
+                list_name,
+                strict=strict,
+                resume_paused=False,
+                canary=settings.canary,
+                canary_wait=settings.canary_wait_seconds,
+            ),
         )
         _summarise(report, False)
         return report

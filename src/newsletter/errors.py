@@ -115,6 +115,11 @@ class SendPaused(CampaignAborted):
     exit_code = 3
 
 
+class CanaryWaiting(SendPaused):
+    """The canary went out (NEWSLETTER_CANARY_TO); the rest of the list waits for a
+    person: ``newsletter send ... --go``."""
+
+
 class LockHeld(NewsletterError):
     """Another live process holds the lock; the message says which one, since and until when."""
 

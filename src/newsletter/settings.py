@@ -77,6 +77,16 @@ def _location(value: object) -> Location:
     raise ValueError("must be a path or a database URL")
 
 
+def duration_seconds(text: str) -> float | None:
+    """``900s``, ``30m``, ``2h`` or a plain number of seconds, as seconds (at most a day);
+    None when it is none of these."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text.lower())
+    if found is None:
+        return None
+    seconds = float(found.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[found.group(2)]
+    return seconds if 0 < seconds <= 86400 else None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=PREFIX,
@@ -140,6 +150,12 @@ class Settings(BaseSettings):
     dkim_key_file: Path | None = None
     dkim_selector: str | None = None
     dkim_domain: str | None = None
+
+    # A real send first goes to these addresses (comma-separated; outside the send log,
+    # as `send --to`), then waits CANARY_WAIT ("30m", "2h", "900s"; unset: until a
+    # person runs `send ... --go`) before the rest of the list.
+    canary_to: str | None = None
+    canary_wait: str | None = None
 
     send_connections: int = Field(default=8, ge=1, le=64)
     send_rate: float | None = Field(default=None, gt=0)
@@ -337,6 +353,48 @@ class Settings(BaseSettings):
                     "addresses of the proxies in front of `serve`, comma-separated"
                 ) from None
         return ",".join(items)
+
+    @field_validator("canary_to")
+    @classmethod
+    def _canary_to(cls, value: str | None) -> str | None:
+        from newsletter.audience.csv_import import normalise_address
+
+        if value is None or not value.strip():
+            return None
+        addresses, bad = [], []
+        for item in (part.strip() for part in value.split(",")):
+            try:
+                addresses.append(normalise_address(item))
+            except ValueError as exc:
+                bad.append(f"{item!r} ({exc})")
+        if bad:
+            raise ValueError(
+                f"not an email address: {'; '.join(bad)}; give the canary's addresses, "
+                "comma-separated"
+            )
+        return ",".join(dict.fromkeys(addresses))
+
+    @field_validator("canary_wait")
+    @classmethod
+    def _canary_wait(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if duration_seconds(value) is None:
+            raise ValueError(
+                f"{value!r} is not a wait like 900s, 30m or 2h (at most 24h); leave it unset "
+                "to wait for `newsletter send ... --go`"
+            )
+        return value.strip()
+
+    @property
+    def canary(self) -> tuple[str, ...]:
+        """The canary's addresses (NEWSLETTER_CANARY_TO), normalised."""
+        return tuple(self.canary_to.split(",")) if self.canary_to else ()
+
+    @property
+    def canary_wait_seconds(self) -> float | None:
+        """How long a send waits after its canary; None: until `send --go`."""
+        return None if self.canary_wait is None else duration_seconds(self.canary_wait)
 
     @field_validator("smtp_host", "bounce_imap_host", "unsubscribe_imap_host")
     @classmethod

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from newsletter.delivery.campaign import (
     Campaign,
@@ -41,6 +41,7 @@ from newsletter.delivery.campaign import (
     SendLogFailed,
     SendOptions,
 )
+from newsletter.delivery.fingerprint import Fingerprint, fingerprint
 from newsletter.delivery.message import MessageTemplate, Sender
 from newsletter.delivery.provenance import check_source, record_send
 from newsletter.delivery.sending import (
@@ -52,8 +53,21 @@ from newsletter.delivery.sending import (
     preview,
     run_send,
 )
+from newsletter.delivery.test_copies import (
+    CopiesRefused,
+    check_addresses,
+    recipients,
+    send_copies,
+)
 from newsletter.delivery.transports import OutboxTransport, Transport
-from newsletter.errors import CampaignAborted, LeaseLost, SendPaused, StorageError
+from newsletter.errors import (
+    CampaignAborted,
+    CanaryWaiting,
+    ConfigError,
+    LeaseLost,
+    SendPaused,
+    StorageError,
+)
 from newsletter.render.checks import refuse_unsendable
 from newsletter.storage.base import LEASE_SECONDS, Lease, Source, Storage
 from newsletter.verp import Verp
@@ -98,6 +112,15 @@ class SendRequest:
     # A send that paused itself is resumed only by a person (`send`), never by the
     # schedule (`send --due`, `schedule run`), which would undo the pause at once.
     resume_paused: bool = True
+    # Resume a send whose issue, footer or templates changed since it froze (the
+    # rest get the new version: delivery.fingerprint).
+    accept_changes: bool = False
+    # A real send's canary (NEWSLETTER_CANARY_TO): those addresses first, outside the
+    # send log; then the rest after ``canary_wait`` seconds, or (None) once a person
+    # runs the send again with ``go``.
+    canary: tuple[str, ...] = ()
+    canary_wait: float | None = None
+    go: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +232,10 @@ def send_issue(
         # Read, ask, and only then write: declining changes nothing (and frees the lease).
         planned = preview(storage, issue_id, name)
         _check_paused(planned, request, issue_id, name, hooks.note)
+        canary = _canary_for(storage, request, planned, name)
+        now_frozen, accepted = _check_frozen(
+            storage, planned, request, (issue_id, name), fingerprint(built, sender), hooks.note
+        )
         plan = SendPlan(
             issue_id,
             name,
@@ -232,15 +259,14 @@ def send_issue(
             columns=list(columns.values()),
         )
         if lease is not None:
-            # The archive shows what was sent: the first send keeps the web version.
-            record_send(
-                storage.archive,
-                prepared.record.id,
-                built.issue,
-                built.society,
-                templates_dir,
-                sender.public_url,
-                source,
+            # What it froze, and (the first send) the web version the archive shows.
+            storage.archive.record_frozen(
+                prepared.record.id, now_frozen.to_json(), replace=accepted
+            )
+            record_send(storage.archive, prepared.record.id, built.issue, built.society,
+                        templates_dir, sender.public_url, source)  # fmt: skip
+            Canary(request, storage, prepared.record.id, lease, hooks.note).fly(
+                template, via, canary, envelope_sender
             )
         try:
             report = asyncio.run(
@@ -306,11 +332,124 @@ def _recorded(report: SendReport) -> str:
     )
 
 
+class SendChanged(ConfigError):
+    """A resume whose issue, footer or templates changed since the send froze; nothing
+    was sent (``send --accept-changes`` sends the rest as they are now)."""
+
+
+# The states a resume would send (again): a send with none of them left sends nothing.
+_LEFT_TO_SEND = ("pending", "deferred")
+
+
+def _check_frozen(
+    storage: Storage, planned: Preview, request: SendRequest, frozen: tuple[str, str],
+    now: Fingerprint, note: Callable[[str], None],
+) -> tuple[Fingerprint, bool]:  # fmt: skip
+    """Refuse to resume a send whose message changed since it froze (SendChanged), unless
+    ``request.accept_changes``; ``now``, and True when a change was accepted (and
+    noted). ``frozen`` is the send's (issue id, list)."""
+    record = storage.send_log.find(*frozen) if planned.resumed else None
+    kept = None if record is None else storage.archive.frozen(record.id)
+    if record is None or kept is None:
+        return now, False  # new, or frozen before sends kept their fingerprint
+    changed = now.changed_since(Fingerprint.from_json(kept))
+    left = sum(planned.counts.get(state, 0) for state in _LEFT_TO_SEND)
+    again = (planned.counts.get("unknown", 0) if request.resend_unknown else 0) + (
+        planned.counts.get("rejected", 0) if request.retry_rejected else 0
+    )
+    if not changed or not (left or again):
+        return now, False
+    what = ", ".join(changed)
+    if request.accept_changes:
+        note(f"{what} changed since this send began; the rest get the email as it is now")
+        return now, True
+    issue_id, name = frozen
+    sent = planned.counts.get("sent", 0)
+    raise SendChanged(
+        f"the send of {issue_id} to {name} began on {record.created_at[:16].replace('T', ' ')} "
+        f"({sent:,} sent) and {what} changed since: resuming now would send the other "
+        f"{left + again:,} a different email. Put the file(s) back as they were and run "
+        f"the same command again, or send the rest as they are now: `newsletter send "
+        f"{request.issue_file} --list {name} --accept-changes`. Nothing was sent."
+    )
+
+
+# What marks a send paused after its canary (sends.paused), until `send --go`.
+CANARY_PAUSE = "waiting after its canary"
+
+
+def _canary_for(storage: Storage, request: SendRequest, planned: Preview, name: str) -> list[str]:
+    """The canary's addresses for a real send that has not begun (checked now, before
+    anything is frozen or asked: a suppressed one refuses the send), or []."""
+    if request.dry_run or not request.canary or planned.resumed:
+        return []
+    check = check_addresses(storage, request.canary, name, asked_by="NEWSLETTER_CANARY_TO")
+    if check.problems:
+        raise CopiesRefused(check.problems)
+    return check.addresses
+
+
+@dataclass
+class Canary:
+    """A send's canary: copies to the canary's addresses, then the wait (module
+    docstring). The send is frozen already, so the list gets exactly what they got."""
+
+    request: SendRequest
+    storage: Storage
+    send_id: int
+    lease: Lease
+    note: Callable[[str], None]
+
+    def fly(
+        self, template: MessageTemplate, via: Transport, to: list[str], envelope_sender: str
+    ) -> None:
+        """Send the canary (none: nothing to do), then wait or stop (CanaryWaiting)."""
+        if not to:
+            return
+        results = send_copies(template, recipients(self.storage, to), via,
+                              envelope_sender=envelope_sender)  # fmt: skip
+        for result in results:
+            said = "sent" if result.sent else f"{result.outcome.state}: {result.outcome.detail}"
+            self.note(f"canary to {result.email}: {said}")
+        if not all(result.sent for result in results):
+            self._wait_for_go("not every canary copy was accepted; look into it, then")
+        wait = self.request.canary_wait
+        if wait is None:
+            self._wait_for_go("check the canary's email, then")
+        self.note(f"the rest of the list goes in {wait:,.0f} s (Ctrl-C stops it here)")
+        try:
+            deadline = time.monotonic() + wait
+            while (left := deadline - time.monotonic()) > 0:
+                time.sleep(min(left, self.lease.ttl / 3))
+                self.lease.acquire(time.time())  # renewed: nobody takes it meanwhile
+        except KeyboardInterrupt:
+            self._wait_for_go("stopped during the canary's wait;")
+
+    def _wait_for_go(self, why: str) -> NoReturn:
+        self.storage.send_log.pause(self.send_id, CANARY_PAUSE)
+        raise CanaryWaiting(
+            f"{why} send the rest of the list: `newsletter send {self.request.issue_file} "
+            f"--list {self.request.list_name} --go`"
+        )
+
+
 def _check_paused(
     planned: Preview, request: SendRequest, issue_id: str, name: str, note: Callable[[str], None]
 ) -> None:
-    """A send that paused itself goes on only when a person asked (module docstring)."""
+    """A send that paused itself goes on only when a person asked (module docstring);
+    one paused after its canary only with ``go``."""
     if planned.paused is None:
+        return
+    if planned.paused == CANARY_PAUSE:
+        if not request.go:
+            waiting = CanaryWaiting(
+                f"the send of {issue_id} to {name} is {CANARY_PAUSE}: check the canary's "
+                f"email, then send the rest: `newsletter send {request.issue_file} --list "
+                f"{name} --go`"
+            )
+            waiting.sent = planned.counts["sent"]
+            raise waiting
+        note("the canary was checked: the rest of the list goes now")
         return
     if not request.resume_paused:
         paused = SendPaused(

@@ -80,16 +80,19 @@ def field_warnings(
     return []
 
 
-def check_addresses(storage: Storage | None, raw: Sequence[str], list_name: str) -> CopyCheck:
+def check_addresses(
+    storage: Storage | None, raw: Sequence[str], list_name: str, *, asked_by: str = "--to"
+) -> CopyCheck:
     """Normalise the addresses; refuse a bad one or a suppressed one, warn of an opt-out
-    of ``list_name``. Without a database there is nobody to protect yet."""
+    of ``list_name``. Without a database there is nobody to protect yet. ``asked_by``
+    names where the addresses came from, in the problems."""
     checked: list[str] = []
     problems: list[str] = []
     for address in raw:
         try:
             checked.append(normalise_address(address))
         except ValueError as exc:
-            problems.append(f"--to {address!r} is not a valid address: {exc}")
+            problems.append(f"{asked_by} {address!r} is not a valid address: {exc}")
     unique = list(dict.fromkeys(checked))  # one copy each
     warnings: list[str] = []
     if storage is not None:
@@ -98,7 +101,7 @@ def check_addresses(storage: Storage | None, raw: Sequence[str], list_name: str)
             info = store.suppression_info(address)
             if info is not None:
                 problems.append(
-                    f"--to {address} is suppressed ({info.reason} since {info.since}) and "
+                    f"{asked_by} {address} is suppressed ({info.reason} since {info.since}) and "
                     "is never mailed; if the person asked to be mailed again, lift it with "
                     f"`newsletter subscribers unsuppress {address} --reason TEXT`"
                 )

@@ -578,6 +578,15 @@ class IssueArchive(Protocol):
         """Note the file a send was started from; a resume keeps the first one noted."""
         ...
 
+    def frozen(self, send_id: int) -> str | None:
+        """What the send froze (delivery.fingerprint's JSON), or None: not yet noted."""
+        ...
+
+    def record_frozen(self, send_id: int, fingerprint: str, *, replace: bool = False) -> None:
+        """Note what the send froze: the first one noted stays, unless ``replace`` (a
+        person accepted a changed issue for the rest of the send)."""
+        ...
+
 
 class SlotStore(Protocol):
     """What became of each schedule slot (one row per slot, its latest state)."""

@@ -130,3 +130,13 @@ class ArchiveStore:
             "WHERE id = ? AND source_file IS NULL",
             (source.file, source.sha256, send_id),
         )
+
+    def frozen(self, send_id: int) -> str | None:
+        row = self.conn.execute("SELECT frozen FROM sends WHERE id = ?", (send_id,)).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
+    def record_frozen(self, send_id: int, fingerprint: str, *, replace: bool = False) -> None:
+        self.conn.execute(
+            "UPDATE sends SET frozen = ? WHERE id = ? AND (frozen IS NULL OR ?)",
+            (fingerprint, send_id, replace),
+        )

@@ -290,6 +290,9 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "m.added_at, 'schema 6' FROM list_members m JOIN subscribers u ON u.id = m.subscriber_id "
         "ORDER BY m.added_at, u.id",
     ),
+    # 7: what each send froze (delivery.fingerprint, JSON): a resume after the issue,
+    # the footer or the templates changed is refused unless a person accepts it.
+    ("ALTER TABLE sends ADD COLUMN frozen TEXT",),
 )
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
 _TABLES = frozenset(
