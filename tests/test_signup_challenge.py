@@ -566,13 +566,17 @@ def test_when_the_script_cannot_solve_the_form_still_posts(browser: Any, site: S
 
 def test_solve_time_on_a_phone_like_cpu(browser: Any, site: SignupSite) -> None:
     """Chromium slowed 4x (DevTools' "mid-tier mobile"), on the hardest challenge of the
-    default size (the number is maxnumber): on average a phone does half the work."""
+        default size (the number is maxnumber) is solved right; the time it took is printed
+    (on average a phone does half that work; benchmarks are where times are judged)."""
     site.next_number = DEFAULT_MAX_NUMBER
     page = browser.new_page()
     page.context.new_cdp_session(page).send("Emulation.setCPUThrottlingRate", {"rate": 4})
     page.goto(site.base + "/")
     page.wait_for_selector("form[data-altcha-state=solved]", timeout=120_000)
     took = int(page.get_attribute("form", "data-altcha-took"))
+    # The hardest challenge solved right under the slowdown: the last number tried.
+    solution = json.loads(base64.b64decode(page.input_value("input[name=altcha]")))
+    assert solution["number"] == DEFAULT_MAX_NUMBER and took > 0
     print(
         f"\nsignup.js at 4x CPU slowdown: {DEFAULT_MAX_NUMBER} hashes in {took} ms "
         f"({DEFAULT_MAX_NUMBER / took * 1000:,.0f} a second): about {took / 2000:.1f} s "

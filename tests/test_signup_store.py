@@ -226,10 +226,11 @@ def test_members_from_before_schema_6_get_a_record_saying_so(tmp_path: Path) -> 
     for table in ("outbox", "consents", "signups", "consent_texts", "rate_hits", "used_once",
                   "erasures"):  # fmt: skip
         conn.execute(f"DROP TABLE {table}")
+    conn.execute("ALTER TABLE sends DROP COLUMN frozen")  # schema 7's
     conn.execute("PRAGMA user_version=5")
     conn.close()
     with closing(open_storage(str(path))) as db:
-        assert db.schema_version() == SCHEMA_VERSION == 6
+        assert db.schema_version() == SCHEMA_VERSION == 7
         (record,) = db.signups.consents(READER)
         assert (record.list_name, record.method, record.actor) == ("news", "before", "schema 6")
         assert record.source == "on the list before consent was recorded"
@@ -366,3 +367,28 @@ def test_messages_matched_to_nobody_that_name_the_address_are_exported_and_erase
         assert kept.outcome == "kept without its message (erased)"
     untouched = any_db.feedback.get(ids[2])
     assert untouched is not None and untouched.raw == someone_else
+    # Erased again (something new was held since): what was made anonymous is not again.
+    assert person.erase(any_db, READER, KEY).anonymised["feedback"] == 0
+
+
+def test_an_erased_address_leaves_no_bytes_in_the_sqlite_file_or_its_wal(tmp_path: Path) -> None:
+    path = tmp_path / "news.sqlite3"
+    person = "frank.unforgettable@example.org"
+    with closing(open_storage(path, create=True)) as db:
+        db.subscribers.import_rows(
+            "research-news",
+            [ParsedRow(2, person, "Frank", "Unforgettable", {"town": "Leeds"}),
+             ParsedRow(3, READER, "Ada", None, {})],
+            skip_invalid=False,
+        )  # fmt: skip
+        frozen = [Recipient(person, "Frank"), Recipient(READER)]
+        db.send_log.freeze("2026-12-01", "research-news", frozen, suppressed=0)
+        new = signup(person)
+        db.signups.begin(new)
+        files = [p for p in tmp_path.iterdir() if p.name.startswith("news.sqlite3")]
+        assert any(b"unforgettable" in p.read_bytes() for p in files)  # there, before
+        db.signups.erase(person, erasure_hash(KEY, person), now="2026-12-02T00:00:00+00:00")
+        for p in tmp_path.iterdir():
+            if p.name.startswith("news.sqlite3"):
+                assert b"unforgettable" not in p.read_bytes().lower(), p.name
+        assert [r.email for r in db.subscribers.audience("research-news")] == [READER]

@@ -272,16 +272,21 @@ def test_every_state_of_an_address_gets_the_same_answer(site: Signup) -> None:
 
 
 def test_a_member_gets_one_mail_a_day_and_a_new_address_its_limit(site: Signup) -> None:
+    site.db().subscribers.suppress("gone@example.org", "complained", actor="test")
     for _ in range(2):
         site.post({"email": "member@example.org"})
+        # Suppressed (they left everything): a stranger cannot mail them three times a day.
+        site.post({"email": "gone@example.org"})
     for _ in range(5):
         site.post({"email": NEW})
     sent = [m["To"].addresses[0].addr_spec for m in site.mails()]
     assert sent.count("member@example.org") == 1
+    assert sent.count("gone@example.org") == 1
     assert sent.count(NEW) == 3  # NEWSLETTER_SIGNUP_ADDRESS_LIMIT's default
     site.clock.later(hours=25)
     site.post({"email": "member@example.org"})
-    assert len(site.mails()) == len(sent) + 1
+    site.post({"email": "gone@example.org"})
+    assert len(site.mails()) == len(sent) + 2
 
 
 def test_the_honeypot_and_a_replayed_proof_keep_nothing(site: Signup) -> None:
@@ -410,3 +415,28 @@ def test_networks_and_stamps() -> None:
     assert network_of("::ffff:198.51.0.7") == "198.51.0.7"
     assert network_of("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
     assert form_stamp(KEY, 1000.0) != form_stamp(KEY, 1000.0)  # two visitors, one second
+
+
+def test_a_form_posted_in_its_pages_charset_keeps_the_name_as_typed(site: Signup) -> None:
+    """The society's own page in ISO-8859-1 posts its escapes in that charset."""
+    shown = site.form_page()
+    sent = {"stamp": hidden(shown, "stamp"), "source": "https://www.example.org/join",
+            "altcha": solved(shown), "email": NEW, "first_name": "José"}  # fmt: skip
+    body = urllib.parse.urlencode(sent, encoding="iso-8859-1").encode("ascii")
+    assert b"Jos%E9" in body
+    status, answer, _ = call(f"{site.base}/subscribe", body,
+                             "application/x-www-form-urlencoded; charset=ISO-8859-1")  # fmt: skip
+    assert status == 200 and "Check your inbox" in answer
+    (kept,) = site.db().signups.signups_of(NEW)
+    assert kept.first_name == "José"
+    # A charset Python does not know, or one that is not ASCII inside, counts as UTF-8.
+    for odd in ("x-unknown-charset", "utf-16"):
+        shown = site.form_page()
+        again = {**sent, "stamp": hidden(shown, "stamp"), "altcha": solved(shown),
+                 "email": f"{odd}@example.org", "first_name": "Zoë"}  # fmt: skip
+        body = urllib.parse.urlencode(again).encode("ascii")
+        status, _, _ = call(f"{site.base}/subscribe", body,
+                            f"application/x-www-form-urlencoded; charset={odd}")  # fmt: skip
+        assert status == 200
+        (odd_kept,) = site.db().signups.signups_of(f"{odd}@example.org")
+        assert odd_kept.first_name == "Zoë"

@@ -687,6 +687,7 @@ def subscribers_erase(email: str, yes: bool) -> None:
     from newsletter.audience import person
     from newsletter.audience.csv_import import normalise_address
     from newsletter.errors import ConfigError
+    from newsletter.storage.signups import erasure_key_check
 
     settings = _settings()
     address = _address(email, normalise_address)
@@ -699,19 +700,25 @@ def subscribers_erase(email: str, yes: bool) -> None:
         )
     storage = _open(settings)
     try:
+        # One key for every hash: one made with another could not be checked by the
+        # import that holds this one, and would let its address back in.
+        if not storage.signups.erasure_key_matches(erasure_key_check(key)):
+            _fail(
+                "earlier erasures were made with another NEWSLETTER_SECRET_KEY (the key of "
+                "their hashes): set it as it was then; nothing was erased"
+            )
         data = person.gather(storage, address, erasure_key=key)
-        if data.empty:
-            _fail(f"nothing is stored about {address}")
         if data.only_erased:
             click.echo(f"{address} was erased on {data.erased_at}; nothing more to erase")
             return
         if not yes:
-            click.confirm(
-                f"Erase {address}: {len(data.lists)} list membership(s), {len(data.sends)} "
-                f"send(s) made anonymous, {len(data.consents)} consent record(s)? This "
-                "cannot be undone",
-                abort=True,
+            what = (
+                "nothing is stored about it; keep its hash, so that no import adds it"
+                if data.empty
+                else f"{len(data.lists)} list membership(s), {len(data.sends)} send(s) made "
+                f"anonymous, {len(data.consents)} consent record(s)"
             )
+            click.confirm(f"Erase {address}: {what}? This cannot be undone", abort=True)
         done = person.erase(storage, address, key)
     finally:
         storage.close()

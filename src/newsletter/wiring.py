@@ -306,7 +306,10 @@ def signup_composer(
 
     def compose(mail: OutboxMail, signup: PendingSignup) -> bytes:
         now = dt.datetime.now(dt.UTC)
-        digest = hmac.new(policy.key, f"outbox {mail.id}".encode(), hashlib.sha256)
+        # The same id when the same mail is tried again; the signup's random nonce makes
+        # it new for a new mail, whose row may take the number of a deleted one (SQLite).
+        seed = f"outbox {mail.id} {signup.nonce}".encode()
+        digest = hmac.new(policy.key, seed, hashlib.sha256)
         message_id = f"<{mail.kind}.{digest.hexdigest()[:24]}@{domain}>"
         titles = [policy.title(n) for n in signup.lists]
         common = {

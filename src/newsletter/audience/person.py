@@ -73,12 +73,14 @@ def gather(storage: Storage, email: str, *, erasure_key: bytes | None = None) ->
     """Everything ``storage`` holds about ``email`` (normalised)."""
     people = storage.subscribers
     recipient = people.recipient(email)
+    created, joined = storage.signups.joined(email)
     subscriber = None
     if recipient is not None:
         subscriber = {
             "first_name": recipient.first_name,
             "last_name": recipient.last_name,
             "columns": dict(sorted(recipient.attributes.items())),
+            "created_at": created,
         }
     info = people.suppression_info(email)
     kept = []
@@ -107,8 +109,11 @@ def gather(storage: Storage, email: str, *, erasure_key: bytes | None = None) ->
         email=email,
         subscriber=subscriber,
         lists=[
-            {"list": name, "state": "opted out" if left else "member"}
-            for name, left in people.lists_of(email)
+            {
+                "list": j.list_name, "state": "opted out" if j.opted_out_at else "member",
+                "added_at": j.added_at, "opted_out_at": j.opted_out_at,
+            }
+            for j in joined
         ],
         suppression=None if info is None else {
             "reason": info.reason, "since": info.since, "list": info.list_name,
@@ -130,7 +135,9 @@ def gather(storage: Storage, email: str, *, erasure_key: bytes | None = None) ->
         signups=[
             {
                 "signup": s.id, "first_name": s.first_name, "lists": list(s.lists),
-                "form": s.form, "consent_sha256": s.consent_sha256, "posted_at": s.posted_at,
+                "form": s.form, "consent_sha256": s.consent_sha256,
+                "consent_text": storage.signups.consent_text(s.consent_sha256),
+                "posted_at": s.posted_at,
                 "posted_ip": s.posted_ip, "expires_at": s.expires_at,
                 "confirmed_at": s.confirmed_at, "confirmed_ip": s.confirmed_ip,
             }

@@ -236,7 +236,7 @@ def decide(
         return Decision("busy", posted, why="this network's hourly limit")
     when = dt.datetime.fromtimestamp(at, dt.UTC)
     since = (when - dt.timedelta(seconds=DAY)).isoformat(timespec="seconds")
-    limit = 1 if _on_every_list(subscribers, posted) else policy.address_limit
+    limit = 1 if _one_a_day(subscribers, posted) else policy.address_limit
     queued = signups.begin(
         NewSignup(
             email=posted.email,
@@ -264,8 +264,12 @@ def challenge_key(key: bytes) -> bytes:
     return hmac.new(key, b"newsletter altcha v1", hashlib.sha256).digest()
 
 
-def _on_every_list(subscribers: Subscribers, posted: Posted) -> bool:
+def _one_a_day(subscribers: Subscribers, posted: Posted) -> bool:
+    """Whether the address gets one confirmation mail a day at most: it has all it asks
+    for already, or it is suppressed (it complained, bounced or left everything: a
+    stranger must not be able to mail it three times a day; the person, coming back,
+    needs only one)."""
     if subscribers.suppression(posted.email) is not None:
-        return False
+        return True
     getting = {name for name, left in subscribers.lists_of(posted.email) if not left}
     return set(posted.lists) <= getting

@@ -55,6 +55,7 @@ from newsletter.storage.signups import (
     Erased,
     ErasureCheck,
     ImportConsent,
+    Joined,
     MailState,
     NewSignup,
     OutboxMail,
@@ -765,6 +766,15 @@ class Signups(Protocol):
 
     def was_used(self, kind: str, key: str, now: float) -> bool:
         """Whether a key was used and has not expired (nothing is written)."""
+        ...
+
+    def joined(self, email: str) -> tuple[str | None, list[Joined]]:
+        """When ``email``'s subscriber record was made (None: none), and each list it
+        joined or left, with the dates."""
+        ...
+
+    def consent_text(self, sha256: str) -> str | None:
+        """The consent text of this hash, as it was shown."""
         ...
 
     def erased(self, email_hash: str) -> str | None: ...

@@ -41,6 +41,7 @@ __all__ = [
     "Erased",
     "ErasureCheck",
     "ImportConsent",
+    "Joined",
     "MailState",
     "NewSignup",
     "OutboxMail",
@@ -238,6 +239,15 @@ class OutboxMail:
     created_at: str
     detail: str = ""  # the relay's last reply or the error, once tried
     updated_at: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """One list an address is on or left: since when, and when it opted out."""
+
+    list_name: str
+    added_at: str | None  # None: it opted out of a list it is not a member of
+    opted_out_at: str | None
 
 
 @dataclass(slots=True)
@@ -605,6 +615,28 @@ class SignupSql:
         return row is not None
 
     # -- a person's data --------------------------------------------------------
+    def joined(self, email: str) -> tuple[str | None, list[Joined]]:
+        """When ``email``'s subscriber record was made (None: there is none), and each
+        list it joined or left: when it was added, when it opted out (a subject access
+        request gives the dates as well as the states)."""
+        row = self._sql("SELECT created_at FROM subscribers WHERE email = ?", (email,)).fetchone()
+        rows = self._sql(
+            "SELECT m.list_name, m.added_at, o.created_at FROM list_members m "
+            "JOIN subscribers u ON u.id = m.subscriber_id LEFT JOIN list_optouts o "
+            "ON o.list_name = m.list_name AND o.email = u.email WHERE u.email = ? "
+            "UNION ALL SELECT o.list_name, NULL, o.created_at FROM list_optouts o "
+            "WHERE o.email = ? AND NOT EXISTS (SELECT 1 FROM list_members m "
+            "JOIN subscribers u ON u.id = m.subscriber_id WHERE u.email = o.email "
+            "AND m.list_name = o.list_name) ORDER BY 1",
+            (email, email),
+        ).fetchall()
+        return (None if row is None else str(row[0])), [Joined(*r) for r in rows]
+
+    def consent_text(self, sha256: str) -> str | None:
+        """The consent text of this hash, as it was shown."""
+        row = self._sql("SELECT text FROM consent_texts WHERE sha256 = ?", (sha256,)).fetchone()
+        return None if row is None else str(row[0])
+
     def erased(self, email_hash: str) -> str | None:
         """When the address of this hash was erased, or None."""
         row = self._sql(
@@ -664,10 +696,13 @@ class SignupSql:
                 self._sql(
                     "UPDATE feedback SET email = ?, raw = ?, raw_size = 0, reported = '', "
                     "diagnostic = '', why = '', outcome = 'kept without its message (erased)' "
-                    "WHERE email = ? OR email = ? OR lower(reported) = ? OR EXISTS ("
+                    "WHERE (email = ? OR email = ? OR lower(reported) = ? OR EXISTS ("
                     "SELECT 1 FROM deliveries d WHERE d.send_id = feedback.send_id "
-                    "AND d.seq = feedback.seq AND d.email = ?)",
-                    (anonymous, empty_raw, email, anonymous, email, anonymous),
+                    "AND d.seq = feedback.seq AND d.email = ?)) "
+                    # Made anonymous by an erasure before: not counted again.
+                    "AND NOT (email = ? AND raw_size = 0 "
+                    "AND outcome = 'kept without its message (erased)')",
+                    (anonymous, empty_raw, email, anonymous, email, anonymous, anonymous),
                 ).rowcount
             )
             more, _ = scan_mentions(self._sql, email, scanned)

@@ -43,6 +43,7 @@ import email
 import email.policy
 import html
 import logging
+import re
 import socket
 import threading
 import time
@@ -796,8 +797,32 @@ async def _form(request: Request) -> dict[str, str]:
     ctype = request.headers.get("content-type", "")
     if ctype.lower().startswith("multipart/form-data"):
         return _multipart(ctype, body)
-    fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+    # A form on a page in another charset posts its escapes in that charset (the
+    # society's own page in ISO-8859-1, say): the declared one is honoured, UTF-8 if none.
+    charset = _declared_charset(ctype)
+    fields = parse_qs(
+        body.decode(charset, "replace"), keep_blank_values=True, encoding=charset, errors="replace"
+    )
     return {k: v[0] for k, v in fields.items()}
+
+
+def _declared_charset(ctype: str) -> str:
+    """The charset a Content-Type names, if Python knows it and it keeps ASCII as it
+    is (the form's names and escapes are ASCII); else UTF-8."""
+    import codecs
+
+    found = re.search(r";\s*charset=\"?([A-Za-z0-9_.:-]{1,40})", ctype)
+    if found is None:
+        return "utf-8"
+    try:
+        name = codecs.lookup(found.group(1)).name
+    except LookupError:
+        return "utf-8"
+    probe = "email=a%40b&x=1"
+    try:
+        return name if probe.encode(name) == probe.encode("ascii") else "utf-8"
+    except UnicodeError:
+        return "utf-8"
 
 
 def _multipart(ctype: str, body: bytes) -> dict[str, str]:
