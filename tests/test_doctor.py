@@ -401,9 +401,14 @@ def smtp(tls: ssl.SSLContext | None = None) -> Iterator[Server]:
 
 
 def relay_findings(
-    resolver: Resolver, port: int, security: str, context: ssl.SSLContext, host: str = "127.0.0.1"
+    resolver: Resolver,
+    port: int,
+    security: str,
+    context: ssl.SSLContext,
+    host: str = "127.0.0.1",
+    timeout: float = 5,
 ) -> dict[str, Finding]:
-    setup = RelaySetup(host, port, security, "example.org", context, timeout=5)  # type: ignore[arg-type]
+    setup = RelaySetup(host, port, security, "example.org", context, timeout)  # type: ignore[arg-type]
     return {f.check: f for f in check_relay(setup, resolver)}
 
 
@@ -431,6 +436,20 @@ def test_a_relay_that_offers_starttls_passes(
     assert "offers STARTTLS (not used" in clear["relay.tls"].detail
     assert clear["relay.security"].status == "fail"
     assert clear["relay.security"].fix.startswith("set NEWSLETTER_SMTP_SECURITY=starttls")
+
+
+def test_a_relay_with_implicit_tls_passes(resolver: Resolver, certs: Certificates) -> None:
+    server = Server(implicit_tls=certs.server("127.0.0.1")).start()
+    try:
+        tls = relay_findings(resolver, server.port, "tls", certs.client())
+        wrong = relay_findings(resolver, server.port, "starttls", certs.client(), timeout=0.5)
+    finally:
+        server.stop()
+    assert tls["relay.tls"].status == "pass"
+    assert tls["relay.tls"].detail.startswith("127.0.0.1 speaks implicit TLS (TLSv1.")
+    # STARTTLS expected where TLS is spoken from the first byte: no greeting comes
+    assert wrong["relay.tls"].status == "fail"
+    assert wrong["relay.tls"].detail == f"127.0.0.1:{server.port}: no answer in time"
 
 
 def test_a_relay_without_starttls_fails(resolver: Resolver, certs: Certificates) -> None:
@@ -705,3 +724,65 @@ def test_the_command_passes_a_good_setup_and_fails_a_broken_one(
     assert all(f["fix"] for f in findings.values() if f["status"] in ("fail", "warn"))
     assert broken_table.returncode == 1 and "Traceback" not in broken_table.stderr
     assert ": fix what fails" in broken_table.stdout
+
+
+def test_the_test_link_changes_nothing_however_it_is_opened(
+    tmp_path: Path, certs: Certificates
+) -> None:
+    check = tokens.make(
+        TEST_KEY, tokens.Kind.UNSUBSCRIBE, "research-news", tokens.CHECK_ADDRESS, NOW
+    )
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    answers = []
+    with https_site(tmp_path, certs) as site:
+        for method, body in (("GET", None), ("POST", b""), ("POST", b"confirm=yes")):
+            conn = _https(site.port, certs.client())
+            conn.request(method, f"/unsubscribe/{check}", body, form)
+            response = conn.getresponse()
+            answers.append((response.status, response.read().decode()))
+            conn.close()
+        assert site.audience() == EMAILS and site.changes() == (0, 0)
+    assert answers[0][0] == 200 and "it belongs to nobody and changes nothing" in answers[0][1]
+    assert answers[1][0] == 400  # an incomplete request, as for a real link
+    assert answers[2] == (200, "One-click unsubscribe works; this check changed nothing.\n")
+    assert tokens.is_check(tokens.TokenSubject("research-news", "x@sub.example.INVALID."))
+    assert not tokens.is_check(tokens.TokenSubject("research-news", "x@invalid.example.org"))
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [
+        ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+        ("192.0.2.53", ("192.0.2.53", 53)),
+        ("[::1]:5300", ("::1", 5300)),
+        ("::1", ("::1", 53)),
+    ],
+)
+def test_the_resolver_setting_takes_an_address_and_port(
+    monkeypatch: pytest.MonkeyPatch, value: str, parsed: tuple[str, int]
+) -> None:
+    from newsletter.settings import load_settings
+
+    monkeypatch.setenv("NEWSLETTER_DNS_RESOLVER", value)
+    assert load_settings().dns_resolver_address == parsed
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("dns.example.org:53", "is not a resolver's address: give an IP address and port"),
+        ("127.0.0.1:0", "the port must be a number from 1 to 65535"),
+        ("127.0.0.1:domain", "the port must be a number from 1 to 65535"),
+        ("[::1", "is not a resolver's address"),
+    ],
+)
+def test_a_resolver_setting_that_is_no_address_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: str
+) -> None:
+    from newsletter.errors import ConfigError
+    from newsletter.settings import load_settings
+
+    monkeypatch.setenv("NEWSLETTER_DNS_RESOLVER", value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "NEWSLETTER_DNS_RESOLVER: " in str(info.value) and expected in str(info.value)
