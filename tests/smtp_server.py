@@ -117,10 +117,15 @@ class Server:
     """Start with ``Server().start()``; ``port`` is known once started."""
 
     def __init__(
-        self, *, tls_context: ssl.SSLContext | None = None, auth: tuple[str, str] | None = None
+        self,
+        *,
+        tls_context: ssl.SSLContext | None = None,
+        auth: tuple[str, str] | None = None,
+        implicit_tls: ssl.SSLContext | None = None,  # TLS from the first byte (port 465)
     ) -> None:
         self.handler = Handler()
         self.tls_context = tls_context
+        self.implicit_tls = implicit_tls
         self.auth = auth
         self.controller: Controller | None = None
         self.port = 0
@@ -155,7 +160,9 @@ class Server:
                 server.port = self.port
                 super()._trigger_server()
 
-        self.controller = _Controller(self.handler, hostname="127.0.0.1", port=0)
+        self.controller = _Controller(
+            self.handler, hostname="127.0.0.1", port=0, ssl_context=self.implicit_tls
+        )
         self.controller.start()
         return self
 

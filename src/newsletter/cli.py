@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from newsletter.delivery.sending import SendReport
     from newsletter.delivery.transports import Transport
     from newsletter.delivery.workers import Helpers
+    from newsletter.doctor.findings import Diagnosis
     from newsletter.schedule.runner import DueResult
     from newsletter.settings import Settings
     from newsletter.storage.base import MemberState, Storage, Subscribers
@@ -1998,6 +1999,52 @@ def schedule_run(poll: float, strict: bool) -> None:
         each_look=each_look,
     )
     click.echo("scheduler: stopped")
+
+
+# ---------------------------------------------------------------------- doctor
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON, for scripts.")
+def doctor(as_json: bool) -> None:
+    """Check that mail from these settings will be accepted under Gmail's, Yahoo's and
+    Microsoft's bulk-sender rules, and say how to fix each finding: SPF, DKIM, DMARC
+    and MX in DNS (NEWSLETTER_DNS_RESOLVER), TLS on the relay, one-click unsubscribing
+    at NEWSLETTER_PUBLIC_URL (with a test link that changes nothing), the footer's
+    postal address, the latest issue's size, the secret key. Exit status 0 when
+    nothing fails, 1 otherwise."""
+    import json
+
+    from newsletter import wiring
+    from newsletter.doctor import diagnose
+
+    diagnosis = diagnose(wiring.doctor_inputs(_settings()))
+    if as_json:
+        click.echo(json.dumps(diagnosis.as_json(), indent=2))
+    else:
+        _print_diagnosis(diagnosis)
+    sys.exit(0 if diagnosis.ok else 1)
+
+
+def _print_diagnosis(diagnosis: Diagnosis) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    colours = {"pass": "green", "warn": "yellow", "fail": "red", "info": "blue"}
+    table = Table(show_lines=True)
+    for column in ("status", "check", "finding", "fix"):
+        table.add_column(column, overflow="fold")
+    for f in diagnosis.findings:
+        colour = colours[f.status]
+        table.add_row(f"[{colour}]{f.status}[/]", f.title, f.detail, f.fix)
+    # A pipe or a file gets the whole lines (a terminal, its own width).
+    console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+    console.print(table)
+    counts = diagnosis.counts()
+    verdict = "nothing fails"
+    if not diagnosis.ok:
+        verdict = "fix what fails: receivers may refuse this mail or file it as spam"
+    click.echo(", ".join(f"{n} {status}" for status, n in counts.items()) + f": {verdict}")
 
 
 # ----------------------------------------------------------------------- serve

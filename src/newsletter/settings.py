@@ -205,6 +205,23 @@ class Settings(BaseSettings):
     webhook_postmark_user: str | None = None
     webhook_postmark_password: SecretStr | None = None
 
+    # The DNS server `newsletter doctor` asks, as host:port (an IP address; an IPv6
+    # one in brackets, [2001:db8::53]:53; the port defaults to 53). Unset: the
+    # system's resolver (/etc/resolv.conf).
+    dns_resolver: str | None = None
+
+    @field_validator("dns_resolver")
+    @classmethod
+    def _dns_resolver(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_resolver(value)
+        return value
+
+    @property
+    def dns_resolver_address(self) -> tuple[str, int] | None:
+        """NEWSLETTER_DNS_RESOLVER as (address, port), or None for the system's resolver."""
+        return None if self.dns_resolver is None else parse_resolver(self.dns_resolver)
+
     @field_validator("webhook_ses_topics")
     @classmethod
     def _ses_topics(cls, value: str | None) -> str | None:
@@ -677,6 +694,32 @@ def list_name_problem(name: str) -> str | None:
     if fixed and _LIST_NAME.fullmatch(fixed) and name.isascii():
         hint = f" (for example {fixed!r})"
     return f"is not a valid list name: it must be {LIST_NAME_RULE}{hint}"
+
+
+def parse_resolver(value: str) -> tuple[str, int]:
+    """``host:port`` (or ``host``, ``[v6]:port``, ``[v6]``) as (IP address, port), or
+    ValueError: the resolver is asked by its address (a name would need a resolver)."""
+    import ipaddress
+
+    text = value.strip()
+    host, port = text, "53"
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            host = ""
+        port = rest[1:] if rest else "53"
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not a resolver's address: give an IP address and port like "
+            "127.0.0.1:53 (an IPv6 address in brackets: [2001:db8::53]:53)"
+        ) from None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: the port must be a number from 1 to 65535")
+    return str(address), int(port)
 
 
 def database_problem(value: str) -> str | None:

@@ -19,6 +19,12 @@ Version 1 (mail already sent): ``<base64 list and address>.<HMAC>``, which
 carries the address readably and never expires. :func:`read` still accepts
 it, as kind :attr:`Kind.LEGACY`; the pages accept that for unsubscribing
 only. :func:`sign` makes one, for tests of that promise.
+
+A token for an address under ``.invalid`` (RFC 2606: a name that never exists,
+and that every import and signup refuses) is a check, not a person:
+``newsletter doctor`` posts one (:data:`CHECK_ADDRESS`) to the public
+unsubscribe URL to see that one-click unsubscribing answers, and the pages
+answer it without touching any list (:func:`is_check`).
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ _PAD = 16
 MAX_TOKEN_CHARS = 1000
 
 PREFERENCES_VALID = dt.timedelta(days=90)  # from the message's Date
+# The address of `newsletter doctor`'s one-click check: under .invalid, which no
+# subscriber can have (email-validator refuses special-use domains).
+CHECK_ADDRESS = "one-click-check@newsletter.invalid"
+# The header the pages answer a check with, so the doctor knows the POST reached them.
+CHECK_HEADER = "x-newsletter-check"
 UNDO_VALID = dt.timedelta(hours=1)  # from the unsubscribe
 
 
@@ -132,6 +143,12 @@ def read(key: bytes, token: str) -> TokenSubject | None:
     except UnicodeDecodeError:
         return None
     return TokenSubject(list_name, email, kind, dt.datetime.fromtimestamp(seconds, dt.UTC))
+
+
+def is_check(subject: TokenSubject) -> bool:
+    """Whether a token is a check (its address is under ``.invalid``), not a person's."""
+    domain = subject.email.rpartition("@")[2].rstrip(".").lower()
+    return domain == "invalid" or domain.endswith(".invalid")
 
 
 # -- version 1 -----------------------------------------------------------------

@@ -4,7 +4,8 @@ Input: a :class:`~newsletter.settings.Settings`. Output: the values the stages t
 instead of it: the :class:`~newsletter.delivery.message.Sender` of a list, the
 :class:`~newsletter.build.BuildInputs` of an issue, the SMTP transport, the
 DKIM signer (with the warnings its key and domain call for), the
-:class:`~newsletter.delivery.campaign.SendOptions`, the webhooks `serve` answers.
+:class:`~newsletter.delivery.campaign.SendOptions`, the webhooks `serve` answers,
+what `doctor` checks.
 No stage reads the settings itself; the CLI calls these, prints what they warn of,
 and passes the values on.
 A setting that cannot be used is a :class:`~newsletter.errors.ConfigError`.
@@ -33,12 +34,14 @@ from newsletter.models import Recipient, Society
 from newsletter.settings import Settings
 
 if TYPE_CHECKING:
+    from newsletter.doctor import DoctorInputs
     from newsletter.signup.joining import SignupPolicy
     from newsletter.storage.signups import OutboxMail, PendingSignup
     from newsletter.web.webhooks import WebhookConfig
 
 __all__ = [
     "build_inputs",
+    "doctor_inputs",
     "imap_accounts",
     "require_secret",
     "send_options",
@@ -334,3 +337,48 @@ def signup_composer(
         )  # fmt: skip
 
     return compose
+
+
+def doctor_inputs(settings: Settings) -> DoctorInputs:
+    """What `newsletter doctor` checks: the domains, key, relay and URL a send uses.
+
+    A DKIM key that cannot be loaded is a finding of the doctor's, not an error here;
+    a CA file that cannot be read is a ConfigError, as it is for a send."""
+    from newsletter.doctor import DoctorInputs
+    from newsletter.doctor.one_click import OneClickSetup
+    from newsletter.doctor.relay import RelaySetup
+
+    key, problem = None, None
+    if settings.dkim_key_file is not None and settings.dkim_selector is not None:
+        domain = (settings.dkim_domain or settings.sender_address.rpartition("@")[2]).lower()
+        try:
+            key = dkim_sign.load_key(settings.dkim_key_file, settings.dkim_selector, domain)
+        except ConfigError as exc:
+            problem = str(exc)
+    secret = settings.secret_key
+    return DoctorInputs(
+        from_address=settings.sender_address,
+        envelope_sender=settings.envelope_sender,
+        dkim_key=key,
+        dkim_problem=problem,
+        relay=RelaySetup(
+            host=settings.smtp_host,
+            port=settings.smtp_port_or_default,
+            security=settings.smtp_security,
+            helo_name=settings.smtp_helo_name or settings.sender_address.rpartition("@")[2],
+            tls_context=_tls_context(settings.smtp_ca_file, "NEWSLETTER_SMTP_CA_FILE"),
+            timeout=min(settings.smtp_timeout, 10.0),
+        ),
+        one_click=OneClickSetup(
+            public_url=settings.public_url,
+            token_key=settings.unsubscribe_token_key,
+            list_name=settings.list_name,
+            # The system's CAs, as a mailbox provider's would be (SSL_CERT_FILE overrides).
+            tls_context=ssl.create_default_context(),
+        ),
+        issues_dir=settings.issues_dir,
+        build_inputs=lambda issue: build_inputs(settings, issue, strict=False),
+        society_file=settings.society_file,
+        secret_key=None if secret is None else secret.get_secret_value(),
+        dns_server=settings.dns_resolver_address,
+    )

@@ -309,3 +309,37 @@ def _verify_self(key: DkimKey) -> None:
         key.rsa_key.public_key().verify(signed, data, padding.PKCS1v15(), hashes.SHA256())
     except InvalidSignature:
         raise ValueError("a signature made with it does not verify") from None
+
+
+def public_key_b64(key: DkimKey) -> str:
+    """The p= value to publish at <selector>._domainkey.<domain> (RFC 6376 3.6.1: the
+    SubjectPublicKeyInfo in DER, base64)."""
+    der = key.rsa_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(der).decode("ascii")
+
+
+def published_key_problem(key: DkimKey, p_value: str) -> str | None:
+    """Why the p= of a published DKIM record is not ``key``'s public half, or None when
+    it is (a SubjectPublicKeyInfo, or the bare RSAPublicKey some tools publish)."""
+    try:
+        der = base64.b64decode("".join(p_value.split()), validate=True)
+    except ValueError:
+        return "its p= is not base64"
+    try:
+        published = serialization.load_der_public_key(der)
+    except (ValueError, UnsupportedAlgorithm):
+        try:
+            published = serialization.load_pem_public_key(
+                b"-----BEGIN RSA PUBLIC KEY-----\n"
+                + base64.encodebytes(der)
+                + b"-----END RSA PUBLIC KEY-----\n"
+            )
+        except (ValueError, UnsupportedAlgorithm):
+            return "its p= is not a public key"
+    if not isinstance(published, rsa.RSAPublicKey):
+        return f"its p= is a {type(published).__name__.lstrip('_')}, not an RSA key"
+    if published.public_numbers() != key.rsa_key.public_key().public_numbers():
+        return f"its p= is another key ({published.key_size}-bit) than the private key's"
+    return None

@@ -15,6 +15,9 @@ itself. Output: small server-rendered pages, and changes to the subscriber store
   ``GET /undo/<undo token>`` (a reload, a copied address) only explains.
 - ``/preferences/<token>`` shows and saves which lists the address gets;
   leaving every list puts it on the suppression list.
+- A token for an address under ``.invalid`` (``newsletter doctor``'s check,
+  :func:`tokens.is_check`) gets the one-click answer with an
+  ``X-Newsletter-Check`` header and opens no store: it changes nothing.
 - ``POST /webhooks/<provider>``: bounces and complaints from sending providers
   (:mod:`newsletter.web.webhooks`).
 
@@ -307,6 +310,8 @@ class _Pages:
         subject = self._subject(request, tokens.Kind.UNSUBSCRIBE, tokens.Kind.LEGACY)
         if subject is None:
             return self._not_found()
+        if tokens.is_check(subject):
+            return await self._check(request)
         here = f"{self.base}/unsubscribe/{request.path_params['token']}"
         if request.method != "POST":
             # GET and HEAD show, never change: link scanners fetch every URL in an email.
@@ -375,6 +380,24 @@ class _Pages:
             f'<form method="post" action="{_e(self._url(tokens.Kind.UNDO, subject))}">'
             '<input type="hidden" name="confirm" value="yes">'
             '<button type="submit">Undo: keep sending it to me</button></form>',
+        )
+
+    async def _check(self, request: Request) -> Response:
+        """`newsletter doctor`'s test link (an address under .invalid): answered as a real
+        one would be, but no store is opened, so no list or suppression can change."""
+        if request.method != "POST":
+            return self._page(
+                "A test link",
+                "<p>This link checks that unsubscribing works; it belongs to nobody and "
+                "changes nothing.</p>",
+            )
+        form = await _form(request)
+        if form.get("List-Unsubscribe") != "One-Click" and form.get("confirm") != "yes":
+            return self._page("Nothing changed", "<p>The request was incomplete.</p>", 400)
+        log.info("unsubscribe check answered; nothing changed")
+        return PlainTextResponse(
+            "One-click unsubscribe works; this check changed nothing.\n",
+            headers={tokens.CHECK_HEADER: "one-click"},
         )
 
     async def undo(self, request: Request) -> Response:
