@@ -268,6 +268,20 @@ def test_send_through_two_relays_one_going_down(project: Path, a: Server, b: Ser
     assert re.search(r"sent\s+30", status.stdout)
 
 
+def test_a_test_copy_goes_through_a_relay_that_answers(project: Path, a: Server, b: Server) -> None:
+    a.go_down()
+    env = relays_env(
+        project,
+        {"host": "127.0.0.1", "port": a.port, "security": "none", "weight": 5},
+        {"host": "127.0.0.1", "port": b.port, "security": "none"},
+    )
+    copy = run_cli("send", f"issues/{EXAMPLE.name}", "--to", "editor@example.org",
+                   cwd=project, env=env)  # fmt: skip
+    assert copy.returncode == 0, copy.stdout + copy.stderr
+    assert "test copy to editor@example.org: sent 250" in copy.stdout
+    assert got(a) == [] and got(b) == ["editor@example.org"]
+
+
 def test_relay_settings_errors_name_the_relay_and_field_all_at_once(project: Path) -> None:
     env = relays_env(
         project,

@@ -151,7 +151,7 @@ class RelayPool:
         self._states = [
             _State(r, r.name or r.transport.description, Pacer(r.rate), backoff[0]) for r in relays
         ]
-        self.description = f"{len(relays)} relays: " + ", ".join(
+        self.description = f"{len(relays)} relay{'s' if len(relays) > 1 else ''}: " + ", ".join(
             f"{r.transport.description} (weight {r.weight:g})" for r in relays
         )
         self._loop: asyncio.AbstractEventLoop | None = None
