@@ -22,7 +22,7 @@ from newsletter.delivery.campaign import SendOptions
 from newsletter.delivery.message import MessageTemplate
 from newsletter.delivery.sending import SendReport, prepare, run_send
 from newsletter.delivery.transports import Relay, RelayPool, SmtpConfig, SmtpTransport
-from newsletter.errors import ConfigError
+from newsletter.errors import CampaignAborted, ConfigError
 from newsletter.settings import load_settings
 from newsletter.storage.sqlite import SqliteStorage
 from smtp_server import Server
@@ -226,6 +226,22 @@ def test_no_relay_reachable_is_a_connection_failure_and_nothing_is_lost(
     again = send(db, template, RelayPool([relay(a, connections=1), relay(b, connections=1)]))
     assert again.result.counts["sent"] == 10
     each_once(emails, a, b)
+
+
+def test_a_relay_that_refuses_the_sender_stops_the_send_naming_it(
+    db: SqliteStorage, template: MessageTemplate, a: Server, b: Server
+) -> None:
+    emails = subscribe(db, 20)
+    b.handler.behaviour.refuse_sender_after = 0
+    pool = RelayPool([relay(a, connections=1), relay(b, connections=1)])
+    with pytest.raises(CampaignAborted) as caught:
+        send(db, template, pool)
+    assert f"127.0.0.1:{b.port} (none): the server refused the sender" in str(caught.value)
+    record = db.send_log.find("2020-12-23", "research-news")
+    assert record is not None
+    counts = db.send_log.counts(record.id)
+    assert counts["sent"] == len(got(a)) and counts["unknown"] == 0 and got(b) == []
+    assert counts["sent"] + counts["pending"] == len(emails)
 
 
 # -- the command line ---------------------------------------------------------------------

@@ -58,7 +58,7 @@ from typing import Literal
 
 from newsletter.delivery.ratelimit import Pacer
 from newsletter.delivery.transports.base import Envelope, Session, Transport
-from newsletter.errors import ConnectFailed
+from newsletter.errors import CampaignAborted, ConnectFailed
 from newsletter.models import Outcome
 
 # Failures in a row that take a relay out of use: more than one (a single lost
@@ -156,6 +156,7 @@ class RelayPool:
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup = asyncio.Event()
+        self._processes = 1  # sharing the send (share)
         self._keep = False  # connections are kept for the next session (keep_connections)
 
     @property
@@ -165,6 +166,7 @@ class RelayPool:
 
     def share(self, processes: int) -> None:
         """Several processes send at once: each keeps to its share of every relay's rate."""
+        self._processes = processes
         for state in self._states:
             state.pacer.share(processes)
 
@@ -213,14 +215,15 @@ class RelayPool:
         # asyncio objects belong to one event loop, and the signup mailer runs one per
         # mail: a new loop starts afresh (the old one's connections cannot be used).
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            self._loop = loop
+        if self._loop is not None and self._loop is not loop:
             self._wakeup = asyncio.Event()
             for state in self._states:
                 state.idle.clear()
                 state.busy = 0
                 state.probing = False
                 state.pacer = Pacer(state.relay.rate)
+                state.pacer.share(self._processes)
+        self._loop = loop
 
     def _changed(self) -> None:
         self._wakeup.set()
@@ -374,7 +377,11 @@ class RelayPool:
             state, inner = session.state, session.inner
             if state.pacer.active:
                 await state.pacer.acquire()
-            outcome = await inner.send(envelope)
+            try:
+                outcome = await inner.send(envelope)
+            except CampaignAborted as exc:
+                # The relay refused the sender: say which relay, to fix its settings.
+                raise CampaignAborted(f"{state.name}: {exc}") from None
             probe, session.probe = session.probe, False
             self._outcome(state, outcome, probe)
             if probe:
