@@ -44,6 +44,11 @@ class Behaviour:
     delay: float = 0.0  # seconds before answering DATA
     pipelining: bool = False  # advertise PIPELINING (RFC 2920)
     refuse_sender_after: int | None = None  # after N accepted messages, 553 at MAIL FROM
+    # After N accepted messages the relay goes down: it refuses new connections and answers
+    # 421 at MAIL FROM (then closes) on those it has, until Server.come_back().
+    down_after: int | None = None
+    down: bool = False
+    defer_after: int | None = None  # after N accepted messages, 451 to every message
 
 
 class Handler:
@@ -52,6 +57,7 @@ class Handler:
         self.behaviour = Behaviour()
         self.connections = 0
         self.lock = threading.Lock()
+        self.go_down: Any = None  # set by Server.start: stops listening (in the server's loop)
 
     async def handle_EHLO(
         self, server: SMTP, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -64,6 +70,10 @@ class Handler:
     async def handle_MAIL(
         self, server: SMTP, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
+        if self.behaviour.down:
+            # RFC 5321 3.8: 421, then the server closes the channel.
+            asyncio.get_running_loop().call_later(0.05, server.transport.close)
+            return "421 4.3.2 service not available, closing the channel"
         after = self.behaviour.refuse_sender_after
         if after is not None and len(self.received) >= after:
             return "553 5.7.1 sender address rejected: not allowed for this account"
@@ -97,10 +107,15 @@ class Handler:
             b.close_421_after = None
             asyncio.get_running_loop().call_later(0.05, server.transport.close)
             return "421 4.3.2 service shutting down"
+        if b.defer_after is not None and len(self.received) >= b.defer_after:
+            return "451 4.3.0 temporary failure, try again later"
         with self.lock:
             self.received.append(
                 Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.content)
             )
+        if b.down_after is not None and len(self.received) >= b.down_after:
+            b.down_after, b.down = None, True
+            self.go_down()
         return "250 OK queued"
 
     def to(self, address: str) -> list[Received]:
@@ -164,7 +179,33 @@ class Server:
             self.handler, hostname="127.0.0.1", port=0, ssl_context=self.implicit_tls
         )
         self.controller.start()
+        self.handler.go_down = self._stop_listening
         return self
+
+    def _stop_listening(self) -> None:
+        # In the server's loop: new connections are refused (the port is closed), those
+        # open stay, for the 421s of a relay that is down.
+        assert self.controller is not None and self.controller.server is not None
+        self.controller.server.close()
+
+    def go_down(self) -> None:
+        """Refuse connections from now on (421 on those open), until come_back()."""
+        controller = self.controller
+        assert controller is not None
+        self.handler.behaviour.down = True
+        controller.loop.call_soon_threadsafe(self._stop_listening)
+        time.sleep(0.05)  # closed by the time the test goes on
+
+    def come_back(self) -> None:
+        """Listen again on the same port and take messages again (after down_after)."""
+        controller = self.controller
+        assert controller is not None
+
+        async def listen() -> None:
+            controller.server = await controller._create_server()
+
+        asyncio.run_coroutine_threadsafe(listen(), controller.loop).result(10)
+        self.handler.behaviour.down = False
 
     def stop(self) -> None:
         if self.controller is not None:

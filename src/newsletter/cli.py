@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from newsletter.delivery.message import MessageTemplate
     from newsletter.delivery.send_issue import SendPlan, SendRequest
     from newsletter.delivery.sending import SendReport
-    from newsletter.delivery.transports import Transport
+    from newsletter.delivery.transports import RelayReport, Transport
     from newsletter.delivery.workers import Helpers
     from newsletter.doctor.findings import Diagnosis
     from newsletter.schedule.runner import DueResult
@@ -1391,6 +1391,7 @@ def _send_one(
     bar = _ProgressBar(enabled=sys.stderr.isatty() and not quiet)
     helpers: Helpers | None = None
     watcher: Watcher | None = None
+    transport, relay_reports = _transport_kept(settings)
 
     def on_start(campaign: Campaign) -> None:
         nonlocal helpers, watcher
@@ -1438,7 +1439,7 @@ def _send_one(
                 settings, request.issue_file, request.strict, list_name=request.list_name
             ),
             open_storage=lambda: _open(settings),
-            transport=lambda: wiring.smtp_transport(settings),
+            transport=transport,
             sender=wiring.sender(settings, request.list_name),
             options=wiring.send_options(settings),
             envelope_sender=settings.envelope_sender,
@@ -1449,6 +1450,7 @@ def _send_one(
             hooks=hooks,
             lease_ttl=settings.lease_seconds,
         )
+        report.relays = relay_reports()
         if helpers is not None:
             joining, helpers = helpers, None
             _join_helpers(settings, joining, report)
@@ -1462,6 +1464,26 @@ def _send_one(
         if watcher is not None:
             watcher.stop()
         bar.stop()
+
+
+def _transport_kept(
+    settings: Settings,
+) -> tuple[Callable[[], Transport], Callable[[], list[RelayReport]]]:
+    """The send's transport maker, and what the relays it made did (NEWSLETTER_SMTP_RELAYS;
+    none for one relay, or a dry run, which makes none)."""
+    from newsletter import wiring
+    from newsletter.delivery.transports import RelayPool
+
+    made: list[Transport] = []
+
+    def make() -> Transport:
+        made.append(wiring.smtp_transport(settings))
+        return made[-1]
+
+    def reports() -> list[RelayReport]:
+        return [r for t in made if isinstance(t, RelayPool) for r in t.report()]
+
+    return make, reports
 
 
 def _worker_argv(request: SendRequest) -> list[str]:
@@ -1584,8 +1606,35 @@ def _summarise(report: SendReport, dry_run: bool) -> None:
 
             then = f" {PAUSE_ADVICE}"
         click.secho(f"stopped early: {r.stopped}.{then}", fg="yellow")
+    for relay in report.relays:
+        _relay_line(relay)
     for email, detail in report.unknown:
         click.secho(f"unknown: {email}: {detail}", fg="yellow")
+
+
+def _relay_line(relay: RelayReport) -> None:
+    """What one relay of NEWSLETTER_SMTP_RELAYS did in this run (this process's share)."""
+    from newsletter.errors import shown_time
+
+    did = [f"{relay.sent} sent"] + [
+        f"{n} {what}"
+        for n, what in (
+            (relay.rejected, "rejected"),
+            (relay.deferred, "deferred"),
+            (relay.unknown, "unknown"),
+            (relay.handed_on, "handed to another relay"),
+            (relay.connect_failures, "connection(s) failed"),
+        )
+        if n
+    ]
+    said = {"out": "out of use at", "still out": "still failing at", "back": "back in use at"}
+    events = "".join(
+        f"; {said[e.kind]} {shown_time(e.at)}" + (f" ({e.detail})" if e.kind == "out" else "")
+        for e in relay.events
+    )
+    end = "" if relay.in_use else "; still out of use as the run ended"
+    line = f"{relay.name} (weight {relay.weight:g}): {', '.join(did)}{events}{end}"
+    click.secho(line, fg=None if relay.in_use and not relay.events else "yellow")
 
 
 def _send_test_copies(

@@ -43,6 +43,7 @@ from newsletter.errors import ConfigError
 if TYPE_CHECKING:
     from newsletter.schedule.slots import Schedule
 from newsletter.models import bidi_characters, character_names, https_url
+from newsletter.relay_settings import RelaySettings, parse_relays
 from newsletter.storage.evidence import SoftBounces
 from newsletter.storage.location import Location, location_problem, parse_location
 from newsletter.verp import Verp
@@ -164,6 +165,9 @@ class Settings(BaseSettings):
     send_message_timeout: float = Field(default=120.0, gt=0)
     send_max_errors: int = Field(default=25, ge=1)
     send_max_wait: float = Field(default=900.0, ge=0)
+    # Several relays, each with its own limits: a JSON list (relay_settings says why),
+    # secret as a whole since it holds passwords. After send_connections, its default.
+    smtp_relays: SecretStr | None = None
 
     # Soft bounces (a full mailbox, a server down) the MTA gave up on: this many
     # sends with one, within this many days, suppress the address (``bounced``).
@@ -221,6 +225,36 @@ class Settings(BaseSettings):
     def dns_resolver_address(self) -> tuple[str, int] | None:
         """NEWSLETTER_DNS_RESOLVER as (address, port), or None for the system's resolver."""
         return None if self.dns_resolver is None else parse_resolver(self.dns_resolver)
+
+    @field_validator("smtp_relays")
+    @classmethod
+    def _smtp_relays(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None:
+            connections = info.data.get("send_connections", 8)
+            _, problems = parse_relays(value.get_secret_value(), connections)
+            if problems:
+                raise ValueError("\n".join(problems))  # one line each (load_settings)
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind_of_relay(self) -> Settings:
+        if self.smtp_relays is not None:
+            mixed = [env_name(f) for f in _ONE_RELAY if f in self.model_fields_set]
+            if mixed:
+                raise ValueError(
+                    f"NEWSLETTER_SMTP_RELAYS is set, and so {'are' if len(mixed) > 1 else 'is'} "
+                    f"{', '.join(mixed)}, which NEWSLETTER_SMTP_RELAYS replaces: put that relay "
+                    "in the list (host, port, security, username, password) and unset "
+                    f"{'them' if len(mixed) > 1 else 'it'}, or unset NEWSLETTER_SMTP_RELAYS"
+                )
+        return self
+
+    @property
+    def relays(self) -> list[RelaySettings]:
+        """NEWSLETTER_SMTP_RELAYS, parsed; empty when the NEWSLETTER_SMTP_* relay is the one."""
+        if self.smtp_relays is None:
+            return []
+        return parse_relays(self.smtp_relays.get_secret_value(), self.send_connections)[0]
 
     @field_validator("webhook_ses_topics")
     @classmethod
@@ -678,6 +712,11 @@ class Settings(BaseSettings):
         return self.secret_key.get_secret_value().encode("utf-8")
 
 
+# The one relay's own settings, which NEWSLETTER_SMTP_RELAYS replaces (the timeout, the
+# EHLO name and the CA file are every relay's).
+_ONE_RELAY = ("smtp_host", "smtp_port", "smtp_security", "smtp_username", "smtp_password")
+
+
 def _same_folder(a: str, b: str) -> bool:
     return a == b or (a.upper() == "INBOX" and b.upper() == "INBOX")
 
@@ -871,9 +910,15 @@ def load_settings(**overrides: Any) -> Settings:
             loc = str(err["loc"][0]) if err["loc"] else ""
             name = loc.upper() if loc.upper().startswith(PREFIX) else env_name(loc)
             msg = str((err.get("ctx") or {}).get("error", err["msg"]))
-            problems.append(
-                f"{where.get(name, '')}{name}: {msg}" if loc else msg.removeprefix("Value error, ")
-            )
+            if not loc:
+                problems.append(msg.removeprefix("Value error, "))
+                continue
+            # A setting with several problems (NEWSLETTER_SMTP_RELAYS) gives one line each;
+            # "[1].port: ..." names a relay of the list, right after the setting's name.
+            for line in msg.split("\n"):
+                problems.append(
+                    f"{where.get(name, '')}{name}{'' if line.startswith('[') else ': '}{line}"
+                )
         settings = None
     if problems or settings is None:
         raise ConfigError(

@@ -28,7 +28,13 @@ from newsletter.delivery import dkim_sign
 from newsletter.delivery.campaign import SendOptions
 from newsletter.delivery.message import Sender
 from newsletter.delivery.sign_process import DkimSigner
-from newsletter.delivery.transports import SmtpConfig, SmtpTransport
+from newsletter.delivery.transports import (
+    Relay,
+    RelayPool,
+    SmtpConfig,
+    SmtpTransport,
+    Transport,
+)
 from newsletter.errors import ConfigError
 from newsletter.models import Recipient, Society
 from newsletter.settings import Settings
@@ -92,8 +98,12 @@ def require_secret(settings: Settings) -> None:
         )
 
 
-def smtp_transport(settings: Settings) -> SmtpTransport:
-    """The relay the settings name, with its TLS context (the CA file read now)."""
+def smtp_transport(settings: Settings) -> Transport:
+    """The relay the settings name, with its TLS context (the CA file read now), or the
+    pool of NEWSLETTER_SMTP_RELAYS, each relay with its own."""
+    helo_name = settings.smtp_helo_name or settings.sender_address.rpartition("@")[2]
+    if settings.relays:
+        return _relay_pool(settings, helo_name)
     context = _tls_context(settings.smtp_ca_file, "NEWSLETTER_SMTP_CA_FILE")
     return SmtpTransport(
         SmtpConfig(
@@ -102,12 +112,45 @@ def smtp_transport(settings: Settings) -> SmtpTransport:
             security=settings.smtp_security,
             username=settings.smtp_username,
             password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
-            helo_name=settings.smtp_helo_name or settings.sender_address.rpartition("@")[2],
+            helo_name=helo_name,
             timeout=settings.smtp_timeout,
             message_timeout=settings.send_message_timeout,
             tls_context=context if settings.smtp_security != "none" else None,
         )
     )
+
+
+def _relay_pool(settings: Settings, helo_name: str) -> RelayPool:
+    relays = []
+    for index, r in enumerate(settings.relays):
+        where = f"NEWSLETTER_SMTP_RELAYS[{index}]"
+        ca_file = r.ca_file or settings.smtp_ca_file
+        context = None
+        if r.security != "none":
+            setting = f"{where}.ca_file" if r.ca_file else "NEWSLETTER_SMTP_CA_FILE"
+            context = _tls_context(ca_file, setting)
+        config = SmtpConfig(
+            host=r.host,
+            port=r.port_or_default,
+            security=r.security,
+            username=r.username,
+            password=r.password.get_secret_value() if r.password else None,
+            helo_name=helo_name,
+            timeout=settings.smtp_timeout,
+            message_timeout=settings.send_message_timeout,
+            tls_context=context,
+            where=where,
+        )
+        relays.append(
+            Relay(
+                SmtpTransport(config),
+                connections=r.connections or settings.send_connections,
+                rate=r.rate,
+                weight=r.weight,
+                name=f"relay [{index}] {r.host}:{r.port_or_default}",
+            )
+        )
+    return RelayPool(relays)
 
 
 def _tls_context(ca_file: Path | None, setting: str) -> ssl.SSLContext:
@@ -228,8 +271,12 @@ def signer(settings: Settings) -> tuple[Callable[[bytes], bytes] | None, list[st
 
 def send_options(settings: Settings) -> SendOptions:
     """How fast and how patiently a send goes (NEWSLETTER_SEND_*)."""
+    # Several relays: a worker for each connection they may have (relay_settings).
+    connections = settings.send_connections
+    if settings.relays:
+        connections = sum(r.connections or connections for r in settings.relays)
     return SendOptions(
-        connections=settings.send_connections,
+        connections=connections,
         rate=settings.send_rate,
         per_hour=settings.send_per_hour,
         per_day=settings.send_per_day,

@@ -108,7 +108,7 @@ from newsletter.bounces.refusals import HealthLimits
 from newsletter.delivery.log_thread import LogThread
 from newsletter.delivery.message import MessageTemplate
 from newsletter.delivery.ratelimit import Pacer
-from newsletter.delivery.transports import Envelope, Session, Transport
+from newsletter.delivery.transports import Envelope, RelayPool, Session, Transport
 from newsletter.errors import (
     CampaignAborted,
     ConnectFailed,
@@ -329,6 +329,11 @@ class Campaign:
     async def run(self) -> RunResult:
         started = time.monotonic()
         db = self._db = LogThread()
+        # Several relays keep their connections from one message's session to the next
+        # for the run, and close them at its end (transports.relays).
+        pool = self.transport if isinstance(self.transport, RelayPool) else None
+        if pool is not None:
+            pool.keep_connections()
         try:
             workers = [asyncio.create_task(self._worker()) for _ in range(self.options.connections)]
             tasks = list(workers)
@@ -344,6 +349,8 @@ class Campaign:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                if pool is not None:
+                    await pool.close_kept()
                 await self._record_the_rest()
                 if self._health is not None and self._failure is None:
                     # The last refusals, recorded; a run with nothing left pauses nothing.
@@ -512,6 +519,8 @@ class Campaign:
         except StorageBusy:
             return
         self.pacer.share(len(workers))
+        if isinstance(self.transport, RelayPool):
+            self.transport.share(len(workers))  # each relay's rate, as the send's
 
     async def _nothing_due(self) -> bool:
         """The last claim found nothing and the work in flight is done: commit it, then

@@ -19,7 +19,7 @@ from pathlib import Path
 from newsletter.bounces.refusals import SendHealth
 from newsletter.delivery.campaign import Campaign, Progress, RunResult, SendOptions
 from newsletter.delivery.message import MessageTemplate
-from newsletter.delivery.transports import Transport
+from newsletter.delivery.transports import RelayReport, Transport
 from newsletter.errors import (
     CampaignAborted,
     ConfigError,
@@ -42,6 +42,8 @@ class SendReport:
     requeued_rejected: int = 0
     outbox: Path | None = None  # a dry run's samples: where they were written
     helpers_failed: int = 0  # send --workers: helper processes that ended in an error
+    # NEWSLETTER_SMTP_RELAYS: what went through each relay in this process's run.
+    relays: list[RelayReport] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:

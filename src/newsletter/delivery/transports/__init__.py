@@ -16,6 +16,8 @@ Transports behind one interface:
   would do over 60 KB are already paid once per issue. It also knows at which
   step a failure happened, which is what separates "not sent, retry"
   (before the body) from "fate unknown" (the body went out, no reply came).
+- :class:`RelayPool` — several relays as one, each with its own connections, rate
+  and weight, with failover (:mod:`~newsletter.delivery.transports.relays`).
 - :class:`OutboxTransport` — writes ``.eml`` files (the dry run).
 - :class:`MemoryTransport` — keeps messages in a list (tests, previews).
 """
@@ -23,6 +25,7 @@ Transports behind one interface:
 from newsletter.delivery.transports.base import SLOW_DOWN, Envelope, Session, Transport
 from newsletter.delivery.transports.memory import MemoryTransport
 from newsletter.delivery.transports.outbox import OutboxTransport
+from newsletter.delivery.transports.relays import Relay, RelayPool, RelayReport
 from newsletter.delivery.transports.smtp import SmtpConfig, SmtpTransport
 
 __all__ = [
@@ -30,6 +33,9 @@ __all__ = [
     "Envelope",
     "MemoryTransport",
     "OutboxTransport",
+    "Relay",
+    "RelayPool",
+    "RelayReport",
     "Session",
     "SmtpConfig",
     "SmtpTransport",

@@ -28,6 +28,9 @@ class SmtpConfig:
     timeout: float = 30.0  # per reply
     message_timeout: float = 120.0  # per whole transaction
     tls_context: ssl.SSLContext | None = None
+    # Where the settings of this relay are, for messages: one of NEWSLETTER_SMTP_RELAYS
+    # ("NEWSLETTER_SMTP_RELAYS[1]"); None: the NEWSLETTER_SMTP_* settings.
+    where: str | None = None
 
 
 class SmtpTransport:
@@ -58,10 +61,12 @@ class SmtpTransport:
             if c.security == "starttls":
                 if not client.supports_extension("starttls"):
                     client.close()
+                    setting = (
+                        f"the security of {c.where}" if c.where else "NEWSLETTER_SMTP_SECURITY"
+                    )
                     raise CampaignAborted(
-                        f"{self.description} does not offer STARTTLS; set "
-                        "NEWSLETTER_SMTP_SECURITY to tls (port 465) or, on a trusted local "
-                        "relay only, none"
+                        f"{self.description} does not offer STARTTLS; set {setting} to tls "
+                        "(port 465) or, on a trusted local relay only, none"
                     )
                 await client.starttls()
                 # RFC 3207 4.2: what the server said before TLS is forgotten; ask again.
@@ -70,9 +75,14 @@ class SmtpTransport:
                 await client.login(c.username, c.password or "")
         except aiosmtplib.SMTPAuthenticationError as exc:
             client.close()
+            login = (
+                f"the username and password of {c.where}"
+                if c.where
+                else "NEWSLETTER_SMTP_USERNAME and NEWSLETTER_SMTP_PASSWORD"
+            )
             raise CampaignAborted(
                 f"the SMTP server {self.description} refused the login ({exc.code} "
-                f"{exc.message}); check NEWSLETTER_SMTP_USERNAME and NEWSLETTER_SMTP_PASSWORD"
+                f"{exc.message}); check {login}"
             ) from None
         except aiosmtplib.SMTPException as exc:
             # Includes a STARTTLS the server offered and then refused (454): a
