@@ -464,6 +464,7 @@ def test_migration_3_records_the_columns_lists_already_have(tmp_path: Path) -> N
     for table in ("outbox", "consents", "signups", "consent_texts", "rate_hits", "used_once",
                   "erasures"):  # fmt: skip
         conn.execute(f"DROP TABLE {table}")  # schema 6's
+    conn.execute("ALTER TABLE sends DROP COLUMN frozen")  # schema 7's
     conn.execute("PRAGMA user_version=2")
     conn.close()
     again = connect(path)
