@@ -138,7 +138,7 @@ def test_a_good_domain_passes_every_dns_check(
     dns: DnsServer, resolver: Resolver, key: DkimKey
 ) -> None:
     good_zone(dns, key)
-    spf = check_spf("example.org", "relay.example.net", resolver)
+    spf = check_spf("example.org", ("relay.example.net",), resolver)
     assert statuses(spf) == {"spf.record": "pass", "spf.lookups": "pass", "spf.relay": "pass"}
     # include, a (inside it) and mx: three of the ten
     assert one(spf, "spf.lookups").detail == "3 look-up(s), 0 of them finding nothing"
@@ -237,7 +237,7 @@ def test_spf_findings(dns: DnsServer, resolver: Resolver, key: DkimKey, case: st
     dns.set("example.org", "TXT", "google-site-verification=abc123", *records)
     for n in range(1, 12):
         dns.add(f"i{n}.example.net", "TXT", f"v=spf1 ip4:203.0.113.{n} -all")
-    findings = check_spf("example.org", "relay.example.net", resolver)
+    findings = check_spf("example.org", ("relay.example.net",), resolver)
     assert statuses(findings) == expected, findings
     said = [getattr(f, field) for f in findings]
     assert any(text in s for s in said), said
@@ -248,7 +248,7 @@ def test_a_large_answer_comes_over_tcp(dns: DnsServer, resolver: Resolver, key: 
     good_zone(dns, key)
     for n in range(8):  # verification records of other services: > 512 bytes in all
         dns.add("example.org", "TXT", f"site-verification-{n}=" + "x" * 60)
-    findings = check_spf("example.org", "relay.example.net", resolver)
+    findings = check_spf("example.org", ("relay.example.net",), resolver)
     assert statuses(findings)["spf.record"] == "pass"
     protocols = {q.protocol for q in dns.queries if (q.name, q.qtype) == ("example.org", "TXT")}
     assert protocols == {"udp", "tcp"}  # truncated over UDP, then asked again over TCP
@@ -261,7 +261,7 @@ def test_a_resolver_that_does_not_answer_is_said_once_and_quickly(
     dns.silence("example.org")
     started = time.monotonic()
     findings = [
-        *check_spf("example.org", "relay.example.net", resolver),
+        *check_spf("example.org", ("relay.example.net",), resolver),
         *check_dkim(key, None, resolver),
         *check_dmarc("example.org", "example.org", None, resolver),
         *check_receiving("example.org", "example.org", resolver),
@@ -786,3 +786,33 @@ def test_a_resolver_setting_that_is_no_address_is_refused(
     with pytest.raises(ConfigError) as info:
         load_settings()
     assert "NEWSLETTER_DNS_RESOLVER: " in str(info.value) and expected in str(info.value)
+
+
+def test_each_relay_of_the_list_is_checked_and_named_by_its_place(
+    project: Path, dns: DnsServer, certs: Certificates, pem: bytes
+) -> None:
+    key = DkimKey(SELECTOR, "example.org", pem)
+    good_zone(dns, key, relay_ip="127.0.0.1")
+    with smtp(certs.server("127.0.0.1", "relay.example.net")) as relay:
+        relays = [
+            {"host": "relay.example.net", "port": relay.port, "ca_file": str(certs.ca_file)},
+            {"host": "backup.example.net", "port": 2525, "security": "none", "weight": 0},
+        ]
+        env = {
+            "NEWSLETTER_FROM": "MS Research News <news@example.org>",
+            "NEWSLETTER_PUBLIC_URL": "https://news.example.org",
+            "NEWSLETTER_SECRET_KEY": STRONG_SECRET,
+            "NEWSLETTER_DNS_RESOLVER": dns.address,
+            "NEWSLETTER_SMTP_RELAYS": json.dumps(relays),
+        }
+        done = run_cli("doctor", "--json", cwd=project, env=env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    findings = json.loads(done.stdout)["findings"]
+    tls = [f for f in findings if f["check"] == "relay.tls"]
+    security = [f for f in findings if f["check"] == "relay.security"]
+    spf = [f for f in findings if f["check"] == "spf.relay"]
+    assert [f["status"] for f in tls] == ["pass", "fail"]
+    assert "check NEWSLETTER_SMTP_RELAYS[1].host" in tls[1]["fix"]
+    assert [f["status"] for f in security] == ["pass", "fail"]
+    assert "NEWSLETTER_SMTP_RELAYS[1].security=none" in security[1]["detail"]
+    assert len(spf) == 2 and spf[0]["status"] == "pass" and spf[1]["status"] == "fail"

@@ -41,6 +41,7 @@ from newsletter.settings import Settings
 
 if TYPE_CHECKING:
     from newsletter.doctor import DoctorInputs
+    from newsletter.doctor.relay import RelaySetup
     from newsletter.signup.joining import SignupPolicy
     from newsletter.storage.signups import OutboxMail, PendingSignup
     from newsletter.web.webhooks import WebhookConfig
@@ -393,7 +394,6 @@ def doctor_inputs(settings: Settings) -> DoctorInputs:
     a CA file that cannot be read is a ConfigError, as it is for a send."""
     from newsletter.doctor import DoctorInputs
     from newsletter.doctor.one_click import OneClickSetup
-    from newsletter.doctor.relay import RelaySetup
 
     key, problem = None, None
     if settings.dkim_key_file is not None and settings.dkim_selector is not None:
@@ -408,14 +408,7 @@ def doctor_inputs(settings: Settings) -> DoctorInputs:
         envelope_sender=settings.envelope_sender,
         dkim_key=key,
         dkim_problem=problem,
-        relay=RelaySetup(
-            host=settings.smtp_host,
-            port=settings.smtp_port_or_default,
-            security=settings.smtp_security,
-            helo_name=settings.smtp_helo_name or settings.sender_address.rpartition("@")[2],
-            tls_context=_tls_context(settings.smtp_ca_file, "NEWSLETTER_SMTP_CA_FILE"),
-            timeout=min(settings.smtp_timeout, 10.0),
-        ),
+        relays=_doctor_relays(settings),
         one_click=OneClickSetup(
             public_url=settings.public_url,
             token_key=settings.unsubscribe_token_key,
@@ -428,4 +421,35 @@ def doctor_inputs(settings: Settings) -> DoctorInputs:
         society_file=settings.society_file,
         secret_key=None if secret is None else secret.get_secret_value(),
         dns_server=settings.dns_resolver_address,
+    )
+
+
+def _doctor_relays(settings: Settings) -> tuple[RelaySetup, ...]:
+    """The relays a send uses, as the doctor checks them."""
+    from newsletter.doctor.relay import RelaySetup  # the doctor's modules load when asked
+
+    helo = settings.smtp_helo_name or settings.sender_address.rpartition("@")[2]
+    timeout = min(settings.smtp_timeout, 10.0)
+    if not settings.relays:
+        return (
+            RelaySetup(
+                host=settings.smtp_host,
+                port=settings.smtp_port_or_default,
+                security=settings.smtp_security,
+                helo_name=helo,
+                tls_context=_tls_context(settings.smtp_ca_file, "NEWSLETTER_SMTP_CA_FILE"),
+                timeout=timeout,
+            ),
+        )
+    return tuple(
+        RelaySetup(
+            host=relay.host,
+            port=relay.port_or_default,
+            security=relay.security,
+            helo_name=helo,
+            tls_context=_tls_context(relay.ca_file, f"NEWSLETTER_SMTP_RELAYS[{i}].ca_file"),
+            timeout=timeout,
+            index=i,
+        )
+        for i, relay in enumerate(settings.relays)
     )

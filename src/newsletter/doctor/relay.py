@@ -33,6 +33,15 @@ class RelaySetup:
     helo_name: str
     tls_context: ssl.SSLContext  # what a send verifies the relay with (NEWSLETTER_SMTP_CA_FILE)
     timeout: float = 10.0
+    # Which settings name it: the single relay's NEWSLETTER_SMTP_*, or one of
+    # NEWSLETTER_SMTP_RELAYS (its index), for the fixes to name the right one.
+    index: int | None = None
+
+    def setting(self, field: str) -> str:
+        """The setting of ``field`` (host, port, security, ca_file) of this relay."""
+        if self.index is None:
+            return f"NEWSLETTER_SMTP_{field.upper()}"
+        return f"NEWSLETTER_SMTP_RELAYS[{self.index}].{field}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +71,7 @@ def _tls(setup: RelaySetup, resolver: Resolver) -> Finding:
         return Finding(
             "relay.tls", title, "fail",
             f"the relay's address is not known: {answer.error or f'{setup.host} has none'}",
-            "check NEWSLETTER_SMTP_HOST",
+            f"check {setup.setting('host')}",
         )  # fmt: skip
     seen: _Seen | None = None
     refused = _Refused("")
@@ -76,9 +85,10 @@ def _tls(setup: RelaySetup, resolver: Resolver) -> Finding:
         tls_problem = refused.tls
         return Finding(
             "relay.tls", title, "fail", str(refused),
-            f"give NEWSLETTER_SMTP_CA_FILE the CA that signed the relay's certificate, or "
+            f"give {setup.setting('ca_file')} the CA that signed the relay's certificate, or "
             f"have the relay's certificate name {setup.host}" if tls_problem else
-            "check NEWSLETTER_SMTP_HOST and NEWSLETTER_SMTP_PORT, and that the relay is up",
+            f"check {setup.setting('host')} and {setup.setting('port')}, and that the relay "
+            "is up",
         )  # fmt: skip
     at = f"{setup.host} ({seen.address})" if seen.address != setup.host else setup.host
     if seen.tls_version is not None:
@@ -97,28 +107,28 @@ def _tls(setup: RelaySetup, resolver: Resolver) -> Finding:
         "relay.tls", title, "warn" if _local(seen.address) else "fail",
         f"{at} does not offer STARTTLS: mail and passwords to it cross the network in clear",
         "use the relay's submission port that offers STARTTLS (587), or implicit TLS (465, "
-        "NEWSLETTER_SMTP_SECURITY=tls)",
+        f"{setup.setting('security')}=tls)",
     )  # fmt: skip
 
 
 def _security(setup: RelaySetup) -> Finding:
-    title = "Settings insist on TLS (NEWSLETTER_SMTP_SECURITY)"
+    named = setup.setting("security")
+    title = f"Settings insist on TLS ({named})"
     if setup.security != "none":
         return Finding(
             "relay.security", title, "pass",
-            f"NEWSLETTER_SMTP_SECURITY={setup.security}: a send never goes in clear",
+            f"{named}={setup.security}: a send never goes in clear",
         )  # fmt: skip
     if _local(setup.host):
         return Finding(
             "relay.security", title, "warn",
-            "NEWSLETTER_SMTP_SECURITY=none, to a relay on this machine: fine if it delivers "
-            "onward with TLS",
-            "set NEWSLETTER_SMTP_SECURITY=starttls if the relay offers it",
+            f"{named}=none, to a relay on this machine: fine if it delivers onward with TLS",
+            f"set {named}=starttls if the relay offers it",
         )  # fmt: skip
     return Finding(
         "relay.security", title, "fail",
-        "NEWSLETTER_SMTP_SECURITY=none: mail, and the relay password, cross the network in clear",
-        "set NEWSLETTER_SMTP_SECURITY=starttls (port 587), or tls (port 465)",
+        f"{named}=none: mail, and the relay password, cross the network in clear",
+        f"set {named}=starttls (port 587), or tls (port 465)",
     )  # fmt: skip
 
 

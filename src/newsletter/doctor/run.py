@@ -34,7 +34,7 @@ class DoctorInputs:
     envelope_sender: str  # MAIL FROM: NEWSLETTER_BOUNCE_ADDRESS, or the From address
     dkim_key: DkimKey | None
     dkim_problem: str | None  # why there is no key although one is configured
-    relay: RelaySetup
+    relays: tuple[RelaySetup, ...]  # the one relay, or each of NEWSLETTER_SMTP_RELAYS
     one_click: OneClickSetup
     issues_dir: Path
     build_inputs: Callable[[Path], BuildInputs]
@@ -51,11 +51,11 @@ def diagnose(inputs: DoctorInputs, *, clock: Callable[[], dt.datetime] | None = 
     bounce_domain = _domain(inputs.envelope_sender)
     dkim_domain = inputs.dkim_key.domain if inputs.dkim_key is not None else None
     findings: list[Finding] = [
-        *check_spf(bounce_domain, inputs.relay.host, resolver),
+        *check_spf(bounce_domain, tuple(relay.host for relay in inputs.relays), resolver),
         *check_dkim(inputs.dkim_key, inputs.dkim_problem, resolver),
         *check_dmarc(from_domain, bounce_domain, dkim_domain, resolver),
         *check_receiving(bounce_domain, from_domain, resolver),
-        *check_relay(inputs.relay, resolver),
+        *(finding for relay in inputs.relays for finding in check_relay(relay, resolver)),
         check_one_click(inputs.one_click, resolver, now),
         *check_content(
             inputs.issues_dir, inputs.build_inputs, inputs.society_file, inputs.secret_key

@@ -69,12 +69,12 @@ class _Tree:
     records_found: int = 0  # v=spf1 records at the domain itself
 
 
-def check_spf(domain: str, relay_host: str, resolver: Resolver) -> list[Finding]:
-    """The findings on ``domain``'s SPF record and on the relay ``relay_host``."""
+def check_spf(domain: str, relay_hosts: tuple[str, ...], resolver: Resolver) -> list[Finding]:
+    """The findings on ``domain``'s SPF record and on each relay of ``relay_hosts``."""
     tree = _fetch_tree(domain, resolver)
     title = f"SPF record of {domain}"
-    relay = resolver.addresses(relay_host)
-    example = _suggested(relay.records)
+    relays = [(host, resolver.addresses(host)) for host in dict.fromkeys(relay_hosts)]
+    example = _suggested(tuple(a for _, found in relays for a in found.records))
     if tree.unreachable is not None:
         return [
             Finding(
@@ -102,7 +102,8 @@ def check_spf(domain: str, relay_host: str, resolver: Resolver) -> list[Finding]
         ]  # fmt: skip
     assert tree.root is not None
     findings = [_record_finding(tree, tree.root, title), _lookups_finding(tree)]
-    findings.append(_relay_finding(tree.root, relay_host, relay.records, relay.error, tree))
+    for host, found in relays:
+        findings.append(_relay_finding(tree.root, host, found.records, found.error, tree))
     return findings
 
 
