@@ -816,3 +816,15 @@ def test_each_relay_of_the_list_is_checked_and_named_by_its_place(
     assert [f["status"] for f in security] == ["pass", "fail"]
     assert "NEWSLETTER_SMTP_RELAYS[1].security=none" in security[1]["detail"]
     assert len(spf) == 2 and spf[0]["status"] == "pass" and spf[1]["status"] == "fail"
+
+
+def test_a_resolver_port_nobody_listens_on_is_said_at_once(key: DkimKey) -> None:
+    """An ICMP "port unreachable" ends the wait (a connected probe sees it): nothing is
+    looked up, and every finding says why."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+    closed = Resolver(("127.0.0.1", port), timeout=30.0)  # a wait nobody should sit out
+    findings = check_spf("example.org", ("relay.example.net",), closed)
+    reason = f"127.0.0.1:{port} (NEWSLETTER_DNS_RESOLVER) refuses DNS queries"
+    assert findings[0].status == "fail" and reason in findings[0].detail

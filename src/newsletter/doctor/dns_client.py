@@ -13,9 +13,11 @@ every other check would wait as long, for the same outcome.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
 
 import dns.exception
+import dns.message
 import dns.name
 import dns.rdata
 import dns.resolver
@@ -59,6 +61,27 @@ class Resolver:
             self._resolver.nameservers = [server[0]]
         self._resolver.timeout = timeout
         self._resolver.lifetime = timeout
+        self._probed = False
+
+    def _refused(self) -> str | None:
+        """Why the server refuses queries outright, or None. A UDP port nobody listens on
+        answers with an ICMP error that only a connected socket sees; dnspython's would
+        wait out the whole timeout for it."""
+        assert self.server is not None
+        host, port = self.server
+        query = dns.message.make_query(".", "NS").to_wire()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.settimeout(min(self._resolver.lifetime, 2.0))
+            try:
+                probe.connect((host, port))
+                probe.send(query)
+                probe.recv(4096)
+            except ConnectionRefusedError:
+                return f"{self.description} refuses DNS queries: nothing answers on that port"
+            except OSError:
+                return None  # a timeout or the like: the look-ups themselves will say
+        return None
 
     @property
     def description(self) -> str:
@@ -95,6 +118,9 @@ class Resolver:
         return self._cache[key]
 
     def _ask(self, name: str, rdtype: str) -> Answer:
+        if self._down is None and self.server is not None and not self._probed:
+            self._probed = True
+            self._down = self._refused()
         if self._down is not None:
             return Answer(name, error=self._down)
         try:
