@@ -228,19 +228,34 @@ def test_no_relay_reachable_is_a_connection_failure_and_nothing_is_lost(
     each_once(emails, a, b)
 
 
-def test_a_relay_that_refuses_the_sender_stops_the_send_naming_it(
+def test_a_relay_that_refuses_the_sender_is_left_and_the_others_carry_the_send(
     db: SqliteStorage, template: MessageTemplate, a: Server, b: Server
 ) -> None:
     emails = subscribe(db, 20)
     b.handler.behaviour.refuse_sender_after = 0
     pool = RelayPool([relay(a, connections=1), relay(b, connections=1)])
+    report = send(db, template, pool)
+    assert report.result.counts["sent"] == 20 and got(b) == []
+    each_once(emails, a, b)
+    (_, refused) = pool.report()
+    assert [e.kind for e in refused.events] == ["refused"]
+    assert "the server refused the sender" in refused.events[0].detail
+
+
+def test_when_every_relay_refuses_the_sender_the_send_stops_naming_the_last(
+    db: SqliteStorage, template: MessageTemplate, a: Server, b: Server
+) -> None:
+    emails = subscribe(db, 20)
+    a.handler.behaviour.refuse_sender_after = 3
+    b.handler.behaviour.refuse_sender_after = 0
+    pool = RelayPool([relay(a, connections=1), relay(b, connections=1)])
     with pytest.raises(CampaignAborted) as caught:
         send(db, template, pool)
-    assert f"127.0.0.1:{b.port} (none): the server refused the sender" in str(caught.value)
+    assert "the server refused the sender" in str(caught.value)
     record = db.send_log.find("2020-12-23", "research-news")
     assert record is not None
     counts = db.send_log.counts(record.id)
-    assert counts["sent"] == len(got(a)) and counts["unknown"] == 0 and got(b) == []
+    assert counts["sent"] == len(got(a)) == 3 and counts["unknown"] == 0 and got(b) == []
     assert counts["sent"] + counts["pending"] == len(emails)
 
 
@@ -329,6 +344,11 @@ def test_relay_settings_errors_name_the_relay_and_field_all_at_once(project: Pat
         ('[{"host": "a", "weight": 0}]', "every relay has weight 0 (a standby)"),
         ('[{"host": "a"}, {"host": "A.", "port": 587}]', "[1]: is relay [0] again"),
         ('[{"host": "a", "connections": 40}, {"host": "b", "connections": 30}]', "add up to 70"),
+        ("[" * 100_000, "NEWSLETTER_SMTP_RELAYS: is not valid JSON (or nested too deeply)"),
+        ('[{"host": "a", "weight": Infinity}]', "is not valid JSON (or nested too deeply)"),
+        ('[{"host": "a", "weight": 1e400}]', "[0].weight: Input should be a finite number"),
+        ('[{"host": "a", "rate": NaN}]', "is not valid JSON"),
+        ("[" + '{"host": "a"},' * 20_000 + "]", "characters long, more than 200,000"),
     ],
 )
 def test_relay_settings_problems(

@@ -1098,3 +1098,72 @@ def test_a_canary_that_may_not_be_mailed_stops_the_send_before_anything_goes(
                   env={**env, "NEWSLETTER_CANARY_WAIT": "soon"})  # fmt: skip
     assert bad.returncode == 1 and "NEWSLETTER_CANARY_WAIT" in bad.stderr
     assert "is not a wait like 900s, 30m or 2h" in bad.stderr
+
+
+def test_a_canary_stopped_or_unsent_never_lets_the_list_go_without_it(
+    project: Path, server: Server
+) -> None:
+    """The canary's state is in the send log before its copies go: a run killed during
+    the wait, or one whose relay was down, leaves the list waiting, never sent."""
+    env = env_for(server, project, NEWSLETTER_CANARY_TO="editor@example.org",
+                  NEWSLETTER_CANARY_WAIT="60s")  # fmt: skip
+    emails = write_csv(project, 3)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    send = ("send", f"issues/{EXAMPLE.name}", "--yes")
+    # Killed (SIGTERM, as systemd stops it) during the canary's wait.
+    proc = subprocess.Popen([sys.executable, "-m", "newsletter", *send], cwd=project,
+                            env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    wait_for(server, 1)
+    time.sleep(0.3)  # into the wait
+    proc.terminate()
+    proc.wait(timeout=15)
+    assert [r.rcpt_tos[0] for r in server.handler.received] == ["editor@example.org"]
+    again = run_cli(*send, cwd=project, env=env)
+    assert again.returncode == 3 and "waiting after its canary" in again.stdout
+    assert len(server.handler.received) == 1  # not the list, and not the canary again
+    went = run_cli(*send, "--go", cwd=project, env=env)
+    assert went.returncode == 0, went.stdout + went.stderr
+    assert sorted(r.rcpt_tos[0] for r in server.handler.received[1:]) == sorted(emails)
+
+    # The relay down when the canary should go: a clean stop; the canary goes next time.
+    server.handler.received.clear()
+    next_week = project / "issues" / "2020-12-30.yaml"
+    text = (project / "issues" / EXAMPLE.name).read_text(encoding="utf-8")
+    next_week.write_text(text.replace("date: 2020-12-23", "date: 2020-12-30"), "utf-8")
+    down = {**env, "NEWSLETTER_SMTP_PORT": "9", "NEWSLETTER_CANARY_WAIT": ""}
+    refused = run_cli("send", "issues/2020-12-30.yaml", "--yes", cwd=project, env=down)
+    assert refused.returncode == 3 and "Traceback" not in refused.stderr
+    assert "the canary could not be sent" in refused.stdout
+    up = {**env, "NEWSLETTER_CANARY_WAIT": ""}
+    canary = run_cli("send", "issues/2020-12-30.yaml", "--yes", cwd=project, env=up)
+    assert canary.returncode == 3 and "the canary went out" in canary.stdout
+    assert [r.rcpt_tos[0] for r in server.handler.received] == ["editor@example.org"]
+
+    # The editor fixes a typo the canary showed: the new version gets a canary of its own.
+    typo = next_week.read_text(encoding="utf-8")
+    next_week.write_text(typo.replace("shows promise", ": early promise"), "utf-8")
+    fixed = run_cli("send", "issues/2020-12-30.yaml", "--yes", cwd=project, env=up)
+    assert fixed.returncode == 3 and "a new one goes" in fixed.stdout + fixed.stderr
+    subjects = [str(r.message["Subject"]) for r in server.handler.received]
+    assert len(subjects) == 2 and "early promise" in subjects[1]
+    final = run_cli("send", "issues/2020-12-30.yaml", "--yes", "--go", cwd=project, env=up)
+    assert final.returncode == 0, final.stdout + final.stderr
+    late = [str(r.message["Subject"]) for r in server.handler.received[2:]]
+    assert len(late) == 3 and all("early promise" in s for s in late)
+
+
+def test_a_changed_merge_field_is_a_change_to_the_email(project: Path, server: Server) -> None:
+    env = env_for(server, project, NEWSLETTER_SEND_CONNECTIONS="1")
+    write_csv(project, 3)
+    run_cli("subscribers", "import", "subs.csv", "--list", "research-news", cwd=project, env=env)
+    server.handler.behaviour.refuse_sender_after = 1
+    send = ("send", f"issues/{EXAMPLE.name}", "--yes")
+    assert run_cli(*send, cwd=project, env=env).returncode != 0
+    issue = project / "issues" / EXAMPLE.name
+    issue.write_text(issue.read_text(encoding="utf-8").replace(
+        "[[first_name|friend]]", "[[last_name|colleague]]"), encoding="utf-8")  # fmt: skip
+    server.handler.behaviour.refuse_sender_after = None
+    refused = run_cli(*send, cwd=project, env=env)
+    assert refused.returncode == 1 and "changed since" in refused.stderr
+    assert len(server.handler.received) == 1

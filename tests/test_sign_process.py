@@ -158,3 +158,28 @@ def test_a_message_with_a_bare_line_feed_is_refused_with_or_without_the_helper(
 
     asyncio.run(go(0))
     asyncio.run(go(1))
+
+
+def test_a_helper_that_stops_answering_does_not_stall_the_send(
+    project: Path, keys: dict[str, tuple[dkim_sign.DkimKey, bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from newsletter.delivery import sign_process
+
+    monkeypatch.setattr(sign_process, "ANSWER_TIMEOUT", 0.5)  # not the real 5 s
+    key, record = keys["ours"]
+    template, signer, people = _messages(project, 12, key, 1)
+
+    async def go() -> list[bytes]:
+        async with template.signing():
+            helper = await _ready(signer)
+            first = [await template.personalised(p, date=WHEN) for p in people[:2]]
+            assert helper._proc is not None
+            os.kill(helper._proc.pid, signal.SIGSTOP)  # alive, but answering nothing
+            rest = await asyncio.gather(*(template.personalised(p, date=WHEN) for p in people[2:]))
+            return first + list(rest)
+
+    signed = asyncio.run(go())
+    assert len(signed) == 12 and all(_verifies(raw, record) for raw in signed)
+    assert signer.by_helper == 2 and signer.in_process == 10
+    assert signer._helper is None  # given up on, and reaped at the end of the send

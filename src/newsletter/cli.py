@@ -1491,6 +1491,7 @@ def _worker_argv(request: SendRequest) -> list[str]:
     argv = [sys.executable, "-m", "newsletter", "send", str(request.issue_file)]
     argv += ["--list", request.list_name, "--as-worker"]
     argv += ["--accept-changes"] if request.accept_changes else []
+    argv += ["--go"] if request.go else []  # not left to a race with the pause's lifting
     return argv + (["--strict"] if request.strict else [])
 
 
@@ -1627,9 +1628,13 @@ def _relay_line(relay: RelayReport) -> None:
         )
         if n
     ]
-    said = {"out": "out of use at", "still out": "still failing at", "back": "back in use at"}
+    said = {
+        "out": "out of use at", "still out": "still failing at", "back": "back in use at",
+        "refused": "refused the send at",
+    }  # fmt: skip
     events = "".join(
-        f"; {said[e.kind]} {shown_time(e.at)}" + (f" ({e.detail})" if e.kind == "out" else "")
+        f"; {said[e.kind]} {shown_time(e.at)}"
+        + (f" ({_shown(e.detail)})" if e.kind in ("out", "refused") else "")
         for e in relay.events
     )
     end = "" if relay.in_use else "; still out of use as the run ended"

@@ -46,8 +46,8 @@ class RelaySettings(BaseModel):
     username: str | None = None
     password: SecretStr | None = None
     connections: int | None = Field(default=None, ge=1, le=MAX_CONNECTIONS)
-    rate: float | None = Field(default=None, gt=0)  # messages a second
-    weight: float = Field(default=1.0, ge=0)
+    rate: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # messages a second
+    weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     ca_file: Path | None = None
 
     @field_validator("host")
@@ -70,19 +70,32 @@ class RelaySettings(BaseModel):
 
 
 FIELDS = ", ".join(RelaySettings.model_fields)
+# A list of relays is a few hundred characters; this is a thousand relays.
+MAX_TEXT = 200_000
+
+
+def _not_json(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def parse_relays(text: str, default_connections: int) -> tuple[list[RelaySettings], list[str]]:
     """The relays in ``text`` and the problems with them (each ``[index].field: what``).
     A relay without ``connections`` may have ``default_connections``."""
+    example = 'a list of relays such as [{"host": "smtp.example.org", "weight": 2}]'
+    if len(text) > MAX_TEXT:
+        return [], [f"is {len(text):,} characters long, more than {MAX_TEXT:,}; write {example}"]
     try:
-        raw = json.loads(text)
+        # NaN and infinities are not JSON (RFC 8259); Python's reader takes them unless
+        # told not to, and an infinite weight would take every message.
+        raw = json.loads(text, parse_constant=_not_json)
     except json.JSONDecodeError as exc:
         # The position only: the text holds passwords.
         return [], [
-            f"is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); write "
-            'a list of relays such as [{"host": "smtp.example.org", "weight": 2}]'
+            f"is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+            f"write {example}"
         ]
+    except (ValueError, RecursionError):  # a constant refused, or nesting without end
+        return [], [f"is not valid JSON (or nested too deeply); write {example}"]
     if not isinstance(raw, list) or not raw:
         return [], ['must be a JSON list of relays, such as [{"host": "smtp.example.org"}]']
     relays: list[RelaySettings] = []

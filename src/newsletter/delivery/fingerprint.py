@@ -3,7 +3,8 @@
 Input: a :class:`~newsletter.build.BuildResult` (the rendered issue every message is
 filled from, and the files it was built from) and the sender. Output: a
 :class:`Fingerprint`: the SHA-256 of what every message is made of (subject,
-preheader, HTML and text with their per-recipient slots, the From and Reply-To),
+preheader, HTML and text with their per-recipient slots and what each merge-field
+slot stands for, the From and Reply-To),
 and of each input file: the issue file, society.yaml (the footer) and the
 templates folder. The send log keeps the first one (``sends.frozen``); a resume
 compares with it, so that half a list does not get one version and half another
@@ -61,6 +62,9 @@ def fingerprint(built: BuildResult, sender: Sender) -> Fingerprint:
     ):  # fmt: skip
         made_of.update(part.encode("utf-8"))
         made_of.update(b"\x00")  # a boundary no part contains
+    # What each merge-field slot stands for (the field, its fallback): the rendered text
+    # holds only the slots' numbers.
+    made_of.update(repr(rendered.merge_fields).encode("utf-8"))
     parts = {}
     if built.inputs is not None:
         read = built.inputs

@@ -64,6 +64,7 @@ from newsletter.errors import (
     CampaignAborted,
     CanaryWaiting,
     ConfigError,
+    ConnectFailed,
     LeaseLost,
     SendPaused,
     StorageError,
@@ -232,10 +233,10 @@ def send_issue(
         # Read, ask, and only then write: declining changes nothing (and frees the lease).
         planned = preview(storage, issue_id, name)
         _check_paused(planned, request, issue_id, name, hooks.note)
-        canary = _canary_for(storage, request, planned, name)
         now_frozen, accepted = _check_frozen(
             storage, planned, request, (issue_id, name), fingerprint(built, sender), hooks.note
         )
+        canary = _canary_for(storage, request, planned, name, changed=accepted)
         plan = SendPlan(
             issue_id,
             name,
@@ -360,6 +361,10 @@ def _check_frozen(
     if not changed or not (left or again):
         return now, False
     what = ", ".join(changed)
+    if _waiting(planned) and not planned.counts.get("sent", 0) and not request.go:
+        # Nobody on the list has it yet: the new version gets a canary of its own.
+        note(f"{what} changed since the canary went: a new one goes, with the email as it is")
+        return now, True
     if request.accept_changes:
         note(f"{what} changed since this send began; the rest get the email as it is now")
         return now, True
@@ -374,14 +379,40 @@ def _check_frozen(
     )
 
 
-# What marks a send paused after its canary (sends.paused), until `send --go`.
+# What marks a send whose canary is due (frozen, nothing sent: set before the canary's
+# copies go, so that a run stopped there sends them next time, never the list without
+# them), and one waiting after its canary until `send --go` (sends.paused).
+CANARY_DUE = "its canary is due"
 CANARY_PAUSE = "waiting after its canary"
 
 
-def _canary_for(storage: Storage, request: SendRequest, planned: Preview, name: str) -> list[str]:
-    """The canary's addresses for a real send that has not begun (checked now, before
-    anything is frozen or asked: a suppressed one refuses the send), or []."""
-    if request.dry_run or not request.canary or planned.resumed:
+def _waiting(planned: Preview) -> bool:
+    return planned.paused in (CANARY_DUE, CANARY_PAUSE)
+
+
+def _canary_for(
+    storage: Storage, request: SendRequest, planned: Preview, name: str, *, changed: bool
+) -> list[str]:
+    """The canary's addresses when a canary is to go now (a real send not begun, one
+    whose canary is due, or one waiting whose email ``changed``): checked now, before
+    anything is asked (a suppressed one refuses the send); or [] for none. A send
+    waiting after its canary goes on only with ``go`` (CanaryWaiting otherwise)."""
+    if request.dry_run:
+        return []
+    due = bool(request.canary) and (
+        not planned.resumed
+        or planned.paused == CANARY_DUE
+        or (planned.paused == CANARY_PAUSE and changed and not request.go)
+    )
+    if not due:
+        if _waiting(planned) and not request.go:
+            waiting = CanaryWaiting(
+                f"the send of {request.issue_file} to {name} is {CANARY_PAUSE}: check the canary's "
+                f"email, then send the rest: `newsletter send {request.issue_file} --list "
+                f"{request.list_name} --go`"
+            )
+            waiting.sent = planned.counts.get("sent", 0)
+            raise waiting
         return []
     check = check_addresses(storage, request.canary, name, asked_by="NEWSLETTER_CANARY_TO")
     if check.problems:
@@ -406,8 +437,17 @@ class Canary:
         """Send the canary (none: nothing to do), then wait or stop (CanaryWaiting)."""
         if not to:
             return
-        results = send_copies(template, recipients(self.storage, to), via,
-                              envelope_sender=envelope_sender)  # fmt: skip
+        log = self.storage.send_log
+        log.pause(self.send_id, CANARY_DUE)  # before anything goes (see CANARY_DUE)
+        try:
+            results = send_copies(template, recipients(self.storage, to), via,
+                                  envelope_sender=envelope_sender)  # fmt: skip
+        except ConnectFailed as exc:
+            raise CanaryWaiting(
+                f"the canary could not be sent ({exc}), and nothing went to the list: run "
+                "the same command again once the relay answers"
+            ) from None
+        log.pause(self.send_id, CANARY_PAUSE)
         for result in results:
             said = "sent" if result.sent else f"{result.outcome.state}: {result.outcome.detail}"
             self.note(f"canary to {result.email}: {said}")
@@ -426,7 +466,6 @@ class Canary:
             self._wait_for_go("stopped during the canary's wait;")
 
     def _wait_for_go(self, why: str) -> NoReturn:
-        self.storage.send_log.pause(self.send_id, CANARY_PAUSE)
         raise CanaryWaiting(
             f"{why} send the rest of the list: `newsletter send {self.request.issue_file} "
             f"--list {self.request.list_name} --go`"
@@ -440,17 +479,10 @@ def _check_paused(
     one paused after its canary only with ``go``."""
     if planned.paused is None:
         return
-    if planned.paused == CANARY_PAUSE:
-        if not request.go:
-            waiting = CanaryWaiting(
-                f"the send of {issue_id} to {name} is {CANARY_PAUSE}: check the canary's "
-                f"email, then send the rest: `newsletter send {request.issue_file} --list "
-                f"{name} --go`"
-            )
-            waiting.sent = planned.counts["sent"]
-            raise waiting
-        note("the canary was checked: the rest of the list goes now")
-        return
+    if _waiting(planned):
+        if request.go:
+            note("the canary was checked: the rest of the list goes now")
+        return  # decided with the canary (_canary_for)
     if not request.resume_paused:
         paused = SendPaused(
             f"the send of {issue_id} to {name} paused itself ({planned.paused}); a "

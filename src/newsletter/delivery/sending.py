@@ -307,9 +307,12 @@ async def run_send(
         verp=verp,
         health=health,
     )
+    # A person resumed it (send_issue checked), or its canary's wait is over: lifted
+    # before on_start, which may start the helpers of `send --workers`, who must not
+    # find it paused.
+    log.pause(prepared.record.id, None)
     if on_start is not None:
         on_start(campaign)
-    log.pause(prepared.record.id, None)  # a person resumed it (send_issue checked)
     try:
         async with template.signing():
             result = await campaign.run()

@@ -51,6 +51,7 @@ _HEAD = struct.Struct(">QI")  # a request's or an answer's id and length
 _LENGTH = struct.Struct(">I")
 _READY = b"R"
 CHECK_EVERY = 100
+ANSWER_TIMEOUT = 5.0  # seconds a signature may take before the helper is given up on
 _T = re.compile(rb"\bt=(\d+);")
 _B = re.compile(rb"\bb=([A-Za-z0-9+/=\s]+)\r\n$")
 # A helper that has not answered "ready" in this long is given up on for the send.
@@ -86,8 +87,11 @@ class DkimSigner:
         header = await helper.signature(message)
         checked = self.by_helper % CHECK_EVERY == 0
         if header is None or (checked and not self._right(message, header)):
-            self._helper = None  # gone, or wrong: this process signs from now on
-            await helper.close()
+            # Gone, hung or wrong: this process signs from now on (once for all the
+            # connections that were waiting on it).
+            if self._helper is helper:
+                self._helper = None
+                helper.kill()
             return self(message)
         self.by_helper += 1
         return header + message
@@ -171,7 +175,13 @@ class _Helper:
         except (OSError, RuntimeError):
             self._waiting.pop(self._next, None)
             return None
-        return await waiter
+        try:
+            # A helper that stopped answering (stopped, swapped out) must not stall the
+            # send: a signature takes half a millisecond; this is a hundred thousand.
+            return await asyncio.wait_for(waiter, ANSWER_TIMEOUT)
+        except TimeoutError:
+            self.ready = False
+            return None
 
     async def _answers(self, stdout: asyncio.StreamReader) -> None:
         try:
@@ -189,6 +199,12 @@ class _Helper:
                 if not waiter.done():
                     waiter.set_result(None)
             self._waiting.clear()
+
+    def kill(self) -> None:
+        """Stop the helper at once (it hung, or signed wrongly); close() reaps it."""
+        self.ready = False
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
 
     async def close(self) -> None:
         self.ready = False

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from newsletter.delivery.sending import NobodyMailable, SendReport, check_merge_fields
 from newsletter.errors import (
     CampaignAborted,
+    CanaryWaiting,
     LeaseLost,
     LockHeld,
     NewsletterError,
@@ -444,8 +445,12 @@ def _send_lists(
             # One list that cannot be sent (empty, its send locked by a run by
             # hand) does not hold back the others, and is not hidden by them.
             errors.append(f"list {name}: {exc}")
-            if isinstance(exc, CampaignAborted | LeaseLost) and exc.sent:
-                begun.append(name)  # some of it went out: the slot is incomplete, not failed
+            if isinstance(exc, CanaryWaiting) or (
+                isinstance(exc, CampaignAborted | LeaseLost) and exc.sent
+            ):
+                # Some of it went out, or its canary did and the list waits for a person:
+                # the slot is incomplete, not failed.
+                begun.append(name)
             continue
         done.append(name)
         if (reports[-1].result.stopped or "").startswith("stopped by SIG"):

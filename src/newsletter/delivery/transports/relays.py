@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ class Relay:
 @dataclass(frozen=True, slots=True)
 class RelayEvent:
     at: float  # Unix time
-    kind: Literal["out", "back", "still out"]
+    kind: Literal["out", "back", "still out", "refused"]
     detail: str
 
 
@@ -235,6 +236,8 @@ class RelayPool:
         now = self._clock()
         out = [
             f"{s.name} for {max(0.0, s.down_until - now):.0f} s more"
+            if s.down_until < math.inf
+            else f"{s.name} for good (it refused the send)"
             for s in self._states
             if s.down_until is not None
         ]
@@ -259,8 +262,17 @@ class RelayPool:
                 tried.add(self._states.index(state))
                 failed.append(f"{state.name}: {exc}")
                 continue
+            except CampaignAborted as exc:
+                # The login refused, no STARTTLS: that relay's settings are wrong. The
+                # others carry the send; with none left, the campaign stops.
+                self._free(state, probe)
+                if not self._refuse(state, str(exc)):
+                    raise CampaignAborted(f"{state.name}: {exc}") from None
+                tried.add(self._states.index(state))
+                failed.append(f"{state.name}: {exc}")
+                continue
             except BaseException:
-                self._free(state, probe)  # the login refused, no STARTTLS: the campaign stops
+                self._free(state, probe)
                 raise
             return state, inner, probe
 
@@ -299,7 +311,11 @@ class RelayPool:
                     return pick, False
             elif not any(s.probing for s in free):
                 return None
-            downs = [s.down_until - now for s in free if s.down_until and s.down_until > now]
+            downs = [
+                s.down_until - now
+                for s in free
+                if s.down_until and now < s.down_until < math.inf  # refused: never again
+            ]
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), min(downs, default=None))
 
@@ -347,6 +363,18 @@ class RelayPool:
             state.events.append(RelayEvent(self._wall(), "back", "a message went through"))
             self._changed()
 
+    def _refuse(self, state: _State, why: str) -> bool:
+        """Take ``state`` out of use for the rest of the run (it refused the campaign:
+        its login, its TLS, the sender); False when no other relay is left to use."""
+        others = [s for s in self._states if s is not state and s.down_until != math.inf]
+        if not others:
+            return False
+        if state.down_until != math.inf:
+            state.down_until = math.inf
+            state.events.append(RelayEvent(self._wall(), "refused", f"{why}; not used again"))
+            self._changed()
+        return True
+
     def _failed(self, state: _State, what: str, *, probe: bool) -> None:
         if state.down_until is not None:
             # Out of use already: what was in flight when it went out does not count.
@@ -380,8 +408,20 @@ class RelayPool:
             try:
                 outcome = await inner.send(envelope)
             except CampaignAborted as exc:
-                # The relay refused the sender: say which relay, to fix its settings.
-                raise CampaignAborted(f"{state.name}: {exc}") from None
+                # The relay refused the sender (nothing of this message was taken): the
+                # others carry the send; with none left, say which relay, to fix it.
+                if not self._refuse(state, str(exc)):
+                    raise CampaignAborted(f"{state.name}: {exc}") from None
+                tried.add(self._states.index(state))
+                inner, session.inner = session.inner, None
+                await self._give_back(state, inner, session.probe)
+                session.probe = False
+                other = await self._acquire(tried, [])
+                if other is None:
+                    raise CampaignAborted(f"{state.name}: {exc}") from None
+                state.handed_on += 1
+                session.state, session.inner, session.probe = other
+                continue
             probe, session.probe = session.probe, False
             self._outcome(state, outcome, probe)
             if probe:
