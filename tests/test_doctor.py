@@ -828,3 +828,12 @@ def test_a_resolver_port_nobody_listens_on_is_said_at_once(key: DkimKey) -> None
     findings = check_spf("example.org", ("relay.example.net",), closed)
     reason = f"127.0.0.1:{port} (NEWSLETTER_DNS_RESOLVER) refuses DNS queries"
     assert findings[0].status == "fail" and reason in findings[0].detail
+
+
+def test_json_is_json_even_when_the_settings_are_not_valid(project: Path) -> None:
+    done = run_cli("doctor", "--json", cwd=project,
+                   env={"NEWSLETTER_DNS_RESOLVER": "nonsense"})  # fmt: skip
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    assert report["ok"] is False and report["findings"] == []
+    assert "NEWSLETTER_DNS_RESOLVER" in report["error"] and "NEWSLETTER_DNS_RESOLVER" in done.stderr

@@ -2071,8 +2071,17 @@ def doctor(as_json: bool) -> None:
 
     from newsletter import wiring
     from newsletter.doctor import diagnose
+    from newsletter.errors import ConfigError
 
-    diagnosis = diagnose(wiring.doctor_inputs(_settings()))
+    try:
+        inputs = wiring.doctor_inputs(_settings())
+    except ConfigError as exc:
+        if not as_json:
+            raise
+        # A script reading --json gets JSON whatever happens (and the error on stderr).
+        click.echo(json.dumps({"ok": False, "error": str(exc), "findings": []}, indent=2))
+        _fail(exc)
+    diagnosis = diagnose(inputs)
     if as_json:
         click.echo(json.dumps(diagnosis.as_json(), indent=2))
     else:
