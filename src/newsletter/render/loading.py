@@ -81,7 +81,7 @@ def load_issue(path: Path) -> Loaded[Issue]:
     problems += _lint_markdown(doc, _issue_markdown_paths(doc.data))
     uses, merge_problems = _merge_fields(doc, allowed=True)
     problems += merge_problems
-    unfilled = _placeholders(doc)
+    unfilled = placeholders(doc)
     if unfilled:
         # "TODO: its https:// link" is also not a URL, but the one thing to say
         # about it is that it was never filled in.
@@ -142,7 +142,7 @@ def _bidi_warnings(doc: YamlDocument) -> tuple[list[Problem], list[Problem]]:
     return controls, marks
 
 
-def _placeholders(doc: YamlDocument) -> list[Problem]:
+def placeholders(doc: YamlDocument) -> list[Problem]:
     """A problem for every text that still holds :data:`PLACEHOLDER`, at its own line."""
     out: list[Problem] = []
     for path, value in _strings(doc.data, ()):
