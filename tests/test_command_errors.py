@@ -38,6 +38,7 @@ LIST = "research-news"
 # database if it uses one. A send runs in each of its ways.
 ARGS: dict[tuple[str, ...], list[tuple[str, ...]]] = {
     ("build",): [("build", ISSUE)],
+    ("new",): [("new",)],  # the next slot of base_env's schedule
     ("send",): [
         ("send", ISSUE, "--yes"),
         ("send", ISSUE, "--dry-run"),
@@ -82,7 +83,7 @@ VARIANTS = [args for variants in ARGS.values() for args in variants]
 # Commands that are given the database as an argument: they say so where the rest
 # name the setting.
 NAMED_BY = {("db", "copy"): "SQLITE_PATH"}
-READS_NO_DATABASE = {("build",), ("doctor",)}
+READS_NO_DATABASE = {("build",), ("new",), ("doctor",)}
 # Its exit status is its verdict: 1 in these projects, where much fails (no DKIM key,
 # no DNS answers), with findings and no error line, whatever the database is.
 VERDICT = {("doctor",): 1}

@@ -616,6 +616,13 @@ def test_the_latest_issue_is_built_and_its_footer_read(
     data["date"] = "2021-01-07"
     write_issue(data, "later.yaml")
     assert latest_issue(project / "issues") == project / "issues" / "later.yaml"
+    # next week's draft, still to be written, is not what the mail looks like
+    draft = write_issue({**data, "date": "2021-01-14", "subject": "TODO: a subject"}, "d.yaml")
+    assert latest_issue(project / "issues") == project / "issues" / "later.yaml"
+    alone = project / "drafts-only"
+    alone.mkdir()
+    draft.rename(alone / draft.name)  # only drafts: the latest of them, which fails
+    assert latest_issue(alone) == alone / draft.name
 
     def inputs(issue: Path) -> BuildInputs:
         return _build_inputs(issue, project)

@@ -368,3 +368,29 @@ def test_ids_that_would_break_a_message_id_are_refused(
     data["id"] = bad_id
     found = problems_of(write_issue(data))
     assert any("id: must be 1-64 letters" in p and "no '..'" in p for p in found), found
+
+
+def test_a_placeholder_is_refused_wherever_it_is_with_its_line(
+    write_issue: Callable[..., Path],
+) -> None:
+    path = write_issue(
+        'subject: "Stem cells"\n'
+        "date: 2026-12-03\n"
+        "articles:\n"
+        '  - title: "A trial"\n'
+        "    url: https://www.example.org/news/1\n"
+        '    published: "TODO: YYYY-MM-DD"\n'
+        "    summary: |\n"
+        "      The first paragraph is written.\n"
+        "\n"
+        "      TODO: the second is not.\n",
+        name="2026-12-03.yaml",
+    )
+    with pytest.raises(ValidationFailed) as info:
+        load_issue(path)
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}:6: articles[0].published: is still a placeholder ('TODO: YYYY-MM-DD'): write "
+        "it in place of the 'TODO:' text, or delete the field (it is optional)",
+        f"{path}:10: articles[0].summary: is still a placeholder ('TODO: the second is not.'): "
+        "write it in place of the 'TODO:' text",
+    ]  # and not also "must be a date": the placeholder says what to do

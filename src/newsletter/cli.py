@@ -133,6 +133,44 @@ def build(issue_file: Path, out_dir: Path | None, strict: bool) -> None:
     click.echo(f"HTML {kb:.1f} KB of Gmail's ~102 KB; {len(result.report.warnings)} warning(s)")
 
 
+@main.command("new")
+@click.argument("day", metavar="[DATE]", required=False, type=click.DateTime(["%Y-%m-%d"]))
+@click.option("--past", is_flag=True, help="Draft an issue for a day before today.")
+def new_issue(day: dt.datetime | None, past: bool) -> None:
+    """Draft ISSUES/DATE.yaml (default: the day of the schedule's next slot) with the
+    usual sections of the latest issue and TODO: placeholders, which build and send
+    refuse until they are filled in. Never overwrites a file."""
+    import datetime as dt
+
+    from newsletter.render.drafting import issue_day, plan_draft, write_draft
+    from newsletter.schedule.slots import next_day, time_zone
+
+    settings = _settings()
+    schedule = settings.parsed_schedule if settings.schedule is not None else None
+    zone = schedule.zone if schedule is not None else time_zone(settings.timezone)
+    now = _now_override() or dt.datetime.now(dt.UTC)
+    chosen = issue_day(
+        day.date() if day is not None else None,
+        next_slot=next_day(schedule, now) if schedule is not None else None,
+        today=now.astimezone(zone).date(),
+        zone=zone.key,
+        allow_past=past,
+    )
+    draft = plan_draft(settings.issues_dir, chosen.day)
+    write_draft(draft)
+    why = f"the next slot of {schedule.describe()}" if chosen.from_schedule and schedule else ""
+    model = f", {draft.articles} article(s) as in {draft.modelled_on}" if draft.modelled_on else ""
+    click.echo(
+        f"wrote {draft.path}: the issue for {draft.day:%a %Y-%m-%d}"
+        + (f" ({why})" if why else "")
+        + model
+    )
+    click.echo(
+        f"next: replace its {draft.placeholders} TODO: placeholders, then "
+        f"`newsletter build {draft.path}`"
+    )
+
+
 # ------------------------------------------------------------------ subscribers
 
 

@@ -16,6 +16,7 @@ their traceback.
     ├── TemplateError        Jinja or MJML could not render a template
     ├── BuildCheckFailed     the rendered email breaks a rule (size, remote CSS...)
     ├── OutputError          the build folder could not be written
+    ├── DraftRefused         (drafting) `new`: the file exists, its id is taken, a past day
     ├── CampaignAborted      the relay refuses the whole send (login, sender, TLS)
     ├── LockHeld             another live process holds the lock (a send, the schedule)
     ├── LeaseLost            a holder's renewal found its lease taken by another run

@@ -10,7 +10,10 @@ bulk-sender rules require) and ``secret.strength`` (NEWSLETTER_SECRET_KEY is lon
 varied enough that nobody can guess it and forge unsubscribe links).
 
 "Latest" is the issue file with the latest ``date:`` (the file name breaks ties; a
-file whose date cannot be read counts as the oldest).
+file whose date cannot be read counts as the oldest), leaving out drafts that still
+hold ``TODO:`` placeholders (``newsletter new``) while a finished issue is there:
+next week's draft does not build until it is written, which says nothing about
+the size of the mail.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from newsletter.doctor.findings import Finding
 from newsletter.errors import NewsletterError
 from newsletter.render.checks import SIZE_FAIL, SIZE_WARN
 from newsletter.render.issue_ids import issue_files
-from newsletter.render.loading import load_society
+from newsletter.render.loading import load_society, placeholders
 from newsletter.render.yaml_input import read_yaml
 
 GOOD_BITS = 96  # what the estimate must reach to pass (32 hex digits: about 115)
@@ -38,12 +41,14 @@ _TAGS = re.compile(r"<[^>]*>")
 
 def latest_issue(issues_dir: Path) -> Path | None:
     """The issue file with the latest ``date:``; None when the folder has none."""
-    dated = []
+    dated: list[tuple[str, str, Path]] = []
+    drafts: list[tuple[str, str, Path]] = []
     for path in issue_files(issues_dir):
-        data = read_yaml(path).data
+        doc = read_yaml(path)
+        data = doc.data
         date = str(data.get("date", "")) if isinstance(data, dict) else ""
-        dated.append((date, path.name, path))
-    return max(dated)[2] if dated else None
+        (drafts if placeholders(doc) else dated).append((date, path.name, path))
+    return max(dated or drafts)[2] if dated or drafts else None
 
 
 def check_content(

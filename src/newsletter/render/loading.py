@@ -3,8 +3,9 @@
 Input: a path to YAML. Output: :class:`Loaded` holding an :class:`Issue` or a
 :class:`Society` and the warnings worth showing. Every problem in the file is
 collected (YAML syntax, duplicate keys, unknown or missing fields, bad URLs,
-unsafe Markdown) and raised together as one :class:`ValidationFailed`, each
-naming file, line and field, so an editor fixes them in one pass.
+unsafe Markdown, placeholders a draft left unfilled) and raised together as
+one :class:`ValidationFailed`, each naming file, line and field, so an editor
+fixes them in one pass.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ from newsletter.render import markdown, merge_fields
 from newsletter.render.yaml_input import PathKey, YamlDocument, format_path, read_yaml
 
 M = TypeVar("M", bound=BaseModel)
+
+# What a draft from `newsletter new` (render.drafting) holds wherever an editor has
+# to write something. Any text of an issue holding it is refused, so that an
+# unfinished draft cannot be built or sent.
+PLACEHOLDER = "TODO:"
+# Fields an editor may delete rather than fill in.
+_OPTIONAL = frozenset({"preheader", "intro", "source", "category", "published"})
 
 SUBJECT_WARN = 78  # most inboxes cut a subject off well before this on a phone
 PREHEADER_WARN = 140
@@ -73,6 +81,12 @@ def load_issue(path: Path) -> Loaded[Issue]:
     problems += _lint_markdown(doc, _issue_markdown_paths(doc.data))
     uses, merge_problems = _merge_fields(doc, allowed=True)
     problems += merge_problems
+    unfilled = placeholders(doc)
+    if unfilled:
+        # "TODO: its https:// link" is also not a URL, but the one thing to say
+        # about it is that it was never filled in.
+        fields = {p.field for p in unfilled}
+        problems = [p for p in problems if p.field not in fields] + unfilled
     if problems or issue is None:
         raise ValidationFailed(_sorted(problems))
     refused, marks = _bidi_warnings(doc)
@@ -126,6 +140,45 @@ def _bidi_warnings(doc: YamlDocument) -> tuple[list[Problem], list[Problem]]:
                 )
             )
     return controls, marks
+
+
+def placeholders(doc: YamlDocument) -> list[Problem]:
+    """A problem for every text that still holds :data:`PLACEHOLDER`, at its own line."""
+    out: list[Problem] = []
+    for path, value in _strings(doc.data, ()):
+        at = value.find(PLACEHOLDER)
+        if at < 0:
+            continue
+        shown = value[at:].split("\n", 1)[0].strip()
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        if "image" in path:
+            optional = ", or delete the whole `image:` (it is optional)"
+        elif path[-1] in _OPTIONAL:
+            optional = ", or delete the field (it is optional)"
+        else:
+            optional = ""
+        out.append(
+            Problem(
+                doc.file,
+                _line_in_value(doc, path, value, at),
+                format_path(path),
+                f"is still a placeholder ({shown!r}): write it in place of the "
+                f"{PLACEHOLDER!r} text{optional}",
+            )
+        )
+    return out
+
+
+def _line_in_value(doc: YamlDocument, path: PathKey, value: str, offset: int) -> int | None:
+    """The line of ``offset`` in the value at ``path``: exact in a literal block (``|``),
+    where lines map one to one; else the value's first line."""
+    loc = doc.locations.get(path)
+    if loc is None:
+        return doc.line_of(path)
+    if loc.style == "|":
+        return loc.value_line + 1 + value.count("\n", 0, offset)
+    return loc.value_line
 
 
 def _may_personalise(path: PathKey) -> bool:

@@ -220,3 +220,8 @@ def upcoming(schedule: Schedule, now: dt.datetime, count: int) -> list[Slot]:
         out.extend(batch)
         start += dt.timedelta(days=8)
     return out[:count]
+
+
+def next_day(schedule: Schedule, now: dt.datetime) -> dt.date:
+    """The local day of the first slot after ``now``: the day whose issue is next."""
+    return upcoming(schedule, now, 1)[0].local_day
