@@ -42,6 +42,7 @@ from newsletter.settings import Settings
 if TYPE_CHECKING:
     from newsletter.doctor import DoctorInputs
     from newsletter.doctor.relay import RelaySetup
+    from newsletter.relay_settings import RelaySettings
     from newsletter.signup.joining import SignupPolicy
     from newsletter.storage.signups import OutboxMail, PendingSignup
     from newsletter.web.webhooks import WebhookConfig
@@ -121,15 +122,19 @@ def smtp_transport(settings: Settings) -> Transport:
     )
 
 
+def _relay_tls(settings: Settings, index: int, relay: RelaySettings) -> ssl.SSLContext:
+    """What relay ``index`` of NEWSLETTER_SMTP_RELAYS is verified with: its own CA file,
+    or NEWSLETTER_SMTP_CA_FILE (a send and the doctor alike)."""
+    if relay.ca_file is not None:
+        return _tls_context(relay.ca_file, f"NEWSLETTER_SMTP_RELAYS[{index}].ca_file")
+    return _tls_context(settings.smtp_ca_file, "NEWSLETTER_SMTP_CA_FILE")
+
+
 def _relay_pool(settings: Settings, helo_name: str) -> RelayPool:
     relays = []
     for index, r in enumerate(settings.relays):
         where = f"NEWSLETTER_SMTP_RELAYS[{index}]"
-        ca_file = r.ca_file or settings.smtp_ca_file
-        context = None
-        if r.security != "none":
-            setting = f"{where}.ca_file" if r.ca_file else "NEWSLETTER_SMTP_CA_FILE"
-            context = _tls_context(ca_file, setting)
+        context = _relay_tls(settings, index, r) if r.security != "none" else None
         config = SmtpConfig(
             host=r.host,
             port=r.port_or_default,
@@ -447,7 +452,7 @@ def _doctor_relays(settings: Settings) -> tuple[RelaySetup, ...]:
             port=relay.port_or_default,
             security=relay.security,
             helo_name=helo,
-            tls_context=_tls_context(relay.ca_file, f"NEWSLETTER_SMTP_RELAYS[{i}].ca_file"),
+            tls_context=_relay_tls(settings, i, relay),
             timeout=timeout,
             index=i,
         )
