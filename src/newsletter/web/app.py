@@ -831,20 +831,16 @@ async def _form(request: Request) -> dict[str, str]:
 
 def _declared_charset(ctype: str) -> str:
     """The charset a Content-Type names, if Python knows it and it keeps ASCII as it
-    is (the form's names and escapes are ASCII); else UTF-8."""
-    import codecs
+    is (the form's names and escapes are ASCII: the rule a CSV import's --encoding
+    follows); else UTF-8."""
+    from newsletter.audience.csv_import import check_encoding
 
     found = re.search(r";\s*charset=\"?([A-Za-z0-9_.:-]{1,40})", ctype)
     if found is None:
         return "utf-8"
     try:
-        name = codecs.lookup(found.group(1)).name
-    except LookupError:
-        return "utf-8"
-    probe = "email=a%40b&x=1"
-    try:
-        return name if probe.encode(name) == probe.encode("ascii") else "utf-8"
-    except UnicodeError:
+        return check_encoding(found.group(1))
+    except ValueError:
         return "utf-8"
 
 
