@@ -40,7 +40,7 @@ from newsletter.delivery.dkim_sign import (
     DkimKey,
     check_line_ends,
     prepare,
-    rsa_sign,
+    sign,
     signature,
     verifies,
 )
@@ -73,8 +73,7 @@ class DkimSigner:
 
     def __call__(self, message: bytes) -> bytes:
         self.in_process += 1
-        pending = prepare(message, self.key)
-        return pending.finish(rsa_sign(self.key, pending.digest)) + message
+        return sign(message, self.key)
 
     async def signed(self, message: bytes) -> bytes:
         """``message`` signed, by the helper when it is up."""
